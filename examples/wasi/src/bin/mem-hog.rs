@@ -1,0 +1,10 @@
+//! Allocates 1 MiB blocks, touching each, until memory runs out.
+fn main() {
+    let mut blocks: Vec<Vec<u8>> = Vec::new();
+    loop {
+        blocks.push(vec![1u8; 1 << 20]);
+        if blocks.len() % 16 == 0 {
+            println!("holding {} MiB", blocks.len());
+        }
+    }
+}

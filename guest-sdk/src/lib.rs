@@ -1,0 +1,1 @@
+//! Vulcan guest SDK.

@@ -1,0 +1,108 @@
+//! `vulcan ls` and `vulcan logs` against the local database.
+
+use std::io::Write as _;
+use std::path::Path;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::Args;
+
+use crate::store::Db;
+use crate::workload::{Status, WorkloadId, WorkloadRecord};
+
+/// Arguments of `vulcan ls`.
+#[derive(Debug, Args)]
+pub struct LsArgs {
+    /// Most workloads to show
+    #[arg(long, default_value_t = 50)]
+    limit: u64,
+    /// Skip this many of the newest
+    #[arg(long, default_value_t = 0)]
+    offset: u64,
+    /// Only workloads with this status (pending, running, completed, failed, killed)
+    #[arg(long)]
+    status: Option<Status>,
+    /// Print JSON instead of a table
+    #[arg(long)]
+    json: bool,
+}
+
+/// Arguments of `vulcan logs`.
+#[derive(Debug, Args)]
+pub struct LogsArgs {
+    /// The workload's id
+    id: WorkloadId,
+    /// Print one JSON record per line instead of the bare lines
+    #[arg(long)]
+    json: bool,
+}
+
+fn open(data_dir: &Path) -> anyhow::Result<Db> {
+    Db::open(data_dir).with_context(|| format!("no usable database in {}", data_dir.display()))
+}
+
+/// Prints a page of workloads.
+pub fn ls(args: LsArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
+    let db = open(data_dir)?;
+    let page = db.list_workloads(args.limit.min(10_000), args.offset, args.status)?;
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        serde_json::to_writer(
+            &mut out,
+            &serde_json::json!({"items": page.items, "total": page.total}),
+        )?;
+        writeln!(out)?;
+    } else {
+        print_table(&mut out, &page.items)?;
+        writeln!(out, "({} of {} workloads)", page.items.len(), page.total)?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Prints workloads as an aligned table.
+pub fn print_table(out: &mut impl std::io::Write, items: &[WorkloadRecord]) -> std::io::Result<()> {
+    writeln!(
+        out,
+        "{:<26}  {:<9}  {:>4}  {:>9}  {:>7}  MODULE",
+        "ID", "STATUS", "EXIT", "DURATION", "LINES"
+    )?;
+    for w in items {
+        writeln!(
+            out,
+            "{:<26}  {:<9}  {:>4}  {:>9}  {:>7}  {}",
+            w.id,
+            w.status.as_str(),
+            w.exit_code.map_or_else(|| "-".into(), |c| c.to_string()),
+            w.duration_ms
+                .map_or_else(|| "-".into(), |d| format!("{d}ms")),
+            w.line_count,
+            w.module_hash.get(..19).unwrap_or(&w.module_hash),
+        )?;
+    }
+    Ok(())
+}
+
+/// Prints every stored line of a workload.
+pub fn logs(args: LogsArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
+    let db = open(data_dir)?;
+    db.workload(args.id)?;
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let mut after = None;
+    loop {
+        let lines = db.read_lines(args.id, after, 10_000)?;
+        let Some(last) = lines.last() else { break };
+        after = Some(last.seq);
+        for r in &lines {
+            if args.json {
+                serde_json::to_writer(&mut out, r)?;
+                writeln!(out)?;
+            } else if r.continued {
+                write!(out, "{}", r.line)?;
+            } else {
+                writeln!(out, "{}", r.line)?;
+            }
+        }
+    }
+    out.flush()?;
+    Ok(ExitCode::SUCCESS)
+}

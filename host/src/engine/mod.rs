@@ -1,0 +1,376 @@
+//! The wasmtime backend: compiles modules and runs workloads in sandboxed stores.
+//!
+//! Owns the one process-wide wasmtime engine, its single epoch ticker thread,
+//! WASI wiring and the classification of how a guest ended. It must not touch
+//! the store or the broker: guest output leaves through the [`LogWriter`] it is
+//! handed. Only this module imports wasmtime.
+//!
+//! Interruption: every store yields to the async executor at each epoch tick
+//! (`TICK`), so a guest in a tight loop is still a well-behaved tokio task;
+//! a kill or timeout simply drops the running future at its next yield (or at
+//! once if it is blocked in a host call).
+
+mod limits;
+mod output;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use tokio_util::sync::CancellationToken;
+use wasmtime::{Config, Engine, InstancePre, Linker, Module, Store, Trap, WasmBacktrace};
+use wasmtime_wasi::p1::WasiP1Ctx;
+use wasmtime_wasi::p2::pipe::MemoryInputPipe;
+use wasmtime_wasi::{FsPerms, I32Exit, WasiCtxBuilder};
+
+pub use limits::MemoryLimitExceeded;
+pub use output::GuestOutput;
+
+use crate::logs::{LogStream, LogWriter, OutputLimitExceeded};
+use crate::workload::{Stdin, WorkloadSpec};
+
+/// Epoch tick: the longest a running guest goes without yielding, and so the
+/// latency of kill and timeout for a guest that is computing.
+pub const TICK: Duration = Duration::from_millis(5);
+
+/// The state of one store: the guest's WASI context and its limits.
+pub struct Host {
+    wasi: WasiP1Ctx,
+    limiter: limits::GuestLimiter,
+}
+
+/// What kind of wasm binary some bytes are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModuleKind {
+    /// A core module (WASI preview1 command).
+    Core,
+    /// A component.
+    Component,
+}
+
+impl ModuleKind {
+    /// Stable name for storage and the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ModuleKind::Core => "module",
+            ModuleKind::Component => "component",
+        }
+    }
+}
+
+/// Bytes that cannot be run: the message says why.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{0}")]
+pub struct InvalidModule(pub String);
+
+/// A module compiled and linked, ready to instantiate many times.
+pub struct CompiledModule {
+    pre: InstancePre<Host>,
+    kind: ModuleKind,
+}
+
+impl CompiledModule {
+    /// Core module or component.
+    pub fn kind(&self) -> ModuleKind {
+        self.kind
+    }
+}
+
+/// Which limit stopped a workload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LimitHit {
+    /// Linear memory would have grown past this many bytes.
+    Memory(u64),
+    /// This much fuel was used up.
+    Fuel(u64),
+    /// This many bytes of output were exceeded.
+    Output(u64),
+}
+
+/// How a workload ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The guest exited (`proc_exit(n)`, or `_start` returned: 0).
+    Exited(i32),
+    /// The guest trapped.
+    Trapped {
+        /// What went wrong.
+        message: String,
+        /// The wasm stack at the trap, when known.
+        backtrace: Option<String>,
+    },
+    /// The wall-clock limit passed.
+    TimedOut(Duration),
+    /// Stopped on request.
+    Killed,
+    /// A resource limit was hit.
+    LimitExceeded(LimitHit),
+}
+
+/// The outcome of one run and how long it took.
+#[derive(Debug, Clone)]
+pub struct RunReport {
+    /// How it ended.
+    pub outcome: Outcome,
+    /// Wall-clock time from instantiation to the end.
+    pub duration: Duration,
+}
+
+/// The shared wasmtime engine, with WASI linked in.
+pub struct Runtime {
+    engine: Engine,
+    linker: Linker<Host>,
+    compat_key: String,
+}
+
+impl Runtime {
+    /// Builds the engine and starts its epoch ticker.
+    pub fn new() -> anyhow::Result<Arc<Self>> {
+        let mut config = Config::new();
+        config
+            .epoch_interruption(true)
+            .consume_fuel(true);
+        let engine = Engine::new(&config)
+            .map_err(anyhow::Error::from)
+            .context("failed to create the wasmtime engine")?;
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p1::add_to_linker_async(&mut linker, |h: &mut Host| &mut h.wasi)
+            .map_err(anyhow::Error::from)
+            .context("failed to link WASI preview1")?;
+        start_ticker(&engine)?;
+        let compat_key = {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            engine.precompile_compatibility_hash().hash(&mut h);
+            env!("CARGO_PKG_VERSION").hash(&mut h);
+            format!("{:016x}", h.finish())
+        };
+        Ok(Arc::new(Self {
+            engine,
+            linker,
+            compat_key,
+        }))
+    }
+
+    /// A key that changes whenever compiled artifacts stop being loadable.
+    pub fn artifact_key(&self) -> &str {
+        &self.compat_key
+    }
+
+    /// Tells a core module from a component by its header.
+    pub fn classify(bytes: &[u8]) -> Result<ModuleKind, InvalidModule> {
+        if bytes.len() < 8 || &bytes[..4] != b"\0asm" {
+            return Err(InvalidModule(
+                "not a WebAssembly binary (it does not start with the \\0asm magic bytes)".into(),
+            ));
+        }
+        if wasmparser_is_component(bytes) {
+            Ok(ModuleKind::Component)
+        } else {
+            Ok(ModuleKind::Core)
+        }
+    }
+
+    /// Validates, compiles and links `bytes`.
+    pub fn compile(&self, bytes: &[u8]) -> Result<CompiledModule, InvalidModule> {
+        match Self::classify(bytes)? {
+            ModuleKind::Core => {
+                let module = Module::from_binary(&self.engine, bytes)
+                    .map_err(|e| InvalidModule(format!("invalid module: {e:#}")))?;
+                self.link(module)
+            }
+            ModuleKind::Component => Err(InvalidModule(
+                "components are not supported yet; build for wasm32-wasip1".into(),
+            )),
+        }
+    }
+
+    /// The compiled form of `module`, for the artifact cache.
+    pub fn serialize(&self, module: &CompiledModule) -> anyhow::Result<Vec<u8>> {
+        module
+            .pre
+            .module()
+            .serialize()
+            .map_err(anyhow::Error::from)
+            .context("failed to serialize a compiled module")
+    }
+
+    /// Loads an artifact written by [`Runtime::serialize`] of this same build.
+    pub fn load_artifact(&self, path: &std::path::Path) -> anyhow::Result<CompiledModule> {
+        // SAFETY: `deserialize_file` trusts the file to be a wasmtime artifact. These
+        // files are written only by `serialize` above into the data directory, under
+        // a name carrying `artifact_key` (wasmtime's own compatibility hash plus our
+        // version), and wasmtime still checks its header and engine settings.
+        #[expect(unsafe_code, reason = "loading our own cached compilation artifacts")]
+        let module = unsafe { Module::deserialize_file(&self.engine, path) }
+            .map_err(anyhow::Error::from)
+            .with_context(|| format!("failed to load compiled artifact {}", path.display()))?;
+        self.link(module).map_err(|e| anyhow::anyhow!("{e}"))
+    }
+
+    fn link(&self, module: Module) -> Result<CompiledModule, InvalidModule> {
+        match module.get_export("_start") {
+            Some(wasmtime::ExternType::Func(f))
+                if f.params().len() == 0 && f.results().len() == 0 => {}
+            _ => {
+                return Err(InvalidModule(
+                    "not a WASI command: it has no `_start` function export".into(),
+                ));
+            }
+        }
+        let pre = self
+            .linker
+            .instantiate_pre(&module)
+            .map_err(|e| InvalidModule(format!("{e:#}")))?;
+        Ok(CompiledModule {
+            pre,
+            kind: ModuleKind::Core,
+        })
+    }
+
+    /// Runs `module` as described by `spec`, its output going to `log`, until it
+    /// ends, times out, hits a limit or `cancel` fires.
+    ///
+    /// An `Err` is a host-side setup failure (e.g. a preopened directory that
+    /// cannot be opened); everything the guest does is an [`Outcome`].
+    pub async fn run(
+        &self,
+        module: &CompiledModule,
+        spec: &WorkloadSpec,
+        log: &LogWriter,
+        cancel: &CancellationToken,
+    ) -> anyhow::Result<RunReport> {
+        let wasi = wasi_context(spec, log)?;
+        let mut store = Store::new(
+            &self.engine,
+            Host {
+                wasi,
+                limiter: limits::GuestLimiter::new(spec.limits.max_memory_bytes),
+            },
+        );
+        store.limiter(|h| &mut h.limiter);
+        store
+            .set_fuel(spec.limits.fuel.unwrap_or(u64::MAX))
+            .map_err(anyhow::Error::from)?;
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_async_yield_and_update(1);
+
+        let pre = module.pre.clone();
+        let execution = async move {
+            let instance = pre.instantiate_async(&mut store).await?;
+            let start = instance.get_typed_func::<(), ()>(&mut store, "_start")?;
+            start.call_async(&mut store, ()).await
+        };
+        let started = Instant::now();
+        let outcome = tokio::select! {
+            biased;
+            () = cancel.cancelled() => Outcome::Killed,
+            result = with_timeout(spec.limits.timeout(), execution) => match result {
+                None => Outcome::TimedOut(spec.limits.timeout().unwrap_or_default()),
+                Some(result) => classify(result, spec),
+            },
+        };
+        Ok(RunReport {
+            outcome,
+            duration: started.elapsed(),
+        })
+    }
+}
+
+async fn with_timeout<F: Future>(limit: Option<Duration>, f: F) -> Option<F::Output> {
+    match limit {
+        Some(limit) => tokio::time::timeout(limit, f).await.ok(),
+        None => Some(f.await),
+    }
+}
+
+fn classify(result: wasmtime::Result<()>, spec: &WorkloadSpec) -> Outcome {
+    let error = match result {
+        Ok(()) => return Outcome::Exited(0),
+        Err(e) => e,
+    };
+    if let Some(exit) = error.downcast_ref::<I32Exit>() {
+        return Outcome::Exited(exit.0);
+    }
+    if let Some(m) = error.downcast_ref::<MemoryLimitExceeded>() {
+        return Outcome::LimitExceeded(LimitHit::Memory(m.limit));
+    }
+    if let Some(o) = error.downcast_ref::<OutputLimitExceeded>() {
+        return Outcome::LimitExceeded(LimitHit::Output(o.limit));
+    }
+    if let Some(Trap::OutOfFuel) = error.downcast_ref::<Trap>() {
+        return Outcome::LimitExceeded(LimitHit::Fuel(spec.limits.fuel.unwrap_or(u64::MAX)));
+    }
+    let message = match error.downcast_ref::<Trap>() {
+        Some(trap) => format!("wasm trap: {trap}"),
+        None => format!("{error:#}"),
+    };
+    Outcome::Trapped {
+        message,
+        backtrace: error
+            .downcast_ref::<WasmBacktrace>()
+            .map(|bt| bt.to_string())
+            .filter(|bt| !bt.trim().is_empty()),
+    }
+}
+
+/// Builds exactly the WASI view the spec allows: nothing of the host's
+/// environment, filesystem or network leaks in.
+fn wasi_context(spec: &WorkloadSpec, log: &LogWriter) -> anyhow::Result<WasiP1Ctx> {
+    let mut b = WasiCtxBuilder::new();
+    b.args(&spec.args);
+    for (k, v) in &spec.env {
+        b.env(k, v);
+    }
+    match &spec.stdin {
+        Stdin::Empty => {}
+        Stdin::Bytes(bytes) => {
+            b.stdin(MemoryInputPipe::new(bytes.clone()));
+        }
+        Stdin::Inherit => {
+            b.inherit_stdin();
+        }
+    }
+    b.stdout(GuestOutput::new(log.clone(), LogStream::Stdout));
+    b.stderr(GuestOutput::new(log.clone(), LogStream::Stderr));
+    for p in &spec.preopens {
+        let perms = if p.writable {
+            FsPerms::ReadWrite
+        } else {
+            FsPerms::ReadOnly
+        };
+        b.preopened_dir(&p.host, &p.guest, perms)
+            .map_err(anyhow::Error::from)
+            .with_context(|| format!("failed to open directory {}", p.host.display()))?;
+    }
+    b.allow_tcp(false).allow_udp(false).allow_ip_name_lookup(false);
+    Ok(b.build_p1())
+}
+
+/// True when the binary header says component (layer 1) rather than core module.
+fn wasmparser_is_component(bytes: &[u8]) -> bool {
+    // Header: magic, then a u16 version and a u16 layer; layer 1 is a component.
+    bytes.len() >= 8 && bytes[6..8] == [1, 0]
+}
+
+/// One thread per process advances the epoch; it holds only a weak handle, so it
+/// stops when the engine is dropped.
+fn start_ticker(engine: &Engine) -> anyhow::Result<()> {
+    let weak = engine.weak();
+    std::thread::Builder::new()
+        .name("vulcan-epoch".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(TICK);
+                match weak.upgrade() {
+                    Some(engine) => engine.increment_epoch(),
+                    None => return,
+                }
+            }
+        })
+        .context("failed to start the epoch ticker")?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

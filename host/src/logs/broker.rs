@@ -1,0 +1,300 @@
+//! Live fan-out of log records to the clients following a workload.
+//!
+//! A map from workload to a bounded `tokio::sync::broadcast` channel behind a std
+//! `Mutex`; nothing awaits while holding it. The broker holds the only strong
+//! sender, so [`LogBroker::close`] ends every subscriber's stream at once; the
+//! [`LogPublisher`] holds a weak one and closes the channel when dropped, so
+//! nothing outlives its workload.
+//!
+//! History is not kept here: a late subscriber sees only later lines, and a
+//! subscriber that falls more than the channel capacity behind gets
+//! [`BrokerEvent::Lagged`] and is expected to catch up from the store.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::broadcast;
+
+use super::LogRecord;
+use crate::workload::WorkloadId;
+
+/// Records buffered per workload for its slowest subscriber, by default.
+pub const DEFAULT_CAPACITY: usize = 4096;
+
+type Channel = broadcast::Sender<Arc<LogRecord>>;
+
+/// Routes each workload's records to its live subscribers.
+#[derive(Clone)]
+pub struct LogBroker {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    capacity: usize,
+    channels: Mutex<HashMap<WorkloadId, Channel>>,
+}
+
+impl Default for LogBroker {
+    fn default() -> Self {
+        Self::new(DEFAULT_CAPACITY)
+    }
+}
+
+impl LogBroker {
+    /// A broker whose subscribers may fall `capacity` records behind before lagging.
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                capacity: capacity.max(1),
+                channels: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    /// Opens the channel of a starting workload and returns its only publisher.
+    pub fn open(&self, workload: WorkloadId) -> LogPublisher {
+        let (tx, _) = broadcast::channel(self.inner.capacity);
+        let weak = tx.downgrade();
+        self.lock().insert(workload, tx);
+        LogPublisher {
+            workload,
+            tx: weak,
+            broker: self.clone(),
+        }
+    }
+
+    /// Follows a workload's future records, or `None` when it is not live.
+    pub fn subscribe(&self, workload: WorkloadId) -> Option<LogSubscription> {
+        let rx = self.lock().get(&workload)?.subscribe();
+        Some(LogSubscription { rx })
+    }
+
+    /// Ends every subscriber's stream for this workload.
+    pub fn close(&self, workload: WorkloadId) {
+        self.lock().remove(&workload);
+    }
+
+    /// Convenience for one-off records; [`LogPublisher::publish`] is the hot path.
+    pub fn publish(&self, record: Arc<LogRecord>) {
+        let tx = self.lock().get(&record.workload_id).cloned();
+        if let Some(tx) = tx {
+            let _ = tx.send(record);
+        }
+    }
+
+    /// Workloads with an open channel (for metrics and leak checks).
+    pub fn open_channels(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Live subscribers of one workload.
+    pub fn subscriber_count(&self, workload: WorkloadId) -> usize {
+        self.lock()
+            .get(&workload)
+            .map_or(0, |tx| tx.receiver_count())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<WorkloadId, Channel>> {
+        // A panic while holding this lock cannot leave the map half-updated
+        // (every operation is a single insert/remove/get), so poison is ignored.
+        self.inner
+            .channels
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// The sending side of one workload's channel; closes it when dropped.
+pub struct LogPublisher {
+    workload: WorkloadId,
+    tx: broadcast::WeakSender<Arc<LogRecord>>,
+    broker: LogBroker,
+}
+
+impl LogPublisher {
+    /// Sends a record to current subscribers; cheap when there are none.
+    pub fn publish(&self, record: &Arc<LogRecord>) {
+        if let Some(tx) = self.tx.upgrade()
+            && tx.receiver_count() > 0
+        {
+            // An error only means every subscriber left in the meantime.
+            let _ = tx.send(Arc::clone(record));
+        }
+    }
+}
+
+impl Drop for LogPublisher {
+    fn drop(&mut self) {
+        self.broker.close(self.workload);
+    }
+}
+
+/// What a subscriber receives next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BrokerEvent {
+    /// The next live record.
+    Line(Arc<LogRecord>),
+    /// This many records were dropped because the subscriber was too slow; read
+    /// them from the store, then carry on.
+    Lagged(u64),
+}
+
+/// One client's view of a workload's live records.
+pub struct LogSubscription {
+    rx: broadcast::Receiver<Arc<LogRecord>>,
+}
+
+impl LogSubscription {
+    /// The next event, or `None` once the workload's channel is closed.
+    pub async fn recv(&mut self) -> Option<BrokerEvent> {
+        match self.rx.recv().await {
+            Ok(record) => Some(BrokerEvent::Line(record)),
+            Err(broadcast::error::RecvError::Lagged(n)) => Some(BrokerEvent::Lagged(n)),
+            Err(broadcast::error::RecvError::Closed) => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::logs::LogStream;
+
+    fn record(workload: WorkloadId, seq: u64) -> Arc<LogRecord> {
+        Arc::new(LogRecord {
+            workload_id: workload,
+            seq,
+            stream: LogStream::Stdout,
+            level: None,
+            line: format!("line {seq}"),
+            continued: false,
+            ts_ms: 0,
+        })
+    }
+
+    async fn seqs(sub: &mut LogSubscription) -> Vec<u64> {
+        let mut out = Vec::new();
+        while let Some(event) = sub.recv().await {
+            match event {
+                BrokerEvent::Line(r) => out.push(r.seq),
+                BrokerEvent::Lagged(n) => panic!("unexpected lag of {n}"),
+            }
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn one_subscriber_gets_every_record_in_order_then_the_end() {
+        let broker = LogBroker::default();
+        let id = WorkloadId::new();
+        let publisher = broker.open(id);
+        let mut sub = broker.subscribe(id).expect("live");
+        for seq in 0..10 {
+            publisher.publish(&record(id, seq));
+        }
+        drop(publisher);
+        assert_eq!(seqs(&mut sub).await, (0..10).collect::<Vec<_>>());
+    }
+
+    #[tokio::test]
+    async fn many_subscribers_each_get_everything() {
+        let broker = LogBroker::default();
+        let id = WorkloadId::new();
+        let publisher = broker.open(id);
+        let mut subs: Vec<_> = (0..5).map(|_| broker.subscribe(id).unwrap()).collect();
+        assert_eq!(broker.subscriber_count(id), 5);
+        for seq in 0..100 {
+            publisher.publish(&record(id, seq));
+        }
+        drop(publisher);
+        for sub in &mut subs {
+            assert_eq!(seqs(sub).await, (0..100).collect::<Vec<_>>());
+        }
+    }
+
+    #[tokio::test]
+    async fn late_subscriber_sees_only_later_records() {
+        let broker = LogBroker::default();
+        let id = WorkloadId::new();
+        let publisher = broker.open(id);
+        publisher.publish(&record(id, 0));
+        publisher.publish(&record(id, 1));
+        let mut late = broker.subscribe(id).unwrap();
+        publisher.publish(&record(id, 2));
+        drop(publisher);
+        assert_eq!(seqs(&mut late).await, vec![2]);
+    }
+
+    #[tokio::test]
+    async fn slow_subscriber_is_told_it_lagged_and_does_not_block_others() {
+        let broker = LogBroker::new(4);
+        let id = WorkloadId::new();
+        let publisher = broker.open(id);
+        let mut slow = broker.subscribe(id).unwrap();
+        let mut fast = broker.subscribe(id).unwrap();
+        let mut fast_seen = Vec::new();
+        for seq in 0..10 {
+            // Publishing never waits for the slow subscriber.
+            publisher.publish(&record(id, seq));
+            if let Some(BrokerEvent::Line(r)) = fast.recv().await {
+                fast_seen.push(r.seq);
+            }
+        }
+        drop(publisher);
+        assert_eq!(fast_seen, (0..10).collect::<Vec<_>>());
+        assert_eq!(slow.recv().await, Some(BrokerEvent::Lagged(6)));
+        let rest: Vec<u64> = {
+            let mut v = Vec::new();
+            while let Some(BrokerEvent::Line(r)) = slow.recv().await {
+                v.push(r.seq);
+            }
+            v
+        };
+        assert_eq!(rest, vec![6, 7, 8, 9], "after the lag, the newest records");
+    }
+
+    #[tokio::test]
+    async fn close_ends_every_stream_even_while_the_publisher_lives() {
+        let broker = LogBroker::default();
+        let id = WorkloadId::new();
+        let publisher = broker.open(id);
+        let mut a = broker.subscribe(id).unwrap();
+        let mut b = broker.subscribe(id).unwrap();
+        publisher.publish(&record(id, 0));
+        broker.close(id);
+        assert!(matches!(a.recv().await, Some(BrokerEvent::Line(_))));
+        assert_eq!(a.recv().await, None);
+        assert!(matches!(b.recv().await, Some(BrokerEvent::Line(_))));
+        assert_eq!(b.recv().await, None);
+        // Publishing after close is a no-op, not a panic.
+        publisher.publish(&record(id, 1));
+        assert!(broker.subscribe(id).is_none());
+    }
+
+    #[tokio::test]
+    async fn nothing_leaks_after_close_or_unsubscribe() {
+        let broker = LogBroker::default();
+        let ids: Vec<_> = (0..50).map(|_| WorkloadId::new()).collect();
+        let publishers: Vec<_> = ids.iter().map(|&id| broker.open(id)).collect();
+        assert_eq!(broker.open_channels(), 50);
+        let sub = broker.subscribe(ids[0]).unwrap();
+        assert_eq!(broker.subscriber_count(ids[0]), 1);
+        drop(sub);
+        assert_eq!(broker.subscriber_count(ids[0]), 0);
+        drop(publishers);
+        assert_eq!(broker.open_channels(), 0);
+    }
+
+    #[tokio::test]
+    async fn publishing_without_subscribers_is_fine() {
+        let broker = LogBroker::default();
+        let id = WorkloadId::new();
+        let publisher = broker.open(id);
+        for seq in 0..10_000 {
+            publisher.publish(&record(id, seq));
+        }
+        broker.publish(record(id, 10_000));
+        drop(publisher);
+        assert!(broker.subscribe(id).is_none());
+    }
+}

@@ -1,0 +1,16 @@
+//! Guest output, from bytes to numbered lines.
+//!
+//! Owns the line rules ([`LineSplitter`]), the record shape ([`LogRecord`]), the
+//! per-workload sequencing and fan-out ([`LogWriter`]) and live delivery
+//! ([`LogBroker`]). It must not touch SQLite directly: durable lines go through
+//! [`crate::store::Db`], whose writer batches them.
+
+mod broker;
+mod record;
+mod splitter;
+mod writer;
+
+pub use broker::{BrokerEvent, LogBroker, LogPublisher, LogSubscription};
+pub use record::{LogLevel, LogRecord, LogStream};
+pub use splitter::{LineSplitter, MAX_LINE_BYTES};
+pub use writer::{LogWriter, OutputLimitExceeded};

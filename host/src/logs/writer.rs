@@ -1,0 +1,268 @@
+//! Sequencing and fan-out of one workload's output.
+//!
+//! A [`LogWriter`] is shared by the workload's stdout and stderr (and its
+//! structured log calls): each stream has its own [`LineSplitter`], and every
+//! completed line takes the next seq of the workload, so seq orders records
+//! across streams exactly as they were completed. Each record goes to the broker
+//! (live) and to the store's line sink (durable, batched by the store's writer);
+//! neither can block the guest.
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+
+use super::{LineSplitter, LogLevel, LogPublisher, LogRecord, LogStream};
+use crate::store::LineSink;
+use crate::workload::{WorkloadId, now_ms};
+
+/// The guest wrote more than its output limit allows.
+#[derive(Debug, thiserror::Error)]
+#[error("output limit of {limit} bytes exceeded")]
+pub struct OutputLimitExceeded {
+    /// The limit, in bytes.
+    pub limit: u64,
+}
+
+/// Where raw guest bytes are copied as they are written (`vulcan run` uses the
+/// process's own stdout and stderr).
+pub type RawTee = Box<dyn Write + Send>;
+
+/// Turns one workload's output into numbered records for the broker and store.
+#[derive(Clone)]
+pub struct LogWriter {
+    inner: Arc<Mutex<State>>,
+}
+
+struct State {
+    workload: WorkloadId,
+    next_seq: u64,
+    stdout: LineSplitter,
+    stderr: LineSplitter,
+    publisher: Option<LogPublisher>,
+    sink: Option<LineSink>,
+    tee_stdout: Option<RawTee>,
+    tee_stderr: Option<RawTee>,
+    written: u64,
+    max_output: Option<u64>,
+}
+
+impl LogWriter {
+    /// A writer for `workload` feeding `publisher` (live) and `sink` (durable).
+    pub fn new(workload: WorkloadId, publisher: Option<LogPublisher>, sink: Option<LineSink>) -> Self {
+        Self {
+            inner: Arc::new(Mutex::new(State {
+                workload,
+                next_seq: 0,
+                stdout: LineSplitter::new(),
+                stderr: LineSplitter::new(),
+                publisher,
+                sink,
+                tee_stdout: None,
+                tee_stderr: None,
+                written: 0,
+                max_output: None,
+            })),
+        }
+    }
+
+    /// Also copies raw stdout/stderr bytes to these writers, unchanged.
+    pub fn with_tee(self, stdout: Option<RawTee>, stderr: Option<RawTee>) -> Self {
+        {
+            let mut s = self.lock();
+            s.tee_stdout = stdout;
+            s.tee_stderr = stderr;
+        }
+        self
+    }
+
+    /// Refuses stdout/stderr bytes beyond `limit` in total.
+    pub fn with_output_limit(self, limit: Option<u64>) -> Self {
+        self.lock().max_output = limit;
+        self
+    }
+
+    /// Accepts bytes the guest wrote to stdout or stderr.
+    pub fn write(&self, stream: LogStream, bytes: &[u8]) -> Result<(), OutputLimitExceeded> {
+        let mut guard = self.lock();
+        let s = &mut *guard;
+        s.written += bytes.len() as u64;
+        if let Some(limit) = s.max_output
+            && s.written > limit
+        {
+            return Err(OutputLimitExceeded { limit });
+        }
+        let tee = match stream {
+            LogStream::Stderr => &mut s.tee_stderr,
+            _ => &mut s.tee_stdout,
+        };
+        if let Some(tee) = tee {
+            // The terminal is a convenience copy: a closed pipe must not stop the
+            // workload or its durable log.
+            if tee.write_all(bytes).and_then(|()| tee.flush()).is_err() {
+                *tee = Box::new(std::io::sink());
+            }
+        }
+        let splitter = match stream {
+            LogStream::Stderr => &mut s.stderr,
+            _ => &mut s.stdout,
+        };
+        let mut emit = Emitter {
+            workload: s.workload,
+            next_seq: &mut s.next_seq,
+            publisher: s.publisher.as_ref(),
+            sink: s.sink.as_ref(),
+        };
+        splitter.push(bytes, |line, continued| emit.emit(stream, None, line, continued));
+        Ok(())
+    }
+
+    /// Records one structured log call as a single record (newlines kept).
+    pub fn log(&self, level: LogLevel, message: &str) {
+        let mut guard = self.lock();
+        let s = &mut *guard;
+        let mut emit = Emitter {
+            workload: s.workload,
+            next_seq: &mut s.next_seq,
+            publisher: s.publisher.as_ref(),
+            sink: s.sink.as_ref(),
+        };
+        emit.emit(LogStream::Log, Some(level), message.as_bytes(), false);
+    }
+
+    /// Flushes partial lines and returns how many records were written.
+    ///
+    /// Further writes after this still work (a guest cannot write after it ended,
+    /// but a late stream flush must not panic).
+    pub fn finish(&self) -> u64 {
+        let mut guard = self.lock();
+        let s = &mut *guard;
+        let mut emit = Emitter {
+            workload: s.workload,
+            next_seq: &mut s.next_seq,
+            publisher: s.publisher.as_ref(),
+            sink: s.sink.as_ref(),
+        };
+        s.stdout
+            .finish(|line, c| emit.emit(LogStream::Stdout, None, line, c));
+        s.stderr
+            .finish(|line, c| emit.emit(LogStream::Stderr, None, line, c));
+        s.next_seq
+    }
+
+    /// Records written so far.
+    pub fn line_count(&self) -> u64 {
+        self.lock().next_seq
+    }
+
+    /// Ends live delivery: drops the broker publisher, which closes subscribers' streams.
+    pub fn close_live(&self) {
+        self.lock().publisher = None;
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // State stays consistent across a panic (every field update is complete
+        // before anything can panic), so poison is ignored.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+struct Emitter<'a> {
+    workload: WorkloadId,
+    next_seq: &'a mut u64,
+    publisher: Option<&'a LogPublisher>,
+    sink: Option<&'a LineSink>,
+}
+
+impl Emitter<'_> {
+    fn emit(&mut self, stream: LogStream, level: Option<LogLevel>, line: &[u8], continued: bool) {
+        let record = Arc::new(LogRecord {
+            workload_id: self.workload,
+            seq: *self.next_seq,
+            stream,
+            level,
+            line: String::from_utf8_lossy(line).into_owned(),
+            continued,
+            ts_ms: now_ms(),
+        });
+        *self.next_seq += 1;
+        if let Some(p) = self.publisher {
+            p.publish(&record);
+        }
+        if let Some(sink) = self.sink {
+            sink.send(record);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::logs::{BrokerEvent, LogBroker};
+
+    #[tokio::test]
+    async fn seq_spans_both_streams_in_completion_order() {
+        let broker = LogBroker::default();
+        let id = WorkloadId::new();
+        let writer = LogWriter::new(id, Some(broker.open(id)), None);
+        let mut sub = broker.subscribe(id).unwrap();
+        writer.write(LogStream::Stdout, b"out-partial").unwrap();
+        writer.write(LogStream::Stderr, b"err1\n").unwrap();
+        writer.write(LogStream::Stdout, b" done\nout2\n").unwrap();
+        writer.log(LogLevel::Warn, "careful\nnow");
+        writer.write(LogStream::Stderr, b"tail").unwrap();
+        assert_eq!(writer.finish(), 5);
+        writer.close_live();
+        let mut got = Vec::new();
+        while let Some(BrokerEvent::Line(r)) = sub.recv().await {
+            got.push((r.seq, r.stream, r.level, r.line.clone()));
+        }
+        assert_eq!(
+            got,
+            vec![
+                (0, LogStream::Stderr, None, "err1".to_owned()),
+                (1, LogStream::Stdout, None, "out-partial done".to_owned()),
+                (2, LogStream::Stdout, None, "out2".to_owned()),
+                (3, LogStream::Log, Some(LogLevel::Warn), "careful\nnow".to_owned()),
+                (4, LogStream::Stderr, None, "tail".to_owned()),
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn invalid_utf8_is_replaced_lossily() {
+        let broker = LogBroker::default();
+        let id = WorkloadId::new();
+        let writer = LogWriter::new(id, Some(broker.open(id)), None);
+        let mut sub = broker.subscribe(id).unwrap();
+        writer.write(LogStream::Stdout, b"a\xffb\n").unwrap();
+        writer.close_live();
+        let Some(BrokerEvent::Line(r)) = sub.recv().await else {
+            panic!("expected a line")
+        };
+        assert_eq!(r.line, "a\u{FFFD}b");
+    }
+
+    #[test]
+    fn tee_gets_exact_bytes_and_output_limit_is_enforced() {
+        #[derive(Clone, Default)]
+        struct Shared(Arc<Mutex<Vec<u8>>>);
+        impl Write for Shared {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let out = Shared::default();
+        let writer = LogWriter::new(WorkloadId::new(), None, None)
+            .with_tee(Some(Box::new(out.clone())), None)
+            .with_output_limit(Some(10));
+        writer.write(LogStream::Stdout, b"\x00\xff\r\n").unwrap();
+        writer.write(LogStream::Stdout, b"12345").unwrap();
+        let err = writer.write(LogStream::Stdout, b"toolong").unwrap_err();
+        assert_eq!(err.limit, 10);
+        assert_eq!(&*out.0.lock().unwrap(), b"\x00\xff\r\n12345");
+        assert_eq!(writer.finish(), 2, "the partial line is still flushed");
+    }
+}

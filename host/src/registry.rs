@@ -1,0 +1,190 @@
+//! Content-addressed modules and the compile cache.
+//!
+//! Compile once, instantiate many: a module is validated and compiled the first
+//! time its sha256 is seen, kept in memory as a linked [`CompiledModule`], and
+//! its compiled artifact is written to `<data-dir>/artifacts/`, so neither a
+//! second run nor a restart recompiles. The bytes themselves are stored once in
+//! the database. This module decides when to compile; it does not run anything.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context as _;
+use sha2::{Digest, Sha256};
+
+use crate::engine::{CompiledModule, InvalidModule, Runtime};
+use crate::store::{Db, ModuleInfo, StoreError};
+use crate::workload::now_ms;
+
+/// Why a module could not be provided.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// The bytes are not a runnable module.
+    #[error(transparent)]
+    Invalid(#[from] InvalidModule),
+    /// No module has this hash.
+    #[error("module {0} not found")]
+    NotFound(String),
+    /// Anything else.
+    #[error(transparent)]
+    Internal(#[from] anyhow::Error),
+}
+
+/// `sha256:<hex>` of some bytes.
+pub fn module_hash(bytes: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
+}
+
+/// Cache hit and miss counts, for metrics.
+#[derive(Debug, Default)]
+pub struct CacheStats {
+    /// Served from memory.
+    pub hits: AtomicU64,
+    /// Loaded from a disk artifact.
+    pub artifact_loads: AtomicU64,
+    /// Compiled from bytes.
+    pub compiles: AtomicU64,
+}
+
+/// Modules by hash, compiled at most once per process and once per data directory.
+pub struct ModuleRegistry {
+    runtime: Arc<Runtime>,
+    db: Db,
+    artifact_dir: PathBuf,
+    cache: Mutex<HashMap<String, Arc<CompiledModule>>>,
+    stats: CacheStats,
+}
+
+impl ModuleRegistry {
+    /// A registry storing artifacts under `artifact_dir`.
+    pub fn new(runtime: Arc<Runtime>, db: Db, artifact_dir: PathBuf) -> Self {
+        Self {
+            runtime,
+            db,
+            artifact_dir,
+            cache: Mutex::new(HashMap::new()),
+            stats: CacheStats::default(),
+        }
+    }
+
+    /// Hit and miss counters.
+    pub fn stats(&self) -> &CacheStats {
+        &self.stats
+    }
+
+    /// Validates, stores and compiles `bytes`; returns its metadata, the compiled
+    /// module, and whether the bytes were new to the store.
+    pub async fn register(
+        &self,
+        bytes: Arc<[u8]>,
+    ) -> Result<(ModuleInfo, Arc<CompiledModule>, bool), RegistryError> {
+        let hash = module_hash(&bytes);
+        let compiled = match self.cached(&hash) {
+            Some(c) => c,
+            None => self.compile_or_load(&hash, Arc::clone(&bytes)).await?,
+        };
+        let info = ModuleInfo {
+            hash: hash.clone(),
+            kind: compiled.kind().as_str().to_owned(),
+            size: bytes.len() as u64,
+            created_at: now_ms(),
+        };
+        let new = self
+            .db
+            .put_module(info, bytes)
+            .await
+            .map_err(|e| anyhow::Error::from(e).context("failed to store the module"))?;
+        let info = self.db.module_info(&hash).map_err(anyhow::Error::from)?;
+        Ok((info, compiled, new))
+    }
+
+    /// The compiled module for a stored hash.
+    pub async fn get(&self, hash: &str) -> Result<Arc<CompiledModule>, RegistryError> {
+        if let Some(c) = self.cached(hash) {
+            return Ok(c);
+        }
+        let bytes = match self.db.module_bytes(hash) {
+            Ok(b) => b,
+            Err(StoreError::ModuleNotFound(h)) => return Err(RegistryError::NotFound(h)),
+            Err(e) => return Err(anyhow::Error::from(e).into()),
+        };
+        self.compile_or_load(hash, bytes.into()).await
+    }
+
+    fn cached(&self, hash: &str) -> Option<Arc<CompiledModule>> {
+        let hit = self
+            .cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(hash)
+            .cloned();
+        if hit.is_some() {
+            self.stats.hits.fetch_add(1, Ordering::Relaxed);
+        }
+        hit
+    }
+
+    async fn compile_or_load(
+        &self,
+        hash: &str,
+        bytes: Arc<[u8]>,
+    ) -> Result<Arc<CompiledModule>, RegistryError> {
+        let runtime = Arc::clone(&self.runtime);
+        let path = self.artifact_path(hash);
+        // Compilation is CPU-bound and may take tens of milliseconds: keep it off
+        // the async workers.
+        let (compiled, loaded) = tokio::task::spawn_blocking(move || {
+            if path.exists() {
+                match runtime.load_artifact(&path) {
+                    Ok(c) => return Ok((c, true)),
+                    Err(e) => tracing::warn!(
+                        error = format!("{e:#}"),
+                        "ignoring an unusable compiled artifact; recompiling"
+                    ),
+                }
+            }
+            let compiled = runtime.compile(&bytes)?;
+            if let Err(e) = write_artifact(&runtime, &compiled, &path) {
+                tracing::warn!(error = format!("{e:#}"), "failed to cache a compiled module");
+            }
+            Ok::<_, RegistryError>((compiled, false))
+        })
+        .await
+        .context("compilation task failed")??;
+        let counter = if loaded {
+            &self.stats.artifact_loads
+        } else {
+            &self.stats.compiles
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        let compiled = Arc::new(compiled);
+        self.cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(hash.to_owned(), Arc::clone(&compiled));
+        Ok(compiled)
+    }
+
+    fn artifact_path(&self, hash: &str) -> PathBuf {
+        let hex = hash.trim_start_matches("sha256:");
+        self.artifact_dir
+            .join(format!("{hex}-{}.cwasm", self.runtime.artifact_key()))
+    }
+}
+
+fn write_artifact(
+    runtime: &Runtime,
+    compiled: &CompiledModule,
+    path: &std::path::Path,
+) -> anyhow::Result<()> {
+    let dir = path.parent().context("artifact path has no parent")?;
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("failed to create {}", dir.display()))?;
+    let bytes = runtime.serialize(compiled)?;
+    // Write then rename, so a crash never leaves a torn artifact under the real name.
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    std::fs::write(&tmp, bytes).with_context(|| format!("failed to write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("failed to rename to {}", path.display()))
+}

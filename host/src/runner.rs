@@ -1,0 +1,245 @@
+//! Drives one workload from `pending` to its terminal status.
+//!
+//! Glue between the stages: creates the record, opens the workload's live
+//! channel and LogWriter, runs the engine, then commits every line before the
+//! terminal status and only then ends live delivery — so whoever sees a final
+//! status also finds every line in the store. Also holds the kill switches of
+//! running workloads. Used identically by `vulcan run` and the server.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context as _;
+use tokio_util::sync::CancellationToken;
+
+use crate::engine::{CompiledModule, LimitHit, Outcome, RunReport, Runtime};
+use crate::logs::{LogBroker, LogWriter};
+use crate::store::{Db, NewWorkload};
+use crate::workload::{Completion, Status, WorkloadId, WorkloadRecord, WorkloadSpec};
+
+pub use crate::logs::LogStream;
+
+/// Raw copies of guest stdout and stderr (for `vulcan run`'s terminal).
+pub struct Tee {
+    /// Receives the guest's stdout bytes.
+    pub stdout: Box<dyn std::io::Write + Send>,
+    /// Receives the guest's stderr bytes.
+    pub stderr: Box<dyn std::io::Write + Send>,
+}
+
+/// A started workload: its id and a handle that resolves to its final record.
+pub struct StartedWorkload {
+    /// The new workload's id.
+    pub id: WorkloadId,
+    /// Resolves when it has ended and everything about it is stored.
+    pub done: tokio::task::JoinHandle<anyhow::Result<(WorkloadRecord, Outcome)>>,
+}
+
+/// Starts, tracks and kills workloads.
+pub struct Runner {
+    runtime: Arc<Runtime>,
+    db: Db,
+    broker: LogBroker,
+    running: Mutex<HashMap<WorkloadId, CancellationToken>>,
+}
+
+impl Runner {
+    /// A runner over these stages.
+    pub fn new(runtime: Arc<Runtime>, db: Db, broker: LogBroker) -> Arc<Self> {
+        Arc::new(Self {
+            runtime,
+            db,
+            broker,
+            running: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The store this runner writes to.
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
+    /// The broker live lines go to.
+    pub fn broker(&self) -> &LogBroker {
+        &self.broker
+    }
+
+    /// Workloads currently executing.
+    pub fn running_count(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Creates the workload record and starts it in the background.
+    pub async fn start(
+        self: &Arc<Self>,
+        module: Arc<CompiledModule>,
+        module_hash: String,
+        spec: WorkloadSpec,
+        tee: Option<Tee>,
+    ) -> anyhow::Result<StartedWorkload> {
+        let id = WorkloadId::new();
+        self.db
+            .create_workload(NewWorkload {
+                id,
+                module_hash,
+                args: spec.args.clone(),
+                env: spec.env.clone(),
+                limits: spec.limits.clone(),
+            })
+            .await
+            .with_context(|| format!("failed to create workload {id}"))?;
+        let cancel = CancellationToken::new();
+        self.lock().insert(id, cancel.clone());
+
+        let this = Arc::clone(self);
+        let execution = tokio::spawn({
+            let this = Arc::clone(self);
+            async move { this.execute(id, &module, &spec, tee, &cancel).await }
+        });
+        // A second task watches the first, so that even a panic inside the
+        // engine ends the workload with a status instead of leaving it running.
+        let done = tokio::spawn(async move {
+            let result = match execution.await {
+                Ok(result) => result,
+                Err(join_error) => {
+                    let error = format!("internal error while running the workload: {join_error}");
+                    tracing::error!(workload = %id, %error);
+                    let completion = Completion {
+                        status: Status::Failed,
+                        exit_code: None,
+                        error: Some(error.clone()),
+                        output: None,
+                        duration_ms: 0,
+                        line_count: 0,
+                    };
+                    this.db.finish(id, completion).await.ok();
+                    this.broker.close(id);
+                    Err(anyhow::anyhow!(error))
+                }
+            };
+            this.lock().remove(&id);
+            let outcome = result?;
+            let record = this.db.workload(id)?;
+            Ok((record, outcome))
+        });
+        Ok(StartedWorkload { id, done })
+    }
+
+    /// Asks a running workload to stop; false if it is not running here.
+    pub fn kill(&self, id: WorkloadId) -> bool {
+        match self.lock().get(&id) {
+            Some(token) => {
+                token.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Kills every running workload (server shutdown).
+    pub fn kill_all(&self) {
+        for token in self.lock().values() {
+            token.cancel();
+        }
+    }
+
+    async fn execute(
+        &self,
+        id: WorkloadId,
+        module: &CompiledModule,
+        spec: &WorkloadSpec,
+        tee: Option<Tee>,
+        cancel: &CancellationToken,
+    ) -> anyhow::Result<Outcome> {
+        self.db
+            .mark_running(id)
+            .await
+            .with_context(|| format!("failed to start workload {id}"))?;
+        let mut writer = LogWriter::new(id, Some(self.broker.open(id)), Some(self.db.line_sink()))
+            .with_output_limit(spec.limits.max_output_bytes);
+        if let Some(tee) = tee {
+            writer = writer.with_tee(Some(tee.stdout), Some(tee.stderr));
+        }
+        let report = self.runtime.run(module, spec, &writer, cancel).await;
+        let line_count = writer.finish();
+        let (outcome, completion) = match report {
+            Ok(report) => {
+                let completion = completion(&report, line_count);
+                (report.outcome, completion)
+            }
+            Err(e) => {
+                let message = format!("{e:#}");
+                let completion = Completion {
+                    status: Status::Failed,
+                    exit_code: None,
+                    error: Some(message.clone()),
+                    output: None,
+                    duration_ms: 0,
+                    line_count,
+                };
+                (
+                    Outcome::Trapped {
+                        message,
+                        backtrace: None,
+                    },
+                    completion,
+                )
+            }
+        };
+        // The line sink and the status share one FIFO writer: this commits after
+        // every line above.
+        let stored = self.db.finish(id, completion).await;
+        writer.close_live();
+        stored.with_context(|| format!("failed to record the end of workload {id}"))?;
+        Ok(outcome)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<WorkloadId, CancellationToken>> {
+        self.running.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Maps how a run ended onto the stored result.
+pub fn completion(report: &RunReport, line_count: u64) -> Completion {
+    let (status, exit_code, error) = match &report.outcome {
+        Outcome::Exited(0) => (Status::Completed, Some(0), None),
+        Outcome::Exited(code) => (
+            Status::Failed,
+            Some(*code),
+            Some(format!("exited with code {code}")),
+        ),
+        Outcome::Trapped { message, backtrace } => {
+            let error = match backtrace {
+                Some(bt) => format!("{message}\n{bt}"),
+                None => message.clone(),
+            };
+            (Status::Failed, None, Some(error))
+        }
+        Outcome::TimedOut(limit) => (
+            Status::Failed,
+            None,
+            Some(format!(
+                "timed out after {}",
+                humantime::format_duration(*limit)
+            )),
+        ),
+        Outcome::Killed => (Status::Killed, None, Some("killed".to_owned())),
+        Outcome::LimitExceeded(hit) => (
+            Status::Failed,
+            None,
+            Some(match hit {
+                LimitHit::Memory(limit) => format!("memory limit of {limit} bytes exceeded"),
+                LimitHit::Fuel(limit) => format!("fuel limit of {limit} exhausted"),
+                LimitHit::Output(limit) => format!("output limit of {limit} bytes exceeded"),
+            }),
+        ),
+    };
+    Completion {
+        status,
+        exit_code,
+        error,
+        output: None,
+        duration_ms: report.duration.as_millis() as u64,
+        line_count,
+    }
+}

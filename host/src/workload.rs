@@ -1,0 +1,239 @@
+//! What a workload is: its id, what it was asked to run, its lifecycle states
+//! and its final record. Plain data shared by every stage; no I/O here.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// A workload's id: a ULID, so ids sort by creation time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct WorkloadId(ulid::Ulid);
+
+impl WorkloadId {
+    /// A fresh id.
+    #[expect(clippy::new_without_default, reason = "a fresh random id is not a default")]
+    pub fn new() -> Self {
+        Self(ulid::Ulid::new())
+    }
+}
+
+impl fmt::Display for WorkloadId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// An id that is not a ULID.
+#[derive(Debug, thiserror::Error)]
+#[error("`{0}` is not a workload id (expected a 26-character ULID)")]
+pub struct BadWorkloadId(String);
+
+impl FromStr for WorkloadId {
+    type Err = BadWorkloadId;
+    fn from_str(s: &str) -> Result<Self, BadWorkloadId> {
+        ulid::Ulid::from_string(s)
+            .map(Self)
+            .map_err(|_| BadWorkloadId(s.chars().take(64).collect()))
+    }
+}
+
+impl Serialize for WorkloadId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for WorkloadId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// Resource limits enforced on one workload.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limits {
+    /// Wall-clock time before the workload is stopped as timed out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    /// Largest linear memory, in bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_memory_bytes: Option<u64>,
+    /// Units of wasm fuel before the workload is stopped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fuel: Option<u64>,
+    /// Bytes of stdout plus stderr before the workload is stopped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_output_bytes: Option<u64>,
+}
+
+impl Limits {
+    /// The timeout as a `Duration`.
+    pub fn timeout(&self) -> Option<Duration> {
+        self.timeout_ms.map(Duration::from_millis)
+    }
+}
+
+/// A host directory made visible to the guest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Preopen {
+    /// Directory on the host.
+    pub host: PathBuf,
+    /// Where the guest sees it (`/` allowed).
+    pub guest: String,
+    /// Whether the guest may create, change or delete files in it.
+    pub writable: bool,
+}
+
+/// Where the guest's standard input comes from.
+#[derive(Debug, Clone, Default)]
+pub enum Stdin {
+    /// No input: the guest reads end-of-file.
+    #[default]
+    Empty,
+    /// These bytes, then end-of-file.
+    Bytes(Vec<u8>),
+    /// The host process's own stdin, streamed (used by `vulcan run`).
+    Inherit,
+}
+
+/// Everything needed to run one workload, besides the module itself.
+#[derive(Debug, Clone, Default)]
+pub struct WorkloadSpec {
+    /// Full argv, argv[0] included.
+    pub args: Vec<String>,
+    /// Exactly the environment the guest sees, in order.
+    pub env: Vec<(String, String)>,
+    /// Standard input.
+    pub stdin: Stdin,
+    /// Directories the guest may see; nothing else of the host filesystem is visible.
+    pub preopens: Vec<Preopen>,
+    /// Enforced limits.
+    pub limits: Limits,
+}
+
+/// A workload's lifecycle state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    /// Created, not started.
+    Pending,
+    /// Executing.
+    Running,
+    /// Ran to its end with exit code 0.
+    Completed,
+    /// Ended any other way: non-zero exit, trap, timeout or a limit.
+    Failed,
+    /// Stopped on request.
+    Killed,
+}
+
+impl Status {
+    /// The stable lowercase name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Pending => "pending",
+            Status::Running => "running",
+            Status::Completed => "completed",
+            Status::Failed => "failed",
+            Status::Killed => "killed",
+        }
+    }
+
+    /// True for the states a workload never leaves.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Status::Completed | Status::Failed | Status::Killed)
+    }
+
+    /// Whether the lifecycle allows moving from `self` to `to`.
+    pub fn can_become(self, to: Status) -> bool {
+        matches!(
+            (self, to),
+            (Status::Pending, Status::Running)
+                | (Status::Pending, Status::Failed | Status::Killed)
+                | (Status::Running, Status::Completed | Status::Failed | Status::Killed)
+        )
+    }
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Status {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> anyhow::Result<Self> {
+        Ok(match s {
+            "pending" => Status::Pending,
+            "running" => Status::Running,
+            "completed" => Status::Completed,
+            "failed" => Status::Failed,
+            "killed" => Status::Killed,
+            other => anyhow::bail!(
+                "unknown status `{other}` (expected pending, running, completed, failed or killed)"
+            ),
+        })
+    }
+}
+
+/// A workload as stored: its spec summary, state and result.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkloadRecord {
+    /// Its id.
+    pub id: WorkloadId,
+    /// Lifecycle state.
+    pub status: Status,
+    /// `sha256:<hex>` of the module it runs.
+    pub module_hash: String,
+    /// The argv it was given.
+    pub args: Vec<String>,
+    /// The environment it was given.
+    pub env: Vec<(String, String)>,
+    /// Its limits.
+    pub limits: Limits,
+    /// The guest's exit code, when it exited.
+    pub exit_code: Option<i32>,
+    /// Why it failed or was killed.
+    pub error: Option<String>,
+    /// Bytes an SDK workload returned.
+    pub output: Option<Vec<u8>>,
+    /// Wall-clock run time.
+    pub duration_ms: Option<u64>,
+    /// Records it wrote (the next seq).
+    pub line_count: u64,
+    /// Creation time, ms since the Unix epoch.
+    pub created_at: i64,
+    /// Start time, ms since the Unix epoch.
+    pub started_at: Option<i64>,
+    /// End time, ms since the Unix epoch; set on every terminal status.
+    pub finished_at: Option<i64>,
+}
+
+/// The final state a finished run writes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Completion {
+    /// Completed, failed or killed.
+    pub status: Status,
+    /// The guest's exit code, when it exited.
+    pub exit_code: Option<i32>,
+    /// What went wrong, if anything.
+    pub error: Option<String>,
+    /// Returned bytes, for SDK workloads.
+    pub output: Option<Vec<u8>>,
+    /// Wall-clock run time.
+    pub duration_ms: u64,
+    /// Records written.
+    pub line_count: u64,
+}
+
+/// Milliseconds since the Unix epoch, now.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
