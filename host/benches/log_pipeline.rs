@@ -1,1 +1,151 @@
-fn main() {}
+//! Log pipeline benchmark (`cargo bench --bench log_pipeline`).
+//!
+//! 1. `log-flood N` through the full pipeline (engine → LogWriter → broker +
+//!    batched SQLite writer), timed until the terminal status is committed,
+//!    i.e. until every line is durable: prints lines/s.
+//! 2. The same N lines inserted the naive way, one transaction per line, into a
+//!    fresh database with the same schema and pragmas: prints lines/s and the ratio.
+//! 3. `vulcan run log-flood N > /dev/null` wall time, and `wasmtime run` of the
+//!    same module if the wasmtime CLI is on PATH.
+//!
+//! N defaults to 1,000,000; set `VULCAN_BENCH_LINES` to change it.
+
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use vulcan::engine::Runtime;
+use vulcan::logs::LogBroker;
+use vulcan::registry::ModuleRegistry;
+use vulcan::runner::Runner;
+use vulcan::store::Db;
+use vulcan::workload::{Status, WorkloadSpec};
+
+fn main() -> anyhow::Result<()> {
+    let lines: u64 = std::env::var("VULCAN_BENCH_LINES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
+    let module = vulcan_test_artifacts::example("log-flood");
+    println!("log pipeline benchmark: {lines} lines of log-flood");
+
+    let pipeline = full_pipeline(&module, lines)?;
+    let pipeline_rate = lines as f64 / pipeline.as_secs_f64();
+    println!(
+        "  full pipeline, durable:        {:>8.3} s  {:>12.0} lines/s",
+        pipeline.as_secs_f64(),
+        pipeline_rate
+    );
+
+    let naive = naive_inserts(lines)?;
+    let naive_rate = lines as f64 / naive.as_secs_f64();
+    println!(
+        "  naive, 1 transaction per line: {:>8.3} s  {:>12.0} lines/s",
+        naive.as_secs_f64(),
+        naive_rate
+    );
+    println!(
+        "  ratio pipeline / naive:        {:>8.1}x",
+        pipeline_rate / naive_rate
+    );
+
+    let dir = tempfile::tempdir()?;
+    let vulcan = time_command(
+        Command::new(env!("CARGO_BIN_EXE_vulcan"))
+            .arg("--data-dir")
+            .arg(dir.path())
+            .arg("run")
+            .arg(&module)
+            .arg("--")
+            .arg(lines.to_string()),
+    )?;
+    println!(
+        "  vulcan run > /dev/null:        {:>8.3} s  (prints and persists)",
+        vulcan.as_secs_f64()
+    );
+    match time_command(
+        Command::new("wasmtime")
+            .arg("run")
+            .arg(&module)
+            .arg(lines.to_string()),
+    ) {
+        Ok(wasmtime) => println!(
+            "  wasmtime run > /dev/null:      {:>8.3} s  (prints only); vulcan/wasmtime = {:.2}",
+            wasmtime.as_secs_f64(),
+            vulcan.as_secs_f64() / wasmtime.as_secs_f64()
+        ),
+        Err(_) => {
+            println!("  wasmtime run:                  (wasmtime CLI not installed; skipped)")
+        }
+    }
+    Ok(())
+}
+
+fn full_pipeline(module: &std::path::Path, lines: u64) -> anyhow::Result<Duration> {
+    let dir = tempfile::tempdir()?;
+    let bytes: Arc<[u8]> = std::fs::read(module)?.into();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let runtime = Runtime::new()?;
+        let db = Db::open(dir.path())?;
+        let registry =
+            ModuleRegistry::new(runtime.clone(), db.clone(), dir.path().join("artifacts"));
+        let (info, compiled, _) = registry.register(bytes).await?;
+        let runner = Runner::new(runtime, db.clone(), LogBroker::default());
+        let spec = WorkloadSpec {
+            args: vec!["log-flood.wasm".into(), lines.to_string()],
+            ..Default::default()
+        };
+        let started = Instant::now();
+        let run = runner.start(compiled, info.hash, spec, None).await?;
+        let (record, _) = run.done.await??;
+        let elapsed = started.elapsed();
+        anyhow::ensure!(
+            record.status == Status::Completed,
+            "log-flood failed: {record:?}"
+        );
+        anyhow::ensure!(
+            record.line_count == lines,
+            "wrong line count {}",
+            record.line_count
+        );
+        let stored = db.read_lines(record.id, Some(lines - 2), 10)?;
+        anyhow::ensure!(
+            stored.len() == 1 && stored[0].seq == lines - 1,
+            "last line not stored"
+        );
+        Ok(elapsed)
+    })
+}
+
+fn naive_inserts(lines: u64) -> anyhow::Result<Duration> {
+    let dir = tempfile::tempdir()?;
+    // Same schema and pragmas as the real store, via the real migrations.
+    drop(Db::open(dir.path())?);
+    let conn = rusqlite::Connection::open(dir.path().join(vulcan::store::DB_FILE))?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    let id = ulid::Ulid::new().to_string();
+    let started = Instant::now();
+    let mut stmt = conn.prepare(
+        "INSERT INTO log_lines (workload_id, seq, stream, level, line, continued, created_at) \
+         VALUES (?1, ?2, 'stdout', NULL, ?3, 0, ?4)",
+    )?;
+    for seq in 0..lines as i64 {
+        conn.execute_batch("BEGIN")?;
+        stmt.execute(rusqlite::params![id, seq, format!("line {seq}"), 0])?;
+        conn.execute_batch("COMMIT")?;
+    }
+    Ok(started.elapsed())
+}
+
+fn time_command(cmd: &mut Command) -> anyhow::Result<Duration> {
+    let started = Instant::now();
+    let status = cmd.stdout(Stdio::null()).stderr(Stdio::null()).status()?;
+    let elapsed = started.elapsed();
+    anyhow::ensure!(status.success(), "{cmd:?} failed: {status}");
+    Ok(elapsed)
+}

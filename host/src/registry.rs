@@ -147,7 +147,10 @@ impl ModuleRegistry {
             }
             let compiled = runtime.compile(&bytes)?;
             if let Err(e) = write_artifact(&runtime, &compiled, &path) {
-                tracing::warn!(error = format!("{e:#}"), "failed to cache a compiled module");
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    "failed to cache a compiled module"
+                );
             }
             Ok::<_, RegistryError>((compiled, false))
         })
@@ -180,8 +183,7 @@ fn write_artifact(
     path: &std::path::Path,
 ) -> anyhow::Result<()> {
     let dir = path.parent().context("artifact path has no parent")?;
-    std::fs::create_dir_all(dir)
-        .with_context(|| format!("failed to create {}", dir.display()))?;
+    std::fs::create_dir_all(dir).with_context(|| format!("failed to create {}", dir.display()))?;
     let bytes = runtime.serialize(compiled)?;
     // Write then rename, so a crash never leaves a torn artifact under the real name.
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));

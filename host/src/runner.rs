@@ -155,8 +155,7 @@ impl Runner {
             .mark_running(id)
             .await
             .with_context(|| format!("failed to start workload {id}"))?;
-        let mut writer = LogWriter::new(id, Some(self.broker.open(id)), Some(self.db.line_sink()))
-            .with_output_limit(spec.limits.max_output_bytes);
+        let mut writer = LogWriter::new(id, Some(self.broker.open(id)), Some(self.db.line_sink()));
         if let Some(tee) = tee {
             writer = writer.with_tee(Some(tee.stdout), Some(tee.stderr));
         }

@@ -14,9 +14,16 @@ pub struct WorkloadId(ulid::Ulid);
 
 impl WorkloadId {
     /// A fresh id.
-    #[expect(clippy::new_without_default, reason = "a fresh random id is not a default")]
+    #[expect(
+        clippy::new_without_default,
+        reason = "a fresh random id is not a default"
+    )]
     pub fn new() -> Self {
-        Self(ulid::Ulid::new())
+        // Monotonic within a millisecond too, so ids sort in creation order.
+        static GENERATOR: std::sync::Mutex<Option<ulid::Generator>> = std::sync::Mutex::new(None);
+        let mut guard = GENERATOR.lock().unwrap_or_else(|p| p.into_inner());
+        let generator = guard.get_or_insert_with(ulid::Generator::new);
+        Self(generator.generate().unwrap_or_else(|_| ulid::Ulid::new()))
     }
 }
 
@@ -154,7 +161,10 @@ impl Status {
             (self, to),
             (Status::Pending, Status::Running)
                 | (Status::Pending, Status::Failed | Status::Killed)
-                | (Status::Running, Status::Completed | Status::Failed | Status::Killed)
+                | (
+                    Status::Running,
+                    Status::Completed | Status::Failed | Status::Killed
+                )
         )
     }
 }

@@ -108,6 +108,15 @@ pub fn main() -> ExitCode {
     init_tracing();
     match execute(cli) {
         Ok(code) => code,
+        // `vulcan ls | head`: the reader left; that is not an error worth a message.
+        Err(e)
+            if e.chain().any(|c| {
+                c.downcast_ref::<std::io::Error>()
+                    .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            }) =>
+        {
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             eprintln!("vulcan: error: {e:#}");
             ExitCode::from(exit::HOST_ERROR)

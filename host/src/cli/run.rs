@@ -44,9 +44,10 @@ pub fn execute(args: RunArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
     let bytes = std::fs::read(&args.module)
         .with_context(|| format!("cannot read module {}", args.module.display()))?;
     let argv0 = args.argv0.clone().unwrap_or_else(|| {
-        args.module
-            .file_name()
-            .map_or_else(|| "module.wasm".into(), |n| n.to_string_lossy().into_owned())
+        args.module.file_name().map_or_else(
+            || "module.wasm".into(),
+            |n| n.to_string_lossy().into_owned(),
+        )
     });
     let mut argv = vec![argv0];
     argv.extend(args.args.iter().cloned());

@@ -38,10 +38,12 @@ impl ResourceLimiter for GuestLimiter {
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
         match self.max_memory {
-            Some(limit) if desired as u64 > limit => Err(wasmtime::Error::new(MemoryLimitExceeded {
-                limit,
-                requested: desired as u64,
-            })),
+            Some(limit) if desired as u64 > limit => {
+                Err(wasmtime::Error::new(MemoryLimitExceeded {
+                    limit,
+                    requested: desired as u64,
+                }))
+            }
             _ => Ok(true),
         }
     }

@@ -18,7 +18,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use tokio_util::sync::CancellationToken;
-use wasmtime::{Config, Engine, InstancePre, Linker, Module, Store, Trap, WasmBacktrace};
+use wasmtime::{
+    Config, Engine, InstancePre, Linker, Module, Store, Trap, UpdateDeadline, WasmBacktrace,
+};
 use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::p2::pipe::MemoryInputPipe;
 use wasmtime_wasi::{FsPerms, I32Exit, WasiCtxBuilder};
@@ -127,9 +129,7 @@ impl Runtime {
     /// Builds the engine and starts its epoch ticker.
     pub fn new() -> anyhow::Result<Arc<Self>> {
         let mut config = Config::new();
-        config
-            .epoch_interruption(true)
-            .consume_fuel(true);
+        config.epoch_interruption(true).consume_fuel(true);
         let engine = Engine::new(&config)
             .map_err(anyhow::Error::from)
             .context("failed to create the wasmtime engine")?;
@@ -241,6 +241,7 @@ impl Runtime {
         cancel: &CancellationToken,
     ) -> anyhow::Result<RunReport> {
         let wasi = wasi_context(spec, log)?;
+        log.set_output_limit(spec.limits.max_output_bytes);
         let mut store = Store::new(
             &self.engine,
             Host {
@@ -253,7 +254,13 @@ impl Runtime {
             .set_fuel(spec.limits.fuel.unwrap_or(u64::MAX))
             .map_err(anyhow::Error::from)?;
         store.set_epoch_deadline(1);
-        store.epoch_deadline_async_yield_and_update(1);
+        // At every tick: stop a guest that went on after its output limit (WASI
+        // turns the write error into an errno it may ignore), else yield.
+        let output = log.clone();
+        store.epoch_deadline_callback(move |_| match output.output_limit_hit() {
+            Some(limit) => Err(wasmtime::Error::new(OutputLimitExceeded { limit })),
+            None => Ok(UpdateDeadline::Yield(1)),
+        });
 
         let pre = module.pre.clone();
         let execution = async move {
@@ -269,6 +276,12 @@ impl Runtime {
                 None => Outcome::TimedOut(spec.limits.timeout().unwrap_or_default()),
                 Some(result) => classify(result, spec),
             },
+        };
+        let outcome = match (log.output_limit_hit(), outcome) {
+            (Some(limit), Outcome::Exited(_) | Outcome::Trapped { .. }) => {
+                Outcome::LimitExceeded(LimitHit::Output(limit))
+            }
+            (_, outcome) => outcome,
         };
         Ok(RunReport {
             outcome,
@@ -343,7 +356,9 @@ fn wasi_context(spec: &WorkloadSpec, log: &LogWriter) -> anyhow::Result<WasiP1Ct
             .map_err(anyhow::Error::from)
             .with_context(|| format!("failed to open directory {}", p.host.display()))?;
     }
-    b.allow_tcp(false).allow_udp(false).allow_ip_name_lookup(false);
+    b.allow_tcp(false)
+        .allow_udp(false)
+        .allow_ip_name_lookup(false);
     Ok(b.build_p1())
 }
 

@@ -1,0 +1,207 @@
+//! Engine behaviour on hand-written WAT guests: exits, traps, loops, limits.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use super::*;
+use crate::logs::LogWriter;
+use crate::workload::{Limits, WorkloadId, WorkloadSpec};
+
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+const PRINT_HELLO: &str = r#"
+(module
+  (import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 16) "hello\n")
+  (func (export "_start")
+    (i32.store (i32.const 0) (i32.const 16))
+    (i32.store (i32.const 4) (i32.const 6))
+    (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))))
+"#;
+
+const EXIT_2: &str = r#"
+(module
+  (import "wasi_snapshot_preview1" "proc_exit" (func $exit (param i32)))
+  (memory (export "memory") 1)
+  (func (export "_start") (call $exit (i32.const 2))))
+"#;
+
+const UNREACHABLE: &str = r#"
+(module
+  (memory (export "memory") 1)
+  (func $deep (unreachable))
+  (func (export "_start") (call $deep)))
+"#;
+
+const SPIN: &str = r#"
+(module
+  (memory (export "memory") 1)
+  (func (export "_start") (loop br 0)))
+"#;
+
+const GROW_FOREVER: &str = r#"
+(module
+  (memory (export "memory") 1)
+  (func (export "_start")
+    (loop
+      (drop (memory.grow (i32.const 16)))
+      (br 0))))
+"#;
+
+async fn run(wat: &str, limits: Limits) -> (Outcome, String) {
+    run_with(wat, limits, CancellationToken::new()).await
+}
+
+async fn run_with(wat: &str, limits: Limits, cancel: CancellationToken) -> (Outcome, String) {
+    let runtime = Runtime::new().unwrap();
+    let module = runtime.compile(&wat::parse_str(wat).unwrap()).unwrap();
+    let out = Captured::default();
+    let log =
+        LogWriter::new(WorkloadId::new(), None, None).with_tee(Some(Box::new(out.clone())), None);
+    let spec = WorkloadSpec {
+        args: vec!["test.wasm".into()],
+        limits,
+        ..Default::default()
+    };
+    let report = runtime.run(&module, &spec, &log, &cancel).await.unwrap();
+    let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+    (report.outcome, text)
+}
+
+#[tokio::test]
+async fn start_returning_is_exit_zero_and_output_is_captured() {
+    let (outcome, out) = run(PRINT_HELLO, Limits::default()).await;
+    assert_eq!(outcome, Outcome::Exited(0));
+    assert_eq!(out, "hello\n");
+}
+
+#[tokio::test]
+async fn proc_exit_code_is_the_outcome() {
+    assert_eq!(run(EXIT_2, Limits::default()).await.0, Outcome::Exited(2));
+}
+
+#[tokio::test]
+async fn trap_reports_message_and_wasm_backtrace() {
+    let (outcome, _) = run(UNREACHABLE, Limits::default()).await;
+    let Outcome::Trapped { message, backtrace } = outcome else {
+        panic!("expected a trap, got {outcome:?}");
+    };
+    assert!(message.contains("unreachable"), "{message}");
+    let backtrace = backtrace.expect("a backtrace");
+    assert!(backtrace.contains("deep"), "{backtrace}");
+}
+
+#[tokio::test]
+async fn tight_loop_times_out() {
+    let limits = Limits {
+        timeout_ms: Some(50),
+        ..Default::default()
+    };
+    let (outcome, _) = run(SPIN, limits).await;
+    assert_eq!(outcome, Outcome::TimedOut(Duration::from_millis(50)));
+}
+
+#[tokio::test]
+async fn tight_loop_is_killed_through_its_token() {
+    let cancel = CancellationToken::new();
+    let killer = {
+        let cancel = cancel.clone();
+        tokio::spawn(async move {
+            tokio::task::yield_now().await;
+            cancel.cancel();
+        })
+    };
+    let (outcome, _) = run_with(SPIN, Limits::default(), cancel).await;
+    killer.await.unwrap();
+    assert_eq!(outcome, Outcome::Killed);
+}
+
+#[tokio::test]
+async fn memory_growth_past_the_limit_is_a_limit_hit() {
+    let limits = Limits {
+        max_memory_bytes: Some(4 << 20),
+        ..Default::default()
+    };
+    let (outcome, _) = run(GROW_FOREVER, limits).await;
+    assert_eq!(outcome, Outcome::LimitExceeded(LimitHit::Memory(4 << 20)));
+}
+
+#[tokio::test]
+async fn initial_memory_above_the_limit_is_a_limit_hit() {
+    let big = r#"(module (memory (export "memory") 100) (func (export "_start")))"#;
+    let limits = Limits {
+        max_memory_bytes: Some(1 << 20),
+        ..Default::default()
+    };
+    assert_eq!(
+        run(big, limits).await.0,
+        Outcome::LimitExceeded(LimitHit::Memory(1 << 20))
+    );
+}
+
+#[tokio::test]
+async fn fuel_runs_out() {
+    let limits = Limits {
+        fuel: Some(10_000),
+        ..Default::default()
+    };
+    assert_eq!(
+        run(SPIN, limits).await.0,
+        Outcome::LimitExceeded(LimitHit::Fuel(10_000))
+    );
+}
+
+#[tokio::test]
+async fn output_limit_stops_the_guest() {
+    let limits = Limits {
+        max_output_bytes: Some(3),
+        ..Default::default()
+    };
+    assert_eq!(
+        run(PRINT_HELLO, limits).await.0,
+        Outcome::LimitExceeded(LimitHit::Output(3))
+    );
+}
+
+#[test]
+fn bad_modules_are_refused_with_a_reason() {
+    let runtime = Runtime::new().unwrap();
+    let err = |bytes: &[u8]| runtime.compile(bytes).err().expect("refused").0;
+
+    assert!(err(b"hello world, not wasm").contains("\\0asm"));
+    let hello = wat::parse_str(PRINT_HELLO).unwrap();
+    assert!(err(&hello[..hello.len() / 2]).contains("invalid module"));
+    let no_start = wat::parse_str("(module (func (export \"main\")))").unwrap();
+    assert!(err(&no_start).contains("_start"));
+    let unknown = wat::parse_str(
+        r#"(module (import "env" "launch_missiles" (func)) (func (export "_start")))"#,
+    )
+    .unwrap();
+    assert!(err(&unknown).contains("launch_missiles"));
+}
+
+#[test]
+fn classify_tells_modules_from_components() {
+    let module = wat::parse_str("(module)").unwrap();
+    assert_eq!(Runtime::classify(&module).unwrap(), ModuleKind::Core);
+    let component = wat::parse_str("(component)").unwrap();
+    assert_eq!(
+        Runtime::classify(&component).unwrap(),
+        ModuleKind::Component
+    );
+    assert!(Runtime::classify(b"\0as").is_err());
+}

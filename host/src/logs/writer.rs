@@ -43,11 +43,16 @@ struct State {
     tee_stderr: Option<RawTee>,
     written: u64,
     max_output: Option<u64>,
+    limit_hit: bool,
 }
 
 impl LogWriter {
     /// A writer for `workload` feeding `publisher` (live) and `sink` (durable).
-    pub fn new(workload: WorkloadId, publisher: Option<LogPublisher>, sink: Option<LineSink>) -> Self {
+    pub fn new(
+        workload: WorkloadId,
+        publisher: Option<LogPublisher>,
+        sink: Option<LineSink>,
+    ) -> Self {
         Self {
             inner: Arc::new(Mutex::new(State {
                 workload,
@@ -60,6 +65,7 @@ impl LogWriter {
                 tee_stderr: None,
                 written: 0,
                 max_output: None,
+                limit_hit: false,
             })),
         }
     }
@@ -75,9 +81,8 @@ impl LogWriter {
     }
 
     /// Refuses stdout/stderr bytes beyond `limit` in total.
-    pub fn with_output_limit(self, limit: Option<u64>) -> Self {
+    pub fn set_output_limit(&self, limit: Option<u64>) {
         self.lock().max_output = limit;
-        self
     }
 
     /// Accepts bytes the guest wrote to stdout or stderr.
@@ -88,6 +93,8 @@ impl LogWriter {
         if let Some(limit) = s.max_output
             && s.written > limit
         {
+            // Remembered, because a guest may ignore the write error it gets.
+            s.limit_hit = true;
             return Err(OutputLimitExceeded { limit });
         }
         let tee = match stream {
@@ -111,7 +118,9 @@ impl LogWriter {
             publisher: s.publisher.as_ref(),
             sink: s.sink.as_ref(),
         };
-        splitter.push(bytes, |line, continued| emit.emit(stream, None, line, continued));
+        splitter.push(bytes, |line, continued| {
+            emit.emit(stream, None, line, continued)
+        });
         Ok(())
     }
 
@@ -146,6 +155,12 @@ impl LogWriter {
         s.stderr
             .finish(|line, c| emit.emit(LogStream::Stderr, None, line, c));
         s.next_seq
+    }
+
+    /// The output limit, once the guest has tried to write past it.
+    pub fn output_limit_hit(&self) -> Option<u64> {
+        let s = self.lock();
+        if s.limit_hit { s.max_output } else { None }
     }
 
     /// Records written so far.
@@ -221,7 +236,12 @@ mod tests {
                 (0, LogStream::Stderr, None, "err1".to_owned()),
                 (1, LogStream::Stdout, None, "out-partial done".to_owned()),
                 (2, LogStream::Stdout, None, "out2".to_owned()),
-                (3, LogStream::Log, Some(LogLevel::Warn), "careful\nnow".to_owned()),
+                (
+                    3,
+                    LogStream::Log,
+                    Some(LogLevel::Warn),
+                    "careful\nnow".to_owned()
+                ),
                 (4, LogStream::Stderr, None, "tail".to_owned()),
             ]
         );
@@ -256,8 +276,8 @@ mod tests {
         }
         let out = Shared::default();
         let writer = LogWriter::new(WorkloadId::new(), None, None)
-            .with_tee(Some(Box::new(out.clone())), None)
-            .with_output_limit(Some(10));
+            .with_tee(Some(Box::new(out.clone())), None);
+        writer.set_output_limit(Some(10));
         writer.write(LogStream::Stdout, b"\x00\xff\r\n").unwrap();
         writer.write(LogStream::Stdout, b"12345").unwrap();
         let err = writer.write(LogStream::Stdout, b"toolong").unwrap_err();

@@ -411,7 +411,14 @@ impl Db {
             let rows = stmt.query_map(params![id.to_string(), after, limit as i64], |r| {
                 let stream: String = r.get(1)?;
                 let level: Option<String> = r.get(2)?;
-                Ok((r.get::<_, i64>(0)?, stream, level, r.get(3)?, r.get(4)?, r.get(5)?))
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    stream,
+                    level,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                ))
             })?;
             let mut out = Vec::new();
             for row in rows {
@@ -561,7 +568,10 @@ impl Writer {
             if !lines_dropped {
                 lost.fetch_add(lines.len() as u64, Ordering::Relaxed);
             }
-            tracing::error!(error = format!("{e:#}"), "failed to commit a database batch");
+            tracing::error!(
+                error = format!("{e:#}"),
+                "failed to commit a database batch"
+            );
         }
         lines.clear();
         // A failed commit turns every answer into that failure.
@@ -627,7 +637,13 @@ fn apply(tx: &Connection, op: WriteOp) -> Pending {
                 .execute(
                     "INSERT OR IGNORE INTO modules (hash, kind, size, bytes, created_at) \
                      VALUES (?1, ?2, ?3, ?4, ?5)",
-                    params![info.hash, info.kind, info.size as i64, &bytes[..], info.created_at],
+                    params![
+                        info.hash,
+                        info.kind,
+                        info.size as i64,
+                        &bytes[..],
+                        info.created_at
+                    ],
                 )
                 .map(|n| n == 1)
                 .map_err(StoreError::from);
