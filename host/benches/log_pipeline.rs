@@ -91,8 +91,12 @@ fn full_pipeline(module: &std::path::Path, lines: u64) -> anyhow::Result<Duratio
     rt.block_on(async {
         let runtime = Runtime::new()?;
         let db = Db::open(dir.path())?;
-        let registry =
-            ModuleRegistry::new(runtime.clone(), db.clone(), dir.path().join("artifacts"));
+        let registry = ModuleRegistry::new(
+            runtime.clone(),
+            db.clone(),
+            dir.path().join("artifacts"),
+            Arc::default(),
+        );
         let (info, compiled, _) = registry.register(bytes).await?;
         let runner = Runner::new(runtime, db.clone(), LogBroker::default());
         let spec = WorkloadSpec {

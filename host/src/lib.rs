@@ -12,9 +12,11 @@
 //! - [`store`] — SQLite: modules, workloads, batched log lines (durable, history).
 //! - [`workload`] — the plain data every stage shares.
 
+pub mod api;
 pub mod cli;
 pub mod engine;
 pub mod logs;
+pub mod metrics;
 pub mod registry;
 pub mod runner;
 pub mod store;

@@ -8,13 +8,13 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use anyhow::Context as _;
 use sha2::{Digest, Sha256};
 
 use crate::engine::{CompiledModule, InvalidModule, Runtime};
+use crate::metrics::Metrics;
 use crate::store::{Db, ModuleInfo, StoreError};
 use crate::workload::now_ms;
 
@@ -37,41 +37,30 @@ pub fn module_hash(bytes: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
 }
 
-/// Cache hit and miss counts, for metrics.
-#[derive(Debug, Default)]
-pub struct CacheStats {
-    /// Served from memory.
-    pub hits: AtomicU64,
-    /// Loaded from a disk artifact.
-    pub artifact_loads: AtomicU64,
-    /// Compiled from bytes.
-    pub compiles: AtomicU64,
-}
-
 /// Modules by hash, compiled at most once per process and once per data directory.
 pub struct ModuleRegistry {
     runtime: Arc<Runtime>,
     db: Db,
     artifact_dir: PathBuf,
     cache: Mutex<HashMap<String, Arc<CompiledModule>>>,
-    stats: CacheStats,
+    metrics: Arc<Metrics>,
 }
 
 impl ModuleRegistry {
-    /// A registry storing artifacts under `artifact_dir`.
-    pub fn new(runtime: Arc<Runtime>, db: Db, artifact_dir: PathBuf) -> Self {
+    /// A registry storing artifacts under `artifact_dir`, counting into `metrics`.
+    pub fn new(
+        runtime: Arc<Runtime>,
+        db: Db,
+        artifact_dir: PathBuf,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Self {
             runtime,
             db,
             artifact_dir,
             cache: Mutex::new(HashMap::new()),
-            stats: CacheStats::default(),
+            metrics,
         }
-    }
-
-    /// Hit and miss counters.
-    pub fn stats(&self) -> &CacheStats {
-        &self.stats
     }
 
     /// Validates, stores and compiles `bytes`; returns its metadata, the compiled
@@ -121,7 +110,7 @@ impl ModuleRegistry {
             .get(hash)
             .cloned();
         if hit.is_some() {
-            self.stats.hits.fetch_add(1, Ordering::Relaxed);
+            self.metrics.cache_hits.inc();
         }
         hit
     }
@@ -156,12 +145,10 @@ impl ModuleRegistry {
         })
         .await
         .context("compilation task failed")??;
-        let counter = if loaded {
-            &self.stats.artifact_loads
-        } else {
-            &self.stats.compiles
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
+        self.metrics.cache_misses.inc();
+        if !loaded {
+            self.metrics.compiles.inc();
+        }
         let compiled = Arc::new(compiled);
         self.cache
             .lock()

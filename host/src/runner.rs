@@ -4,20 +4,21 @@
 //! channel and LogWriter, runs the engine, then commits every line before the
 //! terminal status and only then ends live delivery — so whoever sees a final
 //! status also finds every line in the store. Also holds the kill switches of
-//! running workloads. Used identically by `vulcan run` and the server.
+//! running workloads and the concurrency limit. Used identically by `vulcan run`
+//! and the server.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use anyhow::Context as _;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::engine::{CompiledModule, LimitHit, Outcome, RunReport, Runtime};
-use crate::logs::{LogBroker, LogWriter};
-use crate::store::{Db, NewWorkload};
+use crate::logs::{LogBroker, LogPublisher, LogWriter};
+use crate::metrics::Metrics;
+use crate::store::{Db, NewWorkload, StoreError};
 use crate::workload::{Completion, Status, WorkloadId, WorkloadRecord, WorkloadSpec};
-
-pub use crate::logs::LogStream;
 
 /// Raw copies of guest stdout and stderr (for `vulcan run`'s terminal).
 pub struct Tee {
@@ -35,22 +36,59 @@ pub struct StartedWorkload {
     pub done: tokio::task::JoinHandle<anyhow::Result<(WorkloadRecord, Outcome)>>,
 }
 
+/// Why a workload could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// `max_concurrent` workloads are already running.
+    #[error("the server is running its maximum of {0} workloads; retry shortly")]
+    AtCapacity(usize),
+    /// Its module is not stored.
+    #[error("module {0} not found")]
+    ModuleNotFound(String),
+    /// Anything else.
+    #[error(transparent)]
+    Internal(#[from] anyhow::Error),
+}
+
+/// What a kill request left for the workload's final record.
+#[derive(Clone, Default)]
+struct KillSwitch {
+    cancel: CancellationToken,
+    reason: Arc<OnceLock<String>>,
+}
+
 /// Starts, tracks and kills workloads.
 pub struct Runner {
     runtime: Arc<Runtime>,
     db: Db,
     broker: LogBroker,
-    running: Mutex<HashMap<WorkloadId, CancellationToken>>,
+    running: Mutex<HashMap<WorkloadId, KillSwitch>>,
+    slots: Option<(Arc<Semaphore>, usize)>,
+    metrics: Arc<Metrics>,
 }
 
 impl Runner {
-    /// A runner over these stages.
+    /// A runner over these stages with no concurrency limit.
     pub fn new(runtime: Arc<Runtime>, db: Db, broker: LogBroker) -> Arc<Self> {
+        Self::with_options(runtime, db, broker, None, Arc::default())
+    }
+
+    /// A runner that refuses to start more than `max` workloads at once and
+    /// counts into `metrics`.
+    pub fn with_options(
+        runtime: Arc<Runtime>,
+        db: Db,
+        broker: LogBroker,
+        max: Option<usize>,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             runtime,
             db,
             broker,
             running: Mutex::new(HashMap::new()),
+            slots: max.map(|n| (Arc::new(Semaphore::new(n)), n)),
+            metrics,
         })
     }
 
@@ -76,9 +114,21 @@ impl Runner {
         module_hash: String,
         spec: WorkloadSpec,
         tee: Option<Tee>,
-    ) -> anyhow::Result<StartedWorkload> {
+    ) -> Result<StartedWorkload, StartError> {
+        let permit: Option<OwnedSemaphorePermit> = match &self.slots {
+            Some((sem, max)) => Some(
+                Arc::clone(sem)
+                    .try_acquire_owned()
+                    .map_err(|_| StartError::AtCapacity(*max))?,
+            ),
+            None => None,
+        };
         let id = WorkloadId::new();
-        self.db
+        // Killable from the moment the record exists.
+        let switch = KillSwitch::default();
+        self.lock().insert(id, switch.clone());
+        let created = self
+            .db
             .create_workload(NewWorkload {
                 id,
                 module_hash,
@@ -86,15 +136,28 @@ impl Runner {
                 env: spec.env.clone(),
                 limits: spec.limits.clone(),
             })
-            .await
-            .with_context(|| format!("failed to create workload {id}"))?;
-        let cancel = CancellationToken::new();
-        self.lock().insert(id, cancel.clone());
+            .await;
+        if let Err(e) = created {
+            self.lock().remove(&id);
+            return Err(match e {
+                StoreError::ModuleNotFound(h) => StartError::ModuleNotFound(h),
+                e => StartError::Internal(
+                    anyhow::Error::from(e).context(format!("failed to create workload {id}")),
+                ),
+            });
+        }
+        // Live from creation: a follower that arrives while it is pending still
+        // gets every line.
+        let publisher = self.broker.open(id);
 
         let this = Arc::clone(self);
         let execution = tokio::spawn({
             let this = Arc::clone(self);
-            async move { this.execute(id, &module, &spec, tee, &cancel).await }
+            async move {
+                let _permit = permit;
+                this.execute(id, &module, &spec, publisher, tee, &switch)
+                    .await
+            }
         });
         // A second task watches the first, so that even a panic inside the
         // engine ends the workload with a status instead of leaving it running.
@@ -125,11 +188,13 @@ impl Runner {
         Ok(StartedWorkload { id, done })
     }
 
-    /// Asks a running workload to stop; false if it is not running here.
-    pub fn kill(&self, id: WorkloadId) -> bool {
+    /// Asks a running workload to stop, recording `reason` as its error; false if
+    /// it is not running here.
+    pub fn kill(&self, id: WorkloadId, reason: &str) -> bool {
         match self.lock().get(&id) {
-            Some(token) => {
-                token.cancel();
+            Some(switch) => {
+                let _ = switch.reason.set(reason.to_owned());
+                switch.cancel.cancel();
                 true
             }
             None => false,
@@ -137,9 +202,10 @@ impl Runner {
     }
 
     /// Kills every running workload (server shutdown).
-    pub fn kill_all(&self) {
-        for token in self.lock().values() {
-            token.cancel();
+    pub fn kill_all(&self, reason: &str) {
+        for switch in self.lock().values() {
+            let _ = switch.reason.set(reason.to_owned());
+            switch.cancel.cancel();
         }
     }
 
@@ -148,52 +214,73 @@ impl Runner {
         id: WorkloadId,
         module: &CompiledModule,
         spec: &WorkloadSpec,
+        publisher: LogPublisher,
         tee: Option<Tee>,
-        cancel: &CancellationToken,
+        switch: &KillSwitch,
     ) -> anyhow::Result<Outcome> {
-        self.db
-            .mark_running(id)
-            .await
-            .with_context(|| format!("failed to start workload {id}"))?;
-        let mut writer = LogWriter::new(id, Some(self.broker.open(id)), Some(self.db.line_sink()));
+        let mut writer = LogWriter::new(id, Some(publisher), Some(self.db.line_sink()));
         if let Some(tee) = tee {
             writer = writer.with_tee(Some(tee.stdout), Some(tee.stderr));
         }
-        let report = self.runtime.run(module, spec, &writer, cancel).await;
-        let line_count = writer.finish();
-        let (outcome, completion) = match report {
-            Ok(report) => {
-                let completion = completion(&report, line_count);
-                (report.outcome, completion)
-            }
-            Err(e) => {
-                let message = format!("{e:#}");
-                let completion = Completion {
-                    status: Status::Failed,
-                    exit_code: None,
-                    error: Some(message.clone()),
-                    output: None,
-                    duration_ms: 0,
-                    line_count,
-                };
-                (
-                    Outcome::Trapped {
+        let (outcome, mut completion) = if switch.cancel.is_cancelled() {
+            // Killed while pending: it never runs.
+            let report = RunReport {
+                outcome: Outcome::Killed,
+                duration: std::time::Duration::ZERO,
+            };
+            (Outcome::Killed, completion(&report, 0))
+        } else {
+            self.db
+                .mark_running(id)
+                .await
+                .with_context(|| format!("failed to start workload {id}"))?;
+            self.metrics.running.inc();
+            let report = self
+                .runtime
+                .run(module, spec, &writer, &switch.cancel)
+                .await;
+            self.metrics.running.dec();
+            let line_count = writer.finish();
+            match report {
+                Ok(report) => (report.outcome.clone(), completion(&report, line_count)),
+                Err(e) => {
+                    let message = format!("{e:#}");
+                    let completion = Completion {
+                        status: Status::Failed,
+                        exit_code: None,
+                        error: Some(message.clone()),
+                        output: None,
+                        duration_ms: 0,
+                        line_count,
+                    };
+                    let outcome = Outcome::Trapped {
                         message,
                         backtrace: None,
-                    },
-                    completion,
-                )
+                    };
+                    (outcome, completion)
+                }
             }
         };
+        if outcome == Outcome::Killed
+            && let Some(reason) = switch.reason.get()
+        {
+            completion.error = Some(reason.clone());
+        }
         // The line sink and the status share one FIFO writer: this commits after
         // every line above.
+        let (status, duration_ms, lines) = (
+            completion.status,
+            completion.duration_ms,
+            completion.line_count,
+        );
         let stored = self.db.finish(id, completion).await;
         writer.close_live();
+        self.metrics.workload_finished(status, duration_ms, lines);
         stored.with_context(|| format!("failed to record the end of workload {id}"))?;
         Ok(outcome)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<WorkloadId, CancellationToken>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<WorkloadId, KillSwitch>> {
         self.running.lock().unwrap_or_else(|p| p.into_inner())
     }
 }

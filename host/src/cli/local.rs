@@ -15,26 +15,60 @@ use crate::workload::{Status, WorkloadId, WorkloadRecord};
 pub struct LsArgs {
     /// Most workloads to show
     #[arg(long, default_value_t = 50)]
-    limit: u64,
+    pub limit: u64,
     /// Skip this many of the newest
     #[arg(long, default_value_t = 0)]
-    offset: u64,
+    pub offset: u64,
     /// Only workloads with this status (pending, running, completed, failed, killed)
     #[arg(long)]
-    status: Option<Status>,
+    pub status: Option<Status>,
     /// Print JSON instead of a table
     #[arg(long)]
-    json: bool,
+    pub json: bool,
 }
 
 /// Arguments of `vulcan logs`.
 #[derive(Debug, Args)]
 pub struct LogsArgs {
     /// The workload's id
-    id: WorkloadId,
+    pub id: WorkloadId,
+    /// Follow live until the workload ends, then exit with its exit code (needs --server)
+    #[arg(long, short)]
+    pub follow: bool,
     /// Print one JSON record per line instead of the bare lines
     #[arg(long)]
-    json: bool,
+    pub json: bool,
+}
+
+/// Arguments of `vulcan status`.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// The workload's id
+    pub id: WorkloadId,
+    /// Print JSON instead of text
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Arguments of `vulcan kill`.
+#[derive(Debug, Args)]
+pub struct KillArgs {
+    /// The workload's id
+    pub id: WorkloadId,
+}
+
+/// Prints one workload from the local database.
+pub fn status(args: StatusArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
+    let w = open(data_dir)?.workload(args.id)?;
+    if args.json {
+        println!("{}", serde_json::to_string(&w)?);
+    } else {
+        print_table(&mut std::io::stdout().lock(), std::slice::from_ref(&w))?;
+        if let Some(error) = &w.error {
+            println!("error: {error}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn open(data_dir: &Path) -> anyhow::Result<Db> {
@@ -84,6 +118,10 @@ pub fn print_table(out: &mut impl std::io::Write, items: &[WorkloadRecord]) -> s
 
 /// Prints every stored line of a workload.
 pub fn logs(args: LogsArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
+    anyhow::ensure!(
+        !args.follow,
+        "following live needs a server: pass --server URL or set VULCAN_SERVER"
+    );
     let db = open(data_dir)?;
     db.workload(args.id)?;
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());

@@ -5,13 +5,17 @@
 //! context chain on one line and exit 2. This module owns process-level
 //! concerns (tracing, the data directory, exit codes) and no workload logic.
 
+mod client;
 mod local;
 mod parse;
 mod run;
+mod serve;
+pub mod sse;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 
 /// Exit codes of `vulcan run` for outcomes that are not a guest exit code.
@@ -60,6 +64,10 @@ pub struct GlobalArgs {
     /// [default: $XDG_DATA_HOME/vulcan, or ~/.local/share/vulcan]
     #[arg(long, env = "VULCAN_DATA_DIR", global = true, value_name = "DIR")]
     data_dir: Option<PathBuf>,
+    /// Talk to this server (e.g. http://127.0.0.1:8080) instead of the local
+    /// database; the token comes from VULCAN_TOKEN
+    #[arg(long, env = "VULCAN_SERVER", global = true, value_name = "URL")]
+    server: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -67,10 +75,19 @@ enum Command {
     /// Run a WASI module locally, exactly as the server would, and record it.
     #[command(after_help = EXIT_CODES_HELP)]
     Run(run::RunArgs),
-    /// List recorded workloads, newest first.
+    /// Serve the HTTP API: upload, run, list, kill and follow workloads.
+    Serve(serve::ServeArgs),
+    /// Upload a module to the server and run it (needs --server).
+    #[command(after_help = EXIT_CODES_HELP)]
+    Submit(client::SubmitArgs),
+    /// Show one workload.
+    Status(local::StatusArgs),
+    /// List workloads, newest first.
     Ls(local::LsArgs),
-    /// Print a recorded workload's log lines.
+    /// Print a workload's log lines; with -f, follow them live (needs --server).
     Logs(local::LogsArgs),
+    /// Kill a running workload (needs --server).
+    Kill(local::KillArgs),
 }
 
 /// Limits shared by every command that starts a workload.
@@ -127,10 +144,43 @@ pub fn main() -> ExitCode {
 /// Runs one parsed command.
 pub fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
     let data_dir = cli.global.data_dir.clone().unwrap_or_else(default_data_dir);
-    match cli.command {
-        Command::Run(args) => run::execute(args, &data_dir),
-        Command::Ls(args) => local::ls(args, &data_dir),
-        Command::Logs(args) => local::logs(args, &data_dir),
+    let server = cli.global.server.clone().filter(|s| !s.is_empty());
+    match (cli.command, server) {
+        (Command::Run(args), _) => run::execute(args, &data_dir),
+        (Command::Serve(args), _) => serve::execute(args, &data_dir),
+        (Command::Status(args), None) => local::status(args, &data_dir),
+        (Command::Ls(args), None) => local::ls(args, &data_dir),
+        (Command::Logs(args), None) => local::logs(args, &data_dir),
+        (Command::Submit(_) | Command::Kill(_), None) => {
+            anyhow::bail!("this command talks to a server: pass --server URL or set VULCAN_SERVER")
+        }
+        (command, Some(server)) => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("failed to start the async runtime")?;
+            rt.block_on(async move {
+                let c = client::Client::new(&server)?;
+                match command {
+                    Command::Submit(args) => client::submit(&c, args).await,
+                    Command::Status(args) => {
+                        client::status(&c, &args.id.to_string(), args.json).await
+                    }
+                    Command::Ls(args) => {
+                        let status = args.status.map(|s| s.as_str());
+                        client::ls(&c, args.limit, args.offset, status, args.json).await
+                    }
+                    Command::Logs(args) if args.follow => {
+                        client::follow(&c, &args.id.to_string(), args.json).await
+                    }
+                    Command::Logs(args) => {
+                        client::history(&c, &args.id.to_string(), args.json).await
+                    }
+                    Command::Kill(args) => client::kill(&c, &args.id.to_string()).await,
+                    Command::Run(_) | Command::Serve(_) => unreachable!("handled above"),
+                }
+            })
+        }
     }
 }
 

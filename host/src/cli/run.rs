@@ -69,8 +69,12 @@ pub fn execute(args: RunArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
         let runtime = Runtime::new()?;
         Runtime::classify(&bytes)?;
         let db = Db::open(data_dir)?;
-        let registry =
-            ModuleRegistry::new(Arc::clone(&runtime), db.clone(), data_dir.join("artifacts"));
+        let registry = ModuleRegistry::new(
+            Arc::clone(&runtime),
+            db.clone(),
+            data_dir.join("artifacts"),
+            Arc::default(),
+        );
         let (info, compiled, _) = registry.register(bytes.into()).await.map_err(|e| match e {
             RegistryError::Invalid(e) => {
                 anyhow::anyhow!("{}: {e}", args.module.display())
@@ -88,7 +92,7 @@ pub fn execute(args: RunArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
             let runner = Arc::clone(&runner);
             tokio::spawn(async move {
                 if tokio::signal::ctrl_c().await.is_ok() {
-                    runner.kill(id);
+                    runner.kill(id, "killed by Ctrl-C");
                 }
             })
         };

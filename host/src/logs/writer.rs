@@ -199,11 +199,13 @@ impl Emitter<'_> {
             ts_ms: now_ms(),
         });
         *self.next_seq += 1;
+        // Queue for the store before publishing: a follower that sees seq N live
+        // can then flush the store and find every seq below N there.
+        if let Some(sink) = self.sink {
+            sink.send(Arc::clone(&record));
+        }
         if let Some(p) = self.publisher {
             p.publish(&record);
-        }
-        if let Some(sink) = self.sink {
-            sink.send(record);
         }
     }
 }

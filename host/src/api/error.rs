@@ -1,0 +1,119 @@
+//! The one error shape of the HTTP API: `{"error":{"code":"…","message":"…"}}`.
+
+use axum::Json;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+
+use crate::registry::RegistryError;
+use crate::runner::StartError;
+use crate::store::StoreError;
+
+/// Every way a request can fail, each with its status and code.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// Malformed JSON, a bad parameter or spec.
+    #[error("{0}")]
+    BadRequest(String),
+    /// The uploaded bytes are not a runnable module.
+    #[error("{0}")]
+    InvalidModule(String),
+    /// Unknown workload or module.
+    #[error("{0}")]
+    NotFound(String),
+    /// The request conflicts with the resource's state (e.g. killing a finished workload).
+    #[error("{0}")]
+    Conflict(String),
+    /// The body is larger than `--max-upload`.
+    #[error("{0}")]
+    PayloadTooLarge(String),
+    /// A content type the endpoint does not accept.
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+    /// Missing or wrong bearer token.
+    #[error("missing or invalid bearer token")]
+    Unauthorized,
+    /// `--max-concurrent` workloads are running.
+    #[error("{0}")]
+    Busy(String),
+    /// A server-side failure; details are logged, not sent.
+    #[error(transparent)]
+    Internal(#[from] anyhow::Error),
+}
+
+impl ApiError {
+    fn status_and_code(&self) -> (StatusCode, &'static str) {
+        match self {
+            ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            ApiError::InvalidModule(_) => (StatusCode::BAD_REQUEST, "invalid_module"),
+            ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+            ApiError::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+            ApiError::UnsupportedMediaType(_) => {
+                (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")
+            }
+            ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            ApiError::Busy(_) => (StatusCode::SERVICE_UNAVAILABLE, "busy"),
+            ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code) = self.status_and_code();
+        let message = match &self {
+            ApiError::Internal(e) => {
+                tracing::error!(error = format!("{e:#}"), "request failed");
+                "internal server error".to_owned()
+            }
+            other => other.to_string(),
+        };
+        let body = serde_json::json!({"error": {"code": code, "message": message}});
+        let mut response = (status, Json(body)).into_response();
+        match self {
+            ApiError::Busy(_) => {
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            ApiError::Unauthorized => {
+                response
+                    .headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            _ => {}
+        }
+        response
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::NotFound(id) => ApiError::NotFound(format!("workload {id} not found")),
+            StoreError::ModuleNotFound(h) => ApiError::NotFound(format!("module {h} not found")),
+            StoreError::IllegalTransition { .. } => ApiError::Conflict(e.to_string()),
+            StoreError::Internal(e) => ApiError::Internal(e),
+        }
+    }
+}
+
+impl From<RegistryError> for ApiError {
+    fn from(e: RegistryError) -> Self {
+        match e {
+            RegistryError::Invalid(e) => ApiError::InvalidModule(e.0),
+            RegistryError::NotFound(h) => ApiError::NotFound(format!("module {h} not found")),
+            RegistryError::Internal(e) => ApiError::Internal(e),
+        }
+    }
+}
+
+impl From<StartError> for ApiError {
+    fn from(e: StartError) -> Self {
+        match e {
+            StartError::AtCapacity(_) => ApiError::Busy(e.to_string()),
+            StartError::ModuleNotFound(h) => ApiError::NotFound(format!("module {h} not found")),
+            StartError::Internal(e) => ApiError::Internal(e),
+        }
+    }
+}

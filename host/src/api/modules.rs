@@ -1,0 +1,50 @@
+//! `POST /v1/modules` and `GET /v1/modules/{hash}`.
+
+use axum::Json;
+use axum::extract::{Path, Request, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use serde_json::json;
+
+use super::request::{media_type, parse_hash, read_body};
+use super::{ApiError, AppState};
+use crate::store::ModuleInfo;
+
+fn view(info: &ModuleInfo) -> serde_json::Value {
+    json!({
+        "hash": info.hash,
+        "size": info.size,
+        "kind": info.kind,
+        "created_at": super::workloads::rfc3339(info.created_at),
+    })
+}
+
+/// Validates and stores a module: 201 when new, 200 when already known.
+pub async fn upload(
+    State(state): State<AppState>,
+    req: Request,
+) -> Result<impl IntoResponse, ApiError> {
+    let ct = media_type(&req);
+    if ct != "application/wasm" && ct != "application/octet-stream" {
+        return Err(ApiError::UnsupportedMediaType(format!(
+            "upload modules as application/wasm, not `{ct}`"
+        )));
+    }
+    let bytes = read_body(req, state.inner.max_upload).await?;
+    let (info, _, new) = state.inner.registry.register(bytes.to_vec().into()).await?;
+    let status = if new {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(view(&info))))
+}
+
+/// A stored module's metadata.
+pub async fn get(
+    State(state): State<AppState>,
+    Path(hash): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    let hash = parse_hash(&hash)?;
+    Ok(Json(view(&state.db().module_info(&hash)?)))
+}

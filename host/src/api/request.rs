@@ -1,0 +1,274 @@
+//! Turns the three accepted request bodies into a module reference and a spec.
+//!
+//! - `application/wasm`: the module bytes; args, env and limits in the query
+//!   (`?arg=a&arg=b&env=K%3DV&timeout_ms=…&max_memory_mb=…&fuel=…`).
+//! - `application/json`: `{"module":"sha256:…"` or `"module_base64":"…"`, `"args"`,
+//!   `"env"`, `"stdin"` or `"stdin_base64"`, `"limits"`}.
+//! - `multipart/form-data`: a `module` file part and an optional `spec` JSON part.
+
+use std::collections::BTreeMap;
+
+use axum::extract::{FromRequest, Multipart, Request};
+use axum::http::header;
+use base64::Engine as _;
+use serde::Deserialize;
+
+use super::ApiError;
+use crate::workload::{Limits, Stdin, WorkloadSpec};
+
+/// Which module to run.
+pub enum ModuleRef {
+    /// A stored module, by `sha256:<hex>`.
+    Hash(String),
+    /// Bytes uploaded with the request.
+    Bytes(Vec<u8>),
+}
+
+/// A parsed workload submission.
+pub struct Submission {
+    /// The module.
+    pub module: ModuleRef,
+    /// Everything else.
+    pub spec: WorkloadSpec,
+}
+
+/// The JSON spec (also the `spec` part of a multipart upload).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JsonSpec {
+    module: Option<String>,
+    module_base64: Option<String>,
+    argv0: Option<String>,
+    #[serde(default)]
+    args: Vec<String>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    stdin: Option<String>,
+    stdin_base64: Option<String>,
+    #[serde(default)]
+    limits: JsonLimits,
+}
+
+/// Limits as the API spells them.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JsonLimits {
+    timeout_ms: Option<u64>,
+    max_memory_mb: Option<u64>,
+    fuel: Option<u64>,
+    max_output_bytes: Option<u64>,
+}
+
+impl JsonLimits {
+    fn into_limits(self) -> Result<Limits, ApiError> {
+        if self.timeout_ms == Some(0) {
+            return Err(ApiError::BadRequest(
+                "limits.timeout_ms must be greater than 0".into(),
+            ));
+        }
+        let max_memory_bytes = self
+            .max_memory_mb
+            .map(|mb| {
+                mb.checked_mul(1 << 20)
+                    .ok_or_else(|| ApiError::BadRequest("limits.max_memory_mb is too large".into()))
+            })
+            .transpose()?;
+        Ok(Limits {
+            timeout_ms: self.timeout_ms,
+            max_memory_bytes,
+            fuel: self.fuel,
+            max_output_bytes: self.max_output_bytes,
+        })
+    }
+}
+
+fn decode_base64(field: &str, text: &str) -> Result<Vec<u8>, ApiError> {
+    base64::engine::general_purpose::STANDARD
+        .decode(text)
+        .map_err(|e| ApiError::BadRequest(format!("`{field}` is not valid base64: {e}")))
+}
+
+impl JsonSpec {
+    /// Builds the submission; `uploaded` is the module from a multipart part.
+    fn into_submission(self, uploaded: Option<Vec<u8>>) -> Result<Submission, ApiError> {
+        let module = match (uploaded, self.module, self.module_base64) {
+            (Some(bytes), None, None) => ModuleRef::Bytes(bytes),
+            (None, Some(hash), None) => ModuleRef::Hash(parse_hash(&hash)?),
+            (None, None, Some(b64)) => ModuleRef::Bytes(decode_base64("module_base64", &b64)?),
+            (None, None, None) => {
+                return Err(ApiError::BadRequest(
+                    "no module: give `module` (a sha256 hash) or `module_base64`".into(),
+                ));
+            }
+            _ => {
+                return Err(ApiError::BadRequest(
+                    "give exactly one module: `module`, `module_base64` or a module part".into(),
+                ));
+            }
+        };
+        let stdin = match (self.stdin, self.stdin_base64) {
+            (None, None) => Stdin::Empty,
+            (Some(text), None) => Stdin::Bytes(text.into_bytes()),
+            (None, Some(b64)) => Stdin::Bytes(decode_base64("stdin_base64", &b64)?),
+            (Some(_), Some(_)) => {
+                return Err(ApiError::BadRequest(
+                    "give `stdin` or `stdin_base64`, not both".into(),
+                ));
+            }
+        };
+        let mut args = vec![self.argv0.unwrap_or_else(|| "workload.wasm".into())];
+        args.extend(self.args);
+        Ok(Submission {
+            module,
+            spec: WorkloadSpec {
+                args,
+                env: self.env.into_iter().collect(),
+                stdin,
+                preopens: Vec::new(),
+                limits: self.limits.into_limits()?,
+            },
+        })
+    }
+}
+
+/// Checks a `sha256:<64 hex>` module reference.
+pub fn parse_hash(hash: &str) -> Result<String, ApiError> {
+    let hex = hash.strip_prefix("sha256:").unwrap_or("");
+    if hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        Ok(format!("sha256:{}", hex.to_ascii_lowercase()))
+    } else {
+        Err(ApiError::BadRequest(format!(
+            "`{}` is not a module hash (expected sha256:<64 hex digits>)",
+            hash.chars().take(80).collect::<String>()
+        )))
+    }
+}
+
+/// Reads a whole body, refusing more than `limit` bytes.
+pub async fn read_body(req: Request, limit: usize) -> Result<bytes::Bytes, ApiError> {
+    let too_large = || ApiError::PayloadTooLarge(format!("the body is larger than {limit} bytes"));
+    if let Some(len) = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        && len > limit as u64
+    {
+        return Err(too_large());
+    }
+    axum::body::to_bytes(req.into_body(), limit)
+        .await
+        .map_err(|_| too_large())
+}
+
+/// The request's media type, without parameters.
+pub fn media_type(req: &Request) -> String {
+    req.headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .map(|v| v.trim().to_ascii_lowercase())
+        .unwrap_or_default()
+}
+
+/// Parses any of the three bodies.
+pub async fn parse_submission(req: Request, limit: usize) -> Result<Submission, ApiError> {
+    match media_type(&req).as_str() {
+        "application/wasm" => {
+            let query = req.uri().query().unwrap_or("").to_owned();
+            let bytes = read_body(req, limit).await?;
+            let spec = query_spec(&query)?;
+            spec.into_submission(Some(bytes.to_vec()))
+        }
+        "application/json" => {
+            let bytes = read_body(req, limit).await?;
+            let spec: JsonSpec = serde_json::from_slice(&bytes)
+                .map_err(|e| ApiError::BadRequest(format!("malformed JSON: {e}")))?;
+            spec.into_submission(None)
+        }
+        "multipart/form-data" => {
+            let mut multipart = Multipart::from_request(req, &())
+                .await
+                .map_err(|e| ApiError::BadRequest(format!("bad multipart body: {e}")))?;
+            let mut module = None;
+            let mut spec = JsonSpec::default();
+            while let Some(field) = multipart.next_field().await.map_err(multipart_error)? {
+                match field.name().unwrap_or("") {
+                    "module" => {
+                        module = Some(field.bytes().await.map_err(multipart_error)?.to_vec())
+                    }
+                    "spec" => {
+                        let bytes = field.bytes().await.map_err(multipart_error)?;
+                        spec = serde_json::from_slice(&bytes).map_err(|e| {
+                            ApiError::BadRequest(format!("malformed JSON in the spec part: {e}"))
+                        })?;
+                    }
+                    other => {
+                        return Err(ApiError::BadRequest(format!(
+                            "unexpected multipart part `{other}` (expected `module` and `spec`)"
+                        )));
+                    }
+                }
+            }
+            let Some(module) = module else {
+                return Err(ApiError::BadRequest(
+                    "the multipart body has no `module` part".into(),
+                ));
+            };
+            spec.into_submission(Some(module))
+        }
+        "" => Err(ApiError::UnsupportedMediaType(
+            "missing Content-Type: use application/wasm, application/json or multipart/form-data"
+                .into(),
+        )),
+        other => Err(ApiError::UnsupportedMediaType(format!(
+            "unsupported Content-Type `{other}`: use application/wasm, application/json or multipart/form-data"
+        ))),
+    }
+}
+
+fn multipart_error(e: axum::extract::multipart::MultipartError) -> ApiError {
+    if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+        ApiError::PayloadTooLarge(format!("the body is too large: {}", e.body_text()))
+    } else {
+        ApiError::BadRequest(format!("bad multipart body: {}", e.body_text()))
+    }
+}
+
+/// The spec of an `application/wasm` upload, from its query string.
+fn query_spec(query: &str) -> Result<JsonSpec, ApiError> {
+    let mut spec = JsonSpec::default();
+    let number = |key: &str, value: &str| {
+        value.parse::<u64>().map_err(|_| {
+            ApiError::BadRequest(format!("`{key}` must be a whole number, got `{value}`"))
+        })
+    };
+    // Repeated keys (`arg=a&arg=b`) are all kept, in order.
+    for (key, value) in form_urlencoded::parse(query.as_bytes()).into_owned() {
+        match key.as_str() {
+            "arg" => spec.args.push(value),
+            "argv0" => spec.argv0 = Some(value),
+            "env" => match value.split_once('=') {
+                Some((k, v)) if !k.is_empty() => {
+                    spec.env.insert(k.to_owned(), v.to_owned());
+                }
+                _ => {
+                    return Err(ApiError::BadRequest(format!(
+                        "`env={value}` is not KEY=VALUE"
+                    )));
+                }
+            },
+            "stdin" => spec.stdin = Some(value),
+            "timeout_ms" => spec.limits.timeout_ms = Some(number(&key, &value)?),
+            "max_memory_mb" => spec.limits.max_memory_mb = Some(number(&key, &value)?),
+            "fuel" => spec.limits.fuel = Some(number(&key, &value)?),
+            "max_output_bytes" => spec.limits.max_output_bytes = Some(number(&key, &value)?),
+            other => {
+                return Err(ApiError::BadRequest(format!(
+                    "unknown query parameter `{other}`"
+                )));
+            }
+        }
+    }
+    Ok(spec)
+}

@@ -1,0 +1,116 @@
+//! Prometheus metrics: what the server exposes at `/metrics`.
+//!
+//! Owns the metric families; stages record into them and the API renders them.
+//! Nothing here decides anything.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::workload::Status;
+
+/// Label of the finished-workloads counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StatusLabel {
+    /// Final status.
+    pub status: String,
+}
+
+/// Every metric Vulcan exports.
+pub struct Metrics {
+    registry: Registry,
+    finished: Family<StatusLabel, Counter>,
+    /// Workloads executing now.
+    pub running: Gauge,
+    duration: Histogram,
+    /// Log records written by all workloads.
+    pub log_lines: Counter,
+    /// Compiled-module cache hits (memory).
+    pub cache_hits: Counter,
+    /// Compiled-module cache misses (loaded from disk or compiled).
+    pub cache_misses: Counter,
+    /// Modules compiled from bytes.
+    pub compiles: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("vulcan");
+        let finished = Family::<StatusLabel, Counter>::default();
+        registry.register(
+            "workloads_finished",
+            "Workloads that ended, by final status",
+            finished.clone(),
+        );
+        let running = Gauge::default();
+        registry.register(
+            "workloads_running",
+            "Workloads executing now",
+            running.clone(),
+        );
+        let duration = Histogram::new(exponential_buckets(0.0005, 4.0, 12));
+        registry.register(
+            "workload_duration_seconds",
+            "Wall-clock run time of finished workloads",
+            duration.clone(),
+        );
+        let log_lines = Counter::default();
+        registry.register(
+            "log_lines",
+            "Log records written by workloads",
+            log_lines.clone(),
+        );
+        let cache_hits = Counter::default();
+        registry.register(
+            "module_cache_hits",
+            "Compiled modules served from memory",
+            cache_hits.clone(),
+        );
+        let cache_misses = Counter::default();
+        registry.register(
+            "module_cache_misses",
+            "Compiled modules not in memory (loaded from a disk artifact or compiled)",
+            cache_misses.clone(),
+        );
+        let compiles = Counter::default();
+        registry.register(
+            "module_compiles",
+            "Modules compiled from bytes",
+            compiles.clone(),
+        );
+        Self {
+            registry,
+            finished,
+            running,
+            duration,
+            log_lines,
+            cache_hits,
+            cache_misses,
+            compiles,
+        }
+    }
+}
+
+impl Metrics {
+    /// Records a finished workload.
+    pub fn workload_finished(&self, status: Status, duration_ms: u64, lines: u64) {
+        self.finished
+            .get_or_create(&StatusLabel {
+                status: status.as_str().to_owned(),
+            })
+            .inc();
+        self.duration.observe(duration_ms as f64 / 1000.0);
+        self.log_lines.inc_by(lines);
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
