@@ -1,5 +1,6 @@
 //! Helpers shared by the end-to-end tests.
 
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
@@ -118,4 +119,183 @@ pub fn wat_file(dir: &Path, name: &str, wat: &str) -> PathBuf {
     let path = dir.join(name);
     std::fs::write(&path, wat::parse_str(wat).unwrap()).unwrap();
     path
+}
+
+/// A real `vulcan serve` on an ephemeral loopback port.
+pub struct Server {
+    pub child: std::process::Child,
+    pub url: String,
+    pub http: reqwest::Client,
+    pub token: Option<String>,
+}
+
+impl Server {
+    /// Starts `vulcan serve` on `env`'s data directory with extra flags.
+    pub fn start(env: &Env, extra: &[&str]) -> Server {
+        let mut args = vec!["serve", "--listen", "127.0.0.1:0"];
+        args.extend_from_slice(extra);
+        let mut child = env
+            .cmd(&args)
+            .env_remove("VULCAN_TOKEN")
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("failed to start vulcan serve");
+        let mut stderr = BufReader::new(child.stderr.take().unwrap());
+        let mut line = String::new();
+        let url = loop {
+            line.clear();
+            assert!(
+                stderr.read_line(&mut line).unwrap() > 0,
+                "server exited before listening"
+            );
+            if let Some(rest) = line.trim().strip_prefix("vulcan: listening on ") {
+                break rest.split_whitespace().next().unwrap().to_owned();
+            }
+        };
+        // Keep draining stderr so the server never blocks on a full pipe.
+        std::thread::spawn(move || {
+            let mut sink = String::new();
+            while stderr.read_line(&mut sink).unwrap_or(0) > 0 {
+                sink.clear();
+            }
+        });
+        let token = extra
+            .windows(2)
+            .find(|w| w[0] == "--token")
+            .map(|w| w[1].to_owned());
+        Server {
+            child,
+            url,
+            http: reqwest::Client::new(),
+            token,
+        }
+    }
+
+    pub fn req(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let r = self.http.request(method, format!("{}{path}", self.url));
+        match &self.token {
+            Some(t) => r.bearer_auth(t),
+            None => r,
+        }
+    }
+
+    pub async fn get_json(&self, path: &str) -> (u16, serde_json::Value) {
+        let resp = self.req(reqwest::Method::GET, path).send().await.unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(serde_json::Value::Null))
+    }
+
+    /// Runs `example` synchronously with query args; returns the record.
+    pub async fn run_wasm(&self, example_name: &str, query: &str) -> (u16, serde_json::Value) {
+        let resp = self
+            .req(reqwest::Method::POST, &format!("/v1/workloads?{query}"))
+            .header("content-type", "application/wasm")
+            .body(std::fs::read(example(example_name)).unwrap())
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap())
+    }
+
+    /// Starts `example` asynchronously; returns its id.
+    pub async fn start_wasm(&self, example_name: &str, query: &str) -> String {
+        let resp = self
+            .req(
+                reqwest::Method::POST,
+                &format!("/v1/workloads/async?{query}"),
+            )
+            .header("content-type", "application/wasm")
+            .body(std::fs::read(example(example_name)).unwrap())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 202);
+        let v: serde_json::Value = resp.json().await.unwrap();
+        v["id"].as_str().unwrap().to_owned()
+    }
+
+    /// Opens the SSE log stream of `id`, resuming after `last_event_id`.
+    pub async fn sse(&self, id: &str, last_event_id: Option<u64>) -> SseClient {
+        let mut r = self.req(reqwest::Method::GET, &format!("/v1/workloads/{id}/logs"));
+        if let Some(l) = last_event_id {
+            r = r.header("Last-Event-ID", l.to_string());
+        }
+        let resp = r.send().await.unwrap();
+        assert_eq!(resp.status().as_u16(), 200);
+        assert!(
+            resp.headers()["content-type"]
+                .to_str()
+                .unwrap()
+                .starts_with("text/event-stream")
+        );
+        SseClient {
+            resp,
+            parser: vulcan::cli::sse::SseParser::default(),
+            queue: std::collections::VecDeque::new(),
+        }
+    }
+
+    /// SIGTERM, then the exit status.
+    pub fn stop(mut self) -> std::process::ExitStatus {
+        signal(&self.child, "TERM");
+        self.child.wait().unwrap()
+    }
+
+    /// SIGKILL: a crash.
+    pub fn crash(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn signal(child: &std::process::Child, sig: &str) {
+    let ok = Command::new("kill")
+        .args([format!("-{sig}"), child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+}
+
+/// A real SSE client over a streaming HTTP response.
+pub struct SseClient {
+    resp: reqwest::Response,
+    parser: vulcan::cli::sse::SseParser,
+    queue: std::collections::VecDeque<vulcan::cli::sse::SseEvent>,
+}
+
+impl SseClient {
+    /// The next event, or `None` when the server closed the stream.
+    pub async fn next(&mut self) -> Option<vulcan::cli::sse::SseEvent> {
+        loop {
+            if let Some(ev) = self.queue.pop_front() {
+                return Some(ev);
+            }
+            let chunk = self.resp.chunk().await.ok()??;
+            self.queue.extend(self.parser.push(&chunk));
+        }
+    }
+
+    /// Every line event until `end`; returns (seqs, lines, end record).
+    pub async fn until_end(&mut self) -> (Vec<u64>, Vec<String>, serde_json::Value) {
+        let mut seqs = Vec::new();
+        let mut lines = Vec::new();
+        while let Some(ev) = self.next().await {
+            if ev.event == "end" {
+                assert!(self.next().await.is_none(), "the stream closes after end");
+                return (seqs, lines, serde_json::from_str(&ev.data).unwrap());
+            }
+            seqs.push(ev.id.unwrap().parse().unwrap());
+            lines.push(ev.data);
+        }
+        panic!("stream closed without an end event");
+    }
 }

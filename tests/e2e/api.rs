@@ -1,0 +1,486 @@
+//! The HTTP API of a real `vulcan serve` on a loopback port.
+
+use base64::Engine as _;
+use reqwest::Method;
+use serde_json::{Value, json};
+
+use crate::support::*;
+
+fn b64(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+#[tokio::test]
+async fn modules_are_validated_stored_once_and_described() {
+    let env = Env::new();
+    let server = Server::start(&env, &[]);
+    let bytes = std::fs::read(example("hello")).unwrap();
+    let upload = |body: Vec<u8>| {
+        server
+            .req(Method::POST, "/v1/modules")
+            .header("content-type", "application/wasm")
+            .body(body)
+            .send()
+    };
+    let first = upload(bytes.clone()).await.unwrap();
+    assert_eq!(first.status().as_u16(), 201);
+    let info: Value = first.json().await.unwrap();
+    let hash = info["hash"].as_str().unwrap().to_owned();
+    assert!(hash.starts_with("sha256:") && hash.len() == 71);
+    assert_eq!(info["size"], bytes.len());
+    assert_eq!(upload(bytes.clone()).await.unwrap().status().as_u16(), 200);
+
+    let (status, got) = server.get_json(&format!("/v1/modules/{hash}")).await;
+    assert_eq!((status, got["hash"].as_str()), (200, Some(hash.as_str())));
+
+    let bad = upload(b"definitely not wasm".to_vec()).await.unwrap();
+    assert_eq!(bad.status().as_u16(), 400);
+    let body: Value = bad.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "invalid_module");
+    assert!(body["error"]["message"].as_str().unwrap().contains("\\0asm"));
+
+    let truncated = upload(bytes[..bytes.len() / 2].to_vec()).await.unwrap();
+    assert_eq!(truncated.status().as_u16(), 400);
+    let body: Value = truncated.json().await.unwrap();
+    assert!(body["error"]["message"].as_str().unwrap().contains("invalid module"));
+
+    let missing = format!("/v1/modules/sha256:{}", "0".repeat(64));
+    assert_eq!(server.get_json(&missing).await.0, 404);
+}
+
+#[tokio::test]
+async fn all_three_upload_forms_run_synchronously() {
+    let env = Env::new();
+    let server = Server::start(&env, &[]);
+    let bytes = std::fs::read(example("env-dump")).unwrap();
+
+    // application/wasm with query parameters.
+    let (status, w) = server
+        .run_wasm("env-dump", "arg=one&arg=two%20words&env=K%3Dv%3Dw&timeout_ms=10000")
+        .await;
+    assert_eq!(status, 200, "{w}");
+    assert_eq!(w["status"], "completed");
+    assert_eq!(w["exit_code"], 0);
+    assert_eq!(w["args"], json!(["workload.wasm", "one", "two words"]));
+    assert_eq!(w["limits"]["timeout_ms"], 10000);
+    let id = w["id"].as_str().unwrap();
+    let (_, hist) = server.get_json(&format!("/v1/workloads/{id}/logs/history")).await;
+    let lines: Vec<&str> = hist["lines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["line"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        lines,
+        vec!["K=\"v=w\"", "argv[0]=workload.wasm", "argv[1]=one", "argv[2]=two words"]
+    );
+    let hash = w["module"].as_str().unwrap().to_owned();
+
+    // application/json, by hash and by base64, with stdin.
+    for module in [json!({"module": hash}), json!({"module_base64": b64(&bytes)})] {
+        let mut spec = module.as_object().unwrap().clone();
+        spec.insert("args".into(), json!(["x"]));
+        spec.insert("env".into(), json!({"A": "1"}));
+        let resp = server
+            .req(Method::POST, "/v1/workloads")
+            .json(&spec)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 200);
+        let w: Value = resp.json().await.unwrap();
+        assert_eq!(w["status"], "completed");
+        assert_eq!(w["module"], hash.as_str());
+        assert_eq!(w["line_count"], 3, "A, argv[0], argv[1]");
+    }
+
+    // multipart/form-data with a spec part, and stdin through JSON.
+    let form = reqwest::multipart::Form::new()
+        .part(
+            "module",
+            reqwest::multipart::Part::bytes(std::fs::read(example("stdin-echo")).unwrap())
+                .file_name("stdin-echo.wasm"),
+        )
+        .part(
+            "spec",
+            reqwest::multipart::Part::text(json!({"stdin": "piped in\n"}).to_string())
+                .mime_str("application/json")
+                .unwrap(),
+        );
+    let resp = server
+        .req(Method::POST, "/v1/workloads")
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let w: Value = resp.json().await.unwrap();
+    assert_eq!(w["status"], "completed");
+    let id = w["id"].as_str().unwrap();
+    let (_, hist) = server.get_json(&format!("/v1/workloads/{id}/logs/history")).await;
+    assert_eq!(hist["lines"][0]["line"], "piped in");
+    assert_eq!(hist["lines"][1]["stream"], "stderr");
+}
+
+#[tokio::test]
+async fn async_run_returns_at_once_and_finishes_in_the_background() {
+    let env = Env::new();
+    let server = Server::start(&env, &[]);
+    let resp = server
+        .req(Method::POST, "/v1/workloads/async?arg=9")
+        .header("content-type", "application/wasm")
+        .body(std::fs::read(example("exit-code")).unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 202);
+    let location = resp.headers()["location"].to_str().unwrap().to_owned();
+    let v: Value = resp.json().await.unwrap();
+    let id = v["id"].as_str().unwrap();
+    assert_eq!(location, format!("/v1/workloads/{id}"));
+    let (_, _, end) = server.sse(id, None).await.until_end().await;
+    assert_eq!(end["status"], "failed");
+    assert_eq!(end["exit_code"], 9);
+    let (status, w) = server.get_json(&location).await;
+    assert_eq!(status, 200);
+    assert_eq!(w, end, "the end event carries the final record");
+    assert!(w["finished_at"].is_string());
+}
+
+#[tokio::test]
+async fn list_is_paginated_newest_first_and_filterable() {
+    let env = Env::new();
+    let server = Server::start(&env, &[]);
+    let mut ids = Vec::new();
+    for code in [0, 1, 0, 2, 0] {
+        let (_, w) = server.run_wasm("exit-code", &format!("arg={code}")).await;
+        ids.push(w["id"].as_str().unwrap().to_owned());
+    }
+    let (status, page) = server.get_json("/v1/workloads?limit=2&offset=1").await;
+    assert_eq!(status, 200);
+    assert_eq!((page["total"].as_u64(), page["limit"].as_u64(), page["offset"].as_u64()), (Some(5), Some(2), Some(1)));
+    let got: Vec<&str> = page["items"].as_array().unwrap().iter().map(|w| w["id"].as_str().unwrap()).collect();
+    assert_eq!(got, vec![ids[3].as_str(), ids[2].as_str()]);
+    let (_, failed) = server.get_json("/v1/workloads?status=failed").await;
+    assert_eq!(failed["total"], 2);
+    let (_, default) = server.get_json("/v1/workloads").await;
+    assert_eq!(default["limit"], 50);
+    assert_eq!(server.get_json("/v1/workloads?limit=501").await.0, 400);
+    assert_eq!(server.get_json("/v1/workloads?status=sleeping").await.0, 400);
+}
+
+#[tokio::test]
+async fn kill_stops_a_spinning_guest_and_a_second_kill_conflicts() {
+    let env = Env::new();
+    let server = Server::start(&env, &[]);
+    let id = server.start_wasm("spin", "").await;
+    let mut sse = server.sse(&id, None).await;
+    let first = sse.next().await.unwrap();
+    assert_eq!(first.data, "spinning", "the guest is in its loop");
+
+    let resp = server
+        .req(Method::DELETE, &format!("/v1/workloads/{id}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 202);
+    let (_, _, end) = sse.until_end().await;
+    assert_eq!(end["status"], "killed");
+    assert_eq!(end["error"], "killed on request");
+    assert!(end["finished_at"].is_string());
+
+    let again = server
+        .req(Method::DELETE, &format!("/v1/workloads/{id}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status().as_u16(), 409);
+    let body: Value = again.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "conflict");
+}
+
+#[tokio::test]
+async fn sse_delivers_every_line_in_order_to_several_and_late_subscribers() {
+    let env = Env::new();
+    let server = Server::start(&env, &[]);
+    let id = server.start_wasm("log-flood", "arg=20000").await;
+    let mut a = server.sse(&id, None).await;
+    let mut b = server.sse(&id, None).await;
+    let (a_seqs, a_lines, a_end) = a.until_end().await;
+    let (b_seqs, _, _) = b.until_end().await;
+    let want: Vec<u64> = (0..20_000).collect();
+    assert_eq!(a_seqs, want);
+    assert_eq!(b_seqs, want);
+    assert_eq!(a_lines[19_999], "line 19999");
+    assert_eq!(a_end["line_count"], 20_000);
+
+    // After the end: a replay of the stored lines, then `end`, then close.
+    let (late, _, _) = server.sse(&id, None).await.until_end().await;
+    assert_eq!(late, want);
+    // Resuming from a position replays only what follows it.
+    let (tail, _, _) = server.sse(&id, Some(19_995)).await.until_end().await;
+    assert_eq!(tail, vec![19_996, 19_997, 19_998, 19_999]);
+    let resp = server
+        .req(Method::GET, &format!("/v1/workloads/{id}/logs?after=19998"))
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.text().await.unwrap().contains("id: 19999\n"));
+}
+
+#[tokio::test]
+async fn resuming_mid_stream_loses_and_repeats_nothing() {
+    let env = Env::new();
+    let server = Server::start(&env, &[]);
+    let id = server.start_wasm("log-flood", "arg=100000").await;
+    let mut first = server.sse(&id, None).await;
+    let mut seen = Vec::new();
+    while let Some(ev) = first.next().await {
+        seen.push(ev.id.unwrap().parse::<u64>().unwrap());
+        if seen.len() == 5_000 {
+            break;
+        }
+    }
+    drop(first); // the client disconnects mid-stream
+    let (rest, _, end) = server.sse(&id, seen.last().copied()).await.until_end().await;
+    seen.extend(rest);
+    assert_eq!(seen, (0..100_000).collect::<Vec<u64>>(), "every seq exactly once");
+    assert_eq!(end["status"], "completed");
+}
+
+#[tokio::test]
+async fn history_pages_through_every_line() {
+    let env = Env::new();
+    let server = Server::start(&env, &[]);
+    let (_, w) = server.run_wasm("log-flood", "arg=2500").await;
+    let id = w["id"].as_str().unwrap();
+    let mut after: Option<u64> = None;
+    let mut seqs = Vec::new();
+    loop {
+        let path = match after {
+            Some(a) => format!("/v1/workloads/{id}/logs/history?limit=1000&after={a}"),
+            None => format!("/v1/workloads/{id}/logs/history?limit=1000"),
+        };
+        let (status, page) = server.get_json(&path).await;
+        assert_eq!(status, 200);
+        let lines = page["lines"].as_array().unwrap();
+        if lines.is_empty() {
+            assert_eq!(page["next_after"].as_u64(), after);
+            break;
+        }
+        assert!(lines.len() <= 1000);
+        for l in lines {
+            seqs.push(l["seq"].as_u64().unwrap());
+            assert_eq!(l["stream"], "stdout");
+            assert!(l["ts"].as_str().unwrap().ends_with('Z'));
+        }
+        after = page["next_after"].as_u64();
+    }
+    assert_eq!(seqs, (0..2500).collect::<Vec<u64>>());
+    assert_eq!(
+        server.get_json(&format!("/v1/workloads/{id}/logs/history?limit=10001")).await.0,
+        400
+    );
+}
+
+#[tokio::test]
+async fn bad_requests_get_the_right_status_and_one_error_shape() {
+    let env = Env::new();
+    let server = Server::start(&env, &["--max-upload", "128KiB"]);
+    let hello = std::fs::read(example("hello")).unwrap();
+    let post = |ct: &'static str, body: Vec<u8>| {
+        server
+            .req(Method::POST, "/v1/workloads")
+            .header("content-type", ct)
+            .body(body)
+            .send()
+    };
+    let cases: Vec<(reqwest::Response, u16, &str)> = vec![
+        (post("application/wasm", b"nope".to_vec()).await.unwrap(), 400, "invalid_module"),
+        (post("application/json", b"{\"module\":".to_vec()).await.unwrap(), 400, "bad_request"),
+        (
+            post("application/json", br#"{"module_base64":"AAAA","bogus":1}"#.to_vec()).await.unwrap(),
+            400,
+            "bad_request",
+        ),
+        (post("application/json", br#"{"args":[]}"#.to_vec()).await.unwrap(), 400, "bad_request"),
+        (
+            post("application/json", format!(r#"{{"module":"sha256:{}"}}"#, "a".repeat(64)).into_bytes())
+                .await
+                .unwrap(),
+            404,
+            "not_found",
+        ),
+        (post("text/plain", hello.clone()).await.unwrap(), 415, "unsupported_media_type"),
+        (post("application/wasm", vec![0u8; 200 * 1024]).await.unwrap(), 413, "payload_too_large"),
+        (
+            server.req(Method::GET, "/v1/workloads/01ARZ3NDEKTSV4RRFFQ69G5FAV").send().await.unwrap(),
+            404,
+            "not_found",
+        ),
+        (server.req(Method::GET, "/v1/workloads/garbage").send().await.unwrap(), 404, "not_found"),
+        (
+            server.req(Method::GET, "/v1/workloads/01ARZ3NDEKTSV4RRFFQ69G5FAV/logs").send().await.unwrap(),
+            404,
+            "not_found",
+        ),
+        (
+            server.req(Method::DELETE, "/v1/workloads/01ARZ3NDEKTSV4RRFFQ69G5FAV").send().await.unwrap(),
+            404,
+            "not_found",
+        ),
+    ];
+    for (resp, status, code) in cases {
+        assert_eq!(resp.status().as_u16(), status, "{code}");
+        let body: Value = resp.json().await.unwrap();
+        assert_eq!(body["error"]["code"], code, "{body}");
+        assert!(!body["error"]["message"].as_str().unwrap().is_empty());
+    }
+    let (_, page) = server.get_json("/v1/workloads").await;
+    assert_eq!(page["total"], 0, "no bad request created a workload");
+    assert_eq!(server.get_json("/healthz").await.0, 200);
+}
+
+#[tokio::test]
+async fn a_full_server_answers_503_with_retry_after() {
+    let env = Env::new();
+    let server = Server::start(&env, &["--max-concurrent", "1"]);
+    let id = server.start_wasm("spin", "").await;
+    let resp = server
+        .req(Method::POST, "/v1/workloads")
+        .header("content-type", "application/wasm")
+        .body(std::fs::read(example("hello")).unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 503);
+    assert_eq!(resp.headers()["retry-after"], "1");
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "busy");
+    server
+        .req(Method::DELETE, &format!("/v1/workloads/{id}"))
+        .send()
+        .await
+        .unwrap();
+    let (_, _, end) = server.sse(&id, None).await.until_end().await;
+    assert_eq!(end["status"], "killed");
+    let (status, _) = server.run_wasm("hello", "").await;
+    assert_eq!(status, 200, "the slot is free again");
+}
+
+#[tokio::test]
+async fn a_token_guards_everything_but_healthz() {
+    let env = Env::new();
+    let server = Server::start(&env, &["--token", "s3cret"]);
+    let anon = reqwest::Client::new();
+    let resp = anon.get(format!("{}/v1/workloads", server.url)).send().await.unwrap();
+    assert_eq!(resp.status().as_u16(), 401);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "unauthorized");
+    let wrong = anon
+        .get(format!("{}/metrics", server.url))
+        .bearer_auth("s3cres")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status().as_u16(), 401);
+    let health = anon.get(format!("{}/healthz", server.url)).send().await.unwrap();
+    assert_eq!(health.status().as_u16(), 200);
+    assert_eq!(server.get_json("/v1/workloads").await.0, 200, "with the token");
+}
+
+#[tokio::test]
+async fn metrics_count_workloads_lines_and_cache_use() {
+    let env = Env::new();
+    let server = Server::start(&env, &[]);
+    server.run_wasm("log-flood", "arg=10").await;
+    server.run_wasm("exit-code", "arg=3").await;
+    let (_, w) = server.run_wasm("log-flood", "arg=5").await;
+    let hash = w["module"].as_str().unwrap();
+    let resp = server
+        .req(Method::POST, "/v1/workloads")
+        .json(&json!({"module": hash}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let text = server
+        .req(Method::GET, "/metrics")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for expected in [
+        "vulcan_workloads_finished_total{status=\"completed\"} 3",
+        "vulcan_workloads_finished_total{status=\"failed\"} 1",
+        "vulcan_workloads_running 0",
+        "vulcan_log_lines_total 1016",
+        "vulcan_workload_duration_seconds_count 4",
+        "vulcan_module_compiles_total 2",
+    ] {
+        assert!(text.contains(expected), "missing {expected}:\n{text}");
+    }
+    assert!(text.contains("vulcan_module_cache_hits_total 2"), "{text}");
+}
+
+#[tokio::test]
+async fn a_restart_keeps_everything_and_fails_what_a_crash_left_running() {
+    let env = Env::new();
+    let server = Server::start(&env, &[]);
+    let (_, done) = server.run_wasm("log-flood", "arg=300").await;
+    let spinning = server.start_wasm("spin", "").await;
+    let mut sse = server.sse(&spinning, None).await;
+    assert_eq!(sse.next().await.unwrap().data, "spinning");
+    server.crash();
+
+    let server = Server::start(&env, &[]);
+    let id = done["id"].as_str().unwrap();
+    let (status, w) = server.get_json(&format!("/v1/workloads/{id}")).await;
+    assert_eq!(status, 200);
+    assert_eq!(w, done);
+    let (_, hist) = server
+        .get_json(&format!("/v1/workloads/{id}/logs/history?limit=10000"))
+        .await;
+    assert_eq!(hist["lines"].as_array().unwrap().len(), 300);
+
+    let (_, orphan) = server.get_json(&format!("/v1/workloads/{spinning}")).await;
+    assert_eq!(orphan["status"], "failed");
+    assert!(orphan["error"].as_str().unwrap().contains("server stopped"));
+    assert!(orphan["finished_at"].is_string());
+    let (_, _, end) = server.sse(&spinning, None).await.until_end().await;
+    assert_eq!(end["status"], "failed", "a dead workload's stream ends at once");
+
+    // A second restart needs no recompile: the artifact is on disk.
+    drop(server);
+    let server = Server::start(&env, &[]);
+    let (status, _) = server.run_wasm("log-flood", "arg=1").await;
+    assert_eq!(status, 200);
+    let metrics = server
+        .req(Method::GET, "/metrics")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("vulcan_module_compiles_total 0"), "{metrics}");
+}
+
+#[tokio::test]
+async fn sigterm_kills_running_workloads_flushes_and_exits_zero() {
+    let env = Env::new();
+    let server = Server::start(&env, &[]);
+    let id = server.start_wasm("spin", "").await;
+    let mut sse = server.sse(&id, None).await;
+    assert_eq!(sse.next().await.unwrap().data, "spinning");
+    let status = server.stop();
+    assert_eq!(status.code(), Some(0));
+    let row = env.workloads().into_iter().find(|w| w.id == id).unwrap();
+    assert_eq!(row.status, "killed");
+    assert!(row.error.unwrap().contains("server shut down"));
+    assert!(row.finished_at.is_some());
+    assert_eq!(env.lines(&id).len(), 1);
+}

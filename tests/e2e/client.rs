@@ -1,0 +1,112 @@
+//! The `vulcan` CLI against a running server.
+
+use std::process::Stdio;
+
+use crate::support::*;
+
+#[tokio::test]
+async fn submit_status_ls_logs_and_kill_through_the_server() {
+    let env = Env::new();
+    let server = Server::start(&env, &[]);
+    let cli = Env::new(); // a different data dir: everything must come from the server
+    let with_server = |args: &[&str]| {
+        let mut full = vec!["--server", server.url.as_str()];
+        full.extend_from_slice(args);
+        cli.run(&full)
+    };
+
+    let out = with_server(&["submit", &example_str("exit-code"), "--", "4"]);
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(text.contains("status: failed") && text.contains("exit_code: 4"), "{text}");
+    let id = text
+        .lines()
+        .find_map(|l| l.strip_prefix("id: "))
+        .unwrap()
+        .to_owned();
+
+    let out = with_server(&["status", &id]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(stdout(&out).contains(&format!("id: {id}")));
+
+    let out = with_server(&["ls"]);
+    assert!(stdout(&out).contains(&id), "{}", stdout(&out));
+    assert!(stdout(&out).contains("(1 of 1 workloads)"));
+
+    let out = with_server(&["submit", "--async", "--json", &example_str("stderr-mix"), "--", "4"]);
+    assert_eq!(out.status.code(), Some(0));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mix = v["id"].as_str().unwrap().to_owned();
+    let out = with_server(&["logs", "-f", &mix]);
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(stdout(&out), "out 0\nout 2\n");
+    assert_eq!(stderr(&out), "err 1\nerr 3\n");
+    let out = with_server(&["logs", &mix]);
+    assert_eq!(stdout(&out), "out 0\nerr 1\nout 2\nerr 3\n");
+
+    let spin = server.start_wasm("spin", "").await;
+    let mut sse = server.sse(&spin, None).await;
+    assert_eq!(sse.next().await.unwrap().data, "spinning");
+    let out = with_server(&["kill", &spin]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let (_, _, end) = sse.until_end().await;
+    assert_eq!(end["status"], "killed");
+    let out = with_server(&["logs", "-f", &spin]);
+    assert_eq!(out.status.code(), Some(137), "logs -f exits with the workload's code");
+
+    let out = with_server(&["kill", &spin]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("already ended"), "{}", stderr(&out));
+    let out = cli.run(&["kill", &spin]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("--server"));
+}
+
+#[tokio::test]
+async fn logs_follow_survives_a_dropped_connection() {
+    // A loopback proxy in front of the server that we can cut.
+    let env = Env::new();
+    let server = Server::start(&env, &[]);
+    let upstream = server.url.trim_start_matches("http://").to_owned();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let proxy_url = format!("http://{}", listener.local_addr().unwrap());
+    let (cut_tx, cut_rx) = tokio::sync::watch::channel(0u32);
+    tokio::spawn(async move {
+        loop {
+            let (mut inbound, _) = listener.accept().await.unwrap();
+            let upstream = upstream.clone();
+            let mut cut = cut_rx.clone();
+            let generation = *cut.borrow();
+            tokio::spawn(async move {
+                let mut outbound = tokio::net::TcpStream::connect(upstream).await.unwrap();
+                tokio::select! {
+                    _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                    _ = cut.wait_for(|g| *g > generation) => {}
+                }
+            });
+        }
+    });
+
+    let id = server.start_wasm("log-flood", "arg=50000").await;
+    let mut follower = tokio::process::Command::new(env!("CARGO_BIN_EXE_vulcan"))
+        .args(["--server", &proxy_url, "logs", "-f", &id])
+        .env_remove("VULCAN_TOKEN")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = follower.stdout.take().unwrap();
+    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stdout));
+    let mut got = Vec::new();
+    while let Some(line) = lines.next_line().await.unwrap() {
+        got.push(line);
+        if got.len() == 1000 {
+            cut_tx.send(1).unwrap(); // drop every open connection once
+        }
+    }
+    let status = follower.wait().await.unwrap();
+    assert_eq!(status.code(), Some(0));
+    let want: Vec<String> = (0..50_000).map(|i| format!("line {i}")).collect();
+    assert_eq!(got.len(), want.len(), "no line lost or repeated");
+    assert!(got == want);
+}
