@@ -7,8 +7,8 @@
 //! - `api`     — `vulcan serve` over HTTP: uploads, runs, SSE, errors, restarts.
 //! - `client`  — the CLI against a running server.
 
-// `api` and `client` (server tests) are written but not yet enabled: two of them
-// hang with a `spin` guest that is never stopped; see the closing note.
+mod api;
+mod client;
 mod local;
 mod run;
 mod support;

@@ -66,21 +66,12 @@ pub async fn follow(
         // Ends quietly when the client goes away (the send fails).
         let _ = stream_lines(state, id, after, tx).await;
     });
-    Ok(Sse::new(ReceiverStream::new(rx).map_ok()).keep_alive(
+    let events = tokio_stream::StreamExt::map(ReceiverStream::new(rx), Ok::<Event, Infallible>);
+    Ok(Sse::new(events).keep_alive(
         KeepAlive::new()
             .interval(Duration::from_secs(15))
             .text("keep-alive"),
     ))
-}
-
-trait MapOk: Sized {
-    fn map_ok(self) -> tokio_stream::adapters::Map<Self, fn(Event) -> Result<Event, Infallible>>;
-}
-
-impl MapOk for ReceiverStream<Event> {
-    fn map_ok(self) -> tokio_stream::adapters::Map<Self, fn(Event) -> Result<Event, Infallible>> {
-        tokio_stream::StreamExt::map(self, Ok as fn(Event) -> Result<Event, Infallible>)
-    }
 }
 
 /// The client left; stop streaming.
