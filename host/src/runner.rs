@@ -167,14 +167,7 @@ impl Runner {
                 Err(join_error) => {
                     let error = format!("internal error while running the workload: {join_error}");
                     tracing::error!(workload = %id, %error);
-                    let completion = Completion {
-                        status: Status::Failed,
-                        exit_code: None,
-                        error: Some(error.clone()),
-                        output: None,
-                        duration_ms: 0,
-                        line_count: 0,
-                    };
+                    let completion = Completion::host_failure(error.clone(), 0);
                     this.db.finish(id, completion).await.ok();
                     this.broker.close(id);
                     Err(anyhow::anyhow!(error))
@@ -245,14 +238,7 @@ impl Runner {
                 Ok(report) => (report.outcome.clone(), completion(&report, line_count)),
                 Err(e) => {
                     let message = format!("{e:#}");
-                    let completion = Completion {
-                        status: Status::Failed,
-                        exit_code: None,
-                        error: Some(message.clone()),
-                        output: None,
-                        duration_ms: 0,
-                        line_count,
-                    };
+                    let completion = Completion::host_failure(message.clone(), line_count);
                     let outcome = Outcome::Trapped {
                         message,
                         backtrace: None,

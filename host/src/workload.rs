@@ -241,6 +241,20 @@ pub struct Completion {
     pub line_count: u64,
 }
 
+impl Completion {
+    /// A failure that happened on the host's side, outside the guest.
+    pub fn host_failure(error: String, line_count: u64) -> Self {
+        Self {
+            status: Status::Failed,
+            exit_code: None,
+            error: Some(error),
+            output: None,
+            duration_ms: 0,
+            line_count,
+        }
+    }
+}
+
 /// Milliseconds since the Unix epoch, now.
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()

@@ -523,14 +523,7 @@ async fn metrics_count_workloads_lines_and_cache_use() {
         .await
         .unwrap();
     assert_eq!(resp.status().as_u16(), 200);
-    let text = server
-        .req(Method::GET, "/metrics")
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = server.metrics().await;
     for expected in [
         "vulcan_workloads_finished_total{status=\"completed\"} 3",
         "vulcan_workloads_finished_total{status=\"failed\"} 1",
@@ -579,14 +572,7 @@ async fn a_restart_keeps_everything_and_fails_what_a_crash_left_running() {
     let server = Server::start(&env, &[]);
     let (status, _) = server.run_wasm("log-flood", "arg=1").await;
     assert_eq!(status, 200);
-    let metrics = server
-        .req(Method::GET, "/metrics")
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = server.metrics().await;
     assert!(
         metrics.contains("vulcan_module_compiles_total 0"),
         "{metrics}"

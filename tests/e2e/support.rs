@@ -185,6 +185,17 @@ impl Server {
         (status, resp.json().await.unwrap_or(serde_json::Value::Null))
     }
 
+    /// The `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        let resp = self
+            .req(reqwest::Method::GET, "/metrics")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 200);
+        resp.text().await.unwrap()
+    }
+
     /// Runs `example` synchronously with query args; returns the record.
     pub async fn run_wasm(&self, example_name: &str, query: &str) -> (u16, serde_json::Value) {
         let resp = self
