@@ -65,6 +65,8 @@ pub struct Runner {
     running: Mutex<HashMap<WorkloadId, KillSwitch>>,
     slots: Option<(Arc<Semaphore>, usize)>,
     metrics: Arc<Metrics>,
+    /// Woken whenever a workload leaves `running`.
+    ended: tokio::sync::Notify,
 }
 
 impl Runner {
@@ -89,6 +91,7 @@ impl Runner {
             running: Mutex::new(HashMap::new()),
             slots: max.map(|n| (Arc::new(Semaphore::new(n)), n)),
             metrics,
+            ended: tokio::sync::Notify::new(),
         })
     }
 
@@ -105,6 +108,20 @@ impl Runner {
     /// Workloads currently executing.
     pub fn running_count(&self) -> usize {
         self.lock().len()
+    }
+
+    /// Resolves once no workload is running (e.g. after `kill_all`).
+    pub async fn idle(&self) {
+        loop {
+            // Registered before the check, so an end in between is not missed.
+            let ended = self.ended.notified();
+            tokio::pin!(ended);
+            ended.as_mut().enable();
+            if self.running_count() == 0 {
+                return;
+            }
+            ended.await;
+        }
     }
 
     /// Creates the workload record and starts it in the background.
@@ -139,6 +156,7 @@ impl Runner {
             .await;
         if let Err(e) = created {
             self.lock().remove(&id);
+            self.ended.notify_waiters();
             return Err(match e {
                 StoreError::ModuleNotFound(h) => StartError::ModuleNotFound(h),
                 e => StartError::Internal(
@@ -174,6 +192,7 @@ impl Runner {
                 }
             };
             this.lock().remove(&id);
+            this.ended.notify_waiters();
             let outcome = result?;
             let record = this.db.workload(id)?;
             Ok((record, outcome))

@@ -5,7 +5,6 @@ use std::process::Stdio;
 use crate::support::*;
 
 #[tokio::test]
-#[ignore = "hangs with a spinning guest; not yet investigated"]
 async fn submit_status_ls_logs_and_kill_through_the_server() {
     let env = Env::new();
     let server = Server::start(&env, &[]);

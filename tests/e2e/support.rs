@@ -152,11 +152,13 @@ impl Server {
                 break rest.split_whitespace().next().unwrap().to_owned();
             }
         };
-        // Keep draining stderr so the server never blocks on a full pipe.
+        // Keep draining stderr so the server never blocks on a full pipe; echo
+        // it so a failing test shows what the server said.
         std::thread::spawn(move || {
-            let mut sink = String::new();
-            while stderr.read_line(&mut sink).unwrap_or(0) > 0 {
-                sink.clear();
+            let mut line = String::new();
+            while stderr.read_line(&mut line).unwrap_or(0) > 0 {
+                eprint!("[server] {line}");
+                line.clear();
             }
         });
         let token = extra
@@ -194,6 +196,34 @@ impl Server {
             .unwrap();
         assert_eq!(resp.status().as_u16(), 200);
         resp.text().await.unwrap()
+    }
+
+    /// Sends only the head of a request (no body, whatever its Content-Length
+    /// says) and reads the response: how a server must answer a body it will
+    /// refuse unread. Returns the status and the JSON body.
+    pub async fn head_only(&self, head: &str) -> (u16, serde_json::Value) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let addr = self.url.trim_start_matches("http://").to_owned();
+        let mut conn = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let auth = match &self.token {
+            Some(t) => format!("Authorization: Bearer {t}\r\n"),
+            None => String::new(),
+        };
+        let request = format!("{head}\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n");
+        conn.write_all(request.as_bytes()).await.unwrap();
+        let mut response = Vec::new();
+        conn.read_to_end(&mut response).await.unwrap();
+        let text = String::from_utf8_lossy(&response);
+        let status = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("not an HTTP response: {text}"));
+        let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+        (
+            status,
+            serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
+        )
     }
 
     /// Runs `example` synchronously with query args; returns the record.

@@ -2,7 +2,9 @@
 //!
 //! The SSE hand-over from stored to live lines never loses or repeats a line:
 //! 1. subscribe to the broker first, so nothing published from now on is missed;
-//! 2. replay from the store every line after the client's position;
+//! 2. flush the store's writer (lines published before we subscribed are
+//!    queued ahead of the flush), then replay every line after the client's
+//!    position;
 //! 3. forward live records, skipping seqs already sent; when a live record is
 //!    ahead of the next expected seq (lines published before we subscribed but
 //!    not yet committed, or a lag), flush the store's writer and fill the gap
@@ -145,6 +147,12 @@ async fn stream_lines(
 ) -> Result<(), Gone> {
     let mut cursor = Cursor { sent: after };
     let subscription = state.inner.runner.broker().subscribe(id);
+    if subscription.is_some() {
+        // A line published before we subscribed may still be on its way to the
+        // store, and no later live line may come to reveal the gap (a guest
+        // that prints once and then computes): commit it before replaying.
+        state.db().flush().await;
+    }
     replay(&state, id, &mut cursor, None, &tx).await?;
     if let Some(mut sub) = subscription {
         while let Some(event) = sub.recv().await {

@@ -272,3 +272,21 @@ fn query_spec(query: &str) -> Result<JsonSpec, ApiError> {
     }
     Ok(spec)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn streamed(len: usize) -> Request {
+        // A stream body has no declared length, as with chunked encoding.
+        let chunks = vec![Ok::<_, std::io::Error>(bytes::Bytes::from(vec![0u8; len]))];
+        Request::new(axum::body::Body::from_stream(tokio_stream::iter(chunks)))
+    }
+
+    #[tokio::test]
+    async fn an_undeclared_body_over_the_limit_is_refused_while_read() {
+        let err = read_body(streamed(129), 128).await.unwrap_err();
+        assert!(matches!(err, ApiError::PayloadTooLarge(_)), "{err:?}");
+        assert_eq!(read_body(streamed(128), 128).await.unwrap().len(), 128);
+    }
+}

@@ -91,6 +91,7 @@ pub fn execute(args: ServeArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
             args.token,
             max_upload,
         );
+        let shutdown = ShutdownSignal::install()?;
         let listener = tokio::net::TcpListener::bind(&args.listen)
             .await
             .with_context(|| format!("failed to listen on {}", args.listen))?;
@@ -100,12 +101,18 @@ pub fn execute(args: ServeArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
             "vulcan: listening on http://{addr} (data in {})",
             data_dir.display()
         );
-        serve(listener, state, shutdown_signal()).await?;
+        serve(listener, state, shutdown.received()).await?;
 
-        // Killed workloads finish within a tick; give stragglers a bounded wait.
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while runner.running_count() > 0 && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(5)).await;
+        // Killed workloads finish within a tick; a wedged one must not keep
+        // the process from exiting.
+        if tokio::time::timeout(Duration::from_secs(10), runner.idle())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                running = runner.running_count(),
+                "workloads still running 10 s after shutdown; exiting anyway"
+            );
         }
         db.flush().await;
         eprintln!("vulcan: stopped");
@@ -113,25 +120,41 @@ pub fn execute(args: ServeArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
     })
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// SIGINT and SIGTERM, registered when created: a signal that arrives after
+/// the server said it is listening is always a clean shutdown, never the
+/// default (fatal) action.
+struct ShutdownSignal {
     #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                    return;
-                }
-            };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
+    signals: (tokio::signal::unix::Signal, tokio::signal::unix::Signal),
+}
+
+impl ShutdownSignal {
+    fn install() -> anyhow::Result<Self> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            let interrupt = signal(SignalKind::interrupt()).context("failed to handle SIGINT")?;
+            let terminate = signal(SignalKind::terminate()).context("failed to handle SIGTERM")?;
+            Ok(Self {
+                signals: (interrupt, terminate),
+            })
         }
+        #[cfg(not(unix))]
+        Ok(Self {})
     }
-    #[cfg(not(unix))]
-    {
-        let _ = ctrl_c.await;
+
+    async fn received(self) {
+        #[cfg(unix)]
+        {
+            let (mut interrupt, mut terminate) = self.signals;
+            tokio::select! {
+                _ = interrupt.recv() => {}
+                _ = terminate.recv() => {}
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }
