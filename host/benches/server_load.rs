@@ -1,0 +1,279 @@
+//! Server load benchmark (`cargo bench --bench server_load`).
+//!
+//! Drives a real `vulcan serve` over loopback and prints:
+//! 1. the cold first run of a new module (upload, then the first run by hash);
+//! 2. sync runs of `hello` by hash at 1, 16 and 64 concurrent clients:
+//!    workloads/s and p50/p99 latency, each workload persisted with its line
+//!    (checked from the responses and the server's list afterwards);
+//! 3. the first run after a server restart (artifact loaded, not recompiled);
+//! 4. a 1,000,000-line `log-flood` followed live by 10 SSE clients: every
+//!    client must receive every seq exactly once; prints the time and the
+//!    server's peak RSS.
+//!
+//! Set `VULCAN_BENCH_REQUESTS` (per concurrency level, default 5,000) and
+//! `VULCAN_BENCH_LINES` (default 1,000,000) to change the sizes.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail, ensure};
+use serde_json::Value;
+use vulcan::cli::sse::SseParser;
+
+fn main() -> anyhow::Result<()> {
+    let requests: usize = env_or("VULCAN_BENCH_REQUESTS", 5_000);
+    let lines: u64 = env_or("VULCAN_BENCH_LINES", 1_000_000);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(run(requests, lines))
+}
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+async fn run(requests: usize, lines: u64) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let hello = std::fs::read(vulcan_test_artifacts::example("hello"))?;
+    println!("server load benchmark (hello by hash, {requests} runs per level)");
+
+    let server = BenchServer::start(dir.path())?;
+    let http = reqwest::Client::new();
+
+    // 1. Cold: a module the server has never seen.
+    let t = Instant::now();
+    let hash = upload(&http, &server.url, &hello).await?;
+    let upload_time = t.elapsed();
+    let t = Instant::now();
+    run_by_hash(&http, &server.url, &hash).await?;
+    let first_run = t.elapsed();
+    println!(
+        "  cold: upload + compile {:>8.2} ms, first run {:>6.2} ms",
+        ms(upload_time),
+        ms(first_run)
+    );
+
+    // 2. Throughput and latency.
+    let mut total = 1; // the cold run
+    for clients in [1usize, 16, 64] {
+        let (elapsed, mut latencies) =
+            load(&http, &server.url, &hash, clients, requests).await?;
+        total += requests;
+        latencies.sort_unstable();
+        println!(
+            "  {clients:>2} clients: {:>8.0} workloads/s  p50 {:>6.2} ms  p99 {:>6.2} ms",
+            requests as f64 / elapsed.as_secs_f64(),
+            ms(percentile(&latencies, 50)),
+            ms(percentile(&latencies, 99)),
+        );
+    }
+    let listed: Value = http
+        .get(format!("{}/v1/workloads?status=completed&limit=1", server.url))
+        .send()
+        .await?
+        .json()
+        .await?;
+    ensure!(
+        listed["total"] == total,
+        "expected {total} completed workloads, the server lists {}",
+        listed["total"]
+    );
+
+    // 3. Restart: the artifact is on disk, nothing is recompiled.
+    server.stop()?;
+    let server = BenchServer::start(dir.path())?;
+    let t = Instant::now();
+    run_by_hash(&http, &server.url, &hash).await?;
+    println!(
+        "  first run after restart:  {:>6.2} ms",
+        ms(t.elapsed())
+    );
+
+    // 4. A big workload followed live by 10 clients.
+    let flood = std::fs::read(vulcan_test_artifacts::example("log-flood"))?;
+    let flood_hash = upload(&http, &server.url, &flood).await?;
+    let t = Instant::now();
+    let created: Value = http
+        .post(format!("{}/v1/workloads/async", server.url))
+        .json(&serde_json::json!({"module": flood_hash, "args": [lines.to_string()]}))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let id = created["id"].as_str().context("no id")?.to_owned();
+    let followers: Vec<_> = (0..10)
+        .map(|_| tokio::spawn(follow(http.clone(), server.url.clone(), id.clone())))
+        .collect();
+    for f in followers {
+        let got = f.await??;
+        ensure!(got == lines, "a follower got {got} of {lines} lines");
+    }
+    println!(
+        "  {lines} lines to 10 SSE followers: {:>6.3} s, each got every line once; server peak RSS {} MiB",
+        t.elapsed().as_secs_f64(),
+        server.peak_rss_kib()? / 1024
+    );
+    server.stop()?;
+    Ok(())
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn percentile(sorted: &[Duration], p: usize) -> Duration {
+    let i = (sorted.len() * p / 100).min(sorted.len() - 1);
+    sorted[i]
+}
+
+async fn upload(http: &reqwest::Client, url: &str, wasm: &[u8]) -> anyhow::Result<String> {
+    let resp = http
+        .post(format!("{url}/v1/modules"))
+        .header("content-type", "application/wasm")
+        .body(wasm.to_vec())
+        .send()
+        .await?;
+    ensure!(resp.status().is_success(), "upload: {}", resp.status());
+    let v: Value = resp.json().await?;
+    Ok(v["hash"].as_str().context("no hash")?.to_owned())
+}
+
+/// One sync run; fails unless it completed with its one line stored.
+async fn run_by_hash(http: &reqwest::Client, url: &str, hash: &str) -> anyhow::Result<()> {
+    let resp = http
+        .post(format!("{url}/v1/workloads"))
+        .json(&serde_json::json!({ "module": hash }))
+        .send()
+        .await?;
+    let status = resp.status();
+    let v: Value = resp.json().await?;
+    ensure!(
+        status == 200 && v["status"] == "completed" && v["line_count"] == 1,
+        "run: {status} {v}"
+    );
+    Ok(())
+}
+
+/// `requests` sync runs spread over `clients` concurrent loops.
+async fn load(
+    http: &reqwest::Client,
+    url: &str,
+    hash: &str,
+    clients: usize,
+    requests: usize,
+) -> anyhow::Result<(Duration, Vec<Duration>)> {
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..clients)
+        .map(|_| {
+            let (http, url, hash, next) = (
+                http.clone(),
+                url.to_owned(),
+                hash.to_owned(),
+                next.clone(),
+            );
+            tokio::spawn(async move {
+                let mut latencies = Vec::new();
+                while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < requests {
+                    let t = Instant::now();
+                    run_by_hash(&http, &url, &hash).await?;
+                    latencies.push(t.elapsed());
+                }
+                anyhow::Ok(latencies)
+            })
+        })
+        .collect();
+    let mut all = Vec::with_capacity(requests);
+    for t in tasks {
+        all.extend(t.await??);
+    }
+    Ok((start.elapsed(), all))
+}
+
+/// Follows a workload's SSE stream to its end; returns how many lines came,
+/// failing on any gap or repeat.
+async fn follow(http: reqwest::Client, url: String, id: String) -> anyhow::Result<u64> {
+    let mut resp = http
+        .get(format!("{url}/v1/workloads/{id}/logs"))
+        .send()
+        .await?;
+    let mut parser = SseParser::default();
+    let mut next_seq = 0u64;
+    while let Some(chunk) = resp.chunk().await? {
+        for event in parser.push(&chunk) {
+            if event.event == "end" {
+                return Ok(next_seq);
+            }
+            let seq: u64 = event.id.as_deref().unwrap_or("").parse()?;
+            ensure!(seq == next_seq, "expected seq {next_seq}, got {seq}");
+            next_seq += 1;
+        }
+    }
+    bail!("the stream ended without an end event after {next_seq} lines")
+}
+
+/// A `vulcan serve` child on an ephemeral port.
+struct BenchServer {
+    child: Child,
+    url: String,
+}
+
+impl BenchServer {
+    fn start(data_dir: &std::path::Path) -> anyhow::Result<Self> {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_vulcan"))
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(["serve", "--listen", "127.0.0.1:0", "--max-concurrent", "256"])
+            .env_remove("VULCAN_TOKEN")
+            .stdin(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("failed to start vulcan serve")?;
+        let mut stderr = BufReader::new(child.stderr.take().context("no stderr")?);
+        let mut line = String::new();
+        let url = loop {
+            line.clear();
+            ensure!(stderr.read_line(&mut line)? > 0, "the server exited early");
+            if let Some(rest) = line.trim().strip_prefix("vulcan: listening on ") {
+                break rest.split_whitespace().next().unwrap_or("").to_owned();
+            }
+        };
+        std::thread::spawn(move || {
+            let mut sink = String::new();
+            while stderr.read_line(&mut sink).unwrap_or(0) > 0 {
+                sink.clear();
+            }
+        });
+        Ok(Self { child, url })
+    }
+
+    fn peak_rss_kib(&self) -> anyhow::Result<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .context("no VmHWM in /proc/PID/status")
+    }
+
+    fn stop(mut self) -> anyhow::Result<()> {
+        Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()?;
+        let status = self.child.wait()?;
+        ensure!(status.success(), "the server exited with {status}");
+        Ok(())
+    }
+}
+
+impl Drop for BenchServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
