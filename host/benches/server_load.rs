@@ -61,8 +61,7 @@ async fn run(requests: usize, lines: u64) -> anyhow::Result<()> {
     // 2. Throughput and latency.
     let mut total = 1; // the cold run
     for clients in [1usize, 16, 64] {
-        let (elapsed, mut latencies) =
-            load(&http, &server.url, &hash, clients, requests).await?;
+        let (elapsed, mut latencies) = load(&http, &server.url, &hash, clients, requests).await?;
         total += requests;
         latencies.sort_unstable();
         println!(
@@ -73,7 +72,10 @@ async fn run(requests: usize, lines: u64) -> anyhow::Result<()> {
         );
     }
     let listed: Value = http
-        .get(format!("{}/v1/workloads?status=completed&limit=1", server.url))
+        .get(format!(
+            "{}/v1/workloads?status=completed&limit=1",
+            server.url
+        ))
         .send()
         .await?
         .json()
@@ -89,10 +91,7 @@ async fn run(requests: usize, lines: u64) -> anyhow::Result<()> {
     let server = BenchServer::start(dir.path())?;
     let t = Instant::now();
     run_by_hash(&http, &server.url, &hash).await?;
-    println!(
-        "  first run after restart:  {:>6.2} ms",
-        ms(t.elapsed())
-    );
+    println!("  first run after restart:  {:>6.2} ms", ms(t.elapsed()));
 
     // 4. A big workload followed live by 10 clients.
     let flood = std::fs::read(vulcan_test_artifacts::example("log-flood"))?;
@@ -171,12 +170,8 @@ async fn load(
     let start = Instant::now();
     let tasks: Vec<_> = (0..clients)
         .map(|_| {
-            let (http, url, hash, next) = (
-                http.clone(),
-                url.to_owned(),
-                hash.to_owned(),
-                next.clone(),
-            );
+            let (http, url, hash, next) =
+                (http.clone(), url.to_owned(), hash.to_owned(), next.clone());
             tokio::spawn(async move {
                 let mut latencies = Vec::new();
                 while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < requests {
@@ -228,7 +223,13 @@ impl BenchServer {
         let mut child = Command::new(env!("CARGO_BIN_EXE_vulcan"))
             .arg("--data-dir")
             .arg(data_dir)
-            .args(["serve", "--listen", "127.0.0.1:0", "--max-concurrent", "256"])
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--max-concurrent",
+                "256",
+            ])
             .env_remove("VULCAN_TOKEN")
             .stdin(Stdio::null())
             .stderr(Stdio::piped())

@@ -231,9 +231,19 @@ impl Runner {
         switch: &KillSwitch,
     ) -> anyhow::Result<Outcome> {
         let mut writer = LogWriter::new(id, Some(publisher), Some(self.db.line_sink()));
-        if let Some(tee) = tee {
-            writer = writer.with_tee(Some(tee.stdout), Some(tee.stderr));
-        }
+        // Tees buffer; push their bytes out every tick while the guest runs.
+        let _tee_flusher = tee.map(|tee| {
+            writer = writer.clone().with_tee(Some(tee.stdout), Some(tee.stderr));
+            let writer = writer.clone();
+            AbortOnDrop(tokio::spawn(async move {
+                let mut tick = tokio::time::interval(crate::engine::TICK);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    writer.flush_tee();
+                }
+            }))
+        });
         let (outcome, mut completion) = if switch.cancel.is_cancelled() {
             // Killed while pending: it never runs.
             let report = RunReport {
@@ -287,6 +297,15 @@ impl Runner {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<WorkloadId, KillSwitch>> {
         self.running.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Aborts a background task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

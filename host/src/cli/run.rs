@@ -83,8 +83,15 @@ pub fn execute(args: RunArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
         })?;
         let runner = Runner::new(runtime, db.clone(), LogBroker::default());
         let tee = Tee {
-            stdout: Box::new(std::io::stdout()),
-            stderr: Box::new(std::io::stderr()),
+            // Buffered: the LogWriter flushes every tick and at the end.
+            stdout: Box::new(std::io::BufWriter::with_capacity(
+                64 * 1024,
+                std::io::stdout(),
+            )),
+            stderr: Box::new(std::io::BufWriter::with_capacity(
+                64 * 1024,
+                std::io::stderr(),
+            )),
         };
         let started = runner.start(compiled, info.hash, spec, Some(tee)).await?;
         let id = started.id;

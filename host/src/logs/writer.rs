@@ -41,6 +41,8 @@ struct State {
     sink: Option<LineSink>,
     tee_stdout: Option<RawTee>,
     tee_stderr: Option<RawTee>,
+    /// The tee holding bytes not yet flushed, if any.
+    tee_unflushed: Option<LogStream>,
     written: u64,
     max_output: Option<u64>,
     limit_hit: bool,
@@ -63,6 +65,7 @@ impl LogWriter {
                 sink,
                 tee_stdout: None,
                 tee_stderr: None,
+                tee_unflushed: None,
                 written: 0,
                 max_output: None,
                 limit_hit: false,
@@ -97,17 +100,7 @@ impl LogWriter {
             s.limit_hit = true;
             return Err(OutputLimitExceeded { limit });
         }
-        let tee = match stream {
-            LogStream::Stderr => &mut s.tee_stderr,
-            _ => &mut s.tee_stdout,
-        };
-        if let Some(tee) = tee {
-            // The terminal is a convenience copy: a closed pipe must not stop the
-            // workload or its durable log.
-            if tee.write_all(bytes).and_then(|()| tee.flush()).is_err() {
-                *tee = Box::new(std::io::sink());
-            }
-        }
+        s.tee(stream, bytes);
         let splitter = match stream {
             LogStream::Stderr => &mut s.stderr,
             _ => &mut s.stdout,
@@ -122,6 +115,12 @@ impl LogWriter {
             emit.emit(stream, None, line, continued)
         });
         Ok(())
+    }
+
+    /// Pushes bytes buffered in the tees out (the runner calls this every tick,
+    /// so a guest that prints a prompt and then blocks still shows it).
+    pub fn flush_tee(&self) {
+        self.lock().flush_tee();
     }
 
     /// Records one structured log call as a single record (newlines kept).
@@ -154,6 +153,7 @@ impl LogWriter {
             .finish(|line, c| emit.emit(LogStream::Stdout, None, line, c));
         s.stderr
             .finish(|line, c| emit.emit(LogStream::Stderr, None, line, c));
+        s.flush_tee();
         s.next_seq
     }
 
@@ -177,6 +177,47 @@ impl LogWriter {
         // State stays consistent across a panic (every field update is complete
         // before anything can panic), so poison is ignored.
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl State {
+    /// Copies raw bytes to the stream's tee without flushing: a tee may buffer
+    /// (one write per guest write would cost a syscall per line), and is flushed
+    /// every tick and at the end. Bytes of the other stream are flushed first,
+    /// so a terminal shared by both shows them in the order they were written.
+    fn tee(&mut self, stream: LogStream, bytes: &[u8]) {
+        let stream = match stream {
+            LogStream::Stderr => LogStream::Stderr,
+            _ => LogStream::Stdout,
+        };
+        if self.tee_unflushed.is_some_and(|s| s != stream) {
+            self.flush_tee();
+        }
+        let tee = match stream {
+            LogStream::Stderr => &mut self.tee_stderr,
+            _ => &mut self.tee_stdout,
+        };
+        if let Some(tee) = tee {
+            // The terminal is a convenience copy: a closed pipe must not stop the
+            // workload or its durable log.
+            if tee.write_all(bytes).is_err() {
+                *tee = Box::new(std::io::sink());
+            }
+            self.tee_unflushed = Some(stream);
+        }
+    }
+
+    fn flush_tee(&mut self) {
+        let tee = match self.tee_unflushed.take() {
+            Some(LogStream::Stderr) => &mut self.tee_stderr,
+            Some(_) => &mut self.tee_stdout,
+            None => return,
+        };
+        if let Some(tee) = tee
+            && tee.flush().is_err()
+        {
+            *tee = Box::new(std::io::sink());
+        }
     }
 }
 
@@ -263,19 +304,44 @@ mod tests {
         assert_eq!(r.line, "a\u{FFFD}b");
     }
 
+    #[derive(Clone, Default)]
+    struct Shared(Arc<Mutex<Vec<u8>>>);
+    impl Write for Shared {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn buffered_tees_sharing_a_terminal_keep_the_write_order() {
+        let terminal = Shared::default();
+        let buffered = || Box::new(std::io::BufWriter::new(terminal.clone()));
+        let writer = LogWriter::new(WorkloadId::new(), None, None)
+            .with_tee(Some(buffered()), Some(buffered()));
+        writer.write(LogStream::Stdout, b"out 1\n").unwrap();
+        writer.write(LogStream::Stdout, b"out 2\n").unwrap();
+        writer.write(LogStream::Stderr, b"err 1\n").unwrap();
+        writer.write(LogStream::Stdout, b"out 3").unwrap();
+        writer.flush_tee();
+        assert_eq!(
+            &*terminal.0.lock().unwrap(),
+            b"out 1\nout 2\nerr 1\nout 3",
+            "a flush pushes out everything buffered"
+        );
+        writer.write(LogStream::Stdout, b"\n").unwrap();
+        writer.finish();
+        assert_eq!(
+            &*terminal.0.lock().unwrap(),
+            b"out 1\nout 2\nerr 1\nout 3\n"
+        );
+    }
+
     #[test]
     fn tee_gets_exact_bytes_and_output_limit_is_enforced() {
-        #[derive(Clone, Default)]
-        struct Shared(Arc<Mutex<Vec<u8>>>);
-        impl Write for Shared {
-            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-                self.0.lock().unwrap().extend_from_slice(b);
-                Ok(b.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
         let out = Shared::default();
         let writer = LogWriter::new(WorkloadId::new(), None, None)
             .with_tee(Some(Box::new(out.clone())), None);

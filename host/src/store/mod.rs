@@ -585,31 +585,70 @@ impl Writer {
     }
 }
 
+/// Rows per multi-row INSERT: one statement execution per this many lines
+/// (SQLite's per-statement cost dominates small rows); 7 parameters each stays
+/// well under SQLite's parameter limit.
+const ROWS_PER_INSERT: usize = 256;
+
 fn insert_lines(tx: &Connection, lines: &[Arc<LogRecord>]) -> anyhow::Result<()> {
-    if lines.is_empty() {
-        return Ok(());
+    fn insert_sql(rows: usize) -> String {
+        let mut sql = String::from(
+            "INSERT INTO log_lines (workload_id, seq, stream, level, line, continued, created_at) VALUES ",
+        );
+        for i in 0..rows {
+            if i > 0 {
+                sql.push(',');
+            }
+            sql.push_str("(?,?,?,?,?,?,?)");
+        }
+        sql
     }
-    let mut stmt = tx.prepare_cached(
-        "INSERT INTO log_lines (workload_id, seq, stream, level, line, continued, created_at) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-    )?;
     // Lines arrive in long runs of one workload; format its id once per run.
     let mut id_text: Option<(WorkloadId, String)> = None;
-    for r in lines {
-        let id = match &id_text {
-            Some((id, text)) if *id == r.workload_id => text,
-            _ => &id_text.insert((r.workload_id, r.workload_id.to_string())).1,
+    let mut chunks = lines.chunks_exact(ROWS_PER_INSERT);
+    let mut many = None;
+    for chunk in &mut chunks {
+        let stmt = match &mut many {
+            Some(stmt) => stmt,
+            None => many.insert(tx.prepare_cached(&insert_sql(ROWS_PER_INSERT))?),
         };
-        stmt.execute(params![
-            id,
-            r.seq as i64,
-            r.stream.as_str(),
-            r.level.map(|l| l.as_str()),
-            r.line,
-            r.continued,
-            r.ts_ms
-        ])?;
+        for (row, r) in chunk.iter().enumerate() {
+            bind_line(stmt, row * 7, r, &mut id_text)?;
+        }
+        stmt.raw_execute()?;
     }
+    let rest = chunks.remainder();
+    if !rest.is_empty() {
+        let mut one = tx.prepare_cached(&insert_sql(1))?;
+        for r in rest {
+            bind_line(&mut one, 0, r, &mut id_text)?;
+            one.raw_execute()?;
+        }
+    }
+    Ok(())
+}
+
+/// Binds one line's seven values at parameters `first + 1 ..= first + 7`.
+fn bind_line(
+    stmt: &mut rusqlite::CachedStatement<'_>,
+    first: usize,
+    r: &LogRecord,
+    id_text: &mut Option<(WorkloadId, String)>,
+) -> rusqlite::Result<()> {
+    let id = match id_text {
+        Some((id, text)) if *id == r.workload_id => text.as_str(),
+        _ => id_text
+            .insert((r.workload_id, r.workload_id.to_string()))
+            .1
+            .as_str(),
+    };
+    stmt.raw_bind_parameter(first + 1, id)?;
+    stmt.raw_bind_parameter(first + 2, r.seq as i64)?;
+    stmt.raw_bind_parameter(first + 3, r.stream.as_str())?;
+    stmt.raw_bind_parameter(first + 4, r.level.map(|l| l.as_str()))?;
+    stmt.raw_bind_parameter(first + 5, r.line.as_str())?;
+    stmt.raw_bind_parameter(first + 6, r.continued)?;
+    stmt.raw_bind_parameter(first + 7, r.ts_ms)?;
     Ok(())
 }
 
