@@ -14,7 +14,7 @@ use anyhow::Context as _;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
-use crate::engine::{CompiledModule, LimitHit, Outcome, RunReport, Runtime};
+use crate::engine::{CompiledModule, GuestIdentity, LimitHit, Outcome, RunReport, Runtime};
 use crate::logs::{LogBroker, LogPublisher, LogWriter};
 use crate::metrics::Metrics;
 use crate::store::{Db, NewWorkload, StoreError};
@@ -148,7 +148,7 @@ impl Runner {
             .db
             .create_workload(NewWorkload {
                 id,
-                module_hash,
+                module_hash: module_hash.clone(),
                 args: spec.args.clone(),
                 env: spec.env.clone(),
                 limits: spec.limits.clone(),
@@ -173,7 +173,12 @@ impl Runner {
             let this = Arc::clone(self);
             async move {
                 let _permit = permit;
-                this.execute(id, &module, &spec, publisher, tee, &switch)
+                let identity = GuestIdentity {
+                    workload_id: id.to_string(),
+                    module_hash,
+                };
+                let (writer, _tee_flusher) = this.log_writer(id, publisher, tee);
+                this.execute(id, &module, &spec, &identity, &writer, &switch)
                     .await
             }
         });
@@ -226,24 +231,10 @@ impl Runner {
         id: WorkloadId,
         module: &CompiledModule,
         spec: &WorkloadSpec,
-        publisher: LogPublisher,
-        tee: Option<Tee>,
+        identity: &GuestIdentity,
+        writer: &LogWriter,
         switch: &KillSwitch,
     ) -> anyhow::Result<Outcome> {
-        let mut writer = LogWriter::new(id, Some(publisher), Some(self.db.line_sink()));
-        // Tees buffer; push their bytes out every tick while the guest runs.
-        let _tee_flusher = tee.map(|tee| {
-            writer = writer.clone().with_tee(Some(tee.stdout), Some(tee.stderr));
-            let writer = writer.clone();
-            AbortOnDrop(tokio::spawn(async move {
-                let mut tick = tokio::time::interval(crate::engine::TICK);
-                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                loop {
-                    tick.tick().await;
-                    writer.flush_tee();
-                }
-            }))
-        });
         let (outcome, mut completion) = if switch.cancel.is_cancelled() {
             // Killed while pending: it never runs.
             let report = RunReport {
@@ -259,7 +250,7 @@ impl Runner {
             self.metrics.running.inc();
             let report = self
                 .runtime
-                .run(module, spec, &writer, &switch.cancel)
+                .run(module, spec, identity, writer, &switch.cancel)
                 .await;
             self.metrics.running.dec();
             let line_count = writer.finish();
@@ -295,6 +286,31 @@ impl Runner {
         Ok(outcome)
     }
 
+    /// The workload's LogWriter; with a tee, also the task that flushes the
+    /// tee every tick (the tee buffers), which stops when dropped.
+    fn log_writer(
+        &self,
+        id: WorkloadId,
+        publisher: LogPublisher,
+        tee: Option<Tee>,
+    ) -> (LogWriter, Option<AbortOnDrop>) {
+        let writer = LogWriter::new(id, Some(publisher), Some(self.db.line_sink()));
+        let Some(tee) = tee else {
+            return (writer, None);
+        };
+        let writer = writer.with_tee(Some(tee.stdout), Some(tee.stderr));
+        let flushed = writer.clone();
+        let flusher = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(crate::engine::TICK);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                flushed.flush_tee();
+            }
+        });
+        (writer, Some(AbortOnDrop(flusher)))
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<WorkloadId, KillSwitch>> {
         self.running.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -311,8 +327,14 @@ impl Drop for AbortOnDrop {
 
 /// Maps how a run ended onto the stored result.
 pub fn completion(report: &RunReport, line_count: u64) -> Completion {
+    let mut output = None;
     let (status, exit_code, error) = match &report.outcome {
         Outcome::Exited(0) => (Status::Completed, Some(0), None),
+        Outcome::Returned(bytes) => {
+            output = Some(bytes.clone());
+            (Status::Completed, None, None)
+        }
+        Outcome::ReturnedError(message) => (Status::Failed, None, Some(message.clone())),
         Outcome::Exited(code) => (
             Status::Failed,
             Some(*code),
@@ -348,7 +370,7 @@ pub fn completion(report: &RunReport, line_count: u64) -> Completion {
         status,
         exit_code,
         error,
-        output: None,
+        output,
         duration_ms: report.duration.as_millis() as u64,
         line_count,
     }

@@ -120,6 +120,9 @@ pub struct WorkloadSpec {
     pub preopens: Vec<Preopen>,
     /// Enforced limits.
     pub limits: Limits,
+    /// Input: a Vulcan-world workload's `run` argument; a plain WASI
+    /// workload's stdin when `stdin` is empty.
+    pub input: Option<Vec<u8>>,
 }
 
 /// A workload's lifecycle state.

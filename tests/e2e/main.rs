@@ -6,9 +6,11 @@
 //! - `local`   — `vulcan ls` / `vulcan logs` reading the local database.
 //! - `api`     — `vulcan serve` over HTTP: uploads, runs, SSE, errors, restarts.
 //! - `client`  — the CLI against a running server.
+//! - `components` — SDK workloads and WASI preview2 commands, locally and via the API.
 
 mod api;
 mod client;
+mod components;
 mod local;
 mod run;
 mod support;

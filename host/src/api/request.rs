@@ -3,7 +3,8 @@
 //! - `application/wasm`: the module bytes; args, env and limits in the query
 //!   (`?arg=a&arg=b&env=K%3DV&timeout_ms=…&max_memory_mb=…&fuel=…`).
 //! - `application/json`: `{"module":"sha256:…"` or `"module_base64":"…"`, `"args"`,
-//!   `"env"`, `"stdin"` or `"stdin_base64"`, `"limits"`}.
+//!   `"env"`, `"stdin"` or `"stdin_base64"`, `"input"` (any JSON value) or
+//!   `"input_base64"`, `"limits"`}.
 //! - `multipart/form-data`: a `module` file part and an optional `spec` JSON part.
 
 use std::collections::BTreeMap;
@@ -45,6 +46,8 @@ pub struct JsonSpec {
     env: BTreeMap<String, String>,
     stdin: Option<String>,
     stdin_base64: Option<String>,
+    input: Option<serde_json::Value>,
+    input_base64: Option<String>,
     #[serde(default)]
     limits: JsonLimits,
 }
@@ -116,6 +119,17 @@ impl JsonSpec {
                 ));
             }
         };
+        let input = match (self.input, self.input_base64) {
+            (None, None) => None,
+            // The JSON text of the value: what the SDK's `Json<T>` parses.
+            (Some(value), None) => Some(value.to_string().into_bytes()),
+            (None, Some(b64)) => Some(decode_base64("input_base64", &b64)?),
+            (Some(_), Some(_)) => {
+                return Err(ApiError::BadRequest(
+                    "give `input` or `input_base64`, not both".into(),
+                ));
+            }
+        };
         let mut args = vec![self.argv0.unwrap_or_else(|| "workload.wasm".into())];
         args.extend(self.args);
         Ok(Submission {
@@ -126,6 +140,7 @@ impl JsonSpec {
                 stdin,
                 preopens: Vec::new(),
                 limits: self.limits.into_limits()?,
+                input,
             },
         })
     }

@@ -26,6 +26,12 @@ pub struct WorkloadView {
     error: Option<String>,
     duration_ms: Option<u64>,
     line_count: u64,
+    /// An SDK workload's returned output: JSON when it parses as JSON.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    output: Option<serde_json::Value>,
+    /// The output as base64 when it is not JSON.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    output_base64: Option<String>,
     created_at: String,
     started_at: Option<String>,
     finished_at: Option<String>,
@@ -33,7 +39,20 @@ pub struct WorkloadView {
 
 impl From<WorkloadRecord> for WorkloadView {
     fn from(w: WorkloadRecord) -> Self {
+        let (output, output_base64) = match &w.output {
+            None => (None, None),
+            Some(bytes) => match serde_json::from_slice::<serde_json::Value>(bytes) {
+                Ok(json) => (Some(json), None),
+                Err(_) => {
+                    use base64::Engine as _;
+                    let b64 = base64::engine::general_purpose::STANDARD.encode(bytes);
+                    (None, Some(b64))
+                }
+            },
+        };
         Self {
+            output,
+            output_base64,
             id: w.id,
             status: w.status,
             module: w.module_hash,

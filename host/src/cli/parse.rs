@@ -110,3 +110,20 @@ mod tests {
         assert!(preopen("/definitely/not/here::/x", true).is_err());
     }
 }
+
+/// The bytes of an `--input` (a type of its own: clap would read a `Vec<u8>`
+/// as many values).
+#[derive(Debug, Clone)]
+pub struct InputBytes(pub Vec<u8>);
+
+/// `--input`: a JSON value (validated, passed as its text) or `@FILE` (raw bytes).
+pub fn input(s: &str) -> Result<InputBytes, String> {
+    if let Some(path) = s.strip_prefix('@') {
+        return std::fs::read(path)
+            .map(InputBytes)
+            .map_err(|e| format!("cannot read {path}: {e}"));
+    }
+    serde_json::from_str::<serde_json::Value>(s)
+        .map(|_| InputBytes(s.as_bytes().to_vec()))
+        .map_err(|e| format!("not JSON ({e}); use @FILE for other input"))
+}

@@ -32,6 +32,11 @@ pub struct RunArgs {
     /// Override argv[0] (default: the module's file name)
     #[arg(long, value_name = "NAME")]
     argv0: Option<String>,
+    /// Input: a JSON value, or @FILE for a file's bytes. An SDK workload gets it
+    /// as `run`'s argument (its output is printed after the logs); a plain WASI
+    /// program reads it on stdin.
+    #[arg(long, value_name = "JSON|@FILE", value_parser = parse::input)]
+    input: Option<parse::InputBytes>,
     /// The WASI module (.wasm) to run
     module: PathBuf,
     /// Arguments passed to the guest (after `--`)
@@ -54,9 +59,14 @@ pub fn execute(args: RunArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
     let spec = WorkloadSpec {
         args: argv,
         env: args.env.clone(),
-        stdin: Stdin::Inherit,
+        stdin: if args.input.is_some() {
+            Stdin::Empty
+        } else {
+            Stdin::Inherit
+        },
         preopens: args.dirs.iter().chain(&args.dirs_ro).cloned().collect(),
         limits: args.limits.to_limits(),
+        input: args.input.clone().map(|i| i.0),
     };
 
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -107,6 +117,18 @@ pub fn execute(args: RunArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
         killer.abort();
         db.flush().await;
         tracing::info!(workload = %record.id, status = %record.status, "recorded");
+        if let Outcome::Returned(output) = &outcome {
+            use std::io::Write as _;
+            let mut stdout = std::io::stdout().lock();
+            stdout
+                .write_all(output)
+                .context("failed to print the output")?;
+            if !output.ends_with(b"\n") {
+                stdout
+                    .write_all(b"\n")
+                    .context("failed to print the output")?;
+            }
+        }
         Ok(exit_code(&outcome, record.error.as_deref()))
     })
 }
@@ -117,6 +139,11 @@ fn exit_code(outcome: &Outcome, error: Option<&str>) -> ExitCode {
     };
     match outcome {
         Outcome::Exited(code) => ExitCode::from((*code).clamp(0, 255) as u8),
+        Outcome::Returned(_) => ExitCode::SUCCESS,
+        Outcome::ReturnedError(message) => {
+            report(&format!("the workload returned an error: {message}"));
+            ExitCode::FAILURE
+        }
         Outcome::Trapped { .. } => {
             report(error.unwrap_or("the guest trapped"));
             ExitCode::from(exit::TRAP)

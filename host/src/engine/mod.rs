@@ -10,6 +10,7 @@
 //! a kill or timeout simply drops the running future at its next yield (or at
 //! once if it is blocked in a host call).
 
+mod component;
 mod limits;
 mod output;
 
@@ -22,9 +23,11 @@ use wasmtime::{
     Config, Engine, InstancePre, Linker, Module, Store, Trap, UpdateDeadline, WasmBacktrace,
 };
 use wasmtime_wasi::p1::WasiP1Ctx;
+use wasmtime_wasi::p2::bindings::CommandPre;
 use wasmtime_wasi::p2::pipe::MemoryInputPipe;
 use wasmtime_wasi::{FsPerms, I32Exit, WasiCtxBuilder};
 
+use component::{ComponentHost, ComponentPre};
 pub use limits::MemoryLimitExceeded;
 pub use output::GuestOutput;
 
@@ -41,13 +44,24 @@ pub struct Host {
     limiter: limits::GuestLimiter,
 }
 
-/// What kind of wasm binary some bytes are.
+/// The two wasm binary formats, told apart by the header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ModuleKind {
-    /// A core module (WASI preview1 command).
-    Core,
+pub enum BinaryFormat {
+    /// A core module.
+    Module,
     /// A component.
     Component,
+}
+
+/// What kind of workload a compiled binary is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModuleKind {
+    /// A core module, WASI preview1 command (`_start`).
+    Core,
+    /// A WASI preview2 command component (`wasi:cli/run`).
+    Command,
+    /// A component of the Vulcan world (`run(input) -> result<output, error>`).
+    Workload,
 }
 
 impl ModuleKind {
@@ -55,9 +69,19 @@ impl ModuleKind {
     pub fn as_str(self) -> &'static str {
         match self {
             ModuleKind::Core => "module",
-            ModuleKind::Component => "component",
+            ModuleKind::Command => "wasi-command",
+            ModuleKind::Workload => "vulcan-workload",
         }
     }
+}
+
+/// Who a run is for, as the Vulcan world's `metadata()` reports it.
+#[derive(Debug, Clone, Default)]
+pub struct GuestIdentity {
+    /// The workload's id.
+    pub workload_id: String,
+    /// `sha256:<hex>` of its module.
+    pub module_hash: String,
 }
 
 /// Bytes that cannot be run: the message says why.
@@ -67,14 +91,22 @@ pub struct InvalidModule(pub String);
 
 /// A module compiled and linked, ready to instantiate many times.
 pub struct CompiledModule {
-    pre: InstancePre<Host>,
-    kind: ModuleKind,
+    prepared: Prepared,
+}
+
+enum Prepared {
+    Core(InstancePre<Host>),
+    Component(ComponentPre),
 }
 
 impl CompiledModule {
-    /// Core module or component.
+    /// Which kind of workload it is.
     pub fn kind(&self) -> ModuleKind {
-        self.kind
+        match &self.prepared {
+            Prepared::Core(_) => ModuleKind::Core,
+            Prepared::Component(ComponentPre::Command(_)) => ModuleKind::Command,
+            Prepared::Component(ComponentPre::Workload(_)) => ModuleKind::Workload,
+        }
     }
 }
 
@@ -94,6 +126,10 @@ pub enum LimitHit {
 pub enum Outcome {
     /// The guest exited (`proc_exit(n)`, or `_start` returned: 0).
     Exited(i32),
+    /// A Vulcan-world workload returned its output.
+    Returned(Vec<u8>),
+    /// A Vulcan-world workload returned an error.
+    ReturnedError(String),
     /// The guest trapped.
     Trapped {
         /// What went wrong.
@@ -122,6 +158,7 @@ pub struct RunReport {
 pub struct Runtime {
     engine: Engine,
     linker: Linker<Host>,
+    component_linker: wasmtime::component::Linker<ComponentHost>,
     compat_key: String,
 }
 
@@ -137,6 +174,8 @@ impl Runtime {
         wasmtime_wasi::p1::add_to_linker_async(&mut linker, |h: &mut Host| &mut h.wasi)
             .map_err(anyhow::Error::from)
             .context("failed to link WASI preview1")?;
+        let component_linker = component::linker(&engine)
+            .context("failed to link WASI preview2 and the Vulcan host")?;
         start_ticker(&engine)?;
         let compat_key = {
             use std::hash::{Hash, Hasher};
@@ -148,6 +187,7 @@ impl Runtime {
         Ok(Arc::new(Self {
             engine,
             linker,
+            component_linker,
             compat_key,
         }))
     }
@@ -158,41 +198,48 @@ impl Runtime {
     }
 
     /// Tells a core module from a component by its header.
-    pub fn classify(bytes: &[u8]) -> Result<ModuleKind, InvalidModule> {
+    pub fn classify(bytes: &[u8]) -> Result<BinaryFormat, InvalidModule> {
         if bytes.len() < 8 || &bytes[..4] != b"\0asm" {
             return Err(InvalidModule(
                 "not a WebAssembly binary (it does not start with the \\0asm magic bytes)".into(),
             ));
         }
         if wasmparser_is_component(bytes) {
-            Ok(ModuleKind::Component)
+            Ok(BinaryFormat::Component)
         } else {
-            Ok(ModuleKind::Core)
+            Ok(BinaryFormat::Module)
         }
     }
 
     /// Validates, compiles and links `bytes`.
     pub fn compile(&self, bytes: &[u8]) -> Result<CompiledModule, InvalidModule> {
         match Self::classify(bytes)? {
-            ModuleKind::Core => {
+            BinaryFormat::Module => {
                 let module = Module::from_binary(&self.engine, bytes)
                     .map_err(|e| InvalidModule(format!("invalid module: {e:#}")))?;
                 self.link(module)
             }
-            ModuleKind::Component => Err(InvalidModule(
-                "components are not supported yet; build for wasm32-wasip1".into(),
-            )),
+            BinaryFormat::Component => {
+                let component = wasmtime::component::Component::from_binary(&self.engine, bytes)
+                    .map_err(|e| InvalidModule(format!("invalid component: {e:#}")))?;
+                self.link_component(component)
+            }
         }
     }
 
     /// The compiled form of `module`, for the artifact cache.
     pub fn serialize(&self, module: &CompiledModule) -> anyhow::Result<Vec<u8>> {
-        module
-            .pre
-            .module()
-            .serialize()
-            .map_err(anyhow::Error::from)
-            .context("failed to serialize a compiled module")
+        match &module.prepared {
+            Prepared::Core(pre) => pre.module().serialize(),
+            Prepared::Component(ComponentPre::Command(pre)) => {
+                pre.instance_pre().component().serialize()
+            }
+            Prepared::Component(ComponentPre::Workload(pre)) => {
+                pre.instance_pre().component().serialize()
+            }
+        }
+        .map_err(anyhow::Error::from)
+        .context("failed to serialize a compiled module")
     }
 
     /// Loads an artifact written by [`Runtime::serialize`] of this same build.
@@ -202,10 +249,32 @@ impl Runtime {
         // a name carrying `artifact_key` (wasmtime's own compatibility hash plus our
         // version), and wasmtime still checks its header and engine settings.
         #[expect(unsafe_code, reason = "loading our own cached compilation artifacts")]
-        let module = unsafe { Module::deserialize_file(&self.engine, path) }
-            .map_err(anyhow::Error::from)
-            .with_context(|| format!("failed to load compiled artifact {}", path.display()))?;
-        self.link(module).map_err(|e| anyhow::anyhow!("{e}"))
+        let module = unsafe { Module::deserialize_file(&self.engine, path) };
+        let loaded = match module {
+            Ok(module) => self.link(module),
+            // Not a core module's artifact: a component's (wasmtime checks which).
+            Err(module_error) => {
+                // SAFETY: as above.
+                #[expect(unsafe_code, reason = "loading our own cached compilation artifacts")]
+                let component =
+                    unsafe { wasmtime::component::Component::deserialize_file(&self.engine, path) }
+                        .map_err(|e| anyhow::anyhow!("{module_error:#}; as a component: {e:#}"))
+                        .with_context(|| {
+                            format!("failed to load compiled artifact {}", path.display())
+                        })?;
+                self.link_component(component)
+            }
+        };
+        loaded.map_err(|e| anyhow::anyhow!("{e}"))
+    }
+
+    fn link_component(
+        &self,
+        component: wasmtime::component::Component,
+    ) -> Result<CompiledModule, InvalidModule> {
+        Ok(CompiledModule {
+            prepared: Prepared::Component(component::link(&self.component_linker, &component)?),
+        })
     }
 
     fn link(&self, module: Module) -> Result<CompiledModule, InvalidModule> {
@@ -223,8 +292,7 @@ impl Runtime {
             .instantiate_pre(&module)
             .map_err(|e| InvalidModule(format!("{e:#}")))?;
         Ok(CompiledModule {
-            pre,
-            kind: ModuleKind::Core,
+            prepared: Prepared::Core(pre),
         })
     }
 
@@ -237,56 +305,138 @@ impl Runtime {
         &self,
         module: &CompiledModule,
         spec: &WorkloadSpec,
+        identity: &GuestIdentity,
         log: &LogWriter,
         cancel: &CancellationToken,
     ) -> anyhow::Result<RunReport> {
-        let wasi = wasi_context(spec, log)?;
+        let mut wasi = wasi_context(spec, log)?;
         log.set_output_limit(spec.limits.max_output_bytes);
-        let mut store = Store::new(
-            &self.engine,
-            Host {
-                wasi,
-                limiter: limits::GuestLimiter::new(spec.limits.max_memory_bytes),
-            },
-        );
-        store.limiter(|h| &mut h.limiter);
-        store
-            .set_fuel(spec.limits.fuel.unwrap_or(u64::MAX))
-            .map_err(anyhow::Error::from)?;
-        store.set_epoch_deadline(1);
-        // At every tick: stop a guest that went on after its output limit (WASI
-        // turns the write error into an errno it may ignore), else yield.
-        let output = log.clone();
-        store.epoch_deadline_callback(move |_| match output.output_limit_hit() {
-            Some(limit) => Err(wasmtime::Error::new(OutputLimitExceeded { limit })),
-            None => Ok(UpdateDeadline::Yield(1)),
-        });
-
-        let pre = module.pre.clone();
-        let execution = async move {
-            let instance = pre.instantiate_async(&mut store).await?;
-            let start = instance.get_typed_func::<(), ()>(&mut store, "_start")?;
-            start.call_async(&mut store, ()).await
-        };
+        let limiter = limits::GuestLimiter::new(spec.limits.max_memory_bytes);
         let started = Instant::now();
-        let outcome = tokio::select! {
-            biased;
-            () = cancel.cancelled() => Outcome::Killed,
-            result = with_timeout(spec.limits.timeout(), execution) => match result {
-                None => Outcome::TimedOut(spec.limits.timeout().unwrap_or_default()),
-                Some(result) => classify(result, spec),
-            },
+        let outcome = match &module.prepared {
+            Prepared::Core(pre) => {
+                let host = Host {
+                    wasi: wasi.build_p1(),
+                    limiter,
+                };
+                let mut store = self.store(host, spec, log)?;
+                let pre = pre.clone();
+                supervise(spec, cancel, async move {
+                    let instance = pre.instantiate_async(&mut store).await?;
+                    let start = instance.get_typed_func::<(), ()>(&mut store, "_start")?;
+                    start.call_async(&mut store, ()).await?;
+                    Ok(Outcome::Exited(0))
+                })
+                .await
+            }
+            Prepared::Component(pre) => {
+                let host = ComponentHost {
+                    ctx: wasi.build(),
+                    table: wasmtime::component::ResourceTable::new(),
+                    limiter,
+                    log: log.clone(),
+                    meta: component::Metadata {
+                        id: identity.workload_id.clone(),
+                        module_hash: identity.module_hash.clone(),
+                    },
+                };
+                let mut store = self.store(host, spec, log)?;
+                match pre {
+                    ComponentPre::Command(pre) => {
+                        let pre: CommandPre<ComponentHost> = pre.clone();
+                        supervise(spec, cancel, async move {
+                            let command = pre.instantiate_async(&mut store).await?;
+                            let result = command.wasi_cli_run().call_run(&mut store).await?;
+                            // `run` returning an error is the command's exit status 1.
+                            Ok(Outcome::Exited(if result.is_ok() { 0 } else { 1 }))
+                        })
+                        .await
+                    }
+                    ComponentPre::Workload(pre) => {
+                        let pre = pre.clone();
+                        let input = spec.input.clone().unwrap_or_default();
+                        supervise(spec, cancel, async move {
+                            let workload = pre.instantiate_async(&mut store).await?;
+                            Ok(match workload.call_run(&mut store, &input).await? {
+                                Ok(output) => Outcome::Returned(output),
+                                Err(message) => Outcome::ReturnedError(message),
+                            })
+                        })
+                        .await
+                    }
+                }
+            }
         };
         let outcome = match (log.output_limit_hit(), outcome) {
-            (Some(limit), Outcome::Exited(_) | Outcome::Trapped { .. }) => {
-                Outcome::LimitExceeded(LimitHit::Output(limit))
-            }
+            (
+                Some(limit),
+                Outcome::Exited(_)
+                | Outcome::Trapped { .. }
+                | Outcome::Returned(_)
+                | Outcome::ReturnedError(_),
+            ) => Outcome::LimitExceeded(LimitHit::Output(limit)),
             (_, outcome) => outcome,
         };
         Ok(RunReport {
             outcome,
             duration: started.elapsed(),
         })
+    }
+
+    /// A store with the spec's limits: memory, fuel, and an epoch deadline that
+    /// yields at every tick (or stops a guest that went on after its output
+    /// limit: WASI turns the write error into an errno it may ignore).
+    fn store<T: GuestState>(
+        &self,
+        host: T,
+        spec: &WorkloadSpec,
+        log: &LogWriter,
+    ) -> anyhow::Result<Store<T>> {
+        let mut store = Store::new(&self.engine, host);
+        store.limiter(|h| h.limiter());
+        store
+            .set_fuel(spec.limits.fuel.unwrap_or(u64::MAX))
+            .map_err(anyhow::Error::from)?;
+        store.set_epoch_deadline(1);
+        let output = log.clone();
+        store.epoch_deadline_callback(move |_| match output.output_limit_hit() {
+            Some(limit) => Err(wasmtime::Error::new(OutputLimitExceeded { limit })),
+            None => Ok(UpdateDeadline::Yield(1)),
+        });
+        Ok(store)
+    }
+}
+
+/// Store state of either kind, as far as limits are concerned.
+trait GuestState: Send + 'static {
+    fn limiter(&mut self) -> &mut limits::GuestLimiter;
+}
+
+impl GuestState for Host {
+    fn limiter(&mut self) -> &mut limits::GuestLimiter {
+        &mut self.limiter
+    }
+}
+
+impl GuestState for ComponentHost {
+    fn limiter(&mut self) -> &mut limits::GuestLimiter {
+        &mut self.limiter
+    }
+}
+
+/// Runs `execution` until it ends, the timeout passes or `cancel` fires.
+async fn supervise(
+    spec: &WorkloadSpec,
+    cancel: &CancellationToken,
+    execution: impl Future<Output = wasmtime::Result<Outcome>>,
+) -> Outcome {
+    tokio::select! {
+        biased;
+        () = cancel.cancelled() => Outcome::Killed,
+        result = with_timeout(spec.limits.timeout(), execution) => match result {
+            None => Outcome::TimedOut(spec.limits.timeout().unwrap_or_default()),
+            Some(result) => classify(result, spec),
+        },
     }
 }
 
@@ -297,9 +447,9 @@ async fn with_timeout<F: Future>(limit: Option<Duration>, f: F) -> Option<F::Out
     }
 }
 
-fn classify(result: wasmtime::Result<()>, spec: &WorkloadSpec) -> Outcome {
+fn classify(result: wasmtime::Result<Outcome>, spec: &WorkloadSpec) -> Outcome {
     let error = match result {
-        Ok(()) => return Outcome::Exited(0),
+        Ok(outcome) => return outcome,
         Err(e) => e,
     };
     if let Some(exit) = error.downcast_ref::<I32Exit>() {
@@ -329,14 +479,19 @@ fn classify(result: wasmtime::Result<()>, spec: &WorkloadSpec) -> Outcome {
 
 /// Builds exactly the WASI view the spec allows: nothing of the host's
 /// environment, filesystem or network leaks in.
-fn wasi_context(spec: &WorkloadSpec, log: &LogWriter) -> anyhow::Result<WasiP1Ctx> {
+fn wasi_context(spec: &WorkloadSpec, log: &LogWriter) -> anyhow::Result<WasiCtxBuilder> {
     let mut b = WasiCtxBuilder::new();
     b.args(&spec.args);
     for (k, v) in &spec.env {
         b.env(k, v);
     }
     match &spec.stdin {
-        Stdin::Empty => {}
+        // A plain WASI workload reads its input on stdin when no stdin is given.
+        Stdin::Empty => {
+            if let Some(input) = &spec.input {
+                b.stdin(MemoryInputPipe::new(input.clone()));
+            }
+        }
         Stdin::Bytes(bytes) => {
             b.stdin(MemoryInputPipe::new(bytes.clone()));
         }
@@ -359,7 +514,7 @@ fn wasi_context(spec: &WorkloadSpec, log: &LogWriter) -> anyhow::Result<WasiP1Ct
     b.allow_tcp(false)
         .allow_udp(false)
         .allow_ip_name_lookup(false);
-    Ok(b.build_p1())
+    Ok(b)
 }
 
 /// True when the binary header says component (layer 1) rather than core module.

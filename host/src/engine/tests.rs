@@ -77,7 +77,10 @@ async fn run_with(wat: &str, limits: Limits, cancel: CancellationToken) -> (Outc
         limits,
         ..Default::default()
     };
-    let report = runtime.run(&module, &spec, &log, &cancel).await.unwrap();
+    let report = runtime
+        .run(&module, &spec, &GuestIdentity::default(), &log, &cancel)
+        .await
+        .unwrap();
     let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
     (report.outcome, text)
 }
@@ -197,11 +200,11 @@ fn bad_modules_are_refused_with_a_reason() {
 #[test]
 fn classify_tells_modules_from_components() {
     let module = wat::parse_str("(module)").unwrap();
-    assert_eq!(Runtime::classify(&module).unwrap(), ModuleKind::Core);
+    assert_eq!(Runtime::classify(&module).unwrap(), BinaryFormat::Module);
     let component = wat::parse_str("(component)").unwrap();
     assert_eq!(
         Runtime::classify(&component).unwrap(),
-        ModuleKind::Component
+        BinaryFormat::Component
     );
     assert!(Runtime::classify(b"\0as").is_err());
 }

@@ -134,6 +134,11 @@ impl LogWriter {
             sink: s.sink.as_ref(),
         };
         emit.emit(LogStream::Log, Some(level), message.as_bytes(), false);
+        if s.tee_stderr.is_some() {
+            // A terminal shows structured lines too, marked with their level.
+            let line = format!("[{}] {message}\n", level.as_str());
+            s.tee(LogStream::Stderr, line.as_bytes());
+        }
     }
 
     /// Flushes partial lines and returns how many records were written.

@@ -1,0 +1,117 @@
+//! Components: WASI preview2 commands (`wasi:cli/run`) and workloads of the
+//! Vulcan world (`wit/workload.wit`: `run(input) -> result<output, error>`).
+//!
+//! Owns the component store state, the bindings of Vulcan's own host
+//! interface (`log`, `metadata`) and the check at compile time that a component
+//! is one of the two kinds with every import satisfied. Guest output still
+//! leaves only through the [`LogWriter`].
+
+use wasmtime::component::{Component, Linker, ResourceTable};
+use wasmtime_wasi::p2::bindings::CommandPre;
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use super::InvalidModule;
+use super::limits::GuestLimiter;
+use crate::logs::{LogLevel, LogWriter};
+
+mod bindings {
+    wasmtime::component::bindgen!({
+        path: "../wit",
+        world: "workload",
+        exports: { default: async },
+    });
+}
+
+pub use bindings::WorkloadPre;
+pub use bindings::vulcan::workload::host::WorkloadMetadata as Metadata;
+use bindings::vulcan::workload::host::{self, Level};
+
+/// Store state of one component run.
+pub struct ComponentHost {
+    pub(super) ctx: WasiCtx,
+    pub(super) table: ResourceTable,
+    pub(super) limiter: GuestLimiter,
+    pub(super) log: LogWriter,
+    pub(super) meta: Metadata,
+}
+
+impl WasiView for ComponentHost {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.ctx,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl host::Host for ComponentHost {
+    fn log(&mut self, level: Level, message: String) {
+        let level = match level {
+            Level::Trace => LogLevel::Trace,
+            Level::Debug => LogLevel::Debug,
+            Level::Info => LogLevel::Info,
+            Level::Warn => LogLevel::Warn,
+            Level::Error => LogLevel::Error,
+        };
+        self.log.log(level, &message);
+    }
+
+    fn metadata(&mut self) -> Metadata {
+        self.meta.clone()
+    }
+}
+
+/// A component linked and checked, ready to instantiate.
+pub enum ComponentPre {
+    /// A WASI preview2 command.
+    Command(CommandPre<ComponentHost>),
+    /// A workload of the Vulcan world.
+    Workload(WorkloadPre<ComponentHost>),
+}
+
+/// Everything a component may import: WASI preview2 and Vulcan's host interface.
+pub fn linker(engine: &wasmtime::Engine) -> anyhow::Result<Linker<ComponentHost>> {
+    let mut linker = Linker::new(engine);
+    wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+    host::add_to_linker::<_, wasmtime::component::HasSelf<ComponentHost>>(&mut linker, |h| h)?;
+    Ok(linker)
+}
+
+/// Tells which kind `component` is and links it, refusing anything that
+/// imports what the host does not provide or exports neither entry point.
+pub fn link(
+    linker: &Linker<ComponentHost>,
+    component: &Component,
+) -> Result<ComponentPre, InvalidModule> {
+    let engine = linker.engine();
+    let exports: Vec<String> = component
+        .component_type()
+        .exports(engine)
+        .map(|(name, _)| name.to_owned())
+        .collect();
+    let is_workload = exports.iter().any(|n| n == "run");
+    let is_command = exports.iter().any(|n| n.starts_with("wasi:cli/run@0.2"));
+    if !is_workload && !is_command {
+        return Err(InvalidModule(format!(
+            "this component targets another world: it exports neither `run` (the \
+             vulcan:workload world) nor `wasi:cli/run` (a WASI command); its exports: [{}]",
+            exports.join(", ")
+        )));
+    }
+    let pre = linker
+        .instantiate_pre(component)
+        .map_err(|e| InvalidModule(format!("the host cannot satisfy its imports: {e:#}")))?;
+    if is_workload {
+        WorkloadPre::new(pre)
+            .map(ComponentPre::Workload)
+            .map_err(|e| {
+                InvalidModule(format!(
+                    "its `run` export does not match the vulcan:workload world: {e:#}"
+                ))
+            })
+    } else {
+        CommandPre::new(pre)
+            .map(ComponentPre::Command)
+            .map_err(|e| InvalidModule(format!("not a WASI command: {e:#}")))
+    }
+}

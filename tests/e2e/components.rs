@@ -1,0 +1,311 @@
+//! Components: SDK workloads of the Vulcan world and plain WASI preview2
+//! commands, through `vulcan run` and through the API.
+
+use reqwest::Method;
+use serde_json::{Value, json};
+use vulcan_test_artifacts::component;
+
+use crate::support::*;
+
+fn component_str(name: &str) -> String {
+    component(name).to_str().unwrap().to_owned()
+}
+
+/// (stream, level, line) of every stored line of `id`, in seq order.
+fn leveled_lines(env: &Env, id: &str) -> Vec<(String, Option<String>, String)> {
+    let conn = env.sqlite();
+    let mut stmt = conn
+        .prepare("SELECT stream, level, line FROM log_lines WHERE workload_id = ?1 ORDER BY seq")
+        .unwrap();
+    stmt.query_map([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect()
+}
+
+fn module_kinds(env: &Env) -> Vec<String> {
+    let conn = env.sqlite();
+    let mut stmt = conn
+        .prepare("SELECT kind FROM modules ORDER BY kind")
+        .unwrap();
+    stmt.query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect()
+}
+
+#[test]
+fn sdk_workload_runs_locally_with_input_output_and_leveled_logs() {
+    let env = Env::new();
+    let out = env.run(&["run", "--input", r#"{"a":2,"b":40}"#, &component_str("sum")]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "{\"sum\":42}\n");
+    assert!(
+        stderr(&out).contains("[info] adding 2 and 40"),
+        "{}",
+        stderr(&out)
+    );
+    let row = env.only_workload();
+    assert_eq!(row.status, "completed");
+    let output: Vec<u8> = env
+        .sqlite()
+        .query_row("SELECT output FROM workloads", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(output, br#"{"sum":42}"#);
+    assert_eq!(
+        leveled_lines(&env, &row.id),
+        vec![("log".into(), Some("info".into()), "adding 2 and 40".into())]
+    );
+    assert_eq!(module_kinds(&env), vec!["vulcan-workload"]);
+}
+
+#[test]
+fn greet_logs_at_every_level_and_sees_only_its_spec() {
+    let env = Env::new();
+    let out = env.run(&[
+        "run",
+        "--input",
+        r#""Ada""#,
+        "--env",
+        "ONLY=this",
+        &component_str("greet"),
+        "--",
+        "x",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stdout(&out).ends_with("Hello, Ada!\n"), "{}", stdout(&out));
+    let row = env.only_workload();
+    let lines = leveled_lines(&env, &row.id);
+    let levels: Vec<_> = lines.iter().filter_map(|l| l.1.clone()).collect();
+    assert_eq!(levels, ["trace", "debug", "info", "warn", "error"]);
+    assert_eq!(lines[0].2, format!("trace: starting workload {}", row.id));
+    assert!(lines[1].2.starts_with("debug: module sha256:"));
+    assert_eq!(lines[3].2, r#"warn: args ["greet.wasm", "x"]"#);
+    assert_eq!(lines[4].2, r#"error: env [("ONLY", "this")]"#);
+    assert_eq!(
+        lines[5..],
+        [
+            ("stdout".into(), None, "stdout: hello".into()),
+            ("stderr".into(), None, "stderr: hello".into())
+        ]
+    );
+}
+
+#[test]
+fn a_returned_error_fails_the_workload_with_its_message() {
+    let env = Env::new();
+    let out = env.run(&["run", "--input", r#""x""#, &component_str("fails")]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("invalid digit found in string"));
+    let row = env.only_workload();
+    assert_eq!(row.status, "failed");
+    assert_eq!(row.error.as_deref(), Some("invalid digit found in string"));
+    // Its log line before the error is kept.
+    assert_eq!(leveled_lines(&env, &row.id).len(), 1);
+}
+
+#[test]
+fn a_wasip2_command_gets_args_and_its_input_on_stdin() {
+    let env = Env::new();
+    let out = env.run(&[
+        "run",
+        "--input",
+        r#"{"k":1}"#,
+        &component_str("wasip2-hello"),
+        "--",
+        "a",
+        "b",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(
+        stdout(&out),
+        "Hello from a WASI preview2 component!\nargs: [\"a\", \"b\"]\ninput: {\"k\":1}\n"
+    );
+    let failed = env.run(&["run", &component_str("wasip2-hello"), "--", "fail"]);
+    assert_eq!(failed.status.code(), Some(1), "a failing command exits 1");
+    assert_eq!(module_kinds(&env), vec!["wasi-command"]);
+}
+
+#[test]
+fn component_limits_fuel_timeout_and_memory_are_enforced() {
+    let env = Env::new();
+    let fib = component_str("fib");
+    let fuel = env.run(&["run", "--fuel", "100000", "--input", r#"{"n":40}"#, &fib]);
+    assert_eq!(fuel.status.code(), Some(136), "{}", stderr(&fuel));
+    let timeout = env.run(&["run", "--timeout", "200ms", "--input", r#"{"n":60}"#, &fib]);
+    assert_eq!(timeout.status.code(), Some(124), "{}", stderr(&timeout));
+    // The input is copied into guest memory: 8 MiB cannot fit in 2 MiB.
+    let big = env.data_dir().join("big.json");
+    std::fs::write(&big, format!("\"{}\"", "x".repeat(8 << 20))).unwrap();
+    let memory = env.run(&[
+        "run",
+        "--max-memory",
+        "2MiB",
+        "--input",
+        &format!("@{}", big.display()),
+        &component_str("greet"),
+    ]);
+    assert_eq!(memory.status.code(), Some(135), "{}", stderr(&memory));
+    let statuses: Vec<_> = env.workloads().into_iter().map(|w| w.status).collect();
+    assert_eq!(statuses, ["failed", "failed", "failed"]);
+}
+
+#[tokio::test]
+async fn components_through_the_api_sync_async_sse_history_and_kill() {
+    let env = Env::new();
+    let server = Server::start(&env, &[]);
+    let upload = |name: &str| {
+        let bytes = std::fs::read(component(name)).unwrap();
+        let server = &server;
+        async move {
+            let resp = server
+                .req(Method::POST, "/v1/modules")
+                .header("content-type", "application/wasm")
+                .body(bytes)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(resp.status().as_u16(), 201);
+            resp.json::<Value>().await.unwrap()
+        }
+    };
+    let sum = upload("sum").await;
+    assert_eq!(sum["kind"], "vulcan-workload");
+    let run = |spec: Value| {
+        let server = &server;
+        async move {
+            let resp = server
+                .req(Method::POST, "/v1/workloads")
+                .json(&spec)
+                .send()
+                .await
+                .unwrap();
+            (resp.status().as_u16(), resp.json::<Value>().await.unwrap())
+        }
+    };
+
+    // Sync, JSON input and output.
+    let (status, record) = run(json!({"module": sum["hash"], "input": {"a": 1, "b": 2}})).await;
+    assert_eq!(status, 200, "{record}");
+    assert_eq!(record["status"], "completed");
+    assert_eq!(record["output"], json!({"sum": 3}));
+
+    // Output that is not JSON comes back as base64; input_base64 works too.
+    let greet = upload("greet").await;
+    let (_, record) = run(json!({"module": greet["hash"], "input_base64": "IkJvYiI="})).await;
+    assert_eq!(record["output_base64"], "SGVsbG8sIEJvYiE=", "{record}");
+    let id = record["id"].as_str().unwrap();
+    let mut sse = server.sse(id, None).await;
+    let first = sse.next().await.unwrap();
+    assert_eq!(first.event, "log");
+    let data: Value = serde_json::from_str(&first.data).unwrap();
+    assert_eq!(data["level"], "trace");
+    assert!(data["message"].as_str().unwrap().contains(id));
+    let (_, history) = server
+        .get_json(&format!("/v1/workloads/{id}/logs/history"))
+        .await;
+    let levels: Vec<_> = history["lines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["level"].clone())
+        .collect();
+    assert_eq!(
+        levels,
+        [
+            json!("trace"),
+            json!("debug"),
+            json!("info"),
+            json!("warn"),
+            json!("error"),
+            Value::Null,
+            Value::Null
+        ]
+    );
+
+    // A returned error.
+    let fails = upload("fails").await;
+    let (_, record) = run(json!({"module": fails["hash"], "input": "nope"})).await;
+    assert_eq!(record["status"], "failed");
+    assert!(record["error"].as_str().unwrap().contains("invalid digit"));
+
+    // A plain preview2 command, its input on stdin.
+    let hello = upload("wasip2-hello").await;
+    assert_eq!(hello["kind"], "wasi-command");
+    let (_, record) = run(json!({"module": hello["hash"], "input": [1, 2]})).await;
+    assert_eq!(record["status"], "completed", "{record}");
+    let id = record["id"].as_str().unwrap();
+    let (_, history) = server
+        .get_json(&format!("/v1/workloads/{id}/logs/history"))
+        .await;
+    assert_eq!(history["lines"][2]["line"], "input: [1,2]");
+
+    // Async, then killed while computing.
+    let fib = upload("fib").await;
+    let resp = server
+        .req(Method::POST, "/v1/workloads/async")
+        .json(&json!({"module": fib["hash"], "input": {"n": 90}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 202);
+    let id = resp.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut sse = server.sse(&id, None).await;
+    let kill = server
+        .req(Method::DELETE, &format!("/v1/workloads/{id}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(kill.status().as_u16(), 202);
+    let (_, _, end) = sse.until_end().await;
+    assert_eq!(end["status"], "killed");
+}
+
+#[tokio::test]
+async fn uploads_of_components_the_host_cannot_run_are_refused() {
+    let env = Env::new();
+    let server = Server::start(&env, &[]);
+    let refuse = |wat: &str| {
+        let bytes = wat::parse_str(wat).unwrap();
+        let server = &server;
+        async move {
+            let resp = server
+                .req(Method::POST, "/v1/modules")
+                .header("content-type", "application/wasm")
+                .body(bytes)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(resp.status().as_u16(), 400);
+            let body: Value = resp.json().await.unwrap();
+            assert_eq!(body["error"]["code"], "invalid_module", "{body}");
+            body["error"]["message"].as_str().unwrap().to_owned()
+        }
+    };
+    // Another world: it exports neither entry point.
+    let message = refuse(r#"(component (core module $m) (core instance (instantiate $m)))"#).await;
+    assert!(message.contains("targets another world"), "{message}");
+
+    // The right export, but an import the host does not provide.
+    let message = refuse(
+        r#"(component
+            (import "acme:missing/api" (instance (export "f" (func))))
+            (core module $m
+              (memory (export "memory") 1)
+              (func (export "run") (param i32 i32) (result i32) unreachable)
+              (func (export "realloc") (param i32 i32 i32 i32) (result i32) unreachable))
+            (core instance $i (instantiate $m))
+            (type $out (result (list u8) (error string)))
+            (func (export "run") (param "input" (list u8)) (result $out)
+              (canon lift (core func $i "run") (memory (core memory $i "memory"))
+                (realloc (core func $i "realloc")))))"#,
+    )
+    .await;
+    assert!(message.contains("acme:missing/api"), "{message}");
+
+    let (_, page) = server.get_json("/v1/workloads").await;
+    assert_eq!(page["total"], 0);
+}
