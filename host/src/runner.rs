@@ -332,9 +332,11 @@ pub fn completion(report: &RunReport, line_count: u64) -> Completion {
         Outcome::Exited(0) => (Status::Completed, Some(0), None),
         Outcome::Returned(bytes) => {
             output = Some(bytes.clone());
-            (Status::Completed, None, None)
+            (Status::Completed, Some(0), None)
         }
-        Outcome::ReturnedError(message) => (Status::Failed, None, Some(message.clone())),
+        // Exit code 1, as for a command whose `run` fails: scripts see failure
+        // the same way for every kind of workload.
+        Outcome::ReturnedError(message) => (Status::Failed, Some(1), Some(message.clone())),
         Outcome::Exited(code) => (
             Status::Failed,
             Some(*code),

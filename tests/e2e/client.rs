@@ -124,3 +124,71 @@ async fn logs_follow_survives_a_dropped_connection() {
     assert_eq!(got.len(), want.len(), "no line lost or repeated");
     assert!(got == want);
 }
+
+#[tokio::test]
+async fn submit_with_input_prints_the_output_and_exits_with_the_result() {
+    let env = Env::new();
+    let server = Server::start(&env, &[]);
+    let sum = vulcan_test_artifacts::component("sum");
+    let sum = sum.to_str().unwrap();
+    let out = env
+        .cmd(&[
+            "--server",
+            &server.url,
+            "submit",
+            "--input",
+            r#"{"a":4,"b":5}"#,
+            sum,
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("output: {\"sum\":9}\n"),
+        "{}",
+        stdout(&out)
+    );
+
+    let followed = env
+        .cmd(&[
+            "--server",
+            &server.url,
+            "submit",
+            "--follow",
+            "--input",
+            r#"{"a":1,"b":1}"#,
+            sum,
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(followed.status.code(), Some(0), "{}", stderr(&followed));
+    assert!(
+        stderr(&followed).contains("[info] adding 1 and 1"),
+        "{}",
+        stderr(&followed)
+    );
+    assert!(
+        stdout(&followed).ends_with("{\"sum\":2}\n"),
+        "{}",
+        stdout(&followed)
+    );
+
+    let fails = vulcan_test_artifacts::component("fails");
+    let failed = env
+        .cmd(&[
+            "--server",
+            &server.url,
+            "submit",
+            "--input",
+            "\"x\"",
+            fails.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(failed.status.code(), Some(1), "a returned error exits 1");
+    assert!(
+        stdout(&failed).contains("error: invalid digit"),
+        "{}",
+        stdout(&failed)
+    );
+}

@@ -274,6 +274,13 @@ fn query_spec(query: &str) -> Result<JsonSpec, ApiError> {
                 }
             },
             "stdin" => spec.stdin = Some(value),
+            "input" => {
+                let json = serde_json::from_str(&value).map_err(|e| {
+                    ApiError::BadRequest(format!("`input` must be JSON ({e}); use `input_base64`"))
+                })?;
+                spec.input = Some(json);
+            }
+            "input_base64" => spec.input_base64 = Some(value),
             "timeout_ms" => spec.limits.timeout_ms = Some(number(&key, &value)?),
             "max_memory_mb" => spec.limits.max_memory_mb = Some(number(&key, &value)?),
             "fuel" => spec.limits.fuel = Some(number(&key, &value)?),

@@ -79,6 +79,10 @@ pub struct SubmitArgs {
     env: Vec<(String, String)>,
     #[command(flatten)]
     limits: LimitsArgs,
+    /// Input: a JSON value, or @FILE for a file's bytes (an SDK workload's
+    /// argument; a plain WASI program's stdin)
+    #[arg(long, value_name = "JSON|@FILE", value_parser = parse::input)]
+    input: Option<parse::InputBytes>,
     /// Print JSON instead of text
     #[arg(long)]
     json: bool,
@@ -102,6 +106,8 @@ fn print_record(w: &Value, json: bool) {
         "error",
         "duration_ms",
         "line_count",
+        "output",
+        "output_base64",
         "module",
         "created_at",
         "started_at",
@@ -146,6 +152,11 @@ pub async fn submit(client: &Client, args: SubmitArgs) -> anyhow::Result<ExitCod
     }
     for (k, v) in &args.env {
         query.append_pair("env", &format!("{k}={v}"));
+    }
+    if let Some(input) = &args.input {
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::STANDARD.encode(&input.0);
+        query.append_pair("input_base64", &b64);
     }
     let limits = args.limits.to_limits();
     let pairs = [
@@ -318,6 +329,15 @@ pub async fn follow(client: &Client, id: &str, json: bool) -> anyhow::Result<Exi
             for ev in parser.push(&chunk) {
                 if ev.event == "end" {
                     let record: Value = serde_json::from_str(&ev.data).unwrap_or(Value::Null);
+                    // An SDK workload's output comes after its logs, as with `vulcan run`.
+                    if !json {
+                        match (&record["output"], &record["output_base64"]) {
+                            (Value::Null, Value::String(b64)) => println!("output_base64: {b64}"),
+                            (Value::Null, _) => {}
+                            (Value::String(s), _) => println!("{s}"),
+                            (other, _) => println!("{other}"),
+                        }
+                    }
                     return Ok(exit_code_of(&record));
                 }
                 failures = 0;

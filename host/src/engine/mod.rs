@@ -1,5 +1,10 @@
 //! The wasmtime backend: compiles modules and runs workloads in sandboxed stores.
 //!
+//! Three kinds of workload, told apart from the bytes at compile time: WASI
+//! preview1 core modules, WASI preview2 command components, and components of
+//! the Vulcan world (see [`component`]). All share the limits, the kill switch
+//! and the output path.
+//!
 //! Owns the one process-wide wasmtime engine, its single epoch ticker thread,
 //! WASI wiring and the classification of how a guest ended. It must not touch
 //! the store or the broker: guest output leaves through the [`LogWriter`] it is
