@@ -309,3 +309,62 @@ async fn uploads_of_components_the_host_cannot_run_are_refused() {
     let (_, page) = server.get_json("/v1/workloads").await;
     assert_eq!(page["total"], 0);
 }
+
+const USERS: &str = r#"{"users":[{"name":"Ada","age":36},{"name":"Alan","age":41}]}"#;
+
+#[test]
+fn json_transform_reshapes_a_document_locally() {
+    let env = Env::new();
+    let out = env.run(&["run", "--input", USERS, &component_str("json-transform")]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let (printed, output) = stdout(&out)
+        .split_once('\n')
+        .map(|(a, b)| (a.to_owned(), b.to_owned()))
+        .unwrap();
+    assert_eq!(printed, "transformed 2 users");
+    let output: Value = serde_json::from_str(&output).unwrap();
+    assert_eq!(
+        output,
+        json!({"count": 2, "names": ["Ada", "Alan"], "oldest": "Alan"})
+    );
+    let bad = env.run(&["run", "--input", "[1]", &component_str("json-transform")]);
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(stderr(&bad).contains("expected {\"users\": [...]}"));
+}
+
+#[tokio::test]
+async fn json_transform_through_the_api_survives_a_restart_without_recompiling() {
+    let env = Env::new();
+    let server = Server::start(&env, &[]);
+    let bytes = std::fs::read(component("json-transform")).unwrap();
+    let resp = server
+        .req(Method::POST, "/v1/modules")
+        .header("content-type", "application/wasm")
+        .body(bytes)
+        .send()
+        .await
+        .unwrap();
+    let hash = resp.json::<Value>().await.unwrap()["hash"].clone();
+    assert_eq!(server.stop().code(), Some(0));
+
+    // The compiled component comes back from its artifact on disk.
+    let server = Server::start(&env, &[]);
+    let spec = json!({"module": hash, "input": serde_json::from_str::<Value>(USERS).unwrap()});
+    let record: Value = server
+        .req(Method::POST, "/v1/workloads")
+        .json(&spec)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(record["status"], "completed", "{record}");
+    assert_eq!(record["output"]["oldest"], "Alan");
+    assert_eq!(record["line_count"], 1);
+    let metrics = server.metrics().await;
+    assert!(
+        metrics.contains("vulcan_module_compiles_total 0"),
+        "{metrics}"
+    );
+}
