@@ -22,22 +22,19 @@ fn main() {
     // A target dir of its own: the outer cargo holds the lock on the main one.
     let target_dir = root.join("target/wasm-examples");
 
-    println!(
-        "cargo:rerun-if-changed={}",
-        examples.join("Cargo.toml").display()
-    );
-    println!(
-        "cargo:rerun-if-changed={}",
-        examples.join("Cargo.lock").display()
-    );
-    for dir in ["wasi"].iter().chain(COMPONENT_PACKAGES) {
-        println!("cargo:rerun-if-changed={}", examples.join(dir).display());
+    let watched = [
+        examples.join("Cargo.toml"),
+        examples.join("Cargo.lock"),
+        root.join("guest-sdk"),
+        root.join("wit"),
+    ];
+    let packages = ["wasi"].iter().chain(COMPONENT_PACKAGES);
+    for path in watched
+        .into_iter()
+        .chain(packages.map(|p| examples.join(p)))
+    {
+        println!("cargo:rerun-if-changed={}", path.display());
     }
-    println!(
-        "cargo:rerun-if-changed={}",
-        root.join("guest-sdk").display()
-    );
-    println!("cargo:rerun-if-changed={}", root.join("wit").display());
 
     build(
         &examples,

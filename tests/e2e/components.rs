@@ -158,15 +158,9 @@ async fn components_through_the_api_sync_async_sse_history_and_kill() {
         let bytes = std::fs::read(component(name)).unwrap();
         let server = &server;
         async move {
-            let resp = server
-                .req(Method::POST, "/v1/modules")
-                .header("content-type", "application/wasm")
-                .body(bytes)
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(resp.status().as_u16(), 201);
-            resp.json::<Value>().await.unwrap()
+            let (status, info) = server.upload(bytes).await;
+            assert_eq!(status, 201, "{info}");
+            info
         }
     };
     let sum = upload("sum").await;
@@ -272,15 +266,8 @@ async fn uploads_of_components_the_host_cannot_run_are_refused() {
         let bytes = wat::parse_str(wat).unwrap();
         let server = &server;
         async move {
-            let resp = server
-                .req(Method::POST, "/v1/modules")
-                .header("content-type", "application/wasm")
-                .body(bytes)
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(resp.status().as_u16(), 400);
-            let body: Value = resp.json().await.unwrap();
+            let (status, body) = server.upload(bytes).await;
+            assert_eq!(status, 400, "{body}");
             assert_eq!(body["error"]["code"], "invalid_module", "{body}");
             body["error"]["message"].as_str().unwrap().to_owned()
         }
@@ -336,15 +323,10 @@ fn json_transform_reshapes_a_document_locally() {
 async fn json_transform_through_the_api_survives_a_restart_without_recompiling() {
     let env = Env::new();
     let server = Server::start(&env, &[]);
-    let bytes = std::fs::read(component("json-transform")).unwrap();
-    let resp = server
-        .req(Method::POST, "/v1/modules")
-        .header("content-type", "application/wasm")
-        .body(bytes)
-        .send()
-        .await
-        .unwrap();
-    let hash = resp.json::<Value>().await.unwrap()["hash"].clone();
+    let (_, info) = server
+        .upload(std::fs::read(component("json-transform")).unwrap())
+        .await;
+    let hash = info["hash"].clone();
     assert_eq!(server.stop().code(), Some(0));
 
     // The compiled component comes back from its artifact on disk.

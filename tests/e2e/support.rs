@@ -226,6 +226,19 @@ impl Server {
         )
     }
 
+    /// `POST /v1/modules` with these bytes: the status and the JSON body.
+    pub async fn upload(&self, bytes: Vec<u8>) -> (u16, serde_json::Value) {
+        let resp = self
+            .req(reqwest::Method::POST, "/v1/modules")
+            .header("content-type", "application/wasm")
+            .body(bytes)
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(serde_json::Value::Null))
+    }
+
     /// Runs `example` synchronously with query args; returns the record.
     pub async fn run_wasm(&self, example_name: &str, query: &str) -> (u16, serde_json::Value) {
         let resp = self
