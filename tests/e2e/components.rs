@@ -184,6 +184,24 @@ async fn components_through_the_api_sync_async_sse_history_and_kill() {
     assert_eq!(record["status"], "completed");
     assert_eq!(record["output"], json!({"sum": 3}));
 
+    // Async: the output is in the final record, at the end of the log stream.
+    let resp = server
+        .req(Method::POST, "/v1/workloads/async")
+        .json(&json!({"module": sum["hash"], "input": {"a": 20, "b": 22}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 202);
+    let id = resp.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (_, lines, end) = server.sse(&id, None).await.until_end().await;
+    assert_eq!(lines.len(), 1);
+    assert_eq!(end["output"], json!({"sum": 42}));
+    let (_, record) = server.get_json(&format!("/v1/workloads/{id}")).await;
+    assert_eq!(record["output"], json!({"sum": 42}));
+
     // Output that is not JSON comes back as base64; input_base64 works too.
     let greet = upload("greet").await;
     let (_, record) = run(json!({"module": greet["hash"], "input_base64": "IkJvYiI="})).await;
