@@ -219,24 +219,15 @@ async fn kill_stops_a_spinning_guest_and_a_second_kill_conflicts() {
     let first = sse.next().await.unwrap();
     assert_eq!(first.data, "spinning", "the guest is in its loop");
 
-    let resp = server
-        .req(Method::DELETE, &format!("/v1/workloads/{id}"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status().as_u16(), 202);
+    let (status, _) = server.kill(&id).await;
+    assert_eq!(status, 202);
     let (_, _, end) = sse.until_end().await;
     assert_eq!(end["status"], "killed");
     assert_eq!(end["error"], "killed on request");
     assert!(end["finished_at"].is_string());
 
-    let again = server
-        .req(Method::DELETE, &format!("/v1/workloads/{id}"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(again.status().as_u16(), 409);
-    let body: Value = again.json().await.unwrap();
+    let (status, body) = server.kill(&id).await;
+    assert_eq!(status, 409);
     assert_eq!(body["error"]["code"], "conflict");
 }
 
@@ -465,11 +456,7 @@ async fn a_full_server_answers_503_with_retry_after() {
     assert_eq!(resp.headers()["retry-after"], "1");
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["error"]["code"], "busy");
-    server
-        .req(Method::DELETE, &format!("/v1/workloads/{id}"))
-        .send()
-        .await
-        .unwrap();
+    assert_eq!(server.kill(&id).await.0, 202);
     let (_, _, end) = server.sse(&id, None).await.until_end().await;
     assert_eq!(end["status"], "killed");
     let (status, _) = server.run_wasm("hello", "").await;

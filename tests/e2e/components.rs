@@ -185,17 +185,9 @@ async fn components_through_the_api_sync_async_sse_history_and_kill() {
     assert_eq!(record["output"], json!({"sum": 3}));
 
     // Async: the output is in the final record, at the end of the log stream.
-    let resp = server
-        .req(Method::POST, "/v1/workloads/async")
-        .json(&json!({"module": sum["hash"], "input": {"a": 20, "b": 22}}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status().as_u16(), 202);
-    let id = resp.json::<Value>().await.unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = server
+        .start_json(&json!({"module": sum["hash"], "input": {"a": 20, "b": 22}}))
+        .await;
     let (_, lines, end) = server.sse(&id, None).await.until_end().await;
     assert_eq!(lines.len(), 1);
     assert_eq!(end["output"], json!({"sum": 42}));
@@ -254,24 +246,11 @@ async fn components_through_the_api_sync_async_sse_history_and_kill() {
 
     // Async, then killed while computing.
     let fib = upload("fib").await;
-    let resp = server
-        .req(Method::POST, "/v1/workloads/async")
-        .json(&json!({"module": fib["hash"], "input": {"n": 90}}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status().as_u16(), 202);
-    let id = resp.json::<Value>().await.unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = server
+        .start_json(&json!({"module": fib["hash"], "input": {"n": 90}}))
+        .await;
     let mut sse = server.sse(&id, None).await;
-    let kill = server
-        .req(Method::DELETE, &format!("/v1/workloads/{id}"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(kill.status().as_u16(), 202);
+    assert_eq!(server.kill(&id).await.0, 202);
     let (_, _, end) = sse.until_end().await;
     assert_eq!(end["status"], "killed");
 }

@@ -269,6 +269,30 @@ impl Server {
         v["id"].as_str().unwrap().to_owned()
     }
 
+    /// Starts a workload from a JSON spec asynchronously; returns its id.
+    pub async fn start_json(&self, spec: &serde_json::Value) -> String {
+        let resp = self
+            .req(reqwest::Method::POST, "/v1/workloads/async")
+            .json(spec)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 202);
+        let v: serde_json::Value = resp.json().await.unwrap();
+        v["id"].as_str().unwrap().to_owned()
+    }
+
+    /// `DELETE /v1/workloads/{id}`: the status and the JSON body.
+    pub async fn kill(&self, id: &str) -> (u16, serde_json::Value) {
+        let resp = self
+            .req(reqwest::Method::DELETE, &format!("/v1/workloads/{id}"))
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(serde_json::Value::Null))
+    }
+
     /// Opens the SSE log stream of `id`, resuming after `last_event_id`.
     pub async fn sse(&self, id: &str, last_event_id: Option<u64>) -> SseClient {
         let mut r = self.req(reqwest::Method::GET, &format!("/v1/workloads/{id}/logs"));
