@@ -78,10 +78,10 @@ fn greet_logs_at_every_level_and_sees_only_its_spec() {
     let lines = leveled_lines(&env, &row.id);
     let levels: Vec<_> = lines.iter().filter_map(|l| l.1.clone()).collect();
     assert_eq!(levels, ["trace", "debug", "info", "warn", "error"]);
-    assert_eq!(lines[0].2, format!("trace: starting workload {}", row.id));
-    assert!(lines[1].2.starts_with("debug: module sha256:"));
-    assert_eq!(lines[3].2, r#"warn: args ["greet.wasm", "x"]"#);
-    assert_eq!(lines[4].2, r#"error: env [("ONLY", "this")]"#);
+    assert_eq!(lines[0].2, format!("starting workload {}", row.id));
+    assert!(lines[1].2.starts_with("module sha256:"));
+    assert_eq!(lines[3].2, r#"args ["greet.wasm", "x"]"#);
+    assert_eq!(lines[4].2, r#"env [("ONLY", "this")]"#);
     assert_eq!(
         lines[5..],
         [
