@@ -10,6 +10,12 @@
 //!    client must receive every seq exactly once; prints the time and the
 //!    server's peak RSS.
 //!
+//! Two baselines are measured in the same run, so the figures read as ratios:
+//! `GET /healthz` at the same concurrency (the HTTP round trip plus a store
+//! ping: the floor under any request), and `hello` instantiated and run
+//! in-process by plain wasmtime with no HTTP and no store (the floor under
+//! any workload).
+//!
 //! Set `VULCAN_BENCH_REQUESTS` (per concurrency level, default 5,000) and
 //! `VULCAN_BENCH_LINES` (default 1,000,000) to change the sizes.
 
@@ -27,7 +33,10 @@ fn main() -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    rt.block_on(run(requests, lines))
+    // Sync WASI blocks on a runtime of its own, so the baseline runs outside ours.
+    let hello = std::fs::read(vulcan_test_artifacts::example("hello"))?;
+    let plain = plain_wasmtime_hello(&hello, 2_000)?;
+    rt.block_on(run(requests, lines, &hello, plain))
 }
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
@@ -37,9 +46,8 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
         .unwrap_or(default)
 }
 
-async fn run(requests: usize, lines: u64) -> anyhow::Result<()> {
+async fn run(requests: usize, lines: u64, hello: &[u8], plain: Duration) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let hello = std::fs::read(vulcan_test_artifacts::example("hello"))?;
     println!("server load benchmark (hello by hash, {requests} runs per level)");
 
     let server = BenchServer::start(dir.path())?;
@@ -47,7 +55,7 @@ async fn run(requests: usize, lines: u64) -> anyhow::Result<()> {
 
     // 1. Cold: a module the server has never seen.
     let t = Instant::now();
-    let hash = upload(&http, &server.url, &hello).await?;
+    let hash = upload(&http, &server.url, hello).await?;
     let upload_time = t.elapsed();
     let t = Instant::now();
     run_by_hash(&http, &server.url, &hash).await?;
@@ -58,17 +66,26 @@ async fn run(requests: usize, lines: u64) -> anyhow::Result<()> {
         ms(first_run)
     );
 
-    // 2. Throughput and latency.
+    // 2. Throughput and latency, each level against /healthz at the same level.
+    println!(
+        "  baseline: plain wasmtime instantiate + run of hello, in-process: {:.1} µs",
+        plain.as_secs_f64() * 1e6
+    );
     let mut total = 1; // the cold run
     for clients in [1usize, 16, 64] {
-        let (elapsed, mut latencies) = load(&http, &server.url, &hash, clients, requests).await?;
+        let run = Probe::Run(hash.clone());
+        let workloads = load(&http, &server.url, &run, clients, requests).await?;
         total += requests;
-        latencies.sort_unstable();
+        let health = load(&http, &server.url, &Probe::Health, clients, requests).await?;
         println!(
-            "  {clients:>2} clients: {:>8.0} workloads/s  p50 {:>6.2} ms  p99 {:>6.2} ms",
-            requests as f64 / elapsed.as_secs_f64(),
-            ms(percentile(&latencies, 50)),
-            ms(percentile(&latencies, 99)),
+            "  {clients:>2} clients: {:>8.0} workloads/s  p50 {:>6.2} ms  p99 {:>6.2} ms   \
+             (healthz {:>6.0}/s, p50 {:>5.2} ms; workloads/s = {:.2} of healthz/s)",
+            workloads.per_second(),
+            ms(workloads.percentile(50)),
+            ms(workloads.percentile(99)),
+            health.per_second(),
+            ms(health.percentile(50)),
+            workloads.per_second() / health.per_second(),
         );
     }
     let listed: Value = http
@@ -125,9 +142,69 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-fn percentile(sorted: &[Duration], p: usize) -> Duration {
-    let i = (sorted.len() * p / 100).min(sorted.len() - 1);
-    sorted[i]
+/// The mean time plain wasmtime takes to instantiate and run `hello` to its
+/// end, compiled once, with output to memory: no HTTP, no store, no limits.
+fn plain_wasmtime_hello(wasm: &[u8], runs: u32) -> anyhow::Result<Duration> {
+    use wasmtime_wasi::WasiCtxBuilder;
+    use wasmtime_wasi::p1::WasiP1Ctx;
+    use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
+    let engine = wasmtime::Engine::default();
+    let module = wasmtime::Module::new(&engine, wasm)?;
+    let mut linker = wasmtime::Linker::<WasiP1Ctx>::new(&engine);
+    wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |cx| cx)?;
+    let pre = linker.instantiate_pre(&module)?;
+    let start = Instant::now();
+    for _ in 0..runs {
+        let stdout = MemoryOutputPipe::new(1 << 16);
+        let wasi = WasiCtxBuilder::new().stdout(stdout.clone()).build_p1();
+        let mut store = wasmtime::Store::new(&engine, wasi);
+        let instance = pre.instantiate(&mut store)?;
+        instance
+            .get_typed_func::<(), ()>(&mut store, "_start")?
+            .call(&mut store, ())?;
+        ensure!(!stdout.contents().is_empty(), "hello printed nothing");
+    }
+    Ok(start.elapsed() / runs)
+}
+
+/// What a load benchmark sends.
+#[derive(Clone)]
+enum Probe {
+    /// A sync run of the module with this hash.
+    Run(String),
+    /// `GET /healthz`.
+    Health,
+}
+
+impl Probe {
+    async fn send(&self, http: &reqwest::Client, url: &str) -> anyhow::Result<()> {
+        match self {
+            Probe::Run(hash) => run_by_hash(http, url, hash).await,
+            Probe::Health => {
+                let resp = http.get(format!("{url}/healthz")).send().await?;
+                ensure!(resp.status() == 200, "healthz: {}", resp.status());
+                resp.bytes().await?;
+                Ok(())
+            }
+        }
+    }
+}
+
+/// The wall time and sorted latencies of one load level.
+struct Load {
+    elapsed: Duration,
+    sorted: Vec<Duration>,
+}
+
+impl Load {
+    fn per_second(&self) -> f64 {
+        self.sorted.len() as f64 / self.elapsed.as_secs_f64()
+    }
+
+    fn percentile(&self, p: usize) -> Duration {
+        let i = (self.sorted.len() * p / 100).min(self.sorted.len() - 1);
+        self.sorted[i]
+    }
 }
 
 async fn upload(http: &reqwest::Client, url: &str, wasm: &[u8]) -> anyhow::Result<String> {
@@ -158,36 +235,38 @@ async fn run_by_hash(http: &reqwest::Client, url: &str, hash: &str) -> anyhow::R
     Ok(())
 }
 
-/// `requests` sync runs spread over `clients` concurrent loops.
+/// `requests` probes spread over `clients` concurrent loops, each its own task.
 async fn load(
     http: &reqwest::Client,
     url: &str,
-    hash: &str,
+    probe: &Probe,
     clients: usize,
     requests: usize,
-) -> anyhow::Result<(Duration, Vec<Duration>)> {
+) -> anyhow::Result<Load> {
     let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let start = Instant::now();
     let tasks: Vec<_> = (0..clients)
         .map(|_| {
-            let (http, url, hash, next) =
-                (http.clone(), url.to_owned(), hash.to_owned(), next.clone());
+            let (http, url, probe, next) =
+                (http.clone(), url.to_owned(), probe.clone(), next.clone());
             tokio::spawn(async move {
                 let mut latencies = Vec::new();
                 while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < requests {
                     let t = Instant::now();
-                    run_by_hash(&http, &url, &hash).await?;
+                    probe.send(&http, &url).await?;
                     latencies.push(t.elapsed());
                 }
                 anyhow::Ok(latencies)
             })
         })
         .collect();
-    let mut all = Vec::with_capacity(requests);
+    let mut sorted = Vec::with_capacity(requests);
     for t in tasks {
-        all.extend(t.await??);
+        sorted.extend(t.await??);
     }
-    Ok((start.elapsed(), all))
+    let elapsed = start.elapsed();
+    sorted.sort_unstable();
+    Ok(Load { elapsed, sorted })
 }
 
 /// Follows a workload's SSE stream to its end; returns how many lines came,

@@ -315,48 +315,43 @@ impl Db {
 
     /// True when the database answers a trivial query.
     pub fn ping(&self) -> StoreResult<()> {
-        self.with_reader(|c| Ok(c.query_row("SELECT 1", [], |_| Ok(()))?))
+        self.with_reader(|c| Ok(c.prepare_cached("SELECT 1")?.query_row([], |_| Ok(()))?))
     }
 
     /// A module's metadata.
     pub fn module_info(&self, hash: &str) -> StoreResult<ModuleInfo> {
         self.with_reader(|c| {
-            c.query_row(
-                "SELECT hash, kind, size, created_at FROM modules WHERE hash = ?1",
-                [hash],
-                |r| {
+            c.prepare_cached("SELECT hash, kind, size, created_at FROM modules WHERE hash = ?1")?
+                .query_row([hash], |r| {
                     Ok(ModuleInfo {
                         hash: r.get(0)?,
                         kind: r.get(1)?,
                         size: r.get::<_, i64>(2)? as u64,
                         created_at: r.get(3)?,
                     })
-                },
-            )
-            .optional()?
-            .ok_or_else(|| StoreError::ModuleNotFound(hash.to_owned()))
+                })
+                .optional()?
+                .ok_or_else(|| StoreError::ModuleNotFound(hash.to_owned()))
         })
     }
 
     /// A module's bytes.
     pub fn module_bytes(&self, hash: &str) -> StoreResult<Vec<u8>> {
         self.with_reader(|c| {
-            c.query_row("SELECT bytes FROM modules WHERE hash = ?1", [hash], |r| {
-                r.get(0)
-            })
-            .optional()?
-            .ok_or_else(|| StoreError::ModuleNotFound(hash.to_owned()))
+            c.prepare_cached("SELECT bytes FROM modules WHERE hash = ?1")?
+                .query_row([hash], |r| r.get(0))
+                .optional()?
+                .ok_or_else(|| StoreError::ModuleNotFound(hash.to_owned()))
         })
     }
 
     /// One workload.
     pub fn workload(&self, id: WorkloadId) -> StoreResult<WorkloadRecord> {
         self.with_reader(|c| {
-            c.query_row(
-                &format!("SELECT {WORKLOAD_COLUMNS} FROM workloads WHERE id = ?1"),
-                [id.to_string()],
-                row_to_workload,
-            )
+            c.prepare_cached(&format!(
+                "SELECT {WORKLOAD_COLUMNS} FROM workloads WHERE id = ?1"
+            ))?
+            .query_row([id.to_string()], row_to_workload)
             .optional()?
             .ok_or(StoreError::NotFound(id))?
         })
@@ -371,11 +366,9 @@ impl Db {
     ) -> StoreResult<WorkloadPage> {
         self.with_reader(|c| {
             let filter = status.map(|s| s.as_str());
-            let total: i64 = c.query_row(
-                "SELECT COUNT(*) FROM workloads WHERE ?1 IS NULL OR status = ?1",
-                [filter],
-                |r| r.get(0),
-            )?;
+            let total: i64 = c
+                .prepare_cached("SELECT COUNT(*) FROM workloads WHERE ?1 IS NULL OR status = ?1")?
+                .query_row([filter], |r| r.get(0))?;
             let mut stmt = c.prepare_cached(&format!(
                 "SELECT {WORKLOAD_COLUMNS} FROM workloads WHERE ?1 IS NULL OR status = ?1 \
                  ORDER BY id DESC LIMIT ?2 OFFSET ?3"
@@ -725,28 +718,25 @@ fn apply_failed(op: WriteOp, e: Option<&anyhow::Error>) {
 
 fn create(tx: &Connection, new: NewWorkload) -> StoreResult<()> {
     let known: bool = tx
-        .query_row(
-            "SELECT 1 FROM modules WHERE hash = ?1",
-            [&new.module_hash],
-            |_| Ok(()),
-        )
+        .prepare_cached("SELECT 1 FROM modules WHERE hash = ?1")?
+        .query_row([&new.module_hash], |_| Ok(()))
         .optional()?
         .is_some();
     if !known {
         return Err(StoreError::ModuleNotFound(new.module_hash));
     }
-    tx.execute(
+    tx.prepare_cached(
         "INSERT INTO workloads (id, status, module_hash, args, env, limits, created_at) \
          VALUES (?1, 'pending', ?2, ?3, ?4, ?5, ?6)",
-        params![
-            new.id.to_string(),
-            new.module_hash,
-            serde_json::to_string(&new.args).map_err(anyhow::Error::from)?,
-            serde_json::to_string(&new.env).map_err(anyhow::Error::from)?,
-            serde_json::to_string(&new.limits).map_err(anyhow::Error::from)?,
-            now_ms()
-        ],
-    )?;
+    )?
+    .execute(params![
+        new.id.to_string(),
+        new.module_hash,
+        serde_json::to_string(&new.args).map_err(anyhow::Error::from)?,
+        serde_json::to_string(&new.env).map_err(anyhow::Error::from)?,
+        serde_json::to_string(&new.limits).map_err(anyhow::Error::from)?,
+        now_ms()
+    ])?;
     Ok(())
 }
 
@@ -758,9 +748,8 @@ fn transition(
 ) -> StoreResult<()> {
     let key = id.to_string();
     let from: Status = tx
-        .query_row("SELECT status FROM workloads WHERE id = ?1", [&key], |r| {
-            r.get::<_, String>(0)
-        })
+        .prepare_cached("SELECT status FROM workloads WHERE id = ?1")?
+        .query_row([&key], |r| r.get::<_, String>(0))
         .optional()?
         .ok_or(StoreError::NotFound(id))?
         .parse()?;
@@ -770,26 +759,24 @@ fn transition(
     let now = now_ms();
     match completion {
         None => {
-            tx.execute(
-                "UPDATE workloads SET status = ?1, started_at = ?2 WHERE id = ?3",
-                params![to.as_str(), now, key],
-            )?;
+            tx.prepare_cached("UPDATE workloads SET status = ?1, started_at = ?2 WHERE id = ?3")?
+                .execute(params![to.as_str(), now, key])?;
         }
         Some(c) => {
-            tx.execute(
+            tx.prepare_cached(
                 "UPDATE workloads SET status = ?1, exit_code = ?2, error = ?3, output = ?4, \
                  duration_ms = ?5, line_count = ?6, finished_at = ?7 WHERE id = ?8",
-                params![
-                    to.as_str(),
-                    c.exit_code,
-                    c.error,
-                    c.output,
-                    c.duration_ms as i64,
-                    c.line_count as i64,
-                    now,
-                    key
-                ],
-            )?;
+            )?
+            .execute(params![
+                to.as_str(),
+                c.exit_code,
+                c.error,
+                c.output,
+                c.duration_ms as i64,
+                c.line_count as i64,
+                now,
+                key
+            ])?;
         }
     }
     Ok(())
