@@ -189,11 +189,11 @@ fn naive_inserts(lines: u64) -> anyhow::Result<Duration> {
     let conn = rusqlite::Connection::open(dir.path().join(vulcan::store::DB_FILE))?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "NORMAL")?;
-    let id = ulid::Ulid::new().to_string();
+    let id = 1; // a workload key; the naive design is about transactions, not keys
     let started = Instant::now();
     let mut stmt = conn.prepare(
-        "INSERT INTO log_lines (workload_id, seq, stream, level, line, continued, created_at) \
-         VALUES (?1, ?2, 'stdout', NULL, ?3, 0, ?4)",
+        "INSERT INTO log_records (workload, seq, stream, level, line, continued, created_at) \
+         VALUES (?1, ?2, 0, NULL, ?3, 0, ?4)",
     )?;
     for seq in 0..lines as i64 {
         conn.execute_batch("BEGIN")?;

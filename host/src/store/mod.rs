@@ -1,12 +1,13 @@
 //! Durable state in one SQLite file: modules, workloads and their log lines.
 //!
-//! One writer thread owns the only write connection. Every change — a new
-//! workload, a status transition, a log line — goes through its FIFO queue, so a
-//! workload's lines are always committed before the terminal status that follows
-//! them. Lines are committed in group transactions (up to `max_batch` lines, or
-//! whatever arrived within `linger` of the first); a control operation commits at
-//! once, taking queued lines with it. Reads use a small pool of read-only
-//! connections (WAL lets them run beside the writer).
+//! One writer thread owns the only write connection. Log lines wait in a shared
+//! line queue; every other change (a new workload, a status transition) is an op
+//! on the writer's channel, and committing an op takes every line queued before
+//! it, so a workload's lines are always committed before the terminal status
+//! that follows them. Lines are committed in group transactions (a full batch of
+//! `max_batch` lines, or whatever arrived within `linger` of the first); an op
+//! commits at once. Reads use a small pool of read-only connections (WAL lets
+//! them run beside the writer).
 //!
 //! Only this module imports rusqlite.
 
@@ -24,7 +25,7 @@ use tokio::sync::oneshot;
 
 pub use schema::SCHEMA_VERSION;
 
-use crate::logs::LogRecord;
+use crate::logs::{LogRecord, LogStream};
 use crate::workload::{Completion, Limits, Status, WorkloadId, WorkloadRecord, now_ms};
 
 /// The database file's name inside the data directory.
@@ -119,7 +120,9 @@ pub struct WorkloadPage {
 }
 
 enum WriteOp {
-    Line(Arc<LogRecord>),
+    /// The line queue needs the writer: its first line (which starts the linger
+    /// clock) or a full batch.
+    LinesQueued,
     PutModule {
         info: ModuleInfo,
         bytes: Arc<[u8]>,
@@ -153,21 +156,49 @@ pub struct Db {
 struct Inner {
     path: PathBuf,
     tx: mpsc::Sender<WriteOp>,
+    queue: Arc<LineQueue>,
     readers: Mutex<Vec<Connection>>,
     lost_lines: Arc<AtomicU64>,
+}
+
+/// Lines waiting for the writer's next commit.
+///
+/// Kept apart from the op channel so that a line costs a push under a lock,
+/// not a wake-up of the writer thread: the writer is woken once per batch.
+/// Ordering still holds because a control op is sent after the lines before it
+/// were pushed, and the writer takes the whole queue when it commits that op.
+struct LineQueue {
+    lines: Mutex<Vec<Arc<LogRecord>>>,
+    /// Lines that make a full batch.
+    full: usize,
+}
+
+impl LineQueue {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Arc<LogRecord>>> {
+        // A push or a swap cannot leave the vector half-changed.
+        self.lines.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 /// Sends lines to the store without waiting; held by each `LogWriter`.
 #[derive(Clone)]
 pub struct LineSink {
     tx: mpsc::Sender<WriteOp>,
+    queue: Arc<LineQueue>,
 }
 
 impl LineSink {
-    /// Queues one line for the next batch. Never blocks.
+    /// Queues one line for the next batch. Never blocks on the database.
     pub fn send(&self, record: Arc<LogRecord>) {
-        // Fails only after the writer thread is gone, which the writer logs itself.
-        let _ = self.tx.send(WriteOp::Line(record));
+        let queued = {
+            let mut lines = self.queue.lock();
+            lines.push(record);
+            lines.len()
+        };
+        if queued == 1 || queued == self.queue.full {
+            // Fails only after the writer thread is gone, which the writer logs itself.
+            let _ = self.tx.send(WriteOp::LinesQueued);
+        }
     }
 }
 
@@ -194,14 +225,29 @@ impl Db {
         let (tx, rx) = mpsc::channel();
         let lost_lines = Arc::new(AtomicU64::new(0));
         let lost = Arc::clone(&lost_lines);
+        let queue = Arc::new(LineQueue {
+            lines: Mutex::new(Vec::new()),
+            full: batch.max_batch.max(1),
+        });
+        let queued = Arc::clone(&queue);
         thread::Builder::new()
             .name("vulcan-db-writer".into())
-            .spawn(move || Writer { conn, batch, lost }.run(rx))
+            .spawn(move || {
+                Writer {
+                    conn,
+                    batch,
+                    queue: queued,
+                    lost,
+                    keys: WorkloadKeys::default(),
+                }
+                .run(rx)
+            })
             .context("failed to start the database writer")?;
         Ok(Self {
             inner: Arc::new(Inner {
                 path,
                 tx,
+                queue,
                 readers: Mutex::new(Vec::new()),
                 lost_lines,
             }),
@@ -217,6 +263,7 @@ impl Db {
     pub fn line_sink(&self) -> LineSink {
         LineSink {
             tx: self.inner.tx.clone(),
+            queue: Arc::clone(&self.inner.queue),
         }
     }
 
@@ -397,12 +444,13 @@ impl Db {
     ) -> StoreResult<Vec<LogRecord>> {
         self.with_reader(|c| {
             let mut stmt = c.prepare_cached(
-                "SELECT seq, stream, level, line, continued, created_at FROM log_lines \
-                 WHERE workload_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+                "SELECT seq, stream, level, line, continued, created_at FROM log_records \
+                 WHERE workload = (SELECT key FROM workloads WHERE id = ?1) AND seq > ?2 \
+                 ORDER BY seq LIMIT ?3",
             )?;
             let after = after.map_or(-1, |a| a as i64);
             let rows = stmt.query_map(params![id.to_string(), after, limit as i64], |r| {
-                let stream: String = r.get(1)?;
+                let stream: i64 = r.get(1)?;
                 let level: Option<String> = r.get(2)?;
                 Ok((
                     r.get::<_, i64>(0)?,
@@ -419,7 +467,7 @@ impl Db {
                 out.push(LogRecord {
                     workload_id: id,
                     seq: seq as u64,
-                    stream: stream.parse()?,
+                    stream: stream_from_code(stream)?,
                     level: level.map(|l| l.parse()).transpose()?,
                     line,
                     continued,
@@ -475,7 +523,11 @@ fn row_to_workload(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoreResult<Worklo
 struct Writer {
     conn: Connection,
     batch: BatchConfig,
+    queue: Arc<LineQueue>,
     lost: Arc<AtomicU64>,
+    /// Integer keys of workloads that may still write lines, so a line never
+    /// needs a lookup; a miss falls back to the table.
+    keys: WorkloadKeys,
 }
 
 /// A control operation applied in a batch, with the answer it will send.
@@ -483,7 +535,7 @@ type Pending = Box<dyn FnOnce(Option<&anyhow::Error>) + Send>;
 
 impl Writer {
     fn run(mut self, rx: mpsc::Receiver<WriteOp>) {
-        let mut lines: Vec<Arc<LogRecord>> = Vec::with_capacity(self.batch.max_batch);
+        let mut lines: Vec<Arc<LogRecord>> = Vec::new();
         let mut ops: Vec<WriteOp> = Vec::new();
         let mut deadline: Option<Instant> = None;
         loop {
@@ -491,23 +543,14 @@ impl Writer {
                 None => rx.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected),
                 Some(d) => rx.recv_timeout(d.saturating_duration_since(Instant::now())),
             };
-            let disconnected = match next {
-                Ok(WriteOp::Line(record)) => {
-                    lines.push(record);
-                    deadline.get_or_insert_with(|| Instant::now() + self.batch.linger);
-                    if lines.len() < self.batch.max_batch {
-                        continue;
-                    }
-                    false
-                }
+            let (mut due, mut disconnected) = (false, false);
+            match next {
                 Ok(op) => {
-                    // Someone is waiting: commit now, with whatever is already queued.
-                    ops.push(op);
-                    let mut disconnected = false;
-                    while lines.len() < self.batch.max_batch {
+                    due = self.take(op, &mut ops);
+                    // Ops that are already waiting join this commit.
+                    loop {
                         match rx.try_recv() {
-                            Ok(WriteOp::Line(record)) => lines.push(record),
-                            Ok(op) => ops.push(op),
+                            Ok(op) => due |= self.take(op, &mut ops),
                             Err(mpsc::TryRecvError::Empty) => break,
                             Err(mpsc::TryRecvError::Disconnected) => {
                                 disconnected = true;
@@ -515,31 +558,62 @@ impl Writer {
                             }
                         }
                     }
-                    disconnected
                 }
-                Err(mpsc::RecvTimeoutError::Timeout) => false,
-                Err(mpsc::RecvTimeoutError::Disconnected) => true,
-            };
-            self.commit(&mut lines, &mut ops);
-            deadline = None;
+                Err(mpsc::RecvTimeoutError::Timeout) => due = true,
+                Err(mpsc::RecvTimeoutError::Disconnected) => disconnected = true,
+            }
+            if due || disconnected {
+                // Every line queued before the ops in hand is in the queue now.
+                std::mem::swap(&mut *self.queue.lock(), &mut lines);
+                self.commit(&mut lines, &mut ops);
+                deadline = None;
+            } else {
+                deadline.get_or_insert_with(|| Instant::now() + self.batch.linger);
+            }
             if disconnected {
                 return;
             }
         }
     }
 
+    /// Keeps `op` for the next commit; true if that commit is due now: someone
+    /// waits on the op, or the line queue holds a full batch.
+    fn take(&self, op: WriteOp, ops: &mut Vec<WriteOp>) -> bool {
+        match op {
+            WriteOp::LinesQueued => self.queue.lock().len() >= self.queue.full,
+            op => {
+                ops.push(op);
+                true
+            }
+        }
+    }
+
     fn commit(&mut self, lines: &mut Vec<Arc<LogRecord>>, ops: &mut Vec<WriteOp>) {
+        if lines.is_empty() && ops.is_empty() {
+            // A wake-up whose lines went out with an earlier commit.
+            return;
+        }
         let mut answers: Vec<Pending> = Vec::with_capacity(ops.len());
-        let lost = &self.lost;
-        let conn = &mut self.conn;
+        let Writer {
+            conn, lost, keys, ..
+        } = self;
         let mut lines_dropped = false;
         let result = (|| -> anyhow::Result<()> {
             let mut tx = conn.transaction()?;
             if !lines.is_empty() {
                 // A bad line batch must not take the status changes beside it down too.
                 let sp = tx.savepoint()?;
-                match insert_lines(&sp, lines) {
-                    Ok(()) => sp.commit()?,
+                match insert_lines(&sp, lines, keys) {
+                    Ok(unknown) => {
+                        sp.commit()?;
+                        if unknown > 0 {
+                            lost.fetch_add(unknown, Ordering::Relaxed);
+                            tracing::error!(
+                                lines = unknown,
+                                "log lines of an unknown workload were not stored"
+                            );
+                        }
+                    }
                     Err(e) => {
                         lines_dropped = true;
                         lost.fetch_add(lines.len() as u64, Ordering::Relaxed);
@@ -552,12 +626,14 @@ impl Writer {
                 }
             }
             for op in ops.drain(..) {
-                answers.push(apply(&tx, op));
+                answers.push(apply(&tx, op, keys));
             }
             tx.commit()?;
             Ok(())
         })();
         if let Err(e) = &result {
+            // Keys assigned in the rolled-back transaction may be reused.
+            keys.clear();
             if !lines_dropped {
                 lost.fetch_add(lines.len() as u64, Ordering::Relaxed);
             }
@@ -583,10 +659,16 @@ impl Writer {
 /// well under SQLite's parameter limit.
 const ROWS_PER_INSERT: usize = 256;
 
-fn insert_lines(tx: &Connection, lines: &[Arc<LogRecord>]) -> anyhow::Result<()> {
+/// Inserts `lines`; returns how many were skipped because their workload is
+/// not in the table.
+fn insert_lines(
+    tx: &Connection,
+    lines: &[Arc<LogRecord>],
+    keys: &mut WorkloadKeys,
+) -> anyhow::Result<u64> {
     fn insert_sql(rows: usize) -> String {
         let mut sql = String::from(
-            "INSERT INTO log_lines (workload_id, seq, stream, level, line, continued, created_at) VALUES ",
+            "INSERT INTO log_records (workload, seq, stream, level, line, continued, created_at) VALUES ",
         );
         for i in 0..rows {
             if i > 0 {
@@ -596,48 +678,52 @@ fn insert_lines(tx: &Connection, lines: &[Arc<LogRecord>]) -> anyhow::Result<()>
         }
         sql
     }
-    // Lines arrive in long runs of one workload; format its id once per run.
-    let mut id_text: Option<(WorkloadId, String)> = None;
-    let mut chunks = lines.chunks_exact(ROWS_PER_INSERT);
+    let mut keyed = Vec::with_capacity(lines.len());
+    // Lines arrive in long runs of one workload: one key lookup per run.
+    let mut last: Option<(WorkloadId, Option<i64>)> = None;
+    for r in lines {
+        let key = match last {
+            Some((id, key)) if id == r.workload_id => key,
+            _ => last.insert((r.workload_id, keys.get(tx, r.workload_id)?)).1,
+        };
+        if let Some(key) = key {
+            keyed.push((key, &**r));
+        }
+    }
+    let unknown = (lines.len() - keyed.len()) as u64;
+    let mut chunks = keyed.chunks_exact(ROWS_PER_INSERT);
     let mut many = None;
     for chunk in &mut chunks {
         let stmt = match &mut many {
             Some(stmt) => stmt,
             None => many.insert(tx.prepare_cached(&insert_sql(ROWS_PER_INSERT))?),
         };
-        for (row, r) in chunk.iter().enumerate() {
-            bind_line(stmt, row * 7, r, &mut id_text)?;
+        for (row, (key, r)) in chunk.iter().enumerate() {
+            bind_line(stmt, row * 7, *key, r)?;
         }
         stmt.raw_execute()?;
     }
     let rest = chunks.remainder();
     if !rest.is_empty() {
         let mut one = tx.prepare_cached(&insert_sql(1))?;
-        for r in rest {
-            bind_line(&mut one, 0, r, &mut id_text)?;
+        for (key, r) in rest {
+            bind_line(&mut one, 0, *key, r)?;
             one.raw_execute()?;
         }
     }
-    Ok(())
+    Ok(unknown)
 }
 
 /// Binds one line's seven values at parameters `first + 1 ..= first + 7`.
 fn bind_line(
     stmt: &mut rusqlite::CachedStatement<'_>,
     first: usize,
+    key: i64,
     r: &LogRecord,
-    id_text: &mut Option<(WorkloadId, String)>,
 ) -> rusqlite::Result<()> {
-    let id = match id_text {
-        Some((id, text)) if *id == r.workload_id => text.as_str(),
-        _ => id_text
-            .insert((r.workload_id, r.workload_id.to_string()))
-            .1
-            .as_str(),
-    };
-    stmt.raw_bind_parameter(first + 1, id)?;
+    stmt.raw_bind_parameter(first + 1, key)?;
     stmt.raw_bind_parameter(first + 2, r.seq as i64)?;
-    stmt.raw_bind_parameter(first + 3, r.stream.as_str())?;
+    stmt.raw_bind_parameter(first + 3, stream_code(r.stream))?;
     stmt.raw_bind_parameter(first + 4, r.level.map(|l| l.as_str()))?;
     stmt.raw_bind_parameter(first + 5, r.line.as_str())?;
     stmt.raw_bind_parameter(first + 6, r.continued)?;
@@ -645,8 +731,51 @@ fn bind_line(
     Ok(())
 }
 
+/// The integer key of each workload the writer created and has not finished.
+#[derive(Default)]
+struct WorkloadKeys(std::collections::HashMap<WorkloadId, i64>);
+
+impl WorkloadKeys {
+    /// The workload's key, from memory or else the table; `None` if it does not exist.
+    fn get(&mut self, tx: &Connection, id: WorkloadId) -> rusqlite::Result<Option<i64>> {
+        if let Some(key) = self.0.get(&id) {
+            return Ok(Some(*key));
+        }
+        let key = tx
+            .prepare_cached("SELECT key FROM workloads WHERE id = ?1")?
+            .query_row([id.to_string()], |r| r.get(0))
+            .optional()?;
+        if let Some(key) = key {
+            self.0.insert(id, key);
+        }
+        Ok(key)
+    }
+
+    fn clear(&mut self) {
+        self.0.clear();
+    }
+}
+
+/// How a stream is stored in `log_records.stream`.
+fn stream_code(stream: LogStream) -> i64 {
+    match stream {
+        LogStream::Stdout => 0,
+        LogStream::Stderr => 1,
+        LogStream::Log => 2,
+    }
+}
+
+fn stream_from_code(code: i64) -> anyhow::Result<LogStream> {
+    Ok(match code {
+        0 => LogStream::Stdout,
+        1 => LogStream::Stderr,
+        2 => LogStream::Log,
+        other => anyhow::bail!("unknown stream code {other} in log_records"),
+    })
+}
+
 /// Applies one control op inside the batch transaction; returns how to answer it.
-fn apply(tx: &Connection, op: WriteOp) -> Pending {
+fn apply(tx: &Connection, op: WriteOp, keys: &mut WorkloadKeys) -> Pending {
     fn answer<T: Send + 'static>(
         reply: oneshot::Sender<StoreResult<T>>,
         result: StoreResult<T>,
@@ -660,7 +789,7 @@ fn apply(tx: &Connection, op: WriteOp) -> Pending {
         })
     }
     match op {
-        WriteOp::Line(_) => unreachable!("lines are batched separately"),
+        WriteOp::LinesQueued => unreachable!("a wake-up is not applied"),
         WriteOp::Flush { reply } => Box::new(move |_| {
             let _ = reply.send(());
         }),
@@ -681,13 +810,27 @@ fn apply(tx: &Connection, op: WriteOp) -> Pending {
                 .map_err(StoreError::from);
             answer(reply, result)
         }
-        WriteOp::Create { new, reply } => answer(reply, create(tx, new)),
+        WriteOp::Create { new, reply } => {
+            let id = new.id;
+            let result = create(tx, new);
+            if result.is_ok() {
+                keys.0.insert(id, tx.last_insert_rowid());
+            }
+            answer(reply, result)
+        }
         WriteOp::Transition {
             id,
             to,
             completion,
             reply,
-        } => answer(reply, transition(tx, id, to, completion)),
+        } => {
+            let result = transition(tx, id, to, completion);
+            if to.is_terminal() {
+                // Its last line came before this, through the same queue.
+                keys.0.remove(&id);
+            }
+            answer(reply, result)
+        }
         WriteOp::FailUnfinished { reason, reply } => {
             let result = tx
                 .execute(
@@ -707,7 +850,7 @@ fn apply_failed(op: WriteOp, e: Option<&anyhow::Error>) {
     let msg = e.map_or_else(|| "not applied".to_owned(), |e| format!("{e:#}"));
     let err = || StoreError::Internal(anyhow::anyhow!("database write failed: {msg}"));
     match op {
-        WriteOp::Line(_) => {}
+        WriteOp::LinesQueued => {}
         WriteOp::Flush { reply } => drop(reply.send(())),
         WriteOp::PutModule { reply, .. } => drop(reply.send(Err(err()))),
         WriteOp::Create { reply, .. } => drop(reply.send(Err(err()))),

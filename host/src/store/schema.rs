@@ -4,7 +4,7 @@ use anyhow::Context as _;
 use rusqlite::Connection;
 
 /// Each entry moves the schema from version `index` to `index + 1`. Append only.
-const MIGRATIONS: &[&str] = &[
+pub(super) const MIGRATIONS: &[&str] = &[
     // 1: modules, workloads, log lines.
     r#"
     CREATE TABLE modules (
@@ -42,6 +42,60 @@ const MIGRATIONS: &[&str] = &[
         created_at  INTEGER NOT NULL,
         PRIMARY KEY (workload_id, seq)
     ) WITHOUT ROWID;
+    "#,
+    // 2: lines keyed by an integer workload key and an integer stream code. A row
+    // shrinks to about half (the 26-character id was repeated in every line),
+    // which is most of what a line costs the writer. `log_lines` stays readable
+    // with its old columns as a view.
+    r#"
+    CREATE TABLE workloads_v2 (
+        key         INTEGER PRIMARY KEY,
+        id          TEXT NOT NULL UNIQUE,
+        status      TEXT NOT NULL,
+        module_hash TEXT NOT NULL,
+        args        TEXT NOT NULL,
+        env         TEXT NOT NULL,
+        limits      TEXT NOT NULL,
+        exit_code   INTEGER,
+        error       TEXT,
+        output      BLOB,
+        duration_ms INTEGER,
+        line_count  INTEGER NOT NULL DEFAULT 0,
+        created_at  INTEGER NOT NULL,
+        started_at  INTEGER,
+        finished_at INTEGER
+    );
+    INSERT INTO workloads_v2 (id, status, module_hash, args, env, limits, exit_code, error,
+                              output, duration_ms, line_count, created_at, started_at, finished_at)
+        SELECT id, status, module_hash, args, env, limits, exit_code, error,
+               output, duration_ms, line_count, created_at, started_at, finished_at
+        FROM workloads ORDER BY id;
+    -- stream: 0 stdout, 1 stderr, 2 log.
+    CREATE TABLE log_records (
+        workload    INTEGER NOT NULL,
+        seq         INTEGER NOT NULL,
+        stream      INTEGER NOT NULL,
+        level       TEXT,
+        line        TEXT NOT NULL,
+        continued   INTEGER NOT NULL DEFAULT 0,
+        created_at  INTEGER NOT NULL,
+        PRIMARY KEY (workload, seq)
+    ) WITHOUT ROWID;
+    INSERT INTO log_records
+        SELECT w.key, l.seq,
+               CASE l.stream WHEN 'stdout' THEN 0 WHEN 'stderr' THEN 1 ELSE 2 END,
+               l.level, l.line, l.continued, l.created_at
+        FROM log_lines l JOIN workloads_v2 w ON w.id = l.workload_id;
+    DROP TABLE log_lines;
+    DROP INDEX workloads_by_status;
+    DROP TABLE workloads;
+    ALTER TABLE workloads_v2 RENAME TO workloads;
+    CREATE INDEX workloads_by_status ON workloads (status, id);
+    CREATE VIEW log_lines AS
+        SELECT w.id AS workload_id, r.seq,
+               CASE r.stream WHEN 0 THEN 'stdout' WHEN 1 THEN 'stderr' ELSE 'log' END AS stream,
+               r.level, r.line, r.continued, r.created_at
+        FROM log_records r JOIN workloads w ON w.key = r.workload;
     "#,
 ];
 

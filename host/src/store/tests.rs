@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use super::*;
-use crate::logs::{LogRecord, LogStream};
+use crate::logs::{LogLevel, LogRecord, LogStream};
 use crate::workload::{Completion, Limits, Status, WorkloadId};
 
 async fn db_with_module() -> (tempfile::TempDir, Db, String) {
@@ -264,4 +264,118 @@ async fn fail_unfinished_marks_only_pending_and_running() {
         assert!(w.finished_at.is_some());
     }
     assert_eq!(db.workload(finished).unwrap().status, Status::Completed);
+}
+
+#[tokio::test]
+async fn lines_of_an_unknown_workload_are_counted_lost_and_spare_the_rest() {
+    let (_dir, db, hash) = db_with_module().await;
+    let id = create(&db, &hash).await;
+    let sink = db.line_sink();
+    sink.send(line(id, 0));
+    sink.send(line(WorkloadId::new(), 0));
+    sink.send(line(id, 1));
+    db.flush().await;
+    assert_eq!(db.read_lines(id, None, 10).unwrap().len(), 2);
+    assert_eq!(db.lost_lines(), 1);
+}
+
+#[tokio::test]
+async fn a_version_1_database_is_migrated_with_every_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let id = WorkloadId::new();
+    {
+        let conn = Connection::open(dir.path().join(DB_FILE)).unwrap();
+        conn.execute_batch(schema::MIGRATIONS[0]).unwrap();
+        conn.pragma_update(None, "user_version", 1).unwrap();
+        conn.execute(
+            "INSERT INTO workloads (id, status, module_hash, args, env, limits, line_count, created_at) \
+             VALUES (?1, 'completed', 'sha256:abc', '[]', '[]', '{}', 3, 1)",
+            [id.to_string()],
+        )
+        .unwrap();
+        for (seq, stream) in ["stdout", "stderr", "log"].iter().enumerate() {
+            conn.execute(
+                "INSERT INTO log_lines (workload_id, seq, stream, level, line, created_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, 1)",
+                params![
+                    id.to_string(),
+                    seq as i64,
+                    stream,
+                    (*stream == "log").then_some("warn"),
+                    format!("old {seq}")
+                ],
+            )
+            .unwrap();
+        }
+    }
+    let db = Db::open(dir.path()).unwrap();
+    let lines = db.read_lines(id, None, 10).unwrap();
+    let got: Vec<_> = lines
+        .iter()
+        .map(|r| (r.seq, r.stream, r.level, r.line.as_str()))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (0, LogStream::Stdout, None, "old 0"),
+            (1, LogStream::Stderr, None, "old 1"),
+            (2, LogStream::Log, Some(LogLevel::Warn), "old 2"),
+        ]
+    );
+    assert_eq!(db.workload(id).unwrap().line_count, 3);
+    // The old shape stays readable as a view.
+    let streams: Vec<String> = db
+        .with_reader(|c| {
+            let mut stmt =
+                c.prepare("SELECT stream FROM log_lines WHERE workload_id = ?1 ORDER BY seq")?;
+            let rows = stmt.query_map([id.to_string()], |r| r.get(0))?;
+            Ok(rows.collect::<rusqlite::Result<_>>()?)
+        })
+        .unwrap();
+    assert_eq!(streams, ["stdout", "stderr", "log"]);
+
+    // A workload created afterwards gets its own key: old lines stay with theirs.
+    let info = ModuleInfo {
+        hash: "sha256:abc".into(),
+        kind: "module".into(),
+        size: 3,
+        created_at: 1,
+    };
+    db.put_module(info, Arc::from(&b"abc"[..])).await.unwrap();
+    let new = create(&db, "sha256:abc").await;
+    db.line_sink().send(line(new, 0));
+    db.flush().await;
+    assert_eq!(db.read_lines(new, None, 10).unwrap().len(), 1);
+    assert_eq!(db.read_lines(id, None, 10).unwrap().len(), 3);
+}
+
+#[tokio::test]
+async fn a_full_batch_commits_without_waiting_for_linger() {
+    let dir = tempfile::tempdir().unwrap();
+    let batch = BatchConfig {
+        max_batch: 4,
+        linger: Duration::from_secs(3600),
+    };
+    let db = Db::open_with(dir.path(), batch).unwrap();
+    let info = ModuleInfo {
+        hash: "sha256:abc".into(),
+        kind: "module".into(),
+        size: 3,
+        created_at: 1,
+    };
+    db.put_module(info, Arc::from(&b"abc"[..])).await.unwrap();
+    let id = create(&db, "sha256:abc").await;
+    let sink = db.line_sink();
+    for seq in 0..4 {
+        sink.send(line(id, seq));
+    }
+    // A full batch: committed with no op and no flush.
+    while db.read_lines(id, None, 10).unwrap().len() < 4 {
+        tokio::task::yield_now().await;
+    }
+    // A lone line waits for its (hour-long) linger, or for an op such as a flush.
+    sink.send(line(id, 4));
+    assert_eq!(db.read_lines(id, None, 10).unwrap().len(), 4);
+    db.flush().await;
+    assert_eq!(db.read_lines(id, None, 10).unwrap().len(), 5);
 }
