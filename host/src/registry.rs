@@ -72,7 +72,10 @@ impl ModuleRegistry {
         let hash = module_hash(&bytes);
         let compiled = match self.cached(&hash) {
             Some(c) => c,
-            None => self.compile_or_load(&hash, Arc::clone(&bytes)).await?,
+            None => {
+                let bytes = Arc::clone(&bytes);
+                self.compile_or_load(&hash, move || Ok(bytes)).await?
+            }
         };
         let info = ModuleInfo {
             hash: hash.clone(),
@@ -94,12 +97,18 @@ impl ModuleRegistry {
         if let Some(c) = self.cached(hash) {
             return Ok(c);
         }
-        let bytes = match self.db.module_bytes(hash) {
-            Ok(b) => b,
+        // Known, but its bytes are read only if there is no artifact to load.
+        match self.db.module_info(hash) {
+            Ok(_) => {}
             Err(StoreError::ModuleNotFound(h)) => return Err(RegistryError::NotFound(h)),
             Err(e) => return Err(anyhow::Error::from(e).into()),
-        };
-        self.compile_or_load(hash, bytes.into()).await
+        }
+        let (db, stored) = (self.db.clone(), hash.to_owned());
+        self.compile_or_load(hash, move || {
+            let bytes = db.module_bytes(&stored).map_err(anyhow::Error::from)?;
+            Ok(bytes.into())
+        })
+        .await
     }
 
     fn cached(&self, hash: &str) -> Option<Arc<CompiledModule>> {
@@ -115,10 +124,11 @@ impl ModuleRegistry {
         hit
     }
 
+    /// Loads the artifact of `hash`, or compiles what `bytes` returns.
     async fn compile_or_load(
         &self,
         hash: &str,
-        bytes: Arc<[u8]>,
+        bytes: impl FnOnce() -> anyhow::Result<Arc<[u8]>> + Send + 'static,
     ) -> Result<Arc<CompiledModule>, RegistryError> {
         let runtime = Arc::clone(&self.runtime);
         let path = self.artifact_path(hash);
@@ -134,7 +144,7 @@ impl ModuleRegistry {
                     ),
                 }
             }
-            let compiled = runtime.compile(&bytes)?;
+            let compiled = runtime.compile(&bytes()?)?;
             if let Err(e) = write_artifact(&runtime, &compiled, &path) {
                 tracing::warn!(
                     error = format!("{e:#}"),

@@ -565,6 +565,27 @@ async fn a_restart_keeps_everything_and_fails_what_a_crash_left_running() {
         metrics.contains("vulcan_module_compiles_total 0"),
         "{metrics}"
     );
+
+    // Without its artifact, a run by hash compiles the stored bytes again.
+    drop(server);
+    std::fs::remove_dir_all(env.data_dir().join("artifacts")).unwrap();
+    let server = Server::start(&env, &[]);
+    let hash = vulcan::registry::module_hash(&std::fs::read(example("log-flood")).unwrap());
+    let resp = server
+        .req(Method::POST, "/v1/workloads")
+        .json(&json!({"module": hash, "args": ["2"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let record: Value = resp.json().await.unwrap();
+    assert_eq!(record["status"], "completed", "{record}");
+    assert_eq!(record["line_count"], 2);
+    let metrics = server.metrics().await;
+    assert!(
+        metrics.contains("vulcan_module_compiles_total 1"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]

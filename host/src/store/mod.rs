@@ -245,10 +245,12 @@ impl Db {
             .context("failed to start the database writer")?;
         Ok(Self {
             inner: Arc::new(Inner {
+                // One reader ready, so the first request after a start does
+                // not pay for opening it.
+                readers: Mutex::new(vec![open_reader(&path)?]),
                 path,
                 tx,
                 queue,
-                readers: Mutex::new(Vec::new()),
                 lost_lines,
             }),
         })
@@ -342,15 +344,7 @@ impl Db {
             .pop();
         let conn = match pooled {
             Some(conn) => conn,
-            None => {
-                let conn = Connection::open_with_flags(
-                    &self.inner.path,
-                    OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-                )
-                .with_context(|| format!("failed to open {}", self.inner.path.display()))?;
-                conn.busy_timeout(Duration::from_secs(10))?;
-                conn
-            }
+            None => open_reader(&self.inner.path)?,
         };
         let result = f(&conn);
         let mut pool = self.inner.readers.lock().unwrap_or_else(|p| p.into_inner());
@@ -477,6 +471,16 @@ impl Db {
             Ok(out)
         })
     }
+}
+
+fn open_reader(path: &Path) -> anyhow::Result<Connection> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .with_context(|| format!("failed to open {}", path.display()))?;
+    conn.busy_timeout(Duration::from_secs(10))?;
+    Ok(conn)
 }
 
 const WORKLOAD_COLUMNS: &str = "id, status, module_hash, args, env, limits, exit_code, error, \
