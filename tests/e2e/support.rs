@@ -264,9 +264,7 @@ impl Server {
             .send()
             .await
             .unwrap();
-        assert_eq!(resp.status().as_u16(), 202);
-        let v: serde_json::Value = resp.json().await.unwrap();
-        v["id"].as_str().unwrap().to_owned()
+        accepted_id(resp).await
     }
 
     /// Starts a workload from a JSON spec asynchronously; returns its id.
@@ -277,9 +275,7 @@ impl Server {
             .send()
             .await
             .unwrap();
-        assert_eq!(resp.status().as_u16(), 202);
-        let v: serde_json::Value = resp.json().await.unwrap();
-        v["id"].as_str().unwrap().to_owned()
+        accepted_id(resp).await
     }
 
     /// `DELETE /v1/workloads/{id}`: the status and the JSON body.
@@ -332,6 +328,13 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The id in a 202 answer to an async start.
+async fn accepted_id(resp: reqwest::Response) -> String {
+    assert_eq!(resp.status().as_u16(), 202);
+    let v: serde_json::Value = resp.json().await.unwrap();
+    v["id"].as_str().unwrap().to_owned()
 }
 
 pub fn signal(child: &std::process::Child, sig: &str) {

@@ -91,7 +91,30 @@ pub fn router(state: AppState) -> Router {
         // Bodies are read with their own limit and a precise 413; this lifts
         // axum's 2 MiB default so the multipart reader uses the same limit.
         .layer(DefaultBodyLimit::max(state.inner.max_upload))
+        .layer(middleware::from_fn(close_after_refused_body))
         .with_state(state)
+}
+
+/// Marks an error answer to a request with a body `Connection: close`.
+///
+/// Such answers (401, 413, 415, …) often come before the body is read; hyper
+/// then drops the connection, and a client that reuses it for its next request
+/// sees that request fail. Said up front, the client opens a new one instead.
+async fn close_after_refused_body(req: Request, next: Next) -> Response {
+    let headers = req.headers();
+    let has_body = headers.contains_key(header::TRANSFER_ENCODING)
+        || headers
+            .get(header::CONTENT_LENGTH)
+            .is_some_and(|len| len.as_bytes() != b"0");
+    let mut response = next.run(req).await;
+    let status = response.status();
+    if has_body && (status.is_client_error() || status.is_server_error()) {
+        response.headers_mut().insert(
+            header::CONNECTION,
+            header::HeaderValue::from_static("close"),
+        );
+    }
+    response
 }
 
 /// Serves `router(state)` on `listener` until `shutdown` resolves.

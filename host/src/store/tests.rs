@@ -9,23 +9,22 @@ use crate::workload::{Completion, Limits, Status, WorkloadId};
 async fn db_with_module() -> (tempfile::TempDir, Db, String) {
     let dir = tempfile::tempdir().unwrap();
     let db = Db::open(dir.path()).unwrap();
-    let hash = "sha256:abc".to_owned();
+    assert!(put_module(&db).await);
+    assert!(!put_module(&db).await, "stored once");
+    (dir, db, MODULE.to_owned())
+}
+
+const MODULE: &str = "sha256:abc";
+
+/// Stores the test module; true if it was new.
+async fn put_module(db: &Db) -> bool {
     let info = ModuleInfo {
-        hash: hash.clone(),
+        hash: MODULE.into(),
         kind: "module".into(),
         size: 3,
         created_at: 1,
     };
-    assert!(
-        db.put_module(info.clone(), Arc::from(&b"abc"[..]))
-            .await
-            .unwrap()
-    );
-    assert!(
-        !db.put_module(info, Arc::from(&b"abc"[..])).await.unwrap(),
-        "stored once"
-    );
-    (dir, db, hash)
+    db.put_module(info, Arc::from(&b"abc"[..])).await.unwrap()
 }
 
 async fn create(db: &Db, hash: &str) -> WorkloadId {
@@ -335,14 +334,8 @@ async fn a_version_1_database_is_migrated_with_every_line() {
     assert_eq!(streams, ["stdout", "stderr", "log"]);
 
     // A workload created afterwards gets its own key: old lines stay with theirs.
-    let info = ModuleInfo {
-        hash: "sha256:abc".into(),
-        kind: "module".into(),
-        size: 3,
-        created_at: 1,
-    };
-    db.put_module(info, Arc::from(&b"abc"[..])).await.unwrap();
-    let new = create(&db, "sha256:abc").await;
+    put_module(&db).await;
+    let new = create(&db, MODULE).await;
     db.line_sink().send(line(new, 0));
     db.flush().await;
     assert_eq!(db.read_lines(new, None, 10).unwrap().len(), 1);
@@ -357,14 +350,8 @@ async fn a_full_batch_commits_without_waiting_for_linger() {
         linger: Duration::from_secs(3600),
     };
     let db = Db::open_with(dir.path(), batch).unwrap();
-    let info = ModuleInfo {
-        hash: "sha256:abc".into(),
-        kind: "module".into(),
-        size: 3,
-        created_at: 1,
-    };
-    db.put_module(info, Arc::from(&b"abc"[..])).await.unwrap();
-    let id = create(&db, "sha256:abc").await;
+    put_module(&db).await;
+    let id = create(&db, MODULE).await;
     let sink = db.line_sink();
     for seq in 0..4 {
         sink.send(line(id, seq));
