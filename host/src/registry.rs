@@ -27,6 +27,12 @@ pub enum RegistryError {
     /// No module has this hash.
     #[error("module {0} not found")]
     NotFound(String),
+    /// The module is valid but too expensive to compile here.
+    #[error("{0}")]
+    TooExpensive(String),
+    /// The store is full; the module was not stored.
+    #[error("{0}")]
+    StorageFull(String),
     /// Anything else.
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
@@ -83,11 +89,12 @@ impl ModuleRegistry {
             size: bytes.len() as u64,
             created_at: now_ms(),
         };
-        let new = self
-            .db
-            .put_module(info, bytes)
-            .await
-            .map_err(|e| anyhow::Error::from(e).context("failed to store the module"))?;
+        let new = self.db.put_module(info, bytes).await.map_err(|e| match e {
+            StoreError::StorageFull(why) => RegistryError::StorageFull(why),
+            e => anyhow::Error::from(e)
+                .context("failed to store the module")
+                .into(),
+        })?;
         let info = self.db.module_info(&hash).map_err(anyhow::Error::from)?;
         Ok((info, compiled, new))
     }

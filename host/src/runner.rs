@@ -10,15 +10,14 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use anyhow::Context as _;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::engine::{CompiledModule, GuestIdentity, LimitHit, Outcome, RunReport, Runtime};
-use crate::logs::{LogBroker, LogPublisher, LogWriter};
+use crate::logs::{LogBroker, LogWriter};
 use crate::metrics::Metrics;
-use crate::store::{Db, NewWorkload, StoreError};
-use crate::workload::{Completion, Status, WorkloadId, WorkloadRecord, WorkloadSpec};
+use crate::store::{Db, LineSink, NewWorkload, StoreError};
+use crate::workload::{Completion, FailureKind, Status, WorkloadId, WorkloadRecord, WorkloadSpec};
 
 /// Raw copies of guest stdout and stderr (for `vulcan run`'s terminal).
 pub struct Tee {
@@ -45,6 +44,9 @@ pub enum StartError {
     /// Its module is not stored.
     #[error("module {0} not found")]
     ModuleNotFound(String),
+    /// The store is full; nothing was created.
+    #[error("cannot create a workload: {0}")]
+    StorageFull(String),
     /// Anything else.
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
@@ -125,6 +127,10 @@ impl Runner {
     }
 
     /// Creates the workload record and starts it in the background.
+    ///
+    /// Cancellation-safe: once this future has been polled, the workload's task
+    /// exists and takes it to a terminal status whether or not the caller
+    /// (e.g. a request whose client hung up) waits for the answer.
     pub async fn start(
         self: &Arc<Self>,
         module: Arc<CompiledModule>,
@@ -144,65 +150,80 @@ impl Runner {
         // Killable from the moment the record exists.
         let switch = KillSwitch::default();
         self.lock().insert(id, switch.clone());
-        let created = self
-            .db
-            .create_workload(NewWorkload {
-                id,
-                module_hash: module_hash.clone(),
-                args: spec.args.clone(),
-                env: spec.env.clone(),
-                limits: spec.limits.clone(),
-            })
-            .await;
-        if let Err(e) = created {
-            self.lock().remove(&id);
-            self.ended.notify_waiters();
-            return Err(match e {
-                StoreError::ModuleNotFound(h) => StartError::ModuleNotFound(h),
-                e => StartError::Internal(
-                    anyhow::Error::from(e).context(format!("failed to create workload {id}")),
-                ),
-            });
-        }
-        // Live from creation: a follower that arrives while it is pending still
-        // gets every line.
-        let publisher = self.broker.open(id);
-
-        let this = Arc::clone(self);
+        let (created_tx, created_rx) = tokio::sync::oneshot::channel();
         let execution = tokio::spawn({
             let this = Arc::clone(self);
             async move {
                 let _permit = permit;
+                let created = this
+                    .db
+                    .create_workload(NewWorkload {
+                        id,
+                        module_hash: module_hash.clone(),
+                        args: spec.args.clone(),
+                        env: spec.env.clone(),
+                        limits: spec.limits.clone(),
+                    })
+                    .await;
+                if let Err(e) = created {
+                    let _ = created_tx.send(Err(e));
+                    return Ok(None);
+                }
+                // Live from creation: a follower that arrives while it is
+                // pending still gets every line.
+                let publisher = this.broker.open(id);
+                let _ = created_tx.send(Ok(()));
                 let identity = GuestIdentity {
                     workload_id: id.to_string(),
                     module_hash,
                 };
-                let (writer, _tee_flusher) = this.log_writer(id, publisher, tee);
+                let sink = this.db.line_sink(id, Some(publisher))?;
+                let (writer, _tee_flusher) = this.log_writer(id, sink, tee);
                 this.execute(id, &module, &spec, &identity, &writer, &switch)
                     .await
+                    .map(Some)
             }
         });
         // A second task watches the first, so that even a panic inside the
         // engine ends the workload with a status instead of leaving it running.
-        let done = tokio::spawn(async move {
-            let result = match execution.await {
-                Ok(result) => result,
-                Err(join_error) => {
-                    let error = format!("internal error while running the workload: {join_error}");
-                    tracing::error!(workload = %id, %error);
-                    let completion = Completion::host_failure(error.clone(), 0);
-                    this.db.finish(id, completion).await.ok();
-                    this.broker.close(id);
-                    Err(anyhow::anyhow!(error))
-                }
-            };
-            this.lock().remove(&id);
-            this.ended.notify_waiters();
-            let outcome = result?;
-            let record = this.db.workload(id)?;
-            Ok((record, outcome))
+        let done = tokio::spawn({
+            let this = Arc::clone(self);
+            async move {
+                let result = match execution.await {
+                    Ok(result) => result,
+                    Err(join_error) => {
+                        let error =
+                            format!("internal error while running the workload: {join_error}");
+                        tracing::error!(workload = %id, %error);
+                        let completion = Completion::host_failure(error.clone(), 0);
+                        this.db.finish(id, completion).await.ok();
+                        this.broker.close(id);
+                        Err(anyhow::anyhow!(error))
+                    }
+                };
+                this.lock().remove(&id);
+                this.ended.notify_waiters();
+                let outcome = match result? {
+                    Some(outcome) => outcome,
+                    None => anyhow::bail!("workload {id} was not created"),
+                };
+                let record = this.db.workload(id)?;
+                Ok((record, outcome))
+            }
         });
-        Ok(StartedWorkload { id, done })
+        match created_rx.await {
+            Ok(Ok(())) => Ok(StartedWorkload { id, done }),
+            Ok(Err(e)) => Err(match e {
+                StoreError::ModuleNotFound(h) => StartError::ModuleNotFound(h),
+                StoreError::StorageFull(why) => StartError::StorageFull(why),
+                e => StartError::Internal(
+                    anyhow::Error::from(e).context(format!("failed to create workload {id}")),
+                ),
+            }),
+            Err(_) => Err(StartError::Internal(anyhow::anyhow!(
+                "workload {id} stopped before it was created"
+            ))),
+        }
     }
 
     /// Asks a running workload to stop, recording `reason` as its error; false if
@@ -218,6 +239,20 @@ impl Runner {
         }
     }
 
+    /// Resolves once `id` is no longer running here (at once if it never was).
+    pub async fn ended(&self, id: WorkloadId) {
+        loop {
+            // Registered before the check, so an end in between is not missed.
+            let ended = self.ended.notified();
+            tokio::pin!(ended);
+            ended.as_mut().enable();
+            if !self.lock().contains_key(&id) {
+                return;
+            }
+            ended.await;
+        }
+    }
+
     /// Kills every running workload (server shutdown).
     pub fn kill_all(&self, reason: &str) {
         for switch in self.lock().values() {
@@ -226,6 +261,8 @@ impl Runner {
         }
     }
 
+    /// Runs a created workload to its end and records how it ended; an error
+    /// means that end could not be recorded yet (the store keeps trying).
     async fn execute(
         &self,
         id: WorkloadId,
@@ -242,11 +279,13 @@ impl Runner {
                 duration: std::time::Duration::ZERO,
             };
             (Outcome::Killed, completion(&report, 0))
+        } else if let Err(e) = self.db.mark_running(id).await {
+            // It cannot be recorded as running, so it does not run; its end is
+            // still recorded (now, or once the store accepts writes again).
+            let message = format!("failed to start: {e}");
+            let failure = Completion::host_failure(message.clone(), 0);
+            (Outcome::HostFailure(message), failure)
         } else {
-            self.db
-                .mark_running(id)
-                .await
-                .with_context(|| format!("failed to start workload {id}"))?;
             self.metrics.running.inc();
             let report = self
                 .runtime
@@ -259,11 +298,7 @@ impl Runner {
                 Err(e) => {
                     let message = format!("{e:#}");
                     let completion = Completion::host_failure(message.clone(), line_count);
-                    let outcome = Outcome::Trapped {
-                        message,
-                        backtrace: None,
-                    };
-                    (outcome, completion)
+                    (Outcome::HostFailure(message), completion)
                 }
             }
         };
@@ -272,17 +307,21 @@ impl Runner {
         {
             completion.error = Some(reason.clone());
         }
-        // The line sink and the status share one FIFO writer: this commits after
-        // every line above.
+        // Committed after every line of the workload, in the same transaction
+        // as its last ones; that commit also ends live delivery.
         let (status, duration_ms, lines) = (
             completion.status,
             completion.duration_ms,
             completion.line_count,
         );
         let stored = self.db.finish(id, completion).await;
-        writer.close_live();
         self.metrics.workload_finished(status, duration_ms, lines);
-        stored.with_context(|| format!("failed to record the end of workload {id}"))?;
+        stored.map_err(|e| {
+            anyhow::Error::from(e).context(format!(
+                "workload {id} ended, but its end could not be recorded yet \
+                 (it will be recorded as soon as the store accepts writes)"
+            ))
+        })?;
         Ok(outcome)
     }
 
@@ -291,10 +330,10 @@ impl Runner {
     fn log_writer(
         &self,
         id: WorkloadId,
-        publisher: LogPublisher,
+        sink: LineSink,
         tee: Option<Tee>,
     ) -> (LogWriter, Option<AbortOnDrop>) {
-        let writer = LogWriter::new(id, Some(publisher), Some(self.db.line_sink()));
+        let writer = LogWriter::new(id, Some(sink));
         let Some(tee) = tee else {
             return (writer, None);
         };
@@ -328,50 +367,67 @@ impl Drop for AbortOnDrop {
 /// Maps how a run ended onto the stored result.
 pub fn completion(report: &RunReport, line_count: u64) -> Completion {
     let mut output = None;
-    let (status, exit_code, error) = match &report.outcome {
-        Outcome::Exited(0) => (Status::Completed, Some(0), None),
+    let failed = |kind: FailureKind, error: String| (Status::Failed, None, Some(error), Some(kind));
+    let (status, exit_code, error, failure) = match &report.outcome {
+        Outcome::Exited(0) => (Status::Completed, Some(0), None, None),
         Outcome::Returned(bytes) => {
             output = Some(bytes.clone());
-            (Status::Completed, Some(0), None)
+            (Status::Completed, Some(0), None, None)
         }
         // Exit code 1, as for a command whose `run` fails: scripts see failure
         // the same way for every kind of workload.
-        Outcome::ReturnedError(message) => (Status::Failed, Some(1), Some(message.clone())),
+        Outcome::ReturnedError(message) => (
+            Status::Failed,
+            Some(1),
+            Some(message.clone()),
+            Some(FailureKind::ReturnedError),
+        ),
         Outcome::Exited(code) => (
             Status::Failed,
             Some(*code),
             Some(format!("exited with code {code}")),
+            Some(FailureKind::Exit),
         ),
         Outcome::Trapped { message, backtrace } => {
             let error = match backtrace {
                 Some(bt) => format!("{message}\n{bt}"),
                 None => message.clone(),
             };
-            (Status::Failed, None, Some(error))
+            failed(FailureKind::Trap, error)
         }
-        Outcome::TimedOut(limit) => (
-            Status::Failed,
-            None,
-            Some(format!(
-                "timed out after {}",
-                humantime::format_duration(*limit)
-            )),
+        Outcome::TimedOut(limit) => failed(
+            FailureKind::Timeout,
+            format!("timed out after {}", humantime::format_duration(*limit)),
         ),
-        Outcome::Killed => (Status::Killed, None, Some("killed".to_owned())),
-        Outcome::LimitExceeded(hit) => (
-            Status::Failed,
+        Outcome::Killed => (
+            Status::Killed,
             None,
-            Some(match hit {
-                LimitHit::Memory(limit) => format!("memory limit of {limit} bytes exceeded"),
-                LimitHit::Fuel(limit) => format!("fuel limit of {limit} exhausted"),
-                LimitHit::Output(limit) => format!("output limit of {limit} bytes exceeded"),
-            }),
+            Some("killed".to_owned()),
+            Some(FailureKind::Killed),
         ),
+        Outcome::LimitExceeded(LimitHit::Memory(limit)) => failed(
+            FailureKind::Memory,
+            format!("memory limit of {limit} bytes exceeded"),
+        ),
+        Outcome::LimitExceeded(LimitHit::Fuel(limit)) => failed(
+            FailureKind::Fuel,
+            format!("fuel limit of {limit} exhausted"),
+        ),
+        Outcome::LimitExceeded(LimitHit::Output(limit)) => failed(
+            FailureKind::Output,
+            format!("output limit of {limit} bytes exceeded"),
+        ),
+        Outcome::LinesNotStored(why) => failed(
+            FailureKind::Store,
+            format!("its log lines could not be stored: {why}"),
+        ),
+        Outcome::HostFailure(message) => failed(FailureKind::Host, message.clone()),
     };
     Completion {
         status,
         exit_code,
         error,
+        failure,
         output,
         duration_ms: report.duration.as_millis() as u64,
         line_count,

@@ -194,6 +194,70 @@ impl FromStr for Status {
     }
 }
 
+/// Why a workload did not complete: one kind per way a run can end badly, so
+/// that callers branch on the kind and never on an error message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureKind {
+    /// The guest exited with a non-zero code.
+    Exit,
+    /// The wall-clock limit passed.
+    Timeout,
+    /// Linear memory would have grown past its limit.
+    Memory,
+    /// The guest used up its fuel.
+    Fuel,
+    /// The guest wrote more than its output limit.
+    Output,
+    /// The guest trapped.
+    Trap,
+    /// An SDK workload's `run` returned an error.
+    ReturnedError,
+    /// Stopped on request.
+    Killed,
+    /// Its log lines could not be stored (e.g. the disk is full).
+    Store,
+    /// The host failed around the guest (setup, a crash, a restart).
+    Host,
+}
+
+impl FailureKind {
+    /// The stable snake_case name used in the database and the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureKind::Exit => "exit",
+            FailureKind::Timeout => "timeout",
+            FailureKind::Memory => "memory",
+            FailureKind::Fuel => "fuel",
+            FailureKind::Output => "output",
+            FailureKind::Trap => "trap",
+            FailureKind::ReturnedError => "returned_error",
+            FailureKind::Killed => "killed",
+            FailureKind::Store => "store",
+            FailureKind::Host => "host",
+        }
+    }
+}
+
+impl FromStr for FailureKind {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> anyhow::Result<Self> {
+        Ok(match s {
+            "exit" => FailureKind::Exit,
+            "timeout" => FailureKind::Timeout,
+            "memory" => FailureKind::Memory,
+            "fuel" => FailureKind::Fuel,
+            "output" => FailureKind::Output,
+            "trap" => FailureKind::Trap,
+            "returned_error" => FailureKind::ReturnedError,
+            "killed" => FailureKind::Killed,
+            "store" => FailureKind::Store,
+            "host" => FailureKind::Host,
+            other => anyhow::bail!("unknown failure kind `{other}`"),
+        })
+    }
+}
+
 /// A workload as stored: its spec summary, state and result.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WorkloadRecord {
@@ -213,6 +277,8 @@ pub struct WorkloadRecord {
     pub exit_code: Option<i32>,
     /// Why it failed or was killed.
     pub error: Option<String>,
+    /// What kind of failure ended it; `None` while running and on success.
+    pub failure: Option<FailureKind>,
     /// Bytes an SDK workload returned.
     pub output: Option<Vec<u8>>,
     /// Wall-clock run time.
@@ -236,6 +302,8 @@ pub struct Completion {
     pub exit_code: Option<i32>,
     /// What went wrong, if anything.
     pub error: Option<String>,
+    /// What kind of failure it was, if any.
+    pub failure: Option<FailureKind>,
     /// Returned bytes, for SDK workloads.
     pub output: Option<Vec<u8>>,
     /// Wall-clock run time.
@@ -251,10 +319,19 @@ impl Completion {
             status: Status::Failed,
             exit_code: None,
             error: Some(error),
+            failure: Some(FailureKind::Host),
             output: None,
             duration_ms: 0,
             line_count,
         }
+    }
+
+    /// Turns this into a failure because the workload's lines could not be
+    /// stored: whatever the guest did, it did not complete with its whole log.
+    pub fn store_failure(&mut self, why: &str) {
+        self.status = Status::Failed;
+        self.failure = Some(FailureKind::Store);
+        self.error = Some(format!("its log lines could not be stored: {why}"));
     }
 }
 

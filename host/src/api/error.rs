@@ -35,6 +35,12 @@ pub enum ApiError {
     /// `--max-concurrent` workloads are running.
     #[error("{0}")]
     Busy(String),
+    /// The database or its disk is full: nothing was changed.
+    #[error("{0}")]
+    StorageFull(String),
+    /// The client stopped sending its request body.
+    #[error("{0}")]
+    RequestTimeout(String),
     /// A server-side failure; details are logged, not sent.
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
@@ -53,6 +59,8 @@ impl ApiError {
             }
             ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
             ApiError::Busy(_) => (StatusCode::SERVICE_UNAVAILABLE, "busy"),
+            ApiError::StorageFull(_) => (StatusCode::INSUFFICIENT_STORAGE, "storage_full"),
+            ApiError::RequestTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "request_timeout"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }
@@ -93,6 +101,7 @@ impl From<StoreError> for ApiError {
             StoreError::NotFound(id) => ApiError::NotFound(format!("workload {id} not found")),
             StoreError::ModuleNotFound(h) => ApiError::NotFound(format!("module {h} not found")),
             StoreError::IllegalTransition { .. } => ApiError::Conflict(e.to_string()),
+            StoreError::StorageFull(why) => ApiError::StorageFull(storage_full(&why)),
             StoreError::Internal(e) => ApiError::Internal(e),
         }
     }
@@ -103,6 +112,8 @@ impl From<RegistryError> for ApiError {
         match e {
             RegistryError::Invalid(e) => ApiError::InvalidModule(e.0),
             RegistryError::NotFound(h) => ApiError::NotFound(format!("module {h} not found")),
+            RegistryError::TooExpensive(why) => ApiError::PayloadTooLarge(why),
+            RegistryError::StorageFull(why) => ApiError::StorageFull(storage_full(&why)),
             RegistryError::Internal(e) => ApiError::Internal(e),
         }
     }
@@ -113,7 +124,16 @@ impl From<StartError> for ApiError {
         match e {
             StartError::AtCapacity(_) => ApiError::Busy(e.to_string()),
             StartError::ModuleNotFound(h) => ApiError::NotFound(format!("module {h} not found")),
+            StartError::StorageFull(why) => ApiError::StorageFull(storage_full(&why)),
             StartError::Internal(e) => ApiError::Internal(e),
         }
     }
+}
+
+/// The message of a 507: what is full, that nothing changed, what to do.
+fn storage_full(why: &str) -> String {
+    format!(
+        "the server's storage is full ({why}); nothing was changed. Free disk space on the \
+         server (or remove old data); it recovers by itself, no restart needed"
+    )
 }

@@ -1,15 +1,14 @@
 //! Log lines over Server-Sent Events (live, resumable) and as JSON history.
 //!
-//! The SSE hand-over from stored to live lines never loses or repeats a line:
+//! Lines are published live only after they are committed, in seq order, so
+//! every line a follower sees is durable, and the hand-over from stored to live
+//! lines never loses or repeats one:
 //! 1. subscribe to the broker first, so nothing published from now on is missed;
-//! 2. flush the store's writer (lines published before we subscribed are
-//!    queued ahead of the flush), then replay every line after the client's
-//!    position;
+//! 2. replay every stored line after the client's position (everything
+//!    published before we subscribed is stored);
 //! 3. forward live records, skipping seqs already sent; when a live record is
-//!    ahead of the next expected seq (lines published before we subscribed but
-//!    not yet committed, or a lag), flush the store's writer and fill the gap
-//!    from the store. The LogWriter queues a line for the store before
-//!    publishing it, so after a flush every seq below a live one is stored.
+//!    ahead of the next expected seq (published before we subscribed, or after
+//!    a lag), the lines in between are already stored: fill the gap from there;
 //! 4. when the channel closes, the terminal status is committed: send what is
 //!    left in the store, then `end` with the final record.
 
@@ -147,12 +146,6 @@ async fn stream_lines(
 ) -> Result<(), Gone> {
     let mut cursor = Cursor { sent: after };
     let subscription = state.inner.runner.broker().subscribe(id);
-    if subscription.is_some() {
-        // A line published before we subscribed may still be on its way to the
-        // store, and no later live line may come to reveal the gap (a guest
-        // that prints once and then computes): commit it before replaying.
-        state.db().flush().await;
-    }
     replay(&state, id, &mut cursor, None, &tx).await?;
     if let Some(mut sub) = subscription {
         while let Some(event) = sub.recv().await {
@@ -162,13 +155,11 @@ async fn stream_lines(
                         continue;
                     }
                     if r.seq > cursor.next() {
-                        state.db().flush().await;
                         replay(&state, id, &mut cursor, Some(r.seq), &tx).await?;
                     }
                     send_record(&tx, &mut cursor, &r).await?;
                 }
                 BrokerEvent::Lagged(_) => {
-                    state.db().flush().await;
                     replay(&state, id, &mut cursor, None, &tx).await?;
                 }
             }

@@ -126,15 +126,13 @@ pub fn exit_code_of(w: &Value) -> ExitCode {
     if let Some(code) = w["exit_code"].as_i64() {
         return ExitCode::from(code.clamp(0, 255) as u8);
     }
-    let error = w["error"].as_str().unwrap_or("");
     let code = match w["status"].as_str() {
         Some("completed") => 0,
         Some("killed") => exit::KILLED,
-        _ if error.starts_with("timed out") => exit::TIMEOUT,
-        _ if error.starts_with("memory limit") => exit::MEMORY_LIMIT,
-        _ if error.starts_with("fuel limit") => exit::FUEL_EXHAUSTED,
-        _ if error.starts_with("output limit") => exit::OUTPUT_LIMIT,
-        _ => exit::TRAP,
+        _ => match w["failure"].as_str().map(str::parse) {
+            Some(Ok(kind)) => exit::for_failure(kind),
+            _ => exit::TRAP,
+        },
     };
     ExitCode::from(code)
 }

@@ -59,7 +59,7 @@ pub struct KillArgs {
 
 /// Prints one workload from the local database.
 pub fn status(args: StatusArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
-    let w = open(data_dir)?.workload(args.id)?;
+    let w = open_for(data_dir, args.id)?.workload(args.id)?;
     if args.json {
         println!("{}", serde_json::to_string(&w)?);
     } else {
@@ -71,14 +71,36 @@ pub fn status(args: StatusArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn open(data_dir: &Path) -> anyhow::Result<Db> {
-    Db::open(data_dir).with_context(|| format!("no usable database in {}", data_dir.display()))
+/// The local database, read-only and without the owner's lock, so that it
+/// works beside a running server; `None` when nothing has run there yet.
+fn open(data_dir: &Path) -> anyhow::Result<Option<Db>> {
+    if !data_dir.join(crate::store::DB_FILE).exists() {
+        return Ok(None);
+    }
+    Db::open_read_only(data_dir)
+        .map(Some)
+        .with_context(|| format!("no usable database in {}", data_dir.display()))
+}
+
+/// The local database, for a command about workload `id`.
+fn open_for(data_dir: &Path, id: WorkloadId) -> anyhow::Result<Db> {
+    open(data_dir)?.with_context(|| {
+        format!(
+            "workload {id} not found (nothing has run with data directory {} yet)",
+            data_dir.display()
+        )
+    })
 }
 
 /// Prints a page of workloads.
 pub fn ls(args: LsArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
-    let db = open(data_dir)?;
-    let page = db.list_workloads(args.limit.min(10_000), args.offset, args.status)?;
+    let page = match open(data_dir)? {
+        Some(db) => db.list_workloads(args.limit.min(10_000), args.offset, args.status)?,
+        None => crate::store::WorkloadPage {
+            items: Vec::new(),
+            total: 0,
+        },
+    };
     let mut out = std::io::stdout().lock();
     if args.json {
         serde_json::to_writer(
@@ -122,7 +144,7 @@ pub fn logs(args: LogsArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
         !args.follow,
         "following live needs a server: pass --server URL or set VULCAN_SERVER"
     );
-    let db = open(data_dir)?;
+    let db = open_for(data_dir, args.id)?;
     db.workload(args.id)?;
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     let mut after = None;

@@ -34,6 +34,21 @@ pub mod exit {
     pub const FUEL_EXHAUSTED: u8 = 136;
     /// The workload was killed (e.g. Ctrl-C).
     pub const KILLED: u8 = 137;
+
+    /// The exit code of a workload that ended with this kind of failure and no
+    /// exit code of its own.
+    pub fn for_failure(kind: crate::workload::FailureKind) -> u8 {
+        use crate::workload::FailureKind as F;
+        match kind {
+            F::Timeout => TIMEOUT,
+            F::Output => OUTPUT_LIMIT,
+            F::Memory => MEMORY_LIMIT,
+            F::Fuel => FUEL_EXHAUSTED,
+            F::Killed => KILLED,
+            F::Store | F::Host => HOST_ERROR,
+            F::Trap | F::Exit | F::ReturnedError => TRAP,
+        }
+    }
 }
 
 const EXIT_CODES_HELP: &str = "\

@@ -156,6 +156,10 @@ fn exit_code(outcome: &Outcome, error: Option<&str>) -> ExitCode {
             report("killed");
             ExitCode::from(exit::KILLED)
         }
+        Outcome::LinesNotStored(_) | Outcome::HostFailure(_) => {
+            report(error.unwrap_or("the host failed"));
+            ExitCode::from(exit::HOST_ERROR)
+        }
         Outcome::LimitExceeded(hit) => {
             report(error.unwrap_or("limit exceeded"));
             ExitCode::from(match hit {

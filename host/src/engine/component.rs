@@ -12,12 +12,15 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::InvalidModule;
 use super::limits::GuestLimiter;
-use crate::logs::{LogLevel, LogWriter};
+use crate::logs::{LinesNotStored, LogLevel, LogWriter};
 
 mod bindings {
     wasmtime::component::bindgen!({
         path: "../wit",
         world: "workload",
+        // `log` is async so that it waits for room in the store like any
+        // other output, and trappable so that a store failure stops the guest.
+        imports: { default: async | trappable },
         exports: { default: async },
     });
 }
@@ -45,7 +48,11 @@ impl WasiView for ComponentHost {
 }
 
 impl host::Host for ComponentHost {
-    fn log(&mut self, level: Level, message: String) {
+    async fn log(&mut self, level: Level, message: String) -> wasmtime::Result<()> {
+        self.log.room().await;
+        if let Some(why) = self.log.store_failure() {
+            return Err(wasmtime::Error::new(LinesNotStored(why)));
+        }
         let level = match level {
             Level::Trace => LogLevel::Trace,
             Level::Debug => LogLevel::Debug,
@@ -54,10 +61,11 @@ impl host::Host for ComponentHost {
             Level::Error => LogLevel::Error,
         };
         self.log.log(level, &message);
+        Ok(())
     }
 
-    fn metadata(&mut self) -> Metadata {
-        self.meta.clone()
+    async fn metadata(&mut self) -> wasmtime::Result<Metadata> {
+        Ok(self.meta.clone())
     }
 }
 

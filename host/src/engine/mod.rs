@@ -36,7 +36,7 @@ use component::{ComponentHost, ComponentPre};
 pub use limits::MemoryLimitExceeded;
 pub use output::GuestOutput;
 
-use crate::logs::{LogStream, LogWriter, OutputLimitExceeded};
+use crate::logs::{LinesNotStored, LogStream, LogWriter, OutputLimitExceeded};
 use crate::workload::{Stdin, WorkloadSpec};
 
 /// Epoch tick: the longest a running guest goes without yielding, and so the
@@ -148,6 +148,10 @@ pub enum Outcome {
     Killed,
     /// A resource limit was hit.
     LimitExceeded(LimitHit),
+    /// Its log lines could not be stored, so it was stopped.
+    LinesNotStored(String),
+    /// The host failed around the guest (e.g. a directory it could not open).
+    HostFailure(String),
 }
 
 /// The outcome of one run and how long it took.
@@ -382,6 +386,11 @@ impl Runtime {
             ) => Outcome::LimitExceeded(LimitHit::Output(limit)),
             (_, outcome) => outcome,
         };
+        // Whatever the guest did, a run whose lines are not all stored failed.
+        let outcome = match log.store_failure() {
+            Some(why) => Outcome::LinesNotStored(why),
+            None => outcome,
+        };
         Ok(RunReport {
             outcome,
             duration: started.elapsed(),
@@ -404,9 +413,14 @@ impl Runtime {
             .map_err(anyhow::Error::from)?;
         store.set_epoch_deadline(1);
         let output = log.clone();
-        store.epoch_deadline_callback(move |_| match output.output_limit_hit() {
-            Some(limit) => Err(wasmtime::Error::new(OutputLimitExceeded { limit })),
-            None => Ok(UpdateDeadline::Yield(1)),
+        store.epoch_deadline_callback(move |_| {
+            if let Some(limit) = output.output_limit_hit() {
+                return Err(wasmtime::Error::new(OutputLimitExceeded { limit }));
+            }
+            if let Some(why) = output.store_failure() {
+                return Err(wasmtime::Error::new(LinesNotStored(why)));
+            }
+            Ok(UpdateDeadline::Yield(1))
         });
         Ok(store)
     }

@@ -1,8 +1,10 @@
 //! Adapts wasmtime-wasi's stdout/stderr stream traits to a [`LogWriter`].
 //!
 //! Kept alone because it is the code most exposed to wasmtime-wasi API changes.
-//! Writes are accepted synchronously and never wait: the LogWriter only splits,
-//! numbers and queues, so a guest is never blocked by persistence.
+//! Backpressure lives here: while the store is behind on this workload's lines,
+//! `check_write` grants nothing and `ready` waits for room, so the guest's write
+//! suspends its wasm store (yielding its thread) until the writer commits. A
+//! write that was granted is accepted at once.
 
 use std::io;
 use std::pin::Pin;
@@ -13,10 +15,11 @@ use tokio::io::AsyncWrite;
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::p2::{OutputStream, Pollable, StreamError, StreamResult};
 
-use crate::logs::{LogStream, LogWriter};
+use crate::logs::{LinesNotStored, LogStream, LogWriter};
 
-/// Largest single write a guest is granted (matches WASI's usual stream permit).
-const WRITE_PERMIT: usize = 64 * 1024;
+/// Largest single write a guest is granted: WASI's blocking writes come in
+/// 4 KiB chunks, and a small grant keeps the overshoot of a full lane small.
+const WRITE_PERMIT: usize = 4096;
 
 /// One of a guest's output streams, feeding its workload's [`LogWriter`].
 #[derive(Clone)]
@@ -50,11 +53,24 @@ impl StdoutStream for GuestOutput {
 
 #[wasmtime_wasi::async_trait]
 impl Pollable for GuestOutput {
-    async fn ready(&mut self) {}
+    async fn ready(&mut self) {
+        self.writer.room().await;
+    }
+}
+
+impl GuestOutput {
+    /// A guest whose lines cannot be stored is stopped at its next write.
+    fn stored_so_far(&self) -> StreamResult<()> {
+        match self.writer.store_failure() {
+            Some(why) => Err(StreamError::Trap(wasmtime::Error::new(LinesNotStored(why)))),
+            None => Ok(()),
+        }
+    }
 }
 
 impl OutputStream for GuestOutput {
     fn write(&mut self, bytes: Bytes) -> StreamResult<()> {
+        self.stored_so_far()?;
         self.writer
             .write(self.stream, &bytes)
             .map_err(|e| StreamError::Trap(wasmtime::Error::new(e)))
@@ -65,20 +81,32 @@ impl OutputStream for GuestOutput {
     }
 
     fn check_write(&mut self) -> StreamResult<usize> {
-        Ok(WRITE_PERMIT)
+        self.stored_so_far()?;
+        Ok(if self.writer.has_room() {
+            WRITE_PERMIT
+        } else {
+            0
+        })
     }
 }
 
 impl AsyncWrite for GuestOutput {
     fn poll_write(
         self: Pin<&mut Self>,
-        _cx: &mut Context<'_>,
+        cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        if let Some(why) = self.writer.store_failure() {
+            return Poll::Ready(Err(io::Error::other(LinesNotStored(why))));
+        }
+        if self.writer.poll_room(cx).is_pending() {
+            return Poll::Pending;
+        }
+        let len = buf.len().min(WRITE_PERMIT);
         Poll::Ready(
             self.writer
-                .write(self.stream, buf)
-                .map(|()| buf.len())
+                .write(self.stream, &buf[..len])
+                .map(|()| len)
                 .map_err(io::Error::other),
         )
     }

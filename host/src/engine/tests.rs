@@ -70,8 +70,7 @@ async fn run_with(wat: &str, limits: Limits, cancel: CancellationToken) -> (Outc
     let runtime = Runtime::new().unwrap();
     let module = runtime.compile(&wat::parse_str(wat).unwrap()).unwrap();
     let out = Captured::default();
-    let log =
-        LogWriter::new(WorkloadId::new(), None, None).with_tee(Some(Box::new(out.clone())), None);
+    let log = LogWriter::new(WorkloadId::new(), None).with_tee(Some(Box::new(out.clone())), None);
     let spec = WorkloadSpec {
         args: vec!["test.wasm".into()],
         limits,

@@ -3,7 +3,8 @@
 //! Owns the line rules ([`LineSplitter`]), the record shape ([`LogRecord`]), the
 //! per-workload sequencing and fan-out ([`LogWriter`]) and live delivery
 //! ([`LogBroker`]). It must not touch SQLite directly: durable lines go through
-//! [`crate::store::Db`], whose writer batches them.
+//! the store's line sink, whose writer batches them and publishes them to the
+//! broker once they are committed.
 
 mod broker;
 mod record;
@@ -13,4 +14,4 @@ mod writer;
 pub use broker::{BrokerEvent, LogBroker, LogPublisher, LogSubscription};
 pub use record::{LogLevel, LogRecord, LogStream};
 pub use splitter::{LineSplitter, MAX_LINE_BYTES};
-pub use writer::{LogWriter, OutputLimitExceeded};
+pub use writer::{LinesNotStored, LogWriter, OutputLimitExceeded};

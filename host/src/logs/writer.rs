@@ -3,14 +3,17 @@
 //! A [`LogWriter`] is shared by the workload's stdout and stderr (and its
 //! structured log calls): each stream has its own [`LineSplitter`], and every
 //! completed line takes the next seq of the workload, so seq orders records
-//! across streams exactly as they were completed. Each record goes to the broker
-//! (live) and to the store's line sink (durable, batched by the store's writer);
-//! neither can block the guest.
+//! across streams exactly as they were completed. Each record goes to the
+//! store's line sink, which commits it in a batch and only then publishes it
+//! live. The sink is bounded: the guest's output stream asks [`LogWriter::poll_room`]
+//! before it accepts a write, so a guest that writes faster than the store
+//! commits waits (its wasm store yields) instead of growing memory.
 
 use std::io::Write;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 
-use super::{LineSplitter, LogLevel, LogPublisher, LogRecord, LogStream};
+use super::{LineSplitter, LogLevel, LogRecord, LogStream};
 use crate::store::LineSink;
 use crate::workload::{WorkloadId, now_ms};
 
@@ -22,6 +25,12 @@ pub struct OutputLimitExceeded {
     pub limit: u64,
 }
 
+/// The workload's lines can no longer be stored (e.g. the disk is full), so it
+/// must stop: it can no longer complete with its whole log.
+#[derive(Debug, thiserror::Error)]
+#[error("its log lines could not be stored: {0}")]
+pub struct LinesNotStored(pub String);
+
 /// Where raw guest bytes are copied as they are written (`vulcan run` uses the
 /// process's own stdout and stderr).
 pub type RawTee = Box<dyn Write + Send>;
@@ -30,6 +39,8 @@ pub type RawTee = Box<dyn Write + Send>;
 #[derive(Clone)]
 pub struct LogWriter {
     inner: Arc<Mutex<State>>,
+    /// Also reachable without the lock, to wait for room.
+    sink: Option<Arc<LineSink>>,
 }
 
 struct State {
@@ -37,8 +48,7 @@ struct State {
     next_seq: u64,
     stdout: LineSplitter,
     stderr: LineSplitter,
-    publisher: Option<LogPublisher>,
-    sink: Option<LineSink>,
+    sink: Option<Arc<LineSink>>,
     tee_stdout: Option<RawTee>,
     tee_stderr: Option<RawTee>,
     /// The tee holding bytes not yet flushed, if any.
@@ -49,19 +59,17 @@ struct State {
 }
 
 impl LogWriter {
-    /// A writer for `workload` feeding `publisher` (live) and `sink` (durable).
-    pub fn new(
-        workload: WorkloadId,
-        publisher: Option<LogPublisher>,
-        sink: Option<LineSink>,
-    ) -> Self {
+    /// A writer for `workload` feeding `sink` (durable, then live); without a
+    /// sink, records are only numbered and teed.
+    pub fn new(workload: WorkloadId, sink: Option<LineSink>) -> Self {
+        let sink = sink.map(Arc::new);
         Self {
+            sink: sink.clone(),
             inner: Arc::new(Mutex::new(State {
                 workload,
                 next_seq: 0,
                 stdout: LineSplitter::new(),
                 stderr: LineSplitter::new(),
-                publisher,
                 sink,
                 tee_stdout: None,
                 tee_stderr: None,
@@ -108,8 +116,7 @@ impl LogWriter {
         let mut emit = Emitter {
             workload: s.workload,
             next_seq: &mut s.next_seq,
-            publisher: s.publisher.as_ref(),
-            sink: s.sink.as_ref(),
+            sink: s.sink.as_deref(),
         };
         splitter.push(bytes, |line, continued| {
             emit.emit(stream, None, line, continued)
@@ -130,8 +137,7 @@ impl LogWriter {
         let mut emit = Emitter {
             workload: s.workload,
             next_seq: &mut s.next_seq,
-            publisher: s.publisher.as_ref(),
-            sink: s.sink.as_ref(),
+            sink: s.sink.as_deref(),
         };
         emit.emit(LogStream::Log, Some(level), message.as_bytes(), false);
         if s.tee_stderr.is_some() {
@@ -151,8 +157,7 @@ impl LogWriter {
         let mut emit = Emitter {
             workload: s.workload,
             next_seq: &mut s.next_seq,
-            publisher: s.publisher.as_ref(),
-            sink: s.sink.as_ref(),
+            sink: s.sink.as_deref(),
         };
         s.stdout
             .finish(|line, c| emit.emit(LogStream::Stdout, None, line, c));
@@ -168,14 +173,30 @@ impl LogWriter {
         if s.limit_hit { s.max_output } else { None }
     }
 
-    /// Records written so far.
-    pub fn line_count(&self) -> u64 {
-        self.lock().next_seq
+    /// Ready once the store can take more of this workload's lines.
+    pub fn poll_room(&self, cx: &mut Context<'_>) -> Poll<()> {
+        match &self.sink {
+            Some(sink) => sink.poll_room(cx),
+            None => Poll::Ready(()),
+        }
     }
 
-    /// Ends live delivery: drops the broker publisher, which closes subscribers' streams.
-    pub fn close_live(&self) {
-        self.lock().publisher = None;
+    /// True when the store can take more of this workload's lines now.
+    pub fn has_room(&self) -> bool {
+        self.sink.as_ref().is_none_or(|s| s.has_room())
+    }
+
+    /// Waits until the store can take more of this workload's lines.
+    pub async fn room(&self) {
+        std::future::poll_fn(|cx| self.poll_room(cx)).await
+    }
+
+    /// Why this workload's lines can no longer be stored, once that happened:
+    /// the workload must stop and fail.
+    pub fn store_failure(&self) -> Option<String> {
+        self.sink
+            .as_ref()
+            .and_then(|s| s.failure().map(str::to_owned))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -229,7 +250,6 @@ impl State {
 struct Emitter<'a> {
     workload: WorkloadId,
     next_seq: &'a mut u64,
-    publisher: Option<&'a LogPublisher>,
     sink: Option<&'a LineSink>,
 }
 
@@ -245,13 +265,8 @@ impl Emitter<'_> {
             ts_ms: now_ms(),
         });
         *self.next_seq += 1;
-        // Queue for the store before publishing: a follower that sees seq N live
-        // can then flush the store and find every seq below N there.
         if let Some(sink) = self.sink {
-            sink.send(Arc::clone(&record));
-        }
-        if let Some(p) = self.publisher {
-            p.publish(&record);
+            sink.send(record);
         }
     }
 }
@@ -260,12 +275,21 @@ impl Emitter<'_> {
 mod tests {
     use super::*;
     use crate::logs::{BrokerEvent, LogBroker};
+    use crate::store::Db;
+
+    /// A writer over a real store whose committed lines are published to `broker`.
+    async fn stored_writer(broker: &LogBroker) -> (tempfile::TempDir, Db, WorkloadId, LogWriter) {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path()).unwrap();
+        let id = crate::store::tests_support::create_workload(&db).await;
+        let sink = db.line_sink(id, Some(broker.open(id))).unwrap();
+        (dir, db, id, LogWriter::new(id, Some(sink)))
+    }
 
     #[tokio::test]
     async fn seq_spans_both_streams_in_completion_order() {
         let broker = LogBroker::default();
-        let id = WorkloadId::new();
-        let writer = LogWriter::new(id, Some(broker.open(id)), None);
+        let (_dir, db, id, writer) = stored_writer(&broker).await;
         let mut sub = broker.subscribe(id).unwrap();
         writer.write(LogStream::Stdout, b"out-partial").unwrap();
         writer.write(LogStream::Stderr, b"err1\n").unwrap();
@@ -273,7 +297,8 @@ mod tests {
         writer.log(LogLevel::Warn, "careful\nnow");
         writer.write(LogStream::Stderr, b"tail").unwrap();
         assert_eq!(writer.finish(), 5);
-        writer.close_live();
+        // Lines are published once committed; the terminal status closes the channel.
+        crate::store::tests_support::complete(&db, id, 5).await;
         let mut got = Vec::new();
         while let Some(BrokerEvent::Line(r)) = sub.recv().await {
             got.push((r.seq, r.stream, r.level, r.line.clone()));
@@ -298,11 +323,10 @@ mod tests {
     #[tokio::test]
     async fn invalid_utf8_is_replaced_lossily() {
         let broker = LogBroker::default();
-        let id = WorkloadId::new();
-        let writer = LogWriter::new(id, Some(broker.open(id)), None);
+        let (_dir, db, id, writer) = stored_writer(&broker).await;
         let mut sub = broker.subscribe(id).unwrap();
         writer.write(LogStream::Stdout, b"a\xffb\n").unwrap();
-        writer.close_live();
+        crate::store::tests_support::complete(&db, id, 1).await;
         let Some(BrokerEvent::Line(r)) = sub.recv().await else {
             panic!("expected a line")
         };
@@ -325,8 +349,8 @@ mod tests {
     fn buffered_tees_sharing_a_terminal_keep_the_write_order() {
         let terminal = Shared::default();
         let buffered = || Box::new(std::io::BufWriter::new(terminal.clone()));
-        let writer = LogWriter::new(WorkloadId::new(), None, None)
-            .with_tee(Some(buffered()), Some(buffered()));
+        let writer =
+            LogWriter::new(WorkloadId::new(), None).with_tee(Some(buffered()), Some(buffered()));
         writer.write(LogStream::Stdout, b"out 1\n").unwrap();
         writer.write(LogStream::Stdout, b"out 2\n").unwrap();
         writer.write(LogStream::Stderr, b"err 1\n").unwrap();
@@ -348,8 +372,8 @@ mod tests {
     #[test]
     fn tee_gets_exact_bytes_and_output_limit_is_enforced() {
         let out = Shared::default();
-        let writer = LogWriter::new(WorkloadId::new(), None, None)
-            .with_tee(Some(Box::new(out.clone())), None);
+        let writer =
+            LogWriter::new(WorkloadId::new(), None).with_tee(Some(Box::new(out.clone())), None);
         writer.set_output_limit(Some(10));
         writer.write(LogStream::Stdout, b"\x00\xff\r\n").unwrap();
         writer.write(LogStream::Stdout, b"12345").unwrap();

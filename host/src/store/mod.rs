@@ -1,35 +1,49 @@
 //! Durable state in one SQLite file: modules, workloads and their log lines.
 //!
-//! One writer thread owns the only write connection. Log lines wait in a shared
-//! line queue; every other change (a new workload, a status transition) is an op
-//! on the writer's channel, and committing an op takes every line queued before
-//! it, so a workload's lines are always committed before the terminal status
-//! that follows them. Lines are committed in group transactions (a full batch of
-//! `max_batch` lines, or whatever arrived within `linger` of the first); an op
-//! commits at once. Reads use a small pool of read-only connections (WAL lets
-//! them run beside the writer).
+//! One writer thread owns the only write connection ([`writer`]); log lines
+//! wait for it in a bounded queue with one lane per workload ([`queue`]), and a
+//! guest whose lane is full waits for room, so memory stays bounded however
+//! fast guests write. A workload's terminal status is committed after every one
+//! of its lines, and lines reach live followers only once committed: whoever
+//! has seen a line or a final status finds it in the store. Reads use a small
+//! pool of read-only connections (WAL lets them run beside the writer).
+//!
+//! A data directory has one owner: [`Db::open`] takes an exclusive lock on it;
+//! [`Db::open_read_only`] does not, so `ls`, `status` and `logs` work beside a
+//! running server.
 //!
 //! Only this module imports rusqlite.
 
+mod queue;
 mod schema;
+mod writer;
 
+use std::fs::File;
+use std::io::{Read as _, Seek as _, Write as _};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, mpsc};
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context as _;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use tokio::sync::oneshot;
 
+pub use queue::{LINE_OVERHEAD, LineSink};
 pub use schema::SCHEMA_VERSION;
+pub use writer::WriterConfig;
 
-use crate::logs::{LogRecord, LogStream};
-use crate::workload::{Completion, Limits, Status, WorkloadId, WorkloadRecord, now_ms};
+use crate::logs::{LogPublisher, LogRecord, LogStream};
+use crate::workload::{Completion, Limits, Status, WorkloadId, WorkloadRecord};
+use queue::LineQueue;
+use writer::{WorkloadKeys, WriteOp, Writer, WriterStats};
 
 /// The database file's name inside the data directory.
 pub const DB_FILE: &str = "vulcan.db";
+
+/// The lock file that marks a data directory's owner.
+pub const LOCK_FILE: &str = "vulcan.lock";
 
 /// Errors a caller may branch on.
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +64,9 @@ pub enum StoreError {
         /// The refused status.
         to: Status,
     },
+    /// The database or its disk is full; writes fail until space is freed.
+    #[error("{0}")]
+    StorageFull(String),
     /// Anything else: I/O, SQLite, a closed store.
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
@@ -57,30 +74,16 @@ pub enum StoreError {
 
 impl From<rusqlite::Error> for StoreError {
     fn from(e: rusqlite::Error) -> Self {
-        StoreError::Internal(e.into())
+        if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull) {
+            StoreError::StorageFull("the database or disk is full".into())
+        } else {
+            StoreError::Internal(e.into())
+        }
     }
 }
 
 /// Result of store operations.
 pub type StoreResult<T> = Result<T, StoreError>;
-
-/// How the line writer groups lines into transactions.
-#[derive(Debug, Clone, Copy)]
-pub struct BatchConfig {
-    /// Most lines in one transaction.
-    pub max_batch: usize,
-    /// Longest a line waits for companions before it is committed.
-    pub linger: Duration,
-}
-
-impl Default for BatchConfig {
-    fn default() -> Self {
-        Self {
-            max_batch: 4096,
-            linger: Duration::from_millis(5),
-        }
-    }
-}
 
 /// A workload about to be created.
 #[derive(Debug, Clone)]
@@ -119,34 +122,6 @@ pub struct WorkloadPage {
     pub total: u64,
 }
 
-enum WriteOp {
-    /// The line queue needs the writer: its first line (which starts the linger
-    /// clock) or a full batch.
-    LinesQueued,
-    PutModule {
-        info: ModuleInfo,
-        bytes: Arc<[u8]>,
-        reply: oneshot::Sender<StoreResult<bool>>,
-    },
-    Create {
-        new: NewWorkload,
-        reply: oneshot::Sender<StoreResult<()>>,
-    },
-    Transition {
-        id: WorkloadId,
-        to: Status,
-        completion: Option<Completion>,
-        reply: oneshot::Sender<StoreResult<()>>,
-    },
-    FailUnfinished {
-        reason: String,
-        reply: oneshot::Sender<StoreResult<u64>>,
-    },
-    Flush {
-        reply: oneshot::Sender<()>,
-    },
-}
-
 /// Handle to the database; cheap to clone.
 #[derive(Clone)]
 pub struct Db {
@@ -155,67 +130,75 @@ pub struct Db {
 
 struct Inner {
     path: PathBuf,
-    tx: mpsc::Sender<WriteOp>,
-    queue: Arc<LineQueue>,
+    /// `None` for a read-only handle.
+    writer: Option<WriterHandle>,
     readers: Mutex<Vec<Connection>>,
-    lost_lines: Arc<AtomicU64>,
+    /// Held for as long as the handle lives; released by the OS if we die.
+    _owner: Option<DataDirLock>,
 }
 
-/// Lines waiting for the writer's next commit.
-///
-/// Kept apart from the op channel so that a line costs a push under a lock,
-/// not a wake-up of the writer thread: the writer is woken once per batch.
-/// Ordering still holds because a control op is sent after the lines before it
-/// were pushed, and the writer takes the whole queue when it commits that op.
-struct LineQueue {
-    lines: Mutex<Vec<Arc<LogRecord>>>,
-    /// Lines that make a full batch.
-    full: usize,
-}
-
-impl LineQueue {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Arc<LogRecord>>> {
-        // A push or a swap cannot leave the vector half-changed.
-        self.lines.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
-
-/// Sends lines to the store without waiting; held by each `LogWriter`.
-#[derive(Clone)]
-pub struct LineSink {
+struct WriterHandle {
     tx: mpsc::Sender<WriteOp>,
     queue: Arc<LineQueue>,
+    stats: Arc<WriterStats>,
 }
 
-impl LineSink {
-    /// Queues one line for the next batch. Never blocks on the database.
-    pub fn send(&self, record: Arc<LogRecord>) {
-        let queued = {
-            let mut lines = self.queue.lock();
-            lines.push(record);
-            lines.len()
-        };
-        if queued == 1 || queued == self.queue.full {
-            // Fails only after the writer thread is gone, which the writer logs itself.
-            let _ = self.tx.send(WriteOp::LinesQueued);
+/// An exclusive lock on a data directory, with the holder's pid in the file.
+struct DataDirLock(#[expect(dead_code, reason = "held for its lock")] File);
+
+impl DataDirLock {
+    fn acquire(data_dir: &Path) -> anyhow::Result<Self> {
+        let path = data_dir.join(LOCK_FILE);
+        let mut file = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .with_context(|| format!("failed to open {}", path.display()))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let mut holder = String::new();
+                let _ = file.read_to_string(&mut holder);
+                let holder = match holder.trim() {
+                    "" => "another vulcan process".to_owned(),
+                    pid => format!("another vulcan process (pid {pid})"),
+                };
+                anyhow::bail!(
+                    "the data directory {} is in use by {holder}; talk to that server with \
+                     --server URL, or use another --data-dir",
+                    data_dir.display()
+                );
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(e).with_context(|| format!("failed to lock {}", path.display()));
+            }
         }
+        // Ours now: say who holds it.
+        file.set_len(0)?;
+        file.rewind()?;
+        write!(file, "{}", std::process::id())?;
+        Ok(Self(file))
     }
 }
 
 impl Db {
-    /// Opens (creating if needed) `vulcan.db` in `data_dir`, migrating it.
+    /// Opens (creating if needed) `vulcan.db` in `data_dir` as its only owner,
+    /// migrating it.
     pub fn open(data_dir: &Path) -> anyhow::Result<Self> {
-        Self::open_with(data_dir, BatchConfig::default())
+        Self::open_with(data_dir, WriterConfig::default())
     }
 
-    /// Like [`Db::open`] with explicit batching.
-    pub fn open_with(data_dir: &Path, batch: BatchConfig) -> anyhow::Result<Self> {
+    /// Like [`Db::open`] with explicit batching and bounds.
+    pub fn open_with(data_dir: &Path, config: WriterConfig) -> anyhow::Result<Self> {
         std::fs::create_dir_all(data_dir)
             .with_context(|| format!("failed to create data directory {}", data_dir.display()))?;
+        let owner = DataDirLock::acquire(data_dir)?;
         let path = data_dir.join(DB_FILE);
         let mut conn = Connection::open(&path)
             .with_context(|| format!("failed to open database {}", path.display()))?;
-        conn.busy_timeout(Duration::from_secs(10))?;
+        conn.busy_timeout(config.busy_timeout)?;
         conn.pragma_update(None, "journal_mode", "WAL")
             .context("failed to switch the database to WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
@@ -223,25 +206,23 @@ impl Db {
             .with_context(|| format!("failed to migrate database {}", path.display()))?;
 
         let (tx, rx) = mpsc::channel();
-        let lost_lines = Arc::new(AtomicU64::new(0));
-        let lost = Arc::clone(&lost_lines);
-        let queue = Arc::new(LineQueue {
-            lines: Mutex::new(Vec::new()),
-            full: batch.max_batch.max(1),
-        });
-        let queued = Arc::clone(&queue);
+        let queue = Arc::new(LineQueue::new(
+            config.lane_bytes,
+            config.total_bytes,
+            config.max_batch,
+        ));
+        let stats = Arc::new(WriterStats::default());
+        let writer = Writer {
+            conn,
+            config,
+            queue: Arc::clone(&queue),
+            stats: Arc::clone(&stats),
+            keys: WorkloadKeys::default(),
+            retained: Vec::new(),
+        };
         thread::Builder::new()
             .name("vulcan-db-writer".into())
-            .spawn(move || {
-                Writer {
-                    conn,
-                    batch,
-                    queue: queued,
-                    lost,
-                    keys: WorkloadKeys::default(),
-                }
-                .run(rx)
-            })
+            .spawn(move || writer.run(rx))
             .context("failed to start the database writer")?;
         Ok(Self {
             inner: Arc::new(Inner {
@@ -249,29 +230,75 @@ impl Db {
                 // not pay for opening it.
                 readers: Mutex::new(vec![open_reader(&path)?]),
                 path,
-                tx,
-                queue,
-                lost_lines,
+                writer: Some(WriterHandle { tx, queue, stats }),
+                _owner: Some(owner),
             }),
         })
     }
 
-    /// Path of the database file.
-    pub fn path(&self) -> &Path {
-        &self.inner.path
+    /// Opens an existing database for reading only, beside whoever owns it.
+    pub fn open_read_only(data_dir: &Path) -> anyhow::Result<Self> {
+        let path = data_dir.join(DB_FILE);
+        anyhow::ensure!(
+            path.exists(),
+            "no database in {} (nothing has run there yet)",
+            data_dir.display()
+        );
+        let reader = open_reader(&path)?;
+        let version: i64 = reader.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        anyhow::ensure!(
+            version as usize == SCHEMA_VERSION,
+            "the database in {} has schema version {version}, this vulcan reads {SCHEMA_VERSION}; \
+             run a workload or the server once to migrate it",
+            data_dir.display()
+        );
+        Ok(Self {
+            inner: Arc::new(Inner {
+                readers: Mutex::new(vec![reader]),
+                path,
+                writer: None,
+                _owner: None,
+            }),
+        })
     }
 
-    /// A handle for streaming lines into the store.
-    pub fn line_sink(&self) -> LineSink {
-        LineSink {
-            tx: self.inner.tx.clone(),
-            queue: Arc::clone(&self.inner.queue),
-        }
+    fn writer(&self) -> StoreResult<&WriterHandle> {
+        self.inner
+            .writer
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("the database was opened read-only").into())
+    }
+
+    /// Opens a workload's line lane: lines sent to it are committed in batches
+    /// and, once committed, published to `live`.
+    pub fn line_sink(
+        &self,
+        workload: WorkloadId,
+        live: Option<LogPublisher>,
+    ) -> StoreResult<LineSink> {
+        let w = self.writer()?;
+        Ok(LineSink::new(
+            workload,
+            live,
+            Arc::clone(&w.queue),
+            w.tx.clone(),
+        ))
     }
 
     /// Lines that could not be committed since start (each failure is also logged).
     pub fn lost_lines(&self) -> u64 {
-        self.inner.lost_lines.load(Ordering::Relaxed)
+        self.inner
+            .writer
+            .as_ref()
+            .map_or(0, |w| w.queue.lost.load(Ordering::Relaxed))
+    }
+
+    /// Transactions retried because another connection held the database.
+    pub fn busy_retries(&self) -> u64 {
+        self.inner
+            .writer
+            .as_ref()
+            .map_or(0, |w| w.stats.busy_retries.load(Ordering::Relaxed))
     }
 
     async fn request<T>(
@@ -279,7 +306,7 @@ impl Db {
         op: impl FnOnce(oneshot::Sender<StoreResult<T>>) -> WriteOp,
     ) -> StoreResult<T> {
         let (reply, rx) = oneshot::channel();
-        self.inner
+        self.writer()?
             .tx
             .send(op(reply))
             .map_err(|_| anyhow::anyhow!("the database writer has stopped"))?;
@@ -304,33 +331,49 @@ impl Db {
             id,
             to: Status::Running,
             completion: None,
-            reply,
+            reply: Some(reply),
         })
         .await
     }
 
-    /// Writes a terminal status, after every line queued before it.
+    /// Writes a terminal status, after every line of the workload. If the store
+    /// cannot take it now, the error is returned and the writer keeps retrying.
     pub async fn finish(&self, id: WorkloadId, completion: Completion) -> StoreResult<()> {
         self.request(|reply| WriteOp::Transition {
             id,
             to: completion.status,
             completion: Some(completion),
-            reply,
+            reply: Some(reply),
         })
         .await
     }
 
-    /// Marks every pending or running workload failed with `reason`; returns how many.
+    /// Marks every pending or running workload failed with `reason`, its line
+    /// count and end time taken from its stored lines; returns how many.
     pub async fn fail_unfinished(&self, reason: &str) -> StoreResult<u64> {
         let reason = reason.to_owned();
         self.request(|reply| WriteOp::FailUnfinished { reason, reply })
             .await
     }
 
-    /// Waits until everything queued so far is committed.
+    /// Waits until everything queued so far is committed (or has failed).
     pub async fn flush(&self) {
         let (reply, rx) = oneshot::channel();
-        if self.inner.tx.send(WriteOp::Flush { reply }).is_ok() {
+        if let Ok(w) = self.writer()
+            && w.tx.send(WriteOp::Flush { reply }).is_ok()
+        {
+            let _ = rx.await;
+        }
+    }
+
+    /// Caps the database at `pages` pages (`None` lifts the cap): a full disk
+    /// on demand, for tests.
+    #[cfg(test)]
+    pub async fn set_page_limit(&self, pages: Option<u64>) {
+        let (reply, rx) = oneshot::channel();
+        if let Ok(w) = self.writer()
+            && w.tx.send(WriteOp::PageLimit { pages, reply }).is_ok()
+        {
             let _ = rx.await;
         }
     }
@@ -484,7 +527,7 @@ fn open_reader(path: &Path) -> anyhow::Result<Connection> {
 }
 
 const WORKLOAD_COLUMNS: &str = "id, status, module_hash, args, env, limits, exit_code, error, \
-     output, duration_ms, line_count, created_at, started_at, finished_at";
+     output, duration_ms, line_count, created_at, started_at, finished_at, failure";
 
 fn row_to_workload(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoreResult<WorkloadRecord>> {
     let id: String = r.get(0)?;
@@ -492,6 +535,7 @@ fn row_to_workload(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoreResult<Worklo
     let args: String = r.get(3)?;
     let env: String = r.get(4)?;
     let limits: String = r.get(5)?;
+    let failure: Option<String> = r.get(14)?;
     let parse = || -> anyhow::Result<_> {
         Ok((
             id.parse::<WorkloadId>()?,
@@ -499,9 +543,10 @@ fn row_to_workload(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoreResult<Worklo
             serde_json::from_str(&args)?,
             serde_json::from_str(&env)?,
             serde_json::from_str(&limits)?,
+            failure.as_deref().map(str::parse).transpose()?,
         ))
     };
-    let (id, status, args, env, limits) = match parse() {
+    let (id, status, args, env, limits, failure) = match parse() {
         Ok(v) => v,
         Err(e) => return Ok(Err(e.context("corrupt workload row").into())),
     };
@@ -514,6 +559,7 @@ fn row_to_workload(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoreResult<Worklo
         limits,
         exit_code: r.get(6)?,
         error: r.get(7)?,
+        failure,
         output: r.get(8)?,
         duration_ms: r.get::<_, Option<i64>>(9)?.map(|d| d as u64),
         line_count: r.get::<_, i64>(10)? as u64,
@@ -523,245 +569,8 @@ fn row_to_workload(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoreResult<Worklo
     }))
 }
 
-/// The writer thread's state.
-struct Writer {
-    conn: Connection,
-    batch: BatchConfig,
-    queue: Arc<LineQueue>,
-    lost: Arc<AtomicU64>,
-    /// Integer keys of workloads that may still write lines, so a line never
-    /// needs a lookup; a miss falls back to the table.
-    keys: WorkloadKeys,
-}
-
-/// A control operation applied in a batch, with the answer it will send.
-type Pending = Box<dyn FnOnce(Option<&anyhow::Error>) + Send>;
-
-impl Writer {
-    fn run(mut self, rx: mpsc::Receiver<WriteOp>) {
-        let mut lines: Vec<Arc<LogRecord>> = Vec::new();
-        let mut ops: Vec<WriteOp> = Vec::new();
-        let mut deadline: Option<Instant> = None;
-        loop {
-            let next = match deadline {
-                None => rx.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected),
-                Some(d) => rx.recv_timeout(d.saturating_duration_since(Instant::now())),
-            };
-            let (mut due, mut disconnected) = (false, false);
-            match next {
-                Ok(op) => {
-                    due = self.take(op, &mut ops);
-                    // Ops that are already waiting join this commit.
-                    loop {
-                        match rx.try_recv() {
-                            Ok(op) => due |= self.take(op, &mut ops),
-                            Err(mpsc::TryRecvError::Empty) => break,
-                            Err(mpsc::TryRecvError::Disconnected) => {
-                                disconnected = true;
-                                break;
-                            }
-                        }
-                    }
-                }
-                Err(mpsc::RecvTimeoutError::Timeout) => due = true,
-                Err(mpsc::RecvTimeoutError::Disconnected) => disconnected = true,
-            }
-            if due || disconnected {
-                // Every line queued before the ops in hand is in the queue now.
-                std::mem::swap(&mut *self.queue.lock(), &mut lines);
-                self.commit(&mut lines, &mut ops);
-                deadline = None;
-            } else {
-                deadline.get_or_insert_with(|| Instant::now() + self.batch.linger);
-            }
-            if disconnected {
-                return;
-            }
-        }
-    }
-
-    /// Keeps `op` for the next commit; true if that commit is due now: someone
-    /// waits on the op, or the line queue holds a full batch.
-    fn take(&self, op: WriteOp, ops: &mut Vec<WriteOp>) -> bool {
-        match op {
-            WriteOp::LinesQueued => self.queue.lock().len() >= self.queue.full,
-            op => {
-                ops.push(op);
-                true
-            }
-        }
-    }
-
-    fn commit(&mut self, lines: &mut Vec<Arc<LogRecord>>, ops: &mut Vec<WriteOp>) {
-        if lines.is_empty() && ops.is_empty() {
-            // A wake-up whose lines went out with an earlier commit.
-            return;
-        }
-        let mut answers: Vec<Pending> = Vec::with_capacity(ops.len());
-        let Writer {
-            conn, lost, keys, ..
-        } = self;
-        let mut lines_dropped = false;
-        let result = (|| -> anyhow::Result<()> {
-            let mut tx = conn.transaction()?;
-            if !lines.is_empty() {
-                // A bad line batch must not take the status changes beside it down too.
-                let sp = tx.savepoint()?;
-                match insert_lines(&sp, lines, keys) {
-                    Ok(unknown) => {
-                        sp.commit()?;
-                        if unknown > 0 {
-                            lost.fetch_add(unknown, Ordering::Relaxed);
-                            tracing::error!(
-                                lines = unknown,
-                                "log lines of an unknown workload were not stored"
-                            );
-                        }
-                    }
-                    Err(e) => {
-                        lines_dropped = true;
-                        lost.fetch_add(lines.len() as u64, Ordering::Relaxed);
-                        tracing::error!(
-                            error = format!("{e:#}"),
-                            lines = lines.len(),
-                            "failed to store a batch of log lines; they are lost from history"
-                        );
-                    }
-                }
-            }
-            for op in ops.drain(..) {
-                answers.push(apply(&tx, op, keys));
-            }
-            tx.commit()?;
-            Ok(())
-        })();
-        if let Err(e) = &result {
-            // Keys assigned in the rolled-back transaction may be reused.
-            keys.clear();
-            if !lines_dropped {
-                lost.fetch_add(lines.len() as u64, Ordering::Relaxed);
-            }
-            tracing::error!(
-                error = format!("{e:#}"),
-                "failed to commit a database batch"
-            );
-        }
-        lines.clear();
-        // A failed commit turns every answer into that failure.
-        for answer in answers {
-            answer(result.as_ref().err());
-        }
-        for op in ops.drain(..) {
-            // Only reached if the transaction could not even start.
-            apply_failed(op, result.as_ref().err());
-        }
-    }
-}
-
-/// Rows per multi-row INSERT: one statement execution per this many lines
-/// (SQLite's per-statement cost dominates small rows); 7 parameters each stays
-/// well under SQLite's parameter limit.
-const ROWS_PER_INSERT: usize = 256;
-
-/// Inserts `lines`; returns how many were skipped because their workload is
-/// not in the table.
-fn insert_lines(
-    tx: &Connection,
-    lines: &[Arc<LogRecord>],
-    keys: &mut WorkloadKeys,
-) -> anyhow::Result<u64> {
-    fn insert_sql(rows: usize) -> String {
-        let mut sql = String::from(
-            "INSERT INTO log_records (workload, seq, stream, level, line, continued, created_at) VALUES ",
-        );
-        for i in 0..rows {
-            if i > 0 {
-                sql.push(',');
-            }
-            sql.push_str("(?,?,?,?,?,?,?)");
-        }
-        sql
-    }
-    let mut keyed = Vec::with_capacity(lines.len());
-    // Lines arrive in long runs of one workload: one key lookup per run.
-    let mut last: Option<(WorkloadId, Option<i64>)> = None;
-    for r in lines {
-        let key = match last {
-            Some((id, key)) if id == r.workload_id => key,
-            _ => last.insert((r.workload_id, keys.get(tx, r.workload_id)?)).1,
-        };
-        if let Some(key) = key {
-            keyed.push((key, &**r));
-        }
-    }
-    let unknown = (lines.len() - keyed.len()) as u64;
-    let mut chunks = keyed.chunks_exact(ROWS_PER_INSERT);
-    let mut many = None;
-    for chunk in &mut chunks {
-        let stmt = match &mut many {
-            Some(stmt) => stmt,
-            None => many.insert(tx.prepare_cached(&insert_sql(ROWS_PER_INSERT))?),
-        };
-        for (row, (key, r)) in chunk.iter().enumerate() {
-            bind_line(stmt, row * 7, *key, r)?;
-        }
-        stmt.raw_execute()?;
-    }
-    let rest = chunks.remainder();
-    if !rest.is_empty() {
-        let mut one = tx.prepare_cached(&insert_sql(1))?;
-        for (key, r) in rest {
-            bind_line(&mut one, 0, *key, r)?;
-            one.raw_execute()?;
-        }
-    }
-    Ok(unknown)
-}
-
-/// Binds one line's seven values at parameters `first + 1 ..= first + 7`.
-fn bind_line(
-    stmt: &mut rusqlite::CachedStatement<'_>,
-    first: usize,
-    key: i64,
-    r: &LogRecord,
-) -> rusqlite::Result<()> {
-    stmt.raw_bind_parameter(first + 1, key)?;
-    stmt.raw_bind_parameter(first + 2, r.seq as i64)?;
-    stmt.raw_bind_parameter(first + 3, stream_code(r.stream))?;
-    stmt.raw_bind_parameter(first + 4, r.level.map(|l| l.as_str()))?;
-    stmt.raw_bind_parameter(first + 5, r.line.as_str())?;
-    stmt.raw_bind_parameter(first + 6, r.continued)?;
-    stmt.raw_bind_parameter(first + 7, r.ts_ms)?;
-    Ok(())
-}
-
-/// The integer key of each workload the writer created and has not finished.
-#[derive(Default)]
-struct WorkloadKeys(std::collections::HashMap<WorkloadId, i64>);
-
-impl WorkloadKeys {
-    /// The workload's key, from memory or else the table; `None` if it does not exist.
-    fn get(&mut self, tx: &Connection, id: WorkloadId) -> rusqlite::Result<Option<i64>> {
-        if let Some(key) = self.0.get(&id) {
-            return Ok(Some(*key));
-        }
-        let key = tx
-            .prepare_cached("SELECT key FROM workloads WHERE id = ?1")?
-            .query_row([id.to_string()], |r| r.get(0))
-            .optional()?;
-        if let Some(key) = key {
-            self.0.insert(id, key);
-        }
-        Ok(key)
-    }
-
-    fn clear(&mut self) {
-        self.0.clear();
-    }
-}
-
 /// How a stream is stored in `log_records.stream`.
-fn stream_code(stream: LogStream) -> i64 {
+pub(crate) fn stream_code(stream: LogStream) -> i64 {
     match stream {
         LogStream::Stdout => 0,
         LogStream::Stderr => 1,
@@ -778,156 +587,49 @@ fn stream_from_code(code: i64) -> anyhow::Result<LogStream> {
     })
 }
 
-/// Applies one control op inside the batch transaction; returns how to answer it.
-fn apply(tx: &Connection, op: WriteOp, keys: &mut WorkloadKeys) -> Pending {
-    fn answer<T: Send + 'static>(
-        reply: oneshot::Sender<StoreResult<T>>,
-        result: StoreResult<T>,
-    ) -> Pending {
-        Box::new(move |commit_error| {
-            let result = match commit_error {
-                Some(e) => Err(anyhow::anyhow!("commit failed: {e:#}").into()),
-                None => result,
-            };
-            let _ = reply.send(result);
-        })
-    }
-    match op {
-        WriteOp::LinesQueued => unreachable!("a wake-up is not applied"),
-        WriteOp::Flush { reply } => Box::new(move |_| {
-            let _ = reply.send(());
-        }),
-        WriteOp::PutModule { info, bytes, reply } => {
-            let result = tx
-                .execute(
-                    "INSERT OR IGNORE INTO modules (hash, kind, size, bytes, created_at) \
-                     VALUES (?1, ?2, ?3, ?4, ?5)",
-                    params![
-                        info.hash,
-                        info.kind,
-                        info.size as i64,
-                        &bytes[..],
-                        info.created_at
-                    ],
-                )
-                .map(|n| n == 1)
-                .map_err(StoreError::from);
-            answer(reply, result)
-        }
-        WriteOp::Create { new, reply } => {
-            let id = new.id;
-            let result = create(tx, new);
-            if result.is_ok() {
-                keys.0.insert(id, tx.last_insert_rowid());
-            }
-            answer(reply, result)
-        }
-        WriteOp::Transition {
-            id,
-            to,
-            completion,
-            reply,
-        } => {
-            let result = transition(tx, id, to, completion);
-            if to.is_terminal() {
-                // Its last line came before this, through the same queue.
-                keys.0.remove(&id);
-            }
-            answer(reply, result)
-        }
-        WriteOp::FailUnfinished { reason, reply } => {
-            let result = tx
-                .execute(
-                    "UPDATE workloads SET status = 'failed', error = ?1, finished_at = ?2, \
-                     duration_ms = CASE WHEN started_at IS NULL THEN NULL ELSE ?2 - started_at END \
-                     WHERE status IN ('pending', 'running')",
-                    params![reason, now_ms()],
-                )
-                .map(|n| n as u64)
-                .map_err(StoreError::from);
-            answer(reply, result)
-        }
-    }
-}
-
-fn apply_failed(op: WriteOp, e: Option<&anyhow::Error>) {
-    let msg = e.map_or_else(|| "not applied".to_owned(), |e| format!("{e:#}"));
-    let err = || StoreError::Internal(anyhow::anyhow!("database write failed: {msg}"));
-    match op {
-        WriteOp::LinesQueued => {}
-        WriteOp::Flush { reply } => drop(reply.send(())),
-        WriteOp::PutModule { reply, .. } => drop(reply.send(Err(err()))),
-        WriteOp::Create { reply, .. } => drop(reply.send(Err(err()))),
-        WriteOp::Transition { reply, .. } => drop(reply.send(Err(err()))),
-        WriteOp::FailUnfinished { reply, .. } => drop(reply.send(Err(err()))),
-    }
-}
-
-fn create(tx: &Connection, new: NewWorkload) -> StoreResult<()> {
-    let known: bool = tx
-        .prepare_cached("SELECT 1 FROM modules WHERE hash = ?1")?
-        .query_row([&new.module_hash], |_| Ok(()))
-        .optional()?
-        .is_some();
-    if !known {
-        return Err(StoreError::ModuleNotFound(new.module_hash));
-    }
-    tx.prepare_cached(
-        "INSERT INTO workloads (id, status, module_hash, args, env, limits, created_at) \
-         VALUES (?1, 'pending', ?2, ?3, ?4, ?5, ?6)",
-    )?
-    .execute(params![
-        new.id.to_string(),
-        new.module_hash,
-        serde_json::to_string(&new.args).map_err(anyhow::Error::from)?,
-        serde_json::to_string(&new.env).map_err(anyhow::Error::from)?,
-        serde_json::to_string(&new.limits).map_err(anyhow::Error::from)?,
-        now_ms()
-    ])?;
-    Ok(())
-}
-
-fn transition(
-    tx: &Connection,
-    id: WorkloadId,
-    to: Status,
-    completion: Option<Completion>,
-) -> StoreResult<()> {
-    let key = id.to_string();
-    let from: Status = tx
-        .prepare_cached("SELECT status FROM workloads WHERE id = ?1")?
-        .query_row([&key], |r| r.get::<_, String>(0))
-        .optional()?
-        .ok_or(StoreError::NotFound(id))?
-        .parse()?;
-    if !from.can_become(to) {
-        return Err(StoreError::IllegalTransition { id, from, to });
-    }
-    let now = now_ms();
-    match completion {
-        None => {
-            tx.prepare_cached("UPDATE workloads SET status = ?1, started_at = ?2 WHERE id = ?3")?
-                .execute(params![to.as_str(), now, key])?;
-        }
-        Some(c) => {
-            tx.prepare_cached(
-                "UPDATE workloads SET status = ?1, exit_code = ?2, error = ?3, output = ?4, \
-                 duration_ms = ?5, line_count = ?6, finished_at = ?7 WHERE id = ?8",
-            )?
-            .execute(params![
-                to.as_str(),
-                c.exit_code,
-                c.error,
-                c.output,
-                c.duration_ms as i64,
-                c.line_count as i64,
-                now,
-                key
-            ])?;
-        }
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests;
+
+/// Helpers for other modules' tests that need a real store with a workload in it.
+#[cfg(test)]
+pub(crate) mod tests_support {
+    use super::*;
+    use crate::workload::Completion;
+
+    /// Creates a running workload of a stored dummy module.
+    pub async fn create_workload(db: &Db) -> WorkloadId {
+        let info = ModuleInfo {
+            hash: "sha256:abc".into(),
+            kind: "module".into(),
+            size: 3,
+            created_at: 1,
+        };
+        db.put_module(info, Arc::from(&b"abc"[..])).await.unwrap();
+        let id = WorkloadId::new();
+        db.create_workload(NewWorkload {
+            id,
+            module_hash: "sha256:abc".into(),
+            args: vec![],
+            env: vec![],
+            limits: Limits::default(),
+        })
+        .await
+        .unwrap();
+        db.mark_running(id).await.unwrap();
+        id
+    }
+
+    /// Ends a running workload as completed with `lines` lines.
+    pub async fn complete(db: &Db, id: WorkloadId, lines: u64) {
+        let completion = Completion {
+            status: Status::Completed,
+            exit_code: Some(0),
+            error: None,
+            failure: None,
+            output: None,
+            duration_ms: 1,
+            line_count: lines,
+        };
+        db.finish(id, completion).await.unwrap();
+    }
+}

@@ -97,6 +97,10 @@ pub(super) const MIGRATIONS: &[&str] = &[
                r.level, r.line, r.continued, r.created_at
         FROM log_records r JOIN workloads w ON w.key = r.workload;
     "#,
+    // 3: why a workload failed, as a kind callers can branch on (timeout, store, …).
+    r#"
+    ALTER TABLE workloads ADD COLUMN failure TEXT;
+    "#,
 ];
 
 /// The schema version this build writes.

@@ -65,6 +65,7 @@ fn done(status: Status, lines: u64) -> Completion {
         status,
         exit_code: Some(0),
         error: None,
+        failure: None,
         output: None,
         duration_ms: 3,
         line_count: lines,
@@ -176,11 +177,14 @@ async fn batched_lines_are_read_back_in_order_after_a_seq() {
     let (_dir, db, hash) = db_with_module().await;
     let id = create(&db, &hash).await;
     let other = create(&db, &hash).await;
-    let sink = db.line_sink();
+    let (sink, other_sink) = (
+        db.line_sink(id, None).unwrap(),
+        db.line_sink(other, None).unwrap(),
+    );
     for seq in 0..10_000 {
         sink.send(line(id, seq));
         if seq < 5 {
-            sink.send(line(other, seq));
+            other_sink.send(line(other, seq));
         }
     }
     db.flush().await;
@@ -204,7 +208,7 @@ async fn terminal_status_is_committed_after_the_lines_before_it() {
     let (_dir, db, hash) = db_with_module().await;
     let id = create(&db, &hash).await;
     db.mark_running(id).await.unwrap();
-    let sink = db.line_sink();
+    let sink = db.line_sink(id, None).unwrap();
     for seq in 0..2_500 {
         sink.send(line(id, seq));
     }
@@ -214,23 +218,42 @@ async fn terminal_status_is_committed_after_the_lines_before_it() {
 }
 
 #[tokio::test]
-async fn a_bad_line_batch_does_not_lose_the_status_beside_it() {
+async fn a_line_batch_that_cannot_be_stored_fails_its_workload_not_the_others() {
     let (_dir, db, hash) = db_with_module().await;
     let id = create(&db, &hash).await;
+    let bystander = create(&db, &hash).await;
     db.mark_running(id).await.unwrap();
-    let sink = db.line_sink();
+    let sink = db.line_sink(id, None).unwrap();
     sink.send(line(id, 0));
     sink.send(line(id, 0)); // duplicate key: this batch fails
+    // The status write goes through, but it cannot say `completed`.
     db.finish(id, done(Status::Completed, 1)).await.unwrap();
-    assert_eq!(db.workload(id).unwrap().status, Status::Completed);
+    let w = db.workload(id).unwrap();
+    assert_eq!(w.status, Status::Failed);
+    assert_eq!(w.failure, Some(crate::workload::FailureKind::Store));
+    assert!(w.error.unwrap().contains("UNIQUE"), "the error says why");
     assert_eq!(db.lost_lines(), 2);
+    assert!(
+        sink.failure().is_some(),
+        "the guest's sink reports it too"
+    );
+    // Another workload's lines and status are unaffected.
+    db.mark_running(bystander).await.unwrap();
+    db.line_sink(bystander, None)
+        .unwrap()
+        .send(line(bystander, 0));
+    db.finish(bystander, done(Status::Completed, 1))
+        .await
+        .unwrap();
+    assert_eq!(db.workload(bystander).unwrap().status, Status::Completed);
+    assert_eq!(db.read_lines(bystander, None, 10).unwrap().len(), 1);
 }
 
 #[tokio::test]
 async fn reopening_is_idempotent_and_keeps_data() {
     let (dir, db, hash) = db_with_module().await;
     let id = create(&db, &hash).await;
-    db.line_sink().send(line(id, 0));
+    db.line_sink(id, None).unwrap().send(line(id, 0));
     db.flush().await;
     drop(db);
     for _ in 0..2 {
@@ -260,6 +283,7 @@ async fn fail_unfinished_marks_only_pending_and_running() {
         let w = db.workload(id).unwrap();
         assert_eq!(w.status, Status::Failed);
         assert_eq!(w.error.as_deref(), Some("server crashed"));
+        assert_eq!(w.failure, Some(crate::workload::FailureKind::Host));
         assert!(w.finished_at.is_some());
     }
     assert_eq!(db.workload(finished).unwrap().status, Status::Completed);
@@ -269,9 +293,10 @@ async fn fail_unfinished_marks_only_pending_and_running() {
 async fn lines_of_an_unknown_workload_are_counted_lost_and_spare_the_rest() {
     let (_dir, db, hash) = db_with_module().await;
     let id = create(&db, &hash).await;
-    let sink = db.line_sink();
+    let unknown = WorkloadId::new();
+    let sink = db.line_sink(id, None).unwrap();
     sink.send(line(id, 0));
-    sink.send(line(WorkloadId::new(), 0));
+    db.line_sink(unknown, None).unwrap().send(line(unknown, 0));
     sink.send(line(id, 1));
     db.flush().await;
     assert_eq!(db.read_lines(id, None, 10).unwrap().len(), 2);
@@ -336,7 +361,7 @@ async fn a_version_1_database_is_migrated_with_every_line() {
     // A workload created afterwards gets its own key: old lines stay with theirs.
     put_module(&db).await;
     let new = create(&db, MODULE).await;
-    db.line_sink().send(line(new, 0));
+    db.line_sink(new, None).unwrap().send(line(new, 0));
     db.flush().await;
     assert_eq!(db.read_lines(new, None, 10).unwrap().len(), 1);
     assert_eq!(db.read_lines(id, None, 10).unwrap().len(), 3);
@@ -345,24 +370,230 @@ async fn a_version_1_database_is_migrated_with_every_line() {
 #[tokio::test]
 async fn a_full_batch_commits_without_waiting_for_linger() {
     let dir = tempfile::tempdir().unwrap();
-    let batch = BatchConfig {
+    let config = WriterConfig {
         max_batch: 4,
         linger: Duration::from_secs(3600),
+        ..WriterConfig::default()
     };
-    let db = Db::open_with(dir.path(), batch).unwrap();
+    let db = Db::open_with(dir.path(), config).unwrap();
     put_module(&db).await;
     let id = create(&db, MODULE).await;
-    let sink = db.line_sink();
+    let sink = db.line_sink(id, None).unwrap();
     for seq in 0..4 {
         sink.send(line(id, seq));
     }
     // A full batch: committed with no op and no flush.
-    while db.read_lines(id, None, 10).unwrap().len() < 4 {
-        tokio::task::yield_now().await;
-    }
+    wait_until("a full batch is committed", || {
+        db.read_lines(id, None, 10).unwrap().len() == 4
+    })
+    .await;
     // A lone line waits for its (hour-long) linger, or for an op such as a flush.
     sink.send(line(id, 4));
     assert_eq!(db.read_lines(id, None, 10).unwrap().len(), 4);
     db.flush().await;
     assert_eq!(db.read_lines(id, None, 10).unwrap().len(), 5);
+}
+
+/// Polls `done` until it holds; fails the test after 30 s rather than hang.
+async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !done() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting until {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+#[tokio::test]
+async fn recovery_takes_line_count_and_end_time_from_the_stored_lines() {
+    let (_dir, db, hash) = db_with_module().await;
+    let id = create(&db, &hash).await;
+    db.mark_running(id).await.unwrap();
+    let started = db.workload(id).unwrap().started_at.unwrap();
+    let sink = db.line_sink(id, None).unwrap();
+    for seq in 0..3 {
+        let mut l = (*line(id, seq)).clone();
+        l.ts_ms = started + 1_000 * (seq as i64 + 1);
+        sink.send(Arc::new(l));
+    }
+    db.flush().await;
+    // As a crash leaves it: lines stored, status still running.
+    assert_eq!(db.fail_unfinished("crashed").await.unwrap(), 1);
+    let w = db.workload(id).unwrap();
+    assert_eq!(w.line_count, 3);
+    assert_eq!(
+        w.finished_at,
+        Some(started + 3_000),
+        "the last line's time, not the restart's"
+    );
+    assert_eq!(w.duration_ms, Some(3_000));
+}
+
+#[tokio::test]
+async fn a_full_lane_makes_its_guest_wait_until_the_writer_commits() {
+    use futures_util::FutureExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let config = WriterConfig {
+        linger: Duration::from_secs(3600),
+        max_batch: 1_000_000,
+        lane_bytes: 10 * (LINE_OVERHEAD + 6),
+        ..WriterConfig::default()
+    };
+    let db = Db::open_with(dir.path(), config).unwrap();
+    put_module(&db).await;
+    let (a, b) = (create(&db, MODULE).await, create(&db, MODULE).await);
+    let (sink_a, sink_b) = (
+        db.line_sink(a, None).unwrap(),
+        db.line_sink(b, None).unwrap(),
+    );
+    for seq in 0..10 {
+        assert!(sink_a.has_room(), "room for line {seq}");
+        sink_a.send(line(a, seq));
+    }
+    assert!(!sink_a.has_room(), "ten lines fill the lane");
+    assert!(sink_a.room().now_or_never().is_none(), "its guest waits");
+    assert!(sink_b.has_room(), "another workload's lane is not affected");
+    // The commit gives the room back and wakes the waiting guest.
+    let waiting = tokio::spawn(async move { sink_a.room().await });
+    db.flush().await;
+    waiting.await.unwrap();
+    assert_eq!(db.read_lines(a, None, 100).unwrap().len(), 10);
+}
+
+#[tokio::test]
+async fn a_commit_takes_a_fair_share_of_each_lane() {
+    let queue = Arc::new(queue::LineQueue::new(usize::MAX / 4, usize::MAX / 4, 1_000));
+    let (tx, _rx) = mpsc::channel();
+    let (a, b) = (WorkloadId::new(), WorkloadId::new());
+    let flood = LineSink::new(a, None, Arc::clone(&queue), tx.clone());
+    let quiet = LineSink::new(b, None, Arc::clone(&queue), tx);
+    for seq in 0..10_000 {
+        flood.send(line(a, seq));
+    }
+    quiet.send(line(b, 0));
+    let mut taken = queue::Taken::default();
+    queue.take_fair(1_000, &mut taken);
+    let count = |id| {
+        taken
+            .lanes
+            .iter()
+            .filter(|l| l.workload == id)
+            .map(|l| l.lines.len())
+            .sum::<usize>()
+    };
+    assert_eq!(
+        count(b),
+        1,
+        "the quiet workload's line goes in the next commit"
+    );
+    assert!(
+        count(a) <= 1_000,
+        "the flood gets a share, not its backlog: {}",
+        count(a)
+    );
+}
+
+#[tokio::test]
+async fn a_full_disk_refuses_writes_with_storage_full_and_recovers_when_space_returns() {
+    let (_dir, db, hash) = db_with_module().await;
+    let flooder = create(&db, &hash).await;
+    db.mark_running(flooder).await.unwrap();
+    let pages: i64 = db
+        .with_reader(|c| Ok(c.query_row("PRAGMA page_count", [], |r| r.get(0))?))
+        .unwrap();
+    db.set_page_limit(Some(pages as u64)).await;
+
+    // Lines that need new pages cannot be stored: the workload fails, never completes.
+    let sink = db.line_sink(flooder, None).unwrap();
+    for seq in 0..2_000 {
+        let mut l = (*line(flooder, seq)).clone();
+        l.line = "x".repeat(1_000);
+        sink.send(Arc::new(l));
+    }
+    let finished = db.finish(flooder, done(Status::Completed, 2_000)).await;
+    assert!(
+        sink.failure().unwrap().contains("full"),
+        "{:?}",
+        sink.failure()
+    );
+    // New workloads are refused with a typed error while the disk is full.
+    let mut refused = None;
+    for _ in 0..1_000 {
+        let new = NewWorkload {
+            id: WorkloadId::new(),
+            module_hash: hash.clone(),
+            args: vec!["a".repeat(4_000)],
+            env: vec![],
+            limits: Limits::default(),
+        };
+        if let Err(e) = db.create_workload(new).await {
+            refused = Some(e);
+            break;
+        }
+    }
+    let refused = refused.expect("a full database refuses new workloads");
+    assert!(matches!(refused, StoreError::StorageFull(_)), "{refused:?}");
+
+    // Space returns: writes work again, and the flooder's end is on record
+    // (written at once, or retried by the writer until it could be).
+    db.set_page_limit(None).await;
+    let id = create(&db, &hash).await;
+    db.mark_running(id).await.unwrap();
+    db.finish(id, done(Status::Completed, 0)).await.unwrap();
+    wait_until("the flooder's end is recorded", || {
+        db.workload(flooder).unwrap().status.is_terminal()
+    })
+    .await;
+    let w = db.workload(flooder).unwrap();
+    assert_eq!(w.status, Status::Failed, "finish answered {finished:?}");
+    assert_eq!(w.failure, Some(crate::workload::FailureKind::Store));
+    assert!(w.error.unwrap().contains("full"));
+}
+
+#[tokio::test]
+async fn a_busy_database_is_retried_until_the_lock_is_released() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = WriterConfig {
+        busy_timeout: Duration::from_millis(10),
+        ..WriterConfig::default()
+    };
+    let db = Db::open_with(dir.path(), config).unwrap();
+    put_module(&db).await;
+    // Another connection holds the write lock.
+    let other = Connection::open(dir.path().join(DB_FILE)).unwrap();
+    other.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let creating = tokio::spawn({
+        let db = db.clone();
+        async move { create(&db, MODULE).await }
+    });
+    wait_until("the writer met the held lock", || db.busy_retries() > 0).await;
+    assert!(!creating.is_finished(), "still waiting, not failed");
+    other.execute_batch("COMMIT").unwrap();
+    let id = creating.await.unwrap();
+    assert_eq!(db.workload(id).unwrap().status, Status::Pending);
+}
+
+#[tokio::test]
+async fn a_second_owner_of_the_data_directory_is_refused_but_readers_are_not() {
+    let (dir, db, hash) = db_with_module().await;
+    let id = create(&db, &hash).await;
+    let err = Db::open(dir.path())
+        .err()
+        .expect("a second owner is refused");
+    let message = format!("{err:#}");
+    assert!(
+        message.contains(&dir.path().display().to_string()),
+        "{message}"
+    );
+    assert!(
+        message.contains(&format!("pid {}", std::process::id())),
+        "{message}"
+    );
+    assert!(message.contains("--server"), "{message}");
+    let reader = Db::open_read_only(dir.path()).unwrap();
+    assert_eq!(reader.workload(id).unwrap().id, id);
+    drop(db);
+    Db::open(dir.path()).expect("free again once the owner is gone");
 }

@@ -1,0 +1,360 @@
+//! Lines waiting for the writer's next commit: one lane per workload, bounded.
+//!
+//! A guest writes faster than SQLite commits only for as long as its lane has
+//! room: each lane holds at most `lane_bytes` of lines and all lanes together
+//! `total_bytes` (a line costs its length plus [`LINE_OVERHEAD`]), and a guest
+//! whose lane is full is made to wait in [`LineSink::poll_room`] until the
+//! writer has committed some of it. Room is given back only after the commit, so
+//! the bound covers every line the process holds for the store. The writer takes
+//! lines lane by lane ([`LineQueue::take_fair`]), so one flooding workload never
+//! delays another workload's lines or a lifecycle change by more than one batch.
+//!
+//! Owns no SQL: the writer decides what to commit and reports back.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, mpsc};
+use std::task::{Context, Poll, Waker};
+
+use super::writer::WriteOp;
+use crate::logs::{LogPublisher, LogRecord};
+use crate::workload::WorkloadId;
+
+/// What a queued line is counted as beyond its text: the record, its `Arc` and
+/// the allocator's share, so that a flood of empty lines is bounded too.
+pub const LINE_OVERHEAD: usize = 96;
+
+/// The cost of one record against the queue's bounds.
+fn cost(record: &LogRecord) -> usize {
+    record.line.len() + LINE_OVERHEAD
+}
+
+/// One workload's lines and what it shares with its guest.
+struct Lane {
+    lines: Vec<Arc<LogRecord>>,
+    budget: Arc<LaneBudget>,
+    /// Committed lines are published here; dropped (closing the workload's
+    /// live channel) when the lane closes with the terminal status.
+    live: Option<Arc<LogPublisher>>,
+}
+
+/// The part of a lane its guest's writer reads without the queue's lock.
+#[derive(Default)]
+pub(super) struct LaneBudget {
+    /// Cost of this workload's lines queued or being committed.
+    queued: AtomicUsize,
+    /// Why this workload's lines can no longer be stored, once that happened.
+    failed: OnceLock<String>,
+}
+
+#[derive(Default)]
+struct QueueState {
+    lanes: HashMap<WorkloadId, Lane>,
+    /// Lines in all lanes, for the writer's wake-ups.
+    lines: usize,
+}
+
+/// Every lane, and the guests waiting for room.
+pub(super) struct LineQueue {
+    state: Mutex<QueueState>,
+    /// Cost of all lines queued or being committed.
+    total: AtomicUsize,
+    lane_bytes: usize,
+    total_bytes: usize,
+    /// Lines that make a full batch: the writer is woken when they are queued.
+    full: usize,
+    waiters: Mutex<Vec<Waker>>,
+    /// Lines that could not be stored (unknown workload, closed lane, failed store).
+    pub(super) lost: AtomicU64,
+}
+
+/// Lines the writer took for one commit, lane by lane.
+#[derive(Default)]
+pub(super) struct Taken {
+    pub(super) lanes: Vec<TakenLane>,
+}
+
+/// One lane's share of a commit.
+pub(super) struct TakenLane {
+    pub(super) workload: WorkloadId,
+    pub(super) lines: Vec<Arc<LogRecord>>,
+    cost: usize,
+    budget: Arc<LaneBudget>,
+    live: Option<Arc<LogPublisher>>,
+}
+
+impl Taken {
+    /// True when no line was taken.
+    pub(super) fn is_empty(&self) -> bool {
+        self.lanes.iter().all(|l| l.lines.is_empty())
+    }
+
+    /// How many lines were taken.
+    pub(super) fn len(&self) -> usize {
+        self.lanes.iter().map(|l| l.lines.len()).sum()
+    }
+}
+
+impl LineQueue {
+    pub(super) fn new(lane_bytes: usize, total_bytes: usize, full: usize) -> Self {
+        Self {
+            state: Mutex::default(),
+            total: AtomicUsize::new(0),
+            lane_bytes: lane_bytes.max(1),
+            total_bytes: total_bytes.max(1),
+            full: full.max(1),
+            waiters: Mutex::default(),
+            lost: AtomicU64::new(0),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, QueueState> {
+        // Every update below is complete before anything can panic.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Opens a workload's lane; lines committed from it go to `live`.
+    pub(super) fn open(&self, workload: WorkloadId, live: Option<LogPublisher>) -> Arc<LaneBudget> {
+        let budget = Arc::new(LaneBudget::default());
+        self.lock().lanes.insert(
+            workload,
+            Lane {
+                lines: Vec::new(),
+                budget: Arc::clone(&budget),
+                live: live.map(Arc::new),
+            },
+        );
+        budget
+    }
+
+    /// Closes a lane once its terminal status is committed; lines still in it
+    /// (there are none when the runner ends a workload normally) are lost.
+    pub(super) fn close(&self, workload: WorkloadId) {
+        let lane = {
+            let mut state = self.lock();
+            let lane = state.lanes.remove(&workload);
+            if let Some(lane) = &lane {
+                state.lines -= lane.lines.len();
+            }
+            lane
+        };
+        if let Some(lane) = lane {
+            if !lane.lines.is_empty() {
+                self.lost
+                    .fetch_add(lane.lines.len() as u64, Ordering::Relaxed);
+                tracing::error!(workload = %workload, lines = lane.lines.len(),
+                    "log lines arrived after the workload's end and were not stored");
+            }
+            let cost: usize = lane.lines.iter().map(|r| cost(r)).sum();
+            self.release(&lane.budget, cost);
+        }
+    }
+
+    /// Why a workload's lines could not be stored, if they could not.
+    pub(super) fn failure(&self, workload: WorkloadId) -> Option<String> {
+        self.lock()
+            .lanes
+            .get(&workload)
+            .and_then(|l| l.budget.failed.get().cloned())
+    }
+
+    /// Takes every line of one workload.
+    pub(super) fn take_lane(&self, workload: WorkloadId, into: &mut Taken) {
+        let mut state = self.lock();
+        let QueueState { lanes, lines } = &mut *state;
+        if let Some(lane) = lanes.get_mut(&workload) {
+            *lines -= lane.lines.len();
+            into.lanes.push(take(workload, lane, usize::MAX));
+        }
+    }
+
+    /// Takes every queued line.
+    pub(super) fn take_all(&self, into: &mut Taken) {
+        let mut state = self.lock();
+        for (&workload, lane) in &mut state.lanes {
+            if !lane.lines.is_empty() {
+                into.lanes.push(take(workload, lane, usize::MAX));
+            }
+        }
+        state.lines = 0;
+    }
+
+    /// Takes about `max` lines, an equal share from each lane that has some, so
+    /// a lane with a backlog cannot crowd out the others.
+    pub(super) fn take_fair(&self, max: usize, into: &mut Taken) {
+        let mut state = self.lock();
+        let QueueState { lanes, lines } = &mut *state;
+        let busy = lanes.values().filter(|l| !l.lines.is_empty()).count();
+        if busy == 0 {
+            return;
+        }
+        let share = (max / busy).max(64);
+        for (&workload, lane) in lanes.iter_mut() {
+            if !lane.lines.is_empty() {
+                let taken = take(workload, lane, share);
+                *lines -= taken.lines.len();
+                into.lanes.push(taken);
+            }
+        }
+    }
+
+    /// Lines waiting in all lanes.
+    pub(super) fn lines(&self) -> usize {
+        self.lock().lines
+    }
+
+    /// True when the queue holds a full batch.
+    pub(super) fn has_full_batch(&self) -> bool {
+        self.lock().lines >= self.full
+    }
+
+    /// After a commit: publishes the committed lines to live followers and gives
+    /// their room back to the guests.
+    pub(super) fn committed(&self, taken: Taken) {
+        for lane in taken.lanes {
+            if let Some(live) = &lane.live {
+                for record in &lane.lines {
+                    live.publish(record);
+                }
+            }
+            self.release(&lane.budget, lane.cost);
+        }
+    }
+
+    /// After a commit that failed for good: these lines are lost, and their
+    /// workloads fail with `why` (they cannot complete with a partial log).
+    pub(super) fn failed(&self, taken: Taken, why: &str) {
+        for lane in taken.lanes {
+            if lane.lines.is_empty() {
+                continue;
+            }
+            self.lost
+                .fetch_add(lane.lines.len() as u64, Ordering::Relaxed);
+            let _ = lane.budget.failed.set(why.to_owned());
+            tracing::error!(workload = %lane.workload, lines = lane.lines.len(), error = why,
+                "failed to store log lines; the workload fails");
+            self.release(&lane.budget, lane.cost);
+        }
+    }
+
+    fn release(&self, budget: &LaneBudget, cost: usize) {
+        if cost == 0 {
+            return;
+        }
+        budget.queued.fetch_sub(cost, Ordering::AcqRel);
+        self.total.fetch_sub(cost, Ordering::AcqRel);
+        // Taken under the waiters' lock: a guest that checked for room before
+        // this release has registered its waker by now and is woken.
+        let waiters = std::mem::take(&mut *self.waiters.lock().unwrap_or_else(|p| p.into_inner()));
+        for waker in waiters {
+            waker.wake();
+        }
+    }
+
+    fn has_room(&self, budget: &LaneBudget) -> bool {
+        budget.queued.load(Ordering::Acquire) < self.lane_bytes
+            && self.total.load(Ordering::Acquire) < self.total_bytes
+    }
+}
+
+fn take(workload: WorkloadId, lane: &mut Lane, max: usize) -> TakenLane {
+    let lines: Vec<_> = if lane.lines.len() <= max {
+        std::mem::take(&mut lane.lines)
+    } else {
+        lane.lines.drain(..max).collect()
+    };
+    TakenLane {
+        workload,
+        cost: lines.iter().map(|r| cost(r)).sum(),
+        lines,
+        budget: Arc::clone(&lane.budget),
+        live: lane.live.clone(),
+    }
+}
+
+/// Where one workload's `LogWriter` puts its lines: the store commits them in
+/// batches and only then publishes them to live followers.
+pub struct LineSink {
+    workload: WorkloadId,
+    budget: Arc<LaneBudget>,
+    queue: Arc<LineQueue>,
+    tx: mpsc::Sender<WriteOp>,
+}
+
+impl LineSink {
+    pub(super) fn new(
+        workload: WorkloadId,
+        live: Option<LogPublisher>,
+        queue: Arc<LineQueue>,
+        tx: mpsc::Sender<WriteOp>,
+    ) -> Self {
+        Self {
+            workload,
+            budget: queue.open(workload, live),
+            queue,
+            tx,
+        }
+    }
+
+    /// Queues one line. Never waits: a guest waits for room before it writes
+    /// ([`LineSink::poll_room`]), so a single write can overshoot a full lane
+    /// by at most one write's lines.
+    pub fn send(&self, record: Arc<LogRecord>) {
+        if self.budget.failed.get().is_some() {
+            // The workload is failing; its lines cannot be stored any more.
+            self.queue.lost.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let c = cost(&record);
+        let queued = {
+            let mut state = self.queue.lock();
+            let QueueState { lanes, lines } = &mut *state;
+            let Some(lane) = lanes.get_mut(&self.workload) else {
+                drop(state);
+                self.queue.lost.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(workload = %self.workload, "a log line arrived after its workload ended");
+                return;
+            };
+            // Counted before the writer can take the line and give its room back.
+            self.budget.queued.fetch_add(c, Ordering::AcqRel);
+            self.queue.total.fetch_add(c, Ordering::AcqRel);
+            lane.lines.push(record);
+            *lines += 1;
+            *lines
+        };
+        if queued == 1 || queued == self.queue.full {
+            // Fails only after the writer thread is gone, which the writer logs itself.
+            let _ = self.tx.send(WriteOp::LinesQueued);
+        }
+    }
+
+    /// True when this workload may write more now.
+    pub fn has_room(&self) -> bool {
+        self.queue.has_room(&self.budget)
+    }
+
+    /// Ready once this workload may write more (at once if it may, or if its
+    /// lines can no longer be stored: the write then reports that).
+    pub fn poll_room(&self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.has_room() || self.budget.failed.get().is_some() {
+            return Poll::Ready(());
+        }
+        let mut waiters = self.queue.waiters.lock().unwrap_or_else(|p| p.into_inner());
+        // Checked again under the lock that `release` takes after freeing room.
+        if self.has_room() {
+            return Poll::Ready(());
+        }
+        waiters.push(cx.waker().clone());
+        Poll::Pending
+    }
+
+    /// Waits until this workload may write more.
+    pub async fn room(&self) {
+        std::future::poll_fn(|cx| self.poll_room(cx)).await
+    }
+
+    /// Why this workload's lines can no longer be stored, once that happened.
+    pub fn failure(&self) -> Option<&str> {
+        self.budget.failed.get().map(String::as_str)
+    }
+}
