@@ -16,16 +16,22 @@
 //! in-process by plain wasmtime with no HTTP and no store (the floor under
 //! any workload).
 //!
+//! 5. sustained sync load at 64 clients, `VULCAN_BENCH_SUSTAIN_ROUNDS` rounds
+//!    (default 4) of `VULCAN_BENCH_SUSTAIN_SECS` (default 20): every answer
+//!    that is not 2xx is counted (goal 0), and so are the workloads left
+//!    pending or running once the load stops (goal 0).
+//!
 //! Set `VULCAN_BENCH_REQUESTS` (per concurrency level, default 5,000) and
 //! `VULCAN_BENCH_LINES` (default 1,000,000) to change the sizes.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail, ensure};
 use serde_json::Value;
 use vulcan::cli::sse::SseParser;
+
+mod common;
+use common::{BenchServer, upload};
 
 fn main() -> anyhow::Result<()> {
     let requests: usize = env_or("VULCAN_BENCH_REQUESTS", 5_000);
@@ -50,7 +56,7 @@ async fn run(requests: usize, lines: u64, hello: &[u8], plain: Duration) -> anyh
     let dir = tempfile::tempdir()?;
     println!("server load benchmark (hello by hash, {requests} runs per level)");
 
-    let server = BenchServer::start(dir.path())?;
+    let server = BenchServer::start(dir.path(), &["--max-concurrent", "256"])?;
     let http = reqwest::Client::new();
 
     // 1. Cold: a module the server has never seen.
@@ -103,9 +109,33 @@ async fn run(requests: usize, lines: u64, hello: &[u8], plain: Duration) -> anyh
         listed["total"]
     );
 
+    // 5. Sustained load: errors and stuck workloads, not speed.
+    let rounds: u32 = env_or("VULCAN_BENCH_SUSTAIN_ROUNDS", 4);
+    let secs: u64 = env_or("VULCAN_BENCH_SUSTAIN_SECS", 20);
+    for round in 1..=rounds {
+        let (ok, failed) = sustain(&http, &server.url, &hash, 64, Duration::from_secs(secs)).await;
+        let mut left = 0;
+        for status in ["pending", "running"] {
+            let page: Value = http
+                .get(format!(
+                    "{}/v1/workloads?status={status}&limit=1",
+                    server.url
+                ))
+                .send()
+                .await?
+                .json()
+                .await?;
+            left += page["total"].as_u64().unwrap_or(0);
+        }
+        println!(
+            "  sustained round {round}/{rounds}: 64 clients for {secs} s: {ok} runs, {failed} not 2xx, \
+             {left} left pending/running afterwards   (goal 0 and 0)"
+        );
+    }
+
     // 3. Restart: the artifact is on disk, nothing is recompiled.
     server.stop()?;
-    let server = BenchServer::start(dir.path())?;
+    let server = BenchServer::start(dir.path(), &["--max-concurrent", "256"])?;
     let t = Instant::now();
     run_by_hash(&http, &server.url, &hash).await?;
     println!("  first run after restart:  {:>6.2} ms", ms(t.elapsed()));
@@ -207,18 +237,6 @@ impl Load {
     }
 }
 
-async fn upload(http: &reqwest::Client, url: &str, wasm: &[u8]) -> anyhow::Result<String> {
-    let resp = http
-        .post(format!("{url}/v1/modules"))
-        .header("content-type", "application/wasm")
-        .body(wasm.to_vec())
-        .send()
-        .await?;
-    ensure!(resp.status().is_success(), "upload: {}", resp.status());
-    let v: Value = resp.json().await?;
-    Ok(v["hash"].as_str().context("no hash")?.to_owned())
-}
-
 /// One sync run; fails unless it completed with its one line stored.
 async fn run_by_hash(http: &reqwest::Client, url: &str, hash: &str) -> anyhow::Result<()> {
     let resp = http
@@ -269,6 +287,49 @@ async fn load(
     Ok(Load { elapsed, sorted })
 }
 
+/// Sync runs of `hash` by `clients` loops for `duration`; returns how many
+/// were answered 2xx and how many were not (or failed to be answered).
+async fn sustain(
+    http: &reqwest::Client,
+    url: &str,
+    hash: &str,
+    clients: usize,
+    duration: Duration,
+) -> (u64, u64) {
+    let until = Instant::now() + duration;
+    let tasks: Vec<_> = (0..clients)
+        .map(|_| {
+            let (http, url, hash) = (http.clone(), url.to_owned(), hash.to_owned());
+            tokio::spawn(async move {
+                let (mut ok, mut failed) = (0u64, 0u64);
+                while Instant::now() < until {
+                    let resp = http
+                        .post(format!("{url}/v1/workloads"))
+                        .json(&serde_json::json!({ "module": hash }))
+                        .send()
+                        .await;
+                    match resp {
+                        Ok(r) if r.status().is_success() => {
+                            let _ = r.bytes().await;
+                            ok += 1;
+                        }
+                        _ => failed += 1,
+                    }
+                }
+                (ok, failed)
+            })
+        })
+        .collect();
+    let (mut ok, mut failed) = (0, 0);
+    for t in tasks {
+        if let Ok((o, f)) = t.await {
+            ok += o;
+            failed += f;
+        }
+    }
+    (ok, failed)
+}
+
 /// Follows a workload's SSE stream to its end; returns how many lines came,
 /// failing on any gap or repeat.
 async fn follow(http: reqwest::Client, url: String, id: String) -> anyhow::Result<u64> {
@@ -289,71 +350,4 @@ async fn follow(http: reqwest::Client, url: String, id: String) -> anyhow::Resul
         }
     }
     bail!("the stream ended without an end event after {next_seq} lines")
-}
-
-/// A `vulcan serve` child on an ephemeral port.
-struct BenchServer {
-    child: Child,
-    url: String,
-}
-
-impl BenchServer {
-    fn start(data_dir: &std::path::Path) -> anyhow::Result<Self> {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_vulcan"))
-            .arg("--data-dir")
-            .arg(data_dir)
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--max-concurrent",
-                "256",
-            ])
-            .env_remove("VULCAN_TOKEN")
-            .stdin(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("failed to start vulcan serve")?;
-        let mut stderr = BufReader::new(child.stderr.take().context("no stderr")?);
-        let mut line = String::new();
-        let url = loop {
-            line.clear();
-            ensure!(stderr.read_line(&mut line)? > 0, "the server exited early");
-            if let Some(rest) = line.trim().strip_prefix("vulcan: listening on ") {
-                break rest.split_whitespace().next().unwrap_or("").to_owned();
-            }
-        };
-        std::thread::spawn(move || {
-            let mut sink = String::new();
-            while stderr.read_line(&mut sink).unwrap_or(0) > 0 {
-                sink.clear();
-            }
-        });
-        Ok(Self { child, url })
-    }
-
-    fn peak_rss_kib(&self) -> anyhow::Result<u64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))?;
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .context("no VmHWM in /proc/PID/status")
-    }
-
-    fn stop(mut self) -> anyhow::Result<()> {
-        Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()?;
-        let status = self.child.wait()?;
-        ensure!(status.success(), "the server exited with {status}");
-        Ok(())
-    }
-}
-
-impl Drop for BenchServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }

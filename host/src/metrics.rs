@@ -34,6 +34,10 @@ pub struct Metrics {
     pub cache_misses: Counter,
     /// Modules compiled from bytes.
     pub compiles: Counter,
+    /// Clients following a workload's log over SSE now.
+    pub followers: Gauge,
+    /// Log lines that could not be stored (set from the store when rendered).
+    pub lost_lines: Gauge,
 }
 
 impl Default for Metrics {
@@ -81,7 +85,21 @@ impl Default for Metrics {
             "Modules compiled from bytes",
             compiles.clone(),
         );
+        let followers = Gauge::default();
+        registry.register(
+            "log_followers",
+            "Clients following a workload's log over SSE",
+            followers.clone(),
+        );
+        let lost_lines = Gauge::default();
+        registry.register(
+            "lost_log_lines",
+            "Log lines that could not be stored since start (their workloads failed)",
+            lost_lines.clone(),
+        );
         Self {
+            followers,
+            lost_lines,
             registry,
             finished,
             running,

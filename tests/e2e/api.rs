@@ -219,8 +219,11 @@ async fn kill_stops_a_spinning_guest_and_a_second_kill_conflicts() {
     let first = sse.next().await.unwrap();
     assert_eq!(first.data, "spinning", "the guest is in its loop");
 
-    let (status, _) = server.kill(&id).await;
-    assert_eq!(status, 202);
+    // DELETE answers once it has stopped, with what actually happened.
+    let (status, killed) = server.kill(&id).await;
+    assert_eq!(status, 200, "{killed}");
+    assert_eq!(killed["status"], "killed");
+    assert_eq!(killed["failure"], "killed");
     let (_, _, end) = sse.until_end().await;
     assert_eq!(end["status"], "killed");
     assert_eq!(end["error"], "killed on request");
@@ -468,7 +471,7 @@ async fn a_full_server_answers_503_with_retry_after() {
     assert_eq!(resp.headers()["retry-after"], "1");
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["error"]["code"], "busy");
-    assert_eq!(server.kill(&id).await.0, 202);
+    assert_eq!(server.kill(&id).await.0, 200);
     let (_, _, end) = server.sse(&id, None).await.until_end().await;
     assert_eq!(end["status"], "killed");
     let (status, _) = server.run_wasm("hello", "").await;

@@ -59,6 +59,7 @@ async fn submit_status_ls_logs_and_kill_through_the_server() {
     assert_eq!(sse.next().await.unwrap().data, "spinning");
     let out = with_server(&["kill", &spin]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(stdout(&out), format!("{spin} killed\n"));
     let (_, _, end) = sse.until_end().await;
     assert_eq!(end["status"], "killed");
     let out = with_server(&["logs", "-f", &spin]);

@@ -250,7 +250,7 @@ async fn components_through_the_api_sync_async_sse_history_and_kill() {
         .start_json(&json!({"module": fib["hash"], "input": {"n": 90}}))
         .await;
     let mut sse = server.sse(&id, None).await;
-    assert_eq!(server.kill(&id).await.0, 202);
+    assert_eq!(server.kill(&id).await.0, 200);
     let (_, _, end) = sse.until_end().await;
     assert_eq!(end["status"], "killed");
 }

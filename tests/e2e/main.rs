@@ -7,10 +7,13 @@
 //! - `api`     — `vulcan serve` over HTTP: uploads, runs, SSE, errors, restarts.
 //! - `client`  — the CLI against a running server.
 //! - `components` — SDK workloads and WASI preview2 commands, locally and via the API.
+//! - `hardening` — hostile guests and clients, faults, crashes: bounded memory,
+//!   no stuck workload, no lost line.
 
 mod api;
 mod client;
 mod components;
+mod hardening;
 mod local;
 mod run;
 mod support;

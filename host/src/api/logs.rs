@@ -25,7 +25,7 @@ use serde_json::json;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
-use super::workloads::{WorkloadView, parse_id, rfc3339};
+use super::workloads::{WorkloadView, in_range, parse_id, rfc3339};
 use super::{ApiError, AppState};
 use crate::logs::{BrokerEvent, LogRecord};
 use crate::workload::WorkloadId;
@@ -59,13 +59,17 @@ pub async fn follow(
         None => None,
     };
     // The header wins: it is what a reconnecting EventSource sends.
-    let after = last_event_id.or(query.after);
+    let after = in_range("Last-Event-ID", last_event_id)?.or(in_range("after", query.after)?);
     state.db().workload(id)?;
 
     let (tx, rx) = mpsc::channel::<Event>(256);
     tokio::spawn(async move {
-        // Ends quietly when the client goes away (the send fails).
+        let followers = state.inner.metrics.followers.clone();
+        followers.inc();
+        // Ends quietly when the client goes away (the send fails), including a
+        // client that stopped reading and was disconnected for it.
         let _ = stream_lines(state, id, after, tx).await;
+        followers.dec();
     });
     let events = tokio_stream::StreamExt::map(ReceiverStream::new(rx), Ok::<Event, Infallible>);
     Ok(Sse::new(events).keep_alive(
@@ -121,11 +125,26 @@ async fn replay(
         }
         let db = state.db().clone();
         let after = cursor.sent;
-        let page = tokio::task::spawn_blocking(move || db.read_lines(id, after, REPLAY_PAGE))
+        let page = match tokio::task::spawn_blocking(move || db.read_lines(id, after, REPLAY_PAGE))
             .await
-            .ok()
-            .and_then(Result::ok)
-            .unwrap_or_default();
+        {
+            Ok(Ok(page)) => page,
+            failed => {
+                let error = match failed {
+                    Ok(Err(e)) => format!("{e:#}"),
+                    Err(e) => e.to_string(),
+                    Ok(Ok(_)) => unreachable!(),
+                };
+                // Not "no more lines": the follower must know its stream is cut.
+                tracing::error!(workload = %id, %error, "failed to read stored lines for a follower");
+                let _ = tx
+                    .send(Event::default().event("error").data(
+                        json!({"error": {"code": "internal", "message": "failed to read the stored lines; reconnect with Last-Event-ID"}}).to_string(),
+                    ))
+                    .await;
+                return Err(Gone);
+            }
+        };
         if page.is_empty() {
             return Ok(());
         }
@@ -197,6 +216,7 @@ pub async fn history(
     let id = parse_id(&id)?;
     let Query(q) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
     let limit = q.limit.unwrap_or(1_000);
+    let after = in_range("after", q.after)?;
     if limit == 0 || limit > MAX_HISTORY_PAGE {
         return Err(ApiError::BadRequest(format!(
             "limit must be between 1 and {MAX_HISTORY_PAGE}"
@@ -204,10 +224,10 @@ pub async fn history(
     }
     state.db().workload(id)?;
     let db = state.db().clone();
-    let lines = tokio::task::spawn_blocking(move || db.read_lines(id, q.after, limit))
+    let lines = tokio::task::spawn_blocking(move || db.read_lines(id, after, limit))
         .await
         .map_err(|e| anyhow::anyhow!("history task failed: {e}"))??;
-    let next_after = lines.last().map(|r| r.seq).or(q.after);
+    let next_after = lines.last().map(|r| r.seq).or(after);
     let lines: Vec<_> = lines
         .iter()
         .map(|r| {

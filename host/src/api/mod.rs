@@ -4,6 +4,7 @@
 //! turns requests into calls on the registry, runner and store, and their
 //! results and typed errors into JSON, SSE and status codes.
 
+mod conn;
 mod error;
 mod logs;
 mod modules;
@@ -19,8 +20,10 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use sha2::{Digest, Sha256};
+use tower_http::timeout::RequestBodyTimeoutLayer;
 
 pub use error::ApiError;
+pub use workloads::LimitPolicy;
 
 use crate::metrics::Metrics;
 use crate::registry::ModuleRegistry;
@@ -37,26 +40,51 @@ struct Shared {
     runner: Arc<Runner>,
     registry: Arc<ModuleRegistry>,
     metrics: Arc<Metrics>,
-    token: Option<String>,
-    max_upload: usize,
+    config: ApiConfig,
+}
+
+/// What the operator decides about the API.
+#[derive(Debug, Clone)]
+pub struct ApiConfig {
+    /// Bearer token every endpoint but `/healthz` requires; never empty.
+    pub token: Option<String>,
+    /// Largest request body.
+    pub max_upload: usize,
+    /// Most bytes of args, env, stdin and input one workload may be given.
+    pub max_spec: usize,
+    /// Limits a request gets when it names none, and the most it may ask for.
+    pub limits: LimitPolicy,
+    /// How long a client may stall (send nothing, or read nothing) before
+    /// its connection is closed.
+    pub client_timeout: std::time::Duration,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            token: None,
+            max_upload: 64 << 20,
+            max_spec: 1 << 20,
+            limits: LimitPolicy::default(),
+            client_timeout: std::time::Duration::from_secs(30),
+        }
+    }
 }
 
 impl AppState {
-    /// State over these stages; `token` enables bearer authentication.
+    /// State over these stages.
     pub fn new(
         runner: Arc<Runner>,
         registry: Arc<ModuleRegistry>,
         metrics: Arc<Metrics>,
-        token: Option<String>,
-        max_upload: usize,
+        config: ApiConfig,
     ) -> Self {
         Self {
             inner: Arc::new(Shared {
                 runner,
                 registry,
                 metrics,
-                token: token.filter(|t| !t.is_empty()),
-                max_upload,
+                config,
             }),
         }
     }
@@ -90,9 +118,55 @@ pub fn router(state: AppState) -> Router {
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
         // Bodies are read with their own limit and a precise 413; this lifts
         // axum's 2 MiB default so the multipart reader uses the same limit.
-        .layer(DefaultBodyLimit::max(state.inner.max_upload))
+        .layer(DefaultBodyLimit::max(state.inner.config.max_upload))
+        .layer(RequestBodyTimeoutLayer::new(
+            state.inner.config.client_timeout,
+        ))
+        .layer(middleware::from_fn(json_errors))
         .layer(middleware::from_fn(close_after_refused_body))
         .with_state(state)
+}
+
+/// Gives every error answer the API's JSON shape, including those axum makes
+/// itself (a malformed path or query, a wrong method).
+async fn json_errors(req: Request, next: Next) -> Response {
+    let response = next.run(req).await;
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    let text = axum::body::to_bytes(body, 64 * 1024)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_owned())
+        .unwrap_or_default();
+    let message = match text.is_empty() {
+        true => status.canonical_reason().unwrap_or("error").to_owned(),
+        false => text,
+    };
+    let code = match status {
+        axum::http::StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        axum::http::StatusCode::NOT_FOUND => "not_found",
+        axum::http::StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
+        axum::http::StatusCode::REQUEST_TIMEOUT => "request_timeout",
+        s if s.is_server_error() => "internal",
+        _ => "bad_request",
+    };
+    let mut fixed = (
+        status,
+        axum::Json(serde_json::json!({"error": {"code": code, "message": message}})),
+    )
+        .into_response();
+    for (name, value) in &parts.headers {
+        if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+            fixed.headers_mut().insert(name.clone(), value.clone());
+        }
+    }
+    fixed
 }
 
 /// Marks an error answer to a request with a body `Connection: close`.
@@ -117,21 +191,27 @@ async fn close_after_refused_body(req: Request, next: Next) -> Response {
     response
 }
 
-/// Serves `router(state)` on `listener` until `shutdown` resolves.
+/// Serves `router(state)` on `listener` until `shutdown` resolves; then kills
+/// running workloads, so that open requests (sync runs, SSE streams) end.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let runner = Arc::clone(&state.inner.runner);
+    let client_timeout = state.inner.config.client_timeout;
     let app = router(state);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
+    conn::serve(
+        listener,
+        app,
+        client_timeout,
+        async move {
             shutdown.await;
-            // Open requests (sync runs, SSE streams) end when their workloads do.
             runner.kill_all("killed: the server shut down");
-        })
-        .await?;
+        },
+        std::time::Duration::from_secs(10),
+    )
+    .await;
     Ok(())
 }
 
@@ -141,6 +221,12 @@ async fn healthz(State(state): State<AppState>) -> Result<impl IntoResponse, Api
 }
 
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    let lost = state.db().lost_lines();
+    state
+        .inner
+        .metrics
+        .lost_lines
+        .set(i64::try_from(lost).unwrap_or(i64::MAX));
     (
         [(
             header::CONTENT_TYPE,
@@ -151,18 +237,27 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
 }
 
 async fn require_token(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    if let Some(expected) = &state.inner.token {
+    if let Some(expected) = &state.inner.config.token {
         let given = req
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
+            .and_then(bearer_token)
             .unwrap_or("");
         if !tokens_match(given, expected) {
             return ApiError::Unauthorized.into_response();
         }
     }
     next.run(req).await
+}
+
+/// The token of an `Authorization: Bearer …` value; the scheme is
+/// case-insensitive (RFC 9110).
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim_start())
 }
 
 /// Compares two tokens in time independent of where they differ (and of their
@@ -184,5 +279,14 @@ mod tests {
         assert!(!super::tokens_match("s3cres", "s3cret"));
         assert!(!super::tokens_match("", "s3cret"));
         assert!(!super::tokens_match("s3cret-and-more", "s3cret"));
+    }
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive() {
+        for value in ["Bearer t0k", "bearer t0k", "BEARER  t0k", " bEaReR t0k"] {
+            assert_eq!(super::bearer_token(value), Some("t0k"), "{value}");
+        }
+        assert_eq!(super::bearer_token("Basic t0k"), None);
+        assert_eq!(super::bearer_token("Bearer"), None);
     }
 }

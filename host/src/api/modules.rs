@@ -30,7 +30,7 @@ pub async fn upload(
             "upload modules as application/wasm, not `{ct}`"
         )));
     }
-    let bytes = read_body(req, state.inner.max_upload).await?;
+    let bytes = read_body(req, state.inner.config.max_upload).await?;
     let (info, _, new) = state.inner.registry.register(bytes.to_vec().into()).await?;
     let status = if new {
         StatusCode::CREATED

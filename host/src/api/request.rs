@@ -91,9 +91,43 @@ fn decode_base64(field: &str, text: &str) -> Result<Vec<u8>, ApiError> {
         .map_err(|e| ApiError::BadRequest(format!("`{field}` is not valid base64: {e}")))
 }
 
+/// Refuses what a guest could not be given faithfully: a NUL cannot pass
+/// through WASI's C-string args and environment, and `KEY=VALUE` pairs need a
+/// non-empty key without `=`.
+fn check_args_and_env(args: &[String], env: &BTreeMap<String, String>) -> Result<(), ApiError> {
+    if let Some(i) = args.iter().position(|a| a.contains('\0')) {
+        return Err(ApiError::BadRequest(format!(
+            "argument {i} contains a NUL character, which a WASI argument cannot hold"
+        )));
+    }
+    for (k, v) in env {
+        if k.is_empty() || k.contains('=') || k.contains('\0') {
+            return Err(ApiError::BadRequest(format!(
+                "environment key `{}` is not allowed: it must be non-empty, without `=` or NUL",
+                k.escape_debug()
+            )));
+        }
+        if v.contains('\0') {
+            return Err(ApiError::BadRequest(format!(
+                "the value of environment variable `{k}` contains a NUL character"
+            )));
+        }
+    }
+    Ok(())
+}
+
 impl JsonSpec {
-    /// Builds the submission; `uploaded` is the module from a multipart part.
-    fn into_submission(self, uploaded: Option<Vec<u8>>) -> Result<Submission, ApiError> {
+    /// Builds the submission; `uploaded` is the module from a multipart part;
+    /// args, env, stdin and input together may be at most `max_spec` bytes.
+    fn into_submission(
+        self,
+        uploaded: Option<Vec<u8>>,
+        max_spec: usize,
+    ) -> Result<Submission, ApiError> {
+        check_args_and_env(&self.args, &self.env)?;
+        if let Some(argv0) = &self.argv0 {
+            check_args_and_env(std::slice::from_ref(argv0), &BTreeMap::new())?;
+        }
         let module = match (uploaded, self.module, self.module_base64) {
             (Some(bytes), None, None) => ModuleRef::Bytes(bytes),
             (None, Some(hash), None) => ModuleRef::Hash(parse_hash(&hash)?),
@@ -132,6 +166,24 @@ impl JsonSpec {
         };
         let mut args = vec![self.argv0.unwrap_or_else(|| "workload.wasm".into())];
         args.extend(self.args);
+        let stdin_len = match &stdin {
+            Stdin::Bytes(b) => b.len(),
+            _ => 0,
+        };
+        let size = args.iter().map(|a| a.len() + 1).sum::<usize>()
+            + self
+                .env
+                .iter()
+                .map(|(k, v)| k.len() + v.len() + 2)
+                .sum::<usize>()
+            + stdin_len
+            + input.as_ref().map_or(0, Vec::len);
+        if size > max_spec {
+            return Err(ApiError::PayloadTooLarge(format!(
+                "args, env, stdin and input come to {size} bytes; this server accepts at most \
+                 {max_spec} (--max-spec-size)"
+            )));
+        }
         Ok(Submission {
             module,
             spec: WorkloadSpec {
@@ -173,7 +225,26 @@ pub async fn read_body(req: Request, limit: usize) -> Result<bytes::Bytes, ApiEr
     }
     axum::body::to_bytes(req.into_body(), limit)
         .await
-        .map_err(|_| too_large())
+        .map_err(|e| body_error(e.into_inner(), too_large))
+}
+
+/// A body that failed while read: too large, or stalled past the server's timeout.
+fn body_error(e: axum::BoxError, too_large: impl FnOnce() -> ApiError) -> ApiError {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&*e);
+    while let Some(err) = source {
+        if err.is::<tower_http::timeout::TimeoutError>() {
+            return stalled();
+        }
+        source = err.source();
+    }
+    too_large()
+}
+
+/// The answer to a body that stopped arriving.
+pub fn stalled() -> ApiError {
+    ApiError::RequestTimeout(
+        "the request body stopped arriving; send it without pauses (see --client-timeout)".into(),
+    )
 }
 
 /// The request's media type, without parameters.
@@ -186,37 +257,53 @@ pub fn media_type(req: &Request) -> String {
         .unwrap_or_default()
 }
 
-/// Parses any of the three bodies.
-pub async fn parse_submission(req: Request, limit: usize) -> Result<Submission, ApiError> {
+/// Parses any of the three bodies; `limit` bounds the body, `max_spec` the
+/// args, env, stdin and input.
+pub async fn parse_submission(
+    req: Request,
+    limit: usize,
+    max_spec: usize,
+) -> Result<Submission, ApiError> {
     match media_type(&req).as_str() {
         "application/wasm" => {
             let query = req.uri().query().unwrap_or("").to_owned();
-            let bytes = read_body(req, limit).await?;
             let spec = query_spec(&query)?;
-            spec.into_submission(Some(bytes.to_vec()))
+            let bytes = read_body(req, limit).await?;
+            spec.into_submission(Some(bytes.to_vec()), max_spec)
         }
         "application/json" => {
             let bytes = read_body(req, limit).await?;
             let spec: JsonSpec = serde_json::from_slice(&bytes)
                 .map_err(|e| ApiError::BadRequest(format!("malformed JSON: {e}")))?;
-            spec.into_submission(None)
+            spec.into_submission(None, max_spec)
         }
         "multipart/form-data" => {
             let mut multipart = Multipart::from_request(req, &())
                 .await
                 .map_err(|e| ApiError::BadRequest(format!("bad multipart body: {e}")))?;
             let mut module = None;
-            let mut spec = JsonSpec::default();
+            let mut spec = None;
+            let twice = |part: &str| {
+                ApiError::BadRequest(format!(
+                    "the multipart body has more than one `{part}` part; send exactly one"
+                ))
+            };
             while let Some(field) = multipart.next_field().await.map_err(multipart_error)? {
                 match field.name().unwrap_or("") {
                     "module" => {
+                        if module.is_some() {
+                            return Err(twice("module"));
+                        }
                         module = Some(field.bytes().await.map_err(multipart_error)?.to_vec())
                     }
                     "spec" => {
+                        if spec.is_some() {
+                            return Err(twice("spec"));
+                        }
                         let bytes = field.bytes().await.map_err(multipart_error)?;
-                        spec = serde_json::from_slice(&bytes).map_err(|e| {
+                        spec = Some(serde_json::from_slice::<JsonSpec>(&bytes).map_err(|e| {
                             ApiError::BadRequest(format!("malformed JSON in the spec part: {e}"))
-                        })?;
+                        })?);
                     }
                     other => {
                         return Err(ApiError::BadRequest(format!(
@@ -230,7 +317,8 @@ pub async fn parse_submission(req: Request, limit: usize) -> Result<Submission, 
                     "the multipart body has no `module` part".into(),
                 ));
             };
-            spec.into_submission(Some(module))
+            spec.unwrap_or_default()
+                .into_submission(Some(module), max_spec)
         }
         "" => Err(ApiError::UnsupportedMediaType(
             "missing Content-Type: use application/wasm, application/json or multipart/form-data"
@@ -243,7 +331,9 @@ pub async fn parse_submission(req: Request, limit: usize) -> Result<Submission, 
 }
 
 fn multipart_error(e: axum::extract::multipart::MultipartError) -> ApiError {
-    if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+    if e.body_text().contains("not received within") {
+        stalled()
+    } else if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
         ApiError::PayloadTooLarge(format!("the body is too large: {}", e.body_text()))
     } else {
         ApiError::BadRequest(format!("bad multipart body: {}", e.body_text()))

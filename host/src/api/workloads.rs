@@ -12,7 +12,7 @@ use serde_json::json;
 use super::request::{ModuleRef, parse_submission};
 use super::{ApiError, AppState};
 use crate::runner::StartedWorkload;
-use crate::workload::{Limits, Status, WorkloadId, WorkloadRecord};
+use crate::workload::{FailureKind, Limits, Status, WorkloadId, WorkloadRecord};
 
 /// A workload as the API shows it.
 #[derive(Debug, Serialize)]
@@ -24,6 +24,7 @@ pub struct WorkloadView {
     limits: Limits,
     exit_code: Option<i32>,
     error: Option<String>,
+    failure: Option<FailureKind>,
     duration_ms: Option<u64>,
     line_count: u64,
     /// An SDK workload's returned output: JSON when it parses as JSON.
@@ -60,12 +61,157 @@ impl From<WorkloadRecord> for WorkloadView {
             limits: w.limits,
             exit_code: w.exit_code,
             error: w.error,
+            failure: w.failure,
             duration_ms: w.duration_ms,
             line_count: w.line_count,
             created_at: rfc3339(w.created_at),
             started_at: w.started_at.map(rfc3339),
             finished_at: w.finished_at.map(rfc3339),
         }
+    }
+}
+
+/// A workload as a list shows it: its state and result, without its spec or
+/// output, so that a page stays small whatever the workloads were given.
+#[derive(Debug, Serialize)]
+pub struct WorkloadSummary {
+    id: WorkloadId,
+    status: Status,
+    module: String,
+    exit_code: Option<i32>,
+    /// The first line of the error, at most [`SUMMARY_ERROR_CHARS`] characters.
+    error: Option<String>,
+    failure: Option<FailureKind>,
+    duration_ms: Option<u64>,
+    line_count: u64,
+    created_at: String,
+    started_at: Option<String>,
+    finished_at: Option<String>,
+}
+
+/// Longest error a list item carries; the record has the whole one.
+pub const SUMMARY_ERROR_CHARS: usize = 200;
+
+impl From<WorkloadRecord> for WorkloadSummary {
+    fn from(w: WorkloadRecord) -> Self {
+        Self {
+            id: w.id,
+            status: w.status,
+            module: w.module_hash,
+            exit_code: w.exit_code,
+            error: w.error.map(|e| {
+                let first = e.lines().next().unwrap_or("");
+                first.chars().take(SUMMARY_ERROR_CHARS).collect()
+            }),
+            failure: w.failure,
+            duration_ms: w.duration_ms,
+            line_count: w.line_count,
+            created_at: rfc3339(w.created_at),
+            started_at: w.started_at.map(rfc3339),
+            finished_at: w.finished_at.map(rfc3339),
+        }
+    }
+}
+
+/// The limits a server gives a workload that asks for none, and the most one
+/// may ask for (`None`: unlimited).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LimitPolicy {
+    /// Limits of a request that names none.
+    pub default: Limits,
+    /// The most a request may ask for, limit by limit.
+    pub max: Limits,
+}
+
+impl Default for LimitPolicy {
+    fn default() -> Self {
+        Self {
+            default: Limits {
+                timeout_ms: Some(5 * 60 * 1000),
+                max_memory_bytes: Some(256 << 20),
+                fuel: None,
+                max_output_bytes: Some(256 << 20),
+            },
+            max: Limits {
+                timeout_ms: Some(60 * 60 * 1000),
+                max_memory_bytes: Some(4 << 30),
+                fuel: None,
+                max_output_bytes: Some(4 << 30),
+            },
+        }
+    }
+}
+
+impl LimitPolicy {
+    /// Checks that every default is within its maximum.
+    pub fn validate(&self) -> Result<(), String> {
+        for (name, default, max) in self.each(&self.default) {
+            match (default, max) {
+                (_, None) => {}
+                (None, Some(max)) => {
+                    return Err(format!(
+                        "--default-{name} is unlimited but --max-{name} is {max}"
+                    ));
+                }
+                (Some(d), Some(m)) if d > m => {
+                    return Err(format!("--default-{name} ({d}) exceeds --max-{name} ({m})"));
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// `asked`, with defaults for what it leaves open; a limit above its
+    /// maximum is refused.
+    pub fn apply(&self, asked: &Limits) -> Result<Limits, ApiError> {
+        for (name, value, max) in self.each(asked) {
+            if let (Some(v), Some(m)) = (value, max)
+                && v > m
+            {
+                return Err(ApiError::BadRequest(format!(
+                    "limits.{} of {v} exceeds this server's maximum of {m}",
+                    api_name(name)
+                )));
+            }
+        }
+        Ok(Limits {
+            timeout_ms: asked.timeout_ms.or(self.default.timeout_ms),
+            max_memory_bytes: asked.max_memory_bytes.or(self.default.max_memory_bytes),
+            fuel: asked.fuel.or(self.default.fuel),
+            max_output_bytes: asked.max_output_bytes.or(self.default.max_output_bytes),
+        })
+    }
+
+    /// Each limit of `limits` by its flag name, with its maximum.
+    fn each(&self, limits: &Limits) -> [(&'static str, Option<u64>, Option<u64>); 4] {
+        [
+            ("timeout", limits.timeout_ms, self.max.timeout_ms),
+            ("memory", limits.max_memory_bytes, self.max.max_memory_bytes),
+            ("fuel", limits.fuel, self.max.fuel),
+            ("output", limits.max_output_bytes, self.max.max_output_bytes),
+        ]
+    }
+}
+
+/// How the API (in bytes and milliseconds) names a limit.
+fn api_name(flag: &str) -> &'static str {
+    match flag {
+        "timeout" => "timeout_ms (ms)",
+        "memory" => "max_memory (bytes)",
+        "fuel" => "fuel",
+        _ => "max_output_bytes",
+    }
+}
+
+/// Refuses a position or offset that SQLite's signed 64-bit integers cannot hold.
+pub fn in_range(name: &str, value: Option<u64>) -> Result<Option<u64>, ApiError> {
+    match value {
+        Some(v) if v > i64::MAX as u64 => Err(ApiError::BadRequest(format!(
+            "`{name}` must be at most {}, got {v}",
+            i64::MAX
+        ))),
+        v => Ok(v),
     }
 }
 
@@ -82,7 +228,9 @@ pub fn parse_id(id: &str) -> Result<WorkloadId, ApiError> {
 }
 
 async fn start(state: &AppState, req: Request) -> Result<StartedWorkload, ApiError> {
-    let submission = parse_submission(req, state.inner.max_upload).await?;
+    let config = &state.inner.config;
+    let mut submission = parse_submission(req, config.max_upload, config.max_spec).await?;
+    submission.spec.limits = config.limits.apply(&submission.spec.limits)?;
     let (hash, compiled) = match submission.module {
         ModuleRef::Hash(hash) => {
             let compiled = state.inner.registry.get(&hash).await?;
@@ -161,14 +309,17 @@ pub async fn list(
             "limit must be between 1 and {MAX_PAGE}"
         )));
     }
-    let offset = q.offset.unwrap_or(0);
+    let offset = in_range("offset", q.offset)?.unwrap_or(0);
     let status = q
         .status
         .map(|s| s.parse::<Status>())
         .transpose()
         .map_err(|e| ApiError::BadRequest(e.to_string()))?;
-    let page = state.db().list_workloads(limit, offset, status)?;
-    let items: Vec<WorkloadView> = page.items.into_iter().map(WorkloadView::from).collect();
+    let db = state.db().clone();
+    let page = tokio::task::spawn_blocking(move || db.list_workloads(limit, offset, status))
+        .await
+        .map_err(|e| anyhow::anyhow!("list task failed: {e}"))??;
+    let items: Vec<WorkloadSummary> = page.items.into_iter().map(WorkloadSummary::from).collect();
     Ok(Json(json!({
         "items": items,
         "total": page.total,
@@ -177,18 +328,42 @@ pub async fn list(
     })))
 }
 
-/// `DELETE /v1/workloads/{id}`: 202 while it stops, 409 if it had ended.
+/// How long DELETE waits for the workload to stop before answering 202.
+const KILL_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// `DELETE /v1/workloads/{id}`: stops it and answers with what happened.
+///
+/// 200 with the final record once it has ended: `killed`, or the status it
+/// reached on its own if it ended before the kill took effect; 202 if it is
+/// still stopping after a few seconds; 409 if it had ended before the request.
 pub async fn kill(
     State(state): State<AppState>,
     Path(id): Path<String>,
-) -> Result<impl IntoResponse, ApiError> {
+) -> Result<axum::response::Response, ApiError> {
     let id = parse_id(&id)?;
     let runner = Arc::clone(&state.inner.runner);
     if runner.kill(id, "killed on request") {
-        return Ok((
-            StatusCode::ACCEPTED,
-            Json(json!({"id": id, "status": "killing"})),
-        ));
+        if tokio::time::timeout(KILL_WAIT, runner.ended(id))
+            .await
+            .is_err()
+        {
+            return Ok((
+                StatusCode::ACCEPTED,
+                Json(json!({"id": id, "status": "killing"})),
+            )
+                .into_response());
+        }
+        // Its end may still be on its way to the store (a full disk): until it
+        // is there, the record says it is stopping.
+        let record = state.db().workload(id)?;
+        return Ok(match record.status.is_terminal() {
+            true => Json(WorkloadView::from(record)).into_response(),
+            false => (
+                StatusCode::ACCEPTED,
+                Json(json!({"id": id, "status": "killing"})),
+            )
+                .into_response(),
+        });
     }
     let record = state.db().workload(id)?;
     Err(ApiError::Conflict(format!(

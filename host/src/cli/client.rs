@@ -208,10 +208,15 @@ pub async fn status(client: &Client, id: &str, json: bool) -> anyhow::Result<Exi
 
 /// `vulcan kill ID`.
 pub async fn kill(client: &Client, id: &str) -> anyhow::Result<ExitCode> {
-    client
-        .send(client.request(reqwest::Method::DELETE, &format!("/v1/workloads/{id}")))
+    let answer = client
+        .json(client.request(reqwest::Method::DELETE, &format!("/v1/workloads/{id}")))
         .await?;
-    println!("killing {id}");
+    // 200 carries the final record (killed, or how it ended if that came
+    // first); 202 means it is still stopping.
+    match answer["status"].as_str() {
+        Some("killing") | None => println!("{id} is stopping"),
+        Some(status) => println!("{id} {status}"),
+    }
     Ok(ExitCode::SUCCESS)
 }
 

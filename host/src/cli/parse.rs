@@ -37,6 +37,37 @@ pub fn size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("`{s}` is too large"))
 }
 
+/// A server limit: a value, or `unlimited`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cap(pub Option<u64>);
+
+impl Cap {
+    fn parse(s: &str, value: impl FnOnce(&str) -> Result<u64, String>) -> Result<Self, String> {
+        match s.trim() {
+            "unlimited" | "none" => Ok(Cap(None)),
+            other => value(other).map(|v| Cap(Some(v))),
+        }
+    }
+}
+
+/// A duration limit in milliseconds, or `unlimited`.
+pub fn cap_duration(s: &str) -> Result<Cap, String> {
+    Cap::parse(s, |s| duration(s).map(|d| d.as_millis() as u64))
+}
+
+/// A size limit in bytes, or `unlimited`.
+pub fn cap_size(s: &str) -> Result<Cap, String> {
+    Cap::parse(s, size)
+}
+
+/// A count (e.g. fuel), or `unlimited`.
+pub fn cap_count(s: &str) -> Result<Cap, String> {
+    Cap::parse(s, |s| {
+        s.parse()
+            .map_err(|_| format!("`{s}` is not a whole number or `unlimited`"))
+    })
+}
+
 /// `KEY=VALUE`; the value may contain `=`, quotes and newlines.
 pub fn env_pair(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {

@@ -9,13 +9,14 @@ use anyhow::Context as _;
 use clap::Args;
 
 use super::parse;
-use crate::api::{AppState, serve};
+use crate::api::{ApiConfig, AppState, LimitPolicy, serve};
 use crate::engine::Runtime;
 use crate::logs::LogBroker;
 use crate::metrics::Metrics;
 use crate::registry::ModuleRegistry;
 use crate::runner::Runner;
 use crate::store::Db;
+use crate::workload::Limits;
 
 /// Arguments of `vulcan serve`.
 #[derive(Debug, Args)]
@@ -47,10 +48,81 @@ pub struct ServeArgs {
         value_name = "TOKEN"
     )]
     token: Option<String>,
+    /// Most bytes of args, env, stdin and input one workload may be given (413 beyond)
+    #[arg(long, env = "VULCAN_MAX_SPEC_SIZE", default_value = "1MiB", value_name = "SIZE", value_parser = parse::size)]
+    max_spec_size: u64,
+    /// How long a client may stall (send no request, pause its body, or stop
+    /// reading a response) before its connection is closed
+    #[arg(long, env = "VULCAN_CLIENT_TIMEOUT", default_value = "30s", value_name = "DURATION", value_parser = parse::duration)]
+    client_timeout: Duration,
+    /// Largest function body a module may have; bigger ones are refused at
+    /// upload (413) because compiling them takes seconds and gigabytes
+    #[arg(long, env = "VULCAN_MAX_FUNCTION_SIZE", default_value = "1MiB", value_name = "SIZE", value_parser = parse::size)]
+    max_function_size: u64,
+    #[command(flatten)]
+    limits: ServerLimits,
+}
+
+/// The limits a workload gets when its request names none, and the most a
+/// request may ask for (400 beyond). `unlimited` lifts one.
+#[derive(Debug, Args)]
+struct ServerLimits {
+    /// Wall-clock limit of a workload that names none
+    #[arg(long, env = "VULCAN_DEFAULT_TIMEOUT", default_value = "5m", value_name = "DURATION|unlimited", value_parser = parse::cap_duration)]
+    default_timeout: parse::Cap,
+    /// Longest wall-clock limit a workload may ask for
+    #[arg(long, env = "VULCAN_MAX_TIMEOUT", default_value = "1h", value_name = "DURATION|unlimited", value_parser = parse::cap_duration)]
+    max_timeout: parse::Cap,
+    /// Memory limit of a workload that names none
+    #[arg(long, env = "VULCAN_DEFAULT_MEMORY", default_value = "256MiB", value_name = "SIZE|unlimited", value_parser = parse::cap_size)]
+    default_memory: parse::Cap,
+    /// Largest memory limit a workload may ask for
+    #[arg(long, env = "VULCAN_MAX_MEMORY", default_value = "4GiB", value_name = "SIZE|unlimited", value_parser = parse::cap_size)]
+    max_memory: parse::Cap,
+    /// Output limit (stdout plus stderr) of a workload that names none
+    #[arg(long, env = "VULCAN_DEFAULT_OUTPUT", default_value = "256MiB", value_name = "SIZE|unlimited", value_parser = parse::cap_size)]
+    default_output: parse::Cap,
+    /// Largest output limit a workload may ask for
+    #[arg(long, env = "VULCAN_MAX_OUTPUT", default_value = "4GiB", value_name = "SIZE|unlimited", value_parser = parse::cap_size)]
+    max_output: parse::Cap,
+    /// Fuel of a workload that names none (its CPU is bounded by the timeout)
+    #[arg(long, env = "VULCAN_DEFAULT_FUEL", default_value = "unlimited", value_name = "N|unlimited", value_parser = parse::cap_count)]
+    default_fuel: parse::Cap,
+    /// Most fuel a workload may ask for
+    #[arg(long, env = "VULCAN_MAX_FUEL", default_value = "unlimited", value_name = "N|unlimited", value_parser = parse::cap_count)]
+    max_fuel: parse::Cap,
+}
+
+impl ServerLimits {
+    fn policy(&self) -> anyhow::Result<LimitPolicy> {
+        let policy = LimitPolicy {
+            default: Limits {
+                timeout_ms: self.default_timeout.0,
+                max_memory_bytes: self.default_memory.0,
+                fuel: self.default_fuel.0,
+                max_output_bytes: self.default_output.0,
+            },
+            max: Limits {
+                timeout_ms: self.max_timeout.0,
+                max_memory_bytes: self.max_memory.0,
+                fuel: self.max_fuel.0,
+                max_output_bytes: self.max_output.0,
+            },
+        };
+        policy.validate().map_err(anyhow::Error::msg)?;
+        Ok(policy)
+    }
 }
 
 /// Runs the server until SIGINT or SIGTERM, then shuts down cleanly.
 pub fn execute(args: ServeArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
+    if args.token.as_deref().is_some_and(|t| t.trim().is_empty()) {
+        anyhow::bail!(
+            "--token (or VULCAN_TOKEN) is empty: that would leave the API open; give a real \
+             token, or unset it to run without one"
+        );
+    }
+    let limits = args.limits.policy()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -70,12 +142,15 @@ pub fn execute(args: ServeArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
             );
         }
         let metrics = Arc::new(Metrics::default());
-        let registry = Arc::new(ModuleRegistry::new(
-            Arc::clone(&runtime),
-            db.clone(),
-            data_dir.join("artifacts"),
-            Arc::clone(&metrics),
-        ));
+        let registry = Arc::new(
+            ModuleRegistry::new(
+                Arc::clone(&runtime),
+                db.clone(),
+                data_dir.join("artifacts"),
+                Arc::clone(&metrics),
+            )
+            .with_max_function_size(args.max_function_size),
+        );
         let runner = Runner::with_options(
             runtime,
             db.clone(),
@@ -83,14 +158,14 @@ pub fn execute(args: ServeArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
             Some(args.max_concurrent.max(1)),
             Arc::clone(&metrics),
         );
-        let max_upload = usize::try_from(args.max_upload).unwrap_or(usize::MAX);
-        let state = AppState::new(
-            Arc::clone(&runner),
-            registry,
-            metrics,
-            args.token,
-            max_upload,
-        );
+        let config = ApiConfig {
+            token: args.token,
+            max_upload: usize::try_from(args.max_upload).unwrap_or(usize::MAX),
+            max_spec: usize::try_from(args.max_spec_size).unwrap_or(usize::MAX),
+            limits,
+            client_timeout: args.client_timeout,
+        };
+        let state = AppState::new(Arc::clone(&runner), registry, metrics, config);
         let shutdown = ShutdownSignal::install()?;
         let listener = tokio::net::TcpListener::bind(&args.listen)
             .await

@@ -233,10 +233,7 @@ async fn a_line_batch_that_cannot_be_stored_fails_its_workload_not_the_others() 
     assert_eq!(w.failure, Some(crate::workload::FailureKind::Store));
     assert!(w.error.unwrap().contains("UNIQUE"), "the error says why");
     assert_eq!(db.lost_lines(), 2);
-    assert!(
-        sink.failure().is_some(),
-        "the guest's sink reports it too"
-    );
+    assert!(sink.failure().is_some(), "the guest's sink reports it too");
     // Another workload's lines and status are unaffected.
     db.mark_running(bystander).await.unwrap();
     db.line_sink(bystander, None)

@@ -1,0 +1,99 @@
+//! Helpers the benchmarks share: a real `vulcan serve` child and its API.
+
+#![allow(dead_code, reason = "each benchmark uses a part")]
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+
+use anyhow::{Context as _, ensure};
+use serde_json::Value;
+
+/// Uploads a module; returns its hash.
+pub async fn upload(http: &reqwest::Client, url: &str, wasm: &[u8]) -> anyhow::Result<String> {
+    let resp = http
+        .post(format!("{url}/v1/modules"))
+        .header("content-type", "application/wasm")
+        .body(wasm.to_vec())
+        .send()
+        .await?;
+    ensure!(resp.status().is_success(), "upload: {}", resp.status());
+    let v: Value = resp.json().await?;
+    Ok(v["hash"].as_str().context("no hash")?.to_owned())
+}
+
+/// A `vulcan serve` child on an ephemeral port.
+pub struct BenchServer {
+    /// The server process.
+    pub child: Child,
+    /// `http://127.0.0.1:PORT`.
+    pub url: String,
+}
+
+impl BenchServer {
+    /// Starts `vulcan serve` on `data_dir` with `extra` flags.
+    pub fn start(data_dir: &std::path::Path, extra: &[&str]) -> anyhow::Result<Self> {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_vulcan"))
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(extra)
+            .env_remove("VULCAN_TOKEN")
+            .stdin(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("failed to start vulcan serve")?;
+        let mut stderr = BufReader::new(child.stderr.take().context("no stderr")?);
+        let mut line = String::new();
+        let url = loop {
+            line.clear();
+            ensure!(stderr.read_line(&mut line)? > 0, "the server exited early");
+            if let Some(rest) = line.trim().strip_prefix("vulcan: listening on ") {
+                break rest.split_whitespace().next().unwrap_or("").to_owned();
+            }
+        };
+        std::thread::spawn(move || {
+            let mut sink = String::new();
+            while stderr.read_line(&mut sink).unwrap_or(0) > 0 {
+                sink.clear();
+            }
+        });
+        Ok(Self { child, url })
+    }
+
+    /// The server's peak resident memory.
+    pub fn peak_rss_kib(&self) -> anyhow::Result<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .context("no VmHWM in /proc/PID/status")
+    }
+
+    /// SIGTERM, and a clean exit.
+    pub fn stop(mut self) -> anyhow::Result<()> {
+        Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()?;
+        let status = self.child.wait()?;
+        ensure!(status.success(), "the server exited with {status}");
+        Ok(())
+    }
+}
+
+impl Drop for BenchServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Resident memory of a process now, in KiB.
+pub fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("no VmRSS in /proc/PID/status")
+}

@@ -1,0 +1,509 @@
+//! The product's promises under hostile guests, hostile clients and faults:
+//! bounded memory, no stuck workload, no lost line, one owner per data directory.
+
+use std::time::{Duration, Instant};
+
+use reqwest::Method;
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::support::*;
+
+/// Polls `check` until it returns `Some`; fails after 60 s rather than hang.
+async fn eventually<T, F: Future<Output = Option<T>>>(
+    what: &str,
+    mut check: impl FnMut() -> F,
+) -> T {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Resident memory of a process, from /proc.
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    kib * 1024
+}
+
+/// True once the store holds a line of `id` with seq `seq`.
+async fn stored(server: &Server, id: &str, seq: u64) -> bool {
+    let (status, page) = server
+        .get_json(&format!(
+            "/v1/workloads/{id}/logs/history?after={}&limit=1",
+            seq - 1
+        ))
+        .await;
+    assert_eq!(status, 200, "{page}");
+    !page["lines"].as_array().unwrap().is_empty()
+}
+
+/// Counts of workloads that have not ended.
+async fn unfinished(server: &Server) -> u64 {
+    let mut n = 0;
+    for status in ["pending", "running"] {
+        let (_, page) = server
+            .get_json(&format!("/v1/workloads?status={status}&limit=1"))
+            .await;
+        n += page["total"].as_u64().unwrap();
+    }
+    n
+}
+
+#[tokio::test]
+async fn a_flooding_guest_is_held_to_the_stores_pace_and_others_still_run() {
+    let env = Env::new();
+    let server = Server::start(&env, &[]);
+    let flooder = server
+        .start_wasm("tight", "timeout_ms=600000&max_output_bytes=4000000000")
+        .await;
+    // Without backpressure the guest outruns the store many times over and the
+    // server grows by hundreds of MB a second; with it, memory stays bounded.
+    eventually("half a million lines are stored", || async {
+        stored(&server, &flooder, 500_000).await.then_some(())
+    })
+    .await;
+    let rss = rss_bytes(server.child.id());
+    assert!(
+        rss < 512 << 20,
+        "server RSS {} MiB while flooding",
+        rss >> 20
+    );
+
+    // Another workload is not starved meanwhile.
+    let (status, hello) = server.run_wasm("hello", "").await;
+    assert_eq!(status, 200);
+    assert_eq!(hello["status"], "completed", "{hello}");
+
+    let (status, killed) = server.kill(&flooder).await;
+    assert_eq!(status, 200, "{killed}");
+    assert_eq!(killed["status"], "killed");
+    // Every line it wrote is stored, and no more.
+    let count = killed["line_count"].as_u64().unwrap();
+    assert!(count >= 500_000);
+    assert!(stored(&server, &flooder, count - 1).await);
+    assert!(!stored(&server, &flooder, count).await);
+}
+
+#[tokio::test]
+async fn requests_dropped_at_any_point_leave_no_workload_behind() {
+    let env = Env::new();
+    let server = Server::start(&env, &[]);
+    let (_, module) = server
+        .upload(std::fs::read(example("hello")).unwrap())
+        .await;
+    let addr = server.url.trim_start_matches("http://").to_owned();
+    let body = json!({"module": module["hash"]}).to_string();
+    let request = format!(
+        "POST /v1/workloads HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    // Cut at every point of the request, then repeatedly right after all of it.
+    let cuts = (0..request.len())
+        .step_by(7)
+        .chain(std::iter::repeat_n(request.len(), 60));
+    for cut in cuts {
+        let mut conn = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        conn.write_all(&request.as_bytes()[..cut]).await.unwrap();
+        drop(conn);
+    }
+    eventually("no workload is pending or running", || async {
+        (unfinished(&server).await == 0).then_some(())
+    })
+    .await;
+    let (_, done) = server
+        .get_json("/v1/workloads?status=completed&limit=1")
+        .await;
+    assert!(
+        done["total"].as_u64().unwrap() > 0,
+        "whole requests did run"
+    );
+    let status = server.stop();
+    assert_eq!(status.code(), Some(0));
+}
+
+#[tokio::test]
+async fn a_data_directory_has_one_owner_and_readers_beside_it() {
+    let env = Env::new();
+    let server = Server::start(&env, &[]);
+    let (_, hello) = server.run_wasm("hello", "").await;
+    let dir = env.data_dir().display().to_string();
+    let pid = format!("pid {}", server.child.id());
+
+    let second = env.run(&["serve", "--listen", "127.0.0.1:0"]);
+    assert_eq!(second.status.code(), Some(2));
+    for out in [&second, &env.run(&["run", &example_str("hello")])] {
+        assert_eq!(out.status.code(), Some(2));
+        let message = stderr(out);
+        assert!(
+            message.contains(&dir) && message.contains(&pid),
+            "{message}"
+        );
+        assert!(message.contains("--server"), "{message}");
+    }
+    // Reading works beside the owner.
+    let ls = env.run(&["ls"]);
+    assert_eq!(ls.status.code(), Some(0), "{}", stderr(&ls));
+    assert!(stdout(&ls).contains(hello["id"].as_str().unwrap()));
+    let logs = env.run(&["logs", hello["id"].as_str().unwrap()]);
+    assert_eq!(stdout(&logs), "Hello from a Vulcan workload!\n");
+    // The server's own workloads were not touched by the refused starts.
+    let (_, again) = server
+        .get_json(&format!("/v1/workloads/{}", hello["id"].as_str().unwrap()))
+        .await;
+    assert_eq!(again["status"], "completed");
+}
+
+#[tokio::test]
+async fn after_a_crash_every_line_a_follower_saw_is_stored_and_the_record_adds_up() {
+    let env = Env::new();
+    let server = Server::start(&env, &[]);
+    let id = server.start_wasm("tight", "timeout_ms=600000").await;
+    let mut sse = server.sse(&id, None).await;
+    let mut seen = 0;
+    while seen < 50_000 {
+        let ev = sse.next().await.unwrap();
+        seen = ev.id.unwrap().parse::<u64>().unwrap();
+    }
+    server.crash();
+
+    let server = Server::start(&env, &[]);
+    let (_, w) = server.get_json(&format!("/v1/workloads/{id}")).await;
+    assert_eq!(w["status"], "failed");
+    assert_eq!(w["failure"], "host");
+    let count = w["line_count"].as_u64().unwrap();
+    assert!(
+        count > seen,
+        "every line a follower saw is stored: {count} > {seen}"
+    );
+    assert!(stored(&server, &id, count - 1).await && !stored(&server, &id, count).await);
+    // The end is the last stored line's time, not the restart's.
+    let (_, last) = server
+        .get_json(&format!(
+            "/v1/workloads/{id}/logs/history?after={}",
+            count - 2
+        ))
+        .await;
+    assert_eq!(w["finished_at"], last["lines"][0]["ts"], "{w}");
+}
+
+#[tokio::test]
+async fn limits_have_server_defaults_and_maxima() {
+    let env = Env::new();
+    let server = Server::start(
+        &env,
+        &[
+            "--default-timeout",
+            "7s",
+            "--default-memory",
+            "32MiB",
+            "--max-memory",
+            "64MiB",
+        ],
+    );
+    let (status, w) = server.run_wasm("hello", "").await;
+    assert_eq!(status, 200);
+    assert_eq!(w["limits"]["timeout_ms"], 7000, "the default applies: {w}");
+    assert_eq!(w["limits"]["max_memory_bytes"], 32 << 20);
+    let (status, w) = server
+        .run_wasm("hello", "timeout_ms=50&max_memory_mb=64")
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(w["limits"]["timeout_ms"], 50, "a request may lower one");
+    let (status, e) = server.run_wasm("hello", "max_memory_mb=65").await;
+    assert_eq!(status, 400);
+    assert!(
+        e["error"]["message"].as_str().unwrap().contains("maximum"),
+        "{e}"
+    );
+
+    let bad = env.run(&["serve", "--default-timeout", "2h"]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(stderr(&bad).contains("--max-timeout"), "{}", stderr(&bad));
+}
+
+#[tokio::test]
+async fn specs_are_capped_and_lists_carry_summaries() {
+    let env = Env::new();
+    let server = Server::start(&env, &["--max-spec-size", "64KiB"]);
+    let (_, module) = server
+        .upload(std::fs::read(example("hello")).unwrap())
+        .await;
+    let big = "a".repeat(70_000);
+    for spec in [
+        json!({"module": module["hash"], "args": [big]}),
+        json!({"module": module["hash"], "env": {"K": big}}),
+        json!({"module": module["hash"], "stdin": big}),
+    ] {
+        let resp = server
+            .req(Method::POST, "/v1/workloads")
+            .json(&spec)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 413);
+        let e: Value = resp.json().await.unwrap();
+        assert!(
+            e["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("--max-spec-size"),
+            "{e}"
+        );
+    }
+    let id = server
+        .start_json(&json!({"module": module["hash"], "args": ["x".repeat(60_000)]}))
+        .await;
+    let (_, page) = server.get_json("/v1/workloads").await;
+    let item = &page["items"][0];
+    assert_eq!(item["id"], id.as_str());
+    assert!(
+        item.get("args").is_none() && item.get("limits").is_none(),
+        "{item}"
+    );
+    let (_, full) = server.get_json(&format!("/v1/workloads/{id}")).await;
+    assert_eq!(full["args"][1].as_str().unwrap().len(), 60_000);
+}
+
+#[tokio::test]
+async fn a_module_too_expensive_to_compile_is_refused() {
+    let env = Env::new();
+    let server = Server::start(&env, &["--max-function-size", "64KiB"]);
+    let body = "(i32.const 1) (drop) ".repeat(30_000);
+    let wasm = wat::parse_str(format!("(module (func (export \"_start\") {body}))")).unwrap();
+    let (status, e) = server.upload(wasm).await;
+    assert_eq!(status, 413, "{e}");
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("--max-function-size")
+    );
+    let (status, _) = server.run_wasm("hello", "").await;
+    assert_eq!(status, 200, "small modules still run");
+}
+
+#[tokio::test]
+async fn clients_that_stall_are_disconnected() {
+    let env = Env::new();
+    let server = Server::start(&env, &["--client-timeout", "1s"]);
+    let addr = server.url.trim_start_matches("http://").to_owned();
+
+    // A connection that never sends a request is closed.
+    let mut idle = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let mut rest = Vec::new();
+    let _ = idle.read_to_end(&mut rest).await;
+
+    // A body that stops arriving gets 408.
+    let mut slow = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    slow.write_all(
+        format!(
+            "POST /v1/workloads HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+             Content-Length: 100\r\n\r\n{{\"module\""
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut answer = Vec::new();
+    let _ = slow.read_to_end(&mut answer).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("request_timeout"), "{answer}");
+
+    // A follower that stops reading a flood is disconnected (and may resume).
+    let flooder = server.start_wasm("tight", "timeout_ms=600000").await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stalled = socket.connect(addr.parse().unwrap()).await.unwrap();
+    stalled
+        .write_all(
+            format!("GET /v1/workloads/{flooder}/logs HTTP/1.1\r\nHost: {addr}\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+    let followers = |metrics: &str| -> u64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("vulcan_log_followers "))
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    eventually("the follower is counted", || async {
+        (followers(&server.metrics().await) == 1).then_some(())
+    })
+    .await;
+    eventually("the stalled follower is dropped", || async {
+        (followers(&server.metrics().await) == 0).then_some(())
+    })
+    .await;
+    assert_eq!(server.kill(&flooder).await.0, 200);
+}
+
+#[tokio::test]
+async fn out_of_range_and_malformed_input_is_refused_with_the_json_shape() {
+    let env = Env::new();
+    let server = Server::start(&env, &[]);
+    let (_, hello) = server.run_wasm("hello", "").await;
+    let id = hello["id"].as_str().unwrap();
+    let huge = u64::MAX.to_string();
+    for path in [
+        format!("/v1/workloads?offset={huge}"),
+        format!("/v1/workloads/{id}/logs/history?after={huge}"),
+        format!("/v1/workloads/{id}/logs/history?after=9223372036854775808"),
+        format!("/v1/workloads/{id}/logs?after={huge}"),
+    ] {
+        let (status, e) = server.get_json(&path).await;
+        assert_eq!(status, 400, "{path}: {e}");
+        assert_eq!(e["error"]["code"], "bad_request", "{path}");
+    }
+    let resp = server
+        .req(Method::GET, &format!("/v1/workloads/{id}/logs"))
+        .header("Last-Event-ID", &huge)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 400);
+
+    // Path and method errors have the JSON shape too.
+    for (method, path, code) in [
+        (Method::GET, "/v1/workloads/%ff/logs", 400),
+        (Method::PUT, "/v1/workloads", 405),
+    ] {
+        let resp = server.req(method, path).send().await.unwrap();
+        assert_eq!(resp.status().as_u16(), code, "{path}");
+        let e: Value = resp.json().await.unwrap();
+        assert!(
+            e["error"]["code"].is_string() && e["error"]["message"].is_string(),
+            "{e}"
+        );
+    }
+
+    let (_, module) = server
+        .upload(std::fs::read(example("hello")).unwrap())
+        .await;
+    for (spec, says) in [
+        (
+            json!({"module": module["hash"], "args": ["a\u{0}b"]}),
+            "NUL",
+        ),
+        (
+            json!({"module": module["hash"], "env": {"A=B": "1"}}),
+            "`=`",
+        ),
+        (
+            json!({"module": module["hash"], "env": {"": "1"}}),
+            "non-empty",
+        ),
+        (
+            json!({"module": module["hash"], "env": {"K": "v\u{0}"}}),
+            "NUL",
+        ),
+    ] {
+        let resp = server
+            .req(Method::POST, "/v1/workloads")
+            .json(&spec)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 400, "{spec}");
+        let e: Value = resp.json().await.unwrap();
+        assert!(
+            e["error"]["message"].as_str().unwrap().contains(says),
+            "{e}"
+        );
+    }
+    let wasm = std::fs::read(example("hello")).unwrap();
+    for (first, second) in [("module", "module"), ("spec", "spec")] {
+        let part = |name: &str| match name {
+            "module" => reqwest::multipart::Part::bytes(wasm.clone()),
+            _ => reqwest::multipart::Part::text("{}"),
+        };
+        let mut form = reqwest::multipart::Form::new()
+            .part(first, part(first))
+            .part(second, part(second));
+        if first == "spec" {
+            form = form.part("module", part("module"));
+        }
+        let resp = server
+            .req(Method::POST, "/v1/workloads")
+            .multipart(form)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 400);
+        let e: Value = resp.json().await.unwrap();
+        assert!(
+            e["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("more than one"),
+            "{e}"
+        );
+    }
+    assert_eq!(unfinished(&server).await, 0);
+    let (_, all) = server.get_json("/v1/workloads").await;
+    assert_eq!(all["total"], 1, "bad input changed nothing");
+}
+
+#[tokio::test]
+async fn tokens_empty_or_in_any_case() {
+    let env = Env::new();
+    let out = env.run(&["serve", "--listen", "127.0.0.1:0", "--token", ""]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("empty"), "{}", stderr(&out));
+    let out = env
+        .cmd(&["serve", "--listen", "127.0.0.1:0"])
+        .env("VULCAN_TOKEN", "")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+
+    let server = Server::start(&env, &["--token", "s3cret"]);
+    for scheme in ["bearer", "BEARER", "Bearer"] {
+        let resp = server
+            .http
+            .get(format!("{}/v1/workloads", server.url))
+            .header("authorization", format!("{scheme} s3cret"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 200, "{scheme}");
+    }
+}
+
+#[tokio::test]
+async fn a_delete_answer_says_what_actually_happened() {
+    let env = Env::new();
+    let server = Server::start(&env, &[]);
+    for _ in 0..30 {
+        // Races the workload's own end.
+        let id = server.start_wasm("hello", "").await;
+        let (status, answer) = server.kill(&id).await;
+        let (_, record) = server.get_json(&format!("/v1/workloads/{id}")).await;
+        match status {
+            200 => assert_eq!(answer["status"], record["status"], "{answer}"),
+            409 => assert!(
+                answer["error"]["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains(record["status"].as_str().unwrap()),
+                "{answer} vs {record}"
+            ),
+            other => panic!("DELETE answered {other}: {answer}"),
+        }
+        assert!(["killed", "completed"].contains(&record["status"].as_str().unwrap()));
+    }
+}
