@@ -21,7 +21,7 @@ use serde_json::{Value, json};
 use vulcan::cli::sse::SseParser;
 
 mod common;
-use common::{BenchServer, rss_kib, upload};
+use common::{BenchServer, rss_kib, upload, vulcan_bin};
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name)
@@ -36,6 +36,10 @@ fn main() -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
+    if std::env::var_os("VULCAN_SOAK_LATENCY_ONLY").is_some() {
+        // The one part an unbounded build survives: for a before/after figure.
+        return rt.block_on(latency_only());
+    }
     rt.block_on(serve_soak(secs))?;
     run_soak(run_secs)
 }
@@ -131,6 +135,29 @@ async fn serve_soak(secs: u64) -> anyhow::Result<()> {
     server.stop()
 }
 
+async fn latency_only() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let server = BenchServer::start(dir.path(), &[])?;
+    let http = reqwest::Client::new();
+    let ticker = std::fs::read(vulcan_test_artifacts::example("ticker"))?;
+    let ticker = upload(&http, &server.url, &ticker).await?;
+    let id = start(
+        &http,
+        &server.url,
+        json!({"module": ticker, "args": ["2000", "1000"]}),
+    )
+    .await?;
+    let mut latencies = follow_latencies(&http, &server.url, &id).await?;
+    latencies.sort_unstable();
+    println!(
+        "  write→follower latency ({} lines): p50 {:.2} ms, p99 {:.2} ms",
+        latencies.len(),
+        ms(percentile(&latencies, 50)),
+        ms(percentile(&latencies, 99)),
+    );
+    server.stop()
+}
+
 /// Starts a workload from a JSON spec; returns its id.
 async fn start(http: &reqwest::Client, url: &str, spec: Value) -> anyhow::Result<String> {
     let resp = http
@@ -170,7 +197,7 @@ async fn follow_latencies(
 
 fn run_soak(secs: u64) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_vulcan"))
+    let mut child = Command::new(vulcan_bin())
         .arg("--data-dir")
         .arg(dir.path())
         .arg("run")

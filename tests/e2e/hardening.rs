@@ -223,10 +223,7 @@ async fn limits_have_server_defaults_and_maxima() {
     assert_eq!(w["limits"]["timeout_ms"], 50, "a request may lower one");
     let (status, e) = server.run_wasm("hello", "max_memory_mb=65").await;
     assert_eq!(status, 400);
-    assert!(
-        e["error"]["message"].as_str().unwrap().contains("maximum"),
-        "{e}"
-    );
+    assert_error(&e, "maximum");
 
     let bad = env.run(&["serve", "--default-timeout", "2h"]);
     assert_eq!(bad.status.code(), Some(2));
@@ -246,21 +243,9 @@ async fn specs_are_capped_and_lists_carry_summaries() {
         json!({"module": module["hash"], "env": {"K": big}}),
         json!({"module": module["hash"], "stdin": big}),
     ] {
-        let resp = server
-            .req(Method::POST, "/v1/workloads")
-            .json(&spec)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(resp.status().as_u16(), 413);
-        let e: Value = resp.json().await.unwrap();
-        assert!(
-            e["error"]["message"]
-                .as_str()
-                .unwrap()
-                .contains("--max-spec-size"),
-            "{e}"
-        );
+        let (status, e) = server.post("/v1/workloads", Body::Json(spec)).await;
+        assert_eq!(status, 413);
+        assert_error(&e, "--max-spec-size");
     }
     let id = server
         .start_json(&json!({"module": module["hash"], "args": ["x".repeat(60_000)]}))
@@ -284,12 +269,7 @@ async fn a_module_too_expensive_to_compile_is_refused() {
     let wasm = wat::parse_str(format!("(module (func (export \"_start\") {body}))")).unwrap();
     let (status, e) = server.upload(wasm).await;
     assert_eq!(status, 413, "{e}");
-    assert!(
-        e["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("--max-function-size")
-    );
+    assert_error(&e, "--max-function-size");
     let (status, _) = server.run_wasm("hello", "").await;
     assert_eq!(status, 200, "small modules still run");
 }
@@ -412,18 +392,9 @@ async fn out_of_range_and_malformed_input_is_refused_with_the_json_shape() {
             "NUL",
         ),
     ] {
-        let resp = server
-            .req(Method::POST, "/v1/workloads")
-            .json(&spec)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(resp.status().as_u16(), 400, "{spec}");
-        let e: Value = resp.json().await.unwrap();
-        assert!(
-            e["error"]["message"].as_str().unwrap().contains(says),
-            "{e}"
-        );
+        let (status, e) = server.post("/v1/workloads", Body::Json(spec)).await;
+        assert_eq!(status, 400);
+        assert_error(&e, says);
     }
     let wasm = std::fs::read(example("hello")).unwrap();
     for (first, second) in [("module", "module"), ("spec", "spec")] {
@@ -437,21 +408,9 @@ async fn out_of_range_and_malformed_input_is_refused_with_the_json_shape() {
         if first == "spec" {
             form = form.part("module", part("module"));
         }
-        let resp = server
-            .req(Method::POST, "/v1/workloads")
-            .multipart(form)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(resp.status().as_u16(), 400);
-        let e: Value = resp.json().await.unwrap();
-        assert!(
-            e["error"]["message"]
-                .as_str()
-                .unwrap()
-                .contains("more than one"),
-            "{e}"
-        );
+        let (status, e) = server.post("/v1/workloads", Body::Form(form)).await;
+        assert_eq!(status, 400);
+        assert_error(&e, "more than one");
     }
     assert_eq!(unfinished(&server).await, 0);
     let (_, all) = server.get_json("/v1/workloads").await;

@@ -121,6 +121,23 @@ pub fn wat_file(dir: &Path, name: &str, wat: &str) -> PathBuf {
     path
 }
 
+/// A request body for [`Server::post`].
+pub enum Body {
+    /// `application/json`.
+    Json(serde_json::Value),
+    /// `multipart/form-data`.
+    Form(reqwest::multipart::Form),
+}
+
+/// Asserts that `answer` is an API error whose message contains `says`.
+pub fn assert_error(answer: &serde_json::Value, says: &str) {
+    let message = answer["error"]["message"].as_str().unwrap_or("");
+    assert!(
+        message.contains(says),
+        "expected an error saying {says:?}: {answer}"
+    );
+}
+
 /// A real `vulcan serve` on an ephemeral loopback port.
 pub struct Server {
     pub child: std::process::Child,
@@ -183,6 +200,18 @@ impl Server {
 
     pub async fn get_json(&self, path: &str) -> (u16, serde_json::Value) {
         let resp = self.req(reqwest::Method::GET, path).send().await.unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(serde_json::Value::Null))
+    }
+
+    /// `POST path` with a JSON or multipart body: the status and the JSON answer.
+    pub async fn post(&self, path: &str, body: Body) -> (u16, serde_json::Value) {
+        let r = self.req(reqwest::Method::POST, path);
+        let r = match body {
+            Body::Json(v) => r.json(&v),
+            Body::Form(f) => r.multipart(f),
+        };
+        let resp = r.send().await.unwrap();
         let status = resp.status().as_u16();
         (status, resp.json().await.unwrap_or(serde_json::Value::Null))
     }

@@ -32,7 +32,7 @@ pub struct BenchServer {
 impl BenchServer {
     /// Starts `vulcan serve` on `data_dir` with `extra` flags.
     pub fn start(data_dir: &std::path::Path, extra: &[&str]) -> anyhow::Result<Self> {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_vulcan"))
+        let mut child = Command::new(vulcan_bin())
             .arg("--data-dir")
             .arg(data_dir)
             .args(["serve", "--listen", "127.0.0.1:0"])
@@ -96,4 +96,12 @@ pub fn rss_kib(pid: u32) -> anyhow::Result<u64> {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .context("no VmRSS in /proc/PID/status")
+}
+
+/// The `vulcan` binary under test: this build's, or `VULCAN_BENCH_BIN` (e.g.
+/// an older build, for before/after figures from the same run of a benchmark).
+pub fn vulcan_bin() -> std::path::PathBuf {
+    std::env::var_os("VULCAN_BENCH_BIN")
+        .map(Into::into)
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_vulcan").into())
 }

@@ -137,3 +137,27 @@ fn storage_full(why: &str) -> String {
          server (or remove old data); it recovers by itself, no restart needed"
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_full_store_is_507_storage_full_in_the_one_error_shape() {
+        let e = ApiError::from(StoreError::StorageFull(
+            "the database or disk is full".into(),
+        ));
+        let response = e.into_response();
+        assert_eq!(response.status(), StatusCode::INSUFFICIENT_STORAGE);
+        let body = axum::body::to_bytes(response.into_body(), 1 << 16)
+            .await
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["error"]["code"], "storage_full");
+        let message = v["error"]["message"].as_str().unwrap();
+        assert!(
+            message.contains("disk is full") && message.contains("nothing was changed"),
+            "{message}"
+        );
+    }
+}

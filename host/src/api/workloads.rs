@@ -14,35 +14,26 @@ use super::{ApiError, AppState};
 use crate::runner::StartedWorkload;
 use crate::workload::{FailureKind, Limits, Status, WorkloadId, WorkloadRecord};
 
-/// A workload as the API shows it.
+/// A workload as the API shows it: its summary, whole error, spec and output.
 #[derive(Debug, Serialize)]
 pub struct WorkloadView {
-    id: WorkloadId,
-    status: Status,
-    module: String,
+    #[serde(flatten)]
+    summary: WorkloadSummary,
     args: Vec<String>,
     limits: Limits,
-    exit_code: Option<i32>,
-    error: Option<String>,
-    failure: Option<FailureKind>,
-    duration_ms: Option<u64>,
-    line_count: u64,
     /// An SDK workload's returned output: JSON when it parses as JSON.
     #[serde(skip_serializing_if = "Option::is_none")]
     output: Option<serde_json::Value>,
     /// The output as base64 when it is not JSON.
     #[serde(skip_serializing_if = "Option::is_none")]
     output_base64: Option<String>,
-    created_at: String,
-    started_at: Option<String>,
-    finished_at: Option<String>,
 }
 
 impl From<WorkloadRecord> for WorkloadView {
-    fn from(w: WorkloadRecord) -> Self {
-        let (output, output_base64) = match &w.output {
+    fn from(mut w: WorkloadRecord) -> Self {
+        let (output, output_base64) = match w.output.take() {
             None => (None, None),
-            Some(bytes) => match serde_json::from_slice::<serde_json::Value>(bytes) {
+            Some(bytes) => match serde_json::from_slice::<serde_json::Value>(&bytes) {
                 Ok(json) => (Some(json), None),
                 Err(_) => {
                     use base64::Engine as _;
@@ -51,22 +42,19 @@ impl From<WorkloadRecord> for WorkloadView {
                 }
             },
         };
+        let (args, limits, error) = (
+            std::mem::take(&mut w.args),
+            std::mem::take(&mut w.limits),
+            w.error.clone(),
+        );
+        let mut summary = WorkloadSummary::from(w);
+        summary.error = error;
         Self {
+            summary,
+            args,
+            limits,
             output,
             output_base64,
-            id: w.id,
-            status: w.status,
-            module: w.module_hash,
-            args: w.args,
-            limits: w.limits,
-            exit_code: w.exit_code,
-            error: w.error,
-            failure: w.failure,
-            duration_ms: w.duration_ms,
-            line_count: w.line_count,
-            created_at: rfc3339(w.created_at),
-            started_at: w.started_at.map(rfc3339),
-            finished_at: w.finished_at.map(rfc3339),
         }
     }
 }
