@@ -31,7 +31,7 @@ use serde_json::Value;
 use vulcan::cli::sse::SseParser;
 
 mod common;
-use common::{BenchServer, upload};
+use common::{BenchServer, env_or, ms, upload};
 
 fn main() -> anyhow::Result<()> {
     let requests: usize = env_or("VULCAN_BENCH_REQUESTS", 5_000);
@@ -43,13 +43,6 @@ fn main() -> anyhow::Result<()> {
     let hello = std::fs::read(vulcan_test_artifacts::example("hello"))?;
     let plain = plain_wasmtime_hello(&hello, 2_000)?;
     rt.block_on(run(requests, lines, &hello, plain))
-}
-
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
 }
 
 async fn run(requests: usize, lines: u64, hello: &[u8], plain: Duration) -> anyhow::Result<()> {
@@ -166,10 +159,6 @@ async fn run(requests: usize, lines: u64, hello: &[u8], plain: Duration) -> anyh
     );
     server.stop()?;
     Ok(())
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
 }
 
 /// The mean time plain wasmtime takes to instantiate and run `hello` to its

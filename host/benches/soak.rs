@@ -21,14 +21,7 @@ use serde_json::{Value, json};
 use vulcan::cli::sse::SseParser;
 
 mod common;
-use common::{BenchServer, rss_kib, upload, vulcan_bin};
-
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
+use common::{BenchServer, env_or, ms, rss_kib, upload, vulcan_bin};
 
 fn main() -> anyhow::Result<()> {
     let secs: u64 = env_or("VULCAN_SOAK_SECS", 60);
@@ -42,10 +35,6 @@ fn main() -> anyhow::Result<()> {
     }
     rt.block_on(serve_soak(secs))?;
     run_soak(run_secs)
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
 }
 
 fn percentile(sorted: &[Duration], p: usize) -> Duration {
@@ -64,20 +53,7 @@ async fn serve_soak(secs: u64) -> anyhow::Result<()> {
     println!("soak benchmark ({secs} s of flooding)");
 
     // 1. write→follower latency.
-    let id = start(
-        &http,
-        &url,
-        json!({"module": ticker, "args": ["2000", "1000"]}),
-    )
-    .await?;
-    let mut latencies = follow_latencies(&http, &url, &id).await?;
-    latencies.sort_unstable();
-    println!(
-        "  write→follower latency ({} lines): p50 {:.2} ms, p99 {:.2} ms   (goal p50 ≤ 10 ms)",
-        latencies.len(),
-        ms(percentile(&latencies, 50)),
-        ms(percentile(&latencies, 99)),
-    );
+    print_latency(&http, &url, &ticker, "   (goal p50 ≤ 10 ms)").await?;
 
     // 2. The flooder, with a quiet workload beside it.
     let limits = json!({"timeout_ms": (secs + 120) * 1000, "max_output_bytes": 4_000_000_000u64});
@@ -141,21 +117,33 @@ async fn latency_only() -> anyhow::Result<()> {
     let http = reqwest::Client::new();
     let ticker = std::fs::read(vulcan_test_artifacts::example("ticker"))?;
     let ticker = upload(&http, &server.url, &ticker).await?;
+    print_latency(&http, &server.url, &ticker, "").await?;
+    server.stop()
+}
+
+/// Runs `ticker` (a line a millisecond) and prints how long its lines took to
+/// reach a live follower.
+async fn print_latency(
+    http: &reqwest::Client,
+    url: &str,
+    ticker: &str,
+    goal: &str,
+) -> anyhow::Result<()> {
     let id = start(
-        &http,
-        &server.url,
+        http,
+        url,
         json!({"module": ticker, "args": ["2000", "1000"]}),
     )
     .await?;
-    let mut latencies = follow_latencies(&http, &server.url, &id).await?;
+    let mut latencies = follow_latencies(http, url, &id).await?;
     latencies.sort_unstable();
     println!(
-        "  write→follower latency ({} lines): p50 {:.2} ms, p99 {:.2} ms",
+        "  write→follower latency ({} lines): p50 {:.2} ms, p99 {:.2} ms{goal}",
         latencies.len(),
         ms(percentile(&latencies, 50)),
         ms(percentile(&latencies, 99)),
     );
-    server.stop()
+    Ok(())
 }
 
 /// Starts a workload from a JSON spec; returns its id.

@@ -38,6 +38,8 @@ pub struct Metrics {
     pub followers: Gauge,
     /// Log lines that could not be stored (set from the store when rendered).
     pub lost_lines: Gauge,
+    /// Store transactions retried because the database was busy (likewise).
+    pub busy_retries: Gauge,
 }
 
 impl Default for Metrics {
@@ -97,7 +99,14 @@ impl Default for Metrics {
             "Log lines that could not be stored since start (their workloads failed)",
             lost_lines.clone(),
         );
+        let busy_retries = Gauge::default();
+        registry.register(
+            "store_busy_retries",
+            "Store transactions retried since start because another connection held the database",
+            busy_retries.clone(),
+        );
         Self {
+            busy_retries,
             followers,
             lost_lines,
             registry,

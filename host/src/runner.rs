@@ -114,12 +114,18 @@ impl Runner {
 
     /// Resolves once no workload is running (e.g. after `kill_all`).
     pub async fn idle(&self) {
+        self.until_ended(|running| running.is_empty()).await
+    }
+
+    /// Resolves once `done` holds of the running workloads; checked again
+    /// whenever one ends.
+    async fn until_ended(&self, done: impl Fn(&HashMap<WorkloadId, KillSwitch>) -> bool) {
         loop {
             // Registered before the check, so an end in between is not missed.
             let ended = self.ended.notified();
             tokio::pin!(ended);
             ended.as_mut().enable();
-            if self.running_count() == 0 {
+            if done(&self.lock()) {
                 return;
             }
             ended.await;
@@ -241,16 +247,7 @@ impl Runner {
 
     /// Resolves once `id` is no longer running here (at once if it never was).
     pub async fn ended(&self, id: WorkloadId) {
-        loop {
-            // Registered before the check, so an end in between is not missed.
-            let ended = self.ended.notified();
-            tokio::pin!(ended);
-            ended.as_mut().enable();
-            if !self.lock().contains_key(&id) {
-                return;
-            }
-            ended.await;
-        }
+        self.until_ended(|running| !running.contains_key(&id)).await
     }
 
     /// Kills every running workload (server shutdown).

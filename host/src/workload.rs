@@ -222,6 +222,20 @@ pub enum FailureKind {
 }
 
 impl FailureKind {
+    /// Every kind.
+    pub const ALL: [FailureKind; 10] = [
+        FailureKind::Exit,
+        FailureKind::Timeout,
+        FailureKind::Memory,
+        FailureKind::Fuel,
+        FailureKind::Output,
+        FailureKind::Trap,
+        FailureKind::ReturnedError,
+        FailureKind::Killed,
+        FailureKind::Store,
+        FailureKind::Host,
+    ];
+
     /// The stable snake_case name used in the database and the API.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -242,19 +256,10 @@ impl FailureKind {
 impl FromStr for FailureKind {
     type Err = anyhow::Error;
     fn from_str(s: &str) -> anyhow::Result<Self> {
-        Ok(match s {
-            "exit" => FailureKind::Exit,
-            "timeout" => FailureKind::Timeout,
-            "memory" => FailureKind::Memory,
-            "fuel" => FailureKind::Fuel,
-            "output" => FailureKind::Output,
-            "trap" => FailureKind::Trap,
-            "returned_error" => FailureKind::ReturnedError,
-            "killed" => FailureKind::Killed,
-            "store" => FailureKind::Store,
-            "host" => FailureKind::Host,
-            other => anyhow::bail!("unknown failure kind `{other}`"),
-        })
+        FailureKind::ALL
+            .into_iter()
+            .find(|k| k.as_str() == s)
+            .ok_or_else(|| anyhow::anyhow!("unknown failure kind `{s}`"))
     }
 }
 
@@ -340,4 +345,18 @@ pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_failure_kind_reads_back_from_its_name_and_serde_agrees() {
+        for kind in FailureKind::ALL {
+            assert_eq!(kind.as_str().parse::<FailureKind>().unwrap(), kind);
+            assert_eq!(serde_json::to_value(kind).unwrap(), kind.as_str());
+        }
+        assert!("nope".parse::<FailureKind>().is_err());
+    }
 }

@@ -105,3 +105,16 @@ pub fn vulcan_bin() -> std::path::PathBuf {
         .map(Into::into)
         .unwrap_or_else(|| env!("CARGO_BIN_EXE_vulcan").into())
 }
+
+/// An environment variable parsed as `T`, or `default`.
+pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Milliseconds, for printing.
+pub fn ms(d: std::time::Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}

@@ -107,13 +107,7 @@ impl StallGuard {
         let sleep = self
             .stalled
             .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
-        match sleep.as_mut().poll(cx) {
-            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "the client stopped reading",
-            ))),
-            Poll::Pending => Poll::Pending,
-        }
+        expired(sleep, cx, "the client stopped reading")
     }
 
     fn progress<T>(
@@ -139,20 +133,10 @@ impl AsyncRead for StallGuard {
     ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         match Pin::new(&mut self.inner).poll_read(cx, buf) {
-            Poll::Pending => {
-                let silent_too_long = self
-                    .first_byte
-                    .as_mut()
-                    .is_some_and(|deadline| deadline.as_mut().poll(cx).is_ready());
-                if silent_too_long {
-                    Poll::Ready(Err(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        "the client sent nothing",
-                    )))
-                } else {
-                    Poll::Pending
-                }
-            }
+            Poll::Pending => match &mut self.first_byte {
+                Some(deadline) => expired(deadline, cx, "the client sent nothing"),
+                None => Poll::Pending,
+            },
             ready => {
                 if buf.filled().len() > before {
                     self.first_byte = None;
@@ -193,5 +177,19 @@ impl AsyncWrite for StallGuard {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Pending until `deadline`, then a `TimedOut` error saying `why`.
+fn expired<T>(
+    deadline: &mut Pin<Box<Sleep>>,
+    cx: &mut Context<'_>,
+    why: &str,
+) -> Poll<io::Result<T>> {
+    match deadline.as_mut().poll(cx) {
+        Poll::Ready(()) => {
+            Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, why.to_owned())))
+        }
+        Poll::Pending => Poll::Pending,
     }
 }

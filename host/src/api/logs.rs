@@ -125,16 +125,13 @@ async fn replay(
         }
         let db = state.db().clone();
         let after = cursor.sent;
-        let page = match tokio::task::spawn_blocking(move || db.read_lines(id, after, REPLAY_PAGE))
+        let read = tokio::task::spawn_blocking(move || db.read_lines(id, after, REPLAY_PAGE))
             .await
-        {
-            Ok(Ok(page)) => page,
-            failed => {
-                let error = match failed {
-                    Ok(Err(e)) => format!("{e:#}"),
-                    Err(e) => e.to_string(),
-                    Ok(Ok(_)) => unreachable!(),
-                };
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| format!("{e:#}")));
+        let page = match read {
+            Ok(page) => page,
+            Err(error) => {
                 // Not "no more lines": the follower must know its stream is cut.
                 tracing::error!(workload = %id, %error, "failed to read stored lines for a follower");
                 let _ = tx

@@ -221,12 +221,11 @@ async fn healthz(State(state): State<AppState>) -> Result<impl IntoResponse, Api
 }
 
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
-    let lost = state.db().lost_lines();
-    state
-        .inner
-        .metrics
-        .lost_lines
-        .set(i64::try_from(lost).unwrap_or(i64::MAX));
+    // The store keeps these counts; they are copied in when asked for.
+    let (db, metrics) = (state.db(), &state.inner.metrics);
+    let gauge = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+    metrics.lost_lines.set(gauge(db.lost_lines()));
+    metrics.busy_retries.set(gauge(db.busy_retries()));
     (
         [(
             header::CONTENT_TYPE,

@@ -230,14 +230,17 @@ pub async fn read_body(req: Request, limit: usize) -> Result<bytes::Bytes, ApiEr
 
 /// A body that failed while read: too large, or stalled past the server's timeout.
 fn body_error(e: axum::BoxError, too_large: impl FnOnce() -> ApiError) -> ApiError {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&*e);
-    while let Some(err) = source {
-        if err.is::<tower_http::timeout::TimeoutError>() {
-            return stalled();
-        }
-        source = err.source();
+    if stalled_body(&*e) {
+        stalled()
+    } else {
+        too_large()
     }
-    too_large()
+}
+
+/// True when `e`, or what caused it, is the body timeout firing.
+fn stalled_body(e: &(dyn std::error::Error + 'static)) -> bool {
+    std::iter::successors(Some(e), |e| e.source())
+        .any(|e| e.is::<tower_http::timeout::TimeoutError>())
 }
 
 /// The answer to a body that stopped arriving.
@@ -331,7 +334,7 @@ pub async fn parse_submission(
 }
 
 fn multipart_error(e: axum::extract::multipart::MultipartError) -> ApiError {
-    if e.body_text().contains("not received within") {
+    if stalled_body(&e) {
         stalled()
     } else if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
         ApiError::PayloadTooLarge(format!("the body is too large: {}", e.body_text()))

@@ -39,7 +39,7 @@ pub type RawTee = Box<dyn Write + Send>;
 #[derive(Clone)]
 pub struct LogWriter {
     inner: Arc<Mutex<State>>,
-    /// Also reachable without the lock, to wait for room.
+    /// Outside the lock: waiting for room must not hold it.
     sink: Option<Arc<LineSink>>,
 }
 
@@ -48,7 +48,6 @@ struct State {
     next_seq: u64,
     stdout: LineSplitter,
     stderr: LineSplitter,
-    sink: Option<Arc<LineSink>>,
     tee_stdout: Option<RawTee>,
     tee_stderr: Option<RawTee>,
     /// The tee holding bytes not yet flushed, if any.
@@ -62,15 +61,13 @@ impl LogWriter {
     /// A writer for `workload` feeding `sink` (durable, then live); without a
     /// sink, records are only numbered and teed.
     pub fn new(workload: WorkloadId, sink: Option<LineSink>) -> Self {
-        let sink = sink.map(Arc::new);
         Self {
-            sink: sink.clone(),
+            sink: sink.map(Arc::new),
             inner: Arc::new(Mutex::new(State {
                 workload,
                 next_seq: 0,
                 stdout: LineSplitter::new(),
                 stderr: LineSplitter::new(),
-                sink,
                 tee_stdout: None,
                 tee_stderr: None,
                 tee_unflushed: None,
@@ -116,7 +113,7 @@ impl LogWriter {
         let mut emit = Emitter {
             workload: s.workload,
             next_seq: &mut s.next_seq,
-            sink: s.sink.as_deref(),
+            sink: self.sink.as_deref(),
         };
         splitter.push(bytes, |line, continued| {
             emit.emit(stream, None, line, continued)
@@ -137,7 +134,7 @@ impl LogWriter {
         let mut emit = Emitter {
             workload: s.workload,
             next_seq: &mut s.next_seq,
-            sink: s.sink.as_deref(),
+            sink: self.sink.as_deref(),
         };
         emit.emit(LogStream::Log, Some(level), message.as_bytes(), false);
         if s.tee_stderr.is_some() {
@@ -157,7 +154,7 @@ impl LogWriter {
         let mut emit = Emitter {
             workload: s.workload,
             next_seq: &mut s.next_seq,
-            sink: s.sink.as_deref(),
+            sink: self.sink.as_deref(),
         };
         s.stdout
             .finish(|line, c| emit.emit(LogStream::Stdout, None, line, c));

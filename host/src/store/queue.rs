@@ -349,6 +349,7 @@ impl LineSink {
     }
 
     /// Waits until this workload may write more.
+    #[cfg(test)]
     pub async fn room(&self) {
         std::future::poll_fn(|cx| self.poll_room(cx)).await
     }

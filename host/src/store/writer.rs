@@ -83,13 +83,11 @@ enum Applied {
     Count(u64),
 }
 
-/// Counters the writer keeps for metrics and tests.
+/// Counters the writer keeps.
 #[derive(Default)]
 pub(super) struct WriterStats {
     /// Attempts that found the database busy and were retried.
     pub(super) busy_retries: AtomicU64,
-    /// Transactions that failed for good.
-    pub(super) failed_commits: AtomicU64,
 }
 
 /// How the writer groups and retries.
@@ -246,7 +244,6 @@ impl Writer {
             }
             Err(e) => e,
         };
-        self.stats.failed_commits.fetch_add(1, Ordering::Relaxed);
         let why = describe(&error);
         if !taken.is_empty() {
             tracing::error!(error = %why, lines = taken.len(), "failed to commit a batch of log lines");
@@ -392,15 +389,14 @@ impl Writer {
             }
         };
         match op {
+            // Its lane stays open, so a store failure of its lines is applied
+            // again when it is retried.
             WriteOp::Transition {
                 id,
                 to,
-                completion: Some(mut completion),
+                completion: Some(completion),
                 reply,
             } if to.is_terminal() => {
-                if let Some(failure) = self.queue.failure(id) {
-                    completion.store_failure(&failure);
-                }
                 self.retained.push((id, completion));
                 if let Some(reply) = reply {
                     let _ = reply.send(Err(err()));
@@ -568,12 +564,17 @@ fn apply(
         WriteOp::Transition {
             id, to, completion, ..
         } => {
-            let mut completion = completion.clone();
-            if let (Some(c), Some(failure)) = (&mut completion, queue.failure(*id)) {
-                // Some of its lines are not stored: it cannot have completed.
-                c.store_failure(&failure);
-            }
-            let to = completion.as_ref().map_or(*to, |c| c.status);
+            // Some of its lines are not stored: it cannot have completed.
+            let failed = match (completion, queue.failure(*id)) {
+                (Some(c), Some(why)) => {
+                    let mut c = c.clone();
+                    c.store_failure(&why);
+                    Some(c)
+                }
+                _ => None,
+            };
+            let completion = failed.as_ref().or(completion.as_ref());
+            let to = completion.map_or(*to, |c| c.status);
             transition(tx, *id, to, completion)?;
             Ok(Applied::Unit)
         }
@@ -631,7 +632,7 @@ fn transition(
     tx: &Connection,
     id: WorkloadId,
     to: Status,
-    completion: Option<Completion>,
+    completion: Option<&Completion>,
 ) -> StoreResult<()> {
     let key = id.to_string();
     let from: Status = tx
@@ -657,8 +658,8 @@ fn transition(
             .execute(params![
                 to.as_str(),
                 c.exit_code,
-                c.error,
-                c.output,
+                &c.error,
+                &c.output,
                 c.duration_ms as i64,
                 c.line_count as i64,
                 now,
