@@ -17,10 +17,7 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use vulcan::engine::Runtime;
-use vulcan::logs::LogBroker;
-use vulcan::registry::ModuleRegistry;
-use vulcan::runner::Runner;
+use vulcan::node::{Node, NodeOptions};
 use vulcan::store::Db;
 use vulcan::workload::{Status, WorkloadSpec};
 
@@ -160,23 +157,15 @@ fn full_pipeline(module: &std::path::Path, lines: u64) -> anyhow::Result<Duratio
         .enable_all()
         .build()?;
     rt.block_on(async {
-        let runtime = Runtime::new()?;
-        let db = Db::open(dir.path())?;
-        let registry = ModuleRegistry::new(
-            runtime.clone(),
-            db.clone(),
-            dir.path().join("artifacts"),
-            Arc::default(),
-        );
-        let (info, compiled, _) = registry.register(bytes).await?;
-        let runner = Runner::new(runtime, db.clone(), LogBroker::default());
+        let node = Node::open(dir.path(), NodeOptions::default()).await?;
+        let (info, compiled, _) = node.registry().register(bytes).await?;
         let spec = WorkloadSpec {
             args: vec!["log-flood.wasm".into(), lines.to_string()],
             ..Default::default()
         };
         let started = Instant::now();
-        let run = runner.start(compiled, info.hash, spec, None).await?;
-        let (record, _) = run.done.await??;
+        let run = node.runner().start(compiled, info.hash, spec, None).await?;
+        let record = run.done.await??;
         let elapsed = started.elapsed();
         anyhow::ensure!(
             record.status == Status::Completed,
@@ -187,7 +176,7 @@ fn full_pipeline(module: &std::path::Path, lines: u64) -> anyhow::Result<Duratio
             "wrong line count {}",
             record.line_count
         );
-        let stored = db.read_lines(record.id, Some(lines - 2), 10)?;
+        let stored = node.db().read_lines(record.id, Some(lines - 2), 10).await?;
         anyhow::ensure!(
             stored.len() == 1 && stored[0].seq == lines - 1,
             "last line not stored"

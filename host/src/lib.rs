@@ -6,6 +6,9 @@
 //!
 //! - [`cli`] — the `vulcan` command line (`run`, `serve`, and the client commands).
 //! - [`api`] — the HTTP edge of `vulcan serve`: uploads, runs, SSE, history.
+//! - [`view`] — the read model every client shares: workloads and log lines
+//!   as the API sends them and the CLI prints them.
+//! - [`node`] — the composition root: one data directory's parts, wired once.
 //! - [`registry`] — content-addressed modules and the compile cache.
 //! - [`runner`] — takes a workload from `pending` to its terminal status.
 //! - [`engine`] — the wasmtime backend: preview1 modules, preview2 commands and
@@ -15,12 +18,28 @@
 //! - [`workload`] — the plain data every stage shares.
 //! - [`metrics`] — Prometheus counters every stage reports into.
 
+/// The text of a WAT guest in `tests/fixtures/wat/`, shared by the unit tests
+/// and the end-to-end tests.
+#[cfg(test)]
+macro_rules! wat_fixture {
+    ($name:literal) => {
+        include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../tests/fixtures/wat/",
+            $name,
+            ".wat"
+        ))
+    };
+}
+
 pub mod api;
 pub mod cli;
 pub mod engine;
 pub mod logs;
 pub mod metrics;
+pub mod node;
 pub mod registry;
 pub mod runner;
 pub mod store;
+mod view;
 pub mod workload;

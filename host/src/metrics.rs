@@ -36,6 +36,8 @@ pub struct Metrics {
     pub compiles: Counter,
     /// Clients following a workload's log over SSE now.
     pub followers: Gauge,
+    /// Workloads with an open live channel (set from the broker when rendered).
+    pub live_channels: Gauge,
     /// Log lines that could not be stored (set from the store when rendered).
     pub lost_lines: Gauge,
     /// Store transactions retried because the database was busy (likewise).
@@ -51,64 +53,41 @@ impl Default for Metrics {
             "Workloads that ended, by final status",
             finished.clone(),
         );
-        let running = Gauge::default();
-        registry.register(
-            "workloads_running",
-            "Workloads executing now",
-            running.clone(),
-        );
         let duration = Histogram::new(exponential_buckets(0.0005, 4.0, 12));
         registry.register(
             "workload_duration_seconds",
             "Wall-clock run time of finished workloads",
             duration.clone(),
         );
-        let log_lines = Counter::default();
-        registry.register(
-            "log_lines",
-            "Log records written by workloads",
-            log_lines.clone(),
-        );
-        let cache_hits = Counter::default();
-        registry.register(
-            "module_cache_hits",
-            "Compiled modules served from memory",
-            cache_hits.clone(),
-        );
-        let cache_misses = Counter::default();
-        registry.register(
-            "module_cache_misses",
-            "Compiled modules not in memory (loaded from a disk artifact or compiled)",
-            cache_misses.clone(),
-        );
-        let compiles = Counter::default();
-        registry.register(
-            "module_compiles",
-            "Modules compiled from bytes",
-            compiles.clone(),
-        );
-        let followers = Gauge::default();
-        registry.register(
-            "log_followers",
-            "Clients following a workload's log over SSE",
-            followers.clone(),
-        );
-        let lost_lines = Gauge::default();
-        registry.register(
-            "lost_log_lines",
-            "Log lines that could not be stored since start (their workloads failed)",
-            lost_lines.clone(),
-        );
-        let busy_retries = Gauge::default();
-        registry.register(
-            "store_busy_retries",
-            "Store transactions retried since start because another connection held the database",
-            busy_retries.clone(),
-        );
+        let counters = [
+            ("log_lines", "Log records written by workloads"),
+            ("module_cache_hits", "Compiled modules served from memory"),
+            (
+                "module_cache_misses",
+                "Compiled modules not in memory (loaded from a disk artifact or compiled)",
+            ),
+            ("module_compiles", "Modules compiled from bytes"),
+        ]
+        .map(|(name, help)| {
+            let c = Counter::default();
+            registry.register(name, help, c.clone());
+            c
+        });
+        let gauges = [
+            ("workloads_running", "Workloads executing now"),
+            ("log_followers", "Clients following a workload's log over SSE"),
+            ("live_log_channels", "Workloads whose lines are delivered live now (pending or running)"),
+            ("lost_log_lines", "Log lines that could not be stored since start (their workloads failed)"),
+            ("store_busy_retries", "Store transactions retried since start because another connection held the database"),
+        ]
+        .map(|(name, help)| {
+            let g = Gauge::default();
+            registry.register(name, help, g.clone());
+            g
+        });
+        let [log_lines, cache_hits, cache_misses, compiles] = counters;
+        let [running, followers, live_channels, lost_lines, busy_retries] = gauges;
         Self {
-            busy_retries,
-            followers,
-            lost_lines,
             registry,
             finished,
             running,
@@ -117,6 +96,10 @@ impl Default for Metrics {
             cache_hits,
             cache_misses,
             compiles,
+            followers,
+            live_channels,
+            lost_lines,
+            busy_retries,
         }
     }
 }

@@ -62,14 +62,30 @@ pub struct ModuleRegistry {
     max_function_size: u64,
 }
 
+/// What a registry is built from.
+pub struct RegistryParts {
+    /// Compiles and loads modules.
+    pub runtime: Arc<Runtime>,
+    /// Where module bytes and metadata are stored.
+    pub db: Db,
+    /// Where compiled artifacts are cached.
+    pub artifact_dir: PathBuf,
+    /// Counts compiles and cache hits.
+    pub metrics: Arc<Metrics>,
+    /// Largest function body a module may have.
+    pub max_function_size: u64,
+}
+
 impl ModuleRegistry {
-    /// A registry storing artifacts under `artifact_dir`, counting into `metrics`.
-    pub fn new(
-        runtime: Arc<Runtime>,
-        db: Db,
-        artifact_dir: PathBuf,
-        metrics: Arc<Metrics>,
-    ) -> Self {
+    /// A registry over these parts.
+    pub fn new(parts: RegistryParts) -> Self {
+        let RegistryParts {
+            runtime,
+            db,
+            artifact_dir,
+            metrics,
+            max_function_size,
+        } = parts;
         Self {
             runtime,
             db,
@@ -77,14 +93,8 @@ impl ModuleRegistry {
             cache: Mutex::new(HashMap::new()),
             metrics,
             compiling: tokio::sync::Semaphore::new(1),
-            max_function_size: DEFAULT_MAX_FUNCTION_SIZE,
+            max_function_size,
         }
-    }
-
-    /// Refuses modules with a function body larger than `bytes`.
-    pub fn with_max_function_size(mut self, bytes: u64) -> Self {
-        self.max_function_size = bytes;
-        self
     }
 
     /// Validates, stores and compiles `bytes`; returns its metadata, the compiled
@@ -98,7 +108,8 @@ impl ModuleRegistry {
             Some(c) => c,
             None => {
                 let bytes = Arc::clone(&bytes);
-                self.compile_or_load(&hash, move || Ok(bytes)).await?
+                self.compile_or_load(&hash, async move { Ok(bytes) })
+                    .await?
             }
         };
         let info = ModuleInfo {
@@ -113,7 +124,11 @@ impl ModuleRegistry {
                 .context("failed to store the module")
                 .into(),
         })?;
-        let info = self.db.module_info(&hash).map_err(anyhow::Error::from)?;
+        let info = self
+            .db
+            .module_info(&hash)
+            .await
+            .map_err(anyhow::Error::from)?;
         Ok((info, compiled, new))
     }
 
@@ -123,14 +138,14 @@ impl ModuleRegistry {
             return Ok(c);
         }
         // Known, but its bytes are read only if there is no artifact to load.
-        match self.db.module_info(hash) {
+        match self.db.module_info(hash).await {
             Ok(_) => {}
             Err(StoreError::ModuleNotFound(h)) => return Err(RegistryError::NotFound(h)),
             Err(e) => return Err(anyhow::Error::from(e).into()),
         }
         let (db, stored) = (self.db.clone(), hash.to_owned());
-        self.compile_or_load(hash, move || {
-            let bytes = db.module_bytes(&stored).map_err(anyhow::Error::from)?;
+        self.compile_or_load(hash, async move {
+            let bytes = db.module_bytes(&stored).await?;
             Ok(bytes.into())
         })
         .await
@@ -149,11 +164,12 @@ impl ModuleRegistry {
         hit
     }
 
-    /// Loads the artifact of `hash`, or compiles what `bytes` returns.
+    /// Loads the artifact of `hash`, or compiles what `bytes` resolves to
+    /// (awaited only when there is no artifact).
     async fn compile_or_load(
         &self,
         hash: &str,
-        bytes: impl FnOnce() -> anyhow::Result<Arc<[u8]>> + Send + 'static,
+        bytes: impl Future<Output = anyhow::Result<Arc<[u8]>>>,
     ) -> Result<Arc<CompiledModule>, RegistryError> {
         let path = self.artifact_path(hash);
         // Loading and compiling are CPU-bound: keep them off the async workers.
@@ -184,10 +200,10 @@ impl ModuleRegistry {
                     .acquire()
                     .await
                     .context("the compiler is shut down")?;
+                let bytes = bytes.await?;
                 let runtime = Arc::clone(&self.runtime);
                 let max_function_size = self.max_function_size;
                 let compiled = tokio::task::spawn_blocking(move || {
-                    let bytes = bytes()?;
                     check_function_sizes(&bytes, max_function_size)?;
                     let compiled = runtime.compile(&bytes)?;
                     if let Err(e) = write_artifact(&runtime, &compiled, &path) {
@@ -275,6 +291,34 @@ mod tests {
         let err = check_function_sizes(&wasm, 1_000).unwrap_err();
         assert!(matches!(err, RegistryError::TooExpensive(_)), "{err}");
         assert!(err.to_string().contains("--max-function-size"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_module_is_compiled_once_per_data_directory() {
+        use crate::node::{Node, NodeOptions};
+        let dir = tempfile::tempdir().unwrap();
+        let bytes: Arc<[u8]> = wat::parse_str(wat_fixture!("print-hello")).unwrap().into();
+        let node = Node::open(dir.path(), NodeOptions::default())
+            .await
+            .unwrap();
+        let (info, _, new) = node.registry().register(Arc::clone(&bytes)).await.unwrap();
+        assert!(new);
+        let (again, _, new) = node.registry().register(Arc::clone(&bytes)).await.unwrap();
+        assert!(!new, "the same bytes are stored once");
+        assert_eq!(again, info);
+        assert_eq!(node.metrics().compiles.get(), 1);
+        assert_eq!(node.metrics().cache_hits.get(), 1);
+        drop(node);
+
+        // After a restart the artifact is loaded, not compiled.
+        let node = Node::open(dir.path(), NodeOptions::default())
+            .await
+            .unwrap();
+        node.registry().get(&info.hash).await.unwrap();
+        assert_eq!(node.metrics().compiles.get(), 0);
+        let unknown = format!("sha256:{}", "0".repeat(64));
+        let err = node.registry().get(&unknown).await.err().unwrap();
+        assert!(matches!(err, RegistryError::NotFound(_)), "{err}");
     }
 
     #[test]

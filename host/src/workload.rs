@@ -219,11 +219,13 @@ pub enum FailureKind {
     Store,
     /// The host failed around the guest (setup, a crash, a restart).
     Host,
+    /// The node running it was lost (cluster mode).
+    NodeLost,
 }
 
 impl FailureKind {
     /// Every kind.
-    pub const ALL: [FailureKind; 10] = [
+    pub const ALL: [FailureKind; 11] = [
         FailureKind::Exit,
         FailureKind::Timeout,
         FailureKind::Memory,
@@ -234,6 +236,7 @@ impl FailureKind {
         FailureKind::Killed,
         FailureKind::Store,
         FailureKind::Host,
+        FailureKind::NodeLost,
     ];
 
     /// The stable snake_case name used in the database and the API.
@@ -249,6 +252,7 @@ impl FailureKind {
             FailureKind::Killed => "killed",
             FailureKind::Store => "store",
             FailureKind::Host => "host",
+            FailureKind::NodeLost => "node_lost",
         }
     }
 }

@@ -30,7 +30,9 @@ fn ls_and_logs_read_back_what_run_recorded() {
 
     let logs = env.run(&["logs", &mixed.id]);
     assert_eq!(logs.status.code(), Some(0));
-    assert_eq!(stdout(&logs), "out 0\nerr 1\nout 2\nerr 3\n");
+    // As the guest wrote them: stdout lines to stdout, stderr lines to stderr.
+    assert_eq!(stdout(&logs), "out 0\nout 2\n");
+    assert_eq!(stderr(&logs), "err 1\nerr 3\n");
 
     let logs = env.run(&["logs", "--json", &mixed.id]);
     let records: Vec<serde_json::Value> = stdout(&logs)

@@ -6,6 +6,8 @@
 //! - `local`   — `vulcan ls` / `vulcan logs` reading the local database.
 //! - `api`     — `vulcan serve` over HTTP: uploads, runs, SSE, errors, restarts.
 //! - `client`  — the CLI against a running server.
+//! - `read_model` — the same bytes from `status`/`ls`/`logs` locally and remotely;
+//!   the same exit codes from `run` and `submit`.
 //! - `components` — SDK workloads and WASI preview2 commands, locally and via the API.
 //! - `hardening` — hostile guests and clients, faults, crashes: bounded memory,
 //!   no stuck workload, no lost line.
@@ -15,5 +17,6 @@ mod client;
 mod components;
 mod hardening;
 mod local;
+mod read_model;
 mod run;
 mod support;

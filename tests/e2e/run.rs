@@ -283,11 +283,7 @@ fn stdin_is_passed_to_the_guest_byte_for_byte() {
 #[test]
 fn a_trap_is_never_success() {
     let env = Env::new();
-    let module = wat_file(
-        env.data_dir(),
-        "trap.wasm",
-        r#"(module (memory (export "memory") 1) (func (export "_start") unreachable))"#,
-    );
+    let module = fixture(env.data_dir(), "unreachable");
     let out = env.run(&["run", module.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(134));
     assert!(stderr(&out).contains("unreachable"), "{}", stderr(&out));

@@ -115,6 +115,22 @@ pub fn stderr(o: &Output) -> String {
 }
 
 /// Writes `wat` compiled to a `.wasm` file in `dir`.
+/// Base64 of `bytes`, as the API takes modules and input.
+pub fn b64(bytes: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+/// A WAT guest from `tests/fixtures/wat/` (shared with the engine's unit
+/// tests), compiled to `dir/NAME.wasm`.
+pub fn fixture(dir: &Path, name: &str) -> PathBuf {
+    let source = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures/wat")
+        .join(format!("{name}.wat"));
+    let wat = std::fs::read_to_string(&source).unwrap();
+    wat_file(dir, &format!("{name}.wasm"), &wat)
+}
+
 pub fn wat_file(dir: &Path, name: &str, wat: &str) -> PathBuf {
     let path = dir.join(name);
     std::fs::write(&path, wat::parse_str(wat).unwrap()).unwrap();
@@ -305,6 +321,23 @@ impl Server {
             .await
             .unwrap();
         accepted_id(resp).await
+    }
+
+    /// The id of the one running workload, once there is one (a workload
+    /// started by another process, e.g. `vulcan submit`).
+    pub async fn only_running(&self) -> String {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let (_, page) = self.get_json("/v1/workloads?status=running").await;
+            if let [one] = page["items"].as_array().unwrap().as_slice() {
+                return one["id"].as_str().unwrap().to_owned();
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "nothing started running"
+            );
+            tokio::task::yield_now().await;
+        }
     }
 
     /// `DELETE /v1/workloads/{id}`: the status and the JSON body.

@@ -11,6 +11,10 @@
 //!    a lag), the lines in between are already stored: fill the gap from there;
 //! 4. when the channel closes, the terminal status is committed: send what is
 //!    left in the store, then `end` with the final record.
+//!
+//! An event's `data` is the line's text (a `log` record's is
+//! `{"level","message"}`); with `?format=json` it is the whole [`LogLine`]
+//! (seq, stream, level, line, continued, ts), as history pages carry it.
 
 use std::convert::Infallible;
 use std::time::Duration;
@@ -25,9 +29,10 @@ use serde_json::json;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
-use super::workloads::{WorkloadView, in_range, parse_id, rfc3339};
+use super::workloads::{in_range, parse_id};
 use super::{ApiError, AppState};
 use crate::logs::{BrokerEvent, LogRecord};
+use crate::view::{LogLine, LogPage, WorkloadView};
 use crate::workload::WorkloadId;
 
 /// Lines read from the store per query while replaying.
@@ -38,6 +43,18 @@ const REPLAY_PAGE: u64 = 2_000;
 #[serde(deny_unknown_fields)]
 pub struct FollowQuery {
     after: Option<u64>,
+    format: Option<EventFormat>,
+}
+
+/// What an SSE event's `data` holds.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum EventFormat {
+    /// The line's text.
+    #[default]
+    Text,
+    /// The whole [`LogLine`] as JSON.
+    Json,
 }
 
 /// `GET /v1/workloads/{id}/logs`: SSE, one event per line, then `end`.
@@ -60,15 +77,23 @@ pub async fn follow(
     };
     // The header wins: it is what a reconnecting EventSource sends.
     let after = in_range("Last-Event-ID", last_event_id)?.or(in_range("after", query.after)?);
-    state.db().workload(id)?;
+    state.node().db().workload(id).await?;
+    let format = query.format.unwrap_or_default();
 
     let (tx, rx) = mpsc::channel::<Event>(256);
     tokio::spawn(async move {
-        let followers = state.inner.metrics.followers.clone();
+        let followers = state.node().metrics().followers.clone();
         followers.inc();
         // Ends quietly when the client goes away (the send fails), including a
         // client that stopped reading and was disconnected for it.
-        let _ = stream_lines(state, id, after, tx).await;
+        let mut follower = Follower {
+            state,
+            id,
+            format,
+            sent: after,
+            tx,
+        };
+        let _ = follower.stream().await;
         followers.dec();
     });
     let events = tokio_stream::StreamExt::map(ReceiverStream::new(rx), Ok::<Event, Infallible>);
@@ -82,115 +107,108 @@ pub async fn follow(
 /// The client left; stop streaming.
 struct Gone;
 
-struct Cursor {
+/// One follower's stream and position.
+struct Follower {
+    state: AppState,
+    id: WorkloadId,
+    format: EventFormat,
     /// The last seq sent, if any.
     sent: Option<u64>,
+    tx: mpsc::Sender<Event>,
 }
 
-impl Cursor {
+impl Follower {
     fn next(&self) -> u64 {
         self.sent.map_or(0, |s| s + 1)
     }
-}
 
-async fn send_record(
-    tx: &mpsc::Sender<Event>,
-    cursor: &mut Cursor,
-    r: &LogRecord,
-) -> Result<(), Gone> {
-    let mut event = Event::default()
-        .id(r.seq.to_string())
-        .event(r.stream.as_str());
-    event = match r.level {
-        // Structured log lines carry their level with the message.
-        Some(level) => event.data(json!({"level": level, "message": r.line}).to_string()),
-        None => event.data(&r.line),
-    };
-    tx.send(event).await.map_err(|_| Gone)?;
-    cursor.sent = Some(r.seq);
-    Ok(())
-}
-
-/// Sends every stored line after the cursor, up to (not including) `until`.
-async fn replay(
-    state: &AppState,
-    id: WorkloadId,
-    cursor: &mut Cursor,
-    until: Option<u64>,
-    tx: &mpsc::Sender<Event>,
-) -> Result<(), Gone> {
-    loop {
-        if until.is_some_and(|u| cursor.next() >= u) {
-            return Ok(());
-        }
-        let db = state.db().clone();
-        let after = cursor.sent;
-        let read = tokio::task::spawn_blocking(move || db.read_lines(id, after, REPLAY_PAGE))
-            .await
-            .map_err(|e| e.to_string())
-            .and_then(|r| r.map_err(|e| format!("{e:#}")));
-        let page = match read {
-            Ok(page) => page,
-            Err(error) => {
-                // Not "no more lines": the follower must know its stream is cut.
-                tracing::error!(workload = %id, %error, "failed to read stored lines for a follower");
-                let _ = tx
-                    .send(Event::default().event("error").data(
-                        json!({"error": {"code": "internal", "message": "failed to read the stored lines; reconnect with Last-Event-ID"}}).to_string(),
-                    ))
-                    .await;
-                return Err(Gone);
+    async fn send(&mut self, r: &LogRecord) -> Result<(), Gone> {
+        let event = Event::default()
+            .id(r.seq.to_string())
+            .event(r.stream.as_str());
+        let event = match (self.format, r.level) {
+            (EventFormat::Json, _) => {
+                event.data(serde_json::to_string(&LogLine::from(r)).unwrap_or_default())
             }
+            // Structured log lines carry their level with the message.
+            (EventFormat::Text, Some(level)) => {
+                event.data(json!({"level": level, "message": r.line}).to_string())
+            }
+            (EventFormat::Text, None) => event.data(&r.line),
         };
-        if page.is_empty() {
-            return Ok(());
-        }
-        for r in &page {
-            if until.is_some_and(|u| r.seq >= u) {
+        self.tx.send(event).await.map_err(|_| Gone)?;
+        self.sent = Some(r.seq);
+        Ok(())
+    }
+
+    /// Sends every stored line after the last one sent, up to (not including) `until`.
+    async fn replay(&mut self, until: Option<u64>) -> Result<(), Gone> {
+        loop {
+            if until.is_some_and(|u| self.next() >= u) {
                 return Ok(());
             }
-            send_record(tx, cursor, r).await?;
-        }
-    }
-}
-
-async fn stream_lines(
-    state: AppState,
-    id: WorkloadId,
-    after: Option<u64>,
-    tx: mpsc::Sender<Event>,
-) -> Result<(), Gone> {
-    let mut cursor = Cursor { sent: after };
-    let subscription = state.inner.runner.broker().subscribe(id);
-    replay(&state, id, &mut cursor, None, &tx).await?;
-    if let Some(mut sub) = subscription {
-        while let Some(event) = sub.recv().await {
-            match event {
-                BrokerEvent::Line(r) => {
-                    if r.seq < cursor.next() {
-                        continue;
-                    }
-                    if r.seq > cursor.next() {
-                        replay(&state, id, &mut cursor, Some(r.seq), &tx).await?;
-                    }
-                    send_record(&tx, &mut cursor, &r).await?;
+            let read = self
+                .state
+                .node()
+                .db()
+                .read_lines(self.id, self.sent, REPLAY_PAGE)
+                .await;
+            let page = match read {
+                Ok(page) => page,
+                Err(error) => {
+                    // Not "no more lines": the follower must know its stream is cut.
+                    tracing::error!(workload = %self.id, error = format!("{error:#}"), "failed to read stored lines for a follower");
+                    let _ = self
+                        .tx
+                        .send(Event::default().event("error").data(
+                            json!({"error": {"code": "internal", "message": "failed to read the stored lines; reconnect with Last-Event-ID"}}).to_string(),
+                        ))
+                        .await;
+                    return Err(Gone);
                 }
-                BrokerEvent::Lagged(_) => {
-                    replay(&state, id, &mut cursor, None, &tx).await?;
+            };
+            if page.is_empty() {
+                return Ok(());
+            }
+            for r in &page {
+                if until.is_some_and(|u| r.seq >= u) {
+                    return Ok(());
                 }
+                self.send(r).await?;
             }
         }
     }
-    // Closed: the terminal status and every line before it are committed.
-    replay(&state, id, &mut cursor, None, &tx).await?;
-    let record = state
-        .db()
-        .workload(id)
-        .map(|w| serde_json::to_string(&WorkloadView::from(w)).unwrap_or_default())
-        .unwrap_or_else(|e| json!({"error": e.to_string()}).to_string());
-    tx.send(Event::default().event("end").data(record))
-        .await
-        .map_err(|_| Gone)
+
+    async fn stream(&mut self) -> Result<(), Gone> {
+        let subscription = self.state.node().broker().subscribe(self.id);
+        self.replay(None).await?;
+        if let Some(mut sub) = subscription {
+            while let Some(event) = sub.recv().await {
+                match event {
+                    BrokerEvent::Line(r) => {
+                        if r.seq < self.next() {
+                            continue;
+                        }
+                        if r.seq > self.next() {
+                            self.replay(Some(r.seq)).await?;
+                        }
+                        self.send(&r).await?;
+                    }
+                    BrokerEvent::Lagged(_) => self.replay(None).await?,
+                }
+            }
+        }
+        // Closed: the terminal status and every line before it are committed.
+        self.replay(None).await?;
+        let record = match self.state.node().db().workload(self.id).await {
+            Ok(w) => serde_json::to_string(&WorkloadView::from(w)).unwrap_or_default(),
+            Err(e) => json!({"error": e.to_string()}).to_string(),
+        };
+        self.tx
+            .send(Event::default().event("end").data(record))
+            .await
+            .map_err(|_| Gone)
+    }
 }
 
 /// Query of the history endpoint.
@@ -219,29 +237,11 @@ pub async fn history(
             "limit must be between 1 and {MAX_HISTORY_PAGE}"
         )));
     }
-    state.db().workload(id)?;
-    let db = state.db().clone();
-    let lines = tokio::task::spawn_blocking(move || db.read_lines(id, after, limit))
-        .await
-        .map_err(|e| anyhow::anyhow!("history task failed: {e}"))??;
-    let next_after = lines.last().map(|r| r.seq).or(after);
-    let lines: Vec<_> = lines
-        .iter()
-        .map(|r| {
-            let mut v = json!({
-                "seq": r.seq,
-                "stream": r.stream,
-                "line": r.line,
-                "ts": rfc3339(r.ts_ms),
-            });
-            if let Some(level) = r.level {
-                v["level"] = json!(level);
-            }
-            if r.continued {
-                v["continued"] = json!(true);
-            }
-            v
-        })
-        .collect();
-    Ok(Json(json!({"lines": lines, "next_after": next_after})))
+    let db = state.node().db();
+    db.workload(id).await?;
+    let lines = db.read_lines(id, after, limit).await?;
+    Ok(Json(LogPage {
+        next_after: lines.last().map(|r| r.seq).or(after),
+        lines: lines.iter().map(LogLine::from).collect(),
+    }))
 }

@@ -25,21 +25,16 @@ use tower_http::timeout::RequestBodyTimeoutLayer;
 pub use error::ApiError;
 pub use workloads::LimitPolicy;
 
-use crate::metrics::Metrics;
-use crate::registry::ModuleRegistry;
-use crate::runner::Runner;
-use crate::store::Db;
+use crate::node::Node;
 
-/// Everything a request handler can reach.
+/// Everything a request handler can reach: the node and the API's own config.
 #[derive(Clone)]
 pub struct AppState {
     inner: Arc<Shared>,
 }
 
 struct Shared {
-    runner: Arc<Runner>,
-    registry: Arc<ModuleRegistry>,
-    metrics: Arc<Metrics>,
+    node: Arc<Node>,
     config: ApiConfig,
 }
 
@@ -72,25 +67,19 @@ impl Default for ApiConfig {
 }
 
 impl AppState {
-    /// State over these stages.
-    pub fn new(
-        runner: Arc<Runner>,
-        registry: Arc<ModuleRegistry>,
-        metrics: Arc<Metrics>,
-        config: ApiConfig,
-    ) -> Self {
+    /// The API over `node`.
+    pub fn new(node: Arc<Node>, config: ApiConfig) -> Self {
         Self {
-            inner: Arc::new(Shared {
-                runner,
-                registry,
-                metrics,
-                config,
-            }),
+            inner: Arc::new(Shared { node, config }),
         }
     }
 
-    fn db(&self) -> &Db {
-        self.inner.runner.db()
+    fn node(&self) -> &Node {
+        &self.inner.node
+    }
+
+    fn config(&self) -> &ApiConfig {
+        &self.inner.config
     }
 }
 
@@ -118,10 +107,8 @@ pub fn router(state: AppState) -> Router {
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
         // Bodies are read with their own limit and a precise 413; this lifts
         // axum's 2 MiB default so the multipart reader uses the same limit.
-        .layer(DefaultBodyLimit::max(state.inner.config.max_upload))
-        .layer(RequestBodyTimeoutLayer::new(
-            state.inner.config.client_timeout,
-        ))
+        .layer(DefaultBodyLimit::max(state.config().max_upload))
+        .layer(RequestBodyTimeoutLayer::new(state.config().client_timeout))
         .layer(middleware::from_fn(json_errors))
         .layer(middleware::from_fn(close_after_refused_body))
         .with_state(state)
@@ -198,8 +185,8 @@ pub async fn serve(
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let runner = Arc::clone(&state.inner.runner);
-    let client_timeout = state.inner.config.client_timeout;
+    let node = Arc::clone(&state.inner.node);
+    let client_timeout = state.config().client_timeout;
     let app = router(state);
     conn::serve(
         listener,
@@ -207,7 +194,7 @@ pub async fn serve(
         client_timeout,
         async move {
             shutdown.await;
-            runner.kill_all("killed: the server shut down");
+            node.runner().kill_all("killed: the server shut down");
         },
         std::time::Duration::from_secs(10),
     )
@@ -216,27 +203,29 @@ pub async fn serve(
 }
 
 async fn healthz(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {
-    state.db().ping()?;
+    state.node().db().ping().await?;
     Ok(axum::Json(serde_json::json!({"status": "ok"})))
 }
 
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     // The store keeps these counts; they are copied in when asked for.
-    let (db, metrics) = (state.db(), &state.inner.metrics);
+    let (db, metrics) = (state.node().db(), state.node().metrics());
     let gauge = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
     metrics.lost_lines.set(gauge(db.lost_lines()));
+    let channels = state.node().broker().open_channels();
+    metrics.live_channels.set(gauge(channels as u64));
     metrics.busy_retries.set(gauge(db.busy_retries()));
     (
         [(
             header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        state.inner.metrics.render(),
+        metrics.render(),
     )
 }
 
 async fn require_token(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    if let Some(expected) = &state.inner.config.token {
+    if let Some(expected) = &state.config().token {
         let given = req
             .headers()
             .get(header::AUTHORIZATION)
@@ -271,7 +260,10 @@ fn tokens_match(given: &str, expected: &str) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
+mod tests;
+
+#[cfg(test)]
+mod token_tests {
     #[test]
     fn tokens_match_only_when_equal() {
         assert!(super::tokens_match("s3cret", "s3cret"));

@@ -4,20 +4,10 @@ use axum::Json;
 use axum::extract::{Path, Request, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use serde_json::json;
 
 use super::request::{media_type, parse_hash, read_body};
 use super::{ApiError, AppState};
-use crate::store::ModuleInfo;
-
-fn view(info: &ModuleInfo) -> serde_json::Value {
-    json!({
-        "hash": info.hash,
-        "size": info.size,
-        "kind": info.kind,
-        "created_at": super::workloads::rfc3339(info.created_at),
-    })
-}
+use crate::view::ModuleView;
 
 /// Validates and stores a module: 201 when new, 200 when already known.
 pub async fn upload(
@@ -30,14 +20,18 @@ pub async fn upload(
             "upload modules as application/wasm, not `{ct}`"
         )));
     }
-    let bytes = read_body(req, state.inner.config.max_upload).await?;
-    let (info, _, new) = state.inner.registry.register(bytes.to_vec().into()).await?;
+    let bytes = read_body(req, state.config().max_upload).await?;
+    let (info, _, new) = state
+        .node()
+        .registry()
+        .register(bytes.to_vec().into())
+        .await?;
     let status = if new {
         StatusCode::CREATED
     } else {
         StatusCode::OK
     };
-    Ok((status, Json(view(&info))))
+    Ok((status, Json(ModuleView::from(info))))
 }
 
 /// A stored module's metadata.
@@ -46,5 +40,6 @@ pub async fn get(
     Path(hash): Path<String>,
 ) -> Result<impl IntoResponse, ApiError> {
     let hash = parse_hash(&hash)?;
-    Ok(Json(view(&state.db().module_info(&hash)?)))
+    let info = state.node().db().module_info(&hash).await?;
+    Ok(Json(ModuleView::from(info)))
 }

@@ -1,7 +1,8 @@
 //! Turns the three accepted request bodies into a module reference and a spec.
 //!
 //! - `application/wasm`: the module bytes; args, env and limits in the query
-//!   (`?arg=a&arg=b&env=K%3DV&timeout_ms=…&max_memory_mb=…&fuel=…`).
+//!   (`?arg=a&arg=b&env=K%3DV&timeout_ms=…&max_memory_bytes=…&fuel=…`;
+//!   `max_memory_mb` is accepted too).
 //! - `application/json`: `{"module":"sha256:…"` or `"module_base64":"…"`, `"args"`,
 //!   `"env"`, `"stdin"` or `"stdin_base64"`, `"input"` (any JSON value) or
 //!   `"input_base64"`, `"limits"`}.
@@ -57,6 +58,7 @@ pub struct JsonSpec {
 #[serde(deny_unknown_fields)]
 pub struct JsonLimits {
     timeout_ms: Option<u64>,
+    max_memory_bytes: Option<u64>,
     max_memory_mb: Option<u64>,
     fuel: Option<u64>,
     max_output_bytes: Option<u64>,
@@ -69,13 +71,21 @@ impl JsonLimits {
                 "limits.timeout_ms must be greater than 0".into(),
             ));
         }
-        let max_memory_bytes = self
+        let from_mb = self
             .max_memory_mb
             .map(|mb| {
                 mb.checked_mul(1 << 20)
                     .ok_or_else(|| ApiError::BadRequest("limits.max_memory_mb is too large".into()))
             })
             .transpose()?;
+        let max_memory_bytes = match (self.max_memory_bytes, from_mb) {
+            (Some(_), Some(_)) => {
+                return Err(ApiError::BadRequest(
+                    "give limits.max_memory_bytes or limits.max_memory_mb, not both".into(),
+                ));
+            }
+            (bytes, mb) => bytes.or(mb),
+        };
         Ok(Limits {
             timeout_ms: self.timeout_ms,
             max_memory_bytes,
@@ -375,6 +385,7 @@ fn query_spec(query: &str) -> Result<JsonSpec, ApiError> {
             }
             "input_base64" => spec.input_base64 = Some(value),
             "timeout_ms" => spec.limits.timeout_ms = Some(number(&key, &value)?),
+            "max_memory_bytes" => spec.limits.max_memory_bytes = Some(number(&key, &value)?),
             "max_memory_mb" => spec.limits.max_memory_mb = Some(number(&key, &value)?),
             "fuel" => spec.limits.fuel = Some(number(&key, &value)?),
             "max_output_bytes" => spec.limits.max_output_bytes = Some(number(&key, &value)?),

@@ -6,100 +6,14 @@ use axum::Json;
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::json;
 
 use super::request::{ModuleRef, parse_submission};
 use super::{ApiError, AppState};
 use crate::runner::StartedWorkload;
-use crate::workload::{FailureKind, Limits, Status, WorkloadId, WorkloadRecord};
-
-/// A workload as the API shows it: its summary, whole error, spec and output.
-#[derive(Debug, Serialize)]
-pub struct WorkloadView {
-    #[serde(flatten)]
-    summary: WorkloadSummary,
-    args: Vec<String>,
-    limits: Limits,
-    /// An SDK workload's returned output: JSON when it parses as JSON.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    output: Option<serde_json::Value>,
-    /// The output as base64 when it is not JSON.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    output_base64: Option<String>,
-}
-
-impl From<WorkloadRecord> for WorkloadView {
-    fn from(mut w: WorkloadRecord) -> Self {
-        let (output, output_base64) = match w.output.take() {
-            None => (None, None),
-            Some(bytes) => match serde_json::from_slice::<serde_json::Value>(&bytes) {
-                Ok(json) => (Some(json), None),
-                Err(_) => {
-                    use base64::Engine as _;
-                    let b64 = base64::engine::general_purpose::STANDARD.encode(bytes);
-                    (None, Some(b64))
-                }
-            },
-        };
-        let (args, limits, error) = (
-            std::mem::take(&mut w.args),
-            std::mem::take(&mut w.limits),
-            w.error.clone(),
-        );
-        let mut summary = WorkloadSummary::from(w);
-        summary.error = error;
-        Self {
-            summary,
-            args,
-            limits,
-            output,
-            output_base64,
-        }
-    }
-}
-
-/// A workload as a list shows it: its state and result, without its spec or
-/// output, so that a page stays small whatever the workloads were given.
-#[derive(Debug, Serialize)]
-pub struct WorkloadSummary {
-    id: WorkloadId,
-    status: Status,
-    module: String,
-    exit_code: Option<i32>,
-    /// The first line of the error, at most [`SUMMARY_ERROR_CHARS`] characters.
-    error: Option<String>,
-    failure: Option<FailureKind>,
-    duration_ms: Option<u64>,
-    line_count: u64,
-    created_at: String,
-    started_at: Option<String>,
-    finished_at: Option<String>,
-}
-
-/// Longest error a list item carries; the record has the whole one.
-pub const SUMMARY_ERROR_CHARS: usize = 200;
-
-impl From<WorkloadRecord> for WorkloadSummary {
-    fn from(w: WorkloadRecord) -> Self {
-        Self {
-            id: w.id,
-            status: w.status,
-            module: w.module_hash,
-            exit_code: w.exit_code,
-            error: w.error.map(|e| {
-                let first = e.lines().next().unwrap_or("");
-                first.chars().take(SUMMARY_ERROR_CHARS).collect()
-            }),
-            failure: w.failure,
-            duration_ms: w.duration_ms,
-            line_count: w.line_count,
-            created_at: rfc3339(w.created_at),
-            started_at: w.started_at.map(rfc3339),
-            finished_at: w.finished_at.map(rfc3339),
-        }
-    }
-}
+use crate::view::{WorkloadList, WorkloadSummary, WorkloadView};
+use crate::workload::{Limits, Status, WorkloadId};
 
 /// The limits a server gives a workload that asks for none, and the most one
 /// may ask for (`None`: unlimited).
@@ -203,12 +117,6 @@ pub fn in_range(name: &str, value: Option<u64>) -> Result<Option<u64>, ApiError>
     }
 }
 
-/// Milliseconds since the Unix epoch as RFC 3339 UTC with milliseconds.
-pub fn rfc3339(ms: i64) -> String {
-    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64);
-    humantime::format_rfc3339_millis(t).to_string()
-}
-
 /// Parses an id from the path, as a 404 (a malformed id names no workload).
 pub fn parse_id(id: &str) -> Result<WorkloadId, ApiError> {
     id.parse()
@@ -216,22 +124,22 @@ pub fn parse_id(id: &str) -> Result<WorkloadId, ApiError> {
 }
 
 async fn start(state: &AppState, req: Request) -> Result<StartedWorkload, ApiError> {
-    let config = &state.inner.config;
+    let config = state.config();
     let mut submission = parse_submission(req, config.max_upload, config.max_spec).await?;
     submission.spec.limits = config.limits.apply(&submission.spec.limits)?;
     let (hash, compiled) = match submission.module {
         ModuleRef::Hash(hash) => {
-            let compiled = state.inner.registry.get(&hash).await?;
+            let compiled = state.node().registry().get(&hash).await?;
             (hash, compiled)
         }
         ModuleRef::Bytes(bytes) => {
-            let (info, compiled, _) = state.inner.registry.register(bytes.into()).await?;
+            let (info, compiled, _) = state.node().registry().register(bytes.into()).await?;
             (info.hash, compiled)
         }
     };
     Ok(state
-        .inner
-        .runner
+        .node()
+        .runner()
         .start(compiled, hash, submission.spec, None)
         .await?)
 }
@@ -243,7 +151,7 @@ pub async fn run_sync(
 ) -> Result<impl IntoResponse, ApiError> {
     let started = start(&state, req).await?;
     // If the client goes away the workload still finishes: it runs in its own task.
-    let (record, _) = started
+    let record = started
         .done
         .await
         .map_err(|e| anyhow::anyhow!("workload task failed: {e}"))??;
@@ -270,7 +178,9 @@ pub async fn get(
     Path(id): Path<String>,
 ) -> Result<impl IntoResponse, ApiError> {
     let id = parse_id(&id)?;
-    Ok(Json(WorkloadView::from(state.db().workload(id)?)))
+    Ok(Json(WorkloadView::from(
+        state.node().db().workload(id).await?,
+    )))
 }
 
 /// Query of the list endpoint.
@@ -303,17 +213,17 @@ pub async fn list(
         .map(|s| s.parse::<Status>())
         .transpose()
         .map_err(|e| ApiError::BadRequest(e.to_string()))?;
-    let db = state.db().clone();
-    let page = tokio::task::spawn_blocking(move || db.list_workloads(limit, offset, status))
-        .await
-        .map_err(|e| anyhow::anyhow!("list task failed: {e}"))??;
-    let items: Vec<WorkloadSummary> = page.items.into_iter().map(WorkloadSummary::from).collect();
-    Ok(Json(json!({
-        "items": items,
-        "total": page.total,
-        "limit": limit,
-        "offset": offset,
-    })))
+    let page = state
+        .node()
+        .db()
+        .list_workloads(limit, offset, status)
+        .await?;
+    Ok(Json(WorkloadList {
+        items: page.items.into_iter().map(WorkloadSummary::from).collect(),
+        total: page.total,
+        limit,
+        offset,
+    }))
 }
 
 /// How long DELETE waits for the workload to stop before answering 202.
@@ -329,7 +239,7 @@ pub async fn kill(
     Path(id): Path<String>,
 ) -> Result<axum::response::Response, ApiError> {
     let id = parse_id(&id)?;
-    let runner = Arc::clone(&state.inner.runner);
+    let runner = Arc::clone(state.node().runner());
     if runner.kill(id, "killed on request") {
         if tokio::time::timeout(KILL_WAIT, runner.ended(id))
             .await
@@ -343,7 +253,7 @@ pub async fn kill(
         }
         // Its end may still be on its way to the store (a full disk): until it
         // is there, the record says it is stopping.
-        let record = state.db().workload(id)?;
+        let record = state.node().db().workload(id).await?;
         return Ok(match record.status.is_terminal() {
             true => Json(WorkloadView::from(record)).into_response(),
             false => (
@@ -353,7 +263,7 @@ pub async fn kill(
                 .into_response(),
         });
     }
-    let record = state.db().workload(id)?;
+    let record = state.node().db().workload(id).await?;
     Err(ApiError::Conflict(format!(
         "workload {id} has already ended ({})",
         record.status

@@ -1,6 +1,7 @@
-//! The CLI against a running server (`--server URL`): submit, status, ls, logs, kill.
+//! The CLI's HTTP client, and the commands only a server can do: `submit`,
+//! `kill` and `logs -f`. (`status`, `ls` and `logs` go through
+//! [`super::backend`], which this client implements for a server.)
 
-use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -8,10 +9,14 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use clap::Args;
 use futures_util::StreamExt as _;
+use serde::de::DeserializeOwned;
 use serde_json::Value;
 
+use super::print::{self, LinePrinter};
 use super::sse::SseParser;
 use super::{LimitsArgs, exit, parse};
+use crate::view::{LogLine, WorkloadView};
+use crate::workload::WorkloadId;
 
 /// Talks to one server.
 pub struct Client {
@@ -60,8 +65,17 @@ impl Client {
         bail!("server answered {status}: {message}")
     }
 
-    async fn json(&self, req: reqwest::RequestBuilder) -> anyhow::Result<Value> {
-        Ok(self.send(req).await?.json().await?)
+    async fn json<T: DeserializeOwned>(&self, req: reqwest::RequestBuilder) -> anyhow::Result<T> {
+        let resp = self.send(req).await?;
+        let url = resp.url().path().to_owned();
+        resp.json()
+            .await
+            .with_context(|| format!("unexpected answer from the server to {url}"))
+    }
+
+    /// GETs `path` and reads the answer as a `T`.
+    pub async fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+        self.json(self.request(reqwest::Method::GET, path)).await
     }
 }
 
@@ -93,50 +107,6 @@ pub struct SubmitArgs {
     args: Vec<String>,
 }
 
-/// Prints a workload record, as JSON or `key: value` lines.
-fn print_record(w: &Value, json: bool) {
-    if json {
-        println!("{w}");
-        return;
-    }
-    for key in [
-        "id",
-        "status",
-        "exit_code",
-        "error",
-        "duration_ms",
-        "line_count",
-        "output",
-        "output_base64",
-        "module",
-        "created_at",
-        "started_at",
-        "finished_at",
-    ] {
-        match &w[key] {
-            Value::Null => {}
-            Value::String(s) => println!("{key}: {s}"),
-            other => println!("{key}: {other}"),
-        }
-    }
-}
-
-/// The exit code `vulcan run` would have given for a finished workload record.
-pub fn exit_code_of(w: &Value) -> ExitCode {
-    if let Some(code) = w["exit_code"].as_i64() {
-        return ExitCode::from(code.clamp(0, 255) as u8);
-    }
-    let code = match w["status"].as_str() {
-        Some("completed") => 0,
-        Some("killed") => exit::KILLED,
-        _ => match w["failure"].as_str().map(str::parse) {
-            Some(Ok(kind)) => exit::for_failure(kind),
-            _ => exit::TRAP,
-        },
-    };
-    ExitCode::from(code)
-}
-
 /// `vulcan submit`.
 pub async fn submit(client: &Client, args: SubmitArgs) -> anyhow::Result<ExitCode> {
     let bytes = std::fs::read(&args.module)
@@ -159,10 +129,7 @@ pub async fn submit(client: &Client, args: SubmitArgs) -> anyhow::Result<ExitCod
     let limits = args.limits.to_limits();
     let pairs = [
         ("timeout_ms", limits.timeout_ms),
-        (
-            "max_memory_mb",
-            limits.max_memory_bytes.map(|b| b.div_ceil(1 << 20)),
-        ),
+        ("max_memory_bytes", limits.max_memory_bytes),
         ("fuel", limits.fuel),
         ("max_output_bytes", limits.max_output_bytes),
     ];
@@ -180,35 +147,32 @@ pub async fn submit(client: &Client, args: SubmitArgs) -> anyhow::Result<ExitCod
         .request(reqwest::Method::POST, &format!("{path}?{}", query.finish()))
         .header("content-type", "application/wasm")
         .body(bytes);
-    let w = client.json(req).await?;
-    if args.follow {
-        let id = w["id"]
-            .as_str()
-            .context("the server returned no id")?
-            .to_owned();
-        eprintln!("vulcan: workload {id}");
-        return follow(client, &id, false).await;
+    if args.run_async || args.follow {
+        #[derive(serde::Deserialize)]
+        struct Accepted {
+            id: WorkloadId,
+        }
+        let accepted: Accepted = client.json(req).await?;
+        let id = accepted.id;
+        if args.follow {
+            eprintln!("vulcan: workload {id}");
+            return follow(client, id, false).await;
+        }
+        match args.json {
+            true => println!("{}", serde_json::json!({"id": id, "status": "pending"})),
+            false => println!("id: {id}\nstatus: pending"),
+        }
+        return Ok(ExitCode::SUCCESS);
     }
-    print_record(&w, args.json);
-    Ok(if args.run_async {
-        ExitCode::SUCCESS
-    } else {
-        exit_code_of(&w)
-    })
-}
-
-/// `vulcan status ID`.
-pub async fn status(client: &Client, id: &str, json: bool) -> anyhow::Result<ExitCode> {
-    let w = client
-        .json(client.request(reqwest::Method::GET, &format!("/v1/workloads/{id}")))
-        .await?;
-    print_record(&w, json);
-    Ok(ExitCode::SUCCESS)
+    let w: WorkloadView = client.json(req).await?;
+    let mut out = std::io::stdout().lock();
+    print::workload(&mut out, &w, args.json)?;
+    Ok(ExitCode::from(exit::for_view(&w.summary)))
 }
 
 /// `vulcan kill ID`.
-pub async fn kill(client: &Client, id: &str) -> anyhow::Result<ExitCode> {
-    let answer = client
+pub async fn kill(client: &Client, id: WorkloadId) -> anyhow::Result<ExitCode> {
+    let answer: Value = client
         .json(client.request(reqwest::Method::DELETE, &format!("/v1/workloads/{id}")))
         .await?;
     // 200 carries the final record (killed, or how it ended if that came
@@ -220,94 +184,26 @@ pub async fn kill(client: &Client, id: &str) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// `vulcan ls --server`.
-pub async fn ls(
-    client: &Client,
-    limit: u64,
-    offset: u64,
-    status: Option<&str>,
-    json: bool,
-) -> anyhow::Result<ExitCode> {
-    let mut path = format!("/v1/workloads?limit={limit}&offset={offset}");
-    if let Some(s) = status {
-        path.push_str(&format!("&status={s}"));
-    }
-    let page = client
-        .json(client.request(reqwest::Method::GET, &path))
-        .await?;
-    if json {
-        println!("{page}");
-        return Ok(ExitCode::SUCCESS);
-    }
-    println!(
-        "{:<26}  {:<9}  {:>4}  {:>9}  {:>7}  MODULE",
-        "ID", "STATUS", "EXIT", "DURATION", "LINES"
-    );
-    let items = page["items"].as_array().cloned().unwrap_or_default();
-    for w in &items {
-        let show = |v: &Value, suffix: &str| match v {
-            Value::Null => "-".to_owned(),
-            v => format!("{v}{suffix}"),
-        };
-        println!(
-            "{:<26}  {:<9}  {:>4}  {:>9}  {:>7}  {}",
-            w["id"].as_str().unwrap_or("?"),
-            w["status"].as_str().unwrap_or("?"),
-            show(&w["exit_code"], ""),
-            show(&w["duration_ms"], "ms"),
-            w["line_count"],
-            w["module"].as_str().unwrap_or("").get(..19).unwrap_or(""),
-        );
-    }
-    println!("({} of {} workloads)", items.len(), page["total"]);
-    Ok(ExitCode::SUCCESS)
-}
-
-/// `vulcan logs --server ID`: every stored line, from history pages.
-pub async fn history(client: &Client, id: &str, json: bool) -> anyhow::Result<ExitCode> {
-    let mut after: Option<u64> = None;
-    let mut out = std::io::stdout().lock();
-    loop {
-        let mut path = format!("/v1/workloads/{id}/logs/history?limit=10000");
-        if let Some(a) = after {
-            path.push_str(&format!("&after={a}"));
-        }
-        let page = client
-            .json(client.request(reqwest::Method::GET, &path))
-            .await?;
-        let lines = page["lines"].as_array().cloned().unwrap_or_default();
-        if lines.is_empty() {
-            return Ok(ExitCode::SUCCESS);
-        }
-        for l in &lines {
-            if json {
-                writeln!(out, "{l}")?;
-            } else {
-                writeln!(out, "{}", l["line"].as_str().unwrap_or(""))?;
-            }
-        }
-        after = page["next_after"].as_u64();
-    }
-}
-
 /// How often `logs -f` reconnects in a row before giving up.
 const MAX_RECONNECTS: u32 = 50;
 
 /// `vulcan logs -f ID`: follows the SSE stream, reconnecting with
 /// `Last-Event-ID` after a dropped connection (no line lost or repeated), and
 /// exits with the workload's exit code.
-pub async fn follow(client: &Client, id: &str, json: bool) -> anyhow::Result<ExitCode> {
+pub async fn follow(client: &Client, id: WorkloadId, json: bool) -> anyhow::Result<ExitCode> {
+    let mut printer = LinePrinter::terminal(json);
     let mut last: Option<String> = None;
     let mut failures = 0u32;
+    let path = format!("/v1/workloads/{id}/logs?format=json");
     loop {
-        let mut req = client.request(reqwest::Method::GET, &format!("/v1/workloads/{id}/logs"));
+        let mut req = client.request(reqwest::Method::GET, &path);
         if let Some(l) = &last {
             req = req.header("Last-Event-ID", l);
         }
         let resp = match req.send().await {
             Ok(r) if r.status().is_success() => r,
             Ok(r) if r.status().is_client_error() => {
-                // 4xx will not get better by retrying.
+                // 4xx will not get better by retrying; the record says why.
                 client
                     .send(client.request(reqwest::Method::GET, &format!("/v1/workloads/{id}")))
                     .await?;
@@ -321,58 +217,47 @@ pub async fn follow(client: &Client, id: &str, json: bool) -> anyhow::Result<Exi
                         Err(e) => return Err(e).context("lost the server"),
                     }
                 }
-                tokio::time::sleep(Duration::from_millis(100 * u64::from(failures.min(20)))).await;
+                tokio::time::sleep(backoff(failures)).await;
                 continue;
             }
         };
         let mut parser = SseParser::default();
         let mut body = resp.bytes_stream();
-        while let Some(chunk) = body.next().await {
+        'events: while let Some(chunk) = body.next().await {
             let Ok(chunk) = chunk else { break };
             for ev in parser.push(&chunk) {
-                if ev.event == "end" {
-                    let record: Value = serde_json::from_str(&ev.data).unwrap_or(Value::Null);
-                    // An SDK workload's output comes after its logs, as with `vulcan run`.
-                    if !json {
-                        match (&record["output"], &record["output_base64"]) {
-                            (Value::Null, Value::String(b64)) => println!("output_base64: {b64}"),
-                            (Value::Null, _) => {}
-                            (Value::String(s), _) => println!("{s}"),
-                            (other, _) => println!("{other}"),
-                        }
+                match ev.event.as_str() {
+                    "end" => {
+                        let record: WorkloadView = serde_json::from_str(&ev.data)
+                            .context("the server ended the stream without a readable record")?;
+                        printer.ending(&record)?;
+                        return Ok(ExitCode::from(exit::for_view(&record.summary)));
                     }
-                    return Ok(exit_code_of(&record));
+                    // The server could not go on (e.g. a failed read): resume.
+                    "error" => {
+                        tracing::warn!(error = %ev.data, "the log stream broke off; resuming");
+                        break 'events;
+                    }
+                    _ => {}
                 }
+                let line: LogLine = serde_json::from_str(&ev.data)
+                    .with_context(|| format!("unreadable log event: {}", ev.data))?;
+                printer.line(&line)?;
                 failures = 0;
-                if json {
-                    println!(
-                        "{}",
-                        serde_json::json!({"seq": ev.id.as_deref().and_then(|s| s.parse::<u64>().ok()), "stream": ev.event, "line": ev.data})
-                    );
-                } else {
-                    match ev.event.as_str() {
-                        "stderr" => eprintln!("{}", ev.data),
-                        "log" => {
-                            let v: Value = serde_json::from_str(&ev.data).unwrap_or(Value::Null);
-                            eprintln!(
-                                "[{}] {}",
-                                v["level"].as_str().unwrap_or("log"),
-                                v["message"].as_str().unwrap_or(&ev.data)
-                            );
-                        }
-                        _ => println!("{}", ev.data),
-                    }
-                }
-                if ev.id.is_some() {
-                    last = ev.id;
-                }
+                last = Some(line.seq.to_string());
             }
+            printer.flush()?;
         }
         // The connection dropped before `end`: resume after the last line seen.
         failures += 1;
         if failures > MAX_RECONNECTS {
             bail!("the log stream kept dropping; giving up");
         }
-        tokio::time::sleep(Duration::from_millis(100 * u64::from(failures.min(20)))).await;
+        tokio::time::sleep(backoff(failures)).await;
     }
+}
+
+/// How long to wait before reconnect attempt `n`.
+fn backoff(n: u32) -> Duration {
+    Duration::from_millis(100 * u64::from(n.min(20)))
 }

@@ -5,9 +5,11 @@
 //! context chain on one line and exit 2. This module owns process-level
 //! concerns (tracing, the data directory, exit codes) and no workload logic.
 
+mod backend;
 mod client;
-mod local;
 mod parse;
+mod print;
+mod read;
 mod run;
 mod serve;
 pub mod sse;
@@ -35,6 +37,21 @@ pub mod exit {
     /// The workload was killed (e.g. Ctrl-C).
     pub const KILLED: u8 = 137;
 
+    /// The exit code of a workload that ended as `w` says: its own exit code
+    /// if it has one, else one for how it ended. `vulcan run`, `submit`,
+    /// `submit -f` and `logs -f` all exit with this.
+    pub fn for_view(w: &crate::view::WorkloadSummary) -> u8 {
+        use crate::workload::Status;
+        match (w.exit_code, w.status, w.failure) {
+            (Some(code), _, _) => code.clamp(0, 255) as u8,
+            (None, Status::Completed, _) => 0,
+            (None, _, Some(kind)) => for_failure(kind),
+            (None, Status::Killed, None) => KILLED,
+            // Failed without a recorded kind (a record from before kinds existed).
+            (None, _, None) => HOST_ERROR,
+        }
+    }
+
     /// The exit code of a workload that ended with this kind of failure and no
     /// exit code of its own.
     pub fn for_failure(kind: crate::workload::FailureKind) -> u8 {
@@ -45,7 +62,7 @@ pub mod exit {
             F::Memory => MEMORY_LIMIT,
             F::Fuel => FUEL_EXHAUSTED,
             F::Killed => KILLED,
-            F::Store | F::Host => HOST_ERROR,
+            F::Store | F::Host | F::NodeLost => HOST_ERROR,
             F::Trap | F::Exit | F::ReturnedError => TRAP,
         }
     }
@@ -96,13 +113,14 @@ enum Command {
     #[command(after_help = EXIT_CODES_HELP)]
     Submit(client::SubmitArgs),
     /// Show one workload.
-    Status(local::StatusArgs),
+    Status(read::StatusArgs),
     /// List workloads, newest first.
-    Ls(local::LsArgs),
-    /// Print a workload's log lines; with -f, follow them live (needs --server).
-    Logs(local::LogsArgs),
+    Ls(read::LsArgs),
+    /// Print a workload's log lines (stdout lines to stdout, the rest to
+    /// stderr); with -f, follow them live (needs --server).
+    Logs(read::LogsArgs),
     /// Kill a running workload (needs --server).
-    Kill(local::KillArgs),
+    Kill(read::KillArgs),
 }
 
 /// Limits shared by every command that starts a workload.
@@ -160,43 +178,38 @@ pub fn main() -> ExitCode {
 pub fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
     let data_dir = cli.global.data_dir.clone().unwrap_or_else(default_data_dir);
     let server = cli.global.server.clone().filter(|s| !s.is_empty());
-    match (cli.command, server) {
-        (Command::Run(args), _) => run::execute(args, &data_dir),
-        (Command::Serve(args), _) => serve::execute(args, &data_dir),
-        (Command::Status(args), None) => local::status(args, &data_dir),
-        (Command::Ls(args), None) => local::ls(args, &data_dir),
-        (Command::Logs(args), None) => local::logs(args, &data_dir),
-        (Command::Submit(_) | Command::Kill(_), None) => {
-            anyhow::bail!("this command talks to a server: pass --server URL or set VULCAN_SERVER")
+    let command = match cli.command {
+        Command::Run(args) => return run::execute(args, &data_dir),
+        Command::Serve(args) => return serve::execute(args, &data_dir),
+        command => command,
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("failed to start the async runtime")?;
+    rt.block_on(async move {
+        let Some(server) = server else {
+            let local = backend::Local::open(&data_dir)?;
+            return match command {
+                Command::Status(args) => read::status(&local, args).await,
+                Command::Ls(args) => read::ls(&local, args).await,
+                Command::Logs(args) if !args.follow => read::logs(&local, args).await,
+                _ => anyhow::bail!(
+                    "this command talks to a server: pass --server URL or set VULCAN_SERVER"
+                ),
+            };
+        };
+        let c = client::Client::new(&server)?;
+        match command {
+            Command::Submit(args) => client::submit(&c, args).await,
+            Command::Status(args) => read::status(&c, args).await,
+            Command::Ls(args) => read::ls(&c, args).await,
+            Command::Logs(args) if args.follow => client::follow(&c, args.id, args.json).await,
+            Command::Logs(args) => read::logs(&c, args).await,
+            Command::Kill(args) => client::kill(&c, args.id).await,
+            Command::Run(_) | Command::Serve(_) => unreachable!("handled above"),
         }
-        (command, Some(server)) => {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .context("failed to start the async runtime")?;
-            rt.block_on(async move {
-                let c = client::Client::new(&server)?;
-                match command {
-                    Command::Submit(args) => client::submit(&c, args).await,
-                    Command::Status(args) => {
-                        client::status(&c, &args.id.to_string(), args.json).await
-                    }
-                    Command::Ls(args) => {
-                        let status = args.status.map(|s| s.as_str());
-                        client::ls(&c, args.limit, args.offset, status, args.json).await
-                    }
-                    Command::Logs(args) if args.follow => {
-                        client::follow(&c, &args.id.to_string(), args.json).await
-                    }
-                    Command::Logs(args) => {
-                        client::history(&c, &args.id.to_string(), args.json).await
-                    }
-                    Command::Kill(args) => client::kill(&c, &args.id.to_string()).await,
-                    Command::Run(_) | Command::Serve(_) => unreachable!("handled above"),
-                }
-            })
-        }
-    }
+    })
 }
 
 /// `$XDG_DATA_HOME/vulcan`, else `~/.local/share/vulcan`, else `./.vulcan`.
@@ -217,4 +230,68 @@ fn init_tracing() {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .try_init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::exit;
+    use crate::view::WorkloadView;
+    use crate::workload::{FailureKind, Limits, Status, WorkloadId, WorkloadRecord};
+
+    fn ended(status: Status, exit_code: Option<i32>, failure: Option<FailureKind>) -> u8 {
+        let record = WorkloadRecord {
+            id: WorkloadId::new(),
+            status,
+            module_hash: String::new(),
+            args: vec![],
+            env: vec![],
+            limits: Limits::default(),
+            exit_code,
+            error: None,
+            failure,
+            output: None,
+            duration_ms: None,
+            line_count: 0,
+            created_at: 0,
+            started_at: None,
+            finished_at: None,
+        };
+        exit::for_view(&WorkloadView::from(record).summary)
+    }
+
+    #[test]
+    fn every_failure_kind_has_its_exit_code() {
+        for kind in FailureKind::ALL {
+            let want = match kind {
+                FailureKind::Timeout => 124,
+                FailureKind::Output => 125,
+                FailureKind::Memory => 135,
+                FailureKind::Fuel => 136,
+                FailureKind::Killed => 137,
+                FailureKind::Trap | FailureKind::Exit | FailureKind::ReturnedError => 134,
+                FailureKind::Store | FailureKind::Host | FailureKind::NodeLost => 2,
+            };
+            let status = match kind {
+                FailureKind::Killed => Status::Killed,
+                _ => Status::Failed,
+            };
+            assert_eq!(ended(status, None, Some(kind)), want, "{kind:?}");
+        }
+    }
+
+    #[test]
+    fn a_guest_exit_code_wins_and_success_is_zero() {
+        assert_eq!(ended(Status::Failed, Some(7), Some(FailureKind::Exit)), 7);
+        assert_eq!(
+            ended(Status::Failed, Some(1), Some(FailureKind::ReturnedError)),
+            1
+        );
+        assert_eq!(
+            ended(Status::Failed, Some(300), Some(FailureKind::Exit)),
+            255
+        );
+        assert_eq!(ended(Status::Completed, Some(0), None), 0);
+        assert_eq!(ended(Status::Completed, None, None), 0);
+        assert_eq!(ended(Status::Killed, None, None), 137);
+    }
 }

@@ -7,12 +7,13 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use clap::Args;
 
+use super::print::end_message;
 use super::{LimitsArgs, exit, parse};
-use crate::engine::{LimitHit, Outcome, Runtime};
-use crate::logs::LogBroker;
-use crate::registry::{ModuleRegistry, RegistryError};
-use crate::runner::{Runner, Tee};
-use crate::store::Db;
+use crate::engine::Runtime;
+use crate::node::{Node, NodeOptions};
+use crate::registry::RegistryError;
+use crate::runner::Tee;
+use crate::view::WorkloadView;
 use crate::workload::{Preopen, Stdin, WorkloadSpec};
 
 /// Arguments of `vulcan run`.
@@ -76,22 +77,18 @@ pub fn execute(args: RunArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
         .context("failed to start the async runtime")?;
     rt.block_on(async move {
         // Validate before touching the database, so bad input writes nothing.
-        let runtime = Runtime::new()?;
         Runtime::classify(&bytes)?;
-        let db = Db::open(data_dir)?;
-        let registry = ModuleRegistry::new(
-            Arc::clone(&runtime),
-            db.clone(),
-            data_dir.join("artifacts"),
-            Arc::default(),
-        );
-        let (info, compiled, _) = registry.register(bytes.into()).await.map_err(|e| match e {
-            RegistryError::Invalid(e) => {
-                anyhow::anyhow!("{}: {e}", args.module.display())
-            }
-            other => anyhow::Error::from(other),
-        })?;
-        let runner = Runner::new(runtime, db.clone(), LogBroker::default());
+        let node = Node::open(data_dir, NodeOptions::default()).await?;
+        let (info, compiled, _) =
+            node.registry()
+                .register(bytes.into())
+                .await
+                .map_err(|e| match e {
+                    RegistryError::Invalid(e) => {
+                        anyhow::anyhow!("{}: {e}", args.module.display())
+                    }
+                    other => anyhow::Error::from(other),
+                })?;
         let tee = Tee {
             // Buffered: the LogWriter flushes every tick and at the end.
             stdout: Box::new(std::io::BufWriter::with_capacity(
@@ -103,21 +100,22 @@ pub fn execute(args: RunArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
                 std::io::stderr(),
             )),
         };
+        let runner = node.runner();
         let started = runner.start(compiled, info.hash, spec, Some(tee)).await?;
         let id = started.id;
         let killer = {
-            let runner = Arc::clone(&runner);
+            let runner = Arc::clone(runner);
             tokio::spawn(async move {
                 if tokio::signal::ctrl_c().await.is_ok() {
                     runner.kill(id, "killed by Ctrl-C");
                 }
             })
         };
-        let (record, outcome) = started.done.await.context("workload task failed")??;
+        let record = started.done.await.context("workload task failed")??;
         killer.abort();
-        db.flush().await;
+        node.db().flush().await;
         tracing::info!(workload = %record.id, status = %record.status, "recorded");
-        if let Outcome::Returned(output) = &outcome {
+        if let Some(output) = &record.output {
             use std::io::Write as _;
             let mut stdout = std::io::stdout().lock();
             stdout
@@ -129,44 +127,10 @@ pub fn execute(args: RunArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
                     .context("failed to print the output")?;
             }
         }
-        Ok(exit_code(&outcome, record.error.as_deref()))
+        let view = WorkloadView::from(record);
+        if let Some(why) = end_message(&view.summary) {
+            eprintln!("vulcan: {why}");
+        }
+        Ok(ExitCode::from(exit::for_view(&view.summary)))
     })
-}
-
-fn exit_code(outcome: &Outcome, error: Option<&str>) -> ExitCode {
-    let report = |what: &str| {
-        eprintln!("vulcan: {what}");
-    };
-    match outcome {
-        Outcome::Exited(code) => ExitCode::from((*code).clamp(0, 255) as u8),
-        Outcome::Returned(_) => ExitCode::SUCCESS,
-        Outcome::ReturnedError(message) => {
-            report(&format!("the workload returned an error: {message}"));
-            ExitCode::FAILURE
-        }
-        Outcome::Trapped { .. } => {
-            report(error.unwrap_or("the guest trapped"));
-            ExitCode::from(exit::TRAP)
-        }
-        Outcome::TimedOut(_) => {
-            report(error.unwrap_or("timed out"));
-            ExitCode::from(exit::TIMEOUT)
-        }
-        Outcome::Killed => {
-            report("killed");
-            ExitCode::from(exit::KILLED)
-        }
-        Outcome::LinesNotStored(_) | Outcome::HostFailure(_) => {
-            report(error.unwrap_or("the host failed"));
-            ExitCode::from(exit::HOST_ERROR)
-        }
-        Outcome::LimitExceeded(hit) => {
-            report(error.unwrap_or("limit exceeded"));
-            ExitCode::from(match hit {
-                LimitHit::Memory(_) => exit::MEMORY_LIMIT,
-                LimitHit::Fuel(_) => exit::FUEL_EXHAUSTED,
-                LimitHit::Output(_) => exit::OUTPUT_LIMIT,
-            })
-        }
-    }
 }

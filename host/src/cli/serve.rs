@@ -10,12 +10,7 @@ use clap::Args;
 
 use super::parse;
 use crate::api::{ApiConfig, AppState, LimitPolicy, serve};
-use crate::engine::Runtime;
-use crate::logs::LogBroker;
-use crate::metrics::Metrics;
-use crate::registry::ModuleRegistry;
-use crate::runner::Runner;
-use crate::store::Db;
+use crate::node::{Node, NodeOptions};
 use crate::workload::Limits;
 
 /// Arguments of `vulcan serve`.
@@ -128,36 +123,12 @@ pub fn execute(args: ServeArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
         .build()
         .context("failed to start the async runtime")?;
     rt.block_on(async move {
-        let runtime = Runtime::new()?;
-        let db = Db::open(data_dir)?;
-        let orphaned = db
-            .fail_unfinished(
-                "failed: the server stopped while this workload was pending or running",
-            )
-            .await?;
-        if orphaned > 0 {
-            tracing::warn!(
-                count = orphaned,
-                "marked workloads left unfinished by a previous server as failed"
-            );
-        }
-        let metrics = Arc::new(Metrics::default());
-        let registry = Arc::new(
-            ModuleRegistry::new(
-                Arc::clone(&runtime),
-                db.clone(),
-                data_dir.join("artifacts"),
-                Arc::clone(&metrics),
-            )
-            .with_max_function_size(args.max_function_size),
-        );
-        let runner = Runner::with_options(
-            runtime,
-            db.clone(),
-            LogBroker::default(),
-            Some(args.max_concurrent.max(1)),
-            Arc::clone(&metrics),
-        );
+        let options = NodeOptions {
+            max_concurrent: Some(args.max_concurrent),
+            max_function_size: args.max_function_size,
+            ..NodeOptions::default()
+        };
+        let node = Node::open(data_dir, options).await?;
         let config = ApiConfig {
             token: args.token,
             max_upload: usize::try_from(args.max_upload).unwrap_or(usize::MAX),
@@ -165,7 +136,7 @@ pub fn execute(args: ServeArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
             limits,
             client_timeout: args.client_timeout,
         };
-        let state = AppState::new(Arc::clone(&runner), registry, metrics, config);
+        let state = AppState::new(Arc::clone(&node), config);
         let shutdown = ShutdownSignal::install()?;
         let listener = tokio::net::TcpListener::bind(&args.listen)
             .await
@@ -177,19 +148,10 @@ pub fn execute(args: ServeArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
             data_dir.display()
         );
         serve(listener, state, shutdown.received()).await?;
-
         // Killed workloads finish within a tick; a wedged one must not keep
         // the process from exiting.
-        if tokio::time::timeout(Duration::from_secs(10), runner.idle())
-            .await
-            .is_err()
-        {
-            tracing::warn!(
-                running = runner.running_count(),
-                "workloads still running 10 s after shutdown; exiting anyway"
-            );
-        }
-        db.flush().await;
+        node.shutdown("killed: the server shut down", Duration::from_secs(10))
+            .await;
         eprintln!("vulcan: stopped");
         Ok(ExitCode::SUCCESS)
     })

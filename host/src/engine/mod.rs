@@ -319,7 +319,6 @@ impl Runtime {
         cancel: &CancellationToken,
     ) -> anyhow::Result<RunReport> {
         let mut wasi = wasi_context(spec, log)?;
-        log.set_output_limit(spec.limits.max_output_bytes);
         let limiter = limits::GuestLimiter::new(spec.limits.max_memory_bytes);
         let started = Instant::now();
         let outcome = match &module.prepared {

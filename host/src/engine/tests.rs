@@ -9,12 +9,31 @@ use super::*;
 use crate::logs::LogWriter;
 use crate::workload::{Limits, WorkloadId, WorkloadSpec};
 
+/// A tee that keeps what the guest wrote and wakes whoever waits for it.
 #[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
+struct Captured(Arc<(Mutex<Vec<u8>>, tokio::sync::Notify)>);
+
+impl Captured {
+    fn text(&self) -> String {
+        String::from_utf8(self.0.0.lock().unwrap().clone()).unwrap()
+    }
+
+    /// Resolves once the guest has written `what`.
+    async fn written(&self, what: &str) {
+        loop {
+            let wrote = self.0.1.notified();
+            if self.text().contains(what) {
+                return;
+            }
+            wrote.await;
+        }
+    }
+}
 
 impl std::io::Write for Captured {
     fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(b);
+        self.0.0.lock().unwrap().extend_from_slice(b);
+        self.0.1.notify_waiters();
         Ok(b.len())
     }
     fn flush(&mut self) -> std::io::Result<()> {
@@ -22,55 +41,24 @@ impl std::io::Write for Captured {
     }
 }
 
-const PRINT_HELLO: &str = r#"
-(module
-  (import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
-  (memory (export "memory") 1)
-  (data (i32.const 16) "hello\n")
-  (func (export "_start")
-    (i32.store (i32.const 0) (i32.const 16))
-    (i32.store (i32.const 4) (i32.const 6))
-    (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))))
-"#;
-
-const EXIT_2: &str = r#"
-(module
-  (import "wasi_snapshot_preview1" "proc_exit" (func $exit (param i32)))
-  (memory (export "memory") 1)
-  (func (export "_start") (call $exit (i32.const 2))))
-"#;
-
-const UNREACHABLE: &str = r#"
-(module
-  (memory (export "memory") 1)
-  (func $deep (unreachable))
-  (func (export "_start") (call $deep)))
-"#;
-
-const SPIN: &str = r#"
-(module
-  (memory (export "memory") 1)
-  (func (export "_start") (loop br 0)))
-"#;
-
-const GROW_FOREVER: &str = r#"
-(module
-  (memory (export "memory") 1)
-  (func (export "_start")
-    (loop
-      (drop (memory.grow (i32.const 16)))
-      (br 0))))
-"#;
+const PRINT_HELLO: &str = wat_fixture!("print-hello");
+const EXIT_2: &str = wat_fixture!("exit-2");
+const UNREACHABLE: &str = wat_fixture!("unreachable");
+const SPIN: &str = wat_fixture!("spin");
+const STARTED_THEN_SPIN: &str = wat_fixture!("started-then-spin");
+const GROW_FOREVER: &str = wat_fixture!("grow-forever");
 
 async fn run(wat: &str, limits: Limits) -> (Outcome, String) {
-    run_with(wat, limits, CancellationToken::new()).await
+    let out = Captured::default();
+    let outcome = run_with(wat, limits, CancellationToken::new(), out.clone()).await;
+    (outcome, out.text())
 }
 
-async fn run_with(wat: &str, limits: Limits, cancel: CancellationToken) -> (Outcome, String) {
+async fn run_with(wat: &str, limits: Limits, cancel: CancellationToken, out: Captured) -> Outcome {
     let runtime = Runtime::new().unwrap();
     let module = runtime.compile(&wat::parse_str(wat).unwrap()).unwrap();
-    let out = Captured::default();
-    let log = LogWriter::new(WorkloadId::new(), None).with_tee(Some(Box::new(out.clone())), None);
+    let log = LogWriter::new(WorkloadId::new(), limits.max_output_bytes, None)
+        .with_tee(Some(Box::new(out.clone())), None);
     let spec = WorkloadSpec {
         args: vec!["test.wasm".into()],
         limits,
@@ -80,8 +68,7 @@ async fn run_with(wat: &str, limits: Limits, cancel: CancellationToken) -> (Outc
         .run(&module, &spec, &GuestIdentity::default(), &log, &cancel)
         .await
         .unwrap();
-    let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
-    (report.outcome, text)
+    report.outcome
 }
 
 #[tokio::test]
@@ -119,17 +106,23 @@ async fn tight_loop_times_out() {
 
 #[tokio::test]
 async fn tight_loop_is_killed_through_its_token() {
-    let cancel = CancellationToken::new();
+    let (cancel, out) = (CancellationToken::new(), Captured::default());
     let killer = {
-        let cancel = cancel.clone();
+        let (cancel, out) = (cancel.clone(), out.clone());
         tokio::spawn(async move {
-            tokio::task::yield_now().await;
+            // Killed only once it has shown it runs (and is in its loop).
+            out.written("started").await;
             cancel.cancel();
         })
     };
-    let (outcome, _) = run_with(SPIN, Limits::default(), cancel).await;
+    let outcome = run_with(STARTED_THEN_SPIN, Limits::default(), cancel, out.clone()).await;
     killer.await.unwrap();
     assert_eq!(outcome, Outcome::Killed);
+    assert_eq!(
+        out.text(),
+        "started\n",
+        "the guest ran before it was killed"
+    );
 }
 
 #[tokio::test]

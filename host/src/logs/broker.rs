@@ -74,20 +74,13 @@ impl LogBroker {
         self.lock().remove(&workload);
     }
 
-    /// Convenience for one-off records; [`LogPublisher::publish`] is the hot path.
-    pub fn publish(&self, record: Arc<LogRecord>) {
-        let tx = self.lock().get(&record.workload_id).cloned();
-        if let Some(tx) = tx {
-            let _ = tx.send(record);
-        }
-    }
-
-    /// Workloads with an open channel (for metrics and leak checks).
+    /// Workloads with an open channel (`/metrics`, and leak checks).
     pub fn open_channels(&self) -> usize {
         self.lock().len()
     }
 
     /// Live subscribers of one workload.
+    #[cfg(test)]
     pub fn subscriber_count(&self, workload: WorkloadId) -> usize {
         self.lock()
             .get(&workload)
@@ -111,9 +104,9 @@ pub struct LogPublisher {
     broker: LogBroker,
 }
 
-impl LogPublisher {
+impl super::LivePublisher for LogPublisher {
     /// Sends a record to current subscribers; cheap when there are none.
-    pub fn publish(&self, record: &Arc<LogRecord>) {
+    fn publish(&self, record: &Arc<LogRecord>) {
         if let Some(tx) = self.tx.upgrade()
             && tx.receiver_count() > 0
         {
@@ -158,7 +151,7 @@ impl LogSubscription {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::logs::LogStream;
+    use crate::logs::{LivePublisher, LogStream};
 
     fn record(workload: WorkloadId, seq: u64) -> Arc<LogRecord> {
         Arc::new(LogRecord {
@@ -293,7 +286,6 @@ mod tests {
         for seq in 0..10_000 {
             publisher.publish(&record(id, seq));
         }
-        broker.publish(record(id, 10_000));
         drop(publisher);
         assert!(broker.subscribe(id).is_none());
     }

@@ -4,17 +4,16 @@
 //! structured log calls): each stream has its own [`LineSplitter`], and every
 //! completed line takes the next seq of the workload, so seq orders records
 //! across streams exactly as they were completed. Each record goes to the
-//! store's line sink, which commits it in a batch and only then publishes it
-//! live. The sink is bounded: the guest's output stream asks [`LogWriter::poll_room`]
-//! before it accepts a write, so a guest that writes faster than the store
+//! [`LineSink`] (the store, which commits it in a batch and only then publishes
+//! it live). The writer also enforces the workload's output limit. The sink is
+//! bounded: the guest's output stream asks [`LogWriter::poll_room`] before it accepts a write, so a guest that writes faster than the store
 //! commits waits (its wasm store yields) instead of growing memory.
 
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
-use super::{LineSplitter, LogLevel, LogRecord, LogStream};
-use crate::store::LineSink;
+use super::{LineSink, LineSplitter, LogLevel, LogRecord, LogStream};
 use crate::workload::{WorkloadId, now_ms};
 
 /// The guest wrote more than its output limit allows.
@@ -40,12 +39,11 @@ pub type RawTee = Box<dyn Write + Send>;
 pub struct LogWriter {
     inner: Arc<Mutex<State>>,
     /// Outside the lock: waiting for room must not hold it.
-    sink: Option<Arc<LineSink>>,
+    sink: Option<Arc<dyn LineSink>>,
 }
 
 struct State {
-    workload: WorkloadId,
-    next_seq: u64,
+    seq: Sequencer,
     stdout: LineSplitter,
     stderr: LineSplitter,
     tee_stdout: Option<RawTee>,
@@ -58,23 +56,31 @@ struct State {
 }
 
 impl LogWriter {
-    /// A writer for `workload` feeding `sink` (durable, then live); without a
-    /// sink, records are only numbered and teed.
-    pub fn new(workload: WorkloadId, sink: Option<LineSink>) -> Self {
+    /// A writer for `workload` feeding `sink` (durable, then live) that refuses
+    /// stdout/stderr bytes beyond `max_output` in total; without a sink,
+    /// records are only numbered and teed.
+    pub fn new(
+        workload: WorkloadId,
+        max_output: Option<u64>,
+        sink: Option<Arc<dyn LineSink>>,
+    ) -> Self {
         Self {
-            sink: sink.map(Arc::new),
             inner: Arc::new(Mutex::new(State {
-                workload,
-                next_seq: 0,
+                seq: Sequencer {
+                    workload,
+                    next: 0,
+                    sink: sink.clone(),
+                },
                 stdout: LineSplitter::new(),
                 stderr: LineSplitter::new(),
                 tee_stdout: None,
                 tee_stderr: None,
                 tee_unflushed: None,
                 written: 0,
-                max_output: None,
+                max_output,
                 limit_hit: false,
             })),
+            sink,
         }
     }
 
@@ -86,11 +92,6 @@ impl LogWriter {
             s.tee_stderr = stderr;
         }
         self
-    }
-
-    /// Refuses stdout/stderr bytes beyond `limit` in total.
-    pub fn set_output_limit(&self, limit: Option<u64>) {
-        self.lock().max_output = limit;
     }
 
     /// Accepts bytes the guest wrote to stdout or stderr.
@@ -106,17 +107,12 @@ impl LogWriter {
             return Err(OutputLimitExceeded { limit });
         }
         s.tee(stream, bytes);
-        let splitter = match stream {
-            LogStream::Stderr => &mut s.stderr,
-            _ => &mut s.stdout,
-        };
-        let mut emit = Emitter {
-            workload: s.workload,
-            next_seq: &mut s.next_seq,
-            sink: self.sink.as_deref(),
+        let (splitter, seq) = match stream {
+            LogStream::Stderr => (&mut s.stderr, &mut s.seq),
+            _ => (&mut s.stdout, &mut s.seq),
         };
         splitter.push(bytes, |line, continued| {
-            emit.emit(stream, None, line, continued)
+            seq.emit(stream, None, line, continued)
         });
         Ok(())
     }
@@ -131,12 +127,8 @@ impl LogWriter {
     pub fn log(&self, level: LogLevel, message: &str) {
         let mut guard = self.lock();
         let s = &mut *guard;
-        let mut emit = Emitter {
-            workload: s.workload,
-            next_seq: &mut s.next_seq,
-            sink: self.sink.as_deref(),
-        };
-        emit.emit(LogStream::Log, Some(level), message.as_bytes(), false);
+        s.seq
+            .emit(LogStream::Log, Some(level), message.as_bytes(), false);
         if s.tee_stderr.is_some() {
             // A terminal shows structured lines too, marked with their level.
             let line = format!("[{}] {message}\n", level.as_str());
@@ -151,17 +143,13 @@ impl LogWriter {
     pub fn finish(&self) -> u64 {
         let mut guard = self.lock();
         let s = &mut *guard;
-        let mut emit = Emitter {
-            workload: s.workload,
-            next_seq: &mut s.next_seq,
-            sink: self.sink.as_deref(),
-        };
+        let seq = &mut s.seq;
         s.stdout
-            .finish(|line, c| emit.emit(LogStream::Stdout, None, line, c));
+            .finish(|line, c| seq.emit(LogStream::Stdout, None, line, c));
         s.stderr
-            .finish(|line, c| emit.emit(LogStream::Stderr, None, line, c));
+            .finish(|line, c| seq.emit(LogStream::Stderr, None, line, c));
         s.flush_tee();
-        s.next_seq
+        s.seq.next
     }
 
     /// The output limit, once the guest has tried to write past it.
@@ -191,9 +179,7 @@ impl LogWriter {
     /// Why this workload's lines can no longer be stored, once that happened:
     /// the workload must stop and fail.
     pub fn store_failure(&self) -> Option<String> {
-        self.sink
-            .as_ref()
-            .and_then(|s| s.failure().map(str::to_owned))
+        self.sink.as_ref().and_then(|s| s.failure())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -244,25 +230,26 @@ impl State {
     }
 }
 
-struct Emitter<'a> {
+/// Numbers a workload's records and hands them to its sink.
+struct Sequencer {
     workload: WorkloadId,
-    next_seq: &'a mut u64,
-    sink: Option<&'a LineSink>,
+    next: u64,
+    sink: Option<Arc<dyn LineSink>>,
 }
 
-impl Emitter<'_> {
+impl Sequencer {
     fn emit(&mut self, stream: LogStream, level: Option<LogLevel>, line: &[u8], continued: bool) {
         let record = Arc::new(LogRecord {
             workload_id: self.workload,
-            seq: *self.next_seq,
+            seq: self.next,
             stream,
             level,
             line: String::from_utf8_lossy(line).into_owned(),
             continued,
             ts_ms: now_ms(),
         });
-        *self.next_seq += 1;
-        if let Some(sink) = self.sink {
+        self.next += 1;
+        if let Some(sink) = &self.sink {
             sink.send(record);
         }
     }
@@ -279,8 +266,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let db = Db::open(dir.path()).unwrap();
         let id = crate::store::tests_support::create_workload(&db).await;
-        let sink = db.line_sink(id, Some(broker.open(id))).unwrap();
-        (dir, db, id, LogWriter::new(id, Some(sink)))
+        let sink = db.line_sink(id, Some(Box::new(broker.open(id)))).unwrap();
+        (dir, db, id, LogWriter::new(id, None, Some(Arc::new(sink))))
     }
 
     #[tokio::test]
@@ -346,8 +333,8 @@ mod tests {
     fn buffered_tees_sharing_a_terminal_keep_the_write_order() {
         let terminal = Shared::default();
         let buffered = || Box::new(std::io::BufWriter::new(terminal.clone()));
-        let writer =
-            LogWriter::new(WorkloadId::new(), None).with_tee(Some(buffered()), Some(buffered()));
+        let writer = LogWriter::new(WorkloadId::new(), None, None)
+            .with_tee(Some(buffered()), Some(buffered()));
         writer.write(LogStream::Stdout, b"out 1\n").unwrap();
         writer.write(LogStream::Stdout, b"out 2\n").unwrap();
         writer.write(LogStream::Stderr, b"err 1\n").unwrap();
@@ -369,9 +356,8 @@ mod tests {
     #[test]
     fn tee_gets_exact_bytes_and_output_limit_is_enforced() {
         let out = Shared::default();
-        let writer =
-            LogWriter::new(WorkloadId::new(), None).with_tee(Some(Box::new(out.clone())), None);
-        writer.set_output_limit(Some(10));
+        let writer = LogWriter::new(WorkloadId::new(), Some(10), None)
+            .with_tee(Some(Box::new(out.clone())), None);
         writer.write(LogStream::Stdout, b"\x00\xff\r\n").unwrap();
         writer.write(LogStream::Stdout, b"12345").unwrap();
         let err = writer.write(LogStream::Stdout, b"toolong").unwrap_err();

@@ -15,7 +15,10 @@
 //! Only this module imports rusqlite.
 
 mod queue;
+mod reads;
 mod schema;
+mod write_op;
+mod write_sql;
 mod writer;
 
 use std::fs::File;
@@ -27,17 +30,19 @@ use std::thread;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use rusqlite::{Connection, OpenFlags};
 use tokio::sync::oneshot;
 
-pub use queue::{LINE_OVERHEAD, LineSink};
+pub use queue::{LINE_OVERHEAD, LineLane};
 pub use schema::SCHEMA_VERSION;
 pub use writer::WriterConfig;
 
-use crate::logs::{LogPublisher, LogRecord, LogStream};
+use crate::logs::{LivePublisher, LogRecord};
 use crate::workload::{Completion, Limits, Status, WorkloadId, WorkloadRecord};
 use queue::LineQueue;
-use writer::{WorkloadKeys, WriteOp, Writer, WriterStats};
+use write_op::WriteOp;
+use write_sql::WorkloadKeys;
+use writer::{Writer, WriterStats};
 
 /// The database file's name inside the data directory.
 pub const DB_FILE: &str = "vulcan.db";
@@ -274,10 +279,10 @@ impl Db {
     pub fn line_sink(
         &self,
         workload: WorkloadId,
-        live: Option<LogPublisher>,
-    ) -> StoreResult<LineSink> {
+        live: Option<Box<dyn LivePublisher>>,
+    ) -> StoreResult<LineLane> {
         let w = self.writer()?;
-        Ok(LineSink::new(
+        Ok(LineLane::new(
             workload,
             live,
             Arc::clone(&w.queue),
@@ -397,122 +402,60 @@ impl Db {
         result
     }
 
+    /// Runs a read on a pooled read-only connection, off the async workers.
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> StoreResult<T> + Send + 'static,
+    ) -> StoreResult<T> {
+        let db = self.clone();
+        tokio::task::spawn_blocking(move || db.with_reader(f))
+            .await
+            .map_err(|e| anyhow::anyhow!("a database read failed: {e}"))?
+    }
+
     /// True when the database answers a trivial query.
-    pub fn ping(&self) -> StoreResult<()> {
-        self.with_reader(|c| Ok(c.prepare_cached("SELECT 1")?.query_row([], |_| Ok(()))?))
+    pub async fn ping(&self) -> StoreResult<()> {
+        self.read(reads::ping).await
     }
 
     /// A module's metadata.
-    pub fn module_info(&self, hash: &str) -> StoreResult<ModuleInfo> {
-        self.with_reader(|c| {
-            c.prepare_cached("SELECT hash, kind, size, created_at FROM modules WHERE hash = ?1")?
-                .query_row([hash], |r| {
-                    Ok(ModuleInfo {
-                        hash: r.get(0)?,
-                        kind: r.get(1)?,
-                        size: r.get::<_, i64>(2)? as u64,
-                        created_at: r.get(3)?,
-                    })
-                })
-                .optional()?
-                .ok_or_else(|| StoreError::ModuleNotFound(hash.to_owned()))
-        })
+    pub async fn module_info(&self, hash: &str) -> StoreResult<ModuleInfo> {
+        let hash = hash.to_owned();
+        self.read(move |c| reads::module_info(c, &hash)).await
     }
 
     /// A module's bytes.
-    pub fn module_bytes(&self, hash: &str) -> StoreResult<Vec<u8>> {
-        self.with_reader(|c| {
-            c.prepare_cached("SELECT bytes FROM modules WHERE hash = ?1")?
-                .query_row([hash], |r| r.get(0))
-                .optional()?
-                .ok_or_else(|| StoreError::ModuleNotFound(hash.to_owned()))
-        })
+    pub async fn module_bytes(&self, hash: &str) -> StoreResult<Vec<u8>> {
+        let hash = hash.to_owned();
+        self.read(move |c| reads::module_bytes(c, &hash)).await
     }
 
     /// One workload.
-    pub fn workload(&self, id: WorkloadId) -> StoreResult<WorkloadRecord> {
-        self.with_reader(|c| {
-            c.prepare_cached(&format!(
-                "SELECT {WORKLOAD_COLUMNS} FROM workloads WHERE id = ?1"
-            ))?
-            .query_row([id.to_string()], row_to_workload)
-            .optional()?
-            .ok_or(StoreError::NotFound(id))?
-        })
+    pub async fn workload(&self, id: WorkloadId) -> StoreResult<WorkloadRecord> {
+        self.read(move |c| reads::workload(c, id)).await
     }
 
     /// A page of workloads, newest first, optionally of one status.
-    pub fn list_workloads(
+    pub async fn list_workloads(
         &self,
         limit: u64,
         offset: u64,
         status: Option<Status>,
     ) -> StoreResult<WorkloadPage> {
-        self.with_reader(|c| {
-            let filter = status.map(|s| s.as_str());
-            let total: i64 = c
-                .prepare_cached("SELECT COUNT(*) FROM workloads WHERE ?1 IS NULL OR status = ?1")?
-                .query_row([filter], |r| r.get(0))?;
-            let mut stmt = c.prepare_cached(&format!(
-                "SELECT {WORKLOAD_COLUMNS} FROM workloads WHERE ?1 IS NULL OR status = ?1 \
-                 ORDER BY id DESC LIMIT ?2 OFFSET ?3"
-            ))?;
-            let items = stmt
-                .query_map(
-                    params![filter, limit as i64, offset as i64],
-                    row_to_workload,
-                )?
-                .map(|r| r?)
-                .collect::<StoreResult<Vec<_>>>()?;
-            Ok(WorkloadPage {
-                items,
-                total: total as u64,
-            })
-        })
+        self.read(move |c| reads::list_workloads(c, limit, offset, status))
+            .await
     }
 
     /// Up to `limit` stored lines of a workload with seq greater than `after`
     /// (all from the start when `after` is `None`), in seq order.
-    pub fn read_lines(
+    pub async fn read_lines(
         &self,
         id: WorkloadId,
         after: Option<u64>,
         limit: u64,
     ) -> StoreResult<Vec<LogRecord>> {
-        self.with_reader(|c| {
-            let mut stmt = c.prepare_cached(
-                "SELECT seq, stream, level, line, continued, created_at FROM log_records \
-                 WHERE workload = (SELECT key FROM workloads WHERE id = ?1) AND seq > ?2 \
-                 ORDER BY seq LIMIT ?3",
-            )?;
-            let after = after.map_or(-1, |a| a as i64);
-            let rows = stmt.query_map(params![id.to_string(), after, limit as i64], |r| {
-                let stream: i64 = r.get(1)?;
-                let level: Option<String> = r.get(2)?;
-                Ok((
-                    r.get::<_, i64>(0)?,
-                    stream,
-                    level,
-                    r.get(3)?,
-                    r.get(4)?,
-                    r.get(5)?,
-                ))
-            })?;
-            let mut out = Vec::new();
-            for row in rows {
-                let (seq, stream, level, line, continued, ts_ms) = row?;
-                out.push(LogRecord {
-                    workload_id: id,
-                    seq: seq as u64,
-                    stream: stream_from_code(stream)?,
-                    level: level.map(|l| l.parse()).transpose()?,
-                    line,
-                    continued,
-                    ts_ms,
-                });
-            }
-            Ok(out)
-        })
+        self.read(move |c| reads::read_lines(c, id, after, limit))
+            .await
     }
 }
 
@@ -524,67 +467,6 @@ fn open_reader(path: &Path) -> anyhow::Result<Connection> {
     .with_context(|| format!("failed to open {}", path.display()))?;
     conn.busy_timeout(Duration::from_secs(10))?;
     Ok(conn)
-}
-
-const WORKLOAD_COLUMNS: &str = "id, status, module_hash, args, env, limits, exit_code, error, \
-     output, duration_ms, line_count, created_at, started_at, finished_at, failure";
-
-fn row_to_workload(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoreResult<WorkloadRecord>> {
-    let id: String = r.get(0)?;
-    let status: String = r.get(1)?;
-    let args: String = r.get(3)?;
-    let env: String = r.get(4)?;
-    let limits: String = r.get(5)?;
-    let failure: Option<String> = r.get(14)?;
-    let parse = || -> anyhow::Result<_> {
-        Ok((
-            id.parse::<WorkloadId>()?,
-            status.parse::<Status>()?,
-            serde_json::from_str(&args)?,
-            serde_json::from_str(&env)?,
-            serde_json::from_str(&limits)?,
-            failure.as_deref().map(str::parse).transpose()?,
-        ))
-    };
-    let (id, status, args, env, limits, failure) = match parse() {
-        Ok(v) => v,
-        Err(e) => return Ok(Err(e.context("corrupt workload row").into())),
-    };
-    Ok(Ok(WorkloadRecord {
-        id,
-        status,
-        module_hash: r.get(2)?,
-        args,
-        env,
-        limits,
-        exit_code: r.get(6)?,
-        error: r.get(7)?,
-        failure,
-        output: r.get(8)?,
-        duration_ms: r.get::<_, Option<i64>>(9)?.map(|d| d as u64),
-        line_count: r.get::<_, i64>(10)? as u64,
-        created_at: r.get(11)?,
-        started_at: r.get(12)?,
-        finished_at: r.get(13)?,
-    }))
-}
-
-/// How a stream is stored in `log_records.stream`.
-pub(crate) fn stream_code(stream: LogStream) -> i64 {
-    match stream {
-        LogStream::Stdout => 0,
-        LogStream::Stderr => 1,
-        LogStream::Log => 2,
-    }
-}
-
-fn stream_from_code(code: i64) -> anyhow::Result<LogStream> {
-    Ok(match code {
-        0 => LogStream::Stdout,
-        1 => LogStream::Stderr,
-        2 => LogStream::Log,
-        other => anyhow::bail!("unknown stream code {other} in log_records"),
-    })
 }
 
 #[cfg(test)]

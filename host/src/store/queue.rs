@@ -3,7 +3,7 @@
 //! A guest writes faster than SQLite commits only for as long as its lane has
 //! room: each lane holds at most `lane_bytes` of lines and all lanes together
 //! `total_bytes` (a line costs its length plus [`LINE_OVERHEAD`]), and a guest
-//! whose lane is full is made to wait in [`LineSink::poll_room`] until the
+//! whose lane is full is made to wait in [`LineLane`]'s `poll_room` until the
 //! writer has committed some of it. Room is given back only after the commit, so
 //! the bound covers every line the process holds for the store. The writer takes
 //! lines lane by lane ([`LineQueue::take_fair`]), so one flooding workload never
@@ -16,8 +16,8 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, mpsc};
 use std::task::{Context, Poll, Waker};
 
-use super::writer::WriteOp;
-use crate::logs::{LogPublisher, LogRecord};
+use super::write_op::WriteOp;
+use crate::logs::{LineSink, LivePublisher, LogRecord};
 use crate::workload::WorkloadId;
 
 /// What a queued line is counted as beyond its text: the record, its `Arc` and
@@ -35,7 +35,7 @@ struct Lane {
     budget: Arc<LaneBudget>,
     /// Committed lines are published here; dropped (closing the workload's
     /// live channel) when the lane closes with the terminal status.
-    live: Option<Arc<LogPublisher>>,
+    live: Option<Arc<dyn LivePublisher>>,
 }
 
 /// The part of a lane its guest's writer reads without the queue's lock.
@@ -80,7 +80,7 @@ pub(super) struct TakenLane {
     pub(super) lines: Vec<Arc<LogRecord>>,
     cost: usize,
     budget: Arc<LaneBudget>,
-    live: Option<Arc<LogPublisher>>,
+    live: Option<Arc<dyn LivePublisher>>,
 }
 
 impl Taken {
@@ -114,14 +114,18 @@ impl LineQueue {
     }
 
     /// Opens a workload's lane; lines committed from it go to `live`.
-    pub(super) fn open(&self, workload: WorkloadId, live: Option<LogPublisher>) -> Arc<LaneBudget> {
+    pub(super) fn open(
+        &self,
+        workload: WorkloadId,
+        live: Option<Box<dyn LivePublisher>>,
+    ) -> Arc<LaneBudget> {
         let budget = Arc::new(LaneBudget::default());
         self.lock().lanes.insert(
             workload,
             Lane {
                 lines: Vec::new(),
                 budget: Arc::clone(&budget),
-                live: live.map(Arc::new),
+                live: live.map(Arc::from),
             },
         );
         budget
@@ -272,19 +276,19 @@ fn take(workload: WorkloadId, lane: &mut Lane, max: usize) -> TakenLane {
     }
 }
 
-/// Where one workload's `LogWriter` puts its lines: the store commits them in
-/// batches and only then publishes them to live followers.
-pub struct LineSink {
+/// One workload's lane, as the [`LineSink`] its `LogWriter` feeds: the store
+/// commits its lines in batches and only then publishes them to live followers.
+pub struct LineLane {
     workload: WorkloadId,
     budget: Arc<LaneBudget>,
     queue: Arc<LineQueue>,
     tx: mpsc::Sender<WriteOp>,
 }
 
-impl LineSink {
+impl LineLane {
     pub(super) fn new(
         workload: WorkloadId,
-        live: Option<LogPublisher>,
+        live: Option<Box<dyn LivePublisher>>,
         queue: Arc<LineQueue>,
         tx: mpsc::Sender<WriteOp>,
     ) -> Self {
@@ -296,10 +300,18 @@ impl LineSink {
         }
     }
 
+    /// Waits until this workload may write more.
+    #[cfg(test)]
+    pub async fn room(&self) {
+        std::future::poll_fn(|cx| self.poll_room(cx)).await
+    }
+}
+
+impl LineSink for LineLane {
     /// Queues one line. Never waits: a guest waits for room before it writes
     /// ([`LineSink::poll_room`]), so a single write can overshoot a full lane
     /// by at most one write's lines.
-    pub fn send(&self, record: Arc<LogRecord>) {
+    fn send(&self, record: Arc<LogRecord>) {
         if self.budget.failed.get().is_some() {
             // The workload is failing; its lines cannot be stored any more.
             self.queue.lost.fetch_add(1, Ordering::Relaxed);
@@ -329,13 +341,13 @@ impl LineSink {
     }
 
     /// True when this workload may write more now.
-    pub fn has_room(&self) -> bool {
+    fn has_room(&self) -> bool {
         self.queue.has_room(&self.budget)
     }
 
     /// Ready once this workload may write more (at once if it may, or if its
     /// lines can no longer be stored: the write then reports that).
-    pub fn poll_room(&self, cx: &mut Context<'_>) -> Poll<()> {
+    fn poll_room(&self, cx: &mut Context<'_>) -> Poll<()> {
         if self.has_room() || self.budget.failed.get().is_some() {
             return Poll::Ready(());
         }
@@ -348,14 +360,8 @@ impl LineSink {
         Poll::Pending
     }
 
-    /// Waits until this workload may write more.
-    #[cfg(test)]
-    pub async fn room(&self) {
-        std::future::poll_fn(|cx| self.poll_room(cx)).await
-    }
-
     /// Why this workload's lines can no longer be stored, once that happened.
-    pub fn failure(&self) -> Option<&str> {
-        self.budget.failed.get().map(String::as_str)
+    fn failure(&self) -> Option<String> {
+        self.budget.failed.get().cloned()
     }
 }

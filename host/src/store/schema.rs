@@ -3,19 +3,11 @@
 use anyhow::Context as _;
 use rusqlite::Connection;
 
-/// Each entry moves the schema from version `index` to `index + 1`. Append only.
-pub(super) const MIGRATIONS: &[&str] = &[
-    // 1: modules, workloads, log lines.
-    r#"
-    CREATE TABLE modules (
-        hash        TEXT PRIMARY KEY,
-        kind        TEXT NOT NULL,
-        size        INTEGER NOT NULL,
-        bytes       BLOB NOT NULL,
-        created_at  INTEGER NOT NULL
-    );
-    CREATE TABLE workloads (
-        id          TEXT PRIMARY KEY,
+/// The columns of `workloads` after its id, as versions 1 and 2 created them
+/// (a macro, so that the migrations stay string literals).
+macro_rules! workload_columns {
+    () => {
+        "
         status      TEXT NOT NULL,
         module_hash TEXT NOT NULL,
         args        TEXT NOT NULL,
@@ -29,7 +21,26 @@ pub(super) const MIGRATIONS: &[&str] = &[
         created_at  INTEGER NOT NULL,
         started_at  INTEGER,
         finished_at INTEGER
+"
+    };
+}
+
+/// Each entry moves the schema from version `index` to `index + 1`. Append only.
+pub(super) const MIGRATIONS: &[&str] = &[
+    // 1: modules, workloads, log lines.
+    concat!(
+        r#"
+    CREATE TABLE modules (
+        hash        TEXT PRIMARY KEY,
+        kind        TEXT NOT NULL,
+        size        INTEGER NOT NULL,
+        bytes       BLOB NOT NULL,
+        created_at  INTEGER NOT NULL
     );
+    CREATE TABLE workloads (
+        id          TEXT PRIMARY KEY,"#,
+        workload_columns!(),
+        r#"    );
     CREATE INDEX workloads_by_status ON workloads (status, id);
     -- Clustered on (workload, seq): appends are sequential and history reads are range scans.
     CREATE TABLE log_lines (
@@ -42,29 +53,19 @@ pub(super) const MIGRATIONS: &[&str] = &[
         created_at  INTEGER NOT NULL,
         PRIMARY KEY (workload_id, seq)
     ) WITHOUT ROWID;
-    "#,
+    "#
+    ),
     // 2: lines keyed by an integer workload key and an integer stream code. A row
     // shrinks to about half (the 26-character id was repeated in every line),
     // which is most of what a line costs the writer. `log_lines` stays readable
     // with its old columns as a view.
-    r#"
+    concat!(
+        r#"
     CREATE TABLE workloads_v2 (
         key         INTEGER PRIMARY KEY,
-        id          TEXT NOT NULL UNIQUE,
-        status      TEXT NOT NULL,
-        module_hash TEXT NOT NULL,
-        args        TEXT NOT NULL,
-        env         TEXT NOT NULL,
-        limits      TEXT NOT NULL,
-        exit_code   INTEGER,
-        error       TEXT,
-        output      BLOB,
-        duration_ms INTEGER,
-        line_count  INTEGER NOT NULL DEFAULT 0,
-        created_at  INTEGER NOT NULL,
-        started_at  INTEGER,
-        finished_at INTEGER
-    );
+        id          TEXT NOT NULL UNIQUE,"#,
+        workload_columns!(),
+        r#"    );
     INSERT INTO workloads_v2 (id, status, module_hash, args, env, limits, exit_code, error,
                               output, duration_ms, line_count, created_at, started_at, finished_at)
         SELECT id, status, module_hash, args, env, limits, exit_code, error,
@@ -96,7 +97,8 @@ pub(super) const MIGRATIONS: &[&str] = &[
                CASE r.stream WHEN 0 THEN 'stdout' WHEN 1 THEN 'stderr' ELSE 'log' END AS stream,
                r.level, r.line, r.continued, r.created_at
         FROM log_records r JOIN workloads w ON w.key = r.workload;
-    "#,
+    "#
+    ),
     // 3: why a workload failed, as a kind callers can branch on (timeout, store, …).
     r#"
     ALTER TABLE workloads ADD COLUMN failure TEXT;

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use super::*;
-use crate::logs::{LogLevel, LogRecord, LogStream};
+use crate::logs::{LineSink, LogLevel, LogRecord, LogStream};
 use crate::workload::{Completion, Limits, Status, WorkloadId};
 
 async fn db_with_module() -> (tempfile::TempDir, Db, String) {
@@ -76,16 +76,16 @@ fn done(status: Status, lines: u64) -> Completion {
 async fn create_get_and_lifecycle() {
     let (_dir, db, hash) = db_with_module().await;
     let id = create(&db, &hash).await;
-    let w = db.workload(id).unwrap();
+    let w = db.workload(id).await.unwrap();
     assert_eq!(w.status, Status::Pending);
     assert_eq!(w.env, vec![("K".to_owned(), "v=\"1\"\n2".to_owned())]);
     assert_eq!(w.limits.timeout_ms, Some(5));
     assert!(w.started_at.is_none() && w.finished_at.is_none());
 
     db.mark_running(id).await.unwrap();
-    assert!(db.workload(id).unwrap().started_at.is_some());
+    assert!(db.workload(id).await.unwrap().started_at.is_some());
     db.finish(id, done(Status::Completed, 0)).await.unwrap();
-    let w = db.workload(id).unwrap();
+    let w = db.workload(id).await.unwrap();
     assert_eq!(w.status, Status::Completed);
     assert!(w.finished_at.is_some());
     assert_eq!(w.duration_ms, Some(3));
@@ -95,13 +95,13 @@ async fn create_get_and_lifecycle() {
 async fn unknown_ids_are_not_found() {
     let (_dir, db, _) = db_with_module().await;
     let id = WorkloadId::new();
-    assert!(matches!(db.workload(id), Err(StoreError::NotFound(x)) if x == id));
+    assert!(matches!(db.workload(id).await, Err(StoreError::NotFound(x)) if x == id));
     assert!(matches!(
         db.mark_running(id).await,
         Err(StoreError::NotFound(_))
     ));
     assert!(matches!(
-        db.module_info("sha256:nope"),
+        db.module_info("sha256:nope").await,
         Err(StoreError::ModuleNotFound(_))
     ));
 }
@@ -147,7 +147,7 @@ async fn illegal_transitions_are_refused_and_terminal_is_final() {
         ));
     }
     assert!(db.mark_running(id).await.is_err());
-    assert_eq!(db.workload(id).unwrap().status, Status::Killed);
+    assert_eq!(db.workload(id).await.unwrap().status, Status::Killed);
 }
 
 #[tokio::test]
@@ -158,16 +158,19 @@ async fn list_is_newest_first_with_total_paging_and_filter() {
         ids.push(create(&db, &hash).await);
     }
     db.mark_running(ids[2]).await.unwrap();
-    let page = db.list_workloads(3, 0, None).unwrap();
+    let page = db.list_workloads(3, 0, None).await.unwrap();
     assert_eq!(page.total, 7);
     let got: Vec<_> = page.items.iter().map(|w| w.id).collect();
     assert_eq!(got, vec![ids[6], ids[5], ids[4]]);
-    let page = db.list_workloads(3, 6, None).unwrap();
+    let page = db.list_workloads(3, 6, None).await.unwrap();
     assert_eq!(
         page.items.iter().map(|w| w.id).collect::<Vec<_>>(),
         vec![ids[0]]
     );
-    let running = db.list_workloads(10, 0, Some(Status::Running)).unwrap();
+    let running = db
+        .list_workloads(10, 0, Some(Status::Running))
+        .await
+        .unwrap();
     assert_eq!(running.total, 1);
     assert_eq!(running.items[0].id, ids[2]);
 }
@@ -188,18 +191,18 @@ async fn batched_lines_are_read_back_in_order_after_a_seq() {
         }
     }
     db.flush().await;
-    let all = db.read_lines(id, None, 100_000).unwrap();
+    let all = db.read_lines(id, None, 100_000).await.unwrap();
     assert_eq!(all.len(), 10_000);
     assert!(all.iter().enumerate().all(|(i, r)| r.seq == i as u64));
     assert_eq!(all[1].stream, LogStream::Stderr);
     assert_eq!(all[3].line, "line 3");
-    let page = db.read_lines(id, Some(4_999), 3).unwrap();
+    let page = db.read_lines(id, Some(4_999), 3).await.unwrap();
     assert_eq!(
         page.iter().map(|r| r.seq).collect::<Vec<_>>(),
         vec![5000, 5001, 5002]
     );
-    assert!(db.read_lines(id, Some(9_999), 10).unwrap().is_empty());
-    assert_eq!(db.read_lines(other, None, 100).unwrap().len(), 5);
+    assert!(db.read_lines(id, Some(9_999), 10).await.unwrap().is_empty());
+    assert_eq!(db.read_lines(other, None, 100).await.unwrap().len(), 5);
     assert_eq!(db.lost_lines(), 0);
 }
 
@@ -214,7 +217,7 @@ async fn terminal_status_is_committed_after_the_lines_before_it() {
     }
     // No flush: the status write alone must carry every earlier line with it.
     db.finish(id, done(Status::Completed, 2_500)).await.unwrap();
-    assert_eq!(db.read_lines(id, None, 10_000).unwrap().len(), 2_500);
+    assert_eq!(db.read_lines(id, None, 10_000).await.unwrap().len(), 2_500);
 }
 
 #[tokio::test]
@@ -228,7 +231,7 @@ async fn a_line_batch_that_cannot_be_stored_fails_its_workload_not_the_others() 
     sink.send(line(id, 0)); // duplicate key: this batch fails
     // The status write goes through, but it cannot say `completed`.
     db.finish(id, done(Status::Completed, 1)).await.unwrap();
-    let w = db.workload(id).unwrap();
+    let w = db.workload(id).await.unwrap();
     assert_eq!(w.status, Status::Failed);
     assert_eq!(w.failure, Some(crate::workload::FailureKind::Store));
     assert!(w.error.unwrap().contains("UNIQUE"), "the error says why");
@@ -242,8 +245,11 @@ async fn a_line_batch_that_cannot_be_stored_fails_its_workload_not_the_others() 
     db.finish(bystander, done(Status::Completed, 1))
         .await
         .unwrap();
-    assert_eq!(db.workload(bystander).unwrap().status, Status::Completed);
-    assert_eq!(db.read_lines(bystander, None, 10).unwrap().len(), 1);
+    assert_eq!(
+        db.workload(bystander).await.unwrap().status,
+        Status::Completed
+    );
+    assert_eq!(db.read_lines(bystander, None, 10).await.unwrap().len(), 1);
 }
 
 #[tokio::test]
@@ -255,8 +261,8 @@ async fn reopening_is_idempotent_and_keeps_data() {
     drop(db);
     for _ in 0..2 {
         let db = Db::open(dir.path()).unwrap();
-        assert_eq!(db.workload(id).unwrap().id, id);
-        assert_eq!(db.read_lines(id, None, 10).unwrap().len(), 1);
+        assert_eq!(db.workload(id).await.unwrap().id, id);
+        assert_eq!(db.read_lines(id, None, 10).await.unwrap().len(), 1);
         let version: i64 = db
             .with_reader(|c| Ok(c.query_row("PRAGMA user_version", [], |r| r.get(0))?))
             .unwrap();
@@ -277,13 +283,16 @@ async fn fail_unfinished_marks_only_pending_and_running() {
         .unwrap();
     assert_eq!(db.fail_unfinished("server crashed").await.unwrap(), 2);
     for id in [pending, running] {
-        let w = db.workload(id).unwrap();
+        let w = db.workload(id).await.unwrap();
         assert_eq!(w.status, Status::Failed);
         assert_eq!(w.error.as_deref(), Some("server crashed"));
         assert_eq!(w.failure, Some(crate::workload::FailureKind::Host));
         assert!(w.finished_at.is_some());
     }
-    assert_eq!(db.workload(finished).unwrap().status, Status::Completed);
+    assert_eq!(
+        db.workload(finished).await.unwrap().status,
+        Status::Completed
+    );
 }
 
 #[tokio::test]
@@ -296,7 +305,7 @@ async fn lines_of_an_unknown_workload_are_counted_lost_and_spare_the_rest() {
     db.line_sink(unknown, None).unwrap().send(line(unknown, 0));
     sink.send(line(id, 1));
     db.flush().await;
-    assert_eq!(db.read_lines(id, None, 10).unwrap().len(), 2);
+    assert_eq!(db.read_lines(id, None, 10).await.unwrap().len(), 2);
     assert_eq!(db.lost_lines(), 1);
 }
 
@@ -318,7 +327,7 @@ async fn a_version_1_database_is_migrated_with_every_line() {
             conn.execute(
                 "INSERT INTO log_lines (workload_id, seq, stream, level, line, created_at) \
                  VALUES (?1, ?2, ?3, ?4, ?5, 1)",
-                params![
+                rusqlite::params![
                     id.to_string(),
                     seq as i64,
                     stream,
@@ -330,7 +339,7 @@ async fn a_version_1_database_is_migrated_with_every_line() {
         }
     }
     let db = Db::open(dir.path()).unwrap();
-    let lines = db.read_lines(id, None, 10).unwrap();
+    let lines = db.read_lines(id, None, 10).await.unwrap();
     let got: Vec<_> = lines
         .iter()
         .map(|r| (r.seq, r.stream, r.level, r.line.as_str()))
@@ -343,7 +352,7 @@ async fn a_version_1_database_is_migrated_with_every_line() {
             (2, LogStream::Log, Some(LogLevel::Warn), "old 2"),
         ]
     );
-    assert_eq!(db.workload(id).unwrap().line_count, 3);
+    assert_eq!(db.workload(id).await.unwrap().line_count, 3);
     // The old shape stays readable as a view.
     let streams: Vec<String> = db
         .with_reader(|c| {
@@ -360,8 +369,8 @@ async fn a_version_1_database_is_migrated_with_every_line() {
     let new = create(&db, MODULE).await;
     db.line_sink(new, None).unwrap().send(line(new, 0));
     db.flush().await;
-    assert_eq!(db.read_lines(new, None, 10).unwrap().len(), 1);
-    assert_eq!(db.read_lines(id, None, 10).unwrap().len(), 3);
+    assert_eq!(db.read_lines(new, None, 10).await.unwrap().len(), 1);
+    assert_eq!(db.read_lines(id, None, 10).await.unwrap().len(), 3);
 }
 
 #[tokio::test]
@@ -380,21 +389,21 @@ async fn a_full_batch_commits_without_waiting_for_linger() {
         sink.send(line(id, seq));
     }
     // A full batch: committed with no op and no flush.
-    wait_until("a full batch is committed", || {
-        db.read_lines(id, None, 10).unwrap().len() == 4
+    wait_until("a full batch is committed", async || {
+        db.read_lines(id, None, 10).await.unwrap().len() == 4
     })
     .await;
     // A lone line waits for its (hour-long) linger, or for an op such as a flush.
     sink.send(line(id, 4));
-    assert_eq!(db.read_lines(id, None, 10).unwrap().len(), 4);
+    assert_eq!(db.read_lines(id, None, 10).await.unwrap().len(), 4);
     db.flush().await;
-    assert_eq!(db.read_lines(id, None, 10).unwrap().len(), 5);
+    assert_eq!(db.read_lines(id, None, 10).await.unwrap().len(), 5);
 }
 
 /// Polls `done` until it holds; fails the test after 30 s rather than hang.
-async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+async fn wait_until(what: &str, mut done: impl AsyncFnMut() -> bool) {
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while !done() {
+    while !done().await {
         assert!(
             std::time::Instant::now() < deadline,
             "timed out waiting until {what}"
@@ -408,7 +417,7 @@ async fn recovery_takes_line_count_and_end_time_from_the_stored_lines() {
     let (_dir, db, hash) = db_with_module().await;
     let id = create(&db, &hash).await;
     db.mark_running(id).await.unwrap();
-    let started = db.workload(id).unwrap().started_at.unwrap();
+    let started = db.workload(id).await.unwrap().started_at.unwrap();
     let sink = db.line_sink(id, None).unwrap();
     for seq in 0..3 {
         let mut l = (*line(id, seq)).clone();
@@ -418,7 +427,7 @@ async fn recovery_takes_line_count_and_end_time_from_the_stored_lines() {
     db.flush().await;
     // As a crash leaves it: lines stored, status still running.
     assert_eq!(db.fail_unfinished("crashed").await.unwrap(), 1);
-    let w = db.workload(id).unwrap();
+    let w = db.workload(id).await.unwrap();
     assert_eq!(w.line_count, 3);
     assert_eq!(
         w.finished_at,
@@ -456,7 +465,7 @@ async fn a_full_lane_makes_its_guest_wait_until_the_writer_commits() {
     let waiting = tokio::spawn(async move { sink_a.room().await });
     db.flush().await;
     waiting.await.unwrap();
-    assert_eq!(db.read_lines(a, None, 100).unwrap().len(), 10);
+    assert_eq!(db.read_lines(a, None, 100).await.unwrap().len(), 10);
 }
 
 #[tokio::test]
@@ -464,8 +473,8 @@ async fn a_commit_takes_a_fair_share_of_each_lane() {
     let queue = Arc::new(queue::LineQueue::new(usize::MAX / 4, usize::MAX / 4, 1_000));
     let (tx, _rx) = mpsc::channel();
     let (a, b) = (WorkloadId::new(), WorkloadId::new());
-    let flood = LineSink::new(a, None, Arc::clone(&queue), tx.clone());
-    let quiet = LineSink::new(b, None, Arc::clone(&queue), tx);
+    let flood = LineLane::new(a, None, Arc::clone(&queue), tx.clone());
+    let quiet = LineLane::new(b, None, Arc::clone(&queue), tx);
     for seq in 0..10_000 {
         flood.send(line(a, seq));
     }
@@ -539,11 +548,11 @@ async fn a_full_disk_refuses_writes_with_storage_full_and_recovers_when_space_re
     let id = create(&db, &hash).await;
     db.mark_running(id).await.unwrap();
     db.finish(id, done(Status::Completed, 0)).await.unwrap();
-    wait_until("the flooder's end is recorded", || {
-        db.workload(flooder).unwrap().status.is_terminal()
+    wait_until("the flooder's end is recorded", async || {
+        db.workload(flooder).await.unwrap().status.is_terminal()
     })
     .await;
-    let w = db.workload(flooder).unwrap();
+    let w = db.workload(flooder).await.unwrap();
     assert_eq!(w.status, Status::Failed, "finish answered {finished:?}");
     assert_eq!(w.failure, Some(crate::workload::FailureKind::Store));
     assert!(w.error.unwrap().contains("full"));
@@ -565,11 +574,14 @@ async fn a_busy_database_is_retried_until_the_lock_is_released() {
         let db = db.clone();
         async move { create(&db, MODULE).await }
     });
-    wait_until("the writer met the held lock", || db.busy_retries() > 0).await;
+    wait_until("the writer met the held lock", async || {
+        db.busy_retries() > 0
+    })
+    .await;
     assert!(!creating.is_finished(), "still waiting, not failed");
     other.execute_batch("COMMIT").unwrap();
     let id = creating.await.unwrap();
-    assert_eq!(db.workload(id).unwrap().status, Status::Pending);
+    assert_eq!(db.workload(id).await.unwrap().status, Status::Pending);
 }
 
 #[tokio::test]
@@ -590,7 +602,7 @@ async fn a_second_owner_of_the_data_directory_is_refused_but_readers_are_not() {
     );
     assert!(message.contains("--server"), "{message}");
     let reader = Db::open_read_only(dir.path()).unwrap();
-    assert_eq!(reader.workload(id).unwrap().id, id);
+    assert_eq!(reader.workload(id).await.unwrap().id, id);
     drop(db);
     Db::open(dir.path()).expect("free again once the owner is gone");
 }

@@ -1,4 +1,5 @@
-//! The writer thread: the only connection that writes, and the SQL of every write.
+//! The writer thread: the only connection that writes, batching and retrying
+//! (the SQL of each op is in [`super::write_sql`]).
 //!
 //! Control ops (a new workload, a status change, …) arrive on a channel; lines
 //! wait in the [`LineQueue`]. A commit takes the ops in hand, every line of each
@@ -12,76 +13,23 @@
 //! and a terminal status that still cannot be written is kept and retried until
 //! the store accepts it, so no workload stays `running` because of a fault.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
-use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
-use tokio::sync::oneshot;
+use rusqlite::{Connection, TransactionBehavior};
 
 use super::queue::{LineQueue, Taken};
-use super::{ModuleInfo, NewWorkload, StoreError, StoreResult, stream_code};
-use crate::workload::{Completion, Status, WorkloadId, now_ms};
+use super::write_op::{Applied, WriteOp};
+use super::write_sql::{WorkloadKeys, apply, insert_lines};
+use super::{StoreError, StoreResult};
+use crate::workload::{Completion, WorkloadId};
 
 /// How often a terminal status that could not be written is tried again.
 const RETRY_INTERVAL: Duration = Duration::from_millis(500);
 
 /// Longest pause between two attempts of a transaction that found the database busy.
 const MAX_BUSY_BACKOFF: Duration = Duration::from_millis(200);
-
-/// Work for the writer thread.
-pub(super) enum WriteOp {
-    /// The line queue needs the writer: its first line (which starts the linger
-    /// clock) or a full batch.
-    LinesQueued,
-    PutModule {
-        info: ModuleInfo,
-        bytes: Arc<[u8]>,
-        reply: oneshot::Sender<StoreResult<bool>>,
-    },
-    Create {
-        new: NewWorkload,
-        reply: oneshot::Sender<StoreResult<()>>,
-    },
-    Transition {
-        id: WorkloadId,
-        to: Status,
-        completion: Option<Completion>,
-        /// `None` for a terminal status the writer retries on its own.
-        reply: Option<oneshot::Sender<StoreResult<()>>>,
-    },
-    FailUnfinished {
-        reason: String,
-        reply: oneshot::Sender<StoreResult<u64>>,
-    },
-    Flush {
-        reply: oneshot::Sender<()>,
-    },
-    /// Caps the database's size in pages, as a full disk would (tests only).
-    #[cfg(test)]
-    PageLimit {
-        pages: Option<u64>,
-        reply: oneshot::Sender<()>,
-    },
-}
-
-impl WriteOp {
-    /// The workload whose lines must be committed with (before) this op.
-    fn ends(&self) -> Option<WorkloadId> {
-        match self {
-            WriteOp::Transition { id, to, .. } if to.is_terminal() => Some(*id),
-            _ => None,
-        }
-    }
-}
-
-/// What an applied op answers.
-enum Applied {
-    Unit,
-    Bool(bool),
-    Count(u64),
-}
 
 /// Counters the writer keeps.
 #[derive(Default)]
@@ -436,237 +384,4 @@ fn describe(e: &rusqlite::Error) -> String {
     } else {
         e.to_string()
     }
-}
-
-/// Rows per multi-row INSERT: one statement execution per this many lines
-/// (SQLite's per-statement cost dominates small rows); 7 parameters each stays
-/// well under SQLite's parameter limit.
-const ROWS_PER_INSERT: usize = 256;
-
-/// Inserts the taken lines; returns how many were skipped because their
-/// workload is not in the table.
-fn insert_lines(tx: &Connection, taken: &Taken, keys: &mut WorkloadKeys) -> rusqlite::Result<u64> {
-    fn insert_sql(rows: usize) -> String {
-        let mut sql = String::from(
-            "INSERT INTO log_records (workload, seq, stream, level, line, continued, created_at) VALUES ",
-        );
-        for i in 0..rows {
-            if i > 0 {
-                sql.push(',');
-            }
-            sql.push_str("(?,?,?,?,?,?,?)");
-        }
-        sql
-    }
-    let mut keyed = Vec::with_capacity(taken.len());
-    let mut unknown = 0;
-    for lane in &taken.lanes {
-        match keys.get(tx, lane.workload)? {
-            Some(key) => keyed.extend(lane.lines.iter().map(|r| (key, &**r))),
-            None => unknown += lane.lines.len() as u64,
-        }
-    }
-    let mut chunks = keyed.chunks_exact(ROWS_PER_INSERT);
-    let mut many = None;
-    for chunk in &mut chunks {
-        let stmt = match &mut many {
-            Some(stmt) => stmt,
-            None => many.insert(tx.prepare_cached(&insert_sql(ROWS_PER_INSERT))?),
-        };
-        for (row, (key, r)) in chunk.iter().enumerate() {
-            bind_line(stmt, row * 7, *key, r)?;
-        }
-        stmt.raw_execute()?;
-    }
-    let rest = chunks.remainder();
-    if !rest.is_empty() {
-        let mut one = tx.prepare_cached(&insert_sql(1))?;
-        for (key, r) in rest {
-            bind_line(&mut one, 0, *key, r)?;
-            one.raw_execute()?;
-        }
-    }
-    Ok(unknown)
-}
-
-/// Binds one line's seven values at parameters `first + 1 ..= first + 7`.
-fn bind_line(
-    stmt: &mut rusqlite::CachedStatement<'_>,
-    first: usize,
-    key: i64,
-    r: &crate::logs::LogRecord,
-) -> rusqlite::Result<()> {
-    stmt.raw_bind_parameter(first + 1, key)?;
-    stmt.raw_bind_parameter(first + 2, r.seq as i64)?;
-    stmt.raw_bind_parameter(first + 3, stream_code(r.stream))?;
-    stmt.raw_bind_parameter(first + 4, r.level.map(|l| l.as_str()))?;
-    stmt.raw_bind_parameter(first + 5, r.line.as_str())?;
-    stmt.raw_bind_parameter(first + 6, r.continued)?;
-    stmt.raw_bind_parameter(first + 7, r.ts_ms)?;
-    Ok(())
-}
-
-/// The integer key of each workload the writer created and has not finished.
-#[derive(Default)]
-pub(super) struct WorkloadKeys(HashMap<WorkloadId, i64>);
-
-impl WorkloadKeys {
-    /// The workload's key, from memory or else the table; `None` if it does not exist.
-    fn get(&mut self, tx: &Connection, id: WorkloadId) -> rusqlite::Result<Option<i64>> {
-        if let Some(key) = self.0.get(&id) {
-            return Ok(Some(*key));
-        }
-        let key = tx
-            .prepare_cached("SELECT key FROM workloads WHERE id = ?1")?
-            .query_row([id.to_string()], |r| r.get(0))
-            .optional()?;
-        if let Some(key) = key {
-            self.0.insert(id, key);
-        }
-        Ok(key)
-    }
-
-    fn remove(&mut self, id: WorkloadId) {
-        self.0.remove(&id);
-    }
-
-    fn clear(&mut self) {
-        self.0.clear();
-    }
-}
-
-/// Applies one control op inside the transaction.
-fn apply(
-    tx: &Connection,
-    op: &WriteOp,
-    keys: &mut WorkloadKeys,
-    queue: &LineQueue,
-) -> StoreResult<Applied> {
-    match op {
-        WriteOp::PutModule { info, bytes, .. } => Ok(Applied::Bool(
-            tx.prepare_cached(
-                "INSERT OR IGNORE INTO modules (hash, kind, size, bytes, created_at) \
-                 VALUES (?1, ?2, ?3, ?4, ?5)",
-            )?
-            .execute(params![
-                info.hash,
-                info.kind,
-                info.size as i64,
-                &bytes[..],
-                info.created_at
-            ])? == 1,
-        )),
-        WriteOp::Create { new, .. } => {
-            create(tx, new)?;
-            keys.0.insert(new.id, tx.last_insert_rowid());
-            Ok(Applied::Unit)
-        }
-        WriteOp::Transition {
-            id, to, completion, ..
-        } => {
-            // Some of its lines are not stored: it cannot have completed.
-            let failed = match (completion, queue.failure(*id)) {
-                (Some(c), Some(why)) => {
-                    let mut c = c.clone();
-                    c.store_failure(&why);
-                    Some(c)
-                }
-                _ => None,
-            };
-            let completion = failed.as_ref().or(completion.as_ref());
-            let to = completion.map_or(*to, |c| c.status);
-            transition(tx, *id, to, completion)?;
-            Ok(Applied::Unit)
-        }
-        WriteOp::FailUnfinished { reason, .. } => Ok(Applied::Count(fail_unfinished(tx, reason)?)),
-        WriteOp::LinesQueued | WriteOp::Flush { .. } => Ok(Applied::Unit),
-        #[cfg(test)]
-        WriteOp::PageLimit { .. } => Ok(Applied::Unit),
-    }
-}
-
-/// Ends every pending or running workload as failed, as a restart finds them:
-/// their line count and end time come from the lines that were stored.
-fn fail_unfinished(tx: &Connection, reason: &str) -> StoreResult<u64> {
-    // The time of its last stored line, else when it started or was created.
-    const END: &str = "COALESCE((SELECT created_at FROM log_records \
-         WHERE workload = workloads.key ORDER BY seq DESC LIMIT 1), started_at, created_at)";
-    let n = tx
-        .prepare_cached(&format!(
-            "UPDATE workloads SET status = 'failed', error = ?1, failure = 'host', \
-             line_count = (SELECT COUNT(*) FROM log_records WHERE workload = workloads.key), \
-             finished_at = {END}, \
-             duration_ms = CASE WHEN started_at IS NULL THEN NULL \
-                                ELSE MAX({END} - started_at, 0) END \
-             WHERE status IN ('pending', 'running')"
-        ))?
-        .execute([reason])?;
-    Ok(n as u64)
-}
-
-fn create(tx: &Connection, new: &NewWorkload) -> StoreResult<()> {
-    let known: bool = tx
-        .prepare_cached("SELECT 1 FROM modules WHERE hash = ?1")?
-        .query_row([&new.module_hash], |_| Ok(()))
-        .optional()?
-        .is_some();
-    if !known {
-        return Err(StoreError::ModuleNotFound(new.module_hash.clone()));
-    }
-    tx.prepare_cached(
-        "INSERT INTO workloads (id, status, module_hash, args, env, limits, created_at) \
-         VALUES (?1, 'pending', ?2, ?3, ?4, ?5, ?6)",
-    )?
-    .execute(params![
-        new.id.to_string(),
-        new.module_hash,
-        serde_json::to_string(&new.args).map_err(anyhow::Error::from)?,
-        serde_json::to_string(&new.env).map_err(anyhow::Error::from)?,
-        serde_json::to_string(&new.limits).map_err(anyhow::Error::from)?,
-        now_ms()
-    ])?;
-    Ok(())
-}
-
-fn transition(
-    tx: &Connection,
-    id: WorkloadId,
-    to: Status,
-    completion: Option<&Completion>,
-) -> StoreResult<()> {
-    let key = id.to_string();
-    let from: Status = tx
-        .prepare_cached("SELECT status FROM workloads WHERE id = ?1")?
-        .query_row([&key], |r| r.get::<_, String>(0))
-        .optional()?
-        .ok_or(StoreError::NotFound(id))?
-        .parse()?;
-    if !from.can_become(to) {
-        return Err(StoreError::IllegalTransition { id, from, to });
-    }
-    let now = now_ms();
-    match completion {
-        None => {
-            tx.prepare_cached("UPDATE workloads SET status = ?1, started_at = ?2 WHERE id = ?3")?
-                .execute(params![to.as_str(), now, key])?;
-        }
-        Some(c) => {
-            tx.prepare_cached(
-                "UPDATE workloads SET status = ?1, exit_code = ?2, error = ?3, output = ?4, \
-                 duration_ms = ?5, line_count = ?6, finished_at = ?7, failure = ?8 WHERE id = ?9",
-            )?
-            .execute(params![
-                to.as_str(),
-                c.exit_code,
-                &c.error,
-                &c.output,
-                c.duration_ms as i64,
-                c.line_count as i64,
-                now,
-                c.failure.map(|f| f.as_str()),
-                key
-            ])?;
-        }
-    }
-    Ok(())
 }

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use crate::engine::{CompiledModule, GuestIdentity, LimitHit, Outcome, RunReport, Runtime};
 use crate::logs::{LogBroker, LogWriter};
 use crate::metrics::Metrics;
-use crate::store::{Db, LineSink, NewWorkload, StoreError};
+use crate::store::{Db, NewWorkload, StoreError};
 use crate::workload::{Completion, FailureKind, Status, WorkloadId, WorkloadRecord, WorkloadSpec};
 
 /// Raw copies of guest stdout and stderr (for `vulcan run`'s terminal).
@@ -31,8 +31,9 @@ pub struct Tee {
 pub struct StartedWorkload {
     /// The new workload's id.
     pub id: WorkloadId,
-    /// Resolves when it has ended and everything about it is stored.
-    pub done: tokio::task::JoinHandle<anyhow::Result<(WorkloadRecord, Outcome)>>,
+    /// Resolves to its final record once it has ended and everything about it
+    /// is stored.
+    pub done: tokio::task::JoinHandle<anyhow::Result<WorkloadRecord>>,
 }
 
 /// Why a workload could not be started.
@@ -71,40 +72,34 @@ pub struct Runner {
     ended: tokio::sync::Notify,
 }
 
-impl Runner {
-    /// A runner over these stages with no concurrency limit.
-    pub fn new(runtime: Arc<Runtime>, db: Db, broker: LogBroker) -> Arc<Self> {
-        Self::with_options(runtime, db, broker, None, Arc::default())
-    }
+/// What a runner is built from.
+pub struct RunnerParts {
+    /// Runs guests.
+    pub runtime: Arc<Runtime>,
+    /// Where records and lines are stored.
+    pub db: Db,
+    /// Where committed lines go live.
+    pub broker: LogBroker,
+    /// Counts running and finished workloads.
+    pub metrics: Arc<Metrics>,
+    /// Most workloads running at once; `None`: no limit.
+    pub max_concurrent: Option<usize>,
+}
 
-    /// A runner that refuses to start more than `max` workloads at once and
-    /// counts into `metrics`.
-    pub fn with_options(
-        runtime: Arc<Runtime>,
-        db: Db,
-        broker: LogBroker,
-        max: Option<usize>,
-        metrics: Arc<Metrics>,
-    ) -> Arc<Self> {
+impl Runner {
+    /// A runner over these parts.
+    pub fn new(parts: RunnerParts) -> Arc<Self> {
         Arc::new(Self {
-            runtime,
-            db,
-            broker,
+            runtime: parts.runtime,
+            db: parts.db,
+            broker: parts.broker,
             running: Mutex::new(HashMap::new()),
-            slots: max.map(|n| (Arc::new(Semaphore::new(n)), n)),
-            metrics,
+            slots: parts
+                .max_concurrent
+                .map(|n| (Arc::new(Semaphore::new(n)), n)),
+            metrics: parts.metrics,
             ended: tokio::sync::Notify::new(),
         })
-    }
-
-    /// The store this runner writes to.
-    pub fn db(&self) -> &Db {
-        &self.db
-    }
-
-    /// The broker live lines go to.
-    pub fn broker(&self) -> &LogBroker {
-        &self.broker
     }
 
     /// Workloads currently executing.
@@ -183,8 +178,9 @@ impl Runner {
                     workload_id: id.to_string(),
                     module_hash,
                 };
-                let sink = this.db.line_sink(id, Some(publisher))?;
-                let (writer, _tee_flusher) = this.log_writer(id, sink, tee);
+                let sink = this.db.line_sink(id, Some(Box::new(publisher)))?;
+                let writer = LogWriter::new(id, spec.limits.max_output_bytes, Some(Arc::new(sink)));
+                let (writer, _tee_flusher) = with_tee(writer, tee);
                 this.execute(id, &module, &spec, &identity, &writer, &switch)
                     .await
                     .map(Some)
@@ -209,12 +205,10 @@ impl Runner {
                 };
                 this.lock().remove(&id);
                 this.ended.notify_waiters();
-                let outcome = match result? {
-                    Some(outcome) => outcome,
-                    None => anyhow::bail!("workload {id} was not created"),
-                };
-                let record = this.db.workload(id)?;
-                Ok((record, outcome))
+                if result?.is_none() {
+                    anyhow::bail!("workload {id} was not created");
+                }
+                Ok(this.db.workload(id).await?)
             }
         });
         match created_rx.await {
@@ -322,34 +316,28 @@ impl Runner {
         Ok(outcome)
     }
 
-    /// The workload's LogWriter; with a tee, also the task that flushes the
-    /// tee every tick (the tee buffers), which stops when dropped.
-    fn log_writer(
-        &self,
-        id: WorkloadId,
-        sink: LineSink,
-        tee: Option<Tee>,
-    ) -> (LogWriter, Option<AbortOnDrop>) {
-        let writer = LogWriter::new(id, Some(sink));
-        let Some(tee) = tee else {
-            return (writer, None);
-        };
-        let writer = writer.with_tee(Some(tee.stdout), Some(tee.stderr));
-        let flushed = writer.clone();
-        let flusher = tokio::spawn(async move {
-            let mut tick = tokio::time::interval(crate::engine::TICK);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                flushed.flush_tee();
-            }
-        });
-        (writer, Some(AbortOnDrop(flusher)))
-    }
-
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<WorkloadId, KillSwitch>> {
         self.running.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+/// The writer, teeing to `tee` if given, and then also the task that flushes
+/// the tee every tick (the tee buffers), which stops when dropped.
+fn with_tee(writer: LogWriter, tee: Option<Tee>) -> (LogWriter, Option<AbortOnDrop>) {
+    let Some(tee) = tee else {
+        return (writer, None);
+    };
+    let writer = writer.with_tee(Some(tee.stdout), Some(tee.stderr));
+    let flushed = writer.clone();
+    let flusher = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(crate::engine::TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            flushed.flush_tee();
+        }
+    });
+    (writer, Some(AbortOnDrop(flusher)))
 }
 
 /// Aborts a background task when dropped.
@@ -430,3 +418,6 @@ pub fn completion(report: &RunReport, line_count: u64) -> Completion {
         line_count,
     }
 }
+
+#[cfg(test)]
+mod tests;

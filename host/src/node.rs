@@ -1,0 +1,140 @@
+//! One Vulcan node: the composition root.
+//!
+//! Opens a data directory and wires its parts once — store, module registry,
+//! engine runtime, log broker, runner and metrics — for `vulcan serve`,
+//! `vulcan run` and the benchmarks alike, so they cannot drift apart. Owns the
+//! wiring, start-up recovery and the shutdown order; holds no workload logic
+//! and nothing HTTP (the API holds a node plus its own configuration).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::engine::Runtime;
+use crate::logs::LogBroker;
+use crate::metrics::Metrics;
+use crate::registry::{DEFAULT_MAX_FUNCTION_SIZE, ModuleRegistry, RegistryParts};
+use crate::runner::{Runner, RunnerParts};
+use crate::store::{Db, WriterConfig};
+
+/// What an operator decides about a node.
+#[derive(Debug, Clone)]
+pub struct NodeOptions {
+    /// Most workloads running at once; `None`: no limit (`vulcan run`).
+    pub max_concurrent: Option<usize>,
+    /// Largest function body a module may have (larger ones are refused
+    /// before compiling).
+    pub max_function_size: u64,
+    /// How the store batches and bounds log lines.
+    pub writer: WriterConfig,
+}
+
+impl Default for NodeOptions {
+    fn default() -> Self {
+        Self {
+            max_concurrent: None,
+            max_function_size: DEFAULT_MAX_FUNCTION_SIZE,
+            writer: WriterConfig::default(),
+        }
+    }
+}
+
+/// The wired parts of one node over one data directory.
+pub struct Node {
+    data_dir: PathBuf,
+    db: Db,
+    broker: LogBroker,
+    registry: ModuleRegistry,
+    runner: Arc<Runner>,
+    metrics: Arc<Metrics>,
+}
+
+impl Node {
+    /// Opens `data_dir` as its only owner and wires the parts. Workloads a
+    /// previous process left pending or running are marked failed: with the
+    /// directory's lock held, nothing else can be running them.
+    pub async fn open(data_dir: &Path, options: NodeOptions) -> anyhow::Result<Arc<Self>> {
+        let runtime = Runtime::new()?;
+        let db = Db::open_with(data_dir, options.writer)?;
+        let orphaned = db
+            .fail_unfinished("failed: vulcan stopped while this workload was pending or running")
+            .await?;
+        if orphaned > 0 {
+            tracing::warn!(
+                count = orphaned,
+                "marked workloads left unfinished by a previous process as failed"
+            );
+        }
+        let metrics = Arc::new(Metrics::default());
+        let broker = LogBroker::default();
+        let registry = ModuleRegistry::new(RegistryParts {
+            runtime: Arc::clone(&runtime),
+            db: db.clone(),
+            artifact_dir: data_dir.join("artifacts"),
+            metrics: Arc::clone(&metrics),
+            max_function_size: options.max_function_size,
+        });
+        let runner = Runner::new(RunnerParts {
+            runtime,
+            db: db.clone(),
+            broker: broker.clone(),
+            metrics: Arc::clone(&metrics),
+            max_concurrent: options.max_concurrent.map(|n| n.max(1)),
+        });
+        Ok(Arc::new(Self {
+            data_dir: data_dir.to_owned(),
+            db,
+            broker,
+            registry,
+            runner,
+            metrics,
+        }))
+    }
+
+    /// The data directory it owns.
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// The store: records, modules and lines.
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
+    /// Live delivery of committed lines.
+    pub fn broker(&self) -> &LogBroker {
+        &self.broker
+    }
+
+    /// Modules and their compiled forms.
+    pub fn registry(&self) -> &ModuleRegistry {
+        &self.registry
+    }
+
+    /// Starts, tracks and kills workloads.
+    pub fn runner(&self) -> &Arc<Runner> {
+        &self.runner
+    }
+
+    /// The counters every part reports into.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Stops the node's work: kills what runs with `reason`, waits up to
+    /// `grace` for it to end (a wedged guest must not keep the process alive),
+    /// then waits until everything queued is committed.
+    pub async fn shutdown(&self, reason: &str, grace: Duration) {
+        self.runner.kill_all(reason);
+        if tokio::time::timeout(grace, self.runner.idle())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                running = self.runner.running_count(),
+                "workloads still running {grace:?} after shutdown; stopping anyway"
+            );
+        }
+        self.db.flush().await;
+    }
+}

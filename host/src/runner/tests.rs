@@ -1,0 +1,204 @@
+//! The runner on a real node (SQLite in a temporary directory, the real
+//! engine) with WAT guests from `tests/fixtures/wat/`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::*;
+use crate::node::{Node, NodeOptions};
+
+async fn node() -> (tempfile::TempDir, Arc<Node>) {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::open(dir.path(), NodeOptions::default())
+        .await
+        .unwrap();
+    (dir, node)
+}
+
+async fn module(node: &Node, wat: &str) -> (String, Arc<CompiledModule>) {
+    let bytes: Arc<[u8]> = wat::parse_str(wat).unwrap().into();
+    let (info, compiled, _) = node.registry().register(bytes).await.unwrap();
+    (info.hash, compiled)
+}
+
+fn spec() -> WorkloadSpec {
+    WorkloadSpec {
+        args: vec!["guest.wasm".into()],
+        ..WorkloadSpec::default()
+    }
+}
+
+#[tokio::test]
+async fn a_workload_killed_while_pending_never_runs() {
+    let (_dir, node) = node().await;
+    let (hash, compiled) = module(&node, wat_fixture!("print-hello")).await;
+    let runner = node.runner();
+    let start = runner.start(compiled, hash, spec(), None);
+    tokio::pin!(start);
+    // One thread: the first poll spawns the workload's task and waits for its
+    // record, and that task has not run yet.
+    assert!(futures_util::poll!(&mut start).is_pending());
+    runner.kill_all("killed while pending");
+    let started = start.await.unwrap();
+    let record = started.done.await.unwrap().unwrap();
+    assert_eq!(record.status, Status::Killed);
+    assert_eq!(record.failure, Some(FailureKind::Killed));
+    assert_eq!(record.error.as_deref(), Some("killed while pending"));
+    assert_eq!(record.started_at, None, "it never started");
+    assert_eq!(record.line_count, 0, "it printed nothing");
+    assert_eq!(runner.running_count(), 0);
+}
+
+/// A terminal whose stdout panics: a host bug inside the engine's call.
+struct Exploding;
+
+impl std::io::Write for Exploding {
+    fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+        panic!("the tee exploded");
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_panic_while_running_fails_the_workload_instead_of_leaving_it_running() {
+    let (_dir, node) = node().await;
+    let (hash, compiled) = module(&node, wat_fixture!("print-hello")).await;
+    let tee = Tee {
+        stdout: Box::new(Exploding),
+        stderr: Box::new(std::io::sink()),
+    };
+    let started = node
+        .runner()
+        .start(compiled, hash, spec(), Some(tee))
+        .await
+        .unwrap();
+    let answer = started.done.await.unwrap();
+    let error = answer.expect_err("the run reports the panic").to_string();
+    assert!(error.contains("internal error"), "{error}");
+    let record = node.db().workload(started.id).await.unwrap();
+    assert_eq!(record.status, Status::Failed);
+    assert_eq!(record.failure, Some(FailureKind::Host));
+    assert!(record.finished_at.is_some());
+    assert_eq!(node.runner().running_count(), 0);
+    assert!(
+        node.broker().subscribe(started.id).is_none(),
+        "its live channel is closed"
+    );
+}
+
+#[tokio::test]
+async fn at_capacity_a_start_is_refused_and_creates_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = NodeOptions {
+        max_concurrent: Some(1),
+        ..NodeOptions::default()
+    };
+    let node = Node::open(dir.path(), options).await.unwrap();
+    let (hash, compiled) = module(&node, wat_fixture!("spin")).await;
+    let runner = node.runner();
+    let spinning = runner
+        .start(Arc::clone(&compiled), hash.clone(), spec(), None)
+        .await
+        .unwrap();
+    let refused = runner.start(compiled, hash, spec(), None).await;
+    assert!(matches!(refused, Err(StartError::AtCapacity(1))));
+    let page = node.db().list_workloads(10, 0, None).await.unwrap();
+    assert_eq!(page.total, 1, "the refused start left no record");
+    assert!(runner.kill(spinning.id, "done"));
+    let record = spinning.done.await.unwrap().unwrap();
+    assert_eq!(record.status, Status::Killed);
+}
+
+/// Every way a run ends maps onto one status, exit code and failure kind.
+#[test]
+fn every_outcome_has_its_status_exit_code_and_failure_kind() {
+    use crate::engine::LimitHit;
+    let cases = [
+        (Outcome::Exited(0), Status::Completed, Some(0), None),
+        (
+            Outcome::Returned(b"{}".to_vec()),
+            Status::Completed,
+            Some(0),
+            None,
+        ),
+        (
+            Outcome::Exited(3),
+            Status::Failed,
+            Some(3),
+            Some(FailureKind::Exit),
+        ),
+        (
+            Outcome::ReturnedError("no".into()),
+            Status::Failed,
+            Some(1),
+            Some(FailureKind::ReturnedError),
+        ),
+        (
+            Outcome::Trapped {
+                message: "unreachable".into(),
+                backtrace: None,
+            },
+            Status::Failed,
+            None,
+            Some(FailureKind::Trap),
+        ),
+        (
+            Outcome::TimedOut(Duration::from_millis(5)),
+            Status::Failed,
+            None,
+            Some(FailureKind::Timeout),
+        ),
+        (
+            Outcome::Killed,
+            Status::Killed,
+            None,
+            Some(FailureKind::Killed),
+        ),
+        (
+            Outcome::LimitExceeded(LimitHit::Memory(1)),
+            Status::Failed,
+            None,
+            Some(FailureKind::Memory),
+        ),
+        (
+            Outcome::LimitExceeded(LimitHit::Fuel(1)),
+            Status::Failed,
+            None,
+            Some(FailureKind::Fuel),
+        ),
+        (
+            Outcome::LimitExceeded(LimitHit::Output(1)),
+            Status::Failed,
+            None,
+            Some(FailureKind::Output),
+        ),
+        (
+            Outcome::LinesNotStored("full".into()),
+            Status::Failed,
+            None,
+            Some(FailureKind::Store),
+        ),
+        (
+            Outcome::HostFailure("boom".into()),
+            Status::Failed,
+            None,
+            Some(FailureKind::Host),
+        ),
+    ];
+    for (outcome, status, exit_code, failure) in cases {
+        let report = RunReport {
+            outcome: outcome.clone(),
+            duration: Duration::from_millis(7),
+        };
+        let c = completion(&report, 4);
+        assert_eq!(
+            (c.status, c.exit_code, c.failure),
+            (status, exit_code, failure),
+            "{outcome:?}"
+        );
+        assert_eq!((c.duration_ms, c.line_count), (7, 4));
+        assert_eq!(c.error.is_some(), failure.is_some(), "{outcome:?}");
+    }
+}

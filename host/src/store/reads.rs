@@ -1,0 +1,176 @@
+//! The SQL of every read, on a read-only connection the caller provides.
+//! [`super::Db`] runs these on pooled connections off the async workers.
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+use super::{ModuleInfo, StoreError, StoreResult, WorkloadPage};
+use crate::logs::{LogRecord, LogStream};
+use crate::workload::{Status, WorkloadId, WorkloadRecord};
+
+/// True when the database answers a trivial query.
+pub(super) fn ping(c: &Connection) -> StoreResult<()> {
+    Ok(c.prepare_cached("SELECT 1")?.query_row([], |_| Ok(()))?)
+}
+
+/// A module's metadata.
+pub(super) fn module_info(c: &Connection, hash: &str) -> StoreResult<ModuleInfo> {
+    c.prepare_cached("SELECT hash, kind, size, created_at FROM modules WHERE hash = ?1")?
+        .query_row([hash], |r| {
+            Ok(ModuleInfo {
+                hash: r.get(0)?,
+                kind: r.get(1)?,
+                size: r.get::<_, i64>(2)? as u64,
+                created_at: r.get(3)?,
+            })
+        })
+        .optional()?
+        .ok_or_else(|| StoreError::ModuleNotFound(hash.to_owned()))
+}
+
+/// A module's bytes.
+pub(super) fn module_bytes(c: &Connection, hash: &str) -> StoreResult<Vec<u8>> {
+    c.prepare_cached("SELECT bytes FROM modules WHERE hash = ?1")?
+        .query_row([hash], |r| r.get(0))
+        .optional()?
+        .ok_or_else(|| StoreError::ModuleNotFound(hash.to_owned()))
+}
+
+/// One workload.
+pub(super) fn workload(c: &Connection, id: WorkloadId) -> StoreResult<WorkloadRecord> {
+    c.prepare_cached(&format!(
+        "SELECT {WORKLOAD_COLUMNS} FROM workloads WHERE id = ?1"
+    ))?
+    .query_row([id.to_string()], row_to_workload)
+    .optional()?
+    .ok_or(StoreError::NotFound(id))?
+}
+
+/// A page of workloads, newest first, optionally of one status.
+pub(super) fn list_workloads(
+    c: &Connection,
+    limit: u64,
+    offset: u64,
+    status: Option<Status>,
+) -> StoreResult<WorkloadPage> {
+    let filter = status.map(|s| s.as_str());
+    let total: i64 = c
+        .prepare_cached("SELECT COUNT(*) FROM workloads WHERE ?1 IS NULL OR status = ?1")?
+        .query_row([filter], |r| r.get(0))?;
+    let mut stmt = c.prepare_cached(&format!(
+        "SELECT {WORKLOAD_COLUMNS} FROM workloads WHERE ?1 IS NULL OR status = ?1 \
+         ORDER BY id DESC LIMIT ?2 OFFSET ?3"
+    ))?;
+    let items = stmt
+        .query_map(
+            params![filter, limit as i64, offset as i64],
+            row_to_workload,
+        )?
+        .map(|r| r?)
+        .collect::<StoreResult<Vec<_>>>()?;
+    Ok(WorkloadPage {
+        items,
+        total: total as u64,
+    })
+}
+
+/// Up to `limit` stored lines of a workload with seq greater than `after`, in seq order.
+pub(super) fn read_lines(
+    c: &Connection,
+    id: WorkloadId,
+    after: Option<u64>,
+    limit: u64,
+) -> StoreResult<Vec<LogRecord>> {
+    let mut stmt = c.prepare_cached(
+        "SELECT seq, stream, level, line, continued, created_at FROM log_records \
+         WHERE workload = (SELECT key FROM workloads WHERE id = ?1) AND seq > ?2 \
+         ORDER BY seq LIMIT ?3",
+    )?;
+    let after = after.map_or(-1, |a| a as i64);
+    let rows = stmt.query_map(params![id.to_string(), after, limit as i64], |r| {
+        let stream: i64 = r.get(1)?;
+        let level: Option<String> = r.get(2)?;
+        Ok((
+            r.get::<_, i64>(0)?,
+            stream,
+            level,
+            r.get(3)?,
+            r.get(4)?,
+            r.get(5)?,
+        ))
+    })?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (seq, stream, level, line, continued, ts_ms) = row?;
+        out.push(LogRecord {
+            workload_id: id,
+            seq: seq as u64,
+            stream: stream_from_code(stream)?,
+            level: level.map(|l| l.parse()).transpose()?,
+            line,
+            continued,
+            ts_ms,
+        });
+    }
+    Ok(out)
+}
+
+const WORKLOAD_COLUMNS: &str = "id, status, module_hash, args, env, limits, exit_code, error, \
+     output, duration_ms, line_count, created_at, started_at, finished_at, failure";
+
+fn row_to_workload(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoreResult<WorkloadRecord>> {
+    let id: String = r.get(0)?;
+    let status: String = r.get(1)?;
+    let args: String = r.get(3)?;
+    let env: String = r.get(4)?;
+    let limits: String = r.get(5)?;
+    let failure: Option<String> = r.get(14)?;
+    let parse = || -> anyhow::Result<_> {
+        Ok((
+            id.parse::<WorkloadId>()?,
+            status.parse::<Status>()?,
+            serde_json::from_str(&args)?,
+            serde_json::from_str(&env)?,
+            serde_json::from_str(&limits)?,
+            failure.as_deref().map(str::parse).transpose()?,
+        ))
+    };
+    let (id, status, args, env, limits, failure) = match parse() {
+        Ok(v) => v,
+        Err(e) => return Ok(Err(e.context("corrupt workload row").into())),
+    };
+    Ok(Ok(WorkloadRecord {
+        id,
+        status,
+        module_hash: r.get(2)?,
+        args,
+        env,
+        limits,
+        exit_code: r.get(6)?,
+        error: r.get(7)?,
+        failure,
+        output: r.get(8)?,
+        duration_ms: r.get::<_, Option<i64>>(9)?.map(|d| d as u64),
+        line_count: r.get::<_, i64>(10)? as u64,
+        created_at: r.get(11)?,
+        started_at: r.get(12)?,
+        finished_at: r.get(13)?,
+    }))
+}
+
+/// How a stream is stored in `log_records.stream`.
+pub(crate) fn stream_code(stream: LogStream) -> i64 {
+    match stream {
+        LogStream::Stdout => 0,
+        LogStream::Stderr => 1,
+        LogStream::Log => 2,
+    }
+}
+
+fn stream_from_code(code: i64) -> anyhow::Result<LogStream> {
+    Ok(match code {
+        0 => LogStream::Stdout,
+        1 => LogStream::Stderr,
+        2 => LogStream::Log,
+        other => anyhow::bail!("unknown stream code {other} in log_records"),
+    })
+}

@@ -1,0 +1,63 @@
+//! The requests the writer thread takes, and what applying one answers.
+//! Plain data, shared by the handle that sends them, the queue that wakes the
+//! writer, the writer, and the SQL that applies them.
+
+use std::sync::Arc;
+
+use tokio::sync::oneshot;
+
+use super::{ModuleInfo, NewWorkload, StoreResult};
+use crate::workload::{Completion, Status, WorkloadId};
+
+/// Work for the writer thread.
+pub(super) enum WriteOp {
+    /// The line queue needs the writer: its first line (which starts the linger
+    /// clock) or a full batch.
+    LinesQueued,
+    PutModule {
+        info: ModuleInfo,
+        bytes: Arc<[u8]>,
+        reply: oneshot::Sender<StoreResult<bool>>,
+    },
+    Create {
+        new: NewWorkload,
+        reply: oneshot::Sender<StoreResult<()>>,
+    },
+    Transition {
+        id: WorkloadId,
+        to: Status,
+        completion: Option<Completion>,
+        /// `None` for a terminal status the writer retries on its own.
+        reply: Option<oneshot::Sender<StoreResult<()>>>,
+    },
+    FailUnfinished {
+        reason: String,
+        reply: oneshot::Sender<StoreResult<u64>>,
+    },
+    Flush {
+        reply: oneshot::Sender<()>,
+    },
+    /// Caps the database's size in pages, as a full disk would (tests only).
+    #[cfg(test)]
+    PageLimit {
+        pages: Option<u64>,
+        reply: oneshot::Sender<()>,
+    },
+}
+
+impl WriteOp {
+    /// The workload whose lines must be committed with (before) this op.
+    pub(super) fn ends(&self) -> Option<WorkloadId> {
+        match self {
+            WriteOp::Transition { id, to, .. } if to.is_terminal() => Some(*id),
+            _ => None,
+        }
+    }
+}
+
+/// What an applied op answers.
+pub(super) enum Applied {
+    Unit,
+    Bool(bool),
+    Count(u64),
+}

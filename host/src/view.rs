@@ -1,0 +1,276 @@
+//! The read model: how a workload and its lines look to every client.
+//!
+//! The API serializes these types (JSON bodies, SSE `end` and `?format=json`
+//! events); the CLI deserializes them from a server or builds them from its
+//! local database, and prints them one way. One shape per thing, so a field
+//! cannot mean one thing locally and another against a server. Builds views
+//! from records; never reads or writes storage itself.
+
+use serde::{Deserialize, Serialize};
+
+use crate::logs::{LogLevel, LogRecord, LogStream};
+use crate::store::ModuleInfo;
+use crate::workload::{FailureKind, Limits, Status, WorkloadId, WorkloadRecord};
+
+/// A workload as a list shows it: its state and result, without its spec or
+/// output, so that a page stays small whatever the workloads were given.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkloadSummary {
+    /// Its id.
+    pub id: WorkloadId,
+    /// Where it is in its lifecycle.
+    pub status: Status,
+    /// `sha256:<hex>` of its module.
+    pub module: String,
+    /// The guest's exit code, when it has one.
+    pub exit_code: Option<i32>,
+    /// Why it failed; in a list, only the first line, at most
+    /// [`SUMMARY_ERROR_CHARS`] characters.
+    pub error: Option<String>,
+    /// What kind of failure ended it (null on success).
+    pub failure: Option<FailureKind>,
+    /// How long it ran.
+    pub duration_ms: Option<u64>,
+    /// How many log records it wrote.
+    pub line_count: u64,
+    /// When it was created (RFC 3339).
+    pub created_at: String,
+    /// When it started running (RFC 3339).
+    pub started_at: Option<String>,
+    /// When it ended (RFC 3339).
+    pub finished_at: Option<String>,
+}
+
+/// Longest error a list item carries; the record has the whole one.
+pub const SUMMARY_ERROR_CHARS: usize = 200;
+
+impl From<WorkloadRecord> for WorkloadSummary {
+    fn from(w: WorkloadRecord) -> Self {
+        Self {
+            id: w.id,
+            status: w.status,
+            module: w.module_hash,
+            exit_code: w.exit_code,
+            error: w.error.map(|e| {
+                let first = e.lines().next().unwrap_or("");
+                first.chars().take(SUMMARY_ERROR_CHARS).collect()
+            }),
+            failure: w.failure,
+            duration_ms: w.duration_ms,
+            line_count: w.line_count,
+            created_at: rfc3339(w.created_at),
+            started_at: w.started_at.map(rfc3339),
+            finished_at: w.finished_at.map(rfc3339),
+        }
+    }
+}
+
+/// A whole workload: its summary with the whole error, its spec and output.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkloadView {
+    /// State and result.
+    #[serde(flatten)]
+    pub summary: WorkloadSummary,
+    /// Its argv.
+    pub args: Vec<String>,
+    /// The limits it ran under.
+    pub limits: Limits,
+    /// An SDK workload's returned output, when it parses as JSON.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<serde_json::Value>,
+    /// The output as base64, when it is not JSON.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_base64: Option<String>,
+}
+
+impl From<WorkloadRecord> for WorkloadView {
+    fn from(mut w: WorkloadRecord) -> Self {
+        let (output, output_base64) = match w.output.take() {
+            None => (None, None),
+            Some(bytes) => match serde_json::from_slice::<serde_json::Value>(&bytes) {
+                Ok(json) => (Some(json), None),
+                Err(_) => {
+                    use base64::Engine as _;
+                    let b64 = base64::engine::general_purpose::STANDARD.encode(bytes);
+                    (None, Some(b64))
+                }
+            },
+        };
+        let (args, limits, error) = (
+            std::mem::take(&mut w.args),
+            std::mem::take(&mut w.limits),
+            w.error.clone(),
+        );
+        let mut summary = WorkloadSummary::from(w);
+        summary.error = error;
+        Self {
+            summary,
+            args,
+            limits,
+            output,
+            output_base64,
+        }
+    }
+}
+
+/// One page of the workload list, newest first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkloadList {
+    /// The workloads on this page.
+    pub items: Vec<WorkloadSummary>,
+    /// How many match in all.
+    pub total: u64,
+    /// The page size asked for.
+    pub limit: u64,
+    /// How many of the newest were skipped.
+    pub offset: u64,
+}
+
+/// One log record as clients see it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogLine {
+    /// Its position in the workload's log, from 0, across streams.
+    pub seq: u64,
+    /// Where it was written.
+    pub stream: LogStream,
+    /// The level of a structured `log` record.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub level: Option<LogLevel>,
+    /// The text, without its line ending.
+    pub line: String,
+    /// The guest's line goes on in the next record of this stream (it was
+    /// longer than a record holds, or the guest ended mid-line).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub continued: bool,
+    /// When it was written (RFC 3339).
+    pub ts: String,
+}
+
+fn is_false(b: &bool) -> bool {
+    !b
+}
+
+impl From<&LogRecord> for LogLine {
+    fn from(r: &LogRecord) -> Self {
+        Self {
+            seq: r.seq,
+            stream: r.stream,
+            level: r.level,
+            line: r.line.clone(),
+            continued: r.continued,
+            ts: rfc3339(r.ts_ms),
+        }
+    }
+}
+
+/// One page of a workload's stored log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogPage {
+    /// The lines, in seq order.
+    pub lines: Vec<LogLine>,
+    /// Where the next page starts (pass it as `after`); null before any line.
+    pub next_after: Option<u64>,
+}
+
+/// A stored module.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModuleView {
+    /// `sha256:<hex>` of its bytes.
+    pub hash: String,
+    /// Its size in bytes.
+    pub size: u64,
+    /// Core module or component.
+    pub kind: String,
+    /// When it was first stored (RFC 3339).
+    pub created_at: String,
+}
+
+impl From<ModuleInfo> for ModuleView {
+    fn from(m: ModuleInfo) -> Self {
+        Self {
+            hash: m.hash,
+            size: m.size,
+            kind: m.kind,
+            created_at: rfc3339(m.created_at),
+        }
+    }
+}
+
+/// Milliseconds since the Unix epoch as RFC 3339 UTC with milliseconds.
+pub fn rfc3339(ms: i64) -> String {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64);
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record() -> WorkloadRecord {
+        WorkloadRecord {
+            id: WorkloadId::new(),
+            status: Status::Failed,
+            module_hash: "sha256:ab".into(),
+            args: vec!["a.wasm".into(), "x".into()],
+            env: vec![("K".into(), "V".into())],
+            limits: Limits {
+                timeout_ms: Some(5),
+                ..Limits::default()
+            },
+            exit_code: None,
+            error: Some("first line\nsecond line".into()),
+            failure: Some(FailureKind::Trap),
+            output: Some(br#"{"b":1,"a":[true]}"#.to_vec()),
+            duration_ms: Some(3),
+            line_count: 2,
+            created_at: 1,
+            started_at: Some(2),
+            finished_at: None,
+        }
+    }
+
+    #[test]
+    fn a_view_reads_back_as_itself() {
+        let view = WorkloadView::from(record());
+        let json = serde_json::to_string(&view).unwrap();
+        let back: WorkloadView = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, view);
+        assert_eq!(serde_json::to_string(&back).unwrap(), json);
+        assert_eq!(
+            view.summary.error.as_deref(),
+            Some("first line\nsecond line")
+        );
+        assert!(
+            !json.contains("\"env\""),
+            "the environment is not shown: {json}"
+        );
+    }
+
+    #[test]
+    fn a_summary_keeps_the_first_line_of_the_error() {
+        let summary = WorkloadSummary::from(record());
+        assert_eq!(summary.error.as_deref(), Some("first line"));
+    }
+
+    #[test]
+    fn a_line_says_continued_only_when_it_is() {
+        let mut r = LogRecord {
+            workload_id: WorkloadId::new(),
+            seq: 7,
+            stream: LogStream::Stdout,
+            level: None,
+            line: "abc".into(),
+            continued: false,
+            ts_ms: 0,
+        };
+        let plain = serde_json::to_value(LogLine::from(&r)).unwrap();
+        assert_eq!(
+            plain,
+            serde_json::json!({"seq": 7, "stream": "stdout", "line": "abc", "ts": "1970-01-01T00:00:00.000Z"})
+        );
+        r.continued = true;
+        let line = LogLine::from(&r);
+        let back: LogLine = serde_json::from_value(serde_json::to_value(&line).unwrap()).unwrap();
+        assert!(back.continued);
+    }
+}
