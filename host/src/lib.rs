@@ -32,7 +32,7 @@ macro_rules! wat_fixture {
     };
 }
 
-pub mod api;
+mod api;
 pub mod cli;
 pub mod engine;
 pub mod logs;

@@ -99,8 +99,8 @@ fn assert_same(args: &[&str], local: &Output, remote: &Output) {
     );
 }
 
-/// `vulcan run` and `vulcan submit` (which waits) exit with the same code for
-/// every kind of ending a test can bring about on both.
+/// `vulcan run`, `vulcan submit` (which waits) and `submit --follow` exit with
+/// the same code for every kind of ending a test can bring about on all three.
 #[tokio::test]
 async fn run_and_submit_exit_alike_for_every_kind_of_ending() {
     let env = Env::new();
@@ -138,6 +138,14 @@ async fn run_and_submit_exit_alike_for_every_kind_of_ending() {
         let mut submit = vec!["--server", server.url.as_str(), "submit"];
         submit.extend_from_slice(args);
         let submitted = cli.run(&submit);
+        submit.insert(3, "--follow");
+        let followed = cli.run(&submit);
+        assert_eq!(
+            followed.status.code(),
+            Some(i32::from(*code)),
+            "submit -f, {kind}: {}",
+            stderr(&followed)
+        );
         assert_eq!(
             ran.status.code(),
             Some(i32::from(*code)),

@@ -156,7 +156,7 @@ pub async fn submit(client: &Client, args: SubmitArgs) -> anyhow::Result<ExitCod
         let id = accepted.id;
         if args.follow {
             eprintln!("vulcan: workload {id}");
-            return follow(client, id, false).await;
+            return follow(client, id, args.json).await;
         }
         match args.json {
             true => println!("{}", serde_json::json!({"id": id, "status": "pending"})),
