@@ -30,13 +30,19 @@
 //!
 //! - Input and output: [`Json<T>`] (through serde), `Vec<u8>`, `String` or
 //!   `()`; see [`Input`] and [`Output`].
-//! - Errors: return any error with `?`; the workload ends `failed` with its
-//!   message (the whole chain of causes).
+//! - Errors: return any error with `?`, or make one with [`bail!`],
+//!   [`ensure!`] or [`anyhow!`] (re-exported, no extra dependency); the
+//!   workload ends `failed` with its message (the whole chain of causes).
 //! - Logs: [`log::trace!`] … [`log::error!`] record lines of stream `log` with
 //!   their level; `println!` and `eprintln!` still work and are captured as
 //!   stdout and stderr lines.
+//!   Messages your dependencies send through the standard `log` crate are
+//!   recorded the same way, as `target: message`.
 //! - The workload's id and module hash: [`metadata`]; its args and env:
 //!   [`args`] and [`env`] (exactly what its spec gives, nothing of the host's).
+//! - Settings: [`env_var`] looks one up by name, [`config`] parses it
+//!   (`let n: u32 = config("LIMIT")?;`) and [`config_or`] gives a default; the
+//!   values come from the run's env (`--env LIMIT=10`, or `env` in the API).
 
 #![deny(missing_docs)]
 
@@ -55,6 +61,8 @@ pub mod __bindings {
 }
 
 use __bindings::vulcan::workload::host;
+
+pub use anyhow::{anyhow, bail, ensure};
 
 /// What a workload returns: its output, or an error that fails it.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -99,6 +107,12 @@ impl Input for () {
 
 impl<T: serde::de::DeserializeOwned> Input for Json<T> {
     fn from_input(bytes: Vec<u8>) -> Result<Self> {
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            anyhow::bail!(
+                "no input was given; this workload expects JSON (pass it with --input, \
+                 or as `input` in the API)"
+            );
+        }
         serde_json::from_slice(&bytes)
             .map(Json)
             .map_err(|e| anyhow::anyhow!("the input is not the JSON this workload expects: {e}"))
@@ -136,6 +150,7 @@ pub fn __invoke<I: Input, O: Output>(
     f: impl FnOnce(I) -> Result<O>,
     input: Vec<u8>,
 ) -> std::result::Result<Vec<u8>, String> {
+    forward_log_crate();
     I::from_input(input)
         .and_then(f)
         .and_then(O::into_output)
@@ -176,14 +191,60 @@ pub enum Level {
 
 /// Records `message` as one log line with `level` (newlines are kept).
 pub fn log(level: Level, message: &str) {
-    let level = match level {
+    host::log(host_level(level), message);
+}
+
+/// Records `message` with key/value fields, stored beside it in this order
+/// (`vulcan logs` shows `message user=ada n=3`). The log macros take them as
+/// `log::info!(user = name, n = 3; "processed {} items", n)`.
+pub fn log_fields(level: Level, message: &str, fields: &[(&str, &dyn std::fmt::Display)]) {
+    let fields: Vec<(String, String)> = fields
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), v.to_string()))
+        .collect();
+    host::log_fields(host_level(level), message, &fields);
+}
+
+fn host_level(level: Level) -> host::Level {
+    match level {
         Level::Trace => host::Level::Trace,
         Level::Debug => host::Level::Debug,
         Level::Info => host::Level::Info,
         Level::Warn => host::Level::Warn,
         Level::Error => host::Level::Error,
-    };
-    host::log(level, message);
+    }
+}
+
+/// Sends what the standard `log` crate records (a dependency's messages, or
+/// the workload's own `log::info!` from that crate) to the host as `log`
+/// records with their level, as `target: message`.
+struct LogCrateForwarder;
+
+impl ::log::Log for LogCrateForwarder {
+    fn enabled(&self, _: &::log::Metadata<'_>) -> bool {
+        true
+    }
+
+    fn log(&self, record: &::log::Record<'_>) {
+        let level = match record.level() {
+            ::log::Level::Trace => Level::Trace,
+            ::log::Level::Debug => Level::Debug,
+            ::log::Level::Info => Level::Info,
+            ::log::Level::Warn => Level::Warn,
+            ::log::Level::Error => Level::Error,
+        };
+        crate::log(level, &format!("{}: {}", record.target(), record.args()));
+    }
+
+    fn flush(&self) {}
+}
+
+/// Installs [`LogCrateForwarder`] once (later calls find it installed).
+fn forward_log_crate() {
+    static FORWARDER: LogCrateForwarder = LogCrateForwarder;
+    if ::log::set_logger(&FORWARDER).is_ok() {
+        ::log::set_max_level(::log::LevelFilter::Trace);
+    }
 }
 
 /// Facts about the running workload.
@@ -214,7 +275,53 @@ pub fn env() -> Vec<(String, String)> {
     std::env::vars().collect()
 }
 
-/// Log macros, one per level: `log::info!("{} items", n)`.
+/// The value of the variable `key` in the run's env, if it is set.
+pub fn env_var(key: &str) -> Option<String> {
+    std::env::var(key).ok()
+}
+
+/// The setting `key` from the run's env, parsed as a `T`; an error that says
+/// how to set it when it is missing, and what was wrong when it does not parse.
+pub fn config<T>(key: &str) -> Result<T>
+where
+    T: std::str::FromStr,
+    T::Err: std::fmt::Display,
+{
+    let raw = env_var(key).ok_or_else(|| {
+        anyhow!(
+            "the setting `{key}` is not set; give it with --env {key}=VALUE (or in the run's `env`)"
+        )
+    })?;
+    parse_setting(key, &raw)
+}
+
+/// The setting `key` parsed as a `T`, or `default` when it is not set.
+pub fn config_or<T>(key: &str, default: T) -> Result<T>
+where
+    T: std::str::FromStr,
+    T::Err: std::fmt::Display,
+{
+    match env_var(key) {
+        Some(raw) => parse_setting(key, &raw),
+        None => Ok(default),
+    }
+}
+
+fn parse_setting<T>(key: &str, raw: &str) -> Result<T>
+where
+    T: std::str::FromStr,
+    T::Err: std::fmt::Display,
+{
+    raw.parse().map_err(|e| {
+        anyhow!(
+            "the setting `{key}` is {raw:?}, which is not a valid {}: {e}",
+            std::any::type_name::<T>()
+        )
+    })
+}
+
+/// Log macros, one per level: `log::info!("{} items", n)`, or with key/value
+/// fields first: `log::info!(user = name, n = n; "{} items", n)`.
 pub mod log {
     pub use crate::{
         __log_debug as debug, __log_error as error, __log_info as info, __log_trace as trace,
@@ -222,34 +329,51 @@ pub mod log {
     };
 }
 
+/// One log call at `$level`: `key = value, …;` fields first, if any, then the
+/// format string and its arguments.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __log_at {
+    ($level:expr; $($key:ident = $value:expr),+ ; $($arg:tt)+) => {
+        $crate::log_fields(
+            $level,
+            &::std::format!($($arg)+),
+            &[$((::std::stringify!($key), &$value as &dyn ::std::fmt::Display)),+],
+        )
+    };
+    ($level:expr; $($arg:tt)*) => {
+        $crate::log($level, &::std::format!($($arg)*))
+    };
+}
+
 #[doc(hidden)]
 #[macro_export]
 macro_rules! __log_trace {
-    ($($arg:tt)*) => { $crate::log($crate::Level::Trace, &::std::format!($($arg)*)) };
+    ($($t:tt)*) => { $crate::__log_at!($crate::Level::Trace; $($t)*) };
 }
 
 #[doc(hidden)]
 #[macro_export]
 macro_rules! __log_debug {
-    ($($arg:tt)*) => { $crate::log($crate::Level::Debug, &::std::format!($($arg)*)) };
+    ($($t:tt)*) => { $crate::__log_at!($crate::Level::Debug; $($t)*) };
 }
 
 #[doc(hidden)]
 #[macro_export]
 macro_rules! __log_info {
-    ($($arg:tt)*) => { $crate::log($crate::Level::Info, &::std::format!($($arg)*)) };
+    ($($t:tt)*) => { $crate::__log_at!($crate::Level::Info; $($t)*) };
 }
 
 #[doc(hidden)]
 #[macro_export]
 macro_rules! __log_warn {
-    ($($arg:tt)*) => { $crate::log($crate::Level::Warn, &::std::format!($($arg)*)) };
+    ($($t:tt)*) => { $crate::__log_at!($crate::Level::Warn; $($t)*) };
 }
 
 #[doc(hidden)]
 #[macro_export]
 macro_rules! __log_error {
-    ($($arg:tt)*) => { $crate::log($crate::Level::Error, &::std::format!($($arg)*)) };
+    ($($t:tt)*) => { $crate::__log_at!($crate::Level::Error; $($t)*) };
 }
 
 #[cfg(test)]
@@ -269,6 +393,46 @@ mod tests {
             br#"{"a":2,"b":3}"#.to_vec(),
         );
         assert_eq!(out.unwrap(), b"5");
+    }
+
+    #[test]
+    fn missing_json_input_says_so() {
+        let out = __invoke(|Json(p): Json<Pair>| Ok(Json(p.a)), Vec::new());
+        let error = out.unwrap_err();
+        assert!(error.contains("no input was given"), "{error}");
+        assert!(!error.contains("EOF"), "{error}");
+    }
+
+    #[test]
+    fn settings_parse_or_say_what_is_wrong() {
+        assert_eq!(parse_setting::<u32>("N", "12").unwrap(), 12);
+        let error = parse_setting::<u32>("N", "twelve").unwrap_err().to_string();
+        assert!(
+            error.contains("`N`") && error.contains("\"twelve\"") && error.contains("u32"),
+            "{error}"
+        );
+        let error = config::<u32>("VULCAN_GUEST_TEST_UNSET")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("--env VULCAN_GUEST_TEST_UNSET=VALUE"),
+            "{error}"
+        );
+        assert_eq!(config_or("VULCAN_GUEST_TEST_UNSET", 5u8).unwrap(), 5);
+    }
+
+    #[test]
+    fn the_error_macros_are_reexported() {
+        fn check(n: i32) -> Result<i32> {
+            ensure!(n >= 0, "negative: {n}");
+            if n == 0 {
+                bail!("zero");
+            }
+            Err(anyhow!("positive: {n}"))
+        }
+        assert_eq!(check(-1).unwrap_err().to_string(), "negative: -1");
+        assert_eq!(check(0).unwrap_err().to_string(), "zero");
+        assert_eq!(check(1).unwrap_err().to_string(), "positive: 1");
     }
 
     #[test]

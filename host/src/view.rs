@@ -7,8 +7,9 @@
 //! from records; never reads or writes storage itself.
 
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 
-use crate::logs::{LogLevel, LogRecord, LogStream};
+use crate::logs::{Fields, LogLevel, LogRecord, LogStream};
 use crate::store::ModuleInfo;
 use crate::workload::{FailureKind, Limits, Status, WorkloadId, WorkloadRecord};
 
@@ -75,27 +76,34 @@ pub struct WorkloadView {
     pub args: Vec<String>,
     /// The limits it ran under.
     pub limits: Limits,
-    /// An SDK workload's returned output, when it parses as JSON.
+    /// An SDK workload's returned output when it is JSON: exactly the bytes
+    /// it returned (key order and spacing kept).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub output: Option<serde_json::Value>,
-    /// The output as base64, when it is not JSON.
+    pub output: Option<RawJson>,
+    /// The output when it is text but not JSON.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_text: Option<String>,
+    /// The output as base64 when it is neither JSON nor text.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output_base64: Option<String>,
 }
 
 impl From<WorkloadRecord> for WorkloadView {
     fn from(mut w: WorkloadRecord) -> Self {
-        let (output, output_base64) = match w.output.take() {
-            None => (None, None),
-            Some(bytes) => match serde_json::from_slice::<serde_json::Value>(&bytes) {
-                Ok(json) => (Some(json), None),
-                Err(_) => {
+        let (mut output, mut output_text, mut output_base64) = (None, None, None);
+        if let Some(bytes) = w.output.take() {
+            match String::from_utf8(bytes) {
+                Ok(text) => match serde_json::from_str::<&RawValue>(&text) {
+                    Ok(json) => output = Some(RawJson(json.to_owned())),
+                    Err(_) => output_text = Some(text),
+                },
+                Err(e) => {
                     use base64::Engine as _;
-                    let b64 = base64::engine::general_purpose::STANDARD.encode(bytes);
-                    (None, Some(b64))
+                    let b64 = base64::engine::general_purpose::STANDARD.encode(e.as_bytes());
+                    output_base64 = Some(b64);
                 }
-            },
-        };
+            }
+        }
         let (args, limits, error) = (
             std::mem::take(&mut w.args),
             std::mem::take(&mut w.limits),
@@ -108,8 +116,27 @@ impl From<WorkloadRecord> for WorkloadView {
             args,
             limits,
             output,
+            output_text,
             output_base64,
         }
+    }
+}
+
+/// JSON kept as the text it was written as.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct RawJson(pub Box<RawValue>);
+
+impl RawJson {
+    /// The JSON text.
+    pub fn as_str(&self) -> &str {
+        self.0.get()
+    }
+}
+
+impl PartialEq for RawJson {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str()
     }
 }
 
@@ -144,6 +171,9 @@ pub struct LogLine {
     pub continued: bool,
     /// When it was written (RFC 3339).
     pub ts: String,
+    /// Key/value fields of a `log` record, in the order given.
+    #[serde(default, skip_serializing_if = "Fields::is_empty")]
+    pub fields: Fields,
 }
 
 fn is_false(b: &bool) -> bool {
@@ -159,6 +189,7 @@ impl From<&LogRecord> for LogLine {
             line: r.line.clone(),
             continued: r.continued,
             ts: rfc3339(r.ts_ms),
+            fields: r.fields.clone(),
         }
     }
 }
@@ -247,6 +278,25 @@ mod tests {
     }
 
     #[test]
+    fn output_comes_back_as_it_was_returned() {
+        let view = WorkloadView::from(record());
+        let json = serde_json::to_string(&view).unwrap();
+        assert!(
+            json.contains(r#""output":{"b":1,"a":[true]}"#),
+            "key order kept: {json}"
+        );
+        let mut text = record();
+        text.output = Some(b"Hello, Bob!".to_vec());
+        let view = WorkloadView::from(text);
+        assert_eq!(view.output_text.as_deref(), Some("Hello, Bob!"));
+        assert_eq!((view.output, view.output_base64), (None, None));
+        let mut binary = record();
+        binary.output = Some(vec![0xff, 0x00]);
+        let view = WorkloadView::from(binary);
+        assert_eq!(view.output_base64.as_deref(), Some("/wA="));
+    }
+
+    #[test]
     fn a_summary_keeps_the_first_line_of_the_error() {
         let summary = WorkloadSummary::from(record());
         assert_eq!(summary.error.as_deref(), Some("first line"));
@@ -262,6 +312,7 @@ mod tests {
             line: "abc".into(),
             continued: false,
             ts_ms: 0,
+            fields: Fields::default(),
         };
         let plain = serde_json::to_value(LogLine::from(&r)).unwrap();
         assert_eq!(

@@ -123,6 +123,8 @@ pub struct WorkloadSpec {
     /// Input: a Vulcan-world workload's `run` argument; a plain WASI
     /// workload's stdin when `stdin` is empty.
     pub input: Option<Vec<u8>>,
+    /// SDK `log` records below this level are dropped (not stored, not numbered).
+    pub log_level: Option<LogLevel>,
 }
 
 /// A workload's lifecycle state.
@@ -191,6 +193,49 @@ impl FromStr for Status {
                 "unknown status `{other}` (expected pending, running, completed, failed or killed)"
             ),
         })
+    }
+}
+
+/// Severity of a structured log line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    /// Finest-grained tracing.
+    Trace,
+    /// Debugging detail.
+    Debug,
+    /// Normal information.
+    Info,
+    /// Something unexpected but handled.
+    Warn,
+    /// A failure.
+    Error,
+}
+
+impl LogLevel {
+    /// The stable lowercase name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogLevel::Trace => "trace",
+            LogLevel::Debug => "debug",
+            LogLevel::Info => "info",
+            LogLevel::Warn => "warn",
+            LogLevel::Error => "error",
+        }
+    }
+}
+
+impl FromStr for LogLevel {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> anyhow::Result<Self> {
+        match s {
+            "trace" => Ok(LogLevel::Trace),
+            "debug" => Ok(LogLevel::Debug),
+            "info" => Ok(LogLevel::Info),
+            "warn" => Ok(LogLevel::Warn),
+            "error" => Ok(LogLevel::Error),
+            other => anyhow::bail!("unknown log level `{other}`"),
+        }
     }
 }
 

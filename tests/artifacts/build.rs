@@ -12,6 +12,7 @@ const COMPONENT_PACKAGES: &[&str] = &[
     "fib",
     "greet",
     "fails",
+    "settings",
     "wasip2-hello",
 ];
 

@@ -11,11 +11,7 @@ async fn submit_status_ls_logs_and_kill_through_the_server() {
     let env = Env::new();
     let server = Server::start(&env, &[]);
     let cli = Env::new(); // a different data dir: everything must come from the server
-    let with_server = |args: &[&str]| {
-        let mut full = vec!["--server", server.url.as_str()];
-        full.extend_from_slice(args);
-        cli.run(&full)
-    };
+    let with_server = |args: &[&str]| server.cli(&cli, args);
 
     let out = with_server(&["submit", &example_str("exit-code"), "--", "4"]);
     assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));

@@ -194,10 +194,11 @@ async fn components_through_the_api_sync_async_sse_history_and_kill() {
     let (_, record) = server.get_json(&format!("/v1/workloads/{id}")).await;
     assert_eq!(record["output"], json!({"sum": 42}));
 
-    // Output that is not JSON comes back as base64; input_base64 works too.
+    // Output that is text but not JSON comes back as text; input_base64 works too.
     let greet = upload("greet").await;
     let (_, record) = run(json!({"module": greet["hash"], "input_base64": "IkJvYiI="})).await;
-    assert_eq!(record["output_base64"], "SGVsbG8sIEJvYiE=", "{record}");
+    assert_eq!(record["output_text"], "Hello, Bob!", "{record}");
+    assert!(record["output_base64"].is_null(), "{record}");
     let id = record["id"].as_str().unwrap();
     let mut sse = server.sse(id, None).await;
     let first = sse.next().await.unwrap();

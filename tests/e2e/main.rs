@@ -5,6 +5,8 @@
 //! - `run`     — `vulcan run`: output, exit codes, limits, sandbox, bad input.
 //! - `local`   — `vulcan ls` / `vulcan logs` reading the local database.
 //! - `api`     — `vulcan serve` over HTTP: uploads, runs, SSE, errors, restarts.
+//! - `authors` — what a workload author meets: end messages, build-mistake
+//!   errors, settings, the `log` crate, log levels, output as returned.
 //! - `client`  — the CLI against a running server.
 //! - `read_model` — the same bytes from `status`/`ls`/`logs` locally and remotely;
 //!   the same exit codes from `run` and `submit`.
@@ -13,6 +15,7 @@
 //!   no stuck workload, no lost line.
 
 mod api;
+mod authors;
 mod client;
 mod components;
 mod hardening;

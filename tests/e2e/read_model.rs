@@ -15,11 +15,7 @@ async fn status_ls_and_logs_print_the_same_bytes_locally_and_from_a_server() {
     let env = Env::new();
     let server = Server::start(&env, &[]);
     let cli = Env::new();
-    let remote = |args: &[&str]| {
-        let mut full = vec!["--server", server.url.as_str()];
-        full.extend_from_slice(args);
-        cli.run(&full)
-    };
+    let remote = |args: &[&str]| server.cli(&cli, args);
     let local = |args: &[&str]| env.run(args);
 
     // Both streams; a 100 KiB line stored as `continued` records and a last

@@ -206,6 +206,14 @@ impl Server {
         }
     }
 
+    /// Runs `vulcan --server URL ARGS` with `cli`'s (different) data directory,
+    /// so that everything it prints must come from this server.
+    pub fn cli(&self, cli: &Env, args: &[&str]) -> Output {
+        let mut full = vec!["--server", self.url.as_str()];
+        full.extend_from_slice(args);
+        cli.run(&full)
+    }
+
     pub fn req(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
         let r = self.http.request(method, format!("{}{path}", self.url));
         match &self.token {

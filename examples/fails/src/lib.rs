@@ -2,7 +2,7 @@
 fn run(input: String) -> vulcan_guest::Result<String> {
     vulcan_guest::log::warn!("about to parse {input:?}");
     let n: i64 = input.trim().parse()?;
-    Err(vulcan_guest::Error::msg(format!("refusing to accept {n}")))
+    vulcan_guest::bail!("refusing to accept {n}")
 }
 
 vulcan_guest::workload!(run);

@@ -130,9 +130,13 @@ impl Follower {
             (EventFormat::Json, _) => {
                 event.data(serde_json::to_string(&LogLine::from(r)).unwrap_or_default())
             }
-            // Structured log lines carry their level with the message.
+            // Structured log lines carry their level (and fields) with the message.
             (EventFormat::Text, Some(level)) => {
-                event.data(json!({"level": level, "message": r.line}).to_string())
+                let mut data = json!({"level": level, "message": r.line});
+                if !r.fields.is_empty() {
+                    data["fields"] = json!(r.fields);
+                }
+                event.data(data.to_string())
             }
             (EventFormat::Text, None) => event.data(&r.line),
         };

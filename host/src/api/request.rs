@@ -1,11 +1,11 @@
 //! Turns the three accepted request bodies into a module reference and a spec.
 //!
 //! - `application/wasm`: the module bytes; args, env and limits in the query
-//!   (`?arg=a&arg=b&env=K%3DV&timeout_ms=…&max_memory_bytes=…&fuel=…`;
+//!   (`?arg=a&arg=b&env=K%3DV&timeout_ms=…&max_memory_bytes=…&fuel=…&log_level=…`;
 //!   `max_memory_mb` is accepted too).
 //! - `application/json`: `{"module":"sha256:…"` or `"module_base64":"…"`, `"args"`,
 //!   `"env"`, `"stdin"` or `"stdin_base64"`, `"input"` (any JSON value) or
-//!   `"input_base64"`, `"limits"`}.
+//!   `"input_base64"`, `"limits"`, `"log_level"`}.
 //! - `multipart/form-data`: a `module` file part and an optional `spec` JSON part.
 
 use std::collections::BTreeMap;
@@ -16,7 +16,7 @@ use base64::Engine as _;
 use serde::Deserialize;
 
 use super::ApiError;
-use crate::workload::{Limits, Stdin, WorkloadSpec};
+use crate::workload::{Limits, LogLevel, Stdin, WorkloadSpec};
 
 /// Which module to run.
 pub enum ModuleRef {
@@ -51,6 +51,7 @@ pub struct JsonSpec {
     input_base64: Option<String>,
     #[serde(default)]
     limits: JsonLimits,
+    log_level: Option<LogLevel>,
 }
 
 /// Limits as the API spells them.
@@ -203,6 +204,7 @@ impl JsonSpec {
                 preopens: Vec::new(),
                 limits: self.limits.into_limits()?,
                 input,
+                log_level: self.log_level,
             },
         })
     }
@@ -388,6 +390,14 @@ fn query_spec(query: &str) -> Result<JsonSpec, ApiError> {
             "max_memory_bytes" => spec.limits.max_memory_bytes = Some(number(&key, &value)?),
             "max_memory_mb" => spec.limits.max_memory_mb = Some(number(&key, &value)?),
             "fuel" => spec.limits.fuel = Some(number(&key, &value)?),
+            "log_level" => {
+                let level = value.parse().map_err(|_| {
+                    ApiError::BadRequest(format!(
+                        "`log_level={value}` is not one of trace, debug, info, warn, error"
+                    ))
+                })?;
+                spec.log_level = Some(level);
+            }
             "max_output_bytes" => spec.limits.max_output_bytes = Some(number(&key, &value)?),
             other => {
                 return Err(ApiError::BadRequest(format!(

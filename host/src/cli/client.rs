@@ -16,7 +16,7 @@ use super::print::{self, LinePrinter};
 use super::sse::SseParser;
 use super::{LimitsArgs, exit, parse};
 use crate::view::{LogLine, WorkloadView};
-use crate::workload::WorkloadId;
+use crate::workload::{LogLevel, WorkloadId};
 
 /// Talks to one server.
 pub struct Client {
@@ -97,6 +97,9 @@ pub struct SubmitArgs {
     /// argument; a plain WASI program's stdin)
     #[arg(long, value_name = "JSON|@FILE", value_parser = parse::input)]
     input: Option<parse::InputBytes>,
+    /// Drop SDK `log` records below this level (trace, debug, info, warn, error)
+    #[arg(long, value_name = "LEVEL")]
+    log_level: Option<LogLevel>,
     /// Print JSON instead of text
     #[arg(long)]
     json: bool,
@@ -109,8 +112,7 @@ pub struct SubmitArgs {
 
 /// `vulcan submit`.
 pub async fn submit(client: &Client, args: SubmitArgs) -> anyhow::Result<ExitCode> {
-    let bytes = std::fs::read(&args.module)
-        .with_context(|| format!("cannot read module {}", args.module.display()))?;
+    let bytes = parse::read_module(&args.module)?;
     let mut query = form_urlencoded::Serializer::new(String::new());
     if let Some(name) = args.module.file_name() {
         query.append_pair("argv0", &name.to_string_lossy());
@@ -125,6 +127,9 @@ pub async fn submit(client: &Client, args: SubmitArgs) -> anyhow::Result<ExitCod
         use base64::Engine as _;
         let b64 = base64::engine::general_purpose::STANDARD.encode(&input.0);
         query.append_pair("input_base64", &b64);
+    }
+    if let Some(level) = args.log_level {
+        query.append_pair("log_level", level.as_str());
     }
     let limits = args.limits.to_limits();
     let pairs = [

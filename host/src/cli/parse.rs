@@ -158,3 +158,18 @@ pub fn input(s: &str) -> Result<InputBytes, String> {
         .map(|_| InputBytes(s.as_bytes().to_vec()))
         .map_err(|e| format!("not JSON ({e}); use @FILE for other input"))
 }
+
+/// Reads a module file; a missing one gets an error that says how to build it.
+pub fn read_module(path: &std::path::Path) -> anyhow::Result<Vec<u8>> {
+    use anyhow::Context as _;
+    std::fs::read(path).with_context(|| match path.exists() {
+        true => format!("cannot read module {}", path.display()),
+        false => format!(
+            "cannot read module {}: there is no such file; build it first with \
+             `cargo build --release --target wasm32-wasip2` (an SDK workload, whose Cargo.toml \
+             needs `crate-type = [\"cdylib\"]`) or `--target wasm32-wasip1` (a plain program), \
+             and give the .wasm under target/<target>/release/",
+            path.display()
+        ),
+    })
+}

@@ -17,7 +17,11 @@ pub fn workload(out: &mut impl Write, w: &WorkloadView, json: bool) -> io::Resul
         return json_line(out, w);
     }
     let s = &w.summary;
-    let fields: [(&str, Option<Value>); 13] = [
+    let raw_output = w
+        .output
+        .as_ref()
+        .map(|o| Value::String(o.as_str().to_owned()));
+    let fields: [(&str, Option<Value>); 14] = [
         ("id", Some(s.id.to_string().into())),
         ("status", Some(s.status.as_str().into())),
         ("exit_code", s.exit_code.map(Value::from)),
@@ -25,7 +29,9 @@ pub fn workload(out: &mut impl Write, w: &WorkloadView, json: bool) -> io::Resul
         ("error", s.error.clone().map(Value::from)),
         ("duration_ms", s.duration_ms.map(Value::from)),
         ("line_count", Some(s.line_count.into())),
-        ("output", w.output.clone()),
+        // As the workload returned it: JSON as written, text as text.
+        ("output", raw_output),
+        ("output_text", w.output_text.clone().map(Value::from)),
         ("output_base64", w.output_base64.clone().map(Value::from)),
         ("module", Some(s.module.clone().into())),
         ("created_at", Some(s.created_at.clone().into())),
@@ -132,6 +138,9 @@ impl<O: Write, E: Write> LinePrinter<O, E> {
             write!(out, "[{}] ", level.as_str())?;
         }
         out.write_all(l.line.as_bytes())?;
+        if !l.fields.is_empty() {
+            write!(out, " {}", l.fields)?;
+        }
         if !l.continued {
             out.write_all(b"\n")?;
         }
@@ -144,11 +153,11 @@ impl<O: Write, E: Write> LinePrinter<O, E> {
         if self.json {
             return Ok(());
         }
-        match (&w.output, &w.output_base64) {
-            (Some(Value::String(s)), _) => writeln!(self.stdout, "{s}")?,
-            (Some(other), _) => writeln!(self.stdout, "{other}")?,
-            (None, Some(b64)) => writeln!(self.stdout, "output_base64: {b64}")?,
-            (None, None) => {}
+        match (&w.output, &w.output_text, &w.output_base64) {
+            (Some(json), _, _) => writeln!(self.stdout, "{}", json.as_str())?,
+            (None, Some(text), _) => writeln!(self.stdout, "{text}")?,
+            (None, None, Some(b64)) => writeln!(self.stdout, "output_base64: {b64}")?,
+            (None, None, None) => {}
         }
         self.stdout.flush()?;
         if let Some(why) = end_message(&w.summary) {
@@ -189,6 +198,7 @@ mod tests {
             line: text.into(),
             continued,
             ts: String::new(),
+            fields: Default::default(),
         }
     }
 

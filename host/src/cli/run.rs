@@ -9,12 +9,12 @@ use clap::Args;
 
 use super::print::end_message;
 use super::{LimitsArgs, exit, parse};
-use crate::engine::Runtime;
+use crate::engine::{ModuleKind, Runtime};
 use crate::node::{Node, NodeOptions};
 use crate::registry::RegistryError;
 use crate::runner::Tee;
 use crate::view::WorkloadView;
-use crate::workload::{Preopen, Stdin, WorkloadSpec};
+use crate::workload::{LogLevel, Preopen, Stdin, WorkloadSpec};
 
 /// Arguments of `vulcan run`.
 #[derive(Debug, Args)]
@@ -38,6 +38,9 @@ pub struct RunArgs {
     /// program reads it on stdin.
     #[arg(long, value_name = "JSON|@FILE", value_parser = parse::input)]
     input: Option<parse::InputBytes>,
+    /// Drop SDK `log` records below this level (trace, debug, info, warn, error)
+    #[arg(long, value_name = "LEVEL")]
+    log_level: Option<LogLevel>,
     /// The WASI module (.wasm) to run
     module: PathBuf,
     /// Arguments passed to the guest (after `--`)
@@ -47,8 +50,7 @@ pub struct RunArgs {
 
 /// Runs the module and returns the guest's exit code (or one of [`exit`]'s).
 pub fn execute(args: RunArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
-    let bytes = std::fs::read(&args.module)
-        .with_context(|| format!("cannot read module {}", args.module.display()))?;
+    let bytes = parse::read_module(&args.module)?;
     let argv0 = args.argv0.clone().unwrap_or_else(|| {
         args.module.file_name().map_or_else(
             || "module.wasm".into(),
@@ -68,6 +70,7 @@ pub fn execute(args: RunArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
         preopens: args.dirs.iter().chain(&args.dirs_ro).cloned().collect(),
         limits: args.limits.to_limits(),
         input: args.input.clone().map(|i| i.0),
+        log_level: args.log_level,
     };
 
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -89,6 +92,14 @@ pub fn execute(args: RunArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
                     }
                     other => anyhow::Error::from(other),
                 })?;
+        if args.input.is_some() && compiled.kind() != ModuleKind::Workload {
+            eprintln!(
+                "vulcan: note: --input goes to the stdin of {}, a plain WASI program, which \
+                 returns no output (an SDK workload built for wasm32-wasip2 takes --input as \
+                 its argument)",
+                args.module.display()
+            );
+        }
         let tee = Tee {
             // Buffered: the LogWriter flushes every tick and at the end.
             stdout: Box::new(std::io::BufWriter::with_capacity(

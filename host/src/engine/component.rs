@@ -2,7 +2,7 @@
 //! Vulcan world (`wit/workload.wit`: `run(input) -> result<output, error>`).
 //!
 //! Owns the component store state, the bindings of Vulcan's own host
-//! interface (`log`, `metadata`) and the check at compile time that a component
+//! interface (`log`, `log-fields`, `metadata`) and the check at compile time that a component
 //! is one of the two kinds with every import satisfied. Guest output still
 //! leaves only through the [`LogWriter`].
 
@@ -12,7 +12,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::InvalidModule;
 use super::limits::GuestLimiter;
-use crate::logs::{LinesNotStored, LogLevel, LogWriter};
+use crate::logs::{Fields, LinesNotStored, LogLevel, LogWriter};
 
 mod bindings {
     wasmtime::component::bindgen!({
@@ -49,6 +49,15 @@ impl WasiView for ComponentHost {
 
 impl host::Host for ComponentHost {
     async fn log(&mut self, level: Level, message: String) -> wasmtime::Result<()> {
+        self.log_fields(level, message, Vec::new()).await
+    }
+
+    async fn log_fields(
+        &mut self,
+        level: Level,
+        message: String,
+        fields: Vec<(String, String)>,
+    ) -> wasmtime::Result<()> {
         self.log.room().await;
         if let Some(why) = self.log.store_failure() {
             return Err(wasmtime::Error::new(LinesNotStored(why)));
@@ -60,7 +69,7 @@ impl host::Host for ComponentHost {
             Level::Warn => LogLevel::Warn,
             Level::Error => LogLevel::Error,
         };
-        self.log.log(level, &message);
+        self.log.log_with_fields(level, &message, Fields(fields));
         Ok(())
     }
 

@@ -209,9 +209,25 @@ impl Runtime {
     /// Tells a core module from a component by its header.
     pub fn classify(bytes: &[u8]) -> Result<BinaryFormat, InvalidModule> {
         if bytes.len() < 8 || &bytes[..4] != b"\0asm" {
-            return Err(InvalidModule(
-                "not a WebAssembly binary (it does not start with the \\0asm magic bytes)".into(),
-            ));
+            let native = [
+                &b"\x7fELF"[..],
+                b"MZ",
+                b"\xcf\xfa\xed\xfe",
+                b"\xca\xfe\xba\xbe",
+            ]
+            .iter()
+            .any(|magic| bytes.starts_with(magic));
+            let hint = match native {
+                true => {
+                    "; it is a native executable or library: build for WebAssembly with \
+                     `cargo build --release --target wasm32-wasip2` (an SDK workload, with \
+                     `crate-type = [\"cdylib\"]`) or `--target wasm32-wasip1` (a plain program)"
+                }
+                false => "",
+            };
+            return Err(InvalidModule(format!(
+                "not a WebAssembly binary (it does not start with the \\0asm magic bytes){hint}"
+            )));
         }
         if wasmparser_is_component(bytes) {
             Ok(BinaryFormat::Component)
@@ -290,6 +306,16 @@ impl Runtime {
         match module.get_export("_start") {
             Some(wasmtime::ExternType::Func(f))
                 if f.params().len() == 0 && f.results().len() == 0 => {}
+            _ if module
+                .imports()
+                .any(|i| i.module().starts_with("vulcan:workload/")) =>
+            {
+                return Err(InvalidModule(
+                    "this is an SDK workload built as a core module (wasm32-wasip1); build it \
+                     with `cargo build --release --target wasm32-wasip2` to get a component"
+                        .into(),
+                ));
+            }
             _ => {
                 return Err(InvalidModule(
                     "not a WASI command: it has no `_start` function export".into(),
@@ -483,7 +509,8 @@ fn classify(result: wasmtime::Result<Outcome>, spec: &WorkloadSpec) -> Outcome {
         return Outcome::LimitExceeded(LimitHit::Fuel(spec.limits.fuel.unwrap_or(u64::MAX)));
     }
     let message = match error.downcast_ref::<Trap>() {
-        Some(trap) => format!("wasm trap: {trap}"),
+        // A trap's own text already starts with "wasm trap: ".
+        Some(trap) => trap.to_string(),
         None => format!("{error:#}"),
     };
     Outcome::Trapped {

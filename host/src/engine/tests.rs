@@ -90,6 +90,11 @@ async fn trap_reports_message_and_wasm_backtrace() {
         panic!("expected a trap, got {outcome:?}");
     };
     assert!(message.contains("unreachable"), "{message}");
+    assert_eq!(
+        message.matches("wasm trap").count(),
+        1,
+        "said once: {message}"
+    );
     let backtrace = backtrace.expect("a backtrace");
     assert!(backtrace.contains("deep"), "{backtrace}");
 }

@@ -162,6 +162,7 @@ mod tests {
             line: format!("line {seq}"),
             continued: false,
             ts_ms: 0,
+            fields: Default::default(),
         })
     }
 

@@ -13,7 +13,7 @@ mod splitter;
 mod writer;
 
 pub use broker::{BrokerEvent, LogBroker, LogPublisher, LogSubscription};
-pub use record::{LogLevel, LogRecord, LogStream};
+pub use record::{Fields, LogLevel, LogRecord, LogStream};
 pub use sink::{LineSink, LivePublisher};
 pub use splitter::{LineSplitter, MAX_LINE_BYTES};
 pub use writer::{LinesNotStored, LogWriter, OutputLimitExceeded};

@@ -13,7 +13,7 @@ use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
-use super::{LineSink, LineSplitter, LogLevel, LogRecord, LogStream};
+use super::{Fields, LineSink, LineSplitter, LogLevel, LogRecord, LogStream};
 use crate::workload::{WorkloadId, now_ms};
 
 /// The guest wrote more than its output limit allows.
@@ -53,6 +53,8 @@ struct State {
     written: u64,
     max_output: Option<u64>,
     limit_hit: bool,
+    /// Structured records below this level are dropped.
+    min_level: Option<LogLevel>,
 }
 
 impl LogWriter {
@@ -79,6 +81,7 @@ impl LogWriter {
                 written: 0,
                 max_output,
                 limit_hit: false,
+                min_level: None,
             })),
             sink,
         }
@@ -111,9 +114,7 @@ impl LogWriter {
             LogStream::Stderr => (&mut s.stderr, &mut s.seq),
             _ => (&mut s.stdout, &mut s.seq),
         };
-        splitter.push(bytes, |line, continued| {
-            seq.emit(stream, None, line, continued)
-        });
+        splitter.push(bytes, |line, continued| seq.emit(stream, line, continued));
         Ok(())
     }
 
@@ -123,17 +124,34 @@ impl LogWriter {
         self.lock().flush_tee();
     }
 
-    /// Records one structured log call as a single record (newlines kept).
+    /// Drops structured records below `level` (stdout and stderr are kept).
+    pub fn with_min_level(self, level: Option<LogLevel>) -> Self {
+        self.lock().min_level = level;
+        self
+    }
+
+    /// Records one structured log call as a single record (newlines kept),
+    /// unless it is below the minimum level.
     pub fn log(&self, level: LogLevel, message: &str) {
+        self.log_with_fields(level, message, Fields::default());
+    }
+
+    /// Like [`LogWriter::log`], with key/value fields stored beside the message.
+    pub fn log_with_fields(&self, level: LogLevel, message: &str, fields: Fields) {
         let mut guard = self.lock();
         let s = &mut *guard;
-        s.seq
-            .emit(LogStream::Log, Some(level), message.as_bytes(), false);
+        if s.min_level.is_some_and(|min| level < min) {
+            return;
+        }
         if s.tee_stderr.is_some() {
             // A terminal shows structured lines too, marked with their level.
-            let line = format!("[{}] {message}\n", level.as_str());
+            let line = match fields.is_empty() {
+                true => format!("[{}] {message}\n", level.as_str()),
+                false => format!("[{}] {message} {fields}\n", level.as_str()),
+            };
             s.tee(LogStream::Stderr, line.as_bytes());
         }
+        s.seq.emit_fields(level, message, fields);
     }
 
     /// Flushes partial lines and returns how many records were written.
@@ -145,9 +163,9 @@ impl LogWriter {
         let s = &mut *guard;
         let seq = &mut s.seq;
         s.stdout
-            .finish(|line, c| seq.emit(LogStream::Stdout, None, line, c));
+            .finish(|line, c| seq.emit(LogStream::Stdout, line, c));
         s.stderr
-            .finish(|line, c| seq.emit(LogStream::Stderr, None, line, c));
+            .finish(|line, c| seq.emit(LogStream::Stderr, line, c));
         s.flush_tee();
         s.seq.next
     }
@@ -238,15 +256,40 @@ struct Sequencer {
 }
 
 impl Sequencer {
-    fn emit(&mut self, stream: LogStream, level: Option<LogLevel>, line: &[u8], continued: bool) {
+    /// Emits one line of stdout or stderr.
+    fn emit(&mut self, stream: LogStream, line: &[u8], continued: bool) {
+        let line = String::from_utf8_lossy(line).into_owned();
+        self.send(stream, None, line, continued, Fields::default());
+    }
+
+    /// Emits one structured record with its fields.
+    fn emit_fields(&mut self, level: LogLevel, message: &str, fields: Fields) {
+        self.send(
+            LogStream::Log,
+            Some(level),
+            message.to_owned(),
+            false,
+            fields,
+        );
+    }
+
+    fn send(
+        &mut self,
+        stream: LogStream,
+        level: Option<LogLevel>,
+        line: String,
+        continued: bool,
+        fields: Fields,
+    ) {
         let record = Arc::new(LogRecord {
             workload_id: self.workload,
             seq: self.next,
             stream,
             level,
-            line: String::from_utf8_lossy(line).into_owned(),
+            line,
             continued,
             ts_ms: now_ms(),
+            fields,
         });
         self.next += 1;
         if let Some(sink) = &self.sink {
@@ -268,6 +311,20 @@ mod tests {
         let id = crate::store::tests_support::create_workload(&db).await;
         let sink = db.line_sink(id, Some(Box::new(broker.open(id)))).unwrap();
         (dir, db, id, LogWriter::new(id, None, Some(Arc::new(sink))))
+    }
+
+    #[test]
+    fn records_below_the_minimum_level_are_dropped_without_a_gap() {
+        let out = Shared::default();
+        let writer = LogWriter::new(WorkloadId::new(), None, None)
+            .with_tee(None, Some(Box::new(out.clone())))
+            .with_min_level(Some(LogLevel::Warn));
+        writer.log(LogLevel::Debug, "noise");
+        writer.log(LogLevel::Warn, "careful");
+        writer.log(LogLevel::Info, "more noise");
+        writer.log(LogLevel::Error, "broken");
+        assert_eq!(writer.finish(), 2, "only two records were numbered");
+        assert_eq!(&*out.0.lock().unwrap(), b"[warn] careful\n[error] broken\n");
     }
 
     #[tokio::test]

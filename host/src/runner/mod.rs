@@ -179,7 +179,8 @@ impl Runner {
                     module_hash,
                 };
                 let sink = this.db.line_sink(id, Some(Box::new(publisher)))?;
-                let writer = LogWriter::new(id, spec.limits.max_output_bytes, Some(Arc::new(sink)));
+                let writer = LogWriter::new(id, spec.limits.max_output_bytes, Some(Arc::new(sink)))
+                    .with_min_level(spec.log_level);
                 let (writer, _tee_flusher) = with_tee(writer, tee);
                 this.execute(id, &module, &spec, &identity, &writer, &switch)
                     .await

@@ -4,7 +4,7 @@
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{ModuleInfo, StoreError, StoreResult, WorkloadPage};
-use crate::logs::{LogRecord, LogStream};
+use crate::logs::{Fields, LogRecord, LogStream};
 use crate::workload::{Status, WorkloadId, WorkloadRecord};
 
 /// True when the database answers a trivial query.
@@ -81,7 +81,7 @@ pub(super) fn read_lines(
     limit: u64,
 ) -> StoreResult<Vec<LogRecord>> {
     let mut stmt = c.prepare_cached(
-        "SELECT seq, stream, level, line, continued, created_at FROM log_records \
+        "SELECT seq, stream, level, line, continued, created_at, fields FROM log_records \
          WHERE workload = (SELECT key FROM workloads WHERE id = ?1) AND seq > ?2 \
          ORDER BY seq LIMIT ?3",
     )?;
@@ -89,18 +89,20 @@ pub(super) fn read_lines(
     let rows = stmt.query_map(params![id.to_string(), after, limit as i64], |r| {
         let stream: i64 = r.get(1)?;
         let level: Option<String> = r.get(2)?;
+        let fields: Option<String> = r.get(6)?;
         Ok((
-            r.get::<_, i64>(0)?,
-            stream,
-            level,
-            r.get(3)?,
-            r.get(4)?,
-            r.get(5)?,
+            (r.get::<_, i64>(0)?, stream, level),
+            (r.get(3)?, r.get(4)?, r.get(5)?, fields),
         ))
     })?;
     let mut out = Vec::new();
     for row in rows {
-        let (seq, stream, level, line, continued, ts_ms) = row?;
+        let ((seq, stream, level), (line, continued, ts_ms, fields)) = row?;
+        let fields = match fields {
+            None => Fields::default(),
+            Some(json) => serde_json::from_str(&json)
+                .map_err(|e| anyhow::anyhow!("corrupt log fields: {e}"))?,
+        };
         out.push(LogRecord {
             workload_id: id,
             seq: seq as u64,
@@ -109,6 +111,7 @@ pub(super) fn read_lines(
             line,
             continued,
             ts_ms,
+            fields,
         });
     }
     Ok(out)

@@ -103,6 +103,10 @@ pub(super) const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE workloads ADD COLUMN failure TEXT;
     "#,
+    // 4: key/value fields of a structured log record, as a JSON object (NULL: none).
+    r#"
+    ALTER TABLE log_records ADD COLUMN fields TEXT;
+    "#,
 ];
 
 /// The schema version this build writes.

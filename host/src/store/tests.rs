@@ -57,6 +57,7 @@ fn line(id: WorkloadId, seq: u64) -> Arc<LogRecord> {
         line: format!("line {seq}"),
         continued: false,
         ts_ms: 7,
+        fields: Default::default(),
     })
 }
 
@@ -204,6 +205,25 @@ async fn batched_lines_are_read_back_in_order_after_a_seq() {
     assert!(db.read_lines(id, Some(9_999), 10).await.unwrap().is_empty());
     assert_eq!(db.read_lines(other, None, 100).await.unwrap().len(), 5);
     assert_eq!(db.lost_lines(), 0);
+}
+
+#[tokio::test]
+async fn a_log_record_keeps_its_level_and_fields_in_order() {
+    let (_dir, db, hash) = db_with_module().await;
+    let id = create(&db, &hash).await;
+    let sink = db.line_sink(id, None).unwrap();
+    let mut r = (*line(id, 0)).clone();
+    (r.stream, r.level) = (LogStream::Log, Some(LogLevel::Info));
+    r.fields = crate::logs::Fields(vec![
+        ("zeta".into(), "1".into()),
+        ("alpha".into(), "two words".into()),
+    ]);
+    sink.send(Arc::new(r.clone()));
+    sink.send(line(id, 1));
+    db.flush().await;
+    let stored = db.read_lines(id, None, 10).await.unwrap();
+    assert_eq!(stored[0], r);
+    assert!(stored[1].fields.is_empty());
 }
 
 #[tokio::test]

@@ -13,9 +13,12 @@ use super::{NewWorkload, StoreError, StoreResult};
 use crate::workload::{Completion, Status, WorkloadId, now_ms};
 
 /// Rows per multi-row INSERT: one statement execution per this many lines
-/// (SQLite's per-statement cost dominates small rows); 7 parameters each stays
-/// well under SQLite's parameter limit.
+/// (SQLite's per-statement cost dominates small rows); [`COLUMNS`] parameters
+/// each stays well under SQLite's parameter limit.
 const ROWS_PER_INSERT: usize = 256;
+
+/// Parameters of one line's row.
+const COLUMNS: usize = 8;
 
 /// Inserts the taken lines; returns how many were skipped because their
 /// workload is not in the table.
@@ -26,13 +29,14 @@ pub(super) fn insert_lines(
 ) -> rusqlite::Result<u64> {
     fn insert_sql(rows: usize) -> String {
         let mut sql = String::from(
-            "INSERT INTO log_records (workload, seq, stream, level, line, continued, created_at) VALUES ",
+            "INSERT INTO log_records \
+             (workload, seq, stream, level, line, continued, created_at, fields) VALUES ",
         );
         for i in 0..rows {
             if i > 0 {
                 sql.push(',');
             }
-            sql.push_str("(?,?,?,?,?,?,?)");
+            sql.push_str("(?,?,?,?,?,?,?,?)");
         }
         sql
     }
@@ -52,7 +56,7 @@ pub(super) fn insert_lines(
             None => many.insert(tx.prepare_cached(&insert_sql(ROWS_PER_INSERT))?),
         };
         for (row, (key, r)) in chunk.iter().enumerate() {
-            bind_line(stmt, row * 7, *key, r)?;
+            bind_line(stmt, row * COLUMNS, *key, r)?;
         }
         stmt.raw_execute()?;
     }
@@ -81,6 +85,12 @@ fn bind_line(
     stmt.raw_bind_parameter(first + 5, r.line.as_str())?;
     stmt.raw_bind_parameter(first + 6, r.continued)?;
     stmt.raw_bind_parameter(first + 7, r.ts_ms)?;
+    let fields = match r.fields.is_empty() {
+        true => None,
+        // Strings only: serializing them cannot fail.
+        false => serde_json::to_string(&r.fields).ok(),
+    };
+    stmt.raw_bind_parameter(first + 8, fields)?;
     Ok(())
 }
 
