@@ -257,3 +257,22 @@ async fn output_is_shown_as_it_was_returned() {
     let out = cli.run(&follow);
     assert_eq!(stdout(&out), "hey hey\n", "{}", stderr(&out));
 }
+
+#[test]
+fn sdk_log_records_count_against_the_output_limit() {
+    let env = Env::new();
+    let greet = component_str("greet");
+    // Its stdout and stderr lines come to 28 bytes; its log records to more.
+    let out = env.run(&["run", "--max-output", "30", "--input", r#""Ada""#, &greet]);
+    assert_eq!(out.status.code(), Some(125), "{}", stderr(&out));
+    says(&out, "output limit of 30 bytes exceeded");
+    let out = env.run(&[
+        "run",
+        "--max-output",
+        "10KiB",
+        "--input",
+        r#""Ada""#,
+        &greet,
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+}

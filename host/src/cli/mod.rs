@@ -135,7 +135,8 @@ pub struct LimitsArgs {
     /// Units of fuel (roughly, wasm instructions) the guest may use
     #[arg(long, value_name = "N")]
     fuel: Option<u64>,
-    /// Most bytes the guest may write to stdout and stderr together (e.g. 10MiB)
+    /// Most bytes the guest may write to stdout and stderr together, SDK log
+    /// records included (e.g. 10MiB)
     #[arg(long, value_name = "SIZE", value_parser = parse::size)]
     max_output: Option<u64>,
 }

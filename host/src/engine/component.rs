@@ -69,8 +69,10 @@ impl host::Host for ComponentHost {
             Level::Warn => LogLevel::Warn,
             Level::Error => LogLevel::Error,
         };
-        self.log.log_with_fields(level, &message, Fields(fields));
-        Ok(())
+        // Past the output limit the guest stops here, as a write would stop it.
+        self.log
+            .log_with_fields(level, &message, Fields(fields))
+            .map_err(wasmtime::Error::new)
     }
 
     async fn metadata(&mut self) -> wasmtime::Result<Metadata> {

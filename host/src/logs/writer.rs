@@ -101,14 +101,7 @@ impl LogWriter {
     pub fn write(&self, stream: LogStream, bytes: &[u8]) -> Result<(), OutputLimitExceeded> {
         let mut guard = self.lock();
         let s = &mut *guard;
-        s.written += bytes.len() as u64;
-        if let Some(limit) = s.max_output
-            && s.written > limit
-        {
-            // Remembered, because a guest may ignore the write error it gets.
-            s.limit_hit = true;
-            return Err(OutputLimitExceeded { limit });
-        }
+        s.count_output(bytes.len())?;
         s.tee(stream, bytes);
         let (splitter, seq) = match stream {
             LogStream::Stderr => (&mut s.stderr, &mut s.seq),
@@ -132,17 +125,30 @@ impl LogWriter {
 
     /// Records one structured log call as a single record (newlines kept),
     /// unless it is below the minimum level.
-    pub fn log(&self, level: LogLevel, message: &str) {
-        self.log_with_fields(level, message, Fields::default());
+    pub fn log(&self, level: LogLevel, message: &str) -> Result<(), OutputLimitExceeded> {
+        self.log_with_fields(level, message, Fields::default())
     }
 
     /// Like [`LogWriter::log`], with key/value fields stored beside the message.
-    pub fn log_with_fields(&self, level: LogLevel, message: &str, fields: Fields) {
+    /// Its bytes count against the output limit as stdout and stderr do.
+    pub fn log_with_fields(
+        &self,
+        level: LogLevel,
+        message: &str,
+        fields: Fields,
+    ) -> Result<(), OutputLimitExceeded> {
         let mut guard = self.lock();
         let s = &mut *guard;
         if s.min_level.is_some_and(|min| level < min) {
-            return;
+            return Ok(());
         }
+        let size = message.len()
+            + fields
+                .0
+                .iter()
+                .map(|(k, v)| k.len() + v.len())
+                .sum::<usize>();
+        s.count_output(size)?;
         if s.tee_stderr.is_some() {
             // A terminal shows structured lines too, marked with their level.
             let line = match fields.is_empty() {
@@ -152,6 +158,7 @@ impl LogWriter {
             s.tee(LogStream::Stderr, line.as_bytes());
         }
         s.seq.emit_fields(level, message, fields);
+        Ok(())
     }
 
     /// Flushes partial lines and returns how many records were written.
@@ -208,6 +215,19 @@ impl LogWriter {
 }
 
 impl State {
+    /// Counts `bytes` more of output against the limit.
+    fn count_output(&mut self, bytes: usize) -> Result<(), OutputLimitExceeded> {
+        self.written += bytes as u64;
+        match self.max_output {
+            Some(limit) if self.written > limit => {
+                // Remembered, because a guest may ignore the write error it gets.
+                self.limit_hit = true;
+                Err(OutputLimitExceeded { limit })
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// Copies raw bytes to the stream's tee without flushing: a tee may buffer
     /// (one write per guest write would cost a syscall per line), and is flushed
     /// every tick and at the end. Bytes of the other stream are flushed first,
@@ -319,10 +339,14 @@ mod tests {
         let writer = LogWriter::new(WorkloadId::new(), None, None)
             .with_tee(None, Some(Box::new(out.clone())))
             .with_min_level(Some(LogLevel::Warn));
-        writer.log(LogLevel::Debug, "noise");
-        writer.log(LogLevel::Warn, "careful");
-        writer.log(LogLevel::Info, "more noise");
-        writer.log(LogLevel::Error, "broken");
+        for (level, message) in [
+            (LogLevel::Debug, "noise"),
+            (LogLevel::Warn, "careful"),
+            (LogLevel::Info, "more noise"),
+            (LogLevel::Error, "broken"),
+        ] {
+            writer.log(level, message).unwrap();
+        }
         assert_eq!(writer.finish(), 2, "only two records were numbered");
         assert_eq!(&*out.0.lock().unwrap(), b"[warn] careful\n[error] broken\n");
     }
@@ -335,7 +359,7 @@ mod tests {
         writer.write(LogStream::Stdout, b"out-partial").unwrap();
         writer.write(LogStream::Stderr, b"err1\n").unwrap();
         writer.write(LogStream::Stdout, b" done\nout2\n").unwrap();
-        writer.log(LogLevel::Warn, "careful\nnow");
+        writer.log(LogLevel::Warn, "careful\nnow").unwrap();
         writer.write(LogStream::Stderr, b"tail").unwrap();
         assert_eq!(writer.finish(), 5);
         // Lines are published once committed; the terminal status closes the channel.
@@ -421,5 +445,18 @@ mod tests {
         assert_eq!(err.limit, 10);
         assert_eq!(&*out.0.lock().unwrap(), b"\x00\xff\r\n12345");
         assert_eq!(writer.finish(), 2, "the partial line is still flushed");
+    }
+
+    #[test]
+    fn log_records_count_against_the_output_limit() {
+        let writer = LogWriter::new(WorkloadId::new(), Some(10), None);
+        writer.log(LogLevel::Info, "12345").unwrap();
+        let fields = Fields(vec![("k".into(), "1234".into())]);
+        let err = writer
+            .log_with_fields(LogLevel::Info, "x", fields)
+            .unwrap_err();
+        assert_eq!(err.limit, 10);
+        assert_eq!(writer.output_limit_hit(), Some(10));
+        assert_eq!(writer.finish(), 1, "the record past the limit was not kept");
     }
 }

@@ -2,7 +2,7 @@
 //!
 //! A guest writes faster than SQLite commits only for as long as its lane has
 //! room: each lane holds at most `lane_bytes` of lines and all lanes together
-//! `total_bytes` (a line costs its length plus [`LINE_OVERHEAD`]), and a guest
+//! `total_bytes` (a line costs its length, with any fields, plus [`LINE_OVERHEAD`]), and a guest
 //! whose lane is full is made to wait in [`LineLane`]'s `poll_room` until the
 //! writer has committed some of it. Room is given back only after the commit, so
 //! the bound covers every line the process holds for the store. The writer takes
@@ -26,7 +26,15 @@ pub const LINE_OVERHEAD: usize = 96;
 
 /// The cost of one record against the queue's bounds.
 fn cost(record: &LogRecord) -> usize {
-    record.line.len() + LINE_OVERHEAD
+    // A log record's fields are held too: a guest must not get past the bound
+    // by putting its bytes there.
+    let fields: usize = record
+        .fields
+        .0
+        .iter()
+        .map(|(k, v)| k.len() + v.len() + 48)
+        .sum();
+    record.line.len() + fields + LINE_OVERHEAD
 }
 
 /// One workload's lines and what it shares with its guest.
