@@ -6,7 +6,7 @@
 //! wiring, start-up recovery and the shutdown order; holds no workload logic
 //! and nothing HTTP (the API holds a node plus its own configuration).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -41,7 +41,6 @@ impl Default for NodeOptions {
 
 /// The wired parts of one node over one data directory.
 pub struct Node {
-    data_dir: PathBuf,
     db: Db,
     broker: LogBroker,
     registry: ModuleRegistry,
@@ -82,18 +81,12 @@ impl Node {
             max_concurrent: options.max_concurrent.map(|n| n.max(1)),
         });
         Ok(Arc::new(Self {
-            data_dir: data_dir.to_owned(),
             db,
             broker,
             registry,
             runner,
             metrics,
         }))
-    }
-
-    /// The data directory it owns.
-    pub fn data_dir(&self) -> &Path {
-        &self.data_dir
     }
 
     /// The store: records, modules and lines.

@@ -213,6 +213,15 @@ pub enum LogLevel {
 }
 
 impl LogLevel {
+    /// Every level, lowest first.
+    pub const ALL: [LogLevel; 5] = [
+        LogLevel::Trace,
+        LogLevel::Debug,
+        LogLevel::Info,
+        LogLevel::Warn,
+        LogLevel::Error,
+    ];
+
     /// The stable lowercase name.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -228,14 +237,10 @@ impl LogLevel {
 impl FromStr for LogLevel {
     type Err = anyhow::Error;
     fn from_str(s: &str) -> anyhow::Result<Self> {
-        match s {
-            "trace" => Ok(LogLevel::Trace),
-            "debug" => Ok(LogLevel::Debug),
-            "info" => Ok(LogLevel::Info),
-            "warn" => Ok(LogLevel::Warn),
-            "error" => Ok(LogLevel::Error),
-            other => anyhow::bail!("unknown log level `{other}`"),
-        }
+        LogLevel::ALL
+            .into_iter()
+            .find(|l| l.as_str() == s)
+            .ok_or_else(|| anyhow::anyhow!("unknown log level `{s}`"))
     }
 }
 
@@ -407,5 +412,21 @@ mod tests {
             assert_eq!(serde_json::to_value(kind).unwrap(), kind.as_str());
         }
         assert!("nope".parse::<FailureKind>().is_err());
+    }
+
+    #[test]
+    fn every_log_level_and_stream_reads_back_from_its_name_and_serde_agrees() {
+        for level in LogLevel::ALL {
+            assert_eq!(level.as_str().parse::<LogLevel>().unwrap(), level);
+            assert_eq!(serde_json::to_value(level).unwrap(), level.as_str());
+        }
+        for stream in crate::logs::LogStream::ALL {
+            assert_eq!(
+                stream.as_str().parse::<crate::logs::LogStream>().unwrap(),
+                stream
+            );
+            assert_eq!(serde_json::to_value(stream).unwrap(), stream.as_str());
+        }
+        assert!("loud".parse::<LogLevel>().is_err());
     }
 }

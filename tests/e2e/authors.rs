@@ -9,10 +9,6 @@ use vulcan_test_artifacts::component;
 
 use crate::support::*;
 
-fn component_str(name: &str) -> String {
-    component(name).to_str().unwrap().to_owned()
-}
-
 /// The end of a run, as every command tells it on stderr.
 fn says(out: &Output, what: &str) {
     assert!(

@@ -7,10 +7,6 @@ use vulcan_test_artifacts::component;
 
 use crate::support::*;
 
-fn component_str(name: &str) -> String {
-    component(name).to_str().unwrap().to_owned()
-}
-
 /// (stream, level, line) of every stored line of `id`, in seq order.
 fn leveled_lines(env: &Env, id: &str) -> Vec<(String, Option<String>, String)> {
     let conn = env.sqlite();

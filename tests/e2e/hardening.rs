@@ -1,28 +1,11 @@
 //! The product's promises under hostile guests, hostile clients and faults:
 //! bounded memory, no stuck workload, no lost line, one owner per data directory.
 
-use std::time::{Duration, Instant};
-
 use reqwest::Method;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::support::*;
-
-/// Polls `check` until it returns `Some`; fails after 60 s rather than hang.
-async fn eventually<T, F: Future<Output = Option<T>>>(
-    what: &str,
-    mut check: impl FnMut() -> F,
-) -> T {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 /// Resident memory of a process, from /proc.
 fn rss_bytes(pid: u32) -> u64 {

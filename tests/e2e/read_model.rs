@@ -110,8 +110,8 @@ async fn run_and_submit_exit_alike_for_every_kind_of_ending() {
         example_str("log-flood"),
     );
     let (exit_code, hello) = (example_str("exit-code"), example_str("hello"));
-    let fails = vulcan_test_artifacts::component("fails");
-    let fails = fails.to_str().unwrap();
+    let fails = component_str("fails");
+    let fails = fails.as_str();
     // (kind, flags and module, expected exit code)
     let cases: Vec<(&str, Vec<&str>, u8)> = vec![
         ("completed", vec![&hello], 0),

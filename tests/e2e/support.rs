@@ -102,6 +102,14 @@ pub struct WorkloadRow {
     pub duration_ms: Option<i64>,
 }
 
+/// Path of the compiled component example `name`, as a string.
+pub fn component_str(name: &str) -> String {
+    vulcan_test_artifacts::component(name)
+        .to_str()
+        .unwrap()
+        .to_owned()
+}
+
 pub fn example_str(name: &str) -> String {
     example(name).to_str().unwrap().to_owned()
 }
@@ -115,6 +123,24 @@ pub fn stderr(o: &Output) -> String {
 }
 
 /// Writes `wat` compiled to a `.wasm` file in `dir`.
+/// Polls `check` until it returns `Some`; fails after 60 s rather than hang.
+pub async fn eventually<T, F: Future<Output = Option<T>>>(
+    what: &str,
+    mut check: impl FnMut() -> F,
+) -> T {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting until {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 /// Base64 of `bytes`, as the API takes modules and input.
 pub fn b64(bytes: &[u8]) -> String {
     use base64::Engine as _;

@@ -190,14 +190,20 @@ pub fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         .context("failed to start the async runtime")?;
     rt.block_on(async move {
         let Some(server) = server else {
+            const NEEDS_SERVER: &str =
+                "this command talks to a server: pass --server URL or set VULCAN_SERVER";
+            // Refused before the database is opened: its state is no reason.
+            let reads_locally = match &command {
+                Command::Logs(args) => !args.follow,
+                command => matches!(command, Command::Status(_) | Command::Ls(_)),
+            };
+            anyhow::ensure!(reads_locally, NEEDS_SERVER);
             let local = backend::Local::open(&data_dir)?;
             return match command {
                 Command::Status(args) => read::status(&local, args).await,
                 Command::Ls(args) => read::ls(&local, args).await,
-                Command::Logs(args) if !args.follow => read::logs(&local, args).await,
-                _ => anyhow::bail!(
-                    "this command talks to a server: pass --server URL or set VULCAN_SERVER"
-                ),
+                Command::Logs(args) => read::logs(&local, args).await,
+                _ => anyhow::bail!(NEEDS_SERVER),
             };
         };
         let c = client::Client::new(&server)?;

@@ -71,7 +71,7 @@ impl host::Host for ComponentHost {
         };
         // Past the output limit the guest stops here, as a write would stop it.
         self.log
-            .log_with_fields(level, &message, Fields(fields))
+            .log(level, &message, Fields(fields))
             .map_err(wasmtime::Error::new)
     }
 

@@ -20,6 +20,9 @@ pub enum LogStream {
 }
 
 impl LogStream {
+    /// Every stream.
+    pub const ALL: [LogStream; 3] = [LogStream::Stdout, LogStream::Stderr, LogStream::Log];
+
     /// The stable name used in the database, the API and SSE event names.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -39,12 +42,10 @@ impl fmt::Display for LogStream {
 impl FromStr for LogStream {
     type Err = anyhow::Error;
     fn from_str(s: &str) -> anyhow::Result<Self> {
-        match s {
-            "stdout" => Ok(LogStream::Stdout),
-            "stderr" => Ok(LogStream::Stderr),
-            "log" => Ok(LogStream::Log),
-            other => anyhow::bail!("unknown log stream `{other}`"),
-        }
+        LogStream::ALL
+            .into_iter()
+            .find(|l| l.as_str() == s)
+            .ok_or_else(|| anyhow::anyhow!("unknown log stream `{s}`"))
     }
 }
 
@@ -82,6 +83,11 @@ impl Fields {
     /// True when there are none.
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
+    }
+
+    /// The bytes of every key and value.
+    pub fn bytes(&self) -> usize {
+        self.0.iter().map(|(k, v)| k.len() + v.len()).sum()
     }
 }
 

@@ -123,15 +123,10 @@ impl LogWriter {
         self
     }
 
-    /// Records one structured log call as a single record (newlines kept),
-    /// unless it is below the minimum level.
-    pub fn log(&self, level: LogLevel, message: &str) -> Result<(), OutputLimitExceeded> {
-        self.log_with_fields(level, message, Fields::default())
-    }
-
-    /// Like [`LogWriter::log`], with key/value fields stored beside the message.
-    /// Its bytes count against the output limit as stdout and stderr do.
-    pub fn log_with_fields(
+    /// Records one structured log call, with its key/value fields, as a single
+    /// record (newlines kept), unless it is below the minimum level. Its bytes
+    /// count against the output limit as stdout and stderr do.
+    pub fn log(
         &self,
         level: LogLevel,
         message: &str,
@@ -142,13 +137,7 @@ impl LogWriter {
         if s.min_level.is_some_and(|min| level < min) {
             return Ok(());
         }
-        let size = message.len()
-            + fields
-                .0
-                .iter()
-                .map(|(k, v)| k.len() + v.len())
-                .sum::<usize>();
-        s.count_output(size)?;
+        s.count_output(message.len() + fields.bytes())?;
         if s.tee_stderr.is_some() {
             // A terminal shows structured lines too, marked with their level.
             let line = match fields.is_empty() {
@@ -345,7 +334,7 @@ mod tests {
             (LogLevel::Info, "more noise"),
             (LogLevel::Error, "broken"),
         ] {
-            writer.log(level, message).unwrap();
+            writer.log(level, message, Fields::default()).unwrap();
         }
         assert_eq!(writer.finish(), 2, "only two records were numbered");
         assert_eq!(&*out.0.lock().unwrap(), b"[warn] careful\n[error] broken\n");
@@ -359,7 +348,9 @@ mod tests {
         writer.write(LogStream::Stdout, b"out-partial").unwrap();
         writer.write(LogStream::Stderr, b"err1\n").unwrap();
         writer.write(LogStream::Stdout, b" done\nout2\n").unwrap();
-        writer.log(LogLevel::Warn, "careful\nnow").unwrap();
+        writer
+            .log(LogLevel::Warn, "careful\nnow", Fields::default())
+            .unwrap();
         writer.write(LogStream::Stderr, b"tail").unwrap();
         assert_eq!(writer.finish(), 5);
         // Lines are published once committed; the terminal status closes the channel.
@@ -450,11 +441,11 @@ mod tests {
     #[test]
     fn log_records_count_against_the_output_limit() {
         let writer = LogWriter::new(WorkloadId::new(), Some(10), None);
-        writer.log(LogLevel::Info, "12345").unwrap();
+        writer
+            .log(LogLevel::Info, "12345", Fields::default())
+            .unwrap();
         let fields = Fields(vec![("k".into(), "1234".into())]);
-        let err = writer
-            .log_with_fields(LogLevel::Info, "x", fields)
-            .unwrap_err();
+        let err = writer.log(LogLevel::Info, "x", fields).unwrap_err();
         assert_eq!(err.limit, 10);
         assert_eq!(writer.output_limit_hit(), Some(10));
         assert_eq!(writer.finish(), 1, "the record past the limit was not kept");

@@ -168,7 +168,7 @@ impl Runner {
                     .await;
                 if let Err(e) = created {
                     let _ = created_tx.send(Err(e));
-                    return Ok(None);
+                    return Ok(false);
                 }
                 // Live from creation: a follower that arrives while it is
                 // pending still gets every line.
@@ -178,13 +178,21 @@ impl Runner {
                     workload_id: id.to_string(),
                     module_hash,
                 };
-                let sink = this.db.line_sink(id, Some(Box::new(publisher)))?;
-                let writer = LogWriter::new(id, spec.limits.max_output_bytes, Some(Arc::new(sink)))
+                let sink = match this.db.line_sink(id, Some(Box::new(publisher))) {
+                    Ok(sink) => Arc::new(sink),
+                    // Without a sink it cannot run, and it must not stay pending.
+                    Err(e) => {
+                        let failure = Completion::host_failure(format!("failed to start: {e}"), 0);
+                        this.db.finish(id, failure).await?;
+                        return Ok(true);
+                    }
+                };
+                let writer = LogWriter::new(id, spec.limits.max_output_bytes, Some(sink))
                     .with_min_level(spec.log_level);
                 let (writer, _tee_flusher) = with_tee(writer, tee);
                 this.execute(id, &module, &spec, &identity, &writer, &switch)
-                    .await
-                    .map(Some)
+                    .await?;
+                Ok(true)
             }
         });
         // A second task watches the first, so that even a panic inside the
@@ -206,7 +214,7 @@ impl Runner {
                 };
                 this.lock().remove(&id);
                 this.ended.notify_waiters();
-                if result?.is_none() {
+                if !result? {
                     anyhow::bail!("workload {id} was not created");
                 }
                 Ok(this.db.workload(id).await?)
@@ -263,7 +271,7 @@ impl Runner {
         identity: &GuestIdentity,
         writer: &LogWriter,
         switch: &KillSwitch,
-    ) -> anyhow::Result<Outcome> {
+    ) -> anyhow::Result<()> {
         let (outcome, mut completion) = if switch.cancel.is_cancelled() {
             // Killed while pending: it never runs.
             let report = RunReport {
@@ -313,8 +321,7 @@ impl Runner {
                 "workload {id} ended, but its end could not be recorded yet \
                  (it will be recorded as soon as the store accepts writes)"
             ))
-        })?;
-        Ok(outcome)
+        })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<WorkloadId, KillSwitch>> {
