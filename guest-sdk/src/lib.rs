@@ -43,6 +43,9 @@
 //! - Settings: [`env_var`] looks one up by name, [`config`] parses it
 //!   (`let n: u32 = config("LIMIT")?;`) and [`config_or`] gives a default; the
 //!   values come from the run's env (`--env LIMIT=10`, or `env` in the API).
+//! - Outbound HTTP: [`http::get`] and [`http::Request`], to the hosts the run
+//!   allows (`--allow-host https://api.example.com`); every other host is
+//!   refused.
 
 #![deny(missing_docs)]
 
@@ -59,6 +62,8 @@ pub mod __bindings {
         default_bindings_module: "vulcan_guest::__bindings",
     });
 }
+
+pub mod http;
 
 use __bindings::vulcan::workload::host;
 

@@ -13,6 +13,7 @@
 //! - [`runner`] — takes a workload from `pending` to its terminal status.
 //! - [`engine`] — the wasmtime backend: preview1 modules, preview2 commands and
 //!   `vulcan:workload` components; sandbox, limits, outcomes.
+//! - [`outbound`] — which hosts a component's HTTP requests may reach.
 //! - [`logs`] — guest bytes → lines → numbered records → [`logs::LogBroker`] (live).
 //! - [`store`] — SQLite: modules, workloads, batched log lines (durable, history).
 //! - [`workload`] — the plain data every stage shares.
@@ -38,6 +39,7 @@ pub mod engine;
 pub mod logs;
 pub mod metrics;
 pub mod node;
+pub mod outbound;
 pub mod registry;
 pub mod runner;
 pub mod store;

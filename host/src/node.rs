@@ -13,6 +13,7 @@ use std::time::Duration;
 use crate::engine::Runtime;
 use crate::logs::LogBroker;
 use crate::metrics::Metrics;
+use crate::outbound::OutboundPolicy;
 use crate::registry::{DEFAULT_MAX_FUNCTION_SIZE, ModuleRegistry, RegistryParts};
 use crate::runner::{Runner, RunnerParts};
 use crate::store::{Db, WriterConfig};
@@ -27,6 +28,8 @@ pub struct NodeOptions {
     pub max_function_size: u64,
     /// How the store batches and bounds log lines.
     pub writer: WriterConfig,
+    /// Where components may send HTTP requests, beyond what each spec lists.
+    pub outbound: OutboundPolicy,
 }
 
 impl Default for NodeOptions {
@@ -35,12 +38,14 @@ impl Default for NodeOptions {
             max_concurrent: None,
             max_function_size: DEFAULT_MAX_FUNCTION_SIZE,
             writer: WriterConfig::default(),
+            outbound: OutboundPolicy::default(),
         }
     }
 }
 
 /// The wired parts of one node over one data directory.
 pub struct Node {
+    runtime: Arc<Runtime>,
     db: Db,
     broker: LogBroker,
     registry: ModuleRegistry,
@@ -53,7 +58,7 @@ impl Node {
     /// previous process left pending or running are marked failed: with the
     /// directory's lock held, nothing else can be running them.
     pub async fn open(data_dir: &Path, options: NodeOptions) -> anyhow::Result<Arc<Self>> {
-        let runtime = Runtime::new()?;
+        let runtime = Runtime::new(options.outbound)?;
         let db = Db::open_with(data_dir, options.writer)?;
         let orphaned = db
             .fail_unfinished("failed: vulcan stopped while this workload was pending or running")
@@ -74,13 +79,14 @@ impl Node {
             max_function_size: options.max_function_size,
         });
         let runner = Runner::new(RunnerParts {
-            runtime,
+            runtime: Arc::clone(&runtime),
             db: db.clone(),
             broker: broker.clone(),
             metrics: Arc::clone(&metrics),
             max_concurrent: options.max_concurrent.map(|n| n.max(1)),
         });
         Ok(Arc::new(Self {
+            runtime,
             db,
             broker,
             registry,
@@ -107,6 +113,11 @@ impl Node {
     /// Starts, tracks and kills workloads.
     pub fn runner(&self) -> &Arc<Runner> {
         &self.runner
+    }
+
+    /// What the operator allows components' outbound HTTP requests.
+    pub fn outbound_policy(&self) -> &OutboundPolicy {
+        self.runtime.outbound_policy()
     }
 
     /// The counters every part reports into.

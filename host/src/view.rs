@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use crate::logs::{Fields, LogLevel, LogRecord, LogStream};
+use crate::outbound::OutboundRule;
 use crate::store::ModuleInfo;
 use crate::workload::{FailureKind, Limits, Status, WorkloadId, WorkloadRecord};
 
@@ -76,6 +77,12 @@ pub struct WorkloadView {
     pub args: Vec<String>,
     /// The limits it ran under.
     pub limits: Limits,
+    /// Hosts it may send HTTP requests to (left out when none).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_hosts: Vec<OutboundRule>,
+    /// Its minimum SDK log level (left out when all are kept).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_level: Option<LogLevel>,
     /// An SDK workload's returned output when it is JSON: exactly the bytes
     /// it returned (key order and spacing kept).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -104,9 +111,11 @@ impl From<WorkloadRecord> for WorkloadView {
                 }
             }
         }
-        let (args, limits, error) = (
+        let (args, limits, allowed_hosts, log_level, error) = (
             std::mem::take(&mut w.args),
             std::mem::take(&mut w.limits),
+            std::mem::take(&mut w.allowed_hosts),
+            w.log_level,
             w.error.clone(),
         );
         let mut summary = WorkloadSummary::from(w);
@@ -115,6 +124,8 @@ impl From<WorkloadRecord> for WorkloadView {
             summary,
             args,
             limits,
+            allowed_hosts,
+            log_level,
             output,
             output_text,
             output_base64,
@@ -248,6 +259,8 @@ mod tests {
                 timeout_ms: Some(5),
                 ..Limits::default()
             },
+            allowed_hosts: vec!["https://api.example.com".parse().unwrap()],
+            log_level: Some(LogLevel::Info),
             exit_code: None,
             error: Some("first line\nsecond line".into()),
             failure: Some(FailureKind::Trap),

@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::outbound::OutboundRule;
+
 /// A workload's id: a ULID, so ids sort by creation time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct WorkloadId(ulid::Ulid);
@@ -125,6 +127,8 @@ pub struct WorkloadSpec {
     pub input: Option<Vec<u8>>,
     /// SDK `log` records below this level are dropped (not stored, not numbered).
     pub log_level: Option<LogLevel>,
+    /// Hosts a component may send HTTP requests to; empty: none.
+    pub allowed_hosts: Vec<OutboundRule>,
 }
 
 /// A workload's lifecycle state.
@@ -332,6 +336,10 @@ pub struct WorkloadRecord {
     pub env: Vec<(String, String)>,
     /// Its limits.
     pub limits: Limits,
+    /// Hosts it may send HTTP requests to.
+    pub allowed_hosts: Vec<OutboundRule>,
+    /// Its minimum SDK log level.
+    pub log_level: Option<LogLevel>,
     /// The guest's exit code, when it exited.
     pub exit_code: Option<i32>,
     /// Why it failed or was killed.

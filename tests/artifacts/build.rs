@@ -13,6 +13,7 @@ const COMPONENT_PACKAGES: &[&str] = &[
     "greet",
     "fails",
     "settings",
+    "fetch",
     "wasip2-hello",
 ];
 

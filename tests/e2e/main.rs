@@ -8,6 +8,8 @@
 //! - `authors` — what a workload author meets: end messages, build-mistake
 //!   errors, settings, the `log` crate, log levels, output as returned.
 //! - `client`  — the CLI against a running server.
+//! - `outbound` — components' HTTP requests: allowed hosts, operator caps,
+//!   private addresses, refusals recorded, timeout and kill.
 //! - `read_model` — the same bytes from `status`/`ls`/`logs` locally and remotely;
 //!   the same exit codes from `run` and `submit`.
 //! - `components` — SDK workloads and WASI preview2 commands, locally and via the API.
@@ -20,6 +22,7 @@ mod client;
 mod components;
 mod hardening;
 mod local;
+mod outbound;
 mod read_model;
 mod run;
 mod support;

@@ -122,7 +122,6 @@ pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
-/// Writes `wat` compiled to a `.wasm` file in `dir`.
 /// Polls `check` until it returns `Some`; fails after 60 s rather than hang.
 pub async fn eventually<T, F: Future<Output = Option<T>>>(
     what: &str,
@@ -157,6 +156,7 @@ pub fn fixture(dir: &Path, name: &str) -> PathBuf {
     wat_file(dir, &format!("{name}.wasm"), &wat)
 }
 
+/// Writes `wat` compiled to a `.wasm` file in `dir`.
 pub fn wat_file(dir: &Path, name: &str, wat: &str) -> PathBuf {
     let path = dir.join(name);
     std::fs::write(&path, wat::parse_str(wat).unwrap()).unwrap();

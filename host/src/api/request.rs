@@ -1,11 +1,12 @@
 //! Turns the three accepted request bodies into a module reference and a spec.
 //!
 //! - `application/wasm`: the module bytes; args, env and limits in the query
-//!   (`?arg=a&arg=b&env=K%3DV&timeout_ms=…&max_memory_bytes=…&fuel=…&log_level=…`;
-//!   `max_memory_mb` is accepted too).
+//!   (`?arg=a&arg=b&env=K%3DV&timeout_ms=…&max_memory_bytes=…&fuel=…&log_level=…`,
+//!   `allowed_host=https://api.example.com` repeated; `max_memory_mb` is
+//!   accepted too).
 //! - `application/json`: `{"module":"sha256:…"` or `"module_base64":"…"`, `"args"`,
 //!   `"env"`, `"stdin"` or `"stdin_base64"`, `"input"` (any JSON value) or
-//!   `"input_base64"`, `"limits"`, `"log_level"`}.
+//!   `"input_base64"`, `"limits"`, `"log_level"`, `"allowed_hosts"`}.
 //! - `multipart/form-data`: a `module` file part and an optional `spec` JSON part.
 
 use std::collections::BTreeMap;
@@ -16,6 +17,7 @@ use base64::Engine as _;
 use serde::Deserialize;
 
 use super::ApiError;
+use crate::outbound::parse_rules;
 use crate::workload::{Limits, LogLevel, Stdin, WorkloadSpec};
 
 /// Which module to run.
@@ -52,6 +54,8 @@ pub struct JsonSpec {
     #[serde(default)]
     limits: JsonLimits,
     log_level: Option<LogLevel>,
+    #[serde(default)]
+    allowed_hosts: Vec<String>,
 }
 
 /// Limits as the API spells them.
@@ -136,6 +140,8 @@ impl JsonSpec {
         max_spec: usize,
     ) -> Result<Submission, ApiError> {
         check_args_and_env(&self.args, &self.env)?;
+        let allowed_hosts = parse_rules(&self.allowed_hosts)
+            .map_err(|e| ApiError::BadRequest(format!("allowed_hosts: {e}")))?;
         if let Some(argv0) = &self.argv0 {
             check_args_and_env(std::slice::from_ref(argv0), &BTreeMap::new())?;
         }
@@ -205,6 +211,7 @@ impl JsonSpec {
                 limits: self.limits.into_limits()?,
                 input,
                 log_level: self.log_level,
+                allowed_hosts,
             },
         })
     }
@@ -367,6 +374,7 @@ fn query_spec(query: &str) -> Result<JsonSpec, ApiError> {
     for (key, value) in form_urlencoded::parse(query.as_bytes()).into_owned() {
         match key.as_str() {
             "arg" => spec.args.push(value),
+            "allowed_host" => spec.allowed_hosts.push(value),
             "argv0" => spec.argv0 = Some(value),
             "env" => match value.split_once('=') {
                 Some((k, v)) if !k.is_empty() => {

@@ -115,7 +115,14 @@ async fn every_refused_request_gets_its_status_and_code_and_changes_nothing() {
         max_spec: 256,
         ..ApiConfig::default()
     };
-    let api = api(config, NodeOptions::default()).await;
+    let options = NodeOptions {
+        outbound: crate::outbound::OutboundPolicy {
+            caps: Some(vec!["https://*.example.com".parse().unwrap()]),
+            allow_private: false,
+        },
+        ..NodeOptions::default()
+    };
+    let api = api(config, options).await;
     let hello = wasm(wat_fixture!("print-hello"));
     let (status, done) = api.run("/v1/workloads", &hello).await;
     assert_eq!(status, StatusCode::OK, "{done}");
@@ -275,6 +282,36 @@ async fn every_refused_request_gets_its_status_and_code_and_changes_nothing() {
             Nothing,
             404,
             "not_found",
+        ),
+        (
+            Method::POST,
+            "/v1/workloads".into(),
+            Json(json!({"module_base64": b64(&hello), "allowed_hosts": ["api.example.com"]})),
+            400,
+            "bad_request",
+        ),
+        (
+            Method::POST,
+            "/v1/workloads?allowed_host=ftp%3A%2F%2Fexample.com".into(),
+            wasm.clone(),
+            400,
+            "bad_request",
+        ),
+        (
+            Method::POST,
+            "/v1/workloads".into(),
+            Json(json!({"module_base64": b64(&hello), "allowed_hosts": ["https://evil.net"]})),
+            403,
+            "outbound_not_permitted",
+        ),
+        (
+            Method::POST,
+            "/v1/workloads/async".into(),
+            Json(
+                json!({"module_base64": b64(&hello), "allowed_hosts": ["http://api.example.com"]}),
+            ),
+            403,
+            "outbound_not_permitted",
         ),
         (
             Method::GET,

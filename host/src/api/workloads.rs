@@ -127,6 +127,11 @@ async fn start(state: &AppState, req: Request) -> Result<StartedWorkload, ApiErr
     let config = state.config();
     let mut submission = parse_submission(req, config.max_upload, config.max_spec).await?;
     submission.spec.limits = config.limits.apply(&submission.spec.limits)?;
+    state
+        .node()
+        .outbound_policy()
+        .check_spec(&submission.spec.allowed_hosts)
+        .map_err(ApiError::OutboundNotPermitted)?;
     let (hash, compiled) = match submission.module {
         ModuleRef::Hash(hash) => {
             let compiled = state.node().registry().get(&hash).await?;

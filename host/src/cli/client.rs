@@ -15,6 +15,7 @@ use serde_json::Value;
 use super::print::{self, LinePrinter};
 use super::sse::SseParser;
 use super::{LimitsArgs, exit, parse};
+use crate::outbound::OutboundRule;
 use crate::view::{LogLine, WorkloadView};
 use crate::workload::{LogLevel, WorkloadId};
 
@@ -100,6 +101,10 @@ pub struct SubmitArgs {
     /// Drop SDK `log` records below this level (trace, debug, info, warn, error)
     #[arg(long, value_name = "LEVEL")]
     log_level: Option<LogLevel>,
+    /// Let the workload send HTTP requests to this host, as scheme://host[:port]
+    /// (repeatable; the server may narrow what it permits)
+    #[arg(long = "allow-host", value_name = "URL", value_parser = parse::outbound_rule)]
+    allowed_hosts: Vec<OutboundRule>,
     /// Print JSON instead of text
     #[arg(long)]
     json: bool,
@@ -130,6 +135,9 @@ pub async fn submit(client: &Client, args: SubmitArgs) -> anyhow::Result<ExitCod
     }
     if let Some(level) = args.log_level {
         query.append_pair("log_level", level.as_str());
+    }
+    for host in &args.allowed_hosts {
+        query.append_pair("allowed_host", &host.to_string());
     }
     let limits = args.limits.to_limits();
     let pairs = [

@@ -253,6 +253,8 @@ mod tests {
             args: vec![],
             env: vec![],
             limits: Limits::default(),
+            allowed_hosts: vec![],
+            log_level: None,
             exit_code,
             error: None,
             failure,

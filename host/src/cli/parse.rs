@@ -1,8 +1,10 @@
-//! Parsers for command-line values: durations, sizes, `K=V`, `HOST::GUEST`.
+//! Parsers for command-line values: durations, sizes, `K=V`, `HOST::GUEST`,
+//! allowed hosts.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::outbound::{BadRule, OutboundRule};
 use crate::workload::Preopen;
 
 /// `5s`, `250ms`, `2m`, `1h 30m` (anything humantime accepts).
@@ -66,6 +68,11 @@ pub fn cap_count(s: &str) -> Result<Cap, String> {
         s.parse()
             .map_err(|_| format!("`{s}` is not a whole number or `unlimited`"))
     })
+}
+
+/// An allowed host, `scheme://host[:port]` (see [`crate::outbound`]).
+pub fn outbound_rule(s: &str) -> Result<OutboundRule, String> {
+    s.trim().parse().map_err(|e: BadRule| e.to_string())
 }
 
 /// `KEY=VALUE`; the value may contain `=`, quotes and newlines.

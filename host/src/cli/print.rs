@@ -21,7 +21,11 @@ pub fn workload(out: &mut impl Write, w: &WorkloadView, json: bool) -> io::Resul
         .output
         .as_ref()
         .map(|o| Value::String(o.as_str().to_owned()));
-    let fields: [(&str, Option<Value>); 14] = [
+    let allowed_hosts = (!w.allowed_hosts.is_empty()).then(|| {
+        let hosts: Vec<String> = w.allowed_hosts.iter().map(ToString::to_string).collect();
+        Value::from(hosts.join(", "))
+    });
+    let fields: [(&str, Option<Value>); 16] = [
         ("id", Some(s.id.to_string().into())),
         ("status", Some(s.status.as_str().into())),
         ("exit_code", s.exit_code.map(Value::from)),
@@ -34,6 +38,8 @@ pub fn workload(out: &mut impl Write, w: &WorkloadView, json: bool) -> io::Resul
         ("output_text", w.output_text.clone().map(Value::from)),
         ("output_base64", w.output_base64.clone().map(Value::from)),
         ("module", Some(s.module.clone().into())),
+        ("allowed_hosts", allowed_hosts),
+        ("log_level", w.log_level.map(|l| l.as_str().into())),
         ("created_at", Some(s.created_at.clone().into())),
         ("started_at", s.started_at.clone().map(Value::from)),
         ("finished_at", s.finished_at.clone().map(Value::from)),

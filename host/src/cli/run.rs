@@ -11,6 +11,7 @@ use super::print::end_message;
 use super::{LimitsArgs, exit, parse};
 use crate::engine::{ModuleKind, Runtime};
 use crate::node::{Node, NodeOptions};
+use crate::outbound::{OutboundPolicy, OutboundRule};
 use crate::registry::RegistryError;
 use crate::runner::Tee;
 use crate::view::WorkloadView;
@@ -41,6 +42,13 @@ pub struct RunArgs {
     /// Drop SDK `log` records below this level (trace, debug, info, warn, error)
     #[arg(long, value_name = "LEVEL")]
     log_level: Option<LogLevel>,
+    /// Let the workload send HTTP requests to this host, as scheme://host[:port]
+    /// (e.g. https://api.example.com; repeatable; a component only)
+    #[arg(long = "allow-host", value_name = "URL", value_parser = parse::outbound_rule)]
+    allowed_hosts: Vec<OutboundRule>,
+    /// Let those requests reach loopback, private and other non-public addresses
+    #[arg(long)]
+    allow_private_outbound: bool,
     /// The WASI module (.wasm) to run
     module: PathBuf,
     /// Arguments passed to the guest (after `--`)
@@ -71,6 +79,7 @@ pub fn execute(args: RunArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
         limits: args.limits.to_limits(),
         input: args.input.clone().map(|i| i.0),
         log_level: args.log_level,
+        allowed_hosts: args.allowed_hosts.clone(),
     };
 
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -81,7 +90,14 @@ pub fn execute(args: RunArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
     rt.block_on(async move {
         // Validate before touching the database, so bad input writes nothing.
         Runtime::classify(&bytes)?;
-        let node = Node::open(data_dir, NodeOptions::default()).await?;
+        let options = NodeOptions {
+            outbound: OutboundPolicy {
+                caps: None,
+                allow_private: args.allow_private_outbound,
+            },
+            ..NodeOptions::default()
+        };
+        let node = Node::open(data_dir, options).await?;
         let (info, compiled, _) =
             node.registry()
                 .register(bytes.into())

@@ -11,6 +11,7 @@ use clap::Args;
 use super::parse;
 use crate::api::{ApiConfig, AppState, LimitPolicy, serve};
 use crate::node::{Node, NodeOptions};
+use crate::outbound::{OutboundPolicy, parse_rules};
 use crate::workload::Limits;
 
 /// Arguments of `vulcan serve`.
@@ -54,8 +55,48 @@ pub struct ServeArgs {
     /// upload (413) because compiling them takes seconds and gigabytes
     #[arg(long, env = "VULCAN_MAX_FUNCTION_SIZE", default_value = "1MiB", value_name = "SIZE", value_parser = parse::size)]
     max_function_size: u64,
+    /// Hosts workloads may list in `allowed_hosts` and send HTTP requests to,
+    /// as scheme://host[:port] patterns (`*.domain`, `*` and port `*` allowed;
+    /// repeatable or comma-separated; `none` refuses every outbound request).
+    /// Unset: any host a workload's spec lists
+    #[arg(
+        long,
+        env = "VULCAN_ALLOW_OUTBOUND",
+        value_name = "PATTERN",
+        value_delimiter = ','
+    )]
+    allow_outbound: Vec<String>,
+    /// Let workloads reach loopback, private, link-local and other non-public
+    /// addresses (refused by default, whatever the spec lists)
+    #[arg(long, env = "VULCAN_ALLOW_PRIVATE_OUTBOUND")]
+    allow_private_outbound: bool,
     #[command(flatten)]
     limits: ServerLimits,
+}
+
+impl ServeArgs {
+    /// The operator's outbound policy from `--allow-outbound` and
+    /// `--allow-private-outbound`.
+    fn outbound(&self) -> anyhow::Result<OutboundPolicy> {
+        let patterns: Vec<&str> = self
+            .allow_outbound
+            .iter()
+            .map(|p| p.trim())
+            .filter(|p| !p.is_empty())
+            .collect();
+        let caps = match patterns.as_slice() {
+            [] => None,
+            ["none"] => Some(Vec::new()),
+            many if many.contains(&"none") => {
+                anyhow::bail!("--allow-outbound `none` cannot be combined with other patterns")
+            }
+            many => Some(parse_rules(many).map_err(|e| anyhow::anyhow!("--allow-outbound: {e}"))?),
+        };
+        Ok(OutboundPolicy {
+            caps,
+            allow_private: self.allow_private_outbound,
+        })
+    }
 }
 
 /// The limits a workload gets when its request names none, and the most a
@@ -118,6 +159,7 @@ pub fn execute(args: ServeArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
         );
     }
     let limits = args.limits.policy()?;
+    let outbound = args.outbound()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -126,6 +168,7 @@ pub fn execute(args: ServeArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
         let options = NodeOptions {
             max_concurrent: Some(args.max_concurrent),
             max_function_size: args.max_function_size,
+            outbound,
             ..NodeOptions::default()
         };
         let node = Node::open(data_dir, options).await?;

@@ -2,15 +2,18 @@
 //! Vulcan world (`wit/workload.wit`: `run(input) -> result<output, error>`).
 //!
 //! Owns the component store state, the bindings of Vulcan's own host
-//! interface (`log`, `log-fields`, `metadata`) and the check at compile time that a component
-//! is one of the two kinds with every import satisfied. Guest output still
-//! leaves only through the [`LogWriter`].
+//! interface (`log`, `log-fields`, `metadata`) and the check at compile time
+//! that a component is one of the two kinds with every import satisfied.
+//! Guest output still leaves only through the [`LogWriter`], and HTTP
+//! requests only through [`OutboundHooks`].
 
 use wasmtime::component::{Component, Linker, ResourceTable};
 use wasmtime_wasi::p2::bindings::CommandPre;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
 use super::InvalidModule;
+use super::http::OutboundHooks;
 use super::limits::GuestLimiter;
 use crate::logs::{Fields, LinesNotStored, LogLevel, LogWriter};
 
@@ -36,6 +39,8 @@ pub struct ComponentHost {
     pub(super) limiter: GuestLimiter,
     pub(super) log: LogWriter,
     pub(super) meta: Metadata,
+    pub(super) http: WasiHttpCtx,
+    pub(super) outbound: OutboundHooks,
 }
 
 impl WasiView for ComponentHost {
@@ -43,6 +48,16 @@ impl WasiView for ComponentHost {
         WasiCtxView {
             ctx: &mut self.ctx,
             table: &mut self.table,
+        }
+    }
+}
+
+impl WasiHttpView for ComponentHost {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        WasiHttpCtxView {
+            ctx: &mut self.http,
+            table: &mut self.table,
+            hooks: &mut self.outbound,
         }
     }
 }
@@ -88,10 +103,12 @@ pub enum ComponentPre {
     Workload(WorkloadPre<ComponentHost>),
 }
 
-/// Everything a component may import: WASI preview2 and Vulcan's host interface.
+/// Everything a component may import: WASI preview2, outbound `wasi:http`
+/// (each request checked by [`OutboundHooks`]) and Vulcan's host interface.
 pub fn linker(engine: &wasmtime::Engine) -> anyhow::Result<Linker<ComponentHost>> {
     let mut linker = Linker::new(engine);
     wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+    wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
     host::add_to_linker::<_, wasmtime::component::HasSelf<ComponentHost>>(&mut linker, |h| h)?;
     Ok(linker)
 }

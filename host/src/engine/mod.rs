@@ -6,7 +6,8 @@
 //! and the output path.
 //!
 //! Owns the one process-wide wasmtime engine, its single epoch ticker thread,
-//! WASI wiring and the classification of how a guest ended. It must not touch
+//! WASI wiring (outbound `wasi:http` for components, see [`http`]) and the
+//! classification of how a guest ended. It must not touch
 //! the store or the broker: guest output leaves through the [`LogWriter`] it is
 //! handed. Only this module imports wasmtime.
 //!
@@ -16,6 +17,7 @@
 //! once if it is blocked in a host call).
 
 mod component;
+mod http;
 mod limits;
 mod output;
 
@@ -37,6 +39,7 @@ pub use limits::MemoryLimitExceeded;
 pub use output::GuestOutput;
 
 use crate::logs::{LinesNotStored, LogStream, LogWriter, OutputLimitExceeded};
+use crate::outbound::OutboundPolicy;
 use crate::workload::{Stdin, WorkloadSpec};
 
 /// Epoch tick: the longest a running guest goes without yielding, and so the
@@ -169,11 +172,13 @@ pub struct Runtime {
     linker: Linker<Host>,
     component_linker: wasmtime::component::Linker<ComponentHost>,
     compat_key: String,
+    outbound: Arc<OutboundPolicy>,
 }
 
 impl Runtime {
-    /// Builds the engine and starts its epoch ticker.
-    pub fn new() -> anyhow::Result<Arc<Self>> {
+    /// Builds the engine and starts its epoch ticker; components' outbound
+    /// HTTP requests are held to `outbound` as well as to their spec.
+    pub fn new(outbound: OutboundPolicy) -> anyhow::Result<Arc<Self>> {
         let mut config = Config::new();
         config.epoch_interruption(true).consume_fuel(true);
         let engine = Engine::new(&config)
@@ -198,7 +203,13 @@ impl Runtime {
             linker,
             component_linker,
             compat_key,
+            outbound: Arc::new(outbound),
         }))
+    }
+
+    /// What the operator allows components' outbound HTTP requests.
+    pub fn outbound_policy(&self) -> &OutboundPolicy {
+        &self.outbound
     }
 
     /// A key that changes whenever compiled artifacts stop being loadable.
@@ -373,6 +384,12 @@ impl Runtime {
                         id: identity.workload_id.clone(),
                         module_hash: identity.module_hash.clone(),
                     },
+                    http: wasmtime_wasi_http::WasiHttpCtx::new(),
+                    outbound: http::OutboundHooks::new(
+                        &spec.allowed_hosts,
+                        Arc::clone(&self.outbound),
+                        log.clone(),
+                    ),
                 };
                 let mut store = self.store(host, spec, log)?;
                 match pre {

@@ -164,6 +164,8 @@ impl Runner {
                         args: spec.args.clone(),
                         env: spec.env.clone(),
                         limits: spec.limits.clone(),
+                        allowed_hosts: spec.allowed_hosts.clone(),
+                        log_level: spec.log_level,
                     })
                     .await;
                 if let Err(e) = created {

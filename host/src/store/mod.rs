@@ -38,7 +38,8 @@ pub use schema::SCHEMA_VERSION;
 pub use writer::WriterConfig;
 
 use crate::logs::{LivePublisher, LogRecord};
-use crate::workload::{Completion, Limits, Status, WorkloadId, WorkloadRecord};
+use crate::outbound::OutboundRule;
+use crate::workload::{Completion, Limits, LogLevel, Status, WorkloadId, WorkloadRecord};
 use queue::LineQueue;
 use write_op::WriteOp;
 use write_sql::WorkloadKeys;
@@ -103,6 +104,10 @@ pub struct NewWorkload {
     pub env: Vec<(String, String)>,
     /// Its limits.
     pub limits: Limits,
+    /// Hosts it may send HTTP requests to.
+    pub allowed_hosts: Vec<OutboundRule>,
+    /// Its minimum SDK log level.
+    pub log_level: Option<LogLevel>,
 }
 
 /// A stored module's metadata.
@@ -494,6 +499,8 @@ pub(crate) mod tests_support {
             args: vec![],
             env: vec![],
             limits: Limits::default(),
+            allowed_hosts: vec![],
+            log_level: None,
         })
         .await
         .unwrap();

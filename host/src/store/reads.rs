@@ -118,7 +118,8 @@ pub(super) fn read_lines(
 }
 
 const WORKLOAD_COLUMNS: &str = "id, status, module_hash, args, env, limits, exit_code, error, \
-     output, duration_ms, line_count, created_at, started_at, finished_at, failure";
+     output, duration_ms, line_count, created_at, started_at, finished_at, failure, \
+     allowed_hosts, log_level";
 
 fn row_to_workload(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoreResult<WorkloadRecord>> {
     let id: String = r.get(0)?;
@@ -127,6 +128,8 @@ fn row_to_workload(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoreResult<Worklo
     let env: String = r.get(4)?;
     let limits: String = r.get(5)?;
     let failure: Option<String> = r.get(14)?;
+    let allowed_hosts: Option<String> = r.get(15)?;
+    let log_level: Option<String> = r.get(16)?;
     let parse = || -> anyhow::Result<_> {
         Ok((
             id.parse::<WorkloadId>()?,
@@ -135,9 +138,15 @@ fn row_to_workload(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoreResult<Worklo
             serde_json::from_str(&env)?,
             serde_json::from_str(&limits)?,
             failure.as_deref().map(str::parse).transpose()?,
+            allowed_hosts
+                .as_deref()
+                .map(serde_json::from_str)
+                .transpose()?
+                .unwrap_or_default(),
+            log_level.as_deref().map(str::parse).transpose()?,
         ))
     };
-    let (id, status, args, env, limits, failure) = match parse() {
+    let (id, status, args, env, limits, failure, allowed_hosts, log_level) = match parse() {
         Ok(v) => v,
         Err(e) => return Ok(Err(e.context("corrupt workload row").into())),
     };
@@ -148,6 +157,8 @@ fn row_to_workload(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoreResult<Worklo
         args,
         env,
         limits,
+        allowed_hosts,
+        log_level,
         exit_code: r.get(6)?,
         error: r.get(7)?,
         failure,

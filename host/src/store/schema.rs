@@ -107,6 +107,12 @@ pub(super) const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE log_records ADD COLUMN fields TEXT;
     "#,
+    // 5: what a run was allowed besides its limits: the hosts its HTTP requests
+    // may reach (a JSON list; NULL: none) and its minimum SDK log level.
+    r#"
+    ALTER TABLE workloads ADD COLUMN allowed_hosts TEXT;
+    ALTER TABLE workloads ADD COLUMN log_level TEXT;
+    "#,
 ];
 
 /// The schema version this build writes.

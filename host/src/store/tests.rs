@@ -38,6 +38,8 @@ async fn create(db: &Db, hash: &str) -> WorkloadId {
             timeout_ms: Some(5),
             ..Default::default()
         },
+        allowed_hosts: vec!["http://127.0.0.1:8080".parse().unwrap()],
+        log_level: Some(LogLevel::Warn),
     })
     .await
     .unwrap();
@@ -81,6 +83,11 @@ async fn create_get_and_lifecycle() {
     assert_eq!(w.status, Status::Pending);
     assert_eq!(w.env, vec![("K".to_owned(), "v=\"1\"\n2".to_owned())]);
     assert_eq!(w.limits.timeout_ms, Some(5));
+    assert_eq!(
+        w.allowed_hosts,
+        vec!["http://127.0.0.1:8080".parse().unwrap()]
+    );
+    assert_eq!(w.log_level, Some(LogLevel::Warn));
     assert!(w.started_at.is_none() && w.finished_at.is_none());
 
     db.mark_running(id).await.unwrap();
@@ -117,6 +124,8 @@ async fn a_workload_needs_a_stored_module() {
             args: vec![],
             env: vec![],
             limits: Limits::default(),
+            allowed_hosts: vec![],
+            log_level: None,
         })
         .await
         .unwrap_err();
@@ -553,6 +562,8 @@ async fn a_full_disk_refuses_writes_with_storage_full_and_recovers_when_space_re
             args: vec!["a".repeat(4_000)],
             env: vec![],
             limits: Limits::default(),
+            allowed_hosts: vec![],
+            log_level: None,
         };
         if let Err(e) = db.create_workload(new).await {
             refused = Some(e);

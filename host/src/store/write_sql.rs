@@ -10,7 +10,7 @@ use super::queue::{LineQueue, Taken};
 use super::reads::stream_code;
 use super::write_op::{Applied, WriteOp};
 use super::{NewWorkload, StoreError, StoreResult};
-use crate::workload::{Completion, Status, WorkloadId, now_ms};
+use crate::workload::{Completion, LogLevel, Status, WorkloadId, now_ms};
 
 /// Rows per multi-row INSERT: one statement execution per this many lines
 /// (SQLite's per-statement cost dominates small rows); [`COLUMNS`] parameters
@@ -219,8 +219,8 @@ fn create(tx: &Connection, new: &NewWorkload) -> StoreResult<()> {
         return Err(StoreError::ModuleNotFound(new.module_hash.clone()));
     }
     tx.prepare_cached(
-        "INSERT INTO workloads (id, status, module_hash, args, env, limits, created_at) \
-         VALUES (?1, 'pending', ?2, ?3, ?4, ?5, ?6)",
+        "INSERT INTO workloads (id, status, module_hash, args, env, limits, created_at, \
+         allowed_hosts, log_level) VALUES (?1, 'pending', ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
     )?
     .execute(params![
         new.id.to_string(),
@@ -228,7 +228,12 @@ fn create(tx: &Connection, new: &NewWorkload) -> StoreResult<()> {
         serde_json::to_string(&new.args).map_err(anyhow::Error::from)?,
         serde_json::to_string(&new.env).map_err(anyhow::Error::from)?,
         serde_json::to_string(&new.limits).map_err(anyhow::Error::from)?,
-        now_ms()
+        now_ms(),
+        match new.allowed_hosts.is_empty() {
+            true => None,
+            false => Some(serde_json::to_string(&new.allowed_hosts).map_err(anyhow::Error::from)?),
+        },
+        new.log_level.map(LogLevel::as_str),
     ])?;
     Ok(())
 }
