@@ -623,3 +623,16 @@ async fn sigterm_kills_running_workloads_flushes_and_exits_zero() {
     assert!(row.finished_at.is_some());
     assert_eq!(env.lines(&id).len(), 1);
 }
+
+#[tokio::test]
+async fn a_follower_gets_every_seq_an_empty_line_included() {
+    let env = Env::new();
+    let server = Server::start(&env, &[]);
+    let id = server.start_wasm("partial-lines", "").await;
+    let (seqs, lines, end) = server.sse(&id, None).await.until_end().await;
+    let count = end["line_count"].as_u64().unwrap();
+    assert_eq!(seqs, (0..count).collect::<Vec<_>>(), "{lines:?}");
+    let stored: Vec<String> = env.lines(&id).into_iter().map(|l| l.2).collect();
+    assert_eq!(lines, stored, "each event carries its stored line");
+    assert!(lines.iter().any(String::is_empty), "{lines:?}");
+}

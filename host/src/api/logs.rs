@@ -15,28 +15,44 @@
 //! An event's `data` is the line's text (a `log` record's is
 //! `{"level","message"}`); with `?format=json` it is the whole [`LogLine`]
 //! (seq, stream, level, line, continued, ts), as history pages carry it.
+//!
+//! Events are encoded into a buffer that goes out as one body chunk when it
+//! is full or when no further record is ready, so a flood costs one write per
+//! batch rather than per line, and a quiet workload's line still goes out at
+//! once.
 
 use std::convert::Infallible;
 use std::time::Duration;
 
 use axum::Json;
+use axum::body::Body;
 use axum::extract::{Path, Query, State};
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, header};
 use axum::response::IntoResponse;
-use axum::response::sse::{Event, KeepAlive, Sse};
+use bytes::{Bytes, BytesMut};
 use serde::Deserialize;
 use serde_json::json;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
+use super::sse::{KEEP_ALIVE, put_event};
 use super::workloads::{in_range, parse_id};
 use super::{ApiError, AppState};
-use crate::logs::{BrokerEvent, LogRecord};
+use crate::logs::{BrokerEvent, LogRecord, TryNext};
 use crate::view::{LogLine, LogPage, WorkloadView};
 use crate::workload::WorkloadId;
 
 /// Lines read from the store per query while replaying.
 const REPLAY_PAGE: u64 = 2_000;
+
+/// A batch goes out once it holds this many bytes.
+const CHUNK: usize = 64 * 1024;
+
+/// Batches queued for one client before the follower waits for it.
+const QUEUED_CHUNKS: usize = 8;
+
+/// How long a follower stays silent before it sends a keep-alive comment.
+const KEEP_ALIVE_AFTER: Duration = Duration::from_secs(15);
 
 /// Where to resume.
 #[derive(Debug, Deserialize)]
@@ -80,7 +96,7 @@ pub async fn follow(
     state.node().db().workload(id).await?;
     let format = query.format.unwrap_or_default();
 
-    let (tx, rx) = mpsc::channel::<Event>(256);
+    let (tx, rx) = mpsc::channel::<Bytes>(QUEUED_CHUNKS);
     tokio::spawn(async move {
         let followers = state.node().metrics().followers.clone();
         followers.inc();
@@ -91,16 +107,19 @@ pub async fn follow(
             id,
             format,
             sent: after,
+            buf: BytesMut::new(),
             tx,
         };
         let _ = follower.stream().await;
         followers.dec();
     });
-    let events = tokio_stream::StreamExt::map(ReceiverStream::new(rx), Ok::<Event, Infallible>);
-    Ok(Sse::new(events).keep_alive(
-        KeepAlive::new()
-            .interval(Duration::from_secs(15))
-            .text("keep-alive"),
+    let chunks = tokio_stream::StreamExt::map(ReceiverStream::new(rx), Ok::<Bytes, Infallible>);
+    Ok((
+        [
+            (header::CONTENT_TYPE, "text/event-stream"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        Body::from_stream(chunks),
     ))
 }
 
@@ -112,9 +131,11 @@ struct Follower {
     state: AppState,
     id: WorkloadId,
     format: EventFormat,
-    /// The last seq sent, if any.
+    /// The last seq encoded, if any.
     sent: Option<u64>,
-    tx: mpsc::Sender<Event>,
+    /// Events encoded but not yet handed to the connection.
+    buf: BytesMut,
+    tx: mpsc::Sender<Bytes>,
 }
 
 impl Follower {
@@ -122,13 +143,13 @@ impl Follower {
         self.sent.map_or(0, |s| s + 1)
     }
 
+    /// Encodes one record into the batch, sending the batch once it is full.
     async fn send(&mut self, r: &LogRecord) -> Result<(), Gone> {
-        let event = Event::default()
-            .id(r.seq.to_string())
-            .event(r.stream.as_str());
-        let event = match (self.format, r.level) {
+        let (id, stream) = (Some(r.seq), r.stream.as_str());
+        match (self.format, r.level) {
             (EventFormat::Json, _) => {
-                event.data(serde_json::to_string(&LogLine::from(r)).unwrap_or_default())
+                let data = serde_json::to_vec(&LogLine::from(r)).unwrap_or_default();
+                put_event(&mut self.buf, id, stream, &data);
             }
             // Structured log lines carry their level (and fields) with the message.
             (EventFormat::Text, Some(level)) => {
@@ -136,13 +157,28 @@ impl Follower {
                 if !r.fields.is_empty() {
                     data["fields"] = json!(r.fields);
                 }
-                event.data(data.to_string())
+                put_event(&mut self.buf, id, stream, data.to_string().as_bytes());
             }
-            (EventFormat::Text, None) => event.data(&r.line),
-        };
-        self.tx.send(event).await.map_err(|_| Gone)?;
+            (EventFormat::Text, None) => put_event(&mut self.buf, id, stream, r.line.as_bytes()),
+        }
         self.sent = Some(r.seq);
+        if self.buf.len() >= CHUNK {
+            self.flush().await?;
+        }
         Ok(())
+    }
+
+    /// Hands the encoded batch to the connection, waiting while the client
+    /// is behind (a client that stops reading is disconnected by the server).
+    async fn flush(&mut self) -> Result<(), Gone> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        // The next buffer is sized like this batch: a flood's batches are
+        // encoded without regrowing, and a quiet follower holds little.
+        let room = self.buf.len().min(CHUNK) + 1024;
+        let chunk = std::mem::replace(&mut self.buf, BytesMut::with_capacity(room));
+        self.tx.send(chunk.freeze()).await.map_err(|_| Gone)
     }
 
     /// Sends every stored line after the last one sent, up to (not including) `until`.
@@ -162,12 +198,9 @@ impl Follower {
                 Err(error) => {
                     // Not "no more lines": the follower must know its stream is cut.
                     tracing::error!(workload = %self.id, error = format!("{error:#}"), "failed to read stored lines for a follower");
-                    let _ = self
-                        .tx
-                        .send(Event::default().event("error").data(
-                            json!({"error": {"code": "internal", "message": "failed to read the stored lines; reconnect with Last-Event-ID"}}).to_string(),
-                        ))
-                        .await;
+                    let error = json!({"error": {"code": "internal", "message": "failed to read the stored lines; reconnect with Last-Event-ID"}});
+                    put_event(&mut self.buf, None, "error", error.to_string().as_bytes());
+                    let _ = self.flush().await;
                     return Err(Gone);
                 }
             };
@@ -187,7 +220,25 @@ impl Follower {
         let subscription = self.state.node().broker().subscribe(self.id);
         self.replay(None).await?;
         if let Some(mut sub) = subscription {
-            while let Some(event) = sub.recv().await {
+            loop {
+                // Take what is ready without waiting; only when nothing is
+                // does the batch go out, so a flood is sent in large chunks
+                // and a single line at once.
+                let event = match sub.try_recv() {
+                    TryNext::Event(event) => event,
+                    TryNext::Closed => break,
+                    TryNext::Empty => {
+                        self.flush().await?;
+                        match tokio::time::timeout(KEEP_ALIVE_AFTER, sub.recv()).await {
+                            Ok(Some(event)) => event,
+                            Ok(None) => break,
+                            Err(_) => {
+                                self.buf.extend_from_slice(KEEP_ALIVE);
+                                continue;
+                            }
+                        }
+                    }
+                };
                 match event {
                     BrokerEvent::Line(r) => {
                         if r.seq < self.next() {
@@ -208,10 +259,8 @@ impl Follower {
             Ok(w) => serde_json::to_string(&WorkloadView::from(w)).unwrap_or_default(),
             Err(e) => json!({"error": e.to_string()}).to_string(),
         };
-        self.tx
-            .send(Event::default().event("end").data(record))
-            .await
-            .map_err(|_| Gone)
+        put_event(&mut self.buf, None, "end", record.as_bytes());
+        self.flush().await
     }
 }
 

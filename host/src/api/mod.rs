@@ -9,6 +9,7 @@ mod error;
 mod logs;
 mod modules;
 mod request;
+mod sse;
 mod workloads;
 
 use std::sync::Arc;

@@ -24,9 +24,13 @@ impl SseParser {
     pub fn push(&mut self, bytes: &[u8]) -> Vec<SseEvent> {
         self.buf.extend_from_slice(bytes);
         let mut out = Vec::new();
-        while let Some(nl) = self.buf.iter().position(|&b| b == b'\n') {
-            let raw: Vec<u8> = self.buf.drain(..=nl).collect();
-            let line = String::from_utf8_lossy(&raw[..raw.len() - 1]);
+        // Lines are read in place and the consumed prefix dropped once, so a
+        // large chunk of many events costs linear time.
+        let buf = std::mem::take(&mut self.buf);
+        let mut start = 0;
+        for nl in memchr::memchr_iter(b'\n', &buf) {
+            let line = String::from_utf8_lossy(&buf[start..nl]);
+            start = nl + 1;
             let line = line.strip_suffix('\r').unwrap_or(&line);
             if line.is_empty() {
                 if self.has_data {
@@ -60,6 +64,8 @@ impl SseParser {
                 _ => {}
             }
         }
+        self.buf = buf;
+        self.buf.drain(..start);
         out
     }
 }

@@ -1,17 +1,18 @@
 //! Live fan-out of log records to the clients following a workload.
 //!
 //! A map from workload to a bounded `tokio::sync::broadcast` channel behind a std
-//! `Mutex`; nothing awaits while holding it. The broker holds the only strong
-//! sender, so [`LogBroker::close`] ends every subscriber's stream at once; the
-//! [`LogPublisher`] holds a weak one and closes the channel when dropped, so
-//! nothing outlives its workload.
+//! `Mutex`; nothing awaits while holding it. The channel is made by the first
+//! subscriber, so a workload nobody follows costs no buffer. The broker holds
+//! the only strong sender, so [`LogBroker::close`] ends every subscriber's
+//! stream at once; the [`LogPublisher`] holds a weak one and closes the
+//! channel when dropped, so nothing outlives its workload.
 //!
 //! History is not kept here: a late subscriber sees only later lines, and a
 //! subscriber that falls more than the channel capacity behind gets
 //! [`BrokerEvent::Lagged`] and is expected to catch up from the store.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use tokio::sync::broadcast;
 
@@ -19,9 +20,18 @@ use super::LogRecord;
 use crate::workload::WorkloadId;
 
 /// Records buffered per workload for its slowest subscriber, by default.
-pub const DEFAULT_CAPACITY: usize = 4096;
+pub const DEFAULT_CAPACITY: usize = 16 * 1024;
 
 type Channel = broadcast::Sender<Arc<LogRecord>>;
+
+/// Where a publisher finds its channel once a subscriber has made it.
+type ChannelSlot = Arc<OnceLock<broadcast::WeakSender<Arc<LogRecord>>>>;
+
+/// One live workload: its channel, once someone follows it.
+struct Live {
+    tx: Option<Channel>,
+    slot: ChannelSlot,
+}
 
 /// Routes each workload's records to its live subscribers.
 #[derive(Clone)]
@@ -31,7 +41,7 @@ pub struct LogBroker {
 
 struct Inner {
     capacity: usize,
-    channels: Mutex<HashMap<WorkloadId, Channel>>,
+    channels: Mutex<HashMap<WorkloadId, Live>>,
 }
 
 impl Default for LogBroker {
@@ -53,20 +63,30 @@ impl LogBroker {
 
     /// Opens the channel of a starting workload and returns its only publisher.
     pub fn open(&self, workload: WorkloadId) -> LogPublisher {
-        let (tx, _) = broadcast::channel(self.inner.capacity);
-        let weak = tx.downgrade();
-        self.lock().insert(workload, tx);
+        let slot = ChannelSlot::default();
+        let live = Live {
+            tx: None,
+            slot: Arc::clone(&slot),
+        };
+        self.lock().insert(workload, live);
         LogPublisher {
             workload,
-            tx: weak,
+            tx: slot,
             broker: self.clone(),
         }
     }
 
     /// Follows a workload's future records, or `None` when it is not live.
     pub fn subscribe(&self, workload: WorkloadId) -> Option<LogSubscription> {
-        let rx = self.lock().get(&workload)?.subscribe();
-        Some(LogSubscription { rx })
+        let capacity = self.inner.capacity;
+        let mut channels = self.lock();
+        let Live { tx, slot } = channels.get_mut(&workload)?;
+        let tx = tx.get_or_insert_with(|| {
+            let (tx, _) = broadcast::channel(capacity);
+            let _ = slot.set(tx.downgrade());
+            tx
+        });
+        Some(LogSubscription { rx: tx.subscribe() })
     }
 
     /// Ends every subscriber's stream for this workload.
@@ -84,10 +104,11 @@ impl LogBroker {
     pub fn subscriber_count(&self, workload: WorkloadId) -> usize {
         self.lock()
             .get(&workload)
+            .and_then(|live| live.tx.as_ref())
             .map_or(0, |tx| tx.receiver_count())
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<WorkloadId, Channel>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<WorkloadId, Live>> {
         // A panic while holding this lock cannot leave the map half-updated
         // (every operation is a single insert/remove/get), so poison is ignored.
         self.inner
@@ -100,14 +121,14 @@ impl LogBroker {
 /// The sending side of one workload's channel; closes it when dropped.
 pub struct LogPublisher {
     workload: WorkloadId,
-    tx: broadcast::WeakSender<Arc<LogRecord>>,
+    tx: ChannelSlot,
     broker: LogBroker,
 }
 
 impl super::LivePublisher for LogPublisher {
     /// Sends a record to current subscribers; cheap when there are none.
     fn publish(&self, record: &Arc<LogRecord>) {
-        if let Some(tx) = self.tx.upgrade()
+        if let Some(tx) = self.tx.get().and_then(|weak| weak.upgrade())
             && tx.receiver_count() > 0
         {
             // An error only means every subscriber left in the meantime.
@@ -137,7 +158,29 @@ pub struct LogSubscription {
     rx: broadcast::Receiver<Arc<LogRecord>>,
 }
 
+/// What [`LogSubscription::try_recv`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TryNext {
+    /// An event was ready.
+    Event(BrokerEvent),
+    /// Nothing is ready yet.
+    Empty,
+    /// The workload's channel is closed.
+    Closed,
+}
+
 impl LogSubscription {
+    /// The next event if one is ready, without waiting.
+    pub fn try_recv(&mut self) -> TryNext {
+        use broadcast::error::TryRecvError;
+        match self.rx.try_recv() {
+            Ok(record) => TryNext::Event(BrokerEvent::Line(record)),
+            Err(TryRecvError::Lagged(n)) => TryNext::Event(BrokerEvent::Lagged(n)),
+            Err(TryRecvError::Empty) => TryNext::Empty,
+            Err(TryRecvError::Closed) => TryNext::Closed,
+        }
+    }
+
     /// The next event, or `None` once the workload's channel is closed.
     pub async fn recv(&mut self) -> Option<BrokerEvent> {
         match self.rx.recv().await {

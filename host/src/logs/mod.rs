@@ -12,7 +12,7 @@ mod sink;
 mod splitter;
 mod writer;
 
-pub use broker::{BrokerEvent, LogBroker, LogPublisher, LogSubscription};
+pub use broker::{BrokerEvent, LogBroker, LogPublisher, LogSubscription, TryNext};
 pub use record::{Fields, LogLevel, LogRecord, LogStream};
 pub use sink::{LineSink, LivePublisher};
 pub use splitter::{LineSplitter, MAX_LINE_BYTES};

@@ -1,9 +1,11 @@
-//! Drives one workload from `pending` to its terminal status.
+//! Drives one workload from creation to its terminal status.
 //!
-//! Glue between the stages: creates the record, opens the workload's live
+//! Glue between the stages: creates the record (already `running`: a
+//! workload is only created once it holds a slot), opens the workload's live
 //! channel and LogWriter, runs the engine, then commits every line before the
 //! terminal status and only then ends live delivery — so whoever sees a final
-//! status also finds every line in the store. Also holds the kill switches of
+//! status also finds every line in the store; that commit answers the final
+//! record, so nothing is read back. Also holds the kill switches of
 //! running workloads and the concurrency limit. Used identically by `vulcan run`
 //! and the server.
 
@@ -166,14 +168,17 @@ impl Runner {
                         limits: spec.limits.clone(),
                         allowed_hosts: spec.allowed_hosts.clone(),
                         log_level: spec.log_level,
+                        // It holds its slot, so it starts now: the record is
+                        // created running, in one commit.
+                        running: true,
                     })
                     .await;
                 if let Err(e) = created {
                     let _ = created_tx.send(Err(e));
-                    return Ok(false);
+                    return Ok(None);
                 }
-                // Live from creation: a follower that arrives while it is
-                // pending still gets every line.
+                // Live from creation: a follower that arrives before the
+                // guest starts still gets every line.
                 let publisher = this.broker.open(id);
                 let _ = created_tx.send(Ok(()));
                 let identity = GuestIdentity {
@@ -182,19 +187,19 @@ impl Runner {
                 };
                 let sink = match this.db.line_sink(id, Some(Box::new(publisher))) {
                     Ok(sink) => Arc::new(sink),
-                    // Without a sink it cannot run, and it must not stay pending.
+                    // Without a sink it cannot run, and it must not stay running.
                     Err(e) => {
                         let failure = Completion::host_failure(format!("failed to start: {e}"), 0);
-                        this.db.finish(id, failure).await?;
-                        return Ok(true);
+                        return Ok(Some(this.db.finish(id, failure).await?));
                     }
                 };
                 let writer = LogWriter::new(id, spec.limits.max_output_bytes, Some(sink))
                     .with_min_level(spec.log_level);
                 let (writer, _tee_flusher) = with_tee(writer, tee);
-                this.execute(id, &module, &spec, &identity, &writer, &switch)
+                let record = this
+                    .execute(id, &module, &spec, &identity, &writer, &switch)
                     .await?;
-                Ok(true)
+                Ok(Some(record))
             }
         });
         // A second task watches the first, so that even a panic inside the
@@ -216,10 +221,8 @@ impl Runner {
                 };
                 this.lock().remove(&id);
                 this.ended.notify_waiters();
-                if !result? {
-                    anyhow::bail!("workload {id} was not created");
-                }
-                Ok(this.db.workload(id).await?)
+                // The final record as its end was committed: no read back.
+                result?.ok_or_else(|| anyhow::anyhow!("workload {id} was not created"))
             }
         });
         match created_rx.await {
@@ -263,8 +266,9 @@ impl Runner {
         }
     }
 
-    /// Runs a created workload to its end and records how it ended; an error
-    /// means that end could not be recorded yet (the store keeps trying).
+    /// Runs a created workload to its end, records how it ended and returns
+    /// the final record; an error means that end could not be recorded yet
+    /// (the store keeps trying).
     async fn execute(
         &self,
         id: WorkloadId,
@@ -273,20 +277,14 @@ impl Runner {
         identity: &GuestIdentity,
         writer: &LogWriter,
         switch: &KillSwitch,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<WorkloadRecord> {
         let (outcome, mut completion) = if switch.cancel.is_cancelled() {
-            // Killed while pending: it never runs.
+            // Killed before its guest started: the guest never runs.
             let report = RunReport {
                 outcome: Outcome::Killed,
                 duration: std::time::Duration::ZERO,
             };
             (Outcome::Killed, completion(&report, 0))
-        } else if let Err(e) = self.db.mark_running(id).await {
-            // It cannot be recorded as running, so it does not run; its end is
-            // still recorded (now, or once the store accepts writes again).
-            let message = format!("failed to start: {e}");
-            let failure = Completion::host_failure(message.clone(), 0);
-            (Outcome::HostFailure(message), failure)
         } else {
             self.metrics.running.inc();
             let report = self

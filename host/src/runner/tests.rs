@@ -29,7 +29,7 @@ fn spec() -> WorkloadSpec {
 }
 
 #[tokio::test]
-async fn a_workload_killed_while_pending_never_runs() {
+async fn a_workload_killed_before_its_guest_starts_never_runs() {
     let (_dir, node) = node().await;
     let (hash, compiled) = module(&node, wat_fixture!("print-hello")).await;
     let runner = node.runner();
@@ -38,14 +38,19 @@ async fn a_workload_killed_while_pending_never_runs() {
     // One thread: the first poll spawns the workload's task and waits for its
     // record, and that task has not run yet.
     assert!(futures_util::poll!(&mut start).is_pending());
-    runner.kill_all("killed while pending");
+    runner.kill_all("killed before it started");
     let started = start.await.unwrap();
     let record = started.done.await.unwrap().unwrap();
     assert_eq!(record.status, Status::Killed);
     assert_eq!(record.failure, Some(FailureKind::Killed));
-    assert_eq!(record.error.as_deref(), Some("killed while pending"));
-    assert_eq!(record.started_at, None, "it never started");
-    assert_eq!(record.line_count, 0, "it printed nothing");
+    assert_eq!(record.error.as_deref(), Some("killed before it started"));
+    assert_eq!(record.duration_ms, Some(0), "its guest never ran");
+    assert_eq!(
+        record.line_count, 0,
+        "it printed nothing (the guest prints hello)"
+    );
+    let stored = node.db().workload(started.id).await.unwrap();
+    assert_eq!(stored, record, "the returned record is the committed one");
     assert_eq!(runner.running_count(), 0);
 }
 

@@ -108,6 +108,9 @@ pub struct NewWorkload {
     pub allowed_hosts: Vec<OutboundRule>,
     /// Its minimum SDK log level.
     pub log_level: Option<LogLevel>,
+    /// Created already `running` (its runner holds a slot and starts it at
+    /// once): one commit instead of two. Otherwise `pending`.
+    pub running: bool,
 }
 
 /// A stored module's metadata.
@@ -344,18 +347,25 @@ impl Db {
             reply: Some(reply),
         })
         .await
+        .map(|_| ())
     }
 
-    /// Writes a terminal status, after every line of the workload. If the store
-    /// cannot take it now, the error is returned and the writer keeps retrying.
-    pub async fn finish(&self, id: WorkloadId, completion: Completion) -> StoreResult<()> {
+    /// Writes a terminal status, after every line of the workload, and returns
+    /// the final record as committed. If the store cannot take it now, the
+    /// error is returned and the writer keeps retrying.
+    pub async fn finish(
+        &self,
+        id: WorkloadId,
+        completion: Completion,
+    ) -> StoreResult<WorkloadRecord> {
         self.request(|reply| WriteOp::Transition {
             id,
             to: completion.status,
             completion: Some(completion),
             reply: Some(reply),
         })
-        .await
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("workload {id} ended without its record").into())
     }
 
     /// Marks every pending or running workload failed with `reason`, its line
@@ -501,6 +511,7 @@ pub(crate) mod tests_support {
             limits: Limits::default(),
             allowed_hosts: vec![],
             log_level: None,
+            running: false,
         })
         .await
         .unwrap();

@@ -40,6 +40,7 @@ async fn create(db: &Db, hash: &str) -> WorkloadId {
         },
         allowed_hosts: vec!["http://127.0.0.1:8080".parse().unwrap()],
         log_level: Some(LogLevel::Warn),
+        running: false,
     })
     .await
     .unwrap();
@@ -126,6 +127,7 @@ async fn a_workload_needs_a_stored_module() {
             limits: Limits::default(),
             allowed_hosts: vec![],
             log_level: None,
+            running: false,
         })
         .await
         .unwrap_err();
@@ -564,6 +566,7 @@ async fn a_full_disk_refuses_writes_with_storage_full_and_recovers_when_space_re
             limits: Limits::default(),
             allowed_hosts: vec![],
             log_level: None,
+            running: false,
         };
         if let Err(e) = db.create_workload(new).await {
             refused = Some(e);

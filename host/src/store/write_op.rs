@@ -7,7 +7,7 @@ use std::sync::Arc;
 use tokio::sync::oneshot;
 
 use super::{ModuleInfo, NewWorkload, StoreResult};
-use crate::workload::{Completion, Status, WorkloadId};
+use crate::workload::{Completion, Status, WorkloadId, WorkloadRecord};
 
 /// Work for the writer thread.
 pub(super) enum WriteOp {
@@ -27,8 +27,10 @@ pub(super) enum WriteOp {
         id: WorkloadId,
         to: Status,
         completion: Option<Completion>,
-        /// `None` for a terminal status the writer retries on its own.
-        reply: Option<oneshot::Sender<StoreResult<()>>>,
+        /// `None` for a terminal status the writer retries on its own; a
+        /// terminal status answers the final record, read in the same
+        /// transaction.
+        reply: Option<oneshot::Sender<StoreResult<Option<WorkloadRecord>>>>,
     },
     FailUnfinished {
         reason: String,
@@ -60,4 +62,5 @@ pub(super) enum Applied {
     Unit,
     Bool(bool),
     Count(u64),
+    Record(Box<WorkloadRecord>),
 }

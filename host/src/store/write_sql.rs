@@ -181,7 +181,10 @@ pub(super) fn apply(
             let completion = failed.as_ref().or(completion.as_ref());
             let to = completion.map_or(*to, |c| c.status);
             transition(tx, *id, to, completion)?;
-            Ok(Applied::Unit)
+            match to.is_terminal() {
+                true => Ok(Applied::Record(Box::new(super::reads::workload(tx, *id)?))),
+                false => Ok(Applied::Unit),
+            }
         }
         WriteOp::FailUnfinished { reason, .. } => Ok(Applied::Count(fail_unfinished(tx, reason)?)),
         WriteOp::LinesQueued | WriteOp::Flush { .. } => Ok(Applied::Unit),
@@ -218,22 +221,28 @@ fn create(tx: &Connection, new: &NewWorkload) -> StoreResult<()> {
     if !known {
         return Err(StoreError::ModuleNotFound(new.module_hash.clone()));
     }
+    let now = now_ms();
     tx.prepare_cached(
         "INSERT INTO workloads (id, status, module_hash, args, env, limits, created_at, \
-         allowed_hosts, log_level) VALUES (?1, 'pending', ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+         allowed_hosts, log_level, started_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
     )?
     .execute(params![
         new.id.to_string(),
+        match new.running {
+            true => Status::Running.as_str(),
+            false => Status::Pending.as_str(),
+        },
         new.module_hash,
         serde_json::to_string(&new.args).map_err(anyhow::Error::from)?,
         serde_json::to_string(&new.env).map_err(anyhow::Error::from)?,
         serde_json::to_string(&new.limits).map_err(anyhow::Error::from)?,
-        now_ms(),
+        now,
         match new.allowed_hosts.is_empty() {
             true => None,
             false => Some(serde_json::to_string(&new.allowed_hosts).map_err(anyhow::Error::from)?),
         },
         new.log_level.map(LogLevel::as_str),
+        new.running.then_some(now),
     ])?;
     Ok(())
 }

@@ -301,7 +301,10 @@ impl Writer {
                         reply: Some(reply), ..
                     } = op
                     {
-                        let _ = reply.send(r.map(|_| ()));
+                        let _ = reply.send(r.map(|a| match a {
+                            Applied::Record(record) => Some(*record),
+                            _ => None,
+                        }));
                     }
                 }
                 (WriteOp::PutModule { reply, .. }, r) => {
