@@ -16,7 +16,13 @@
 //! in-process by plain wasmtime with no HTTP and no store (the floor under
 //! any workload).
 //!
-//! 5. sustained sync load at 64 clients, `VULCAN_BENCH_SUSTAIN_ROUNDS` rounds
+//! 5. side by side, when the `wasmtime` CLI is on PATH (else a message says
+//!    the column is skipped): `wasmtime serve -S cli=y` running the
+//!    `http-hello` wasi:http component at 1 and 64 clients, and `wasmtime run
+//!    -C cache=n hello.wasm` (a whole process) against Vulcan's cold first run
+//!    over HTTP, with the ratios. `wasmtime serve` keeps nothing; Vulcan keeps
+//!    every record and line durable.
+//! 6. sustained sync load at 64 clients, `VULCAN_BENCH_SUSTAIN_ROUNDS` rounds
 //!    (default 4) of `VULCAN_BENCH_SUSTAIN_SECS` (default 20): every answer
 //!    that is not 2xx is counted (goal 0), and so are the workloads left
 //!    pending or running once the load stops (goal 0).
@@ -71,6 +77,7 @@ async fn run(requests: usize, lines: u64, hello: &[u8], plain: Duration) -> anyh
         plain.as_secs_f64() * 1e6
     );
     let mut total = 1; // the cold run
+    let mut ours = Vec::new();
     for clients in [1usize, 16, 64] {
         let run = Probe::Run(hash.clone());
         let workloads = load(&http, &server.url, &run, clients, requests).await?;
@@ -86,7 +93,9 @@ async fn run(requests: usize, lines: u64, hello: &[u8], plain: Duration) -> anyh
             ms(health.percentile(50)),
             workloads.per_second() / health.per_second(),
         );
+        ours.push((clients, workloads));
     }
+    side_by_side(&http, &ours, requests, upload_time + first_run).await?;
     let listed: Value = http
         .get(format!(
             "{}/v1/workloads?status=completed&limit=1",
@@ -186,6 +195,90 @@ fn plain_wasmtime_hello(wasm: &[u8], runs: u32) -> anyhow::Result<Duration> {
     Ok(start.elapsed() / runs)
 }
 
+/// Vulcan's figures beside `wasmtime serve` and `wasmtime run` measured now,
+/// or a message saying why that column is skipped.
+async fn side_by_side(
+    http: &reqwest::Client,
+    ours: &[(usize, Load)],
+    requests: usize,
+    our_cold: Duration,
+) -> anyhow::Result<()> {
+    let version = std::process::Command::new("wasmtime")
+        .arg("--version")
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned());
+    let Some(version) = version else {
+        println!(
+            "  wasmtime serve column skipped: no `wasmtime` CLI on PATH (cargo install wasmtime-cli)"
+        );
+        return Ok(());
+    };
+    println!(
+        "  side by side with {version} (it persists nothing; Vulcan keeps every record and line):"
+    );
+    let component = vulcan_test_artifacts::component("http-hello");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut serve = std::process::Command::new("wasmtime")
+        .args(["serve", "-S", "cli=y", "--addr", &addr])
+        .arg(&component)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .context("failed to start wasmtime serve")?;
+    let url = format!("http://{addr}");
+    let ready = Instant::now();
+    while Probe::Plain.send(http, &url).await.is_err() {
+        ensure!(
+            ready.elapsed() < Duration::from_secs(30),
+            "wasmtime serve did not answer"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for (clients, vulcan) in ours.iter().filter(|(c, _)| [1, 64].contains(c)) {
+        let plain = load(http, &url, &Probe::Plain, *clients, requests).await?;
+        println!(
+            "    {clients:>2} clients: wasmtime serve {:>6.0}/s p50 {:>5.2} ms p99 {:>5.2} ms | \
+             vulcan {:>6.0}/s p50 {:>5.2} ms p99 {:>5.2} ms | vulcan/wasmtime: req/s {:.2}x, p50 {:.2}x, p99 {:.2}x",
+            plain.per_second(),
+            ms(plain.percentile(50)),
+            ms(plain.percentile(99)),
+            vulcan.per_second(),
+            ms(vulcan.percentile(50)),
+            ms(vulcan.percentile(99)),
+            vulcan.per_second() / plain.per_second(),
+            ms(vulcan.percentile(50)) / ms(plain.percentile(50)),
+            ms(vulcan.percentile(99)) / ms(plain.percentile(99)),
+        );
+    }
+    let _ = serve.kill();
+    let _ = serve.wait();
+    // A whole `wasmtime run` process with its cache off, median of five.
+    let hello = vulcan_test_artifacts::example("hello");
+    let mut runs = Vec::new();
+    for _ in 0..5 {
+        let t = Instant::now();
+        let out = std::process::Command::new("wasmtime")
+            .args(["run", "-C", "cache=n"])
+            .arg(&hello)
+            .output()?;
+        ensure!(out.status.success(), "wasmtime run failed");
+        runs.push(t.elapsed());
+    }
+    runs.sort_unstable();
+    println!(
+        "    cold: wasmtime run -C cache=n {:>6.2} ms | vulcan upload + compile + first run {:>6.2} ms | vulcan/wasmtime {:.2}x",
+        ms(runs[2]),
+        ms(our_cold),
+        ms(our_cold) / ms(runs[2]),
+    );
+    Ok(())
+}
+
 /// What a load benchmark sends.
 #[derive(Clone)]
 enum Probe {
@@ -193,6 +286,8 @@ enum Probe {
     Run(String),
     /// `GET /healthz`.
     Health,
+    /// `GET /` of `wasmtime serve` running `http-hello`.
+    Plain,
 }
 
 impl Probe {
@@ -203,6 +298,15 @@ impl Probe {
                 let resp = http.get(format!("{url}/healthz")).send().await?;
                 ensure!(resp.status() == 200, "healthz: {}", resp.status());
                 resp.bytes().await?;
+                Ok(())
+            }
+            Probe::Plain => {
+                let resp = http.get(format!("{url}/")).send().await?;
+                ensure!(resp.status() == 200, "wasmtime serve: {}", resp.status());
+                ensure!(
+                    &resp.bytes().await?[..] == b"hello\n",
+                    "wasmtime serve: wrong body"
+                );
                 Ok(())
             }
         }

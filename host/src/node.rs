@@ -10,7 +10,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::engine::Runtime;
+use crate::engine::{InstancePool, Runtime};
 use crate::logs::LogBroker;
 use crate::metrics::Metrics;
 use crate::outbound::OutboundPolicy;
@@ -21,8 +21,12 @@ use crate::store::{Db, WriterConfig};
 /// What an operator decides about a node.
 #[derive(Debug, Clone)]
 pub struct NodeOptions {
-    /// Most workloads running at once; `None`: no limit (`vulcan run`).
+    /// Most workloads running at once; `None`: no limit (`vulcan run`). A
+    /// limit also sizes the engine's instance pool, with `max_memory`.
     pub max_concurrent: Option<usize>,
+    /// Largest linear memory any workload may ask for (`--max-memory`);
+    /// `None`: no cap below wasm32's 4 GiB.
+    pub max_memory: Option<u64>,
     /// Largest function body a module may have (larger ones are refused
     /// before compiling).
     pub max_function_size: u64,
@@ -36,6 +40,7 @@ impl Default for NodeOptions {
     fn default() -> Self {
         Self {
             max_concurrent: None,
+            max_memory: None,
             max_function_size: DEFAULT_MAX_FUNCTION_SIZE,
             writer: WriterConfig::default(),
             outbound: OutboundPolicy::default(),
@@ -58,7 +63,11 @@ impl Node {
     /// previous process left pending or running are marked failed: with the
     /// directory's lock held, nothing else can be running them.
     pub async fn open(data_dir: &Path, options: NodeOptions) -> anyhow::Result<Arc<Self>> {
-        let runtime = Runtime::new(options.outbound)?;
+        let pool = options.max_concurrent.map(|n| InstancePool {
+            workloads: u32::try_from(n).unwrap_or(u32::MAX),
+            max_memory_bytes: options.max_memory.unwrap_or(4 << 30),
+        });
+        let runtime = Runtime::new(options.outbound, pool)?;
         let db = Db::open_with(data_dir, options.writer)?;
         let orphaned = db
             .fail_unfinished("failed: vulcan stopped while this workload was pending or running")

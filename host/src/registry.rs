@@ -324,7 +324,7 @@ mod tests {
     #[test]
     fn a_failed_artifact_write_leaves_no_temporary_file() {
         let dir = tempfile::tempdir().unwrap();
-        let runtime = Runtime::new(Default::default()).unwrap();
+        let runtime = Runtime::new(Default::default(), None).unwrap();
         let compiled = runtime
             .compile(&wat::parse_str("(module (func (export \"_start\")))").unwrap())
             .unwrap();

@@ -14,6 +14,7 @@ const COMPONENT_PACKAGES: &[&str] = &[
     "fails",
     "settings",
     "fetch",
+    "http-hello",
     "wasip2-hello",
 ];
 

@@ -167,6 +167,7 @@ pub fn execute(args: ServeArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
     rt.block_on(async move {
         let options = NodeOptions {
             max_concurrent: Some(args.max_concurrent),
+            max_memory: limits.max.max_memory_bytes,
             max_function_size: args.max_function_size,
             outbound,
             ..NodeOptions::default()

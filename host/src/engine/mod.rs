@@ -166,6 +166,44 @@ pub struct RunReport {
     pub duration: Duration,
 }
 
+/// Instance slots the engine keeps ready for a server: one workload's worth
+/// per `--max-concurrent`, each memory able to grow to `--max-memory`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InstancePool {
+    /// Workloads that may run at once.
+    pub workloads: u32,
+    /// Largest linear memory a workload may have, in bytes.
+    pub max_memory_bytes: u64,
+}
+
+impl InstancePool {
+    /// Core instances, memories and tables a component may hold: a Rust
+    /// `wasm32-wasip2` component has a handful of each (its module, the WASI
+    /// adapter and their shims); these leave room for larger ones.
+    const CORE_INSTANCES_PER_WORKLOAD: u32 = 32;
+    const MEMORIES_PER_WORKLOAD: u32 = 4;
+    const TABLES_PER_WORKLOAD: u32 = 8;
+    /// Elements a pooled table may hold (more than any toolchain emits for
+    /// function pointers; a bigger table fails to instantiate, clearly).
+    const TABLE_ELEMENTS: usize = 1 << 16;
+
+    fn config(self) -> wasmtime::PoolingAllocationConfig {
+        let n = self.workloads.max(1);
+        let mut pool = wasmtime::PoolingAllocationConfig::new();
+        pool.total_component_instances(n)
+            .total_core_instances(n.saturating_mul(Self::CORE_INSTANCES_PER_WORKLOAD))
+            .total_memories(n.saturating_mul(Self::MEMORIES_PER_WORKLOAD))
+            .total_tables(n.saturating_mul(Self::TABLES_PER_WORKLOAD))
+            .total_stacks(n)
+            .max_memories_per_module(Self::MEMORIES_PER_WORKLOAD)
+            .max_tables_per_module(Self::TABLES_PER_WORKLOAD)
+            .table_elements(Self::TABLE_ELEMENTS)
+            // wasm32 memories cannot be larger than 4 GiB anyway.
+            .max_memory_size(self.max_memory_bytes.min(4 << 30) as usize);
+        pool
+    }
+}
+
 /// The shared wasmtime engine, with WASI linked in.
 pub struct Runtime {
     engine: Engine,
@@ -177,10 +215,18 @@ pub struct Runtime {
 
 impl Runtime {
     /// Builds the engine and starts its epoch ticker; components' outbound
-    /// HTTP requests are held to `outbound` as well as to their spec.
-    pub fn new(outbound: OutboundPolicy) -> anyhow::Result<Arc<Self>> {
+    /// HTTP requests are held to `outbound` as well as to their spec. With a
+    /// `pool`, instances come from preallocated slots (no mapping per run,
+    /// warm slots reused); without one (`vulcan run`), on demand.
+    pub fn new(outbound: OutboundPolicy, pool: Option<InstancePool>) -> anyhow::Result<Arc<Self>> {
         let mut config = Config::new();
         config.epoch_interruption(true).consume_fuel(true);
+        // Memories start from a copy-on-write image of their data segments.
+        config.memory_init_cow(true);
+        if let Some(pool) = pool {
+            config
+                .allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(pool.config()));
+        }
         let engine = Engine::new(&config)
             .map_err(anyhow::Error::from)
             .context("failed to create the wasmtime engine")?;

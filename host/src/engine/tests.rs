@@ -55,7 +55,7 @@ async fn run(wat: &str, limits: Limits) -> (Outcome, String) {
 }
 
 async fn run_with(wat: &str, limits: Limits, cancel: CancellationToken, out: Captured) -> Outcome {
-    let runtime = Runtime::new(Default::default()).unwrap();
+    let runtime = Runtime::new(Default::default(), None).unwrap();
     let module = runtime.compile(&wat::parse_str(wat).unwrap()).unwrap();
     let log = LogWriter::new(WorkloadId::new(), limits.max_output_bytes, None)
         .with_tee(Some(Box::new(out.clone())), None);
@@ -179,7 +179,7 @@ async fn output_limit_stops_the_guest() {
 
 #[test]
 fn bad_modules_are_refused_with_a_reason() {
-    let runtime = Runtime::new(Default::default()).unwrap();
+    let runtime = Runtime::new(Default::default(), None).unwrap();
     let err = |bytes: &[u8]| runtime.compile(bytes).err().expect("refused").0;
 
     assert!(err(b"hello world, not wasm").contains("\\0asm"));
