@@ -14,7 +14,6 @@
 //! N defaults to 1,000,000; set `VULCAN_BENCH_LINES` to change it.
 
 use std::process::{Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vulcan::node::{Node, NodeOptions};
@@ -151,7 +150,7 @@ fn plain_wasmtime_run(module: &str) -> anyhow::Result<()> {
 
 fn full_pipeline(module: &std::path::Path, lines: u64) -> anyhow::Result<Duration> {
     let dir = tempfile::tempdir()?;
-    let bytes: Arc<[u8]> = std::fs::read(module)?.into();
+    let bytes = bytes::Bytes::from(std::fs::read(module)?);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

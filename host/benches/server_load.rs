@@ -80,15 +80,21 @@ async fn run(requests: usize, lines: u64, hello: &[u8], plain: Duration) -> anyh
     let mut ours = Vec::new();
     for clients in [1usize, 16, 64] {
         let run = Probe::Run(hash.clone());
+        let commits_before = store_commits(&http, &server.url).await?;
         let workloads = load(&http, &server.url, &run, clients, requests).await?;
+        let commits = store_commits(&http, &server.url).await? - commits_before;
         total += requests;
         let health = load(&http, &server.url, &Probe::Health, clients, requests).await?;
         println!(
-            "  {clients:>2} clients: {:>8.0} workloads/s  p50 {:>6.2} ms  p99 {:>6.2} ms   \
+            "  {clients:>2} clients: {:>8.0} workloads/s  p50 {:>6.2} ms  p99 {:>6.2} ms  \
+             p99.9 {:>6.2} ms  max {:>6.2} ms  {:.2} commits/workload   \
              (healthz {:>6.0}/s, p50 {:>5.2} ms; workloads/s = {:.2} of healthz/s)",
             workloads.per_second(),
             ms(workloads.percentile(50)),
             ms(workloads.percentile(99)),
+            ms(workloads.permille(999)),
+            ms(*workloads.sorted.last().unwrap_or(&Duration::ZERO)),
+            commits as f64 / requests as f64,
             health.per_second(),
             ms(health.percentile(50)),
             workloads.per_second() / health.per_second(),
@@ -279,6 +285,16 @@ async fn side_by_side(
     Ok(())
 }
 
+/// The server's `vulcan_store_commits` (0 from a build without it).
+async fn store_commits(http: &reqwest::Client, url: &str) -> anyhow::Result<u64> {
+    let text = http.get(format!("{url}/metrics")).send().await?.text().await?;
+    Ok(text
+        .lines()
+        .find_map(|l| l.strip_prefix("vulcan_store_commits "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0))
+}
+
 /// What a load benchmark sends.
 #[derive(Clone)]
 enum Probe {
@@ -325,7 +341,11 @@ impl Load {
     }
 
     fn percentile(&self, p: usize) -> Duration {
-        let i = (self.sorted.len() * p / 100).min(self.sorted.len() - 1);
+        self.permille(p * 10)
+    }
+
+    fn permille(&self, p: usize) -> Duration {
+        let i = (self.sorted.len() * p / 1000).min(self.sorted.len() - 1);
         self.sorted[i]
     }
 }

@@ -42,6 +42,9 @@ pub struct Metrics {
     pub lost_lines: Gauge,
     /// Store transactions retried because the database was busy (likewise).
     pub busy_retries: Gauge,
+    /// Store transactions committed (likewise): beside the workload count it
+    /// shows how many lifecycle writes share a commit.
+    pub commits: Gauge,
 }
 
 impl Default for Metrics {
@@ -79,6 +82,7 @@ impl Default for Metrics {
             ("live_log_channels", "Workloads whose lines are delivered live now (pending or running)"),
             ("lost_log_lines", "Log lines that could not be stored since start (their workloads failed)"),
             ("store_busy_retries", "Store transactions retried since start because another connection held the database"),
+            ("store_commits", "Store transactions committed since start (lines and lifecycle writes of many workloads share one)"),
         ]
         .map(|(name, help)| {
             let g = Gauge::default();
@@ -86,7 +90,7 @@ impl Default for Metrics {
             g
         });
         let [log_lines, cache_hits, cache_misses, compiles] = counters;
-        let [running, followers, live_channels, lost_lines, busy_retries] = gauges;
+        let [running, followers, live_channels, lost_lines, busy_retries, commits] = gauges;
         Self {
             registry,
             finished,
@@ -100,6 +104,7 @@ impl Default for Metrics {
             live_channels,
             lost_lines,
             busy_retries,
+            commits,
         }
     }
 }

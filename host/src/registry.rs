@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use anyhow::Context as _;
+use bytes::Bytes;
 use sha2::{Digest, Sha256};
 
 use crate::engine::{CompiledModule, InvalidModule, Runtime};
@@ -101,13 +102,13 @@ impl ModuleRegistry {
     /// module, and whether the bytes were new to the store.
     pub async fn register(
         &self,
-        bytes: Arc<[u8]>,
+        bytes: Bytes,
     ) -> Result<(ModuleInfo, Arc<CompiledModule>, bool), RegistryError> {
         let hash = module_hash(&bytes);
         let compiled = match self.cached(&hash) {
             Some(c) => c,
             None => {
-                let bytes = Arc::clone(&bytes);
+                let bytes = bytes.clone();
                 self.compile_or_load(&hash, async move { Ok(bytes) })
                     .await?
             }
@@ -146,7 +147,7 @@ impl ModuleRegistry {
         let (db, stored) = (self.db.clone(), hash.to_owned());
         self.compile_or_load(hash, async move {
             let bytes = db.module_bytes(&stored).await?;
-            Ok(bytes.into())
+            Ok(Bytes::from(bytes))
         })
         .await
     }
@@ -169,7 +170,7 @@ impl ModuleRegistry {
     async fn compile_or_load(
         &self,
         hash: &str,
-        bytes: impl Future<Output = anyhow::Result<Arc<[u8]>>>,
+        bytes: impl Future<Output = anyhow::Result<Bytes>>,
     ) -> Result<Arc<CompiledModule>, RegistryError> {
         let path = self.artifact_path(hash);
         // Loading and compiling are CPU-bound: keep them off the async workers.
@@ -297,13 +298,13 @@ mod tests {
     async fn a_module_is_compiled_once_per_data_directory() {
         use crate::node::{Node, NodeOptions};
         let dir = tempfile::tempdir().unwrap();
-        let bytes: Arc<[u8]> = wat::parse_str(wat_fixture!("print-hello")).unwrap().into();
+        let bytes = Bytes::from(wat::parse_str(wat_fixture!("print-hello")).unwrap());
         let node = Node::open(dir.path(), NodeOptions::default())
             .await
             .unwrap();
-        let (info, _, new) = node.registry().register(Arc::clone(&bytes)).await.unwrap();
+        let (info, _, new) = node.registry().register(bytes.clone()).await.unwrap();
         assert!(new);
-        let (again, _, new) = node.registry().register(Arc::clone(&bytes)).await.unwrap();
+        let (again, _, new) = node.registry().register(bytes.clone()).await.unwrap();
         assert!(!new, "the same bytes are stored once");
         assert_eq!(again, info);
         assert_eq!(node.metrics().compiles.get(), 1);

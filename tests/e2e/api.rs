@@ -636,3 +636,66 @@ async fn a_follower_gets_every_seq_an_empty_line_included() {
     assert_eq!(lines, stored, "each event carries its stored line");
     assert!(lines.iter().any(String::is_empty), "{lines:?}");
 }
+
+#[tokio::test]
+async fn a_completed_answer_means_the_record_and_every_line_are_committed() {
+    let env = Env::new();
+    let server = Server::start(&env, &[]);
+    let (_, first) = server.run_wasm("log-flood", "arg=300").await;
+    let hash = first["module"].as_str().unwrap().to_owned();
+    // Many at once, so their lifecycle commits share transactions.
+    let runs = (0..24u64).map(|i| {
+        let (server, env, hash) = (&server, &env, hash.clone());
+        async move {
+            let resp = server
+                .req(Method::POST, "/v1/workloads")
+                .json(&json!({"module": hash, "args": [(100 + i * 10).to_string()]}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(resp.status().as_u16(), 200);
+            let record: serde_json::Value = resp.json().await.unwrap();
+            let id = record["id"].as_str().unwrap().to_owned();
+            // Read straight from the file the moment the answer arrives.
+            let row = env
+                .workloads()
+                .into_iter()
+                .find(|w| w.id == id)
+                .expect("the record is committed");
+            assert_eq!(row.status, "completed", "{record}");
+            assert_eq!(record["status"], "completed");
+            let lines = env.lines(&id);
+            assert_eq!(lines.len() as u64, 100 + i * 10, "every line is stored");
+            assert_eq!(record["line_count"], lines.len() as u64);
+            assert_eq!(row.line_count, lines.len() as i64);
+        }
+    });
+    futures_util::future::join_all(runs).await;
+}
+
+#[tokio::test]
+async fn a_module_that_does_not_fit_the_instance_pool_fails_with_a_clear_error() {
+    let env = Env::new();
+    let server = Server::start(&env, &["--max-concurrent", "2"]);
+    let wasm =
+        wat::parse_str(r#"(module (table 100000 funcref) (memory 1) (func (export "_start")))"#)
+            .unwrap();
+    let resp = server
+        .req(Method::POST, "/v1/workloads")
+        .header("content-type", "application/wasm")
+        .body(wasm)
+        .send()
+        .await
+        .unwrap();
+    // Refused at upload, before anything is stored or run.
+    assert_eq!(resp.status().as_u16(), 400);
+    let answer: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(answer["error"]["code"], "invalid_module", "{answer}");
+    assert_error(&answer, "does not fit in pooling allocator requirements");
+    assert_error(&answer, "exceeds the limit of 65536");
+    let (_, page) = server.get_json("/v1/workloads").await;
+    assert_eq!(page["total"], 0, "nothing was created");
+    // The pool is not harmed: the next workload runs.
+    let (_, next) = server.run_wasm("hello", "").await;
+    assert_eq!(next["status"], "completed", "{next}");
+}

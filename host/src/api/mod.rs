@@ -216,6 +216,7 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     let channels = state.node().broker().open_channels();
     metrics.live_channels.set(gauge(channels as u64));
     metrics.busy_retries.set(gauge(db.busy_retries()));
+    metrics.commits.set(gauge(db.commits()));
     (
         [(
             header::CONTENT_TYPE,

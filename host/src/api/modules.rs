@@ -21,11 +21,7 @@ pub async fn upload(
         )));
     }
     let bytes = read_body(req, state.config().max_upload).await?;
-    let (info, _, new) = state
-        .node()
-        .registry()
-        .register(bytes.to_vec().into())
-        .await?;
+    let (info, _, new) = state.node().registry().register(bytes).await?;
     let status = if new {
         StatusCode::CREATED
     } else {

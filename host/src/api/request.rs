@@ -24,8 +24,9 @@ use crate::workload::{Limits, LogLevel, Stdin, WorkloadSpec};
 pub enum ModuleRef {
     /// A stored module, by `sha256:<hex>`.
     Hash(String),
-    /// Bytes uploaded with the request.
-    Bytes(Vec<u8>),
+    /// Bytes uploaded with the request, as received (never copied on the
+    /// way to the hash, the store and the compiler).
+    Bytes(bytes::Bytes),
 }
 
 /// A parsed workload submission.
@@ -136,7 +137,7 @@ impl JsonSpec {
     /// args, env, stdin and input together may be at most `max_spec` bytes.
     fn into_submission(
         self,
-        uploaded: Option<Vec<u8>>,
+        uploaded: Option<bytes::Bytes>,
         max_spec: usize,
     ) -> Result<Submission, ApiError> {
         check_args_and_env(&self.args, &self.env)?;
@@ -148,7 +149,9 @@ impl JsonSpec {
         let module = match (uploaded, self.module, self.module_base64) {
             (Some(bytes), None, None) => ModuleRef::Bytes(bytes),
             (None, Some(hash), None) => ModuleRef::Hash(parse_hash(&hash)?),
-            (None, None, Some(b64)) => ModuleRef::Bytes(decode_base64("module_base64", &b64)?),
+            (None, None, Some(b64)) => {
+                ModuleRef::Bytes(decode_base64("module_base64", &b64)?.into())
+            }
             (None, None, None) => {
                 return Err(ApiError::BadRequest(
                     "no module: give `module` (a sha256 hash) or `module_base64`".into(),
@@ -291,7 +294,7 @@ pub async fn parse_submission(
             let query = req.uri().query().unwrap_or("").to_owned();
             let spec = query_spec(&query)?;
             let bytes = read_body(req, limit).await?;
-            spec.into_submission(Some(bytes.to_vec()), max_spec)
+            spec.into_submission(Some(bytes), max_spec)
         }
         "application/json" => {
             let bytes = read_body(req, limit).await?;
@@ -316,7 +319,7 @@ pub async fn parse_submission(
                         if module.is_some() {
                             return Err(twice("module"));
                         }
-                        module = Some(field.bytes().await.map_err(multipart_error)?.to_vec())
+                        module = Some(field.bytes().await.map_err(multipart_error)?)
                     }
                     "spec" => {
                         if spec.is_some() {

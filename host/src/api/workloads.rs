@@ -138,7 +138,7 @@ async fn start(state: &AppState, req: Request) -> Result<StartedWorkload, ApiErr
             (hash, compiled)
         }
         ModuleRef::Bytes(bytes) => {
-            let (info, compiled, _) = state.node().registry().register(bytes.into()).await?;
+            let (info, compiled, _) = state.node().registry().register(bytes).await?;
             (info.hash, compiled)
         }
     };

@@ -98,16 +98,16 @@ pub fn execute(args: RunArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
             ..NodeOptions::default()
         };
         let node = Node::open(data_dir, options).await?;
-        let (info, compiled, _) =
-            node.registry()
-                .register(bytes.into())
-                .await
-                .map_err(|e| match e {
-                    RegistryError::Invalid(e) => {
-                        anyhow::anyhow!("{}: {e}", args.module.display())
-                    }
-                    other => anyhow::Error::from(other),
-                })?;
+        let (info, compiled, _) = node
+            .registry()
+            .register(bytes::Bytes::from(bytes))
+            .await
+            .map_err(|e| match e {
+                RegistryError::Invalid(e) => {
+                    anyhow::anyhow!("{}: {e}", args.module.display())
+                }
+                other => anyhow::Error::from(other),
+            })?;
         if args.input.is_some() && compiled.kind() != ModuleKind::Workload {
             eprintln!(
                 "vulcan: note: --input goes to the stdin of {}, a plain WASI program, which \

@@ -16,7 +16,7 @@ async fn node() -> (tempfile::TempDir, Arc<Node>) {
 }
 
 async fn module(node: &Node, wat: &str) -> (String, Arc<CompiledModule>) {
-    let bytes: Arc<[u8]> = wat::parse_str(wat).unwrap().into();
+    let bytes = bytes::Bytes::from(wat::parse_str(wat).unwrap());
     let (info, compiled, _) = node.registry().register(bytes).await.unwrap();
     (info.hash, compiled)
 }

@@ -14,6 +14,7 @@
 //!
 //! Only this module imports rusqlite.
 
+mod checkpoint;
 mod queue;
 mod reads;
 mod schema;
@@ -217,6 +218,7 @@ impl Db {
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         schema::migrate(&mut conn)
             .with_context(|| format!("failed to migrate database {}", path.display()))?;
+        checkpoint::start(&path, &mut conn)?;
 
         let (tx, rx) = mpsc::channel();
         let queue = Arc::new(LineQueue::new(
@@ -306,6 +308,14 @@ impl Db {
             .map_or(0, |w| w.queue.lost.load(Ordering::Relaxed))
     }
 
+    /// Transactions committed since the store was opened.
+    pub fn commits(&self) -> u64 {
+        self.inner
+            .writer
+            .as_ref()
+            .map_or(0, |w| w.stats.commits.load(Ordering::Relaxed))
+    }
+
     /// Transactions retried because another connection held the database.
     pub fn busy_retries(&self) -> u64 {
         self.inner
@@ -328,7 +338,7 @@ impl Db {
     }
 
     /// Stores a module once; returns true if it was new.
-    pub async fn put_module(&self, info: ModuleInfo, bytes: Arc<[u8]>) -> StoreResult<bool> {
+    pub async fn put_module(&self, info: ModuleInfo, bytes: bytes::Bytes) -> StoreResult<bool> {
         self.request(|reply| WriteOp::PutModule { info, bytes, reply })
             .await
     }
@@ -501,7 +511,9 @@ pub(crate) mod tests_support {
             size: 3,
             created_at: 1,
         };
-        db.put_module(info, Arc::from(&b"abc"[..])).await.unwrap();
+        db.put_module(info, bytes::Bytes::from_static(b"abc"))
+            .await
+            .unwrap();
         let id = WorkloadId::new();
         db.create_workload(NewWorkload {
             id,

@@ -24,7 +24,9 @@ async fn put_module(db: &Db) -> bool {
         size: 3,
         created_at: 1,
     };
-    db.put_module(info, Arc::from(&b"abc"[..])).await.unwrap()
+    db.put_module(info, bytes::Bytes::from_static(b"abc"))
+        .await
+        .unwrap()
 }
 
 async fn create(db: &Db, hash: &str) -> WorkloadId {
@@ -639,4 +641,27 @@ async fn a_second_owner_of_the_data_directory_is_refused_but_readers_are_not() {
     assert_eq!(reader.workload(id).await.unwrap().id, id);
     drop(db);
     Db::open(dir.path()).expect("free again once the owner is gone");
+}
+
+#[tokio::test]
+async fn the_wal_is_checkpointed_by_its_own_thread() {
+    let (dir, db, hash) = db_with_module().await;
+    let id = create(&db, &hash).await;
+    let sink = db.line_sink(id, None).unwrap();
+    let file = dir.path().join(super::DB_FILE);
+    let before = std::fs::metadata(&file).unwrap().len();
+    // About 10 MB of lines: well past the checkpoint threshold.
+    for seq in 0..10_000 {
+        let mut r = (*line(id, seq)).clone();
+        r.line = "x".repeat(1_000);
+        sink.send(Arc::new(r));
+    }
+    db.flush().await;
+    // Commits never checkpoint (the hook replaced SQLite's automatic one), so
+    // the database file grows only when the checkpoint thread copies the WAL in.
+    wait_until("the lines reach the database file", async || {
+        std::fs::metadata(&file).unwrap().len() > before + 4_000_000
+    })
+    .await;
+    assert_eq!(db.read_lines(id, None, 20_000).await.unwrap().len(), 10_000);
 }

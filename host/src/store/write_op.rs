@@ -2,8 +2,6 @@
 //! Plain data, shared by the handle that sends them, the queue that wakes the
 //! writer, the writer, and the SQL that applies them.
 
-use std::sync::Arc;
-
 use tokio::sync::oneshot;
 
 use super::{ModuleInfo, NewWorkload, StoreResult};
@@ -16,7 +14,7 @@ pub(super) enum WriteOp {
     LinesQueued,
     PutModule {
         info: ModuleInfo,
-        bytes: Arc<[u8]>,
+        bytes: bytes::Bytes,
         reply: oneshot::Sender<StoreResult<bool>>,
     },
     Create {

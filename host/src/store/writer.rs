@@ -36,6 +36,8 @@ const MAX_BUSY_BACKOFF: Duration = Duration::from_millis(200);
 pub(super) struct WriterStats {
     /// Attempts that found the database busy and were retried.
     pub(super) busy_retries: AtomicU64,
+    /// Transactions committed.
+    pub(super) commits: AtomicU64,
 }
 
 /// How the writer groups and retries.
@@ -186,6 +188,7 @@ impl Writer {
         }
         let error = match self.attempt_until_not_busy(Some(&taken), ops) {
             Ok(results) => {
+                self.stats.commits.fetch_add(1, Ordering::Relaxed);
                 self.queue.committed(taken);
                 self.answer(ops, results);
                 return;
