@@ -287,7 +287,12 @@ async fn side_by_side(
 
 /// The server's `vulcan_store_commits` (0 from a build without it).
 async fn store_commits(http: &reqwest::Client, url: &str) -> anyhow::Result<u64> {
-    let text = http.get(format!("{url}/metrics")).send().await?.text().await?;
+    let text = http
+        .get(format!("{url}/metrics"))
+        .send()
+        .await?
+        .text()
+        .await?;
     Ok(text
         .lines()
         .find_map(|l| l.strip_prefix("vulcan_store_commits "))

@@ -90,7 +90,14 @@ impl Default for Metrics {
             g
         });
         let [log_lines, cache_hits, cache_misses, compiles] = counters;
-        let [running, followers, live_channels, lost_lines, busy_retries, commits] = gauges;
+        let [
+            running,
+            followers,
+            live_channels,
+            lost_lines,
+            busy_retries,
+            commits,
+        ] = gauges;
         Self {
             registry,
             finished,

@@ -42,8 +42,9 @@ use crate::logs::{BrokerEvent, LogRecord, TryNext};
 use crate::view::{LogLine, LogPage, WorkloadView};
 use crate::workload::WorkloadId;
 
-/// Lines read from the store per query while replaying.
-const REPLAY_PAGE: u64 = 2_000;
+/// Lines read from the store per query while replaying (a page also stops
+/// at the store's byte bound, so a lagging follower holds a few MiB at most).
+const REPLAY_PAGE: u64 = 10_000;
 
 /// A batch goes out once it holds this many bytes.
 const CHUNK: usize = 64 * 1024;

@@ -17,6 +17,8 @@
 mod checkpoint;
 mod queue;
 mod reads;
+
+pub use reads::PAGE_BYTES;
 mod schema;
 mod write_op;
 mod write_sql;
@@ -472,7 +474,8 @@ impl Db {
     }
 
     /// Up to `limit` stored lines of a workload with seq greater than `after`
-    /// (all from the start when `after` is `None`), in seq order.
+    /// (all from the start when `after` is `None`), in seq order; fewer when
+    /// they pass [`PAGE_BYTES`] of text, so page until a page is empty.
     pub async fn read_lines(
         &self,
         id: WorkloadId,

@@ -74,6 +74,12 @@ pub(super) fn list_workloads(
 }
 
 /// Up to `limit` stored lines of a workload with seq greater than `after`, in seq order.
+/// Most bytes of text one page of lines holds (at least one line is always
+/// returned), so a reader holds a bounded amount whatever the lines' length.
+pub const PAGE_BYTES: usize = 4 << 20;
+
+/// Up to `limit` lines after `after`, in seq order, stopping early once the
+/// page holds [`PAGE_BYTES`] of text.
 pub(super) fn read_lines(
     c: &Connection,
     id: WorkloadId,
@@ -92,12 +98,17 @@ pub(super) fn read_lines(
         let fields: Option<String> = r.get(6)?;
         Ok((
             (r.get::<_, i64>(0)?, stream, level),
-            (r.get(3)?, r.get(4)?, r.get(5)?, fields),
+            (r.get::<_, String>(3)?, r.get(4)?, r.get(5)?, fields),
         ))
     })?;
     let mut out = Vec::new();
+    let mut bytes = 0;
     for row in rows {
+        if bytes >= PAGE_BYTES {
+            break;
+        }
         let ((seq, stream, level), (line, continued, ts_ms, fields)) = row?;
+        bytes += line.len() + fields.as_ref().map_or(0, String::len);
         let fields = match fields {
             None => Fields::default(),
             Some(json) => serde_json::from_str(&json)

@@ -663,5 +663,36 @@ async fn the_wal_is_checkpointed_by_its_own_thread() {
         std::fs::metadata(&file).unwrap().len() > before + 4_000_000
     })
     .await;
-    assert_eq!(db.read_lines(id, None, 20_000).await.unwrap().len(), 10_000);
+    let last = db.read_lines(id, Some(9_998), 10).await.unwrap();
+    assert_eq!(last.iter().map(|r| r.seq).collect::<Vec<_>>(), [9_999]);
+}
+
+#[tokio::test]
+async fn a_page_of_long_lines_stops_at_its_byte_bound() {
+    let (_dir, db, hash) = db_with_module().await;
+    let id = create(&db, &hash).await;
+    let sink = db.line_sink(id, None).unwrap();
+    // 64 KiB lines: 200 of them are about 13 MB.
+    for seq in 0..200 {
+        let mut r = (*line(id, seq)).clone();
+        r.line = "y".repeat(64 * 1024);
+        sink.send(Arc::new(r));
+    }
+    db.flush().await;
+    let page = db.read_lines(id, None, 1_000).await.unwrap();
+    let bytes: usize = page.iter().map(|r| r.line.len()).sum();
+    assert!(page.len() < 200 && !page.is_empty(), "{} lines", page.len());
+    assert!(bytes <= super::PAGE_BYTES + 64 * 1024, "{bytes} bytes");
+    // Paging by the last seq still reaches every line.
+    let mut seen = page.len();
+    let mut after = page.last().map(|r| r.seq);
+    loop {
+        let next = db.read_lines(id, after, 1_000).await.unwrap();
+        if next.is_empty() {
+            break;
+        }
+        seen += next.len();
+        after = next.last().map(|r| r.seq);
+    }
+    assert_eq!(seen, 200);
 }
