@@ -699,3 +699,25 @@ async fn a_module_that_does_not_fit_the_instance_pool_fails_with_a_clear_error()
     let (_, next) = server.run_wasm("hello", "").await;
     assert_eq!(next["status"], "completed", "{next}");
 }
+
+#[test]
+fn an_instance_pool_larger_than_the_address_space_stops_the_server_at_start() {
+    // 100,000 workloads of 4 memory slots, each 4 GiB plus guards: petabytes,
+    // beyond a 48-bit address space.
+    let out = Env::new().run(&[
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--max-concurrent",
+        "100000",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(
+            "failed to reserve the instance pool for 100000 workloads (4 memory slots each, \
+             every slot 4 GiB of address space and its guards); lower --max-concurrent"
+        ),
+        "{}",
+        stderr(&out)
+    );
+}

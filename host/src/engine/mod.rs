@@ -229,7 +229,18 @@ impl Runtime {
         }
         let engine = Engine::new(&config)
             .map_err(anyhow::Error::from)
-            .context("failed to create the wasmtime engine")?;
+            .with_context(|| match pool {
+                // Each memory slot reserves 4 GiB of address space plus
+                // guards (so wasm32 code runs without bounds checks), whatever
+                // --max-memory says; only the slot count can shrink the pool.
+                Some(pool) => format!(
+                    "failed to reserve the instance pool for {} workloads (4 memory slots \
+                     each, every slot 4 GiB of address space and its guards); lower \
+                     --max-concurrent",
+                    pool.workloads
+                ),
+                None => "failed to create the wasmtime engine".to_owned(),
+            })?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p1::add_to_linker_async(&mut linker, |h: &mut Host| &mut h.wasi)
             .map_err(anyhow::Error::from)
