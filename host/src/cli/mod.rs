@@ -12,6 +12,7 @@ mod print;
 mod read;
 mod run;
 mod serve;
+mod signals;
 pub mod sse;
 
 use std::path::PathBuf;

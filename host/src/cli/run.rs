@@ -8,6 +8,7 @@ use anyhow::Context as _;
 use clap::Args;
 
 use super::print::end_message;
+use super::signals::ShutdownSignal;
 use super::{LimitsArgs, exit, parse};
 use crate::engine::{ModuleKind, Runtime};
 use crate::node::{Node, NodeOptions};
@@ -128,14 +129,16 @@ pub fn execute(args: RunArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
             )),
         };
         let runner = node.runner();
+        // Handled from before the guest starts: a Ctrl-C that comes as soon
+        // as it prints must kill and record it, not end vulcan unrecorded.
+        let interrupt = ShutdownSignal::install()?;
         let started = runner.start(compiled, info.hash, spec, Some(tee)).await?;
         let id = started.id;
         let killer = {
             let runner = Arc::clone(runner);
             tokio::spawn(async move {
-                if tokio::signal::ctrl_c().await.is_ok() {
-                    runner.kill(id, "killed by Ctrl-C");
-                }
+                interrupt.received().await;
+                runner.kill(id, "killed by Ctrl-C (SIGINT) or SIGTERM");
             })
         };
         let record = started.done.await.context("workload task failed")??;

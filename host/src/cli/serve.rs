@@ -9,6 +9,7 @@ use anyhow::Context as _;
 use clap::Args;
 
 use super::parse;
+use super::signals::ShutdownSignal;
 use crate::api::{ApiConfig, AppState, LimitPolicy, serve};
 use crate::node::{Node, NodeOptions};
 use crate::outbound::{OutboundPolicy, parse_rules};
@@ -199,43 +200,4 @@ pub fn execute(args: ServeArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
         eprintln!("vulcan: stopped");
         Ok(ExitCode::SUCCESS)
     })
-}
-
-/// SIGINT and SIGTERM, registered when created: a signal that arrives after
-/// the server said it is listening is always a clean shutdown, never the
-/// default (fatal) action.
-struct ShutdownSignal {
-    #[cfg(unix)]
-    signals: (tokio::signal::unix::Signal, tokio::signal::unix::Signal),
-}
-
-impl ShutdownSignal {
-    fn install() -> anyhow::Result<Self> {
-        #[cfg(unix)]
-        {
-            use tokio::signal::unix::{SignalKind, signal};
-            let interrupt = signal(SignalKind::interrupt()).context("failed to handle SIGINT")?;
-            let terminate = signal(SignalKind::terminate()).context("failed to handle SIGTERM")?;
-            Ok(Self {
-                signals: (interrupt, terminate),
-            })
-        }
-        #[cfg(not(unix))]
-        Ok(Self {})
-    }
-
-    async fn received(self) {
-        #[cfg(unix)]
-        {
-            let (mut interrupt, mut terminate) = self.signals;
-            tokio::select! {
-                _ = interrupt.recv() => {}
-                _ = terminate.recv() => {}
-            }
-        }
-        #[cfg(not(unix))]
-        {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
 }
