@@ -49,6 +49,7 @@ impl OutboundHooks {
     }
 }
 
+/// What sending answers: the response and the connection's driver.
 type Sent = Result<
     (
         hyper::Response<WasiBody>,
@@ -64,6 +65,8 @@ impl WasiHttpHooks for OutboundHooks {
         options: Option<RequestOptions>,
         fut: Box<dyn Future<Output = Result<(), HttpError>> + Send>,
     ) -> Box<dyn Future<Output = Sent> + Send> {
+        // It would tell how the guest's processing of the response ended;
+        // like wasmtime's own sender, this one does not need to know.
         drop(fut);
         let allowed_hosts = Arc::clone(&self.allowed_hosts);
         let policy = Arc::clone(&self.policy);
