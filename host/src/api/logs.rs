@@ -127,6 +127,33 @@ pub async fn follow(
 /// The client left; stop streaming.
 struct Gone;
 
+/// A page of stored lines, encoded where it was read.
+struct Replayed {
+    events: BytesMut,
+    /// The seq of the last line encoded; `None` when the page was empty.
+    last: Option<u64>,
+}
+
+/// Appends `r` as one event in `format`.
+fn encode(buf: &mut BytesMut, format: EventFormat, r: &LogRecord) {
+    let (id, stream) = (Some(r.seq), r.stream.as_str());
+    match (format, r.level) {
+        (EventFormat::Json, _) => {
+            let data = serde_json::to_vec(&LogLine::from(r)).unwrap_or_default();
+            put_event(buf, id, stream, &data);
+        }
+        // Structured log lines carry their level (and fields) with the message.
+        (EventFormat::Text, Some(level)) => {
+            let mut data = json!({"level": level, "message": r.line});
+            if !r.fields.is_empty() {
+                data["fields"] = json!(r.fields);
+            }
+            put_event(buf, id, stream, data.to_string().as_bytes());
+        }
+        (EventFormat::Text, None) => put_event(buf, id, stream, r.line.as_bytes()),
+    }
+}
+
 /// One follower's stream and position.
 struct Follower {
     state: AppState,
@@ -146,22 +173,7 @@ impl Follower {
 
     /// Encodes one record into the batch, sending the batch once it is full.
     async fn send(&mut self, r: &LogRecord) -> Result<(), Gone> {
-        let (id, stream) = (Some(r.seq), r.stream.as_str());
-        match (self.format, r.level) {
-            (EventFormat::Json, _) => {
-                let data = serde_json::to_vec(&LogLine::from(r)).unwrap_or_default();
-                put_event(&mut self.buf, id, stream, &data);
-            }
-            // Structured log lines carry their level (and fields) with the message.
-            (EventFormat::Text, Some(level)) => {
-                let mut data = json!({"level": level, "message": r.line});
-                if !r.fields.is_empty() {
-                    data["fields"] = json!(r.fields);
-                }
-                put_event(&mut self.buf, id, stream, data.to_string().as_bytes());
-            }
-            (EventFormat::Text, None) => put_event(&mut self.buf, id, stream, r.line.as_bytes()),
-        }
+        encode(&mut self.buf, self.format, r);
         self.sent = Some(r.seq);
         if self.buf.len() >= CHUNK {
             self.flush().await?;
@@ -183,16 +195,31 @@ impl Follower {
     }
 
     /// Sends every stored line after the last one sent, up to (not including) `until`.
+    ///
+    /// A page is encoded on the thread that reads it, so a lagging follower
+    /// moves one buffer of events across threads rather than every record.
     async fn replay(&mut self, until: Option<u64>) -> Result<(), Gone> {
         loop {
             if until.is_some_and(|u| self.next() >= u) {
                 return Ok(());
             }
+            let page = Replayed {
+                events: BytesMut::new(),
+                last: None,
+            };
+            let format = self.format;
             let read = self
                 .state
                 .node()
                 .db()
-                .read_lines(self.id, self.sent, REPLAY_PAGE)
+                .scan_lines(self.id, self.sent, REPLAY_PAGE, page, move |page, r| {
+                    if until.is_some_and(|u| r.seq >= u) {
+                        return false;
+                    }
+                    encode(&mut page.events, format, &r);
+                    page.last = Some(r.seq);
+                    true
+                })
                 .await;
             let page = match read {
                 Ok(page) => page,
@@ -205,14 +232,17 @@ impl Follower {
                     return Err(Gone);
                 }
             };
-            if page.is_empty() {
+            let Some(last) = page.last else {
                 return Ok(());
-            }
-            for r in &page {
-                if until.is_some_and(|u| r.seq >= u) {
-                    return Ok(());
-                }
-                self.send(r).await?;
+            };
+            self.sent = Some(last);
+            // What was encoded before goes first; then the page in chunks of
+            // about CHUNK bytes (an event may straddle two, as SSE allows).
+            self.flush().await?;
+            let mut events = page.events;
+            while !events.is_empty() {
+                let chunk = events.split_to(events.len().min(CHUNK)).freeze();
+                self.tx.send(chunk).await.map_err(|_| Gone)?;
             }
         }
     }

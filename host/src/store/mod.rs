@@ -485,6 +485,25 @@ impl Db {
         self.read(move |c| reads::read_lines(c, id, after, limit))
             .await
     }
+
+    /// The lines [`Db::read_lines`] would return, handed to `visit` on the
+    /// reading thread as they are read (until it returns false), with
+    /// `state` given back afterwards: a caller can turn a page into what it
+    /// sends without a record crossing threads.
+    pub async fn scan_lines<S: Send + 'static>(
+        &self,
+        id: WorkloadId,
+        after: Option<u64>,
+        limit: u64,
+        mut state: S,
+        mut visit: impl FnMut(&mut S, LogRecord) -> bool + Send + 'static,
+    ) -> StoreResult<S> {
+        self.read(move |c| {
+            reads::scan_lines(c, id, after, limit, |r| visit(&mut state, r))?;
+            Ok(state)
+        })
+        .await
+    }
 }
 
 fn open_reader(path: &Path) -> anyhow::Result<Connection> {

@@ -86,6 +86,23 @@ pub(super) fn read_lines(
     after: Option<u64>,
     limit: u64,
 ) -> StoreResult<Vec<LogRecord>> {
+    let mut out = Vec::new();
+    scan_lines(c, id, after, limit, |r| {
+        out.push(r);
+        true
+    })?;
+    Ok(out)
+}
+
+/// Hands the lines [`read_lines`] would return to `visit` one by one, as
+/// they are read, until it returns false.
+pub(super) fn scan_lines(
+    c: &Connection,
+    id: WorkloadId,
+    after: Option<u64>,
+    limit: u64,
+    mut visit: impl FnMut(LogRecord) -> bool,
+) -> StoreResult<()> {
     let mut stmt = c.prepare_cached(
         "SELECT seq, stream, level, line, continued, created_at, fields FROM log_records \
          WHERE workload = (SELECT key FROM workloads WHERE id = ?1) AND seq > ?2 \
@@ -101,7 +118,6 @@ pub(super) fn read_lines(
             (r.get::<_, String>(3)?, r.get(4)?, r.get(5)?, fields),
         ))
     })?;
-    let mut out = Vec::new();
     let mut bytes = 0;
     for row in rows {
         if bytes >= PAGE_BYTES {
@@ -114,7 +130,7 @@ pub(super) fn read_lines(
             Some(json) => serde_json::from_str(&json)
                 .map_err(|e| anyhow::anyhow!("corrupt log fields: {e}"))?,
         };
-        out.push(LogRecord {
+        let record = LogRecord {
             workload_id: id,
             seq: seq as u64,
             stream: stream_from_code(stream)?,
@@ -123,9 +139,12 @@ pub(super) fn read_lines(
             continued,
             ts_ms,
             fields,
-        });
+        };
+        if !visit(record) {
+            break;
+        }
     }
-    Ok(out)
+    Ok(())
 }
 
 const WORKLOAD_COLUMNS: &str = "id, status, module_hash, args, env, limits, exit_code, error, \
