@@ -265,19 +265,17 @@ impl OutboundRule {
         // A default port means 80 or 443 depending on the scheme, so it is
         // covered by another default, by `*`, or by the number when the scheme
         // is fixed.
+        let default = match other.scheme {
+            SchemeRule::Http => Some(80),
+            SchemeRule::Https => Some(443),
+            SchemeRule::Any => None,
+        };
         let port = match (self.port, other.port) {
             (PortRule::Any, _) => true,
             (a, b) if a == b => true,
-            (PortRule::Exact(p), PortRule::Default) => match other.scheme {
-                SchemeRule::Http => p == 80,
-                SchemeRule::Https => p == 443,
-                SchemeRule::Any => false,
-            },
-            (PortRule::Default, PortRule::Exact(p)) => match other.scheme {
-                SchemeRule::Http => p == 80,
-                SchemeRule::Https => p == 443,
-                SchemeRule::Any => false,
-            },
+            (PortRule::Exact(p), PortRule::Default) | (PortRule::Default, PortRule::Exact(p)) => {
+                default == Some(p)
+            }
             _ => false,
         };
         let host = match (&self.host, &other.host) {

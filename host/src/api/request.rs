@@ -197,11 +197,12 @@ impl JsonSpec {
                 .map(|(k, v)| k.len() + v.len() + 2)
                 .sum::<usize>()
             + stdin_len
-            + input.as_ref().map_or(0, Vec::len);
+            + input.as_ref().map_or(0, Vec::len)
+            + self.allowed_hosts.iter().map(String::len).sum::<usize>();
         if size > max_spec {
             return Err(ApiError::PayloadTooLarge(format!(
-                "args, env, stdin and input come to {size} bytes; this server accepts at most \
-                 {max_spec} (--max-spec-size)"
+                "args, env, stdin, input and allowed_hosts come to {size} bytes; this server \
+                 accepts at most {max_spec} (--max-spec-size)"
             )));
         }
         Ok(Submission {

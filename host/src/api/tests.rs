@@ -134,6 +134,9 @@ async fn every_refused_request_gets_its_status_and_code_and_changes_nothing() {
         b"\0asm\x01\0\0\0garbage".to_vec(),
     );
     let big_stdin = json!({"module_base64": b64(&hello), "stdin": "x".repeat(300)});
+    // Each is allowed by the server's cap; together they pass --max-spec-size.
+    let many_hosts = json!({"module_base64": b64(&hello),
+        "allowed_hosts": vec!["https://a.example.com"; 30]});
     use Sent::{Json, Nothing, Text, Wasm};
     let cases: Vec<(Method, String, Sent, u16, &str)> = vec![
         (
@@ -217,6 +220,13 @@ async fn every_refused_request_gets_its_status_and_code_and_changes_nothing() {
             Method::POST,
             "/v1/workloads".into(),
             Json(big_stdin),
+            413,
+            "payload_too_large",
+        ),
+        (
+            Method::POST,
+            "/v1/workloads".into(),
+            Json(many_hosts),
             413,
             "payload_too_large",
         ),
