@@ -9,6 +9,8 @@
 //! - [`view`] — the read model every client shares: workloads and log lines
 //!   as the API sends them and the CLI prints them.
 //! - [`node`] — the composition root: one data directory's parts, wired once.
+//! - [`cluster`] — cluster mode: a node joined to NATS JetStream (shared
+//!   records, dispatch, the cluster's copy of every line, kills, failover).
 //! - [`registry`] — content-addressed modules and the compile cache.
 //! - [`runner`] — takes a workload from `pending` to its terminal status.
 //! - [`engine`] — the wasmtime backend: preview1 modules, preview2 commands and
@@ -35,6 +37,7 @@ macro_rules! wat_fixture {
 
 mod api;
 pub mod cli;
+pub mod cluster;
 pub mod engine;
 pub mod logs;
 pub mod metrics;

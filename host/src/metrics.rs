@@ -21,7 +21,7 @@ pub struct StatusLabel {
 
 /// Every metric Vulcan exports.
 pub struct Metrics {
-    registry: Registry,
+    registry: std::sync::Mutex<Registry>,
     finished: Family<StatusLabel, Counter>,
     /// Workloads executing now.
     pub running: Gauge,
@@ -99,7 +99,7 @@ impl Default for Metrics {
             commits,
         ] = gauges;
         Self {
-            registry,
+            registry: std::sync::Mutex::new(registry),
             finished,
             running,
             duration,
@@ -128,11 +128,17 @@ impl Metrics {
         self.log_lines.inc_by(lines);
     }
 
+    /// Adds a cluster member's figures (`vulcan_cluster_*`).
+    pub fn register_cluster(&self, cluster: &crate::cluster::ClusterMetrics) {
+        cluster.register(&mut self.registry.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        let registry = self.registry.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
         out
     }
 }

@@ -41,6 +41,12 @@ pub struct WorkloadSummary {
     pub started_at: Option<String>,
     /// When it ended (RFC 3339).
     pub finished_at: Option<String>,
+    /// The cluster node that claimed it (cluster mode only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// How many times a node has claimed it (cluster mode only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<u32>,
 }
 
 /// Longest error a list item carries; the record has the whole one.
@@ -63,6 +69,8 @@ impl From<WorkloadRecord> for WorkloadSummary {
             created_at: rfc3339(w.created_at),
             started_at: w.started_at.map(rfc3339),
             finished_at: w.finished_at.map(rfc3339),
+            node: None,
+            attempt: None,
         }
     }
 }

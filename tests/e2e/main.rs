@@ -8,6 +8,8 @@
 //! - `authors` — what a workload author meets: end messages, build-mistake
 //!   errors, settings, the `log` crate, log levels, output as returned.
 //! - `client`  — the CLI against a running server.
+//! - `cluster` — several `vulcan serve` nodes on one real NATS JetStream:
+//!   dispatch, slots, logs across nodes, kills, node loss, NATS loss.
 //! - `outbound` — components' HTTP requests: allowed hosts, operator caps,
 //!   private addresses, refusals recorded, timeout and kill.
 //! - `read_model` — the same bytes from `status`/`ls`/`logs` locally and remotely;
@@ -19,6 +21,7 @@
 mod api;
 mod authors;
 mod client;
+mod cluster;
 mod components;
 mod hardening;
 mod local;

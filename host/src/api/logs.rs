@@ -38,6 +38,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use super::sse::{KEEP_ALIVE, put_event};
 use super::workloads::{in_range, parse_id};
 use super::{ApiError, AppState};
+use crate::cluster::{Cluster, LogChunk};
 use crate::logs::{BrokerEvent, LogRecord, TryNext};
 use crate::view::{LogLine, LogPage, WorkloadView};
 use crate::workload::WorkloadId;
@@ -94,7 +95,10 @@ pub async fn follow(
     };
     // The header wins: it is what a reconnecting EventSource sends.
     let after = in_range("Last-Event-ID", last_event_id)?.or(in_range("after", query.after)?);
-    state.node().db().workload(id).await?;
+    match state.cluster() {
+        Some(cluster) => drop(cluster.record(id).await?),
+        None => drop(state.node().db().workload(id).await?),
+    }
     let format = query.format.unwrap_or_default();
 
     let (tx, rx) = mpsc::channel::<Bytes>(QUEUED_CHUNKS);
@@ -247,7 +251,69 @@ impl Follower {
         }
     }
 
+    /// Tells the client its stream is cut, and why.
+    async fn cut(&mut self, message: &str) -> Gone {
+        let error = json!({"error": {"code": "internal", "message": message}});
+        put_event(&mut self.buf, None, "error", error.to_string().as_bytes());
+        let _ = self.flush().await;
+        Gone
+    }
+
+    /// A cluster member's follower: the cluster's copy of the log, wherever
+    /// the workload runs, then `end` with the cluster's final record.
+    async fn stream_cluster(&mut self, cluster: &Cluster) -> Result<(), Gone> {
+        let mut cursor = match cluster.read_log(self.id).await {
+            Ok(cursor) => cursor,
+            Err(e) => {
+                return Err(self
+                    .cut(&format!("{e}; reconnect with Last-Event-ID"))
+                    .await);
+            }
+        };
+        loop {
+            let chunk = if cursor.caught_up() {
+                // Nothing more is stored yet: what is encoded goes out now.
+                self.flush().await?;
+                match tokio::time::timeout(KEEP_ALIVE_AFTER, cursor.next()).await {
+                    Ok(chunk) => chunk,
+                    Err(_) => {
+                        self.buf.extend_from_slice(KEEP_ALIVE);
+                        continue;
+                    }
+                }
+            } else {
+                cursor.next().await
+            };
+            match chunk {
+                Ok(LogChunk::Lines(lines)) => {
+                    for r in &lines {
+                        // A line's seq is its identity: resumed or repeated, once.
+                        if r.seq >= self.next() {
+                            self.send(r).await?;
+                        }
+                    }
+                }
+                Ok(LogChunk::End) => break,
+                Err(e) => {
+                    return Err(self
+                        .cut(&format!("{e}; reconnect with Last-Event-ID"))
+                        .await);
+                }
+            }
+        }
+        let record = match cluster.wait_end(self.id, None).await {
+            Ok(Some(view)) => serde_json::to_string(&view).unwrap_or_default(),
+            Ok(None) => json!({"error": "the workload has not ended"}).to_string(),
+            Err(e) => json!({"error": e.to_string()}).to_string(),
+        };
+        put_event(&mut self.buf, None, "end", record.as_bytes());
+        self.flush().await
+    }
+
     async fn stream(&mut self) -> Result<(), Gone> {
+        if let Some(cluster) = self.state.cluster().cloned() {
+            return self.stream_cluster(&cluster).await;
+        }
         let subscription = self.state.node().broker().subscribe(self.id);
         self.replay(None).await?;
         if let Some(mut sub) = subscription {
@@ -320,6 +386,26 @@ pub async fn history(
         return Err(ApiError::BadRequest(format!(
             "limit must be between 1 and {MAX_HISTORY_PAGE}"
         )));
+    }
+    if let Some(cluster) = state.cluster() {
+        cluster.record(id).await?;
+        let mut cursor = cluster.read_log(id).await?;
+        let mut lines = Vec::new();
+        while !cursor.caught_up() && (lines.len() as u64) < limit {
+            match cursor.next().await? {
+                LogChunk::Lines(batch) => lines.extend(
+                    batch
+                        .into_iter()
+                        .filter(|r| after.is_none_or(|a| r.seq > a))
+                        .take((limit as usize).saturating_sub(lines.len())),
+                ),
+                LogChunk::End => break,
+            }
+        }
+        return Ok(Json(LogPage {
+            next_after: lines.last().map(|r| r.seq).or(after),
+            lines: lines.iter().map(LogLine::from).collect(),
+        }));
     }
     let db = state.node().db();
     db.workload(id).await?;

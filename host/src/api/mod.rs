@@ -26,6 +26,7 @@ use tower_http::timeout::RequestBodyTimeoutLayer;
 pub use error::ApiError;
 pub use workloads::LimitPolicy;
 
+use crate::cluster::Cluster;
 use crate::node::Node;
 
 /// Everything a request handler can reach: the node and the API's own config.
@@ -37,6 +38,7 @@ pub struct AppState {
 struct Shared {
     node: Arc<Node>,
     config: ApiConfig,
+    cluster: Option<Arc<Cluster>>,
 }
 
 /// What the operator decides about the API.
@@ -71,8 +73,29 @@ impl AppState {
     /// The API over `node`.
     pub fn new(node: Arc<Node>, config: ApiConfig) -> Self {
         Self {
-            inner: Arc::new(Shared { node, config }),
+            inner: Arc::new(Shared {
+                node,
+                config,
+                cluster: None,
+            }),
         }
+    }
+
+    /// The API of a cluster member: workloads are the cluster's, run on
+    /// whichever node has room.
+    pub fn clustered(cluster: Arc<Cluster>, config: ApiConfig) -> Self {
+        Self {
+            inner: Arc::new(Shared {
+                node: Arc::clone(cluster.node_arc()),
+                config,
+                cluster: Some(cluster),
+            }),
+        }
+    }
+
+    /// The cluster, when this node is a member of one.
+    fn cluster(&self) -> Option<&Arc<Cluster>> {
+        self.inner.cluster.as_ref()
     }
 
     fn node(&self) -> &Node {

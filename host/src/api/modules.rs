@@ -21,7 +21,13 @@ pub async fn upload(
         )));
     }
     let bytes = read_body(req, state.config().max_upload).await?;
-    let (info, _, new) = state.node().registry().register(bytes).await?;
+    let (info, new) = match state.cluster() {
+        Some(cluster) => cluster.share_module(bytes).await?,
+        None => {
+            let (info, _, new) = state.node().registry().register(bytes).await?;
+            (info, new)
+        }
+    };
     let status = if new {
         StatusCode::CREATED
     } else {
@@ -36,6 +42,10 @@ pub async fn get(
     Path(hash): Path<String>,
 ) -> Result<impl IntoResponse, ApiError> {
     let hash = parse_hash(&hash)?;
+    if let Some(cluster) = state.cluster() {
+        // Uploaded to another node: fetched, checked and stored here.
+        cluster.module(&hash).await?;
+    }
     let info = state.node().db().module_info(&hash).await?;
     Ok(Json(ModuleView::from(info)))
 }

@@ -11,6 +11,7 @@ use serde_json::json;
 
 use super::request::{ModuleRef, parse_submission};
 use super::{ApiError, AppState};
+use crate::cluster::KillOutcome;
 use crate::runner::StartedWorkload;
 use crate::view::{WorkloadList, WorkloadSummary, WorkloadView};
 use crate::workload::{Limits, Status, WorkloadId};
@@ -123,7 +124,22 @@ pub fn parse_id(id: &str) -> Result<WorkloadId, ApiError> {
         .map_err(|e: crate::workload::BadWorkloadId| ApiError::NotFound(e.to_string()))
 }
 
-async fn start(state: &AppState, req: Request) -> Result<StartedWorkload, ApiError> {
+/// A workload that was accepted: started here, or queued in the cluster.
+enum Accepted {
+    Here(StartedWorkload),
+    Queued(WorkloadId),
+}
+
+impl Accepted {
+    fn id(&self) -> WorkloadId {
+        match self {
+            Accepted::Here(started) => started.id,
+            Accepted::Queued(id) => *id,
+        }
+    }
+}
+
+async fn start(state: &AppState, req: Request) -> Result<Accepted, ApiError> {
     let config = state.config();
     let mut submission = parse_submission(req, config.max_upload, config.max_spec).await?;
     submission.spec.limits = config.limits.apply(&submission.spec.limits)?;
@@ -132,6 +148,15 @@ async fn start(state: &AppState, req: Request) -> Result<StartedWorkload, ApiErr
         .outbound_policy()
         .check_spec(&submission.spec.allowed_hosts)
         .map_err(ApiError::OutboundNotPermitted)?;
+    if let Some(cluster) = state.cluster() {
+        let hash = match submission.module {
+            ModuleRef::Hash(hash) => hash,
+            ModuleRef::Bytes(bytes) => cluster.share_module(bytes).await?.0.hash,
+        };
+        return Ok(Accepted::Queued(
+            cluster.submit(&hash, submission.spec).await?,
+        ));
+    }
     let (hash, compiled) = match submission.module {
         ModuleRef::Hash(hash) => {
             let compiled = state.node().registry().get(&hash).await?;
@@ -142,11 +167,13 @@ async fn start(state: &AppState, req: Request) -> Result<StartedWorkload, ApiErr
             (info.hash, compiled)
         }
     };
-    Ok(state
-        .node()
-        .runner()
-        .start(compiled, hash, submission.spec, None)
-        .await?)
+    Ok(Accepted::Here(
+        state
+            .node()
+            .runner()
+            .start(compiled, hash, submission.spec, None)
+            .await?,
+    ))
 }
 
 /// `POST /v1/workloads`: runs and waits; 200 with the final record.
@@ -154,13 +181,24 @@ pub async fn run_sync(
     State(state): State<AppState>,
     req: Request,
 ) -> Result<impl IntoResponse, ApiError> {
-    let started = start(&state, req).await?;
-    // If the client goes away the workload still finishes: it runs in its own task.
-    let record = started
-        .done
-        .await
-        .map_err(|e| anyhow::anyhow!("workload task failed: {e}"))??;
-    Ok(Json(WorkloadView::from(record)))
+    // If the client goes away the workload still finishes: it runs in its own
+    // task, or on its node.
+    let view = match (start(&state, req).await?, state.cluster()) {
+        (Accepted::Here(started), _) => WorkloadView::from(
+            started
+                .done
+                .await
+                .map_err(|e| anyhow::anyhow!("workload task failed: {e}"))??,
+        ),
+        (Accepted::Queued(id), Some(cluster)) => cluster
+            .wait_end(id, None)
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("workload {id} did not end"))?,
+        (Accepted::Queued(id), None) => {
+            return Err(anyhow::anyhow!("workload {id} was queued without a cluster").into());
+        }
+    };
+    Ok(Json(view))
 }
 
 /// `POST /v1/workloads/async`: 202 with the id at once.
@@ -168,8 +206,7 @@ pub async fn run_async(
     State(state): State<AppState>,
     req: Request,
 ) -> Result<impl IntoResponse, ApiError> {
-    let started = start(&state, req).await?;
-    let id = started.id;
+    let id = start(&state, req).await?.id();
     Ok((
         StatusCode::ACCEPTED,
         [(header::LOCATION, format!("/v1/workloads/{id}"))],
@@ -183,6 +220,9 @@ pub async fn get(
     Path(id): Path<String>,
 ) -> Result<impl IntoResponse, ApiError> {
     let id = parse_id(&id)?;
+    if let Some(cluster) = state.cluster() {
+        return Ok(Json(cluster.record(id).await?.view));
+    }
     Ok(Json(WorkloadView::from(
         state.node().db().workload(id).await?,
     )))
@@ -218,6 +258,9 @@ pub async fn list(
         .map(|s| s.parse::<Status>())
         .transpose()
         .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    if let Some(cluster) = state.cluster() {
+        return Ok(Json(cluster.list(limit, offset, status)));
+    }
     let page = state
         .node()
         .db()
@@ -244,6 +287,19 @@ pub async fn kill(
     Path(id): Path<String>,
 ) -> Result<axum::response::Response, ApiError> {
     let id = parse_id(&id)?;
+    if let Some(cluster) = state.cluster() {
+        return match cluster.kill(id, "killed on request", KILL_WAIT).await? {
+            KillOutcome::Ended(view) => Ok(Json(*view).into_response()),
+            KillOutcome::Stopping => Ok((
+                StatusCode::ACCEPTED,
+                Json(json!({"id": id, "status": "killing"})),
+            )
+                .into_response()),
+            KillOutcome::AlreadyEnded(status) => Err(ApiError::Conflict(format!(
+                "workload {id} has already ended ({status})"
+            ))),
+        };
+    }
     let runner = Arc::clone(state.node().runner());
     if runner.kill(id, "killed on request") {
         if tokio::time::timeout(KILL_WAIT, runner.ended(id))

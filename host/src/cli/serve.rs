@@ -11,6 +11,7 @@ use clap::Args;
 use super::parse;
 use super::signals::ShutdownSignal;
 use crate::api::{ApiConfig, AppState, LimitPolicy, serve};
+use crate::cluster::{Cluster, ClusterOptions, check_node_id, stable_node_id};
 use crate::node::{Node, NodeOptions};
 use crate::outbound::{OutboundPolicy, parse_rules};
 use crate::workload::Limits;
@@ -71,6 +72,25 @@ pub struct ServeArgs {
     /// addresses (refused by default, whatever the spec lists)
     #[arg(long, env = "VULCAN_ALLOW_PRIVATE_OUTBOUND")]
     allow_private_outbound: bool,
+    /// Join a cluster: the NATS server(s) with JetStream that the nodes share
+    /// (e.g. nats://127.0.0.1:4222; comma-separated for several). Unset: a
+    /// single node on its own SQLite
+    #[arg(long, env = "VULCAN_CLUSTER", value_name = "URL")]
+    cluster: Option<String>,
+    /// This node's id in the cluster (letters, digits, `-`, `_`); default: one
+    /// made once and kept in the data directory
+    #[arg(long, env = "VULCAN_NODE_ID", value_name = "ID", requires = "cluster")]
+    node_id: Option<String>,
+    /// Replicas of the cluster's streams and buckets when they are created
+    /// (3 on a 3-server NATS cluster for high availability)
+    #[arg(
+        long,
+        env = "VULCAN_CLUSTER_REPLICAS",
+        default_value_t = 1,
+        value_name = "N",
+        requires = "cluster"
+    )]
+    cluster_replicas: usize,
     #[command(flatten)]
     limits: ServerLimits,
 }
@@ -174,6 +194,23 @@ pub fn execute(args: ServeArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
             ..NodeOptions::default()
         };
         let node = Node::open(data_dir, options).await?;
+        let cluster = match &args.cluster {
+            Some(url) => {
+                let node_id = match args.node_id {
+                    Some(id) => id,
+                    None => stable_node_id(data_dir)?,
+                };
+                check_node_id(&node_id)?;
+                let options = ClusterOptions {
+                    url: url.clone(),
+                    node_id,
+                    replicas: args.cluster_replicas,
+                    max_concurrent: args.max_concurrent,
+                };
+                Some(Cluster::join(Arc::clone(&node), options).await?)
+            }
+            None => None,
+        };
         let config = ApiConfig {
             token: args.token,
             max_upload: usize::try_from(args.max_upload).unwrap_or(usize::MAX),
@@ -181,22 +218,35 @@ pub fn execute(args: ServeArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
             limits,
             client_timeout: args.client_timeout,
         };
-        let state = AppState::new(Arc::clone(&node), config);
+        let state = match &cluster {
+            Some(cluster) => AppState::clustered(Arc::clone(cluster), config),
+            None => AppState::new(Arc::clone(&node), config),
+        };
         let shutdown = ShutdownSignal::install()?;
         let listener = tokio::net::TcpListener::bind(&args.listen)
             .await
             .with_context(|| format!("failed to listen on {}", args.listen))?;
         let addr = listener.local_addr()?;
         // Printed (not only logged) so scripts and tests can find an ephemeral port.
-        eprintln!(
-            "vulcan: listening on http://{addr} (data in {})",
-            data_dir.display()
-        );
+        match &cluster {
+            Some(cluster) => eprintln!(
+                "vulcan: listening on http://{addr} (data in {}; cluster node {})",
+                data_dir.display(),
+                cluster.node_id()
+            ),
+            None => eprintln!(
+                "vulcan: listening on http://{addr} (data in {})",
+                data_dir.display()
+            ),
+        }
         serve(listener, state, shutdown.received()).await?;
         // Killed workloads finish within a tick; a wedged one must not keep
         // the process from exiting.
-        node.shutdown("killed: the server shut down", Duration::from_secs(10))
-            .await;
+        let (reason, grace) = ("killed: the server shut down", Duration::from_secs(10));
+        match cluster {
+            Some(cluster) => cluster.leave(reason, grace).await,
+            None => node.shutdown(reason, grace).await,
+        }
         eprintln!("vulcan: stopped");
         Ok(ExitCode::SUCCESS)
     })

@@ -14,6 +14,6 @@ mod writer;
 
 pub use broker::{BrokerEvent, LogBroker, LogPublisher, LogSubscription, TryNext};
 pub use record::{Fields, LogLevel, LogRecord, LogStream};
-pub use sink::{LineSink, LivePublisher};
+pub use sink::{LineSink, LivePublisher, SinkPair};
 pub use splitter::{LineSplitter, MAX_LINE_BYTES};
 pub use writer::{LinesNotStored, LogWriter, OutputLimitExceeded};

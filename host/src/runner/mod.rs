@@ -16,7 +16,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::engine::{CompiledModule, GuestIdentity, LimitHit, Outcome, RunReport, Runtime};
-use crate::logs::{LogBroker, LogWriter};
+use crate::logs::{LineSink, LogBroker, LogWriter, SinkPair};
 use crate::metrics::Metrics;
 use crate::store::{Db, NewWorkload, StoreError};
 use crate::workload::{Completion, FailureKind, Status, WorkloadId, WorkloadRecord, WorkloadSpec};
@@ -27,6 +27,25 @@ pub struct Tee {
     pub stdout: Box<dyn std::io::Write + Send>,
     /// Receives the guest's stderr bytes.
     pub stderr: Box<dyn std::io::Write + Send>,
+}
+
+/// A slot to run one workload in, held until it ends (empty without a limit).
+pub struct Slot(Option<OwnedSemaphorePermit>);
+
+/// What [`Runner::start_claimed`] starts.
+pub struct Launch {
+    /// The workload's id.
+    pub id: WorkloadId,
+    /// The slot it runs in, from [`Runner::reserve`].
+    pub slot: Slot,
+    /// `sha256:<hex>` of its module.
+    pub module_hash: String,
+    /// What it is given.
+    pub spec: WorkloadSpec,
+    /// Raw copies of its output.
+    pub tee: Option<Tee>,
+    /// A second sink that must keep every record too (the cluster's copy).
+    pub also: Option<Arc<dyn LineSink>>,
 }
 
 /// A started workload: its id and a handle that resolves to its final record.
@@ -149,7 +168,49 @@ impl Runner {
             ),
             None => None,
         };
-        let id = WorkloadId::new();
+        let launch = Launch {
+            id: WorkloadId::new(),
+            slot: Slot(permit),
+            module_hash,
+            spec,
+            tee,
+            also: None,
+        };
+        self.launch(module, launch).await
+    }
+
+    /// Waits for a free slot (at once without a limit): a cluster node takes
+    /// work only once it holds one, so it never claims what it cannot start.
+    pub async fn reserve(&self) -> Slot {
+        match &self.slots {
+            Some((sem, _)) => Slot(Arc::clone(sem).acquire_owned().await.ok()),
+            None => Slot(None),
+        }
+    }
+
+    /// Starts a workload whose id was given elsewhere (a cluster claim) in the
+    /// slot reserved for it; its records also go to `also`.
+    pub async fn start_claimed(
+        self: &Arc<Self>,
+        module: Arc<CompiledModule>,
+        launch: Launch,
+    ) -> Result<StartedWorkload, StartError> {
+        self.launch(module, launch).await
+    }
+
+    async fn launch(
+        self: &Arc<Self>,
+        module: Arc<CompiledModule>,
+        launch: Launch,
+    ) -> Result<StartedWorkload, StartError> {
+        let Launch {
+            id,
+            slot: Slot(permit),
+            module_hash,
+            spec,
+            tee,
+            also,
+        } = launch;
         // Killable from the moment the record exists.
         let switch = KillSwitch::default();
         self.lock().insert(id, switch.clone());
@@ -185,14 +246,17 @@ impl Runner {
                     workload_id: id.to_string(),
                     module_hash,
                 };
-                let sink = match this.db.line_sink(id, Some(Box::new(publisher))) {
-                    Ok(sink) => Arc::new(sink),
-                    // Without a sink it cannot run, and it must not stay running.
-                    Err(e) => {
-                        let failure = Completion::host_failure(format!("failed to start: {e}"), 0);
-                        return Ok(Some(this.db.finish(id, failure).await?));
-                    }
-                };
+                let sink: Arc<dyn LineSink> =
+                    match (this.db.line_sink(id, Some(Box::new(publisher))), also) {
+                        (Ok(local), None) => Arc::new(local),
+                        (Ok(local), Some(also)) => Arc::new(SinkPair(local, also)),
+                        // Without a sink it cannot run, and it must not stay running.
+                        (Err(e), _) => {
+                            let failure =
+                                Completion::host_failure(format!("failed to start: {e}"), 0);
+                            return Ok(Some(this.db.finish(id, failure).await?));
+                        }
+                    };
                 let writer = LogWriter::new(id, spec.limits.max_output_bytes, Some(sink))
                     .with_min_level(spec.log_level);
                 let (writer, _tee_flusher) = with_tee(writer, tee);

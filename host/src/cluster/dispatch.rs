@@ -1,0 +1,609 @@
+//! Work across nodes: submitting, claiming, running, finishing and killing.
+//!
+//! A submission creates the `pending` record, then queues the work. Every
+//! node pulls from one durable consumer, one message at a time and only while
+//! it holds a free slot, so no node takes more than it can start now. A claim
+//! names the node in the node's heartbeat first, then swaps the record from
+//! `pending` to `running` at the revision the submission created: of two
+//! nodes handed the same message, one wins, and a killed or failed-over
+//! workload is never started. The record becomes terminal only after every
+//! line is stored in the cluster.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, AckKind};
+use base64::Engine as _;
+use bytes::Bytes;
+use futures_util::StreamExt as _;
+use serde::{Deserialize, Serialize};
+use sha2::Digest as _;
+
+use super::logs::ClusterLines;
+use super::{Cluster, ClusterError, QUEUE_SUBJECT, kill_subject, now_ms};
+use crate::engine::CompiledModule;
+use crate::logs::LineSink;
+use crate::outbound::OutboundRule;
+use crate::registry::RegistryError;
+use crate::runner::{Launch, Slot};
+use crate::view::WorkloadView;
+use crate::workload::{
+    Completion, FailureKind, Limits, LogLevel, Status, Stdin, WorkloadId, WorkloadRecord,
+    WorkloadSpec,
+};
+
+/// A queued workload: everything a node needs to run it.
+#[derive(Debug, Serialize, Deserialize)]
+struct QueuedWork {
+    id: WorkloadId,
+    /// The record's revision when it was created `pending`.
+    revision: u64,
+    module: String,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    stdin_base64: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    input_base64: Option<String>,
+    limits: Limits,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    log_level: Option<LogLevel>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    allowed_hosts: Vec<OutboundRule>,
+    enqueued_ms: i64,
+}
+
+impl QueuedWork {
+    fn spec(&self) -> Result<WorkloadSpec, base64::DecodeError> {
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let stdin = match &self.stdin_base64 {
+            Some(s) => Stdin::Bytes(b64.decode(s)?),
+            None => Stdin::Empty,
+        };
+        Ok(WorkloadSpec {
+            args: self.args.clone(),
+            env: self.env.clone(),
+            stdin,
+            preopens: Vec::new(),
+            limits: self.limits.clone(),
+            input: self
+                .input_base64
+                .as_ref()
+                .map(|s| b64.decode(s))
+                .transpose()?,
+            log_level: self.log_level,
+            allowed_hosts: self.allowed_hosts.clone(),
+        })
+    }
+}
+
+/// A request on `vulcan.kill.<node>`.
+#[derive(Debug, Serialize, Deserialize)]
+struct KillRequest {
+    id: WorkloadId,
+    reason: String,
+}
+
+/// A record as it looks before any node has claimed it.
+fn pending_view(id: WorkloadId, module: &str, spec: &WorkloadSpec) -> WorkloadView {
+    let mut view = WorkloadView::from(WorkloadRecord {
+        id,
+        status: Status::Pending,
+        module_hash: module.to_owned(),
+        args: spec.args.clone(),
+        env: Vec::new(),
+        limits: spec.limits.clone(),
+        allowed_hosts: spec.allowed_hosts.clone(),
+        log_level: spec.log_level,
+        exit_code: None,
+        error: None,
+        failure: None,
+        output: None,
+        duration_ms: None,
+        line_count: 0,
+        created_at: now_ms(),
+        started_at: None,
+        finished_at: None,
+    });
+    view.summary.attempt = Some(0);
+    view
+}
+
+/// `view` ended now with `status`, `failure` and `error`.
+fn ended(
+    mut view: WorkloadView,
+    status: Status,
+    failure: FailureKind,
+    error: String,
+) -> WorkloadView {
+    view.summary.status = status;
+    view.summary.failure = Some(failure);
+    view.summary.error = Some(error);
+    view.summary.finished_at = Some(crate::view::rfc3339(now_ms()));
+    view
+}
+
+impl Cluster {
+    /// Stores a module's bytes in the cluster (once) and on this node.
+    pub async fn share_module(
+        &self,
+        bytes: Bytes,
+    ) -> Result<(crate::store::ModuleInfo, bool), ClusterError> {
+        self.connected()?;
+        let (info, _, new) = self
+            .node
+            .registry()
+            .register(bytes.clone())
+            .await
+            .map_err(registry_error)?;
+        let name = info.hash.trim_start_matches("sha256:").to_owned();
+        let shared = self.modules.info(&name).await.is_ok();
+        if !shared {
+            self.modules
+                .put(name.as_str(), &mut bytes.as_ref())
+                .await
+                .map_err(ClusterError::unavailable)?;
+        }
+        Ok((info, new || !shared))
+    }
+
+    /// The compiled module for `hash`: this node's, or the cluster's bytes
+    /// checked against the hash and stored here.
+    pub async fn module(&self, hash: &str) -> Result<Arc<CompiledModule>, ClusterError> {
+        match self.node.registry().get(hash).await {
+            Ok(compiled) => return Ok(compiled),
+            Err(RegistryError::NotFound(_)) => {}
+            Err(e) => return Err(registry_error(e)),
+        }
+        let name = hash.trim_start_matches("sha256:");
+        let mut object = match self.modules.get(name).await {
+            Ok(object) => object,
+            Err(e) if e.kind() == jetstream::object_store::GetErrorKind::NotFound => {
+                return Err(ClusterError::ModuleNotFound(hash.to_owned()));
+            }
+            Err(e) => return Err(ClusterError::unavailable(e)),
+        };
+        let mut bytes = Vec::new();
+        tokio::io::AsyncReadExt::read_to_end(&mut object, &mut bytes)
+            .await
+            .map_err(ClusterError::unavailable)?;
+        let got = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&bytes)));
+        if got != hash {
+            return Err(anyhow::anyhow!(
+                "the cluster's copy of module {hash} has the wrong hash ({got}); refusing it"
+            )
+            .into());
+        }
+        let (_, compiled, _) = self
+            .node
+            .registry()
+            .register(Bytes::from(bytes))
+            .await
+            .map_err(registry_error)?;
+        Ok(compiled)
+    }
+
+    /// Whether the module exists on this node or in the cluster.
+    pub async fn has_module(&self, hash: &str) -> Result<bool, ClusterError> {
+        if self.node.db().module_info(hash).await.is_ok() {
+            return Ok(true);
+        }
+        self.connected()?;
+        Ok(self
+            .modules
+            .info(hash.trim_start_matches("sha256:"))
+            .await
+            .is_ok())
+    }
+
+    /// Queues a workload for whichever node has a free slot; its id at once.
+    pub async fn submit(
+        self: &Arc<Self>,
+        module: &str,
+        spec: WorkloadSpec,
+    ) -> Result<WorkloadId, ClusterError> {
+        self.connected()?;
+        if !self.has_module(module).await? {
+            return Err(ClusterError::ModuleNotFound(module.to_owned()));
+        }
+        let id = WorkloadId::new();
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let mut work = QueuedWork {
+            id,
+            revision: 0,
+            module: module.to_owned(),
+            args: spec.args.clone(),
+            env: spec.env.clone(),
+            stdin_base64: match &spec.stdin {
+                Stdin::Bytes(b) => Some(b64.encode(b)),
+                _ => None,
+            },
+            input_base64: spec.input.as_ref().map(|b| b64.encode(b)),
+            limits: spec.limits.clone(),
+            log_level: spec.log_level,
+            allowed_hosts: spec.allowed_hosts.clone(),
+            enqueued_ms: now_ms(),
+        };
+        // Checked before anything is created.
+        let size = serde_json::to_vec(&work)
+            .map_err(anyhow::Error::from)?
+            .len()
+            + 64;
+        let max = self.client.server_info().max_payload;
+        if size > max {
+            return Err(ClusterError::TooLarge(format!(
+                "this workload's spec is {size} bytes; the cluster carries at most {max} \
+                 (NATS max_payload)"
+            )));
+        }
+        let view = pending_view(id, module, &spec);
+        work.revision = self.create_record(&view).await?;
+        let payload = Bytes::from(serde_json::to_vec(&work).map_err(anyhow::Error::from)?);
+        let publish = jetstream::message::PublishMessage::build()
+            .payload(payload)
+            .message_id(id.to_string());
+        let queued = match self.js.send_publish(QUEUE_SUBJECT, publish).await {
+            Ok(ack) => ack.await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = queued {
+            // It was not queued and its submitter is told so: it must not
+            // stay pending. Retried until NATS takes it.
+            let (this, revision) = (Arc::clone(self), work.revision);
+            tokio::spawn(async move {
+                let view = ended(
+                    view,
+                    Status::Failed,
+                    FailureKind::Host,
+                    "the cluster was unavailable when it was submitted; it never ran".into(),
+                );
+                while let Err(e) = this.swap(&view, revision).await {
+                    tracing::debug!(workload = %id, error = %e, "retrying to fail an unqueued workload");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            });
+            return Err(ClusterError::unavailable(e));
+        }
+        Ok(id)
+    }
+
+    /// Pulls work while this node has a free slot, one message at a time.
+    pub(super) async fn dispatch(self: Arc<Self>, consumer: jetstream::consumer::PullConsumer) {
+        loop {
+            let slot = tokio::select! {
+                () = self.stop.cancelled() => return,
+                slot = self.node.runner().reserve() => slot,
+            };
+            let batch = consumer
+                .fetch()
+                .max_messages(1)
+                .expires(Duration::from_secs(5))
+                .messages()
+                .await;
+            let mut batch = match batch {
+                Ok(batch) => batch,
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot pull work yet");
+                    tokio::select! {
+                        () = self.stop.cancelled() => return,
+                        () = tokio::time::sleep(Duration::from_millis(200)) => continue,
+                    }
+                }
+            };
+            let message = tokio::select! {
+                () = self.stop.cancelled() => return,
+                m = batch.next() => m,
+            };
+            match message {
+                Some(Ok(message)) => {
+                    let this = Arc::clone(&self);
+                    self.tasks
+                        .spawn(async move { this.take(message, slot).await });
+                }
+                Some(Err(e)) => tracing::debug!(error = %e, "pulling work failed"),
+                None => {}
+            }
+        }
+    }
+
+    /// Claims one queued workload and runs it to its end.
+    async fn take(self: Arc<Self>, message: jetstream::Message, slot: Slot) {
+        let work: QueuedWork = match serde_json::from_slice(&message.payload) {
+            Ok(work) => work,
+            Err(e) => {
+                tracing::warn!(error = %e, "dropping queued work that does not parse");
+                let _ = message.ack_with(AckKind::Term).await;
+                return;
+            }
+        };
+        let id = work.id;
+        let spec = match work.spec() {
+            Ok(spec) => spec,
+            Err(e) => {
+                tracing::warn!(workload = %id, error = %e, "dropping queued work with bad base64");
+                let _ = message.ack_with(AckKind::Term).await;
+                return;
+            }
+        };
+        let claim = match self.claim(&work).await {
+            Ok(Some(claim)) => claim,
+            Ok(None) => {
+                // Killed, failed or claimed elsewhere meanwhile: not ours to run.
+                let _ = message.ack().await;
+                return;
+            }
+            Err(e) => {
+                tracing::debug!(workload = %id, error = %e, "claim failed; the work goes back to the queue");
+                let _ = message
+                    .ack_with(AckKind::Nak(Some(Duration::from_millis(200))))
+                    .await;
+                return;
+            }
+        };
+        let _ = message.ack().await;
+        let latency = (now_ms() - work.enqueued_ms).max(0) as f64 / 1000.0;
+        self.metrics.dispatch_latency.observe(latency);
+        self.run_claimed(work.module, spec, claim, slot).await;
+        self.unclaim(id);
+    }
+
+    /// Names `work` in this node's heartbeat, then swaps its record to
+    /// running here; `None` when it is no longer pending.
+    async fn claim(&self, work: &QueuedWork) -> Result<Option<Claim>, ClusterError> {
+        self.lock_claimed().insert(work.id, None);
+        self.metrics.claimed.set(self.lock_claimed().len() as i64);
+        let claimed = async {
+            self.beat_now().await?;
+            let mut current = self.record(work.id).await?;
+            loop {
+                if current.view.summary.status != Status::Pending {
+                    return Ok(None);
+                }
+                let mut view = current.view.clone();
+                view.summary.status = Status::Running;
+                view.summary.node = Some(self.node_id.clone());
+                view.summary.attempt = Some(view.summary.attempt.unwrap_or(0) + 1);
+                view.summary.started_at = Some(crate::view::rfc3339(now_ms()));
+                match self.swap(&view, current.revision).await? {
+                    Some(revision) => return Ok(Some(Claim { view, revision })),
+                    None => current = self.record(work.id).await?,
+                }
+            }
+        }
+        .await;
+        if !matches!(claimed, Ok(Some(_))) {
+            self.unclaim(work.id);
+        }
+        claimed
+    }
+
+    fn unclaim(&self, id: WorkloadId) {
+        let mut claimed = self.lock_claimed();
+        claimed.remove(&id);
+        self.metrics.claimed.set(claimed.len() as i64);
+    }
+
+    /// Runs a claimed workload and records its end in the cluster once all
+    /// its lines are stored there.
+    async fn run_claimed(
+        self: &Arc<Self>,
+        module: String,
+        spec: WorkloadSpec,
+        claim: Claim,
+        slot: Slot,
+    ) {
+        let id = claim.view.summary.id;
+        let lines = ClusterLines::new(id);
+        let publisher = {
+            let (this, lines) = (Arc::clone(self), Arc::clone(&lines));
+            tokio::spawn(async move { this.publish_lines(lines, 0).await })
+        };
+        let local = match self.module(&module).await {
+            Ok(compiled) => {
+                let launch = Launch {
+                    id,
+                    slot,
+                    module_hash: module.clone(),
+                    spec,
+                    tee: None,
+                    also: Some(Arc::clone(&lines) as Arc<dyn LineSink>),
+                };
+                match self.node.runner().start_claimed(compiled, launch).await {
+                    Ok(started) => {
+                        // A kill that came while it was being started.
+                        let early_kill = self.lock_claimed().get(&id).cloned().flatten();
+                        if let Some(reason) = early_kill {
+                            self.node.runner().kill(id, &reason);
+                        }
+                        match started.done.await {
+                            Ok(Ok(record)) => Ok(record),
+                            Ok(Err(e)) => Err(format!("{e:#}")),
+                            Err(e) => Err(format!("the workload's task failed: {e}")),
+                        }
+                    }
+                    Err(e) => Err(format!("failed to start: {e}")),
+                }
+            }
+            Err(e) => Err(format!("failed to load module {module}: {e}")),
+        };
+        lines.close();
+        let last = match publisher.await {
+            Ok(Ok(last)) => last,
+            // Failed over: the record belongs to whoever fenced it.
+            Ok(Err(_fenced)) => return,
+            Err(e) => {
+                tracing::error!(workload = %id, error = %e, "the log publisher failed");
+                return;
+            }
+        };
+        let mut view = match local {
+            Ok(record) => {
+                let mut view = WorkloadView::from(record);
+                view.summary.node = claim.view.summary.node.clone();
+                view.summary.attempt = claim.view.summary.attempt;
+                view
+            }
+            Err(error) => {
+                let c = Completion::host_failure(error, 0);
+                ended(
+                    claim.view.clone(),
+                    c.status,
+                    FailureKind::Host,
+                    c.error.unwrap_or_default(),
+                )
+            }
+        };
+        view.summary.created_at = claim.view.summary.created_at.clone();
+        self.finish(view, claim.revision, last).await;
+    }
+
+    /// Swaps in the final record (retrying while NATS is away), then ends the log.
+    async fn finish(&self, view: WorkloadView, revision: u64, last: u64) {
+        let id = view.summary.id;
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            match self.swap(&view, revision).await {
+                Ok(Some(_)) => break,
+                // Someone (a node that presumed this one lost) moved it on.
+                Ok(None) => return,
+                Err(e) => {
+                    tracing::debug!(workload = %id, error = %e, "final record not stored yet; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+            }
+        }
+        loop {
+            match self
+                .publish_end(id, Some(last), view.summary.line_count)
+                .await
+            {
+                Ok(_) => return,
+                Err(e) => {
+                    tracing::debug!(workload = %id, error = %e, "log end not stored yet; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+            }
+        }
+    }
+
+    /// Stops `id` wherever it is: a pending one never starts, a running one
+    /// is killed on its node. The final record once it ended within `wait`.
+    pub async fn kill(
+        &self,
+        id: WorkloadId,
+        reason: &str,
+        wait: Duration,
+    ) -> Result<KillOutcome, ClusterError> {
+        loop {
+            let current = self.record(id).await?;
+            match current.view.summary.status {
+                Status::Pending => {
+                    let view = ended(
+                        current.view,
+                        Status::Killed,
+                        FailureKind::Killed,
+                        reason.to_owned(),
+                    );
+                    if self.swap(&view, current.revision).await?.is_some() {
+                        let _ = self.publish_end(id, None, 0).await;
+                        return Ok(KillOutcome::Ended(Box::new(view)));
+                    }
+                }
+                Status::Running => {
+                    let node = current.view.summary.node.clone().unwrap_or_default();
+                    if node == self.node_id {
+                        self.kill_here(id, reason);
+                    } else {
+                        let request = serde_json::to_vec(&KillRequest {
+                            id,
+                            reason: reason.to_owned(),
+                        })
+                        .map_err(anyhow::Error::from)?;
+                        // No answer: the node may be gone; its loss ends the workload.
+                        let _ = self
+                            .client
+                            .request(kill_subject(&node), request.into())
+                            .await;
+                    }
+                    return Ok(match self.wait_end(id, Some(wait)).await? {
+                        Some(view) => KillOutcome::Ended(Box::new(view)),
+                        None => KillOutcome::Stopping,
+                    });
+                }
+                status => return Ok(KillOutcome::AlreadyEnded(status)),
+            }
+        }
+    }
+
+    /// Kills a workload claimed here, or marks it to be killed once started.
+    fn kill_here(&self, id: WorkloadId, reason: &str) -> bool {
+        if self.node.runner().kill(id, reason) {
+            return true;
+        }
+        let mut claimed = self.lock_claimed();
+        match claimed.get_mut(&id) {
+            Some(kill) => {
+                *kill = Some(reason.to_owned());
+                drop(claimed);
+                // It may have started in between.
+                self.node.runner().kill(id, reason);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Answers kill requests for workloads on this node.
+    pub(super) async fn take_kills(self: Arc<Self>, mut requests: async_nats::Subscriber) {
+        while let Some(message) = requests.next().await {
+            let answer = match serde_json::from_slice::<KillRequest>(&message.payload) {
+                Ok(k) => match self.kill_here(k.id, &k.reason) {
+                    true => "killing",
+                    false => "not running here",
+                },
+                Err(e) => {
+                    tracing::warn!(error = %e, "dropping a kill request that does not parse");
+                    "malformed"
+                }
+            };
+            if let Some(reply) = message.reply {
+                let _ = self.client.publish(reply, answer.into()).await;
+            }
+        }
+    }
+
+    fn lock_claimed(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<WorkloadId, Option<String>>> {
+        self.claimed.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(super) fn claimed_ids(&self) -> Vec<WorkloadId> {
+        self.lock_claimed().keys().copied().collect()
+    }
+}
+
+/// A workload this node has claimed: its running record and that revision.
+struct Claim {
+    view: WorkloadView,
+    revision: u64,
+}
+
+/// What a kill did.
+pub enum KillOutcome {
+    /// It ended (killed, or on its own first): its final record.
+    Ended(Box<WorkloadView>),
+    /// It is still stopping.
+    Stopping,
+    /// It had ended before the request, with this status.
+    AlreadyEnded(Status),
+}
+
+fn registry_error(e: RegistryError) -> ClusterError {
+    match e {
+        RegistryError::NotFound(h) => ClusterError::ModuleNotFound(h),
+        e => ClusterError::Registry(e),
+    }
+}

@@ -1,0 +1,232 @@
+//! Heartbeats, and what happens to a node that stops sending them.
+//!
+//! Every node writes its heartbeat (the workloads it has claimed) each second
+//! and before every claim, and reads everyone else's. A node whose heartbeat
+//! has not changed for [`NODE_LOSS_AFTER`] while this node could read NATS is
+//! lost: each workload it had claimed that is still `running` there is
+//! failed — its log is ended after its last stored batch first, so the lost
+//! node (if it was only paused) can append nothing more, and then its record
+//! is swapped to `failed`, so it cannot overwrite that either. It is failed
+//! rather than run again: a workload may have had effects (outbound
+//! requests, its output so far) that a second run would repeat.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use super::{Cluster, ClusterError, HEARTBEAT_EVERY, NODE_LOSS_AFTER, now_ms};
+use crate::view::rfc3339;
+use crate::workload::{FailureKind, Status, WorkloadId};
+
+/// What a node says of itself each second.
+#[derive(Debug, Serialize, Deserialize)]
+struct Heartbeat {
+    node: String,
+    /// Workloads it has claimed and not finished.
+    claimed: Vec<WorkloadId>,
+    max_concurrent: usize,
+    at_ms: i64,
+}
+
+/// The last heartbeat revision seen of a node, and since when.
+struct Seen {
+    revision: u64,
+    since: Instant,
+}
+
+impl Cluster {
+    /// Writes this node's heartbeat now.
+    pub(super) async fn beat_now(&self) -> Result<(), ClusterError> {
+        let _turn = self.beat.lock().await;
+        let beat = Heartbeat {
+            node: self.node_id.clone(),
+            claimed: self.claimed_ids(),
+            max_concurrent: self.max_concurrent,
+            at_ms: now_ms(),
+        };
+        let value = Bytes::from(serde_json::to_vec(&beat).map_err(anyhow::Error::from)?);
+        self.nodes
+            .put(&self.node_id, value)
+            .await
+            .map_err(ClusterError::unavailable)?;
+        Ok(())
+    }
+
+    /// Fails what this node's previous run had claimed (its heartbeat is
+    /// still there after a crash): nothing runs those now.
+    pub(super) async fn fail_own_previous(&self) -> Result<(), ClusterError> {
+        let entry = self
+            .nodes
+            .entry(&self.node_id)
+            .await
+            .map_err(ClusterError::unavailable)?;
+        if let Some(entry) = entry
+            && let Ok(beat) = serde_json::from_slice::<Heartbeat>(&entry.value)
+        {
+            let why = format!(
+                "failed: node {} restarted while this workload was running there; its lines \
+                 up to then are kept",
+                self.node_id
+            );
+            for id in beat.claimed {
+                self.fail_lost(id, &self.node_id, &why).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Heartbeats, loss detection and the connection figures, every second.
+    pub(super) async fn keep_alive(self: Arc<Self>) {
+        let mut seen: HashMap<String, Seen> = HashMap::new();
+        let mut tick = tokio::time::interval(HEARTBEAT_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = self.stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let connected = self.connected().is_ok();
+            self.metrics.connected.set(i64::from(connected));
+            if let Ok(info) = self.js_queue_depth().await {
+                self.metrics.queue_depth.set(info);
+            }
+            let beat = self.beat_now().await;
+            let others = self.read_heartbeats().await;
+            let (Ok(()), Ok(others)) = (beat, others) else {
+                // Time without NATS does not count against anyone.
+                *self.lock_reachable() = None;
+                continue;
+            };
+            let now = Instant::now();
+            let reachable_since = *self.lock_reachable().get_or_insert(now);
+            seen.retain(|node, _| others.iter().any(|(n, _, _)| n == node));
+            for (node, revision, beat) in others {
+                if node == self.node_id {
+                    continue;
+                }
+                let s = seen.entry(node.clone()).or_insert(Seen {
+                    revision,
+                    since: now,
+                });
+                if s.revision != revision {
+                    *s = Seen {
+                        revision,
+                        since: now,
+                    };
+                    continue;
+                }
+                let silent = now.duration_since(s.since.max(reachable_since));
+                if silent < NODE_LOSS_AFTER {
+                    continue;
+                }
+                tracing::warn!(
+                    node,
+                    silent_ms = silent.as_millis() as u64,
+                    "node lost: failing its running workloads"
+                );
+                let why = format!(
+                    "failed: node {node} was lost (no heartbeat for {} s) while this workload \
+                     was running there; its lines up to the loss are kept",
+                    silent.as_secs()
+                );
+                let mut settled = true;
+                for id in beat.map(|b| b.claimed).unwrap_or_default() {
+                    if let Err(e) = self.fail_lost(id, &node, &why).await {
+                        tracing::warn!(workload = %id, error = %e, "failed to fail a lost node's workload; retrying");
+                        settled = false;
+                    }
+                }
+                if settled {
+                    // Only if unchanged: a node that came back keeps its entry.
+                    let _ = self
+                        .nodes
+                        .delete_expect_revision(&node, Some(revision))
+                        .await;
+                    seen.remove(&node);
+                }
+            }
+        }
+    }
+
+    fn lock_reachable(&self) -> std::sync::MutexGuard<'_, Option<Instant>> {
+        self.reachable_since
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    async fn js_queue_depth(&self) -> Result<i64, ClusterError> {
+        let mut consumer: async_nats::jetstream::consumer::PullConsumer = self
+            .js
+            .get_consumer_from_stream(super::DISPATCH_CONSUMER, super::QUEUE_STREAM)
+            .await
+            .map_err(ClusterError::unavailable)?;
+        let info = consumer.info().await.map_err(ClusterError::unavailable)?;
+        Ok(i64::try_from(info.num_pending).unwrap_or(i64::MAX))
+    }
+
+    /// Every node's heartbeat: its id, revision and content (if it parses).
+    async fn read_heartbeats(&self) -> Result<Vec<(String, u64, Option<Heartbeat>)>, ClusterError> {
+        use futures_util::TryStreamExt as _;
+        let keys: Vec<String> = self
+            .nodes
+            .keys()
+            .await
+            .map_err(ClusterError::unavailable)?
+            .try_collect()
+            .await
+            .map_err(ClusterError::unavailable)?;
+        let mut beats = Vec::with_capacity(keys.len());
+        for key in keys {
+            if let Some(entry) = self
+                .nodes
+                .entry(&key)
+                .await
+                .map_err(ClusterError::unavailable)?
+            {
+                let beat = serde_json::from_slice(&entry.value)
+                    .inspect_err(
+                        |e| tracing::warn!(node = key, error = %e, "a heartbeat does not parse"),
+                    )
+                    .ok();
+                beats.push((key, entry.revision, beat));
+            }
+        }
+        Ok(beats)
+    }
+
+    /// Fails `id` if it is still running on `node`: ends its log after the
+    /// last stored batch, then swaps its record to `failed` (node lost).
+    pub(super) async fn fail_lost(
+        &self,
+        id: WorkloadId,
+        node: &str,
+        why: &str,
+    ) -> Result<(), ClusterError> {
+        loop {
+            let current = match self.record(id).await {
+                Ok(c) => c,
+                Err(ClusterError::NotFound(_)) => return Ok(()),
+                Err(e) => return Err(e),
+            };
+            let summary = &current.view.summary;
+            if summary.status != Status::Running || summary.node.as_deref() != Some(node) {
+                return Ok(());
+            }
+            // Still running there: any end marker is a fence (its node
+            // writes its final record before its end marker).
+            let lines = self.end_log(id).await?;
+            let mut view = current.view.clone();
+            view.summary.status = Status::Failed;
+            view.summary.failure = Some(FailureKind::NodeLost);
+            view.summary.error = Some(why.to_owned());
+            view.summary.line_count = lines;
+            view.summary.finished_at = Some(rfc3339(now_ms()));
+            if self.swap(&view, current.revision).await?.is_some() {
+                return Ok(());
+            }
+        }
+    }
+}

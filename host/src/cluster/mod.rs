@@ -1,0 +1,414 @@
+//! Cluster mode: many `vulcan serve` nodes over one NATS JetStream.
+//!
+//! Owns everything NATS (only this module imports async-nats): the shared
+//! workload records, dispatch of queued work to nodes with a free slot, the
+//! cluster's durable copy of every log line, kills across nodes, heartbeats
+//! and the failing of a lost node's workloads. Each node still runs its
+//! workloads through its own [`Node`] (engine, LogWriter, SQLite) exactly as
+//! single-node does; this module must not touch those parts' insides.
+//!
+//! What it creates at start when missing (names are fixed; `--cluster-replicas`
+//! sets every one's replica count):
+//!
+//! | name | kind | holds |
+//! |---|---|---|
+//! | `vulcan_workloads` | KV bucket, history 1 | key = workload id, value = the record as the API shows it (with `node`, `attempt`); every change is a compare-and-swap on its revision |
+//! | `vulcan_nodes` | KV bucket, history 1 | key = node id, value = its heartbeat: the workloads it has claimed, every second |
+//! | `vulcan_modules` | object store | module bytes by hex sha256, checked on arrival |
+//! | `VULCAN_QUEUE` | stream, work-queue retention, subject `vulcan.queue` | submitted work; durable pull consumer `vulcan_dispatch`, explicit ack, ack wait 10 s |
+//! | `VULCAN_LOGS` | stream, subjects `vulcan.logs.<id>`, 2 min duplicate window | log lines in batches (header `Nats-Msg-Id: <id>:<first seq>`), then an end marker (header `Vulcan-End`) |
+//!
+//! Kills travel as core NATS requests on `vulcan.kill.<node id>`.
+
+mod dispatch;
+mod liveness;
+mod logs;
+mod records;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use async_nats::jetstream::{self, kv, object_store, stream};
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use dispatch::KillOutcome;
+pub use logs::{LogChunk, LogCursor};
+
+use crate::node::Node;
+use crate::workload::WorkloadId;
+
+/// KV bucket of workload records.
+pub const WORKLOADS_BUCKET: &str = "vulcan_workloads";
+/// KV bucket of node heartbeats.
+pub const NODES_BUCKET: &str = "vulcan_nodes";
+/// Object store of module bytes.
+pub const MODULES_BUCKET: &str = "vulcan_modules";
+/// Stream of submitted work.
+pub const QUEUE_STREAM: &str = "VULCAN_QUEUE";
+/// Subject submitted work is published on.
+pub const QUEUE_SUBJECT: &str = "vulcan.queue";
+/// The durable consumer every node pulls work from.
+pub const DISPATCH_CONSUMER: &str = "vulcan_dispatch";
+/// Stream of log line batches.
+pub const LOGS_STREAM: &str = "VULCAN_LOGS";
+
+/// A node that has not renewed its heartbeat for this long is lost.
+pub const NODE_LOSS_AFTER: Duration = Duration::from_secs(5);
+
+/// How often a node renews its heartbeat and looks for lost nodes.
+const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
+
+/// How long one NATS request may take before the cluster counts as unavailable.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The subject a workload's log batches go to.
+fn log_subject(id: WorkloadId) -> String {
+    format!("vulcan.logs.{id}")
+}
+
+/// The subject a node takes kill requests on.
+fn kill_subject(node: &str) -> String {
+    format!("vulcan.kill.{node}")
+}
+
+/// Errors a caller may branch on.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    /// NATS cannot be reached now; nothing was changed.
+    #[error("the cluster is unavailable ({0}); retry when NATS is back")]
+    Unavailable(String),
+    /// No workload has this id.
+    #[error("workload {0} not found")]
+    NotFound(WorkloadId),
+    /// No node and not the cluster has this module.
+    #[error("module {0} not found")]
+    ModuleNotFound(String),
+    /// The submission is larger than one NATS message may be.
+    #[error("{0}")]
+    TooLarge(String),
+    /// The module was refused or could not be stored.
+    #[error(transparent)]
+    Registry(#[from] crate::registry::RegistryError),
+    /// Anything else.
+    #[error(transparent)]
+    Internal(#[from] anyhow::Error),
+}
+
+impl ClusterError {
+    fn unavailable(e: impl std::fmt::Display) -> Self {
+        ClusterError::Unavailable(e.to_string())
+    }
+}
+
+/// How a node joins a cluster.
+#[derive(Debug, Clone)]
+pub struct ClusterOptions {
+    /// NATS server URL(s), comma-separated.
+    pub url: String,
+    /// This node's id, unique in the cluster.
+    pub node_id: String,
+    /// Replicas of every stream and bucket (1, or 3 on a 3-server NATS cluster).
+    pub replicas: usize,
+    /// Most workloads this node runs at once (announced in its heartbeat).
+    pub max_concurrent: usize,
+}
+
+/// Figures `/metrics` shows of the cluster.
+pub struct ClusterMetrics {
+    /// 1 while connected to NATS.
+    pub connected: Gauge,
+    /// Work queued and not yet claimed by any node.
+    pub queue_depth: Gauge,
+    /// Workloads this node has claimed and not yet finished.
+    pub claimed: Gauge,
+    /// Seconds from submission to a node claiming the work.
+    pub dispatch_latency: Histogram,
+}
+
+impl ClusterMetrics {
+    fn new() -> Self {
+        Self {
+            connected: Gauge::default(),
+            queue_depth: Gauge::default(),
+            claimed: Gauge::default(),
+            dispatch_latency: Histogram::new(
+                prometheus_client::metrics::histogram::exponential_buckets(0.0001, 4.0, 10),
+            ),
+        }
+    }
+
+    /// Registers the figures under `vulcan_cluster_*`.
+    pub fn register(&self, registry: &mut prometheus_client::registry::Registry) {
+        let sub = registry.sub_registry_with_prefix("cluster");
+        sub.register(
+            "connected",
+            "1 while this node is connected to NATS",
+            self.connected.clone(),
+        );
+        sub.register(
+            "queue_depth",
+            "Submitted workloads not yet claimed by any node",
+            self.queue_depth.clone(),
+        );
+        sub.register(
+            "claimed",
+            "Workloads this node has claimed and not yet finished",
+            self.claimed.clone(),
+        );
+        sub.register(
+            "dispatch_latency_seconds",
+            "From submission to a node claiming the workload",
+            self.dispatch_latency.clone(),
+        );
+    }
+}
+
+/// One node's membership of the cluster.
+pub struct Cluster {
+    node: Arc<Node>,
+    node_id: String,
+    max_concurrent: usize,
+    client: async_nats::Client,
+    js: jetstream::Context,
+    workloads: kv::Store,
+    nodes: kv::Store,
+    modules: object_store::ObjectStore,
+    logs: stream::Stream,
+    index: records::Index,
+    /// Workloads claimed here, with a kill that arrived before they started.
+    claimed: Mutex<HashMap<WorkloadId, Option<String>>>,
+    /// Serializes heartbeats, so a newer claim list never lands before an older one.
+    beat: tokio::sync::Mutex<()>,
+    metrics: Arc<ClusterMetrics>,
+    stop: CancellationToken,
+    tasks: TaskTracker,
+    /// When this node's reads of the heartbeats began succeeding (None: failing).
+    reachable_since: Mutex<Option<Instant>>,
+}
+
+impl Cluster {
+    /// Connects to NATS, creates what is missing, and starts taking work.
+    pub async fn join(node: Arc<Node>, options: ClusterOptions) -> anyhow::Result<Arc<Self>> {
+        let client = async_nats::ConnectOptions::new()
+            .name(format!("vulcan {}", options.node_id))
+            .connection_timeout(Duration::from_secs(5))
+            .request_timeout(Some(REQUEST_TIMEOUT))
+            // Reconnect quickly and forever: a node never needs a restart
+            // because NATS went away for a while.
+            .reconnect_delay_callback(|attempt| {
+                Duration::from_millis(100 * (attempt as u64).min(10))
+            })
+            .connect(options.url.as_str())
+            .await
+            .with_context(|| format!("failed to connect to the cluster at {}", options.url))?;
+        let mut js = jetstream::new(client.clone());
+        js.set_timeout(REQUEST_TIMEOUT);
+        let replicas = options.replicas.max(1);
+        let bucket = |name: &str, what: &str| kv::Config {
+            bucket: name.to_owned(),
+            description: what.to_owned(),
+            history: 1,
+            storage: stream::StorageType::File,
+            num_replicas: replicas,
+            ..Default::default()
+        };
+        let workloads = create_kv(
+            &js,
+            bucket(WORKLOADS_BUCKET, "Vulcan workload records by id"),
+        )
+        .await?;
+        let nodes = create_kv(&js, bucket(NODES_BUCKET, "Vulcan node heartbeats")).await?;
+        let modules = match js.get_object_store(MODULES_BUCKET).await {
+            Ok(store) => store,
+            Err(_) => js
+                .create_object_store(object_store::Config {
+                    bucket: MODULES_BUCKET.to_owned(),
+                    description: Some("Vulcan module bytes by sha256".to_owned()),
+                    storage: stream::StorageType::File,
+                    num_replicas: replicas,
+                    ..Default::default()
+                })
+                .await
+                .context("failed to create the modules object store")?,
+        };
+        let queue = js
+            .get_or_create_stream(stream::Config {
+                name: QUEUE_STREAM.to_owned(),
+                subjects: vec![QUEUE_SUBJECT.to_owned()],
+                retention: stream::RetentionPolicy::WorkQueue,
+                storage: stream::StorageType::File,
+                num_replicas: replicas,
+                max_messages: 1_000_000,
+                discard: stream::DiscardPolicy::New,
+                duplicate_window: Duration::from_secs(120),
+                ..Default::default()
+            })
+            .await
+            .context("failed to create the work queue stream")?;
+        let consumer = queue
+            .get_or_create_consumer(
+                DISPATCH_CONSUMER,
+                jetstream::consumer::pull::Config {
+                    durable_name: Some(DISPATCH_CONSUMER.to_owned()),
+                    ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                    ack_wait: Duration::from_secs(10),
+                    max_ack_pending: 100_000,
+                    ..Default::default()
+                },
+            )
+            .await
+            .context("failed to create the dispatch consumer")?;
+        let logs = js
+            .get_or_create_stream(stream::Config {
+                name: LOGS_STREAM.to_owned(),
+                subjects: vec!["vulcan.logs.*".to_owned()],
+                storage: stream::StorageType::File,
+                num_replicas: replicas,
+                duplicate_window: Duration::from_secs(120),
+                allow_direct: true,
+                ..Default::default()
+            })
+            .await
+            .context("failed to create the log stream")?;
+        let metrics = Arc::new(ClusterMetrics::new());
+        node.metrics().register_cluster(&metrics);
+        let cluster = Arc::new(Self {
+            node,
+            node_id: options.node_id,
+            max_concurrent: options.max_concurrent,
+            client,
+            js,
+            workloads,
+            nodes,
+            modules,
+            logs,
+            index: records::Index::default(),
+            claimed: Mutex::new(HashMap::new()),
+            beat: tokio::sync::Mutex::new(()),
+            metrics,
+            stop: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+            reachable_since: Mutex::new(None),
+        });
+        // What a previous run of this node claimed cannot be running now.
+        cluster
+            .fail_own_previous()
+            .await
+            .context("failed to settle this node's previous workloads")?;
+        cluster.beat_now().await.map_err(anyhow::Error::from)?;
+        cluster.spawn_background(consumer).await?;
+        Ok(cluster)
+    }
+
+    /// This node's id.
+    pub fn node_id(&self) -> &str {
+        &self.node_id
+    }
+
+    /// The node this membership runs workloads on.
+    pub fn node_arc(&self) -> &Arc<Node> {
+        &self.node
+    }
+
+    /// Refuses at once when NATS is not connected, instead of waiting for a
+    /// request to time out.
+    fn connected(&self) -> Result<(), ClusterError> {
+        match self.client.connection_state() {
+            async_nats::connection::State::Connected => Ok(()),
+            state => Err(ClusterError::Unavailable(format!(
+                "not connected to NATS: {state}"
+            ))),
+        }
+    }
+
+    async fn spawn_background(
+        self: &Arc<Self>,
+        consumer: jetstream::consumer::PullConsumer,
+    ) -> anyhow::Result<()> {
+        let kills = self
+            .client
+            .subscribe(kill_subject(&self.node_id))
+            .await
+            .context("failed to subscribe to kill requests")?;
+        let this = Arc::clone(self);
+        tokio::spawn(async move { this.take_kills(kills).await });
+        let this = Arc::clone(self);
+        tokio::spawn(async move { this.dispatch(consumer).await });
+        let this = Arc::clone(self);
+        tokio::spawn(async move { this.watch_records().await });
+        let this = Arc::clone(self);
+        tokio::spawn(async move { this.keep_alive().await });
+        Ok(())
+    }
+
+    /// Stops taking work, ends what runs here with `reason`, records those
+    /// ends in the cluster, and leaves (its heartbeat is removed).
+    pub async fn leave(&self, reason: &str, grace: Duration) {
+        self.stop.cancel();
+        self.node.shutdown(reason, grace).await;
+        self.tasks.close();
+        if tokio::time::timeout(grace, self.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("some workload ends were not recorded in the cluster before stopping");
+        }
+        let _ = self.nodes.delete(&self.node_id).await;
+        let _ = self.client.flush().await;
+    }
+}
+
+async fn create_kv(js: &jetstream::Context, config: kv::Config) -> anyhow::Result<kv::Store> {
+    let name = config.bucket.clone();
+    match js.get_key_value(&name).await {
+        Ok(store) => Ok(store),
+        Err(_) => js
+            .create_key_value(config)
+            .await
+            .with_context(|| format!("failed to create the KV bucket {name}")),
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// This data directory's node id: made once, kept in `node-id`.
+pub fn stable_node_id(data_dir: &std::path::Path) -> anyhow::Result<String> {
+    let path = data_dir.join("node-id");
+    if let Ok(id) = std::fs::read_to_string(&path) {
+        let id = id.trim().to_owned();
+        if !id.is_empty() {
+            return Ok(id);
+        }
+    }
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("failed to create {}", data_dir.display()))?;
+    let id = format!(
+        "node-{}",
+        &ulid::Ulid::new().to_string().to_lowercase()[16..]
+    );
+    std::fs::write(&path, &id).with_context(|| format!("failed to write {}", path.display()))?;
+    Ok(id)
+}
+
+/// Checks a node id: it is part of NATS subjects and KV keys.
+pub fn check_node_id(id: &str) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        !id.is_empty()
+            && id.len() <= 64
+            && id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'),
+        "--node-id `{id}`: use 1 to 64 letters, digits, `-` or `_`"
+    );
+    Ok(())
+}

@@ -1,0 +1,385 @@
+//! Cluster mode: real `vulcan serve` nodes sharing one real `nats-server -js`.
+
+use std::collections::HashMap;
+
+use serde_json::{Value, json};
+
+use crate::support::*;
+
+/// A cluster node: its server and data directory.
+struct Member {
+    server: Server,
+    _env: Env,
+}
+
+fn member(nats: &Nats, id: &str, extra: &[&str]) -> Member {
+    let env = Env::new();
+    let url = nats.url();
+    let mut flags = vec!["--cluster", url.as_str(), "--node-id", id];
+    flags.extend_from_slice(extra);
+    Member {
+        server: Server::start(&env, &flags),
+        _env: env,
+    }
+}
+
+async fn upload(server: &Server, bytes: Vec<u8>) -> String {
+    let (status, info) = server.upload(bytes).await;
+    assert!(status == 201 || status == 200, "{status} {info}");
+    info["hash"].as_str().unwrap().to_owned()
+}
+
+async fn record(server: &Server, id: &str) -> Value {
+    let (status, record) = server.get_json(&format!("/v1/workloads/{id}")).await;
+    assert_eq!(status, 200, "{record}");
+    record
+}
+
+/// The record once `done` holds of it (an answer other than 200, e.g. while
+/// NATS is away, counts as not yet).
+async fn until(server: &Server, id: &str, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+    eventually(what, || async {
+        let (status, r) = server.get_json(&format!("/v1/workloads/{id}")).await;
+        (status == 200 && done(&r)).then_some(r)
+    })
+    .await
+}
+
+/// Every line of a workload's history, paging through it.
+async fn history(server: &Server, id: &str) -> Vec<Value> {
+    let mut lines = Vec::new();
+    let mut after = String::new();
+    loop {
+        let (status, page) = server
+            .get_json(&format!(
+                "/v1/workloads/{id}/logs/history?limit=10000{after}"
+            ))
+            .await;
+        assert_eq!(status, 200, "{page}");
+        let batch = page["lines"].as_array().unwrap().clone();
+        if batch.is_empty() {
+            return lines;
+        }
+        after = format!("&after={}", page["next_after"]);
+        lines.extend(batch);
+    }
+}
+
+fn seqs(lines: &[Value]) -> Vec<u64> {
+    lines.iter().map(|l| l["seq"].as_u64().unwrap()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn three_nodes_share_modules_runs_lists_and_slots() {
+    let Some(nats) = Nats::start() else { return };
+    let nodes: Vec<Member> = ["n1", "n2", "n3"]
+        .iter()
+        .map(|id| member(&nats, id, &["--max-concurrent", "2"]))
+        .collect();
+    let [n1, n2, n3] = [&nodes[0].server, &nodes[1].server, &nodes[2].server];
+
+    // Uploaded once, on n1; runnable through every node.
+    let hello = upload(n1, std::fs::read(example("hello")).unwrap()).await;
+    let mut ran = Vec::new();
+    for server in [n1, n2, n3, n3, n2, n1] {
+        let spec = json!({"module": hello, "args": ["ada"]});
+        let (status, r) = server.post("/v1/workloads", Body::Json(spec)).await;
+        assert_eq!(status, 200, "{r}");
+        assert_eq!(r["status"], "completed", "{r}");
+        assert_eq!(r["line_count"], 1);
+        assert_eq!(r["attempt"], 1);
+        assert!(r["node"].as_str().unwrap().starts_with('n'), "{r}");
+        ran.push(r["id"].as_str().unwrap().to_owned());
+    }
+    // n3 never saw the upload, yet knows the module.
+    let (status, module) = n3.get_json(&format!("/v1/modules/{hello}")).await;
+    assert_eq!(status, 200, "{module}");
+    // Any node reads any workload's record and lines.
+    let first = &ran[0];
+    assert_eq!(record(n3, first).await["status"], "completed");
+    let lines = history(n2, first).await;
+    assert_eq!(seqs(&lines), vec![0]);
+
+    // Six spinning workloads fill every slot of the cluster: two on each node.
+    let dir = tempfile::tempdir().unwrap();
+    let spin = upload(
+        n1,
+        std::fs::read(fixture(dir.path(), "started-then-spin")).unwrap(),
+    )
+    .await;
+    let mut spinning = Vec::new();
+    for server in [n1, n2, n3, n1, n2, n3] {
+        spinning.push(server.start_json(&json!({"module": spin})).await);
+    }
+    let mut per_node: HashMap<String, usize> = HashMap::new();
+    for id in &spinning {
+        let r = until(n2, id, "it runs", |r| r["status"] == "running").await;
+        *per_node
+            .entry(r["node"].as_str().unwrap().to_owned())
+            .or_default() += 1;
+    }
+    assert_eq!(
+        per_node,
+        HashMap::from([("n1".into(), 2), ("n2".into(), 2), ("n3".into(), 2)]),
+        "every node runs exactly its --max-concurrent"
+    );
+    // A seventh waits for a slot, and takes the first one freed.
+    let seventh = n1.start_json(&json!({"module": spin})).await;
+    assert_eq!(record(n3, &seventh).await["status"], "pending");
+    let (status, killed) = n3.kill(&spinning[0]).await;
+    assert_eq!(status, 200, "{killed}");
+    assert_eq!(killed["status"], "killed");
+    let r = until(n1, &seventh, "the seventh runs", |r| {
+        r["status"] == "running"
+    })
+    .await;
+    assert_eq!(r["attempt"], 1);
+
+    // Kill from any node, whichever runs it: a tight loop ends at once.
+    for (id, server) in spinning[1..]
+        .iter()
+        .chain([&seventh])
+        .zip([n1, n2, n3].iter().cycle())
+    {
+        let (status, r) = server.kill(id).await;
+        assert_eq!(status, 200, "{r}");
+        assert_eq!(r["status"], "killed", "{r}");
+        assert_eq!(r["error"], "killed on request");
+    }
+    let (status, again) = n2.kill(&seventh).await;
+    assert_eq!(status, 409, "{again}");
+
+    // The list of every node shows every workload of the cluster, newest first.
+    let total = ran.len() + spinning.len() + 1;
+    let page = eventually("n3 lists them all", || async {
+        let (_, page) = n3.get_json("/v1/workloads?limit=500").await;
+        (page["total"] == total).then_some(page)
+    })
+    .await;
+    let ids: Vec<&str> = page["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["id"].as_str().unwrap())
+        .collect();
+    let mut newest_first = ids.clone();
+    newest_first.sort_by(|a, b| b.cmp(a));
+    assert_eq!(ids, newest_first);
+    let (_, killed) = n1.get_json("/v1/workloads?status=killed&limit=2").await;
+    assert_eq!(killed["total"], 7, "{killed}");
+    assert_eq!(killed["items"].as_array().unwrap().len(), 2);
+    let (status, unknown) = n2
+        .get_json("/v1/workloads/01ARZ3NDEKTSV4RRFFQ69G5FAV")
+        .await;
+    assert_eq!(status, 404, "{unknown}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_follower_on_another_node_gets_every_line_once_and_resumes() {
+    let Some(nats) = Nats::start() else { return };
+    let reader = member(&nats, "reader", &["--max-concurrent", "1"]);
+    let other = member(&nats, "other", &["--max-concurrent", "1"]);
+    // Only `runner` (joining later) has a free slot while these two hold theirs.
+    let dir = tempfile::tempdir().unwrap();
+    let spin = upload(
+        &reader.server,
+        std::fs::read(fixture(dir.path(), "started-then-spin")).unwrap(),
+    )
+    .await;
+    let mut holders = Vec::new();
+    for _ in 0..2 {
+        holders.push(reader.server.start_json(&json!({"module": spin})).await);
+    }
+    for id in &holders {
+        until(&reader.server, id, "it holds a slot", |r| {
+            r["status"] == "running"
+        })
+        .await;
+    }
+
+    let runner = member(&nats, "runner", &[]);
+    let flood = upload(&runner.server, std::fs::read(example("log-flood")).unwrap()).await;
+    let n = 30_000u64;
+    let id = other
+        .server
+        .start_json(&json!({"module": flood, "args": [n.to_string()]}))
+        .await;
+    // Part of the stream from one node, the rest from another after a drop.
+    let mut first = reader.server.sse(&id, None).await;
+    let mut seen = Vec::new();
+    while seen.len() < 1234 {
+        let ev = first.next().await.expect("stream ended early");
+        assert_eq!(ev.event, "stdout");
+        assert_eq!(ev.data, format!("line {}", seen.len()));
+        seen.push(ev.id.unwrap().parse::<u64>().unwrap());
+    }
+    drop(first);
+    let mut rest = other.server.sse(&id, seen.last().copied()).await;
+    let (more, lines, end) = rest.until_end().await;
+    seen.extend(more);
+    assert_eq!(seen, (0..n).collect::<Vec<_>>(), "every seq exactly once");
+    assert_eq!(lines.last().unwrap(), &format!("line {}", n - 1));
+    assert_eq!(end["status"], "completed", "{end}");
+    assert_eq!(end["node"], "runner");
+    assert_eq!(end["line_count"], n);
+    // History from a node that did not run it, and a follower arriving after the end.
+    assert_eq!(
+        seqs(&history(&reader.server, &id).await),
+        (0..n).collect::<Vec<_>>()
+    );
+    let (late, _, end) = reader.server.sse(&id, Some(n - 3)).await.until_end().await;
+    assert_eq!(late, vec![n - 2, n - 1]);
+    assert_eq!(end["line_count"], n);
+    for holder in &holders {
+        reader.server.kill(holder).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lost_node_fails_its_workloads_and_the_others_go_on() {
+    let Some(nats) = Nats::start() else { return };
+    let survivor = member(&nats, "survivor", &["--max-concurrent", "1"]);
+    // The survivor's one slot is held before the victim joins, so the ticker
+    // runs on the victim.
+    let dir = tempfile::tempdir().unwrap();
+    let spin = upload(
+        &survivor.server,
+        std::fs::read(fixture(dir.path(), "started-then-spin")).unwrap(),
+    )
+    .await;
+    let holder = survivor.server.start_json(&json!({"module": spin})).await;
+    until(&survivor.server, &holder, "it holds the slot", |r| {
+        r["status"] == "running"
+    })
+    .await;
+    let victim = member(&nats, "victim", &[]);
+    let ticker = upload(&victim.server, std::fs::read(example("ticker")).unwrap()).await;
+    let id = survivor
+        .server
+        .start_json(&json!({"module": ticker, "args": ["1000000", "2000"]}))
+        .await;
+    let mut sse = survivor.server.sse(&id, None).await;
+    for _ in 0..50 {
+        assert_eq!(sse.next().await.unwrap().event, "stdout");
+    }
+    assert_eq!(record(&survivor.server, &id).await["node"], "victim");
+
+    let lost_at = std::time::Instant::now();
+    victim.server.crash();
+    let failed = until(&survivor.server, &id, "it is failed", |r| {
+        r["status"] != "running"
+    })
+    .await;
+    println!(
+        "failover: {:.1} s from kill -9 to the record leaving running",
+        lost_at.elapsed().as_secs_f64()
+    );
+    assert_eq!(failed["status"], "failed", "{failed}");
+    assert_eq!(failed["failure"], "node_lost", "{failed}");
+    assert!(
+        failed["error"]
+            .as_str()
+            .unwrap()
+            .contains("node victim was lost"),
+        "{failed}"
+    );
+    // Its lines up to the loss are there, each once, from the survivor.
+    let count = failed["line_count"].as_u64().unwrap();
+    assert!(count >= 50, "{failed}");
+    assert_eq!(
+        seqs(&history(&survivor.server, &id).await),
+        (0..count).collect::<Vec<_>>()
+    );
+    // The follower that was watching gets the rest and the end.
+    let (_, _, end) = sse.until_end().await;
+    assert_eq!(end["status"], "failed");
+
+    // The survivor keeps working.
+    survivor.server.kill(&holder).await;
+    let hello = upload(&survivor.server, std::fs::read(example("hello")).unwrap()).await;
+    let (status, r) = survivor
+        .server
+        .post("/v1/workloads", Body::Json(json!({"module": hello})))
+        .await;
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(r["status"], "completed");
+    assert_eq!(r["node"], "survivor");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn losing_nats_refuses_submissions_and_loses_no_line() {
+    let Some(mut nats) = Nats::start() else {
+        return;
+    };
+    let node = member(&nats, "solo", &[]);
+    let server = &node.server;
+    let ticker = upload(server, std::fs::read(example("ticker")).unwrap()).await;
+    let n = 400u64;
+    let id = server
+        .start_json(&json!({"module": ticker, "args": [n.to_string(), "5000"]}))
+        .await;
+    let mut sse = server.sse(&id, None).await;
+    for _ in 0..10 {
+        sse.next().await.unwrap();
+    }
+    drop(sse);
+
+    nats.crash();
+    let refused = eventually("a submission is refused", || async {
+        let (status, answer) = server
+            .post("/v1/workloads/async", Body::Json(json!({"module": ticker})))
+            .await;
+        (status == 503).then_some(answer)
+    })
+    .await;
+    assert_eq!(refused["error"]["code"], "cluster_unavailable", "{refused}");
+
+    nats.restart();
+    let r = until(server, &id, "it completes", |r| r["status"] == "completed").await;
+    assert_eq!(r["line_count"], n, "{r}");
+    assert_eq!(
+        seqs(&history(server, &id).await),
+        (0..n).collect::<Vec<_>>(),
+        "no line lost across the outage"
+    );
+    // Submissions work again without restarting the node.
+    let (status, again) = eventually("submissions are taken again", || async {
+        let (status, r) = server
+            .post(
+                "/v1/workloads",
+                Body::Json(json!({"module": ticker, "args": ["3", "0"]})),
+            )
+            .await;
+        (status == 200).then_some((status, r))
+    })
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(again["status"], "completed", "{again}");
+    let metrics = server.metrics().await;
+    assert!(metrics.contains("vulcan_cluster_connected 1"), "{metrics}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unreachable_cluster_is_a_clear_error_at_start() {
+    let env = Env::new();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let out = env.run(&[
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--cluster",
+        &format!("nats://127.0.0.1:{port}"),
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("failed to connect to the cluster at nats://127.0.0.1:"),
+        "{}",
+        stderr(&out)
+    );
+    let out = env.run(&["serve", "--node-id", "x"]);
+    assert_eq!(out.status.code(), Some(2), "--node-id needs --cluster");
+}
