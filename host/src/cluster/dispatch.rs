@@ -85,7 +85,12 @@ struct KillRequest {
 }
 
 /// A record as it looks before any node has claimed it.
-fn pending_view(id: WorkloadId, module: &str, spec: &WorkloadSpec) -> WorkloadView {
+fn pending_view(
+    id: WorkloadId,
+    module: &str,
+    spec: &WorkloadSpec,
+    created_at: i64,
+) -> WorkloadView {
     let mut view = WorkloadView::from(WorkloadRecord {
         id,
         status: Status::Pending,
@@ -101,7 +106,7 @@ fn pending_view(id: WorkloadId, module: &str, spec: &WorkloadSpec) -> WorkloadVi
         output: None,
         duration_ms: None,
         line_count: 0,
-        created_at: now_ms(),
+        created_at,
         started_at: None,
         finished_at: None,
     });
@@ -236,7 +241,7 @@ impl Cluster {
                  (NATS max_payload)"
             )));
         }
-        let view = pending_view(id, module, &spec);
+        let view = pending_view(id, module, &spec, work.enqueued_ms);
         work.revision = self.create_record(&view).await?;
         let payload = Bytes::from(serde_json::to_vec(&work).map_err(anyhow::Error::from)?);
         let publish = jetstream::message::PublishMessage::build()
@@ -325,7 +330,7 @@ impl Cluster {
                 return;
             }
         };
-        let claim = match self.claim(&work).await {
+        let claim = match self.claim(&work, &spec).await {
             Ok(Some(claim)) => claim,
             Ok(None) => {
                 // Killed, failed or claimed elsewhere meanwhile: not ours to run.
@@ -347,27 +352,37 @@ impl Cluster {
         self.unclaim(id);
     }
 
-    /// Names `work` in this node's heartbeat, then swaps its record to
-    /// running here; `None` when it is no longer pending.
-    async fn claim(&self, work: &QueuedWork) -> Result<Option<Claim>, ClusterError> {
+    /// Swaps `work`'s record from pending to running here, at the revision
+    /// its submission created (read again only if that moved); `None` when
+    /// it is no longer pending. It counts as claimed here from before the
+    /// swap, so this node's sweep never takes it for an orphan.
+    async fn claim(
+        &self,
+        work: &QueuedWork,
+        spec: &WorkloadSpec,
+    ) -> Result<Option<Claim>, ClusterError> {
         self.lock_claimed().insert(work.id, None);
         self.metrics.claimed.set(self.lock_claimed().len() as i64);
         let claimed = async {
-            self.beat_now().await?;
-            let mut current = self.record(work.id).await?;
+            let mut revision = work.revision;
+            let mut view = pending_view(work.id, &work.module, spec, work.enqueued_ms);
             loop {
+                let mut running = view.clone();
+                running.summary.status = Status::Running;
+                running.summary.node = Some(self.node_id.clone());
+                running.summary.attempt = Some(view.summary.attempt.unwrap_or(0) + 1);
+                running.summary.started_at = Some(crate::view::rfc3339(now_ms()));
+                if let Some(revision) = self.swap(&running, revision).await? {
+                    return Ok(Some(Claim {
+                        view: running,
+                        revision,
+                    }));
+                }
+                let current = self.record(work.id).await?;
                 if current.view.summary.status != Status::Pending {
                     return Ok(None);
                 }
-                let mut view = current.view.clone();
-                view.summary.status = Status::Running;
-                view.summary.node = Some(self.node_id.clone());
-                view.summary.attempt = Some(view.summary.attempt.unwrap_or(0) + 1);
-                view.summary.started_at = Some(crate::view::rfc3339(now_ms()));
-                match self.swap(&view, current.revision).await? {
-                    Some(revision) => return Ok(Some(Claim { view, revision })),
-                    None => current = self.record(work.id).await?,
-                }
+                (view, revision) = (current.view, current.revision);
             }
         }
         .await;

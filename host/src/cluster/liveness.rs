@@ -1,9 +1,9 @@
 //! Heartbeats, and what happens to a node that stops sending them.
 //!
 //! Every node writes its heartbeat (the workloads it has claimed) each second
-//! and before every claim, and reads everyone else's. A node whose heartbeat
+//! and reads everyone else's. A node whose heartbeat
 //! has not changed for [`NODE_LOSS_AFTER`] while this node could read NATS is
-//! lost: each workload it had claimed that is still `running` there is
+//! lost: each workload its heartbeat or the records say runs there is
 //! failed — its log is ended after its last stored batch first, so the lost
 //! node (if it was only paused) can append nothing more, and then its record
 //! is swapped to `failed`, so it cannot overwrite that either. It is failed
@@ -66,11 +66,7 @@ impl Cluster {
         if let Some(entry) = entry
             && let Ok(beat) = serde_json::from_slice::<Heartbeat>(&entry.value)
         {
-            let why = format!(
-                "failed: node {} restarted while this workload was running there; its lines \
-                 up to then are kept",
-                self.node_id
-            );
+            let why = restarted(&self.node_id);
             for id in beat.claimed {
                 self.fail_lost(id, &self.node_id, &why).await?;
             }
@@ -100,6 +96,7 @@ impl Cluster {
                 *self.lock_reachable() = None;
                 continue;
             };
+            self.sweep_orphans().await;
             let now = Instant::now();
             let reachable_since = *self.lock_reachable().get_or_insert(now);
             seen.retain(|node, _| others.iter().any(|(n, _, _)| n == node));
@@ -133,7 +130,12 @@ impl Cluster {
                     silent.as_secs()
                 );
                 let mut settled = true;
-                for id in beat.map(|b| b.claimed).unwrap_or_default() {
+                // What it said it had claimed, and what the records say runs there.
+                let mut ids = beat.map(|b| b.claimed).unwrap_or_default();
+                ids.extend(self.index.running_on(&node));
+                ids.sort_unstable();
+                ids.dedup();
+                for id in ids {
                     if let Err(e) = self.fail_lost(id, &node, &why).await {
                         tracing::warn!(workload = %id, error = %e, "failed to fail a lost node's workload; retrying");
                         settled = false;
@@ -147,6 +149,24 @@ impl Cluster {
                         .await;
                     seen.remove(&node);
                 }
+            }
+        }
+    }
+
+    /// Fails records that say they run here but that this process has not
+    /// claimed: left by a previous run of this node (one that crashed and
+    /// came back sooner than its loss was noticed).
+    async fn sweep_orphans(&self) {
+        // In this order: a workload is claimed before its record says it
+        // runs here, so one the index shows is in the set read after it.
+        let running_here = self.index.running_on(&self.node_id);
+        let claimed = self.claimed_ids();
+        let why = restarted(&self.node_id);
+        for id in running_here {
+            if !claimed.contains(&id)
+                && let Err(e) = self.fail_lost(id, &self.node_id, &why).await
+            {
+                tracing::debug!(workload = %id, error = %e, "failed to fail an orphan; retrying");
             }
         }
     }
@@ -229,4 +249,12 @@ impl Cluster {
             }
         }
     }
+}
+
+/// The error of a workload whose node restarted under it.
+fn restarted(node: &str) -> String {
+    format!(
+        "failed: node {node} restarted while this workload was running there; its lines up to \
+         then are kept"
+    )
 }

@@ -26,7 +26,9 @@ use futures_util::StreamExt as _;
 use tokio::sync::Notify;
 
 use super::{Cluster, ClusterError, log_subject};
-use crate::logs::{LineSink, LogRecord};
+use serde::{Deserialize, Serialize};
+
+use crate::logs::{Fields, LineSink, LogLevel, LogRecord, LogStream};
 use crate::workload::WorkloadId;
 
 /// Most bytes of one workload's lines waiting for the cluster.
@@ -38,6 +40,86 @@ const BATCH_BYTES: usize = 512 << 10;
 
 /// The header that marks the end of a workload's log.
 const END_HEADER: &str = "Vulcan-End";
+
+/// A line as the cluster carries it: short keys, defaults left out (a
+/// flood's batches are mostly this framing).
+#[derive(Serialize)]
+struct WireLine<'a> {
+    s: u64,
+    t: LogStream,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    l: Option<LogLevel>,
+    m: &'a str,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    c: bool,
+    ts: i64,
+    #[serde(skip_serializing_if = "Fields::is_empty")]
+    f: &'a Fields,
+}
+
+#[derive(Deserialize)]
+struct WireLineOwned {
+    s: u64,
+    t: LogStream,
+    #[serde(default)]
+    l: Option<LogLevel>,
+    m: String,
+    #[serde(default)]
+    c: bool,
+    ts: i64,
+    #[serde(default)]
+    f: Fields,
+}
+
+/// Encodes records from the front of `batch` into one message of at most
+/// `limit` bytes (at least one record); the payload and how many it holds.
+fn encode_batch(batch: &[Arc<LogRecord>], limit: usize) -> (Bytes, usize) {
+    let mut out = Vec::with_capacity(limit.min(64 << 10));
+    out.push(b'[');
+    let mut n = 0;
+    for r in batch {
+        let before = out.len();
+        if n > 0 {
+            out.push(b',');
+        }
+        let wire = WireLine {
+            s: r.seq,
+            t: r.stream,
+            l: r.level,
+            m: &r.line,
+            c: r.continued,
+            ts: r.ts_ms,
+            f: &r.fields,
+        };
+        // Serializing plain data into a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut out, &wire);
+        if n > 0 && out.len() + 1 > limit {
+            out.truncate(before);
+            break;
+        }
+        n += 1;
+    }
+    out.push(b']');
+    (Bytes::from(out), n)
+}
+
+/// The records of one message of `id`'s log.
+fn decode_batch(id: WorkloadId, payload: &[u8]) -> serde_json::Result<Vec<LogRecord>> {
+    let lines: Vec<WireLineOwned> = serde_json::from_slice(payload)?;
+    Ok(lines
+        .into_iter()
+        .map(|w| LogRecord {
+            workload_id: id,
+            seq: w.s,
+            stream: w.t,
+            level: w.l,
+            line: w.m,
+            continued: w.c,
+            ts_ms: w.ts,
+            fields: w.f,
+        })
+        .collect())
+}
 
 /// One workload's lines on their way to the cluster.
 pub struct ClusterLines {
@@ -165,6 +247,7 @@ pub enum LogChunk {
 
 /// A position in a workload's log in the cluster.
 pub struct LogCursor {
+    id: WorkloadId,
     messages: Option<pull::Ordered>,
     /// Messages not yet delivered when the last one was read.
     pending: u64,
@@ -193,7 +276,7 @@ impl LogCursor {
             if is_end(message.headers.as_ref()) {
                 return Ok(LogChunk::End);
             }
-            match serde_json::from_slice::<Vec<LogRecord>>(&message.payload) {
+            match decode_batch(self.id, &message.payload) {
                 Ok(lines) => return Ok(LogChunk::Lines(lines)),
                 // Logged and dropped: a foreign message must not end a read.
                 Err(e) => {
@@ -236,6 +319,7 @@ impl Cluster {
             .await
             .map_err(ClusterError::unavailable)?;
         Ok(LogCursor {
+            id,
             messages: Some(messages),
             pending,
         })
@@ -249,6 +333,8 @@ impl Cluster {
         mut last: u64,
     ) -> Result<u64, Fenced> {
         let subject = log_subject(lines.id);
+        // Room for the headers within NATS's largest message.
+        let limit = BATCH_BYTES.min(self.client.server_info().max_payload.saturating_sub(4096));
         let mut backoff = Duration::from_millis(50);
         loop {
             let more = lines.more.notified();
@@ -260,14 +346,7 @@ impl Cluster {
                 continue;
             };
             let msg_id = format!("{}:{}", lines.id, batch[0].seq);
-            let records: Vec<&LogRecord> = batch.iter().map(|r| &**r).collect();
-            let payload = match serde_json::to_vec(&records) {
-                Ok(p) => Bytes::from(p),
-                Err(e) => {
-                    lines.fail(format!("failed to encode lines for the cluster: {e}"));
-                    return Err(Fenced);
-                }
-            };
+            let (payload, n) = encode_batch(&batch, limit);
             let publish = Publish::build()
                 .payload(payload)
                 .message_id(&msg_id)
@@ -279,7 +358,7 @@ impl Cluster {
             match stored {
                 Ok(ack) => {
                     last = ack.sequence;
-                    lines.stored(batch.len());
+                    lines.stored(n);
                     backoff = Duration::from_millis(50);
                 }
                 Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
@@ -287,7 +366,7 @@ impl Cluster {
                     match self.last_log_message(lines.id).await {
                         Ok(Some(m)) if m.msg_id.as_deref() == Some(&msg_id) => {
                             last = m.sequence;
-                            lines.stored(batch.len());
+                            lines.stored(n);
                         }
                         Ok(_) => {
                             lines.fail(format!(
@@ -299,6 +378,15 @@ impl Cluster {
                         }
                         Err(_) => tokio::time::sleep(backoff).await,
                     }
+                }
+                Err(e) if e.kind() == PublishErrorKind::MaxPayloadExceeded => {
+                    // Never going to fit: the workload cannot keep its lines.
+                    lines.fail(format!(
+                        "a log record of workload {} is larger than the cluster's largest \
+                         message ({limit} bytes)",
+                        lines.id
+                    ));
+                    return Err(Fenced);
                 }
                 Err(e) => {
                     tracing::debug!(workload = %lines.id, error = %e, "log batch not stored yet; retrying");
@@ -320,7 +408,7 @@ impl Cluster {
                 let end = m.headers.get(END_HEADER).is_some();
                 let next_seq = match m.headers.get(END_HEADER) {
                     Some(count) => count.as_str().parse().ok(),
-                    None => serde_json::from_slice::<Vec<LogRecord>>(&m.payload)
+                    None => decode_batch(id, &m.payload)
                         .ok()
                         .and_then(|lines| lines.last().map(|r| r.seq + 1)),
                 };

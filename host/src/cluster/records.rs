@@ -78,6 +78,16 @@ impl Index {
         self.lock().items.get(&id).map(|s| s.status)
     }
 
+    /// Workloads the index last saw running on `node`.
+    pub(super) fn running_on(&self, node: &str) -> Vec<WorkloadId> {
+        self.lock()
+            .items
+            .values()
+            .filter(|s| s.status == Status::Running && s.node.as_deref() == Some(node))
+            .map(|s| s.id)
+            .collect()
+    }
+
     fn wait(&self, id: WorkloadId) -> oneshot::Receiver<WorkloadView> {
         let (tx, rx) = oneshot::channel();
         let mut inner = self.lock();
