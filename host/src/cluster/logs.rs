@@ -35,8 +35,11 @@ use crate::workload::WorkloadId;
 pub const BUFFER_BYTES: usize = 8 << 20;
 
 /// Most bytes of lines in one published batch (below NATS's 1 MiB default
-/// message size, with room for the JSON around them).
-const BATCH_BYTES: usize = 512 << 10;
+/// message size).
+const BATCH_BYTES: usize = 256 << 10;
+
+/// Messages a reader asks for at a time.
+const READ_AHEAD: i64 = 8;
 
 /// The header that marks the end of a workload's log.
 const END_HEADER: &str = "Vulcan-End";
@@ -309,6 +312,9 @@ impl Cluster {
             .create_consumer(pull::OrderedConfig {
                 filter_subject: log_subject(id),
                 deliver_policy: DeliverPolicy::All,
+                // A few batches in flight per reader: ten followers on one
+                // connection must stay below NATS's slow-consumer limit.
+                max_batch: READ_AHEAD,
                 ..Default::default()
             })
             .await
