@@ -20,12 +20,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, bail, ensure};
+use anyhow::{Context as _, ensure};
 use serde_json::{Value, json};
-use vulcan::cli::sse::SseParser;
 
 mod common;
-use common::{BenchServer, env_or, ms, upload};
+use common::{BenchServer, env_or, follow, ms, upload};
 
 fn main() -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -323,26 +322,4 @@ async fn until_node(http: &reqwest::Client, url: &str, id: &str) -> anyhow::Resu
         ensure!(Instant::now() < deadline, "never claimed: {record}");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-}
-
-/// Follows a workload's SSE stream to its end; how many lines came, failing
-/// on any gap or repeat.
-async fn follow(http: reqwest::Client, url: String, id: String) -> anyhow::Result<u64> {
-    let mut resp = http
-        .get(format!("{url}/v1/workloads/{id}/logs"))
-        .send()
-        .await?;
-    let mut parser = SseParser::default();
-    let mut next_seq = 0u64;
-    while let Some(chunk) = resp.chunk().await? {
-        for event in parser.push(&chunk) {
-            if event.event == "end" {
-                return Ok(next_seq);
-            }
-            let seq: u64 = event.id.as_deref().unwrap_or("").parse()?;
-            ensure!(seq == next_seq, "expected seq {next_seq}, got {seq}");
-            next_seq += 1;
-        }
-    }
-    bail!("the stream ended without an end event after {next_seq} lines")
 }

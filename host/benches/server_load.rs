@@ -32,12 +32,11 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, bail, ensure};
+use anyhow::{Context as _, ensure};
 use serde_json::Value;
-use vulcan::cli::sse::SseParser;
 
 mod common;
-use common::{BenchServer, env_or, ms, upload};
+use common::{BenchServer, env_or, follow, ms, upload};
 
 fn main() -> anyhow::Result<()> {
     let requests: usize = env_or("VULCAN_BENCH_REQUESTS", 5_000);
@@ -446,26 +445,4 @@ async fn sustain(
         }
     }
     (ok, failed)
-}
-
-/// Follows a workload's SSE stream to its end; returns how many lines came,
-/// failing on any gap or repeat.
-async fn follow(http: reqwest::Client, url: String, id: String) -> anyhow::Result<u64> {
-    let mut resp = http
-        .get(format!("{url}/v1/workloads/{id}/logs"))
-        .send()
-        .await?;
-    let mut parser = SseParser::default();
-    let mut next_seq = 0u64;
-    while let Some(chunk) = resp.chunk().await? {
-        for event in parser.push(&chunk) {
-            if event.event == "end" {
-                return Ok(next_seq);
-            }
-            let seq: u64 = event.id.as_deref().unwrap_or("").parse()?;
-            ensure!(seq == next_seq, "expected seq {next_seq}, got {seq}");
-            next_seq += 1;
-        }
-    }
-    bail!("the stream ended without an end event after {next_seq} lines")
 }

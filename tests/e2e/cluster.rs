@@ -9,18 +9,83 @@ use crate::support::*;
 /// A cluster node: its server and data directory.
 struct Member {
     server: Server,
-    _env: Env,
+    env: Env,
+    flags: Vec<String>,
 }
 
 fn member(nats: &Nats, id: &str, extra: &[&str]) -> Member {
     let env = Env::new();
-    let url = nats.url();
-    let mut flags = vec!["--cluster", url.as_str(), "--node-id", id];
-    flags.extend_from_slice(extra);
+    let mut flags: Vec<String> = ["--cluster", &nats.url(), "--node-id", id]
+        .map(String::from)
+        .to_vec();
+    flags.extend(extra.iter().map(|f| f.to_string()));
+    let args: Vec<&str> = flags.iter().map(String::as_str).collect();
     Member {
-        server: Server::start(&env, &flags),
-        _env: env,
+        server: Server::start(&env, &args),
+        env,
+        flags,
     }
+}
+
+impl Member {
+    /// `kill -9`, then the same node again on its data directory.
+    fn crash_and_restart(&mut self) {
+        self.server.child.kill().unwrap();
+        self.server.child.wait().unwrap();
+        let args: Vec<&str> = self.flags.iter().map(String::as_str).collect();
+        self.server = Server::start(&self.env, &args);
+    }
+}
+
+/// Starts `n` workloads that spin forever through `server` and waits until
+/// they run: `n` slots of the cluster held.
+async fn hold_slots(server: &Server, n: usize) -> Vec<String> {
+    let dir = tempfile::tempdir().unwrap();
+    let spin = upload(
+        server,
+        std::fs::read(fixture(dir.path(), "started-then-spin")).unwrap(),
+    )
+    .await;
+    let mut ids = Vec::new();
+    for _ in 0..n {
+        ids.push(server.start_json(&json!({"module": spin})).await);
+    }
+    for id in &ids {
+        until(server, id, "it holds a slot", |r| r["status"] == "running").await;
+    }
+    ids
+}
+
+/// A survivor node with its one slot held, and a victim node running a
+/// ticker (a line every 2 ms) that a follower on the survivor has seen 50
+/// lines of: (survivor, victim, ticker id, that follower).
+async fn ticker_on_victim(nats: &Nats) -> (Member, Member, String, SseClient) {
+    let survivor = member(nats, "survivor", &["--max-concurrent", "1"]);
+    // Held before the victim joins, so the ticker can only run on the victim.
+    hold_slots(&survivor.server, 1).await;
+    let victim = member(nats, "victim", &[]);
+    let ticker = upload(&victim.server, std::fs::read(example("ticker")).unwrap()).await;
+    let id = survivor
+        .server
+        .start_json(&json!({"module": ticker, "args": ["1000000", "2000"]}))
+        .await;
+    let mut sse = survivor.server.sse(&id, None).await;
+    for _ in 0..50 {
+        assert_eq!(sse.next().await.unwrap().event, "stdout");
+    }
+    assert_eq!(record(&survivor.server, &id).await["node"], "victim");
+    (survivor, victim, id, sse)
+}
+
+/// Asserts that a failed-over record's lines are all readable, each once.
+async fn lines_up_to_the_loss(server: &Server, failed: &Value) {
+    let count = failed["line_count"].as_u64().unwrap();
+    assert!(count >= 50, "{failed}");
+    let id = failed["id"].as_str().unwrap();
+    assert_eq!(
+        seqs(&history(server, id).await),
+        (0..count).collect::<Vec<_>>()
+    );
 }
 
 async fn upload(server: &Server, bytes: Vec<u8>) -> String {
@@ -101,19 +166,10 @@ async fn three_nodes_share_modules_runs_lists_and_slots() {
     assert_eq!(seqs(&lines), vec![0]);
 
     // Six spinning workloads fill every slot of the cluster: two on each node.
-    let dir = tempfile::tempdir().unwrap();
-    let spin = upload(
-        n1,
-        std::fs::read(fixture(dir.path(), "started-then-spin")).unwrap(),
-    )
-    .await;
-    let mut spinning = Vec::new();
-    for server in [n1, n2, n3, n1, n2, n3] {
-        spinning.push(server.start_json(&json!({"module": spin})).await);
-    }
+    let spinning = hold_slots(n1, 6).await;
     let mut per_node: HashMap<String, usize> = HashMap::new();
     for id in &spinning {
-        let r = until(n2, id, "it runs", |r| r["status"] == "running").await;
+        let r = record(n2, id).await;
         *per_node
             .entry(r["node"].as_str().unwrap().to_owned())
             .or_default() += 1;
@@ -124,7 +180,11 @@ async fn three_nodes_share_modules_runs_lists_and_slots() {
         "every node runs exactly its --max-concurrent"
     );
     // A seventh waits for a slot, and takes the first one freed.
-    let seventh = n1.start_json(&json!({"module": spin})).await;
+    let spin = record(n1, &spinning[0]).await["module"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let seventh = n3.start_json(&json!({"module": spin})).await;
     assert_eq!(record(n3, &seventh).await["status"], "pending");
     let (status, killed) = n3.kill(&spinning[0]).await;
     assert_eq!(status, 200, "{killed}");
@@ -180,22 +240,7 @@ async fn a_follower_on_another_node_gets_every_line_once_and_resumes() {
     let reader = member(&nats, "reader", &["--max-concurrent", "1"]);
     let other = member(&nats, "other", &["--max-concurrent", "1"]);
     // Only `runner` (joining later) has a free slot while these two hold theirs.
-    let dir = tempfile::tempdir().unwrap();
-    let spin = upload(
-        &reader.server,
-        std::fs::read(fixture(dir.path(), "started-then-spin")).unwrap(),
-    )
-    .await;
-    let mut holders = Vec::new();
-    for _ in 0..2 {
-        holders.push(reader.server.start_json(&json!({"module": spin})).await);
-    }
-    for id in &holders {
-        until(&reader.server, id, "it holds a slot", |r| {
-            r["status"] == "running"
-        })
-        .await;
-    }
+    let holders = hold_slots(&reader.server, 2).await;
 
     let runner = member(&nats, "runner", &[]);
     let flood = upload(&runner.server, std::fs::read(example("log-flood")).unwrap()).await;
@@ -238,31 +283,7 @@ async fn a_follower_on_another_node_gets_every_line_once_and_resumes() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_lost_node_fails_its_workloads_and_the_others_go_on() {
     let Some(nats) = Nats::start() else { return };
-    let survivor = member(&nats, "survivor", &["--max-concurrent", "1"]);
-    // The survivor's one slot is held before the victim joins, so the ticker
-    // runs on the victim.
-    let dir = tempfile::tempdir().unwrap();
-    let spin = upload(
-        &survivor.server,
-        std::fs::read(fixture(dir.path(), "started-then-spin")).unwrap(),
-    )
-    .await;
-    let holder = survivor.server.start_json(&json!({"module": spin})).await;
-    until(&survivor.server, &holder, "it holds the slot", |r| {
-        r["status"] == "running"
-    })
-    .await;
-    let victim = member(&nats, "victim", &[]);
-    let ticker = upload(&victim.server, std::fs::read(example("ticker")).unwrap()).await;
-    let id = survivor
-        .server
-        .start_json(&json!({"module": ticker, "args": ["1000000", "2000"]}))
-        .await;
-    let mut sse = survivor.server.sse(&id, None).await;
-    for _ in 0..50 {
-        assert_eq!(sse.next().await.unwrap().event, "stdout");
-    }
-    assert_eq!(record(&survivor.server, &id).await["node"], "victim");
+    let (survivor, victim, id, mut sse) = ticker_on_victim(&nats).await;
 
     let lost_at = std::time::Instant::now();
     victim.server.crash();
@@ -284,17 +305,20 @@ async fn a_lost_node_fails_its_workloads_and_the_others_go_on() {
         "{failed}"
     );
     // Its lines up to the loss are there, each once, from the survivor.
-    let count = failed["line_count"].as_u64().unwrap();
-    assert!(count >= 50, "{failed}");
-    assert_eq!(
-        seqs(&history(&survivor.server, &id).await),
-        (0..count).collect::<Vec<_>>()
-    );
+    lines_up_to_the_loss(&survivor.server, &failed).await;
     // The follower that was watching gets the rest and the end.
     let (_, _, end) = sse.until_end().await;
     assert_eq!(end["status"], "failed");
 
     // The survivor keeps working.
+    let holder = survivor
+        .server
+        .get_json("/v1/workloads?status=running")
+        .await
+        .1["items"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     survivor.server.kill(&holder).await;
     let hello = upload(&survivor.server, std::fs::read(example("hello")).unwrap()).await;
     let (status, r) = survivor
@@ -304,6 +328,83 @@ async fn a_lost_node_fails_its_workloads_and_the_others_go_on() {
     assert_eq!(status, 200, "{r}");
     assert_eq!(r["status"], "completed");
     assert_eq!(r["node"], "survivor");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_paused_node_that_resumes_cannot_change_what_moved_on() {
+    let Some(nats) = Nats::start() else { return };
+    let (survivor, victim, id, _sse) = ticker_on_victim(&nats).await;
+    signal(&victim.server.child, "STOP");
+    let failed = until(&survivor.server, &id, "it is failed over", |r| {
+        r["status"] != "running"
+    })
+    .await;
+    assert_eq!(failed["failure"], "node_lost", "{failed}");
+
+    // Resumed, the victim's next batch is refused: its workload stops there,
+    // failed for its lines, and the cluster's record and log stay as they were.
+    signal(&victim.server.child, "CONT");
+    let local = eventually("the victim stops its workload", || async {
+        victim
+            .env
+            .workloads()
+            .into_iter()
+            .find(|w| w.id == id && w.status != "running")
+    })
+    .await;
+    assert_eq!(local.status, "failed", "{local:?}");
+    assert!(
+        local
+            .error
+            .as_deref()
+            .unwrap_or("")
+            .contains("taken over by the cluster"),
+        "{local:?}"
+    );
+    assert_eq!(record(&survivor.server, &id).await, failed);
+    lines_up_to_the_loss(&survivor.server, &failed).await;
+    assert_eq!(record(&victim.server, &id).await, failed);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_restarted_at_once_fails_what_it_was_running() {
+    let Some(nats) = Nats::start() else { return };
+    let mut solo = member(&nats, "solo", &[]);
+    let ticker = upload(&solo.server, std::fs::read(example("ticker")).unwrap()).await;
+    let id = solo
+        .server
+        .start_json(&json!({"module": ticker, "args": ["1000000", "2000"]}))
+        .await;
+    let mut sse = solo.server.sse(&id, None).await;
+    for _ in 0..50 {
+        sse.next().await.unwrap();
+    }
+    drop(sse);
+    // Back well within the 5 s a loss takes to be noticed.
+    solo.crash_and_restart();
+    let failed = until(&solo.server, &id, "it is failed", |r| {
+        r["status"] != "running"
+    })
+    .await;
+    assert_eq!(failed["failure"], "node_lost", "{failed}");
+    assert!(
+        failed["error"]
+            .as_str()
+            .unwrap()
+            .contains("node solo restarted"),
+        "{failed}"
+    );
+    lines_up_to_the_loss(&solo.server, &failed).await;
+    // And it takes new work.
+    let (status, r) = solo
+        .server
+        .post(
+            "/v1/workloads",
+            Body::Json(json!({"module": ticker, "args": ["2", "0"]})),
+        )
+        .await;
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(r["status"], "completed");
 }
 
 #[tokio::test(flavor = "multi_thread")]

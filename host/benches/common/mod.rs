@@ -5,8 +5,9 @@
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 
-use anyhow::{Context as _, ensure};
+use anyhow::{Context as _, bail, ensure};
 use serde_json::Value;
+use vulcan::cli::sse::SseParser;
 
 /// Uploads a module; returns its hash.
 pub async fn upload(http: &reqwest::Client, url: &str, wasm: &[u8]) -> anyhow::Result<String> {
@@ -117,4 +118,26 @@ pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
 /// Milliseconds, for printing.
 pub fn ms(d: std::time::Duration) -> f64 {
     d.as_secs_f64() * 1e3
+}
+
+/// Follows a workload's SSE stream to its end; returns how many lines came,
+/// failing on any gap or repeat.
+pub async fn follow(http: reqwest::Client, url: String, id: String) -> anyhow::Result<u64> {
+    let mut resp = http
+        .get(format!("{url}/v1/workloads/{id}/logs"))
+        .send()
+        .await?;
+    let mut parser = SseParser::default();
+    let mut next_seq = 0u64;
+    while let Some(chunk) = resp.chunk().await? {
+        for event in parser.push(&chunk) {
+            if event.event == "end" {
+                return Ok(next_seq);
+            }
+            let seq: u64 = event.id.as_deref().unwrap_or("").parse()?;
+            ensure!(seq == next_seq, "expected seq {next_seq}, got {seq}");
+            next_seq += 1;
+        }
+    }
+    bail!("the stream ended without an end event after {next_seq} lines")
 }

@@ -262,7 +262,7 @@ impl Follower {
     /// A cluster member's follower: the cluster's copy of the log, wherever
     /// the workload runs, then `end` with the cluster's final record.
     async fn stream_cluster(&mut self, cluster: &Cluster) -> Result<(), Gone> {
-        let mut cursor = match cluster.read_log(self.id).await {
+        let mut cursor = match cluster.read_log(self.id, self.sent).await {
             Ok(cursor) => cursor,
             Err(e) => {
                 return Err(self
@@ -301,9 +301,8 @@ impl Follower {
                 }
             }
         }
-        let record = match cluster.wait_end(self.id, None).await {
-            Ok(Some(view)) => serde_json::to_string(&view).unwrap_or_default(),
-            Ok(None) => json!({"error": "the workload has not ended"}).to_string(),
+        let record = match cluster.wait_end(self.id).await {
+            Ok(view) => serde_json::to_string(&view).unwrap_or_default(),
             Err(e) => json!({"error": e.to_string()}).to_string(),
         };
         put_event(&mut self.buf, None, "end", record.as_bytes());
@@ -389,7 +388,7 @@ pub async fn history(
     }
     if let Some(cluster) = state.cluster() {
         cluster.record(id).await?;
-        let mut cursor = cluster.read_log(id).await?;
+        let mut cursor = cluster.read_log(id, after).await?;
         let mut lines = Vec::new();
         while !cursor.caught_up() && (lines.len() as u64) < limit {
             match cursor.next().await? {

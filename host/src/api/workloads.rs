@@ -11,10 +11,10 @@ use serde_json::json;
 
 use super::request::{ModuleRef, parse_submission};
 use super::{ApiError, AppState};
-use crate::cluster::KillOutcome;
+use crate::cluster::{Cluster, KillOutcome};
 use crate::runner::StartedWorkload;
 use crate::view::{WorkloadList, WorkloadSummary, WorkloadView};
-use crate::workload::{Limits, Status, WorkloadId};
+use crate::workload::{Limits, Status, WorkloadId, WorkloadSpec};
 
 /// The limits a server gives a workload that asks for none, and the most one
 /// may ask for (`None`: unlimited).
@@ -124,19 +124,15 @@ pub fn parse_id(id: &str) -> Result<WorkloadId, ApiError> {
         .map_err(|e: crate::workload::BadWorkloadId| ApiError::NotFound(e.to_string()))
 }
 
-/// A workload that was accepted: started here, or queued in the cluster.
+/// A submission that was accepted: started here, or for the cluster to
+/// queue (sync and async runs submit it differently).
 enum Accepted {
-    Here(StartedWorkload),
-    Queued(WorkloadId),
-}
-
-impl Accepted {
-    fn id(&self) -> WorkloadId {
-        match self {
-            Accepted::Here(started) => started.id,
-            Accepted::Queued(id) => *id,
-        }
-    }
+    Started(StartedWorkload),
+    ForCluster {
+        cluster: Arc<Cluster>,
+        module: String,
+        spec: Box<WorkloadSpec>,
+    },
 }
 
 async fn start(state: &AppState, req: Request) -> Result<Accepted, ApiError> {
@@ -153,9 +149,11 @@ async fn start(state: &AppState, req: Request) -> Result<Accepted, ApiError> {
             ModuleRef::Hash(hash) => hash,
             ModuleRef::Bytes(bytes) => cluster.share_module(bytes).await?.0.hash,
         };
-        return Ok(Accepted::Queued(
-            cluster.submit(&hash, submission.spec).await?,
-        ));
+        return Ok(Accepted::ForCluster {
+            cluster: Arc::clone(cluster),
+            module: hash,
+            spec: Box::new(submission.spec),
+        });
     }
     let (hash, compiled) = match submission.module {
         ModuleRef::Hash(hash) => {
@@ -167,7 +165,7 @@ async fn start(state: &AppState, req: Request) -> Result<Accepted, ApiError> {
             (info.hash, compiled)
         }
     };
-    Ok(Accepted::Here(
+    Ok(Accepted::Started(
         state
             .node()
             .runner()
@@ -183,20 +181,18 @@ pub async fn run_sync(
 ) -> Result<impl IntoResponse, ApiError> {
     // If the client goes away the workload still finishes: it runs in its own
     // task, or on its node.
-    let view = match (start(&state, req).await?, state.cluster()) {
-        (Accepted::Here(started), _) => WorkloadView::from(
+    let view = match start(&state, req).await? {
+        Accepted::Started(started) => WorkloadView::from(
             started
                 .done
                 .await
                 .map_err(|e| anyhow::anyhow!("workload task failed: {e}"))??,
         ),
-        (Accepted::Queued(id), Some(cluster)) => cluster
-            .wait_end(id, None)
-            .await?
-            .ok_or_else(|| anyhow::anyhow!("workload {id} did not end"))?,
-        (Accepted::Queued(id), None) => {
-            return Err(anyhow::anyhow!("workload {id} was queued without a cluster").into());
-        }
+        Accepted::ForCluster {
+            cluster,
+            module,
+            spec,
+        } => cluster.run(&module, *spec).await?,
     };
     Ok(Json(view))
 }
@@ -206,7 +202,14 @@ pub async fn run_async(
     State(state): State<AppState>,
     req: Request,
 ) -> Result<impl IntoResponse, ApiError> {
-    let id = start(&state, req).await?.id();
+    let id = match start(&state, req).await? {
+        Accepted::Started(started) => started.id,
+        Accepted::ForCluster {
+            cluster,
+            module,
+            spec,
+        } => cluster.submit(&module, *spec).await?,
+    };
     Ok((
         StatusCode::ACCEPTED,
         [(header::LOCATION, format!("/v1/workloads/{id}"))],

@@ -205,7 +205,6 @@ pub fn execute(args: ServeArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
                     url: url.clone(),
                     node_id,
                     replicas: args.cluster_replicas,
-                    max_concurrent: args.max_concurrent,
                 };
                 Some(Cluster::join(Arc::clone(&node), options).await?)
             }

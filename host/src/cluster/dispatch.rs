@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use sha2::Digest as _;
 
 use super::logs::ClusterLines;
-use super::{Cluster, ClusterError, QUEUE_SUBJECT, kill_subject, now_ms};
+use super::{Cluster, ClusterError, QUEUE_SUBJECT, kill_subject, now_ms, until_done};
 use crate::engine::CompiledModule;
 use crate::logs::LineSink;
 use crate::outbound::OutboundRule;
@@ -28,16 +28,13 @@ use crate::registry::RegistryError;
 use crate::runner::{Launch, Slot};
 use crate::view::WorkloadView;
 use crate::workload::{
-    Completion, FailureKind, Limits, LogLevel, Status, Stdin, WorkloadId, WorkloadRecord,
-    WorkloadSpec,
+    FailureKind, Limits, LogLevel, Status, Stdin, WorkloadId, WorkloadRecord, WorkloadSpec,
 };
 
 /// A queued workload: everything a node needs to run it.
 #[derive(Debug, Serialize, Deserialize)]
 struct QueuedWork {
     id: WorkloadId,
-    /// The record's revision when it was created `pending`.
-    revision: u64,
     module: String,
     args: Vec<String>,
     env: Vec<(String, String)>,
@@ -77,6 +74,10 @@ impl QueuedWork {
     }
 }
 
+/// The header of queued work naming the revision its pending record was
+/// created at: a claim swaps from exactly that.
+const REVISION_HEADER: &str = "Vulcan-Revision";
+
 /// A request on `vulcan.kill.<node>`.
 #[derive(Debug, Serialize, Deserialize)]
 struct KillRequest {
@@ -115,7 +116,7 @@ fn pending_view(
 }
 
 /// `view` ended now with `status`, `failure` and `error`.
-fn ended(
+pub(super) fn ended(
     mut view: WorkloadView,
     status: Status,
     failure: FailureKind,
@@ -188,34 +189,60 @@ impl Cluster {
         Ok(compiled)
     }
 
-    /// Whether the module exists on this node or in the cluster.
-    pub async fn has_module(&self, hash: &str) -> Result<bool, ClusterError> {
-        if self.node.db().module_info(hash).await.is_ok() {
-            return Ok(true);
-        }
-        self.connected()?;
-        Ok(self
-            .modules
-            .info(hash.trim_start_matches("sha256:"))
-            .await
-            .is_ok())
-    }
-
     /// Queues a workload for whichever node has a free slot; its id at once.
     pub async fn submit(
         self: &Arc<Self>,
         module: &str,
         spec: WorkloadSpec,
     ) -> Result<WorkloadId, ClusterError> {
-        self.connected()?;
-        if !self.has_module(module).await? {
-            return Err(ClusterError::ModuleNotFound(module.to_owned()));
-        }
         let id = WorkloadId::new();
+        self.enqueue(id, module, spec).await?;
+        Ok(id)
+    }
+
+    /// Runs a workload on whichever node has a free slot and waits for its
+    /// final record.
+    pub async fn run(
+        self: &Arc<Self>,
+        module: &str,
+        spec: WorkloadSpec,
+    ) -> Result<WorkloadView, ClusterError> {
+        let id = WorkloadId::new();
+        // Waiting from before it exists, so its end cannot slip past unseen
+        // and the record need not be read first.
+        let ended = self.index.wait(id);
+        self.enqueue(id, module, spec).await?;
+        self.await_end(id, ended, false).await
+    }
+
+    /// Creates `id`'s pending record, then queues it. Either failing leaves
+    /// nothing that could run: see [`Cluster::abandon`]. Runs in a task of
+    /// its own, so a caller that goes away (a client hanging up) cannot
+    /// leave a record created but never queued.
+    async fn enqueue(
+        self: &Arc<Self>,
+        id: WorkloadId,
+        module: &str,
+        spec: WorkloadSpec,
+    ) -> Result<(), ClusterError> {
+        let (this, module) = (Arc::clone(self), module.to_owned());
+        tokio::spawn(async move { this.create_and_queue(id, &module, spec).await })
+            .await
+            .map_err(|e| anyhow::anyhow!("submitting workload {id} failed: {e}"))?
+    }
+
+    async fn create_and_queue(
+        self: &Arc<Self>,
+        id: WorkloadId,
+        module: &str,
+        spec: WorkloadSpec,
+    ) -> Result<(), ClusterError> {
+        self.connected()?;
+        // Known here or in the cluster (fetched and checked if need be).
+        self.module(module).await?;
         let b64 = base64::engine::general_purpose::STANDARD;
-        let mut work = QueuedWork {
+        let work = QueuedWork {
             id,
-            revision: 0,
             module: module.to_owned(),
             args: spec.args.clone(),
             env: spec.env.clone(),
@@ -229,47 +256,69 @@ impl Cluster {
             allowed_hosts: spec.allowed_hosts.clone(),
             enqueued_ms: now_ms(),
         };
-        // Checked before anything is created.
-        let size = serde_json::to_vec(&work)
-            .map_err(anyhow::Error::from)?
-            .len()
-            + 64;
+        let payload = Bytes::from(serde_json::to_vec(&work).map_err(anyhow::Error::from)?);
+        // Checked before anything is created; the rest is room for headers.
         let max = self.client.server_info().max_payload;
-        if size > max {
+        if payload.len() + 512 > max {
             return Err(ClusterError::TooLarge(format!(
-                "this workload's spec is {size} bytes; the cluster carries at most {max} \
-                 (NATS max_payload)"
+                "this workload's spec is {} bytes; the cluster carries at most {} \
+                 (NATS max_payload)",
+                payload.len(),
+                max - 512
             )));
         }
         let view = pending_view(id, module, &spec, work.enqueued_ms);
-        work.revision = self.create_record(&view).await?;
-        let payload = Bytes::from(serde_json::to_vec(&work).map_err(anyhow::Error::from)?);
+        let revision = match self.create_record(&view).await {
+            Ok(revision) => revision,
+            Err(e) => {
+                self.abandon(id);
+                return Err(e);
+            }
+        };
         let publish = jetstream::message::PublishMessage::build()
             .payload(payload)
-            .message_id(id.to_string());
+            .message_id(id.to_string())
+            .header(REVISION_HEADER, revision.to_string().as_str());
         let queued = match self.js.send_publish(QUEUE_SUBJECT, publish).await {
             Ok(ack) => ack.await,
             Err(e) => Err(e),
         };
         if let Err(e) = queued {
-            // It was not queued and its submitter is told so: it must not
-            // stay pending. Retried until NATS takes it.
-            let (this, revision) = (Arc::clone(self), work.revision);
-            tokio::spawn(async move {
+            self.abandon(id);
+            return Err(ClusterError::unavailable(e));
+        }
+        Ok(())
+    }
+
+    /// Fails `id` if it is still pending, retrying until NATS answers: its
+    /// submitter was told it was not queued, so it must neither run nor stay
+    /// pending (a record created, or a message queued, despite an error
+    /// answer included).
+    fn abandon(self: &Arc<Self>, id: WorkloadId) {
+        let this = Arc::clone(self);
+        tokio::spawn(async move {
+            until_done("failing an unqueued workload", id, || async {
+                let current = match this.record(id).await {
+                    Err(ClusterError::NotFound(_)) => return Ok(()),
+                    other => other?,
+                };
+                if current.view.summary.status != Status::Pending {
+                    return Ok(());
+                }
                 let view = ended(
-                    view,
+                    current.view,
                     Status::Failed,
                     FailureKind::Host,
                     "the cluster was unavailable when it was submitted; it never ran".into(),
                 );
-                while let Err(e) = this.swap(&view, revision).await {
-                    tracing::debug!(workload = %id, error = %e, "retrying to fail an unqueued workload");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
+                // Moved on meanwhile: looked at again.
+                match this.swap(&view, current.revision).await? {
+                    Some(_) => Ok(()),
+                    None => Err(ClusterError::Unavailable("the record changed".into())),
                 }
-            });
-            return Err(ClusterError::unavailable(e));
-        }
-        Ok(id)
+            })
+            .await
+        });
     }
 
     /// Pulls work while this node has a free slot, one message at a time.
@@ -322,6 +371,16 @@ impl Cluster {
             }
         };
         let id = work.id;
+        let revision = message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(REVISION_HEADER))
+            .and_then(|v| v.as_str().parse::<u64>().ok());
+        let Some(revision) = revision else {
+            tracing::warn!(workload = %id, "dropping queued work without its record's revision");
+            let _ = message.ack_with(AckKind::Term).await;
+            return;
+        };
         let spec = match work.spec() {
             Ok(spec) => spec,
             Err(e) => {
@@ -330,7 +389,7 @@ impl Cluster {
                 return;
             }
         };
-        let claim = match self.claim(&work, &spec).await {
+        let claim = match self.claim(&work, &spec, revision).await {
             Ok(Some(claim)) => claim,
             Ok(None) => {
                 // Killed, failed or claimed elsewhere meanwhile: not ours to run.
@@ -360,11 +419,12 @@ impl Cluster {
         &self,
         work: &QueuedWork,
         spec: &WorkloadSpec,
+        revision: u64,
     ) -> Result<Option<Claim>, ClusterError> {
         self.lock_claimed().insert(work.id, None);
         self.metrics.claimed.set(self.lock_claimed().len() as i64);
         let claimed = async {
-            let mut revision = work.revision;
+            let mut revision = revision;
             let mut view = pending_view(work.id, &work.module, spec, work.enqueued_ms);
             loop {
                 let mut running = view.clone();
@@ -411,7 +471,7 @@ impl Cluster {
         let lines = ClusterLines::new(id);
         let publisher = {
             let (this, lines) = (Arc::clone(self), Arc::clone(&lines));
-            tokio::spawn(async move { this.publish_lines(lines, 0).await })
+            tokio::spawn(async move { this.publish_lines(lines).await })
         };
         let local = match self.module(&module).await {
             Ok(compiled) => {
@@ -442,8 +502,8 @@ impl Cluster {
             Err(e) => Err(format!("failed to load module {module}: {e}")),
         };
         lines.close();
-        let last = match publisher.await {
-            Ok(Ok(last)) => last,
+        let published = match publisher.await {
+            Ok(Ok(published)) => published,
             // Failed over: the record belongs to whoever fenced it.
             Ok(Err(_fenced)) => return,
             Err(e) => {
@@ -456,50 +516,20 @@ impl Cluster {
                 let mut view = WorkloadView::from(record);
                 view.summary.node = claim.view.summary.node.clone();
                 view.summary.attempt = claim.view.summary.attempt;
+                view.summary.created_at = claim.view.summary.created_at.clone();
                 view
             }
-            Err(error) => {
-                let c = Completion::host_failure(error, 0);
-                ended(
-                    claim.view.clone(),
-                    c.status,
-                    FailureKind::Host,
-                    c.error.unwrap_or_default(),
-                )
-            }
+            Err(error) => ended(claim.view, Status::Failed, FailureKind::Host, error),
         };
-        view.summary.created_at = claim.view.summary.created_at.clone();
-        self.finish(view, claim.revision, last).await;
-    }
-
-    /// Swaps in the final record (retrying while NATS is away), then ends the log.
-    async fn finish(&self, view: WorkloadView, revision: u64, last: u64) {
-        let id = view.summary.id;
-        let mut backoff = Duration::from_millis(50);
-        loop {
-            match self.swap(&view, revision).await {
-                Ok(Some(_)) => break,
-                // Someone (a node that presumed this one lost) moved it on.
-                Ok(None) => return,
-                Err(e) => {
-                    tracing::debug!(workload = %id, error = %e, "final record not stored yet; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
-                }
-            }
-        }
-        loop {
-            match self
-                .publish_end(id, Some(last), view.summary.line_count)
-                .await
-            {
-                Ok(_) => return,
-                Err(e) => {
-                    tracing::debug!(workload = %id, error = %e, "log end not stored yet; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
-                }
-            }
+        // What the cluster holds is what a reader of this record finds.
+        view.summary.line_count = published.lines;
+        let (revision, last) = (claim.revision, published.sequence);
+        // Someone (a node that presumed this one lost) may have moved it on:
+        // then it is theirs, and its log is ended already.
+        let swapped = until_done("final record", id, || self.swap(&view, revision)).await;
+        if swapped.is_some() {
+            let count = view.summary.line_count;
+            until_done("log end", id, || self.publish_end(id, Some(last), count)).await;
         }
     }
 
@@ -522,7 +552,8 @@ impl Cluster {
                         reason.to_owned(),
                     );
                     if self.swap(&view, current.revision).await?.is_some() {
-                        let _ = self.publish_end(id, None, 0).await;
+                        // Ends its followers' streams; never started, it has no lines.
+                        let _ = self.publish_end(id, Some(0), 0).await;
                         return Ok(KillOutcome::Ended(Box::new(view)));
                     }
                 }
@@ -542,9 +573,9 @@ impl Cluster {
                             .request(kill_subject(&node), request.into())
                             .await;
                     }
-                    return Ok(match self.wait_end(id, Some(wait)).await? {
-                        Some(view) => KillOutcome::Ended(Box::new(view)),
-                        None => KillOutcome::Stopping,
+                    return Ok(match tokio::time::timeout(wait, self.wait_end(id)).await {
+                        Ok(view) => KillOutcome::Ended(Box::new(view?)),
+                        Err(_) => KillOutcome::Stopping,
                     });
                 }
                 status => return Ok(KillOutcome::AlreadyEnded(status)),

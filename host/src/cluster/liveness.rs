@@ -17,18 +17,16 @@ use std::time::Instant;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use super::{Cluster, ClusterError, HEARTBEAT_EVERY, NODE_LOSS_AFTER, now_ms};
-use crate::view::rfc3339;
+use super::dispatch::ended;
+use super::{Cluster, ClusterError, HEARTBEAT_EVERY, NODE_LOSS_AFTER};
 use crate::workload::{FailureKind, Status, WorkloadId};
 
-/// What a node says of itself each second.
+/// What a node says of itself each second (the key is its id, and a new
+/// revision is the beat itself).
 #[derive(Debug, Serialize, Deserialize)]
 struct Heartbeat {
-    node: String,
     /// Workloads it has claimed and not finished.
     claimed: Vec<WorkloadId>,
-    max_concurrent: usize,
-    at_ms: i64,
 }
 
 /// The last heartbeat revision seen of a node, and since when.
@@ -42,10 +40,7 @@ impl Cluster {
     pub(super) async fn beat_now(&self) -> Result<(), ClusterError> {
         let _turn = self.beat.lock().await;
         let beat = Heartbeat {
-            node: self.node_id.clone(),
             claimed: self.claimed_ids(),
-            max_concurrent: self.max_concurrent,
-            at_ms: now_ms(),
         };
         let value = Bytes::from(serde_json::to_vec(&beat).map_err(anyhow::Error::from)?);
         self.nodes
@@ -177,14 +172,14 @@ impl Cluster {
             .unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Work queued and not yet handed to any node.
     async fn js_queue_depth(&self) -> Result<i64, ClusterError> {
-        let mut consumer: async_nats::jetstream::consumer::PullConsumer = self
+        let consumer: async_nats::jetstream::consumer::PullConsumer = self
             .js
             .get_consumer_from_stream(super::DISPATCH_CONSUMER, super::QUEUE_STREAM)
             .await
             .map_err(ClusterError::unavailable)?;
-        let info = consumer.info().await.map_err(ClusterError::unavailable)?;
-        Ok(i64::try_from(info.num_pending).unwrap_or(i64::MAX))
+        Ok(i64::try_from(consumer.cached_info().num_pending).unwrap_or(i64::MAX))
     }
 
     /// Every node's heartbeat: its id, revision and content (if it parses).
@@ -238,13 +233,15 @@ impl Cluster {
             // Still running there: any end marker is a fence (its node
             // writes its final record before its end marker).
             let lines = self.end_log(id).await?;
-            let mut view = current.view.clone();
-            view.summary.status = Status::Failed;
-            view.summary.failure = Some(FailureKind::NodeLost);
-            view.summary.error = Some(why.to_owned());
+            let revision = current.revision;
+            let mut view = ended(
+                current.view,
+                Status::Failed,
+                FailureKind::NodeLost,
+                why.to_owned(),
+            );
             view.summary.line_count = lines;
-            view.summary.finished_at = Some(rfc3339(now_ms()));
-            if self.swap(&view, current.revision).await?.is_some() {
+            if self.swap(&view, revision).await?.is_some() {
                 return Ok(());
             }
         }

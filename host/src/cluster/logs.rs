@@ -16,7 +16,6 @@
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
-use std::time::Duration;
 
 use async_nats::jetstream::consumer::{DeliverPolicy, pull};
 use async_nats::jetstream::context::PublishErrorKind;
@@ -25,14 +24,15 @@ use bytes::Bytes;
 use futures_util::StreamExt as _;
 use tokio::sync::Notify;
 
-use super::{Cluster, ClusterError, log_subject};
+use super::{Backoff, Cluster, ClusterError, log_subject};
 use serde::{Deserialize, Serialize};
 
 use crate::logs::{Fields, LineSink, LogLevel, LogRecord, LogStream};
 use crate::workload::WorkloadId;
 
-/// Most bytes of one workload's lines waiting for the cluster.
-pub const BUFFER_BYTES: usize = 8 << 20;
+/// Most bytes of one workload's lines waiting for the cluster (as a store
+/// lane holds about 1 MiB): bounded per workload, and so in all by the slots.
+pub const BUFFER_BYTES: usize = 2 << 20;
 
 /// Most bytes of lines in one published batch (below NATS's 1 MiB default
 /// message size).
@@ -41,8 +41,12 @@ const BATCH_BYTES: usize = 256 << 10;
 /// Messages a reader asks for at a time.
 const READ_AHEAD: i64 = 8;
 
-/// The header that marks the end of a workload's log.
+/// The header that marks the end of a workload's log (its value: the line count).
 const END_HEADER: &str = "Vulcan-End";
+
+/// The header of a batch that names its last line's seq, so a reader can
+/// find where to resume from headers alone.
+const LAST_HEADER: &str = "Vulcan-Last";
 
 /// A line as the cluster carries it: short keys, defaults left out (a
 /// flood's batches are mostly this framing).
@@ -208,6 +212,10 @@ impl LineSink for ClusterLines {
     fn send(&self, record: Arc<LogRecord>) {
         {
             let mut state = self.lock();
+            if state.failure.is_some() {
+                // Nobody publishes them any more.
+                return;
+            }
             state.bytes += cost(&record);
             state.waiting.push_back(record);
         }
@@ -236,9 +244,17 @@ impl LineSink for ClusterLines {
 }
 
 /// The workload moved on without this node (it was failed over): its lines
-/// must not be appended.
+/// must not be appended, nor its record written.
 #[derive(Debug)]
 pub struct Fenced;
+
+/// What a finished publisher stored.
+pub struct Published {
+    /// The subject's last stream sequence (what the end marker expects).
+    pub sequence: u64,
+    /// Lines stored (the seq after the last one).
+    pub lines: u64,
+}
 
 /// What a reader gets from a workload's log.
 pub enum LogChunk {
@@ -251,7 +267,7 @@ pub enum LogChunk {
 /// A position in a workload's log in the cluster.
 pub struct LogCursor {
     id: WorkloadId,
-    messages: Option<pull::Ordered>,
+    messages: pull::Ordered,
     /// Messages not yet delivered when the last one was read.
     pending: u64,
 }
@@ -265,10 +281,7 @@ impl LogCursor {
     /// The next chunk; waits for one while the workload runs.
     pub async fn next(&mut self) -> Result<LogChunk, ClusterError> {
         loop {
-            let Some(messages) = self.messages.as_mut() else {
-                return std::future::pending().await;
-            };
-            let message = match messages.next().await {
+            let message = match self.messages.next().await {
                 Some(Ok(m)) => m,
                 Some(Err(e)) => return Err(ClusterError::unavailable(e)),
                 None => return Err(ClusterError::Unavailable("the log read ended".into())),
@@ -276,7 +289,11 @@ impl LogCursor {
             if let Ok(info) = message.info() {
                 self.pending = info.pending;
             }
-            if is_end(message.headers.as_ref()) {
+            if message
+                .headers
+                .as_ref()
+                .is_some_and(|h| h.get(END_HEADER).is_some())
+            {
                 return Ok(LogChunk::End);
             }
             match decode_batch(self.id, &message.payload) {
@@ -290,28 +307,54 @@ impl LogCursor {
     }
 }
 
-fn is_end(headers: Option<&async_nats::HeaderMap>) -> bool {
-    headers.is_some_and(|h| h.get(END_HEADER).is_some())
-}
-
-/// The last message of a workload's log subject.
-struct LastMessage {
+/// A stored message of a workload's log, from its headers alone.
+struct Stored {
     sequence: u64,
     end: bool,
-    /// The seq after its last line (a line count); an end marker's count.
+    /// The seq after its last line; an end marker's line count.
     next_seq: Option<u64>,
     msg_id: Option<String>,
 }
 
+impl Stored {
+    fn of(m: &async_nats::jetstream::message::StreamMessage) -> Self {
+        let header = |name: &str| m.headers.get(name).map(|v| v.as_str().to_owned());
+        let end = header(END_HEADER);
+        let next_seq = match &end {
+            Some(count) => count.parse().ok(),
+            None => header(LAST_HEADER)
+                .and_then(|l| l.parse::<u64>().ok())
+                .map(|l| l + 1),
+        };
+        Self {
+            sequence: m.sequence,
+            end: end.is_some(),
+            next_seq,
+            msg_id: header(async_nats::header::NATS_MESSAGE_ID.as_ref()),
+        }
+    }
+}
+
 impl Cluster {
-    /// Reads `id`'s log from its start.
-    pub async fn read_log(&self, id: WorkloadId) -> Result<LogCursor, ClusterError> {
+    /// Reads `id`'s log from the first batch holding a line after `after`
+    /// (from its start when `None`).
+    pub async fn read_log(
+        &self,
+        id: WorkloadId,
+        after: Option<u64>,
+    ) -> Result<LogCursor, ClusterError> {
         self.connected()?;
+        let deliver_policy = match after {
+            None => DeliverPolicy::All,
+            Some(after) => DeliverPolicy::ByStartSequence {
+                start_sequence: self.first_batch_after(id, after).await?,
+            },
+        };
         let consumer = self
             .logs
             .create_consumer(pull::OrderedConfig {
                 filter_subject: log_subject(id),
-                deliver_policy: DeliverPolicy::All,
+                deliver_policy,
                 // A few batches in flight per reader: ten followers on one
                 // connection must stay below NATS's slow-consumer limit.
                 max_batch: READ_AHEAD,
@@ -326,54 +369,86 @@ impl Cluster {
             .map_err(ClusterError::unavailable)?;
         Ok(LogCursor {
             id,
-            messages: Some(messages),
+            messages,
             pending,
         })
     }
 
-    /// Publishes `lines` as they arrive until they are closed and all stored;
-    /// the subject's last sequence on success.
+    /// Where a reader that has every line up to `after` starts: the stream
+    /// sequence of the first message of `id`'s log holding a later line (or
+    /// its end), found by bisecting the stream with direct gets that read
+    /// headers, so a resumed reader skips what it has however long the log;
+    /// past the log's last message when nothing later is stored yet.
+    async fn first_batch_after(&self, id: WorkloadId, after: u64) -> Result<u64, ClusterError> {
+        let Some(last) = self.last_log_message(id).await? else {
+            return Ok(1);
+        };
+        let holds_later = |m: &Stored| m.end || m.next_seq.is_some_and(|n| n > after + 1);
+        if !holds_later(&last) {
+            return Ok(last.sequence + 1);
+        }
+        // `answer` holds a later line; no earlier one is outside [lo, hi).
+        let (mut answer, mut lo, mut hi) = (last.sequence, 1, last.sequence);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            let next = self
+                .logs
+                .direct_get_next_for_subject(log_subject(id), Some(mid))
+                .await
+                .map_err(ClusterError::unavailable)?;
+            let stored = Stored::of(&next);
+            if stored.sequence >= hi {
+                // None of the log's messages lie in [mid, hi).
+                hi = mid;
+            } else if holds_later(&stored) {
+                (answer, hi) = (stored.sequence, mid);
+            } else {
+                lo = stored.sequence + 1;
+            }
+        }
+        Ok(answer)
+    }
+
+    /// Publishes `lines` as they arrive until they are closed and all stored.
     pub(super) async fn publish_lines(
         &self,
         lines: Arc<ClusterLines>,
-        mut last: u64,
-    ) -> Result<u64, Fenced> {
+    ) -> Result<Published, Fenced> {
         let subject = log_subject(lines.id);
         // Room for the headers within NATS's largest message.
         let limit = BATCH_BYTES.min(self.client.server_info().max_payload.saturating_sub(4096));
-        let mut backoff = Duration::from_millis(50);
+        let mut published = Published {
+            sequence: 0,
+            lines: 0,
+        };
+        let mut backoff = Backoff::default();
         loop {
             let more = lines.more.notified();
             let Some(batch) = lines.front() else {
                 if lines.lock().closed {
-                    return Ok(last);
+                    return Ok(published);
                 }
                 more.await;
                 continue;
             };
-            let msg_id = format!("{}:{}", lines.id, batch[0].seq);
             let (payload, n) = encode_batch(&batch, limit);
+            let (first, last) = (batch[0].seq, batch[n - 1].seq);
+            let msg_id = format!("{}:{first}", lines.id);
             let publish = Publish::build()
                 .payload(payload)
                 .message_id(&msg_id)
-                .expected_last_subject_sequence(last);
+                .header(LAST_HEADER, last.to_string().as_str())
+                .expected_last_subject_sequence(published.sequence);
             let stored = match self.js.send_publish(subject.clone(), publish).await {
-                Ok(ack) => ack.await,
+                Ok(ack) => ack.await.map(|ack| ack.sequence),
                 Err(e) => Err(e),
             };
-            match stored {
-                Ok(ack) => {
-                    last = ack.sequence;
-                    lines.stored(n);
-                    backoff = Duration::from_millis(50);
-                }
+            let sequence = match stored {
+                Ok(sequence) => sequence,
                 Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
                     // Stored by an attempt whose answer was lost, or fenced.
                     match self.last_log_message(lines.id).await {
-                        Ok(Some(m)) if m.msg_id.as_deref() == Some(&msg_id) => {
-                            last = m.sequence;
-                            lines.stored(n);
-                        }
+                        Ok(Some(m)) if m.msg_id.as_deref() == Some(&msg_id) => m.sequence,
                         Ok(_) => {
                             lines.fail(format!(
                                 "workload {} was taken over by the cluster (its node was \
@@ -382,52 +457,45 @@ impl Cluster {
                             ));
                             return Err(Fenced);
                         }
-                        Err(_) => tokio::time::sleep(backoff).await,
+                        Err(_) => {
+                            backoff.wait().await;
+                            continue;
+                        }
                     }
                 }
                 Err(e) if e.kind() == PublishErrorKind::MaxPayloadExceeded => {
-                    // Never going to fit: the workload cannot keep its lines.
+                    // Never going to fit: the workload stops, failed for its
+                    // lines, and its record says how many the cluster holds.
                     lines.fail(format!(
                         "a log record of workload {} is larger than the cluster's largest \
                          message ({limit} bytes)",
                         lines.id
                     ));
-                    return Err(Fenced);
+                    return Ok(published);
                 }
                 Err(e) => {
                     tracing::debug!(workload = %lines.id, error = %e, "log batch not stored yet; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    backoff.wait().await;
+                    continue;
                 }
-            }
+            };
+            published = Published {
+                sequence,
+                lines: last + 1,
+            };
+            lines.stored(n);
+            backoff = Backoff::default();
         }
     }
 
-    async fn last_log_message(&self, id: WorkloadId) -> Result<Option<LastMessage>, ClusterError> {
+    async fn last_log_message(&self, id: WorkloadId) -> Result<Option<Stored>, ClusterError> {
         use async_nats::jetstream::stream::LastRawMessageErrorKind;
         match self
             .logs
             .get_last_raw_message_by_subject(&log_subject(id))
             .await
         {
-            Ok(m) => {
-                let end = m.headers.get(END_HEADER).is_some();
-                let next_seq = match m.headers.get(END_HEADER) {
-                    Some(count) => count.as_str().parse().ok(),
-                    None => decode_batch(id, &m.payload)
-                        .ok()
-                        .and_then(|lines| lines.last().map(|r| r.seq + 1)),
-                };
-                Ok(Some(LastMessage {
-                    sequence: m.sequence,
-                    end,
-                    next_seq,
-                    msg_id: m
-                        .headers
-                        .get(async_nats::header::NATS_MESSAGE_ID)
-                        .map(|v| v.as_str().to_owned()),
-                }))
-            }
+            Ok(m) => Ok(Some(Stored::of(&m))),
             Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
             Err(e) => Err(ClusterError::unavailable(e)),
         }

@@ -15,8 +15,8 @@
 //! | `vulcan_workloads` | KV bucket, history 1 | key = workload id, value = the record as the API shows it (with `node`, `attempt`); every change is a compare-and-swap on its revision |
 //! | `vulcan_nodes` | KV bucket, history 1 | key = node id, value = its heartbeat: the workloads it has claimed, every second |
 //! | `vulcan_modules` | object store | module bytes by hex sha256, checked on arrival |
-//! | `VULCAN_QUEUE` | stream, work-queue retention, subject `vulcan.queue` | submitted work; durable pull consumer `vulcan_dispatch`, explicit ack, ack wait 10 s |
-//! | `VULCAN_LOGS` | stream, subjects `vulcan.logs.<id>`, 2 min duplicate window | log lines in batches (header `Nats-Msg-Id: <id>:<first seq>`), then an end marker (header `Vulcan-End`) |
+//! | `VULCAN_QUEUE` | stream, work-queue retention, subject `vulcan.queue` | submitted work (header `Vulcan-Revision`: its pending record's revision); durable pull consumer `vulcan_dispatch`, explicit ack, ack wait 10 s |
+//! | `VULCAN_LOGS` | stream, subjects `vulcan.logs.<id>`, 2 min duplicate window | log lines in batches (headers `Nats-Msg-Id: <id>:<first seq>`, `Vulcan-Last: <last seq>`), then an end marker (header `Vulcan-End: <line count>`) |
 //!
 //! Kills travel as core NATS requests on `vulcan.kill.<node id>`.
 
@@ -114,8 +114,6 @@ pub struct ClusterOptions {
     pub node_id: String,
     /// Replicas of every stream and bucket (1, or 3 on a 3-server NATS cluster).
     pub replicas: usize,
-    /// Most workloads this node runs at once (announced in its heartbeat).
-    pub max_concurrent: usize,
 }
 
 /// Figures `/metrics` shows of the cluster.
@@ -172,7 +170,6 @@ impl ClusterMetrics {
 pub struct Cluster {
     node: Arc<Node>,
     node_id: String,
-    max_concurrent: usize,
     client: async_nats::Client,
     js: jetstream::Context,
     workloads: kv::Store,
@@ -280,7 +277,6 @@ impl Cluster {
         let cluster = Arc::new(Self {
             node,
             node_id: options.node_id,
-            max_concurrent: options.max_concurrent,
             client,
             js,
             workloads,
@@ -371,6 +367,41 @@ async fn create_kv(js: &jetstream::Context, config: kv::Config) -> anyhow::Resul
             .create_key_value(config)
             .await
             .with_context(|| format!("failed to create the KV bucket {name}")),
+    }
+}
+
+/// Pauses between retries of a NATS operation: 50 ms, doubling to 1 s.
+struct Backoff(Duration);
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self(Duration::from_millis(50))
+    }
+}
+
+impl Backoff {
+    async fn wait(&mut self) {
+        tokio::time::sleep(self.0).await;
+        self.0 = (self.0 * 2).min(Duration::from_secs(1));
+    }
+}
+
+/// Runs `op` until it succeeds: for what must reach the cluster eventually
+/// (a final record, an end marker), however long NATS is away.
+async fn until_done<T, F: Future<Output = Result<T, ClusterError>>>(
+    what: &str,
+    id: WorkloadId,
+    mut op: impl FnMut() -> F,
+) -> T {
+    let mut backoff = Backoff::default();
+    loop {
+        match op().await {
+            Ok(done) => return done,
+            Err(e) => {
+                tracing::debug!(workload = %id, error = %e, "{what} not stored yet; retrying");
+                backoff.wait().await;
+            }
+        }
     }
 }
 

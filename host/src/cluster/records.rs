@@ -88,7 +88,7 @@ impl Index {
             .collect()
     }
 
-    fn wait(&self, id: WorkloadId) -> oneshot::Receiver<WorkloadView> {
+    pub(super) fn wait(&self, id: WorkloadId) -> oneshot::Receiver<WorkloadView> {
         let (tx, rx) = oneshot::channel();
         let mut inner = self.lock();
         let waiters = inner.waiters.entry(id).or_default();
@@ -173,33 +173,39 @@ impl Cluster {
         self.index.list(limit, offset, status)
     }
 
-    /// The final record of `id` once it has ended, or `None` if it has not
-    /// within `within` (`None`: wait as long as it runs).
-    pub async fn wait_end(
+    /// The final record of `id` once it has ended.
+    pub async fn wait_end(&self, id: WorkloadId) -> Result<WorkloadView, ClusterError> {
+        let ended = self.index.wait(id);
+        // Registered before looking, so an end in between is not missed.
+        let look = self.index.status(id).is_none_or(|s| s.is_terminal());
+        self.await_end(id, ended, look).await
+    }
+
+    /// Waits on `ended` (registered before the record could end), looking at
+    /// the record itself first if `look`, and every second: the index's watch
+    /// can miss an update across a reconnect.
+    pub(super) async fn await_end(
         &self,
         id: WorkloadId,
-        within: Option<Duration>,
-    ) -> Result<Option<WorkloadView>, ClusterError> {
-        let deadline = within.map(|w| tokio::time::Instant::now() + w);
-        let mut check_store = self.index.status(id).is_none_or(|s| s.is_terminal());
+        mut ended: oneshot::Receiver<WorkloadView>,
+        mut look: bool,
+    ) -> Result<WorkloadView, ClusterError> {
         loop {
-            // Registered before looking, so an end in between is not missed.
-            let ended = self.index.wait(id);
-            if check_store {
+            if look {
                 let record = self.record(id).await?;
                 if record.view.summary.status.is_terminal() {
-                    return Ok(Some(record.view));
+                    return Ok(record.view);
                 }
             }
-            // The index's watch could miss an update across a reconnect:
-            // look at the record itself now and then.
-            let recheck = tokio::time::sleep(Duration::from_secs(1));
             tokio::select! {
-                view = ended => if let Ok(view) = view { return Ok(Some(view)) },
-                () = recheck => {}
-                () = sleep_until(deadline) => return Ok(None),
+                view = &mut ended => match view {
+                    Ok(view) => return Ok(view),
+                    // Dropped (its entry pruned): wait anew.
+                    Err(_) => ended = self.index.wait(id),
+                },
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
             }
-            check_store = true;
+            look = true;
         }
     }
 
@@ -225,12 +231,5 @@ impl Cluster {
                 () = tokio::time::sleep(Duration::from_millis(500)) => {}
             }
         }
-    }
-}
-
-async fn sleep_until(deadline: Option<tokio::time::Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d).await,
-        None => std::future::pending().await,
     }
 }

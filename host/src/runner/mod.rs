@@ -176,7 +176,7 @@ impl Runner {
             tee,
             also: None,
         };
-        self.launch(module, launch).await
+        self.start_claimed(module, launch).await
     }
 
     /// Waits for a free slot (at once without a limit): a cluster node takes
@@ -191,14 +191,6 @@ impl Runner {
     /// Starts a workload whose id was given elsewhere (a cluster claim) in the
     /// slot reserved for it; its records also go to `also`.
     pub async fn start_claimed(
-        self: &Arc<Self>,
-        module: Arc<CompiledModule>,
-        launch: Launch,
-    ) -> Result<StartedWorkload, StartError> {
-        self.launch(module, launch).await
-    }
-
-    async fn launch(
         self: &Arc<Self>,
         module: Arc<CompiledModule>,
         launch: Launch,
