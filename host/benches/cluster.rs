@@ -126,6 +126,8 @@ async fn run() -> anyhow::Result<()> {
         let urls: Vec<String> = servers.iter().map(|s| s.url.clone()).collect();
         let hash = upload(&http, &urls[0], &sleep).await?;
         let spec = json!({"module": hash, "args": ["50"]});
+        // Every node fetches and compiles the module once before the clock runs.
+        load(&http, &urls, &spec, 24, 48).await?;
         let (elapsed, _) = load(&http, &urls, &spec, 24, sleeps).await?;
         let rate = sleeps as f64 / elapsed.as_secs_f64();
         println!("  sleep 50 ms, 24 clients, {n} node(s) x 4 slots: {rate:>7.1} workloads/s");
@@ -192,6 +194,7 @@ async fn run() -> anyhow::Result<()> {
         _ => servers[0].url.clone(),
     };
     let started = Instant::now();
+    println!("  (flood claimed by {ran_on}; following from {reader})");
     let followers: Vec<_> = (0..10)
         .map(|_| tokio::spawn(follow(http.clone(), reader.clone(), id.clone())))
         .collect();

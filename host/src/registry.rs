@@ -133,6 +133,17 @@ impl ModuleRegistry {
         Ok((info, compiled, new))
     }
 
+    /// Whether `hash` is stored here (in memory or in the store), without
+    /// loading or compiling it.
+    pub async fn has(&self, hash: &str) -> bool {
+        let in_memory = self
+            .cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(hash);
+        in_memory || self.db.module_info(hash).await.is_ok()
+    }
+
     /// The compiled module for a stored hash.
     pub async fn get(&self, hash: &str) -> Result<Arc<CompiledModule>, RegistryError> {
         if let Some(c) = self.cached(hash) {
@@ -201,6 +212,11 @@ impl ModuleRegistry {
                     .acquire()
                     .await
                     .context("the compiler is shut down")?;
+                // Another request for the same module may have compiled it
+                // while this one waited for its turn.
+                if let Some(compiled) = self.cached(hash) {
+                    return Ok(compiled);
+                }
                 let bytes = bytes.await?;
                 let runtime = Arc::clone(&self.runtime);
                 let max_function_size = self.max_function_size;

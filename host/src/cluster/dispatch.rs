@@ -161,6 +161,12 @@ impl Cluster {
             Err(RegistryError::NotFound(_)) => {}
             Err(e) => return Err(registry_error(e)),
         }
+        // One fetch at a time: concurrent first runs of a module wait for
+        // the first one's copy instead of each fetching and compiling it.
+        let _fetching = self.fetching.lock().await;
+        if self.node.registry().has(hash).await {
+            return self.node.registry().get(hash).await.map_err(registry_error);
+        }
         let name = hash.trim_start_matches("sha256:");
         let mut object = match self.modules.get(name).await {
             Ok(object) => object,
@@ -238,8 +244,16 @@ impl Cluster {
         spec: WorkloadSpec,
     ) -> Result<(), ClusterError> {
         self.connected()?;
-        // Known here or in the cluster (fetched and checked if need be).
-        self.module(module).await?;
+        // Known here or in the cluster; the node that runs it fetches it.
+        let known = self.node.registry().has(module).await
+            || self
+                .modules
+                .info(module.trim_start_matches("sha256:"))
+                .await
+                .is_ok();
+        if !known {
+            return Err(ClusterError::ModuleNotFound(module.to_owned()));
+        }
         let b64 = base64::engine::general_purpose::STANDARD;
         let work = QueuedWork {
             id,

@@ -181,6 +181,8 @@ pub struct Cluster {
     claimed: Mutex<HashMap<WorkloadId, Option<String>>>,
     /// Serializes heartbeats, so a newer claim list never lands before an older one.
     beat: tokio::sync::Mutex<()>,
+    /// Held while a module is fetched from the cluster.
+    fetching: tokio::sync::Mutex<()>,
     metrics: Arc<ClusterMetrics>,
     stop: CancellationToken,
     tasks: TaskTracker,
@@ -286,6 +288,7 @@ impl Cluster {
             index: records::Index::default(),
             claimed: Mutex::new(HashMap::new()),
             beat: tokio::sync::Mutex::new(()),
+            fetching: tokio::sync::Mutex::new(()),
             metrics,
             stop: CancellationToken::new(),
             tasks: TaskTracker::new(),
