@@ -282,6 +282,29 @@ impl Cluster {
             )));
         }
         let view = pending_view(id, module, &spec, work.enqueued_ms);
+        // A slot free here: it runs here at once, created running, without a
+        // trip through the queue (claimed before its record says so).
+        if let Some(slot) = self.node.runner().try_reserve() {
+            self.claimed_here(id);
+            let running = self.running_here(&view);
+            let revision = match self.create_record(&running).await {
+                Ok(revision) => revision,
+                Err(e) => {
+                    // Created despite the error, it is an orphan this
+                    // node's sweep fails.
+                    self.unclaim(id);
+                    return Err(e);
+                }
+            };
+            let (this, module) = (Arc::clone(self), module.to_owned());
+            let claim = Claim {
+                view: running,
+                revision,
+            };
+            self.tasks
+                .spawn(async move { this.run_claimed(module, spec, claim, slot).await });
+            return Ok(());
+        }
         let revision = match self.create_record(&view).await {
             Ok(revision) => revision,
             Err(e) => {
@@ -422,7 +445,6 @@ impl Cluster {
         let latency = (now_ms() - work.enqueued_ms).max(0) as f64 / 1000.0;
         self.metrics.dispatch_latency.observe(latency);
         self.run_claimed(work.module, spec, claim, slot).await;
-        self.unclaim(id);
     }
 
     /// Swaps `work`'s record from pending to running here, at the revision
@@ -435,17 +457,12 @@ impl Cluster {
         spec: &WorkloadSpec,
         revision: u64,
     ) -> Result<Option<Claim>, ClusterError> {
-        self.lock_claimed().insert(work.id, None);
-        self.metrics.claimed.set(self.lock_claimed().len() as i64);
+        self.claimed_here(work.id);
         let claimed = async {
             let mut revision = revision;
             let mut view = pending_view(work.id, &work.module, spec, work.enqueued_ms);
             loop {
-                let mut running = view.clone();
-                running.summary.status = Status::Running;
-                running.summary.node = Some(self.node_id.clone());
-                running.summary.attempt = Some(view.summary.attempt.unwrap_or(0) + 1);
-                running.summary.started_at = Some(crate::view::rfc3339(now_ms()));
+                let running = self.running_here(&view);
                 if let Some(revision) = self.swap(&running, revision).await? {
                     return Ok(Some(Claim {
                         view: running,
@@ -466,15 +483,43 @@ impl Cluster {
         claimed
     }
 
+    /// `pending` as it runs here from now.
+    fn running_here(&self, pending: &WorkloadView) -> WorkloadView {
+        let mut running = pending.clone();
+        running.summary.status = Status::Running;
+        running.summary.node = Some(self.node_id.clone());
+        running.summary.attempt = Some(pending.summary.attempt.unwrap_or(0) + 1);
+        running.summary.started_at = Some(crate::view::rfc3339(now_ms()));
+        running
+    }
+
+    fn claimed_here(&self, id: WorkloadId) {
+        let mut claimed = self.lock_claimed();
+        claimed.insert(id, None);
+        self.metrics.claimed.set(claimed.len() as i64);
+    }
+
     fn unclaim(&self, id: WorkloadId) {
         let mut claimed = self.lock_claimed();
         claimed.remove(&id);
         self.metrics.claimed.set(claimed.len() as i64);
     }
 
-    /// Runs a claimed workload and records its end in the cluster once all
-    /// its lines are stored there.
+    /// Runs a claimed workload, records its end in the cluster once all its
+    /// lines are stored there, and unclaims it.
     async fn run_claimed(
+        self: &Arc<Self>,
+        module: String,
+        spec: WorkloadSpec,
+        claim: Claim,
+        slot: Slot,
+    ) {
+        let id = claim.view.summary.id;
+        self.run_and_record(module, spec, claim, slot).await;
+        self.unclaim(id);
+    }
+
+    async fn run_and_record(
         self: &Arc<Self>,
         module: String,
         spec: WorkloadSpec,

@@ -16,8 +16,9 @@
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
+use std::time::Duration;
 
-use async_nats::jetstream::consumer::{DeliverPolicy, pull};
+use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
 use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::message::PublishMessage as Publish;
 use bytes::Bytes;
@@ -39,7 +40,7 @@ pub const BUFFER_BYTES: usize = 2 << 20;
 const BATCH_BYTES: usize = 256 << 10;
 
 /// Messages a reader asks for at a time.
-const READ_AHEAD: i64 = 8;
+const READ_AHEAD: usize = 8;
 
 /// The header that marks the end of a workload's log (its value: the line count).
 const END_HEADER: &str = "Vulcan-End";
@@ -267,7 +268,7 @@ pub enum LogChunk {
 /// A position in a workload's log in the cluster.
 pub struct LogCursor {
     id: WorkloadId,
-    messages: pull::Ordered,
+    messages: pull::Stream,
     /// Messages not yet delivered when the last one was read.
     pending: u64,
 }
@@ -350,20 +351,28 @@ impl Cluster {
                 start_sequence: self.first_batch_after(id, after).await?,
             },
         };
+        // A plain ephemeral consumer, in memory, without acks: each reader
+        // asks for a few batches at a time (ten followers on one connection
+        // stay below NATS's slow-consumer limit), and it goes away with its
+        // reader.
         let consumer = self
             .logs
-            .create_consumer(pull::OrderedConfig {
+            .create_consumer(pull::Config {
                 filter_subject: log_subject(id),
                 deliver_policy,
-                // A few batches in flight per reader: ten followers on one
-                // connection must stay below NATS's slow-consumer limit.
-                max_batch: READ_AHEAD,
+                ack_policy: AckPolicy::None,
+                inactive_threshold: Duration::from_secs(30),
+                memory_storage: true,
+                num_replicas: 1,
                 ..Default::default()
             })
             .await
             .map_err(ClusterError::unavailable)?;
         let pending = consumer.cached_info().num_pending;
         let messages = consumer
+            .stream()
+            .max_messages_per_batch(READ_AHEAD)
+            .max_bytes_per_batch(READ_AHEAD * BATCH_BYTES)
             .messages()
             .await
             .map_err(ClusterError::unavailable)?;

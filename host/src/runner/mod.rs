@@ -188,6 +188,14 @@ impl Runner {
         }
     }
 
+    /// A free slot now, if there is one.
+    pub fn try_reserve(&self) -> Option<Slot> {
+        match &self.slots {
+            Some((sem, _)) => Arc::clone(sem).try_acquire_owned().ok().map(|p| Slot(Some(p))),
+            None => Some(Slot(None)),
+        }
+    }
+
     /// Starts a workload whose id was given elsewhere (a cluster claim) in the
     /// slot reserved for it; its records also go to `also`.
     pub async fn start_claimed(
