@@ -582,14 +582,10 @@ impl Cluster {
         };
         // What the cluster holds is what a reader of this record finds.
         view.summary.line_count = published.lines;
-        let (revision, last) = (claim.revision, published.sequence);
         // Someone (a node that presumed this one lost) may have moved it on:
-        // then it is theirs, and its log is ended already.
-        let swapped = until_done("final record", id, || self.swap(&view, revision)).await;
-        if swapped.is_some() {
-            let count = view.summary.line_count;
-            until_done("log end", id, || self.publish_end(id, Some(last), count)).await;
-        }
+        // then it is theirs.
+        let revision = claim.revision;
+        until_done("final record", id, || self.swap(&view, revision)).await;
     }
 
     /// Stops `id` wherever it is: a pending one never starts, a running one

@@ -230,8 +230,8 @@ impl Cluster {
             if summary.status != Status::Running || summary.node.as_deref() != Some(node) {
                 return Ok(());
             }
-            // Still running there: any end marker is a fence (its node
-            // writes its final record before its end marker).
+            // Still running there: its log is ended now if it was not (an
+            // end already there counts its lines just the same).
             let lines = self.end_log(id).await?;
             let revision = current.revision;
             let mut view = ended(

@@ -178,6 +178,16 @@ impl ClusterLines {
         wakers.into_iter().for_each(Waker::wake);
     }
 
+    /// Marks the lines as no longer kept: the workload was taken over.
+    fn fenced(&self) -> Fenced {
+        self.fail(format!(
+            "workload {} was taken over by the cluster (its node was presumed lost); its \
+             further lines are not kept",
+            self.id
+        ));
+        Fenced
+    }
+
     /// The batch at the front (not removed until it is stored).
     fn front(&self) -> Option<Vec<Arc<LogRecord>>> {
         let state = self.lock();
@@ -271,6 +281,8 @@ pub struct LogCursor {
     messages: pull::Stream,
     /// Messages not yet delivered when the last one was read.
     pending: u64,
+    /// The last message read was the end (its lines were handed out).
+    ended: bool,
 }
 
 impl LogCursor {
@@ -281,6 +293,9 @@ impl LogCursor {
 
     /// The next chunk; waits for one while the workload runs.
     pub async fn next(&mut self) -> Result<LogChunk, ClusterError> {
+        if self.ended {
+            return Ok(LogChunk::End);
+        }
         loop {
             let message = match self.messages.next().await {
                 Some(Ok(m)) => m,
@@ -290,15 +305,18 @@ impl LogCursor {
             if let Ok(info) = message.info() {
                 self.pending = info.pending;
             }
-            if message
+            let ends = message
                 .headers
                 .as_ref()
-                .is_some_and(|h| h.get(END_HEADER).is_some())
-            {
+                .is_some_and(|h| h.get(END_HEADER).is_some());
+            if ends && message.payload.is_empty() {
                 return Ok(LogChunk::End);
             }
             match decode_batch(self.id, &message.payload) {
-                Ok(lines) => return Ok(LogChunk::Lines(lines)),
+                Ok(lines) => {
+                    self.ended = ends;
+                    return Ok(LogChunk::Lines(lines));
+                }
                 // Logged and dropped: a foreign message must not end a read.
                 Err(e) => {
                     tracing::warn!(subject = %message.subject, error = %e, "dropping a log message that does not parse")
@@ -380,6 +398,7 @@ impl Cluster {
             id,
             messages,
             pending,
+            ended: false,
         })
     }
 
@@ -418,12 +437,15 @@ impl Cluster {
         Ok(answer)
     }
 
-    /// Publishes `lines` as they arrive until they are closed and all stored.
+    /// Publishes `lines` as they arrive until they are closed and all stored,
+    /// then ends the log (the last batch carries the end marker when it can,
+    /// so a short workload costs one message). The record is final only
+    /// after this: every line is stored before it says so.
     pub(super) async fn publish_lines(
         &self,
         lines: Arc<ClusterLines>,
     ) -> Result<Published, Fenced> {
-        let subject = log_subject(lines.id);
+        let (id, subject) = (lines.id, log_subject(lines.id));
         // Room for the headers within NATS's largest message.
         let limit = BATCH_BYTES.min(self.client.server_info().max_payload.saturating_sub(4096));
         let mut published = Published {
@@ -433,21 +455,30 @@ impl Cluster {
         let mut backoff = Backoff::default();
         loop {
             let more = lines.more.notified();
-            let Some(batch) = lines.front() else {
-                if lines.lock().closed {
-                    return Ok(published);
+            let batch = lines.front();
+            let (closed, waiting) = {
+                let state = lines.lock();
+                (state.closed, state.waiting.len())
+            };
+            let Some(batch) = batch else {
+                if closed {
+                    break;
                 }
                 more.await;
                 continue;
             };
             let (payload, n) = encode_batch(&batch, limit);
             let (first, last) = (batch[0].seq, batch[n - 1].seq);
-            let msg_id = format!("{}:{first}", lines.id);
-            let publish = Publish::build()
+            let ends = closed && n == waiting;
+            let msg_id = format!("{id}:{first}");
+            let mut publish = Publish::build()
                 .payload(payload)
                 .message_id(&msg_id)
                 .header(LAST_HEADER, last.to_string().as_str())
                 .expected_last_subject_sequence(published.sequence);
+            if ends {
+                publish = publish.header(END_HEADER, (last + 1).to_string().as_str());
+            }
             let stored = match self.js.send_publish(subject.clone(), publish).await {
                 Ok(ack) => ack.await.map(|ack| ack.sequence),
                 Err(e) => Err(e),
@@ -456,16 +487,9 @@ impl Cluster {
                 Ok(sequence) => sequence,
                 Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
                     // Stored by an attempt whose answer was lost, or fenced.
-                    match self.last_log_message(lines.id).await {
+                    match self.last_log_message(id).await {
                         Ok(Some(m)) if m.msg_id.as_deref() == Some(&msg_id) => m.sequence,
-                        Ok(_) => {
-                            lines.fail(format!(
-                                "workload {} was taken over by the cluster (its node was \
-                                 presumed lost); its further lines are not kept",
-                                lines.id
-                            ));
-                            return Err(Fenced);
-                        }
+                        Ok(_) => return Err(lines.fenced()),
                         Err(_) => {
                             backoff.wait().await;
                             continue;
@@ -474,16 +498,15 @@ impl Cluster {
                 }
                 Err(e) if e.kind() == PublishErrorKind::MaxPayloadExceeded => {
                     // Never going to fit: the workload stops, failed for its
-                    // lines, and its record says how many the cluster holds.
+                    // lines, and its log ends with what the cluster holds.
                     lines.fail(format!(
-                        "a log record of workload {} is larger than the cluster's largest \
-                         message ({limit} bytes)",
-                        lines.id
+                        "a log record of workload {id} is larger than the cluster's largest \
+                         message ({limit} bytes)"
                     ));
-                    return Ok(published);
+                    break;
                 }
                 Err(e) => {
-                    tracing::debug!(workload = %lines.id, error = %e, "log batch not stored yet; retrying");
+                    tracing::debug!(workload = %id, error = %e, "log batch not stored yet; retrying");
                     backoff.wait().await;
                     continue;
                 }
@@ -494,6 +517,23 @@ impl Cluster {
             };
             lines.stored(n);
             backoff = Backoff::default();
+            if ends {
+                return Ok(published);
+            }
+        }
+        // Nothing left to carry it: the end marker alone.
+        loop {
+            match self
+                .publish_end(id, Some(published.sequence), published.lines)
+                .await
+            {
+                Ok(true) => return Ok(published),
+                Ok(false) => return Err(lines.fenced()),
+                Err(e) => {
+                    tracing::debug!(workload = %id, error = %e, "log end not stored yet; retrying");
+                    backoff.wait().await;
+                }
+            }
         }
     }
 
@@ -512,6 +552,8 @@ impl Cluster {
 
     /// Ends `id`'s log after its last stored message (unless it has ended),
     /// so that nothing can be appended after it; the number of lines it holds.
+    /// (An end already there was written by its node before its final record,
+    /// or by another node that failed it over.)
     pub(super) async fn end_log(&self, id: WorkloadId) -> Result<u64, ClusterError> {
         loop {
             let last = self.last_log_message(id).await?;

@@ -191,7 +191,10 @@ impl Runner {
     /// A free slot now, if there is one.
     pub fn try_reserve(&self) -> Option<Slot> {
         match &self.slots {
-            Some((sem, _)) => Arc::clone(sem).try_acquire_owned().ok().map(|p| Slot(Some(p))),
+            Some((sem, _)) => Arc::clone(sem)
+                .try_acquire_owned()
+                .ok()
+                .map(|p| Slot(Some(p))),
             None => Some(Slot(None)),
         }
     }
