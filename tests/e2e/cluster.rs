@@ -139,7 +139,13 @@ async fn three_nodes_share_modules_runs_lists_and_slots() {
     let Some(nats) = Nats::start() else { return };
     let nodes: Vec<Member> = ["n1", "n2", "n3"]
         .iter()
-        .map(|id| member(&nats, id, &["--max-concurrent", "2"]))
+        .map(|id| {
+            member(
+                &nats,
+                id,
+                &["--max-concurrent", "2", "--max-spec-size", "4MiB"],
+            )
+        })
         .collect();
     let [n1, n2, n3] = [&nodes[0].server, &nodes[1].server, &nodes[2].server];
 
@@ -232,6 +238,20 @@ async fn three_nodes_share_modules_runs_lists_and_slots() {
         .get_json("/v1/workloads/01ARZ3NDEKTSV4RRFFQ69G5FAV")
         .await;
     assert_eq!(status, 404, "{unknown}");
+
+    // Bad submissions are refused and create nothing.
+    let missing = json!({"module": format!("sha256:{}", "0".repeat(64))});
+    for path in ["/v1/workloads", "/v1/workloads/async"] {
+        let (status, answer) = n2.post(path, Body::Json(missing.clone())).await;
+        assert_eq!(status, 404, "{answer}");
+        assert_error(&answer, "not found");
+    }
+    let huge = json!({"module": hello, "stdin": "x".repeat(1_500_000)});
+    let (status, answer) = n3.post("/v1/workloads", Body::Json(huge)).await;
+    assert_eq!(status, 413, "{answer}");
+    assert_error(&answer, "NATS max_payload");
+    let (_, page) = n1.get_json("/v1/workloads?limit=1").await;
+    assert_eq!(page["total"], total, "nothing was created: {page}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

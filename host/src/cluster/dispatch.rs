@@ -1,13 +1,15 @@
 //! Work across nodes: submitting, claiming, running, finishing and killing.
 //!
-//! A submission creates the `pending` record, then queues the work. Every
-//! node pulls from one durable consumer, one message at a time and only while
-//! it holds a free slot, so no node takes more than it can start now. A claim
-//! names the node in the node's heartbeat first, then swaps the record from
-//! `pending` to `running` at the revision the submission created: of two
-//! nodes handed the same message, one wins, and a killed or failed-over
-//! workload is never started. The record becomes terminal only after every
-//! line is stored in the cluster.
+//! A submission to a node with a free slot runs there, its record created
+//! `running`. Otherwise it creates the `pending` record, then queues the
+//! work. Every node pulls from one durable consumer, one message at a time
+//! and only while it holds a free slot, so no node takes more than it can
+//! start now. A claim swaps the record from `pending` to `running` at the
+//! revision the submission created: of two nodes handed the same message, one
+//! wins, and a killed workload is never started. A workload counts as claimed
+//! by its node from before its record says it runs there (see the node's
+//! orphan sweep). The record becomes terminal only after every line is stored
+//! in the cluster.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -217,12 +219,18 @@ impl Cluster {
         // Waiting from before it exists, so its end cannot slip past unseen
         // and the record need not be read first.
         let ended = self.index.wait(id);
-        self.enqueue(id, module, spec).await?;
+        if let Err(e) = self.enqueue(id, module, spec).await {
+            // The caller learns of the failure from the error; its waiter
+            // would otherwise stay for a record that may never exist.
+            self.index.forget(id);
+            return Err(e);
+        }
         self.await_end(id, ended, false).await
     }
 
-    /// Creates `id`'s pending record, then queues it. Either failing leaves
-    /// nothing that could run: see [`Cluster::abandon`]. Runs in a task of
+    /// Starts `id` here if a slot is free, else creates its pending record and
+    /// queues it; a failure leaves nothing that could run or stay pending
+    /// (see [`Cluster::abandon`] and the orphan sweep). Runs in a task of
     /// its own, so a caller that goes away (a client hanging up) cannot
     /// leave a record created but never queued.
     async fn enqueue(

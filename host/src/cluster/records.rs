@@ -78,6 +78,11 @@ impl Index {
         self.lock().items.get(&id).map(|s| s.status)
     }
 
+    /// Drops whoever waits for `id` (its submission failed).
+    pub(super) fn forget(&self, id: WorkloadId) {
+        self.lock().waiters.remove(&id);
+    }
+
     /// Workloads the index last saw running on `node`.
     pub(super) fn running_on(&self, node: &str) -> Vec<WorkloadId> {
         self.lock()
