@@ -24,7 +24,7 @@ use anyhow::{Context as _, ensure};
 use serde_json::{Value, json};
 
 mod common;
-use common::{BenchServer, env_or, follow, ms, upload};
+use common::{BenchServer, env_or, follow, ms, start, upload};
 
 fn main() -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -292,17 +292,6 @@ async fn load(
         all.extend(t.await??);
     }
     Ok((begun.elapsed(), all))
-}
-
-async fn start(http: &reqwest::Client, url: &str, spec: &Value) -> anyhow::Result<String> {
-    let resp = http
-        .post(format!("{url}/v1/workloads/async"))
-        .json(spec)
-        .send()
-        .await?;
-    ensure!(resp.status().as_u16() == 202, "start: {}", resp.status());
-    let v: Value = resp.json().await?;
-    Ok(v["id"].as_str().context("no id")?.to_owned())
 }
 
 async fn get(http: &reqwest::Client, url: &str, id: &str) -> anyhow::Result<Value> {

@@ -19,6 +19,30 @@ pub struct StatusLabel {
     pub status: String,
 }
 
+/// One interval of the server's activity, as the console's health chart draws it.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct Sample {
+    /// End of the interval, milliseconds since the Unix epoch.
+    pub t: i64,
+    /// Workloads executing at its end.
+    pub running: i64,
+    /// Workloads that ended during it.
+    pub workloads: u64,
+    /// Log lines committed during it.
+    pub lines: u64,
+}
+
+/// The last [`HISTORY`] samples, oldest first, and the totals the next one
+/// is counted from.
+#[derive(Default)]
+struct History {
+    samples: std::collections::VecDeque<Sample>,
+    totals: Option<(u64, u64)>,
+}
+
+/// How many samples the server keeps (ten minutes at one a second).
+pub const HISTORY: usize = 600;
+
 /// Every metric Vulcan exports.
 pub struct Metrics {
     registry: std::sync::Mutex<Registry>,
@@ -45,6 +69,9 @@ pub struct Metrics {
     /// Store transactions committed (likewise): beside the workload count it
     /// shows how many lifecycle writes share a commit.
     pub commits: Gauge,
+    /// Workloads ended since start, of any status.
+    finished_total: std::sync::atomic::AtomicU64,
+    history: std::sync::Mutex<History>,
 }
 
 impl Default for Metrics {
@@ -112,6 +139,8 @@ impl Default for Metrics {
             lost_lines,
             busy_retries,
             commits,
+            finished_total: Default::default(),
+            history: Default::default(),
         }
     }
 }
@@ -126,6 +155,35 @@ impl Metrics {
             .inc();
         self.duration.observe(duration_ms as f64 / 1000.0);
         self.log_lines.inc_by(lines);
+        (self.finished_total).fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Closes an interval at `t` (ms) given the lines committed so far: what
+    /// ended and what was written since the previous call.
+    pub fn sample(&self, t: i64, committed_lines: u64) {
+        let finished = self
+            .finished_total
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let mut history = self.history.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((was_finished, was_lines)) = history.totals {
+            let sample = Sample {
+                t,
+                running: self.running.get(),
+                workloads: finished.saturating_sub(was_finished),
+                lines: committed_lines.saturating_sub(was_lines),
+            };
+            if history.samples.len() == HISTORY {
+                history.samples.pop_front();
+            }
+            history.samples.push_back(sample);
+        }
+        history.totals = Some((finished, committed_lines));
+    }
+
+    /// The kept samples, oldest first.
+    pub fn samples(&self) -> Vec<Sample> {
+        let history = self.history.lock().unwrap_or_else(|p| p.into_inner());
+        history.samples.iter().copied().collect()
     }
 
     /// Adds a cluster member's figures (`vulcan_cluster_*`).
@@ -140,5 +198,34 @@ impl Metrics {
         let registry = self.registry.lock().unwrap_or_else(|p| p.into_inner());
         let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn samples_count_each_interval_and_keep_the_last_ten_minutes() {
+        let m = Metrics::default();
+        m.sample(0, 100); // the first call only sets the starting totals
+        assert!(m.samples().is_empty());
+        m.workload_finished(Status::Completed, 5, 3);
+        m.workload_finished(Status::Failed, 5, 0);
+        m.running.set(4);
+        m.sample(1000, 130);
+        let s = m.samples();
+        assert_eq!(s.len(), 1);
+        assert_eq!(
+            (s[0].t, s[0].running, s[0].workloads, s[0].lines),
+            (1000, 4, 2, 30)
+        );
+        for t in 2..(HISTORY as i64 + 10) {
+            m.sample(t * 1000, 130);
+        }
+        let s = m.samples();
+        assert_eq!(s.len(), HISTORY);
+        assert_eq!(s.last().unwrap().t, (HISTORY as i64 + 9) * 1000);
+        assert!(s.iter().all(|s| s.workloads == 0 && s.lines == 0));
     }
 }

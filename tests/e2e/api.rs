@@ -493,6 +493,30 @@ async fn a_token_guards_everything_but_healthz() {
         .await
         .unwrap();
     assert_eq!(wrong.status().as_u16(), 401);
+    // The console's data endpoints are guarded like the rest; its pages and
+    // assets hold no data and are open, so a browser can ask for the token.
+    for path in ["/v1/modules", "/v1/stats"] {
+        let resp = anon
+            .get(format!("{}{path}", server.url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 401, "{path}");
+    }
+    for path in [
+        "/",
+        "/console/app.js",
+        "/workloads/01J0000000000000000000000",
+    ] {
+        let resp = anon
+            .get(format!("{}{path}", server.url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 200, "{path}");
+        let text = resp.text().await.unwrap();
+        assert!(!text.contains("s3cret"), "{path}");
+    }
     let health = anon
         .get(format!("{}/healthz", server.url))
         .send()
@@ -720,4 +744,40 @@ fn an_instance_pool_larger_than_the_address_space_stops_the_server_at_start() {
         "{}",
         stderr(&out)
     );
+}
+
+#[tokio::test]
+async fn modules_are_listed_and_activity_is_sampled_for_the_console() {
+    let env = Env::new();
+    let server = Server::start(&env, &[]);
+    let (_, empty) = server.get_json("/v1/modules").await;
+    assert_eq!(empty, json!({"items": []}));
+    let (_, w) = server.run_wasm("log-flood", "arg=7").await;
+    server.run_wasm("hello", "").await;
+    let (status, list) = server.get_json("/v1/modules").await;
+    assert_eq!(status, 200);
+    let items = list["items"].as_array().unwrap();
+    assert_eq!(items.len(), 2, "{list}");
+    assert!(
+        items
+            .iter()
+            .any(|m| m["hash"] == w["module"] && m["kind"] == "module")
+    );
+    // Newest first.
+    assert!(items[0]["created_at"].as_str() >= items[1]["created_at"].as_str());
+
+    // Once a second the server closes an interval: what ended, what was written.
+    let (workloads, lines) = eventually("both runs are in the samples", || async {
+        let (_, stats) = server.get_json("/v1/stats").await;
+        let samples = stats["samples"].as_array().unwrap().clone();
+        let sum = |key: &str| {
+            samples
+                .iter()
+                .map(|s| s[key].as_u64().unwrap())
+                .sum::<u64>()
+        };
+        (sum("workloads") >= 2).then(|| (sum("workloads"), sum("lines")))
+    })
+    .await;
+    assert_eq!((workloads, lines), (2, 8));
 }

@@ -165,6 +165,17 @@ async fn three_nodes_share_modules_runs_lists_and_slots() {
     // n3 never saw the upload, yet knows the module.
     let (status, module) = n3.get_json(&format!("/v1/modules/{hello}")).await;
     assert_eq!(status, 200, "{module}");
+    // Every node lists the cluster's modules, with their kind and size.
+    let (status, list) = n2.get_json("/v1/modules").await;
+    assert_eq!(status, 200, "{list}");
+    let listed = list["items"].as_array().unwrap();
+    let entry = listed.iter().find(|m| m["hash"] == hello.as_str());
+    let entry = entry.unwrap_or_else(|| panic!("{hello} not in {list}"));
+    assert_eq!(entry["kind"], "module", "{entry}");
+    assert_eq!(
+        entry["size"],
+        std::fs::read(example("hello")).unwrap().len()
+    );
     // Any node reads any workload's record and lines.
     let first = &ran[0];
     assert_eq!(record(n3, first).await["status"], "completed");

@@ -8,6 +8,8 @@
 //! - `authors` — what a workload author meets: end messages, build-mistake
 //!   errors, settings, the `log` crate, log levels, output as returned.
 //! - `client`  — the CLI against a running server.
+//! - `console` — the web console in a real headless Chromium (WebDriver):
+//!   runs, live lines, kill, HTML as text, the token, a long log.
 //! - `cluster` — several `vulcan serve` nodes on one real NATS JetStream:
 //!   dispatch, slots, logs across nodes, kills, node loss, NATS loss.
 //! - `outbound` — components' HTTP requests: allowed hosts, operator caps,
@@ -20,9 +22,11 @@
 
 mod api;
 mod authors;
+mod browser;
 mod client;
 mod cluster;
 mod components;
+mod console;
 mod hardening;
 mod local;
 mod outbound;

@@ -22,6 +22,18 @@ pub async fn upload(http: &reqwest::Client, url: &str, wasm: &[u8]) -> anyhow::R
     Ok(v["hash"].as_str().context("no hash")?.to_owned())
 }
 
+/// Starts a workload asynchronously from a JSON spec; returns its id.
+pub async fn start(http: &reqwest::Client, url: &str, spec: &Value) -> anyhow::Result<String> {
+    let resp = http
+        .post(format!("{url}/v1/workloads/async"))
+        .json(spec)
+        .send()
+        .await?;
+    ensure!(resp.status().as_u16() == 202, "start: {}", resp.status());
+    let v: Value = resp.json().await?;
+    Ok(v["id"].as_str().context("no id")?.to_owned())
+}
+
 /// A `vulcan serve` child on an ephemeral port.
 pub struct BenchServer {
     /// The server process.

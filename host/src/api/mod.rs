@@ -5,6 +5,7 @@
 //! results and typed errors into JSON, SSE and status codes.
 
 mod conn;
+mod console;
 mod error;
 mod logs;
 mod modules;
@@ -110,7 +111,7 @@ impl AppState {
 /// The whole API; `/healthz` stays open when a token is set.
 pub fn router(state: AppState) -> Router {
     let protected = Router::new()
-        .route("/v1/modules", post(modules::upload))
+        .route("/v1/modules", post(modules::upload).get(modules::list))
         .route("/v1/modules/{hash}", get(modules::get))
         .route(
             "/v1/workloads",
@@ -124,10 +125,12 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/workloads/{id}/logs", get(logs::follow))
         .route("/v1/workloads/{id}/logs/history", get(logs::history))
         .route("/metrics", get(metrics))
+        .route("/v1/stats", get(stats))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/healthz", get(healthz))
         .merge(protected)
+        .merge(console::router())
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
         // Bodies are read with their own limit and a precise 413; this lifts
         // axum's 2 MiB default so the multipart reader uses the same limit.
@@ -211,6 +214,7 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let node = Arc::clone(&state.inner.node);
     let client_timeout = state.config().client_timeout;
+    let sampler = tokio::spawn(sample_every_second(Arc::clone(&node)));
     let app = router(state);
     conn::serve(
         listener,
@@ -223,7 +227,28 @@ pub async fn serve(
         std::time::Duration::from_secs(10),
     )
     .await;
+    sampler.abort();
     Ok(())
+}
+
+/// Closes one interval of the health figures a second, for `/v1/stats`.
+async fn sample_every_second(node: Arc<Node>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let lines = node.db().committed_lines();
+        node.metrics().sample(crate::workload::now_ms(), lines);
+    }
+}
+
+/// `GET /v1/stats`: this node's activity over the last minutes, one sample a
+/// second (running workloads, workloads ended and lines written per second).
+async fn stats(State(state): State<AppState>) -> impl IntoResponse {
+    axum::Json(serde_json::json!({
+        "interval_ms": 1000,
+        "samples": state.node().metrics().samples(),
+    }))
 }
 
 async fn healthz(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {

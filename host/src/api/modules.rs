@@ -1,4 +1,4 @@
-//! `POST /v1/modules` and `GET /v1/modules/{hash}`.
+//! `POST /v1/modules`, `GET /v1/modules` and `GET /v1/modules/{hash}`.
 
 use axum::Json;
 use axum::extract::{Path, Request, State};
@@ -48,4 +48,17 @@ pub async fn get(
     }
     let info = state.node().db().module_info(&hash).await?;
     Ok(Json(ModuleView::from(info)))
+}
+
+/// Most modules one list answer holds.
+const MAX_MODULES: u64 = 1000;
+
+/// `GET /v1/modules`: the stored modules' metadata, newest first.
+pub async fn list(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {
+    let modules = match state.cluster() {
+        Some(cluster) => cluster.list_modules(MAX_MODULES as usize).await?,
+        None => state.node().db().list_modules(MAX_MODULES).await?,
+    };
+    let items: Vec<ModuleView> = modules.into_iter().map(ModuleView::from).collect();
+    Ok(Json(serde_json::json!({ "items": items })))
 }

@@ -238,6 +238,7 @@ pub fn execute(args: ServeArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
                 data_dir.display()
             ),
         }
+        eprintln!("vulcan: web console at http://{addr}/");
         serve(listener, state, shutdown.received()).await?;
         // Killed workloads finish within a tick; a wedged one must not keep
         // the process from exiting.

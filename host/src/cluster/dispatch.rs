@@ -147,12 +147,55 @@ impl Cluster {
         let name = info.hash.trim_start_matches("sha256:").to_owned();
         let shared = self.modules.info(&name).await.is_ok();
         if !shared {
+            // Kind and first-seen time ride along, so any node can list the
+            // cluster's modules without fetching and compiling them.
+            let meta = jetstream::object_store::ObjectMetadata {
+                name: name.clone(),
+                metadata: [
+                    ("kind".to_owned(), info.kind.clone()),
+                    ("created_at".to_owned(), info.created_at.to_string()),
+                ]
+                .into(),
+                ..Default::default()
+            };
             self.modules
-                .put(name.as_str(), &mut bytes.as_ref())
+                .put(meta, &mut bytes.as_ref())
                 .await
                 .map_err(ClusterError::unavailable)?;
         }
         Ok((info, new || !shared))
+    }
+
+    /// Up to `limit` of the cluster's modules, newest first.
+    pub async fn list_modules(
+        &self,
+        limit: usize,
+    ) -> Result<Vec<crate::store::ModuleInfo>, ClusterError> {
+        self.connected()?;
+        let mut list = self
+            .modules
+            .list()
+            .await
+            .map_err(ClusterError::unavailable)?;
+        let mut modules = Vec::new();
+        while let Some(object) = list.next().await {
+            let object = object.map_err(ClusterError::unavailable)?;
+            if object.deleted {
+                continue;
+            }
+            let field = |key: &str| object.metadata.get(key).cloned();
+            modules.push(crate::store::ModuleInfo {
+                hash: format!("sha256:{}", object.name),
+                kind: field("kind").unwrap_or_else(|| "unknown".to_owned()),
+                size: object.size as u64,
+                created_at: field("created_at")
+                    .and_then(|t| t.parse().ok())
+                    .unwrap_or(0),
+            });
+        }
+        modules.sort_by(|a, b| (b.created_at, &a.hash).cmp(&(a.created_at, &b.hash)));
+        modules.truncate(limit);
+        Ok(modules)
     }
 
     /// The compiled module for `hash`: this node's, or the cluster's bytes

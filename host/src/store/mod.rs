@@ -310,6 +310,14 @@ impl Db {
             .map_or(0, |w| w.queue.lost.load(Ordering::Relaxed))
     }
 
+    /// Log lines committed since start.
+    pub fn committed_lines(&self) -> u64 {
+        self.inner
+            .writer
+            .as_ref()
+            .map_or(0, |w| w.stats.lines.load(Ordering::Relaxed))
+    }
+
     /// Transactions committed since the store was opened.
     pub fn commits(&self) -> u64 {
         self.inner
@@ -451,6 +459,11 @@ impl Db {
     pub async fn module_info(&self, hash: &str) -> StoreResult<ModuleInfo> {
         let hash = hash.to_owned();
         self.read(move |c| reads::module_info(c, &hash)).await
+    }
+
+    /// Up to `limit` stored modules' metadata, newest first.
+    pub async fn list_modules(&self, limit: u64) -> StoreResult<Vec<ModuleInfo>> {
+        self.read(move |c| reads::list_modules(c, limit)).await
     }
 
     /// A module's bytes.

@@ -27,6 +27,23 @@ pub(super) fn module_info(c: &Connection, hash: &str) -> StoreResult<ModuleInfo>
         .ok_or_else(|| StoreError::ModuleNotFound(hash.to_owned()))
 }
 
+/// Stored modules' metadata, newest first.
+pub(super) fn list_modules(c: &Connection, limit: u64) -> StoreResult<Vec<ModuleInfo>> {
+    c.prepare_cached(
+        "SELECT hash, kind, size, created_at FROM modules ORDER BY created_at DESC, hash LIMIT ?1",
+    )?
+    .query_map([limit as i64], |r| {
+        Ok(ModuleInfo {
+            hash: r.get(0)?,
+            kind: r.get(1)?,
+            size: r.get::<_, i64>(2)? as u64,
+            created_at: r.get(3)?,
+        })
+    })?
+    .map(|r| r.map_err(StoreError::from))
+    .collect()
+}
+
 /// A module's bytes.
 pub(super) fn module_bytes(c: &Connection, hash: &str) -> StoreResult<Vec<u8>> {
     c.prepare_cached("SELECT bytes FROM modules WHERE hash = ?1")?

@@ -38,6 +38,8 @@ pub(super) struct WriterStats {
     pub(super) busy_retries: AtomicU64,
     /// Transactions committed.
     pub(super) commits: AtomicU64,
+    /// Log lines committed.
+    pub(super) lines: AtomicU64,
 }
 
 /// How the writer groups and retries.
@@ -189,6 +191,7 @@ impl Writer {
         let error = match self.attempt_until_not_busy(Some(&taken), ops) {
             Ok(results) => {
                 self.stats.commits.fetch_add(1, Ordering::Relaxed);
+                (self.stats.lines).fetch_add(taken.len() as u64, Ordering::Relaxed);
                 self.queue.committed(taken);
                 self.answer(ops, results);
                 return;
