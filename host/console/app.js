@@ -174,11 +174,11 @@ async function followLog(id, after, { onLines, onEnd, onState, signal }) {
           }
           if (event.type === 'error') throw new Error(event.data);
           if (event.data === null) continue; // keep-alive comment
+          // Repeats are the viewer's to count and drop: the server's
+          // contract is that a resumed stream has none.
           const line = JSON.parse(event.data);
-          if (last === null || line.seq > last) {
-            last = line.seq;
-            batch.push(line);
-          }
+          if (last === null || line.seq > last) last = line.seq;
+          batch.push(line);
         }
         if (batch.length) onLines(batch);
       }
@@ -646,6 +646,10 @@ class LogView {
     this.match = null;
     this.query = '';
     this.frame = 0;
+    this.liveNext = undefined;
+    this.liveGaps = 0;
+    this.liveRepeats = 0;
+    this.reconnects = 0;
     this.ours = null; // the scrollTop the viewer itself set last
 
     this.stateText = el('span', { class: 'muted', id: 'log-state' });
@@ -701,6 +705,7 @@ class LogView {
   }
 
   state(text) {
+    if (text === 'reconnecting…') this.reconnects++;
     this.stateText.textContent = text === 'live' ? '' : text;
   }
 
@@ -721,6 +726,15 @@ class LogView {
   /** Lines from the live stream, in seq order. */
   add(lines) {
     for (const line of lines) {
+      // What the stream delivered, kept on the element for anyone checking
+      // the contract: the next seq expected, seqs that came again (dropped)
+      // and how often one was not the next.
+      if (this.liveNext !== undefined && line.seq < this.liveNext) {
+        this.liveRepeats++;
+        continue;
+      }
+      if (this.liveNext !== undefined && line.seq !== this.liveNext) this.liveGaps++;
+      this.liveNext = line.seq + 1;
       const no = Math.floor(line.seq / LOG_PAGE);
       let page = this.pages.get(no);
       if (!page) {
@@ -855,6 +869,12 @@ class LogView {
   }
 
   render() {
+    Object.assign(this.scroller.dataset, {
+      liveNext: this.liveNext ?? 0,
+      liveGaps: this.liveGaps,
+      liveRepeats: this.liveRepeats,
+      reconnects: this.reconnects,
+    });
     this.spacer.style.height = `${this.height()}px`;
     this.empty.hidden = this.count > 0;
     this.countText.textContent = `${this.count.toLocaleString()} line${this.count === 1 ? '' : 's'}`;

@@ -384,3 +384,83 @@ async fn a_long_log_keeps_a_few_rows_in_the_dom_and_pages_the_rest() {
     browser.screenshot("long-log-search").await;
     browser.close().await;
 }
+
+/// A TCP proxy in front of a server whose open connections the test can cut
+/// (as a flaky network would), while new ones still get through.
+struct CuttableProxy {
+    url: String,
+    connections: std::sync::Arc<std::sync::Mutex<tokio::task::JoinSet<()>>>,
+    _accept: tokio::task::JoinHandle<()>,
+}
+
+impl CuttableProxy {
+    async fn start(upstream: &str) -> Self {
+        let upstream = upstream.trim_start_matches("http://").to_owned();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let connections = std::sync::Arc::new(std::sync::Mutex::new(tokio::task::JoinSet::new()));
+        let held = std::sync::Arc::clone(&connections);
+        let accept = tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                let upstream = upstream.clone();
+                held.lock().unwrap().spawn(async move {
+                    if let Ok(mut server) = tokio::net::TcpStream::connect(upstream).await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    }
+                });
+            }
+        });
+        CuttableProxy {
+            url,
+            connections,
+            _accept: accept,
+        }
+    }
+
+    /// Drops every open connection.
+    fn cut(&self) {
+        self.connections.lock().unwrap().abort_all();
+    }
+}
+
+#[tokio::test]
+async fn a_dropped_connection_resumes_without_gap_or_repeat() {
+    let env = Env::new();
+    let server = Server::start(&env, &[]);
+    let proxy = CuttableProxy::start(&server.url).await;
+    // 400 lines, one every 10 ms.
+    let id = server.start_wasm("ticker", "arg=400&arg=10000").await;
+    let browser = browser!();
+    browser.open(&format!("{}/workloads/{id}", proxy.url)).await;
+    let count = "return Number(document.querySelector('#log').dataset.liveNext);";
+    browser
+        .until(
+            "some lines",
+            &format!("return (function() {{ {count} }})() >= 50;"),
+        )
+        .await;
+    proxy.cut();
+    let reconnected = browser
+        .until(
+            "the stream's end",
+            "const log = document.querySelector('#log');\
+             const p = document.querySelector('#workload-status .pill');\
+             return p.dataset.status === 'completed' && log.dataset.liveNext === '400' && log.dataset.reconnects;",
+        )
+        .await;
+    assert_ne!(reconnected, "0", "the cut went unnoticed");
+    let contract = browser
+        .js(
+            "const d = document.querySelector('#log').dataset; return [d.liveGaps, d.liveRepeats];",
+            vec![],
+        )
+        .await;
+    assert_eq!(
+        contract,
+        json!(["0", "0"]),
+        "[gaps, repeats] across the reconnect"
+    );
+    assert_eq!(browser.text("#log-count").await, "400 lines");
+    browser.screenshot("resumed").await;
+    browser.close().await;
+}
