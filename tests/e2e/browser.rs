@@ -55,6 +55,8 @@ pub fn chromium() -> Option<(PathBuf, PathBuf)> {
 pub struct Browser {
     pub client: Client,
     driver: std::process::Child,
+    /// Where the browser saves downloads.
+    pub downloads: PathBuf,
     _profile: tempfile::TempDir,
 }
 
@@ -93,9 +95,17 @@ impl Browser {
             "--window-size=1280,900",
             &format!("--user-data-dir={}", profile.path().display()),
         ];
+        let downloads = profile.path().join("downloads");
         let caps = json!({
             "browserName": "chrome",
-            "goog:chromeOptions": {"binary": browser, "args": args},
+            "goog:chromeOptions": {
+                "binary": browser,
+                "args": args,
+                "prefs": {
+                    "download.default_directory": downloads,
+                    "download.prompt_for_download": false,
+                },
+            },
         });
         let Value::Object(caps) = caps else {
             unreachable!()
@@ -109,6 +119,7 @@ impl Browser {
         Some(Browser {
             client,
             driver,
+            downloads,
             _profile: profile,
         })
     }
@@ -168,6 +179,18 @@ impl Browser {
              return p !== null && p.dataset.status === '{status}';"
         );
         self.until(status, &script).await;
+    }
+
+    /// The bytes of the download named `name`, once it is complete.
+    pub async fn downloaded(&self, name: &str) -> Vec<u8> {
+        let path = self.downloads.join(name);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        // Chromium writes `NAME.crdownload` and renames it when done.
+        while !path.exists() {
+            assert!(Instant::now() < deadline, "{name} was not downloaded");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        std::fs::read(path).unwrap()
     }
 
     /// Text of the element matching `css`.

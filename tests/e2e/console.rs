@@ -184,6 +184,14 @@ async fn what_a_guest_prints_is_shown_as_text_never_as_html() {
     let page = server.http.get(&server.url).send().await.unwrap();
     let policy = page.headers()["content-security-policy"].to_str().unwrap();
     assert!(policy.contains("script-src 'self'") && !policy.contains("unsafe-inline"));
+    // The download is the log as text, as the guest wrote it.
+    browser.click("#download").await;
+    let text = browser.downloaded(&format!("{id}.log")).await;
+    let expected = format!("{}\necho", hostile.join("\n"));
+    assert!(
+        String::from_utf8(text).unwrap().starts_with(&expected),
+        "the downloaded log differs"
+    );
     browser.screenshot("html-as-text").await;
     browser.close().await;
 }
