@@ -438,7 +438,15 @@ function healthPanel() {
   node.querySelector('.k-w').style.background = '#ea580c';
   node.querySelector('.k-l').style.background = '#2563eb';
   const stop = every(2000, async () => {
-    const stats = await apiJson('/v1/stats');
+    let stats;
+    try {
+      stats = await apiJson('/v1/stats');
+    } catch (error) {
+      // Server-wide figures are for admins; a tenant's console goes without.
+      if (error.status !== 403) throw error;
+      node.hidden = true;
+      return;
+    }
     const samples = stats.samples;
     const recent = samples.slice(-10);
     const per = (key) => recent.reduce((sum, s) => sum + s[key], 0) / Math.max(1, recent.length);

@@ -46,5 +46,6 @@ pub mod outbound;
 pub mod registry;
 pub mod runner;
 pub mod store;
+pub mod tenants;
 mod view;
 pub mod workload;

@@ -47,6 +47,9 @@ pub struct WorkloadSummary {
     /// How many times a node has claimed it (cluster mode only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attempt: Option<u32>,
+    /// The tenant it runs for (servers with tenants only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
 }
 
 /// Longest error a list item carries; the record has the whole one.
@@ -71,6 +74,7 @@ impl From<WorkloadRecord> for WorkloadSummary {
             finished_at: w.finished_at.map(rfc3339),
             node: None,
             attempt: None,
+            tenant: w.tenant,
         }
     }
 }
@@ -278,6 +282,7 @@ mod tests {
             created_at: 1,
             started_at: Some(2),
             finished_at: None,
+            tenant: None,
         }
     }
 

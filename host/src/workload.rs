@@ -129,6 +129,8 @@ pub struct WorkloadSpec {
     pub log_level: Option<LogLevel>,
     /// Hosts a component may send HTTP requests to; empty: none.
     pub allowed_hosts: Vec<OutboundRule>,
+    /// The tenant it runs for; `None` on a server without tenants.
+    pub tenant: Option<String>,
 }
 
 /// A workload's lifecycle state.
@@ -358,6 +360,8 @@ pub struct WorkloadRecord {
     pub started_at: Option<i64>,
     /// End time, ms since the Unix epoch; set on every terminal status.
     pub finished_at: Option<i64>,
+    /// The tenant it runs for; `None` on a server without tenants.
+    pub tenant: Option<String>,
 }
 
 /// The final state a finished run writes.

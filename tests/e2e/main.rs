@@ -17,6 +17,8 @@
 //! - `read_model` — the same bytes from `status`/`ls`/`logs` locally and remotely;
 //!   the same exit codes from `run` and `submit`.
 //! - `components` — SDK workloads and WASI preview2 commands, locally and via the API.
+//! - `tenants` — tokens naming tenants: isolation on every endpoint, quotas,
+//!   `whoami`, `tenant add`, bad tenants files.
 //! - `hardening` — hostile guests and clients, faults, crashes: bounded memory,
 //!   no stuck workload, no lost line.
 
@@ -33,3 +35,4 @@ mod outbound;
 mod read_model;
 mod run;
 mod support;
+mod tenants;

@@ -36,6 +36,12 @@ pub enum ApiError {
     /// Missing or wrong bearer token.
     #[error("missing or invalid bearer token")]
     Unauthorized,
+    /// The caller's tenant may not do this (e.g. read `/metrics`).
+    #[error("{0}")]
+    Forbidden(String),
+    /// The caller's tenant already runs all the workloads its quota allows.
+    #[error("{0}")]
+    QuotaExceeded(String),
     /// `--max-concurrent` workloads are running.
     #[error("{0}")]
     Busy(String),
@@ -66,6 +72,8 @@ impl ApiError {
             }
             ApiError::OutboundNotPermitted(_) => (StatusCode::FORBIDDEN, "outbound_not_permitted"),
             ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
+            ApiError::QuotaExceeded(_) => (StatusCode::TOO_MANY_REQUESTS, "quota_exceeded"),
             ApiError::Busy(_) => (StatusCode::SERVICE_UNAVAILABLE, "busy"),
             ApiError::StorageFull(_) => (StatusCode::INSUFFICIENT_STORAGE, "storage_full"),
             ApiError::RequestTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "request_timeout"),
@@ -90,7 +98,7 @@ impl IntoResponse for ApiError {
         let body = serde_json::json!({"error": {"code": code, "message": message}});
         let mut response = (status, Json(body)).into_response();
         match self {
-            ApiError::Busy(_) => {
+            ApiError::Busy(_) | ApiError::QuotaExceeded(_) => {
                 response
                     .headers_mut()
                     .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));

@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Extension, Path, Query, State};
 use axum::http::{HeaderMap, header};
 use axum::response::IntoResponse;
 use bytes::{Bytes, BytesMut};
@@ -35,8 +35,9 @@ use serde_json::json;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
+use super::caller::Caller;
 use super::sse::{KEEP_ALIVE, put_event};
-use super::workloads::{in_range, parse_id};
+use super::workloads::{in_range, parse_id, visible_record};
 use super::{ApiError, AppState};
 use crate::cluster::{Cluster, LogChunk};
 use crate::logs::{BrokerEvent, LogRecord, TryNext};
@@ -78,6 +79,7 @@ pub enum EventFormat {
 /// `GET /v1/workloads/{id}/logs`: SSE, one event per line, then `end`.
 pub async fn follow(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
     headers: HeaderMap,
     query: Result<Query<FollowQuery>, axum::extract::rejection::QueryRejection>,
@@ -97,7 +99,7 @@ pub async fn follow(
     let after = in_range("Last-Event-ID", last_event_id)?.or(in_range("after", query.after)?);
     match state.cluster() {
         Some(cluster) => drop(cluster.record(id).await?),
-        None => drop(state.node().db().workload(id).await?),
+        None => drop(visible_record(&state, &caller, id).await?),
     }
     let format = query.format.unwrap_or_default();
 
@@ -374,6 +376,7 @@ const MAX_HISTORY_PAGE: u64 = 10_000;
 /// `GET /v1/workloads/{id}/logs/history?after=&limit=`.
 pub async fn history(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
     query: Result<Query<HistoryQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
@@ -406,9 +409,8 @@ pub async fn history(
             lines: lines.iter().map(LogLine::from).collect(),
         }));
     }
-    let db = state.node().db();
-    db.workload(id).await?;
-    let lines = db.read_lines(id, after, limit).await?;
+    visible_record(&state, &caller, id).await?;
+    let lines = state.node().db().read_lines(id, after, limit).await?;
     Ok(Json(LogPage {
         next_after: lines.last().map(|r| r.seq).or(after),
         lines: lines.iter().map(LogLine::from).collect(),

@@ -4,6 +4,7 @@
 //! turns requests into calls on the registry, runner and store, and their
 //! results and typed errors into JSON, SSE and status codes.
 
+mod caller;
 mod conn;
 mod console;
 mod error;
@@ -16,12 +17,11 @@ mod workloads;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::extract::{DefaultBodyLimit, Extension, Request, State};
 use axum::http::header;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use sha2::{Digest, Sha256};
 use tower_http::timeout::RequestBodyTimeoutLayer;
 
 pub use error::ApiError;
@@ -29,6 +29,9 @@ pub use workloads::LimitPolicy;
 
 use crate::cluster::Cluster;
 use crate::node::Node;
+use crate::tenants::Tenants;
+
+use caller::Caller;
 
 /// Everything a request handler can reach: the node and the API's own config.
 #[derive(Clone)]
@@ -45,8 +48,9 @@ struct Shared {
 /// What the operator decides about the API.
 #[derive(Debug, Clone)]
 pub struct ApiConfig {
-    /// Bearer token every endpoint but `/healthz` requires; never empty.
-    pub token: Option<String>,
+    /// Whose bearer tokens every endpoint but `/healthz` (and the console's
+    /// pages) requires; none: the API is open.
+    pub tenants: Arc<Tenants>,
     /// Largest request body.
     pub max_upload: usize,
     /// Most bytes of args, env, stdin and input one workload may be given.
@@ -61,7 +65,7 @@ pub struct ApiConfig {
 impl Default for ApiConfig {
     fn default() -> Self {
         Self {
-            token: None,
+            tenants: Arc::default(),
             max_upload: 64 << 20,
             max_spec: 1 << 20,
             limits: LimitPolicy::default(),
@@ -126,6 +130,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/workloads/{id}/logs/history", get(logs::history))
         .route("/metrics", get(metrics))
         .route("/v1/stats", get(stats))
+        .route("/v1/whoami", get(whoami))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/healthz", get(healthz))
@@ -244,11 +249,31 @@ async fn sample_every_second(node: Arc<Node>) {
 
 /// `GET /v1/stats`: this node's activity over the last minutes, one sample a
 /// second (running workloads, workloads ended and lines written per second).
-async fn stats(State(state): State<AppState>) -> impl IntoResponse {
-    axum::Json(serde_json::json!({
+async fn stats(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+) -> Result<impl IntoResponse, ApiError> {
+    // Server-wide figures say what other tenants do.
+    caller.require_admin("/v1/stats")?;
+    Ok(axum::Json(serde_json::json!({
         "interval_ms": 1000,
         "samples": state.node().metrics().samples(),
-    }))
+    })))
+}
+
+/// `GET /v1/whoami`: the caller's tenant, role and quota use.
+async fn whoami(Extension(caller): Extension<Caller>) -> impl IntoResponse {
+    let body = match caller.tenant() {
+        None => serde_json::json!({"tenant": null, "admin": true}),
+        Some(t) => serde_json::json!({
+            "tenant": t.name(),
+            "admin": t.is_admin(),
+            "max_concurrent": t.entry.max_concurrent,
+            "running": t.running(),
+            "max_limits": t.max_limits(),
+        }),
+    };
+    axum::Json(body)
 }
 
 async fn healthz(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {
@@ -256,7 +281,11 @@ async fn healthz(State(state): State<AppState>) -> Result<impl IntoResponse, Api
     Ok(axum::Json(serde_json::json!({"status": "ok"})))
 }
 
-async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+async fn metrics(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+) -> Result<impl IntoResponse, ApiError> {
+    caller.require_admin("/metrics")?;
     // The store keeps these counts; they are copied in when asked for.
     let (db, metrics) = (state.node().db(), state.node().metrics());
     let gauge = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
@@ -265,27 +294,35 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     metrics.live_channels.set(gauge(channels as u64));
     metrics.busy_retries.set(gauge(db.busy_retries()));
     metrics.commits.set(gauge(db.commits()));
-    (
+    Ok((
         [(
             header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
         metrics.render(),
-    )
+    ))
 }
 
-async fn require_token(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    if let Some(expected) = &state.config().token {
-        let given = req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(bearer_token)
-            .unwrap_or("");
-        if !tokens_match(given, expected) {
-            return ApiError::Unauthorized.into_response();
+/// Names the caller from its bearer token (401 without a known one), unless
+/// the API is open.
+async fn require_token(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+    let tenants = &state.config().tenants;
+    let caller = match tenants.is_open() {
+        true => Caller(None),
+        false => {
+            let given = req
+                .headers()
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(bearer_token)
+                .unwrap_or("");
+            match tenants.authenticate(given) {
+                Some(tenant) => Caller(Some(tenant)),
+                None => return ApiError::Unauthorized.into_response(),
+            }
         }
-    }
+    };
+    req.extensions_mut().insert(caller);
     next.run(req).await
 }
 
@@ -298,30 +335,11 @@ fn bearer_token(value: &str) -> Option<&str> {
         .then(|| token.trim_start())
 }
 
-/// Compares two tokens in time independent of where they differ (and of their
-/// lengths: both are hashed to the same size first).
-fn tokens_match(given: &str, expected: &str) -> bool {
-    let a = Sha256::digest(given.as_bytes());
-    let b = Sha256::digest(expected.as_bytes());
-    a.iter()
-        .zip(b.iter())
-        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
-        == 0
-}
-
 #[cfg(test)]
 mod tests;
 
 #[cfg(test)]
 mod token_tests {
-    #[test]
-    fn tokens_match_only_when_equal() {
-        assert!(super::tokens_match("s3cret", "s3cret"));
-        assert!(!super::tokens_match("s3cres", "s3cret"));
-        assert!(!super::tokens_match("", "s3cret"));
-        assert!(!super::tokens_match("s3cret-and-more", "s3cret"));
-    }
-
     #[test]
     fn the_bearer_scheme_is_case_insensitive() {
         for value in ["Bearer t0k", "bearer t0k", "BEARER  t0k", " bEaReR t0k"] {

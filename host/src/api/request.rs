@@ -216,6 +216,7 @@ impl JsonSpec {
                 input,
                 log_level: self.log_level,
                 allowed_hosts,
+                tenant: None,
             },
         })
     }

@@ -101,7 +101,7 @@ impl Api {
     async fn workload_count(&self) -> u64 {
         self.node
             .db()
-            .list_workloads(1, 0, None)
+            .list_workloads(1, 0, None, None)
             .await
             .unwrap()
             .total
@@ -380,7 +380,7 @@ async fn every_refused_request_gets_its_status_and_code_and_changes_nothing() {
 #[tokio::test]
 async fn a_token_guards_everything_but_health() {
     let config = ApiConfig {
-        token: Some("s3cret".into()),
+        tenants: std::sync::Arc::new(crate::tenants::Tenants::load(None, Some("s3cret")).unwrap()),
         ..ApiConfig::default()
     };
     let api = api(config, NodeOptions::default()).await;

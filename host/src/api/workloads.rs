@@ -3,18 +3,22 @@
 use std::sync::Arc;
 
 use axum::Json;
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{Extension, Path, Query, Request, State};
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use serde::Deserialize;
 use serde_json::json;
 
+use tokio::sync::OwnedSemaphorePermit;
+
+use super::caller::Caller;
 use super::request::{ModuleRef, parse_submission};
 use super::{ApiError, AppState};
 use crate::cluster::{Cluster, KillOutcome};
 use crate::runner::StartedWorkload;
+use crate::tenants::Tenant;
 use crate::view::{WorkloadList, WorkloadSummary, WorkloadView};
-use crate::workload::{Limits, Status, WorkloadId, WorkloadSpec};
+use crate::workload::{Limits, Status, WorkloadId, WorkloadRecord, WorkloadSpec};
 
 /// The limits a server gives a workload that asks for none, and the most one
 /// may ask for (`None`: unlimited).
@@ -127,7 +131,9 @@ pub fn parse_id(id: &str) -> Result<WorkloadId, ApiError> {
 /// A submission that was accepted: started here, or for the cluster to
 /// queue (sync and async runs submit it differently).
 enum Accepted {
-    Started(StartedWorkload),
+    /// Started here; the tenant's quota slot, if it has a quota, is held
+    /// until the workload ends.
+    Started(StartedWorkload, Option<OwnedSemaphorePermit>),
     ForCluster {
         cluster: Arc<Cluster>,
         module: String,
@@ -135,10 +141,28 @@ enum Accepted {
     },
 }
 
-async fn start(state: &AppState, req: Request) -> Result<Accepted, ApiError> {
+async fn start(state: &AppState, caller: &Caller, req: Request) -> Result<Accepted, ApiError> {
     let config = state.config();
     let mut submission = parse_submission(req, config.max_upload, config.max_spec).await?;
-    submission.spec.limits = config.limits.apply(&submission.spec.limits)?;
+    let asked = submission.spec.limits.clone();
+    submission.spec.limits = config.limits.apply(&asked)?;
+    let quota = match caller.tenant() {
+        Some(tenant) => {
+            submission.spec.limits = tenant_limits(tenant, &asked, &submission.spec.limits)?;
+            submission.spec.tenant = Some(tenant.name().to_owned());
+            match &tenant.slots {
+                Some(slots) => Some(Arc::clone(slots).try_acquire_owned().map_err(|_| {
+                    ApiError::QuotaExceeded(format!(
+                        "tenant `{}` already runs {} workloads, its quota",
+                        tenant.name(),
+                        tenant.entry.max_concurrent.unwrap_or(0)
+                    ))
+                })?),
+                None => None,
+            }
+        }
+        None => None,
+    };
     state
         .node()
         .outbound_policy()
@@ -155,36 +179,83 @@ async fn start(state: &AppState, req: Request) -> Result<Accepted, ApiError> {
             spec: Box::new(submission.spec),
         });
     }
+    let db = state.node().db();
     let (hash, compiled) = match submission.module {
         ModuleRef::Hash(hash) => {
+            // Another tenant's module is, to this one, no module at all.
+            if let Some(tenant) = caller.scope() {
+                db.tenant_module_info(tenant, &hash).await?;
+            }
             let compiled = state.node().registry().get(&hash).await?;
             (hash, compiled)
         }
         ModuleRef::Bytes(bytes) => {
             let (info, compiled, _) = state.node().registry().register(bytes).await?;
+            if let Some(tenant) = caller.owner() {
+                db.own_module(&tenant, &info.hash).await?;
+            }
             (info.hash, compiled)
         }
     };
-    Ok(Accepted::Started(
-        state
-            .node()
-            .runner()
-            .start(compiled, hash, submission.spec, None)
-            .await?,
-    ))
+    let started = state
+        .node()
+        .runner()
+        .start(compiled, hash, submission.spec, None)
+        .await?;
+    Ok(Accepted::Started(started, quota))
+}
+
+/// The limits a run of `tenant` gets: what it `asked` for is refused above
+/// the tenant's maximum; the server's defaults (`applied`) are lowered to it,
+/// and a limit left open gets it.
+fn tenant_limits(tenant: &Tenant, asked: &Limits, applied: &Limits) -> Result<Limits, ApiError> {
+    let max = tenant.max_limits();
+    let fit = |name: &str, asked: Option<u64>, applied: Option<u64>, max: Option<u64>| match (
+        asked, applied, max,
+    ) {
+        (Some(v), _, Some(m)) if v > m => Err(ApiError::BadRequest(format!(
+            "limits.{} of {v} exceeds the maximum of {m} for tenant `{}`",
+            api_name(name),
+            tenant.name()
+        ))),
+        (_, Some(v), Some(m)) => Ok(Some(v.min(m))),
+        (_, None, Some(m)) => Ok(Some(m)),
+        (_, v, None) => Ok(v),
+    };
+    Ok(Limits {
+        timeout_ms: fit(
+            "timeout",
+            asked.timeout_ms,
+            applied.timeout_ms,
+            max.timeout_ms,
+        )?,
+        max_memory_bytes: fit(
+            "memory",
+            asked.max_memory_bytes,
+            applied.max_memory_bytes,
+            max.max_memory_bytes,
+        )?,
+        fuel: fit("fuel", asked.fuel, applied.fuel, max.fuel)?,
+        max_output_bytes: fit(
+            "output",
+            asked.max_output_bytes,
+            applied.max_output_bytes,
+            max.max_output_bytes,
+        )?,
+    })
 }
 
 /// `POST /v1/workloads`: runs and waits; 200 with the final record.
 pub async fn run_sync(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     req: Request,
 ) -> Result<impl IntoResponse, ApiError> {
     // If the client goes away the workload still finishes: it runs in its own
-    // task, or on its node.
-    let view = match start(&state, req).await? {
-        Accepted::Started(started) => WorkloadView::from(
-            started
-                .done
+    // task, or on its node (and a quota slot is released by `hold`).
+    let view = match start(&state, &caller, req).await? {
+        Accepted::Started(started, quota) => WorkloadView::from(
+            hold(started.done, quota)
                 .await
                 .map_err(|e| anyhow::anyhow!("workload task failed: {e}"))??,
         ),
@@ -200,10 +271,14 @@ pub async fn run_sync(
 /// `POST /v1/workloads/async`: 202 with the id at once.
 pub async fn run_async(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     req: Request,
 ) -> Result<impl IntoResponse, ApiError> {
-    let id = match start(&state, req).await? {
-        Accepted::Started(started) => started.id,
+    let id = match start(&state, &caller, req).await? {
+        Accepted::Started(started, quota) => {
+            drop(hold(started.done, quota));
+            started.id
+        }
         Accepted::ForCluster {
             cluster,
             module,
@@ -217,9 +292,34 @@ pub async fn run_async(
     ))
 }
 
+/// Keeps a tenant's quota slot until the workload ends, in a task of its
+/// own: it is released even when nobody waits for the end.
+fn hold<T: Send + 'static>(
+    done: tokio::task::JoinHandle<anyhow::Result<T>>,
+    quota: Option<OwnedSemaphorePermit>,
+) -> tokio::task::JoinHandle<anyhow::Result<T>> {
+    tokio::spawn(async move {
+        let ended = done.await;
+        drop(quota);
+        ended.map_err(|e| anyhow::anyhow!("workload task failed: {e}"))?
+    })
+}
+
+/// The record of workload `id`, as `caller` may see it (404 otherwise).
+pub async fn visible_record(
+    state: &AppState,
+    caller: &Caller,
+    id: WorkloadId,
+) -> Result<WorkloadRecord, ApiError> {
+    let record = state.node().db().workload(id).await?;
+    caller.check_workload(id, record.tenant.as_deref())?;
+    Ok(record)
+}
+
 /// `GET /v1/workloads/{id}`.
 pub async fn get(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<impl IntoResponse, ApiError> {
     let id = parse_id(&id)?;
@@ -227,7 +327,7 @@ pub async fn get(
         return Ok(Json(cluster.record(id).await?.view));
     }
     Ok(Json(WorkloadView::from(
-        state.node().db().workload(id).await?,
+        visible_record(&state, &caller, id).await?,
     )))
 }
 
@@ -246,6 +346,7 @@ const MAX_PAGE: u64 = 500;
 /// `GET /v1/workloads?limit=&offset=&status=`: newest first.
 pub async fn list(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
     let Query(q) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
@@ -267,7 +368,7 @@ pub async fn list(
     let page = state
         .node()
         .db()
-        .list_workloads(limit, offset, status)
+        .list_workloads(limit, offset, status, caller.scope())
         .await?;
     Ok(Json(WorkloadList {
         items: page.items.into_iter().map(WorkloadSummary::from).collect(),
@@ -287,9 +388,13 @@ const KILL_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 /// still stopping after a few seconds; 409 if it had ended before the request.
 pub async fn kill(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<axum::response::Response, ApiError> {
     let id = parse_id(&id)?;
+    if state.cluster().is_none() && !caller.sees_all() {
+        visible_record(&state, &caller, id).await?;
+    }
     if let Some(cluster) = state.cluster() {
         return match cluster.kill(id, "killed on request", KILL_WAIT).await? {
             KillOutcome::Ended(view) => Ok(Json(*view).into_response()),

@@ -197,6 +197,27 @@ pub async fn kill(client: &Client, id: WorkloadId) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// `vulcan whoami`: the tenant, its role and its quota use.
+pub async fn whoami(client: &Client) -> anyhow::Result<ExitCode> {
+    let me: Value = client.get("/v1/whoami").await?;
+    match me["tenant"].as_str() {
+        None => println!("no tenants: this server is open to every caller (admin)"),
+        Some(name) => {
+            let role = if me["admin"] == true {
+                "admin"
+            } else {
+                "tenant"
+            };
+            let quota = match me["max_concurrent"].as_u64() {
+                Some(max) => format!("{}/{max} running", me["running"]),
+                None => format!("{} running, no quota", me["running"]),
+            };
+            println!("{name} ({role}): {quota}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 /// How often `logs -f` reconnects in a row before giving up.
 const MAX_RECONNECTS: u32 = 50;
 

@@ -122,6 +122,57 @@ enum Command {
     Logs(read::LogsArgs),
     /// Kill a running workload (needs --server).
     Kill(read::KillArgs),
+    /// Show the tenant the token (VULCAN_TOKEN) names, and its quota use
+    /// (needs --server).
+    Whoami,
+    /// Manage the tenants file of `vulcan serve --tenants`.
+    #[command(subcommand)]
+    Tenant(TenantCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum TenantCommand {
+    /// Add a tenant: prints its new token once, and writes only the token's
+    /// SHA-256 to the file (created if missing).
+    Add(TenantAddArgs),
+}
+
+#[derive(Debug, Args)]
+struct TenantAddArgs {
+    /// The tenant's name (letters, digits, `-`, `_`, `.`)
+    name: String,
+    /// The tenants file
+    #[arg(long, env = "VULCAN_TENANTS", value_name = "FILE")]
+    tenants: PathBuf,
+    /// It sees and acts on every tenant's work and reads /metrics
+    #[arg(long)]
+    admin: bool,
+    /// Most of its workloads running at once (beyond: 429 quota_exceeded)
+    #[arg(long, value_name = "N")]
+    max_concurrent: Option<usize>,
+}
+
+/// `vulcan tenant add`: the token goes to stdout, alone, for scripts.
+fn tenant_add(args: TenantAddArgs) -> anyhow::Result<ExitCode> {
+    let token = crate::tenants::new_token()?;
+    let entry = crate::tenants::TenantEntry {
+        name: args.name,
+        token_sha256: crate::tenants::token_hash(&token),
+        admin: args.admin,
+        max_concurrent: args.max_concurrent,
+        max_timeout_ms: None,
+        max_memory_bytes: None,
+        max_fuel: None,
+        max_output_bytes: None,
+    };
+    let name = entry.name.clone();
+    crate::tenants::add_to_file(&args.tenants, entry)?;
+    println!("{token}");
+    eprintln!(
+        "vulcan: tenant `{name}` added to {}; the token above is not stored anywhere: keep it",
+        args.tenants.display()
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Limits shared by every command that starts a workload.
@@ -183,6 +234,7 @@ pub fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
     let command = match cli.command {
         Command::Run(args) => return run::execute(args, &data_dir),
         Command::Serve(args) => return serve::execute(args, &data_dir),
+        Command::Tenant(TenantCommand::Add(args)) => return tenant_add(args),
         command => command,
     };
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -215,7 +267,10 @@ pub fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             Command::Logs(args) if args.follow => client::follow(&c, args.id, args.json).await,
             Command::Logs(args) => read::logs(&c, args).await,
             Command::Kill(args) => client::kill(&c, args.id).await,
-            Command::Run(_) | Command::Serve(_) => unreachable!("handled above"),
+            Command::Whoami => client::whoami(&c).await,
+            Command::Run(_) | Command::Serve(_) | Command::Tenant(_) => {
+                unreachable!("handled above")
+            }
         }
     })
 }
@@ -265,6 +320,7 @@ mod tests {
             created_at: 0,
             started_at: None,
             finished_at: None,
+            tenant: None,
         };
         exit::for_view(&WorkloadView::from(record).summary)
     }

@@ -81,6 +81,7 @@ pub fn execute(args: RunArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
         input: args.input.clone().map(|i| i.0),
         log_level: args.log_level,
         allowed_hosts: args.allowed_hosts.clone(),
+        tenant: None,
     };
 
     let rt = tokio::runtime::Builder::new_multi_thread()

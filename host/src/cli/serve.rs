@@ -46,6 +46,11 @@ pub struct ServeArgs {
         value_name = "TOKEN"
     )]
     token: Option<String>,
+    /// Tenants and their hashed tokens and quotas (TOML, or JSON when the
+    /// name ends in .json); each tenant sees only its own workloads and
+    /// modules. `--token` adds an admin tenant. See `vulcan tenant add`
+    #[arg(long, env = "VULCAN_TENANTS", value_name = "FILE")]
+    tenants: Option<std::path::PathBuf>,
     /// Most bytes of args, env, stdin and input one workload may be given (413 beyond)
     #[arg(long, env = "VULCAN_MAX_SPEC_SIZE", default_value = "1MiB", value_name = "SIZE", value_parser = parse::size)]
     max_spec_size: u64,
@@ -179,6 +184,13 @@ pub fn execute(args: ServeArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
              token, or unset it to run without one"
         );
     }
+    if args.tenants.is_some() && args.cluster.is_some() {
+        anyhow::bail!("--tenants is not supported with --cluster yet");
+    }
+    let tenants = Arc::new(crate::tenants::Tenants::load(
+        args.tenants.as_deref(),
+        args.token.as_deref(),
+    )?);
     let limits = args.limits.policy()?;
     let outbound = args.outbound()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -211,7 +223,7 @@ pub fn execute(args: ServeArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
             None => None,
         };
         let config = ApiConfig {
-            token: args.token,
+            tenants,
             max_upload: usize::try_from(args.max_upload).unwrap_or(usize::MAX),
             max_spec: usize::try_from(args.max_spec_size).unwrap_or(usize::MAX),
             limits,

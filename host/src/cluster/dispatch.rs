@@ -72,6 +72,8 @@ impl QueuedWork {
                 .transpose()?,
             log_level: self.log_level,
             allowed_hosts: self.allowed_hosts.clone(),
+            // A cluster has no tenants (refused at start).
+            tenant: None,
         })
     }
 }
@@ -112,6 +114,7 @@ fn pending_view(
         created_at,
         started_at: None,
         finished_at: None,
+        tenant: None,
     });
     view.summary.attempt = Some(0);
     view

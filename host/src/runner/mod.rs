@@ -235,6 +235,7 @@ impl Runner {
                         // It holds its slot, so it starts now: the record is
                         // created running, in one commit.
                         running: true,
+                        tenant: spec.tenant.clone(),
                     })
                     .await;
                 if let Err(e) = created {

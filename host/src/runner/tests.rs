@@ -109,7 +109,7 @@ async fn at_capacity_a_start_is_refused_and_creates_nothing() {
         .unwrap();
     let refused = runner.start(compiled, hash, spec(), None).await;
     assert!(matches!(refused, Err(StartError::AtCapacity(1))));
-    let page = node.db().list_workloads(10, 0, None).await.unwrap();
+    let page = node.db().list_workloads(10, 0, None, None).await.unwrap();
     assert_eq!(page.total, 1, "the refused start left no record");
     assert!(runner.kill(spinning.id, "done"));
     let record = spinning.done.await.unwrap().unwrap();

@@ -114,6 +114,8 @@ pub struct NewWorkload {
     /// Created already `running` (its runner holds a slot and starts it at
     /// once): one commit instead of two. Otherwise `pending`.
     pub running: bool,
+    /// The tenant it runs for; `None` on a server without tenants.
+    pub tenant: Option<String>,
 }
 
 /// A stored module's metadata.
@@ -353,6 +355,18 @@ impl Db {
             .await
     }
 
+    /// Records that `tenant` uploaded the stored module `hash`; true when it
+    /// had not before.
+    pub async fn own_module(&self, tenant: &str, hash: &str) -> StoreResult<bool> {
+        let (tenant, hash) = (tenant.to_owned(), hash.to_owned());
+        self.request(|reply| WriteOp::OwnModule {
+            tenant,
+            hash,
+            reply,
+        })
+        .await
+    }
+
     /// Creates a workload in status `pending`.
     pub async fn create_workload(&self, new: NewWorkload) -> StoreResult<()> {
         self.request(|reply| WriteOp::Create { new, reply }).await
@@ -461,9 +475,24 @@ impl Db {
         self.read(move |c| reads::module_info(c, &hash)).await
     }
 
-    /// Up to `limit` stored modules' metadata, newest first.
-    pub async fn list_modules(&self, limit: u64) -> StoreResult<Vec<ModuleInfo>> {
-        self.read(move |c| reads::list_modules(c, limit)).await
+    /// Up to `limit` stored modules' metadata, newest first: all, or those
+    /// `tenant` uploaded.
+    pub async fn list_modules(
+        &self,
+        limit: u64,
+        tenant: Option<&str>,
+    ) -> StoreResult<Vec<ModuleInfo>> {
+        let tenant = tenant.map(str::to_owned);
+        self.read(move |c| reads::list_modules(c, limit, tenant.as_deref()))
+            .await
+    }
+
+    /// A module as `tenant` sees it (its own first-seen time); not found
+    /// unless that tenant uploaded it.
+    pub async fn tenant_module_info(&self, tenant: &str, hash: &str) -> StoreResult<ModuleInfo> {
+        let (tenant, hash) = (tenant.to_owned(), hash.to_owned());
+        self.read(move |c| reads::tenant_module_info(c, &tenant, &hash))
+            .await
     }
 
     /// A module's bytes.
@@ -477,14 +506,17 @@ impl Db {
         self.read(move |c| reads::workload(c, id)).await
     }
 
-    /// A page of workloads, newest first, optionally of one status.
+    /// A page of workloads, newest first, optionally of one status and of
+    /// one tenant.
     pub async fn list_workloads(
         &self,
         limit: u64,
         offset: u64,
         status: Option<Status>,
+        tenant: Option<&str>,
     ) -> StoreResult<WorkloadPage> {
-        self.read(move |c| reads::list_workloads(c, limit, offset, status))
+        let tenant = tenant.map(str::to_owned);
+        self.read(move |c| reads::list_workloads(c, limit, offset, status, tenant.as_deref()))
             .await
     }
 
@@ -561,6 +593,7 @@ pub(crate) mod tests_support {
             allowed_hosts: vec![],
             log_level: None,
             running: false,
+            tenant: None,
         })
         .await
         .unwrap();

@@ -15,33 +15,53 @@ pub(super) fn ping(c: &Connection) -> StoreResult<()> {
 /// A module's metadata.
 pub(super) fn module_info(c: &Connection, hash: &str) -> StoreResult<ModuleInfo> {
     c.prepare_cached("SELECT hash, kind, size, created_at FROM modules WHERE hash = ?1")?
-        .query_row([hash], |r| {
-            Ok(ModuleInfo {
-                hash: r.get(0)?,
-                kind: r.get(1)?,
-                size: r.get::<_, i64>(2)? as u64,
-                created_at: r.get(3)?,
-            })
-        })
+        .query_row([hash], row_to_module)
         .optional()?
         .ok_or_else(|| StoreError::ModuleNotFound(hash.to_owned()))
 }
 
-/// Stored modules' metadata, newest first.
-pub(super) fn list_modules(c: &Connection, limit: u64) -> StoreResult<Vec<ModuleInfo>> {
+/// A tenant's view of a module: its metadata with the time that tenant
+/// first uploaded it; not found when it never did.
+pub(super) fn tenant_module_info(
+    c: &Connection,
+    tenant: &str,
+    hash: &str,
+) -> StoreResult<ModuleInfo> {
     c.prepare_cached(
-        "SELECT hash, kind, size, created_at FROM modules ORDER BY created_at DESC, hash LIMIT ?1",
+        "SELECT m.hash, m.kind, m.size, o.created_at FROM module_owners o \
+         JOIN modules m ON m.hash = o.hash WHERE o.tenant = ?1 AND o.hash = ?2",
     )?
-    .query_map([limit as i64], |r| {
-        Ok(ModuleInfo {
-            hash: r.get(0)?,
-            kind: r.get(1)?,
-            size: r.get::<_, i64>(2)? as u64,
-            created_at: r.get(3)?,
-        })
-    })?
+    .query_row([tenant, hash], row_to_module)
+    .optional()?
+    .ok_or_else(|| StoreError::ModuleNotFound(hash.to_owned()))
+}
+
+/// Stored modules' metadata, newest first: all of them, or one tenant's
+/// (with its own first-seen times).
+pub(super) fn list_modules(
+    c: &Connection,
+    limit: u64,
+    tenant: Option<&str>,
+) -> StoreResult<Vec<ModuleInfo>> {
+    c.prepare_cached(
+        "SELECT m.hash, m.kind, m.size, COALESCE(o.created_at, m.created_at) AS seen \
+         FROM modules m LEFT JOIN module_owners o ON o.hash = m.hash AND o.tenant = ?2 \
+         WHERE ?2 IS NULL OR o.tenant IS NOT NULL \
+         ORDER BY seen DESC, m.hash LIMIT ?1",
+    )?
+    .query_map(params![limit as i64, tenant], row_to_module)?
     .map(|r| r.map_err(StoreError::from))
     .collect()
+}
+
+/// A `hash, kind, size, created_at` row.
+fn row_to_module(r: &rusqlite::Row<'_>) -> rusqlite::Result<ModuleInfo> {
+    Ok(ModuleInfo {
+        hash: r.get(0)?,
+        kind: r.get(1)?,
+        size: r.get::<_, i64>(2)? as u64,
+        created_at: r.get(3)?,
+    })
 }
 
 /// A module's bytes.
@@ -68,18 +88,19 @@ pub(super) fn list_workloads(
     limit: u64,
     offset: u64,
     status: Option<Status>,
+    tenant: Option<&str>,
 ) -> StoreResult<WorkloadPage> {
     let filter = status.map(|s| s.as_str());
+    const WHERE: &str = "WHERE (?1 IS NULL OR status = ?1) AND (?2 IS NULL OR tenant = ?2)";
     let total: i64 = c
-        .prepare_cached("SELECT COUNT(*) FROM workloads WHERE ?1 IS NULL OR status = ?1")?
-        .query_row([filter], |r| r.get(0))?;
+        .prepare_cached(&format!("SELECT COUNT(*) FROM workloads {WHERE}"))?
+        .query_row(params![filter, tenant], |r| r.get(0))?;
     let mut stmt = c.prepare_cached(&format!(
-        "SELECT {WORKLOAD_COLUMNS} FROM workloads WHERE ?1 IS NULL OR status = ?1 \
-         ORDER BY id DESC LIMIT ?2 OFFSET ?3"
+        "SELECT {WORKLOAD_COLUMNS} FROM workloads {WHERE} ORDER BY id DESC LIMIT ?3 OFFSET ?4"
     ))?;
     let items = stmt
         .query_map(
-            params![filter, limit as i64, offset as i64],
+            params![filter, tenant, limit as i64, offset as i64],
             row_to_workload,
         )?
         .map(|r| r?)
@@ -166,7 +187,7 @@ pub(super) fn scan_lines(
 
 const WORKLOAD_COLUMNS: &str = "id, status, module_hash, args, env, limits, exit_code, error, \
      output, duration_ms, line_count, created_at, started_at, finished_at, failure, \
-     allowed_hosts, log_level";
+     allowed_hosts, log_level, tenant";
 
 fn row_to_workload(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoreResult<WorkloadRecord>> {
     let id: String = r.get(0)?;
@@ -215,6 +236,7 @@ fn row_to_workload(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoreResult<Worklo
         created_at: r.get(11)?,
         started_at: r.get(12)?,
         finished_at: r.get(13)?,
+        tenant: r.get(17)?,
     }))
 }
 

@@ -113,6 +113,19 @@ pub(super) const MIGRATIONS: &[&str] = &[
     ALTER TABLE workloads ADD COLUMN allowed_hosts TEXT;
     ALTER TABLE workloads ADD COLUMN log_level TEXT;
     "#,
+    // 6: tenants. A workload's tenant (NULL on a server without tenants), and
+    // which tenants uploaded which module (bytes are stored once; each tenant
+    // sees only its own, with its own first-seen time).
+    r#"
+    ALTER TABLE workloads ADD COLUMN tenant TEXT;
+    CREATE INDEX workloads_by_tenant ON workloads (tenant, id);
+    CREATE TABLE module_owners (
+        tenant      TEXT NOT NULL,
+        hash        TEXT NOT NULL,
+        created_at  INTEGER NOT NULL,
+        PRIMARY KEY (tenant, hash)
+    ) WITHOUT ROWID;
+    "#,
 ];
 
 /// The schema version this build writes.

@@ -43,6 +43,7 @@ async fn create(db: &Db, hash: &str) -> WorkloadId {
         allowed_hosts: vec!["http://127.0.0.1:8080".parse().unwrap()],
         log_level: Some(LogLevel::Warn),
         running: false,
+        tenant: None,
     })
     .await
     .unwrap();
@@ -130,6 +131,7 @@ async fn a_workload_needs_a_stored_module() {
             allowed_hosts: vec![],
             log_level: None,
             running: false,
+            tenant: None,
         })
         .await
         .unwrap_err();
@@ -172,17 +174,17 @@ async fn list_is_newest_first_with_total_paging_and_filter() {
         ids.push(create(&db, &hash).await);
     }
     db.mark_running(ids[2]).await.unwrap();
-    let page = db.list_workloads(3, 0, None).await.unwrap();
+    let page = db.list_workloads(3, 0, None, None).await.unwrap();
     assert_eq!(page.total, 7);
     let got: Vec<_> = page.items.iter().map(|w| w.id).collect();
     assert_eq!(got, vec![ids[6], ids[5], ids[4]]);
-    let page = db.list_workloads(3, 6, None).await.unwrap();
+    let page = db.list_workloads(3, 6, None, None).await.unwrap();
     assert_eq!(
         page.items.iter().map(|w| w.id).collect::<Vec<_>>(),
         vec![ids[0]]
     );
     let running = db
-        .list_workloads(10, 0, Some(Status::Running))
+        .list_workloads(10, 0, Some(Status::Running), None)
         .await
         .unwrap();
     assert_eq!(running.total, 1);
@@ -569,6 +571,7 @@ async fn a_full_disk_refuses_writes_with_storage_full_and_recovers_when_space_re
             allowed_hosts: vec![],
             log_level: None,
             running: false,
+            tenant: None,
         };
         if let Err(e) = db.create_workload(new).await {
             refused = Some(e);

@@ -17,6 +17,11 @@ pub(super) enum WriteOp {
         bytes: bytes::Bytes,
         reply: oneshot::Sender<StoreResult<bool>>,
     },
+    OwnModule {
+        tenant: String,
+        hash: String,
+        reply: oneshot::Sender<StoreResult<bool>>,
+    },
     Create {
         new: NewWorkload,
         reply: oneshot::Sender<StoreResult<()>>,

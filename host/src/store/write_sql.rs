@@ -161,6 +161,14 @@ pub(super) fn apply(
                 info.created_at
             ])? == 1,
         )),
+        WriteOp::OwnModule { tenant, hash, .. } => Ok(Applied::Bool(
+            tx.prepare_cached(
+                "INSERT OR IGNORE INTO module_owners (tenant, hash, created_at) \
+                 VALUES (?1, ?2, ?3)",
+            )?
+            .execute(params![tenant, hash, now_ms()])?
+                == 1,
+        )),
         WriteOp::Create { new, .. } => {
             create(tx, new)?;
             keys.0.insert(new.id, tx.last_insert_rowid());
@@ -224,7 +232,8 @@ fn create(tx: &Connection, new: &NewWorkload) -> StoreResult<()> {
     let now = now_ms();
     tx.prepare_cached(
         "INSERT INTO workloads (id, status, module_hash, args, env, limits, created_at, \
-         allowed_hosts, log_level, started_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+         allowed_hosts, log_level, started_at, tenant) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
     )?
     .execute(params![
         new.id.to_string(),
@@ -243,6 +252,7 @@ fn create(tx: &Connection, new: &NewWorkload) -> StoreResult<()> {
         },
         new.log_level.map(LogLevel::as_str),
         new.running.then_some(now),
+        new.tenant,
     ])?;
     Ok(())
 }

@@ -313,7 +313,7 @@ impl Writer {
                         }));
                     }
                 }
-                (WriteOp::PutModule { reply, .. }, r) => {
+                (WriteOp::PutModule { reply, .. } | WriteOp::OwnModule { reply, .. }, r) => {
                     let _ = reply.send(r.map(|a| matches!(a, Applied::Bool(true))));
                 }
                 (WriteOp::Create { reply, .. }, r) => {
@@ -364,7 +364,9 @@ impl Writer {
                     let _ = reply.send(Err(err()));
                 }
             }
-            WriteOp::PutModule { reply, .. } => drop(reply.send(Err(err()))),
+            WriteOp::PutModule { reply, .. } | WriteOp::OwnModule { reply, .. } => {
+                drop(reply.send(Err(err())))
+            }
             WriteOp::Create { reply, .. } => drop(reply.send(Err(err()))),
             WriteOp::FailUnfinished { reply, .. } => drop(reply.send(Err(err()))),
             WriteOp::Flush { reply } => drop(reply.send(())),

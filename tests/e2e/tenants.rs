@@ -1,0 +1,475 @@
+//! Tenants on a real `vulcan serve`: tokens from a tenants file written by
+//! `vulcan tenant add`, isolation on every endpoint, quotas, `whoami`, and
+//! the file's bad inputs.
+
+use std::path::Path;
+
+use reqwest::Method;
+use serde_json::{Value, json};
+
+use crate::support::*;
+
+/// Requests to `server` with one tenant's token (or none).
+struct As<'a> {
+    server: &'a Server,
+    token: Option<&'a str>,
+}
+
+impl As<'_> {
+    async fn call(&self, method: Method, path: &str, body: Option<Value>) -> (u16, Value) {
+        let mut req = self
+            .server
+            .http
+            .request(method, format!("{}{path}", self.server.url));
+        if let Some(token) = self.token {
+            req = req.bearer_auth(token);
+        }
+        if let Some(body) = body {
+            req = req.json(&body);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    async fn get(&self, path: &str) -> (u16, Value) {
+        self.call(Method::GET, path, None).await
+    }
+
+    async fn upload(&self, bytes: Vec<u8>) -> (u16, Value) {
+        let mut req = self
+            .server
+            .http
+            .post(format!("{}/v1/modules", self.server.url))
+            .header("content-type", "application/wasm")
+            .body(bytes);
+        if let Some(token) = self.token {
+            req = req.bearer_auth(token);
+        }
+        let resp = req.send().await.unwrap();
+        (resp.status().as_u16(), resp.json().await.unwrap())
+    }
+
+    /// Status of `GET path` as an SSE client (headers only).
+    async fn follow_status(&self, path: &str) -> u16 {
+        let mut req = self.server.http.get(format!("{}{path}", self.server.url));
+        if let Some(token) = self.token {
+            req = req.bearer_auth(token);
+        }
+        req.send().await.unwrap().status().as_u16()
+    }
+}
+
+/// `vulcan tenant add NAME --tenants FILE EXTRA...`: the printed token.
+fn add_tenant(env: &Env, file: &Path, name: &str, extra: &[&str]) -> String {
+    let mut args = vec!["tenant", "add", name, "--tenants", file.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let out = env.run(&args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let token = stdout(&out).trim().to_owned();
+    assert!(token.starts_with("vlc_") && token.len() == 68, "{token}");
+    token
+}
+
+#[tokio::test]
+async fn every_endpoint_keeps_tenants_apart_and_admins_see_all() {
+    let env = Env::new();
+    let file = env.data_dir().join("tenants.toml");
+    let alice = add_tenant(&env, &file, "alice", &[]);
+    let bob = add_tenant(&env, &file, "bob", &[]);
+    let root = add_tenant(&env, &file, "root", &["--admin"]);
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert!(
+        !text.contains(&alice) && !text.contains(&bob),
+        "tokens are stored hashed"
+    );
+    let server = Server::start(&env, &["--tenants", file.to_str().unwrap()]);
+    let (alice, bob, root) = (
+        As {
+            server: &server,
+            token: Some(&alice),
+        },
+        As {
+            server: &server,
+            token: Some(&bob),
+        },
+        As {
+            server: &server,
+            token: Some(&root),
+        },
+    );
+    let anon = As {
+        server: &server,
+        token: None,
+    };
+
+    let hello = std::fs::read(example("hello")).unwrap();
+    let (status, module) = alice.upload(hello.clone()).await;
+    assert_eq!(status, 201);
+    let hash = module["hash"].as_str().unwrap().to_owned();
+    let (status, ran) = alice
+        .call(Method::POST, "/v1/workloads", Some(json!({"module": hash})))
+        .await;
+    assert_eq!(status, 200, "{ran}");
+    assert_eq!(ran["tenant"], "alice");
+    let a = ran["id"].as_str().unwrap().to_owned();
+    // Bob uploads the same bytes: new to him (nothing says alice has them).
+    let (status, his) = bob.upload(hello).await;
+    assert_eq!(status, 201, "{his}");
+    let (_, ran) = bob
+        .call(Method::POST, "/v1/workloads", Some(json!({"module": hash})))
+        .await;
+    let b = ran["id"].as_str().unwrap().to_owned();
+    let unknown = "01J0000000000000000000000A";
+
+    // (request, alice, bob, admin, anonymous)
+    let table: Vec<(Method, String, Option<Value>, [u16; 4])> = vec![
+        (
+            Method::GET,
+            format!("/v1/workloads/{a}"),
+            None,
+            [200, 404, 200, 401],
+        ),
+        (
+            Method::GET,
+            format!("/v1/workloads/{a}/logs/history"),
+            None,
+            [200, 404, 200, 401],
+        ),
+        (
+            Method::DELETE,
+            format!("/v1/workloads/{a}"),
+            None,
+            [409, 404, 409, 401],
+        ),
+        (
+            Method::GET,
+            format!("/v1/workloads/{unknown}"),
+            None,
+            [404, 404, 404, 401],
+        ),
+        (
+            Method::GET,
+            "/v1/workloads".into(),
+            None,
+            [200, 200, 200, 401],
+        ),
+        (
+            Method::GET,
+            "/v1/modules".into(),
+            None,
+            [200, 200, 200, 401],
+        ),
+        (Method::GET, "/metrics".into(), None, [403, 403, 200, 401]),
+        (Method::GET, "/v1/stats".into(), None, [403, 403, 200, 401]),
+        (Method::GET, "/v1/whoami".into(), None, [200, 200, 200, 401]),
+        (Method::GET, "/healthz".into(), None, [200, 200, 200, 200]),
+    ];
+    for (method, path, body, expected) in table {
+        let mut got = [0u16; 4];
+        for (i, who) in [&alice, &bob, &root, &anon].iter().enumerate() {
+            got[i] = who.call(method.clone(), &path, body.clone()).await.0;
+        }
+        assert_eq!(
+            got, expected,
+            "{method} {path} as [alice, bob, admin, anonymous]"
+        );
+    }
+    // SSE answers before its body: the status is what matters.
+    let sse = format!("/v1/workloads/{a}/logs");
+    let got = [
+        alice.follow_status(&sse).await,
+        bob.follow_status(&sse).await,
+        root.follow_status(&sse).await,
+        anon.follow_status(&sse).await,
+    ];
+    assert_eq!(got, [200, 404, 200, 401], "GET {sse}");
+    // Another tenant's id reads exactly as an unknown one.
+    let (_, probe) = bob.get(&format!("/v1/workloads/{a}")).await;
+    assert_eq!(probe["error"]["message"], format!("workload {a} not found"));
+
+    // Lists show each tenant its own, and the admin everything.
+    let ids = |list: &Value| -> Vec<String> {
+        let items = list["items"].as_array().unwrap();
+        items
+            .iter()
+            .map(|w| w["id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(ids(&alice.get("/v1/workloads").await.1), vec![a.clone()]);
+    assert_eq!(ids(&bob.get("/v1/workloads").await.1), vec![b.clone()]);
+    assert_eq!(
+        ids(&root.get("/v1/workloads").await.1),
+        vec![b.clone(), a.clone()]
+    );
+    let (_, bobs) = bob.get("/v1/workloads?status=completed").await;
+    assert_eq!(bobs["total"], 1);
+
+    // Modules: each sees its own; a module only another tenant uploaded is
+    // unknown, to look at or to run.
+    let fib = std::fs::read(example("exit-code")).unwrap();
+    let (_, only_alice) = alice.upload(fib).await;
+    let secret = only_alice["hash"].as_str().unwrap();
+    assert_eq!(bob.get(&format!("/v1/modules/{secret}")).await.0, 404);
+    let (status, _) = bob
+        .call(
+            Method::POST,
+            "/v1/workloads/async",
+            Some(json!({"module": secret})),
+        )
+        .await;
+    assert_eq!(status, 404);
+    let hashes = |list: &Value| -> Vec<String> {
+        let items = list["items"].as_array().unwrap();
+        items
+            .iter()
+            .map(|m| m["hash"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert!(!hashes(&bob.get("/v1/modules").await.1).contains(&secret.to_owned()));
+    assert!(hashes(&alice.get("/v1/modules").await.1).contains(&secret.to_owned()));
+    assert_eq!(root.get(&format!("/v1/modules/{secret}")).await.0, 200);
+
+    let (_, me) = alice.get("/v1/whoami").await;
+    assert_eq!(
+        (me["tenant"].as_str(), me["admin"].as_bool()),
+        (Some("alice"), Some(false))
+    );
+}
+
+#[tokio::test]
+async fn a_tenant_at_its_quota_gets_429_and_others_still_run() {
+    let env = Env::new();
+    let file = env.data_dir().join("tenants.toml");
+    let noisy = add_tenant(&env, &file, "noisy", &["--max-concurrent", "2"]);
+    let quiet = add_tenant(&env, &file, "quiet", &[]);
+    let server = Server::start(&env, &["--tenants", file.to_str().unwrap()]);
+    let (noisy_as, quiet_as) = (
+        As {
+            server: &server,
+            token: Some(&noisy),
+        },
+        As {
+            server: &server,
+            token: Some(&quiet),
+        },
+    );
+    let spin = b64(&std::fs::read(example("spin")).unwrap());
+    let mut spinning = Vec::new();
+    for _ in 0..2 {
+        let (status, body) = noisy_as
+            .call(
+                Method::POST,
+                "/v1/workloads/async",
+                Some(json!({"module_base64": spin})),
+            )
+            .await;
+        assert_eq!(status, 202, "{body}");
+        spinning.push(body["id"].as_str().unwrap().to_owned());
+    }
+    let resp = server
+        .http
+        .post(format!("{}/v1/workloads/async", server.url))
+        .bearer_auth(&noisy)
+        .json(&json!({"module_base64": spin}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 429);
+    assert_eq!(resp.headers()["retry-after"], "1");
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "quota_exceeded", "{body}");
+    let (_, listed) = noisy_as.get("/v1/workloads").await;
+    assert_eq!(listed["total"], 2, "the refused run created nothing");
+
+    // The quiet tenant is not held up by the noisy one's quota.
+    let hello = b64(&std::fs::read(example("hello")).unwrap());
+    let (status, ran) = quiet_as
+        .call(
+            Method::POST,
+            "/v1/workloads",
+            Some(json!({"module_base64": hello})),
+        )
+        .await;
+    assert_eq!((status, ran["status"].as_str()), (200, Some("completed")));
+
+    // `vulcan whoami` shows the quota in use.
+    let out = env
+        .cmd(&["--server", &server.url, "whoami"])
+        .env("VULCAN_TOKEN", &noisy)
+        .output()
+        .unwrap();
+    assert_eq!(
+        stdout(&out).trim(),
+        "noisy (tenant): 2/2 running",
+        "{}",
+        stderr(&out)
+    );
+
+    // Once one ends, its slot is free again.
+    let (status, _) = noisy_as
+        .call(
+            Method::DELETE,
+            &format!("/v1/workloads/{}", spinning[0]),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200);
+    eventually("the slot is released", || async {
+        let (status, body) = noisy_as
+            .call(
+                Method::POST,
+                "/v1/workloads",
+                Some(json!({"module_base64": hello})),
+            )
+            .await;
+        (status == 200).then_some(body)
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_tenant_cannot_ask_for_more_than_its_limits() {
+    let env = Env::new();
+    let file = env.data_dir().join("tenants.json");
+    let token = "small-token";
+    std::fs::write(
+        &file,
+        json!({"tenants": [{
+            "name": "small",
+            "token_sha256": vulcan::tenants::token_hash(token),
+            "max_timeout_ms": 1000,
+            "max_fuel": 100000000,
+        }]})
+        .to_string(),
+    )
+    .unwrap();
+    let server = Server::start(&env, &["--tenants", file.to_str().unwrap()]);
+    let small = As {
+        server: &server,
+        token: Some(token),
+    };
+    let hello = b64(&std::fs::read(example("hello")).unwrap());
+    let (status, body) = small
+        .call(
+            Method::POST,
+            "/v1/workloads",
+            Some(json!({"module_base64": hello, "limits": {"timeout_ms": 5000}})),
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("tenant `small`"),
+        "{body}"
+    );
+    let (status, ran) = small
+        .call(
+            Method::POST,
+            "/v1/workloads",
+            Some(json!({"module_base64": hello})),
+        )
+        .await;
+    assert_eq!(status, 200, "{ran}");
+    assert_eq!(ran["limits"]["timeout_ms"], 1000, "{ran}");
+    assert_eq!(ran["limits"]["fuel"], 100000000, "{ran}");
+}
+
+#[test]
+fn a_bad_tenants_file_stops_the_server_at_start() {
+    let env = Env::new();
+    let dir = env.data_dir();
+    let hash = vulcan::tenants::token_hash("same");
+    let cases = [
+        (
+            "garbage.toml",
+            "this is [not toml".to_owned(),
+            "does not parse",
+        ),
+        (
+            "twice.toml",
+            format!(
+                "[[tenants]]\nname = \"a\"\ntoken_sha256 = \"{hash}\"\n\
+                 [[tenants]]\nname = \"b\"\ntoken_sha256 = \"{hash}\"\n"
+            ),
+            "same token",
+        ),
+        (
+            "short.toml",
+            "[[tenants]]\nname = \"a\"\ntoken_sha256 = \"abc\"\n".to_owned(),
+            "64 hex digits",
+        ),
+        (
+            "unknown.toml",
+            format!("[[tenants]]\nname = \"a\"\ntoken_sha256 = \"{hash}\"\nrole = \"x\"\n"),
+            "does not parse",
+        ),
+    ];
+    for (name, text, says) in cases {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        let out = env.run(&[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--tenants",
+            path.to_str().unwrap(),
+        ]);
+        assert_eq!(out.status.code(), Some(2), "{name}: {}", stderr(&out));
+        assert!(stderr(&out).contains(says), "{name}: {}", stderr(&out));
+    }
+    let missing = env.run(&[
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--tenants",
+        "/nonexistent/t.toml",
+    ]);
+    assert_eq!(missing.status.code(), Some(2));
+    assert!(stderr(&missing).contains("failed to read the tenants file"));
+
+    let clustered = env.run(&[
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--tenants",
+        dir.join("short.toml").to_str().unwrap(),
+        "--cluster",
+        "nats://127.0.0.1:1",
+    ]);
+    assert_eq!(clustered.status.code(), Some(2));
+    assert!(
+        stderr(&clustered).contains("not supported with --cluster"),
+        "{}",
+        stderr(&clustered)
+    );
+
+    // `tenant add` refuses a name twice and leaves the file as it was.
+    let file = dir.join("tenants.toml");
+    add_tenant(&env, &file, "alice", &[]);
+    let before = std::fs::read(&file).unwrap();
+    let again = env.run(&[
+        "tenant",
+        "add",
+        "alice",
+        "--tenants",
+        file.to_str().unwrap(),
+    ]);
+    assert_eq!(again.status.code(), Some(2));
+    assert!(
+        stderr(&again).contains("already exists"),
+        "{}",
+        stderr(&again)
+    );
+    assert!(
+        stdout(&again).is_empty(),
+        "no token printed for a refused tenant"
+    );
+    assert_eq!(std::fs::read(&file).unwrap(), before);
+}
