@@ -44,6 +44,7 @@ pub mod metrics;
 pub mod node;
 pub mod outbound;
 pub mod registry;
+pub mod retention;
 pub mod runner;
 pub mod store;
 pub mod tenants;

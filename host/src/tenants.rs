@@ -16,6 +16,7 @@
 //! max_memory_bytes = 268435456
 //! max_fuel = 1000000000
 //! max_output_bytes = 10485760
+//! retain_for_ms = 86400000            # its lines kept a day after it ends
 //! ```
 
 use std::collections::HashSet;
@@ -54,6 +55,10 @@ pub struct TenantEntry {
     /// The most output its workloads may ask for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_output_bytes: Option<u64>,
+    /// How long its finished workloads' lines are kept (instead of the
+    /// server's `--retain-for`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retain_for_ms: Option<u64>,
 }
 
 /// The tenants file.
@@ -132,6 +137,7 @@ impl Tenants {
                 max_memory_bytes: None,
                 max_fuel: None,
                 max_output_bytes: None,
+                retain_for_ms: None,
             });
         }
         Self::from_file(file)
@@ -168,6 +174,17 @@ impl Tenants {
             all.push(Arc::new(Tenant { entry, hash, slots }));
         }
         Ok(Self { all })
+    }
+
+    /// Tenants with a retention of their own: (name, how long).
+    pub fn retentions(&self) -> Vec<(String, std::time::Duration)> {
+        self.all
+            .iter()
+            .filter_map(|t| {
+                let ms = t.entry.retain_for_ms?;
+                Some((t.name().to_owned(), std::time::Duration::from_millis(ms)))
+            })
+            .collect()
     }
 
     /// True when no token is asked for (no tenants and no `--token`).
@@ -266,6 +283,7 @@ mod tests {
             max_memory_bytes: None,
             max_fuel: None,
             max_output_bytes: None,
+            retain_for_ms: None,
         }
     }
 

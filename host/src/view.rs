@@ -50,6 +50,9 @@ pub struct WorkloadSummary {
     /// The tenant it runs for (servers with tenants only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tenant: Option<String>,
+    /// When retention deleted its lines (RFC 3339); its logs then answer 410.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pruned_at: Option<String>,
 }
 
 /// Longest error a list item carries; the record has the whole one.
@@ -75,6 +78,7 @@ impl From<WorkloadRecord> for WorkloadSummary {
             node: None,
             attempt: None,
             tenant: w.tenant,
+            pruned_at: w.pruned_at.map(rfc3339),
         }
     }
 }
@@ -283,6 +287,7 @@ mod tests {
             started_at: Some(2),
             finished_at: None,
             tenant: None,
+            pruned_at: None,
         }
     }
 

@@ -362,6 +362,8 @@ pub struct WorkloadRecord {
     pub finished_at: Option<i64>,
     /// The tenant it runs for; `None` on a server without tenants.
     pub tenant: Option<String>,
+    /// When retention deleted its lines, ms since the Unix epoch.
+    pub pruned_at: Option<i64>,
 }
 
 /// The final state a finished run writes.

@@ -473,3 +473,108 @@ fn a_bad_tenants_file_stops_the_server_at_start() {
     );
     assert_eq!(std::fs::read(&file).unwrap(), before);
 }
+
+#[tokio::test]
+async fn retention_deletes_old_lines_in_the_background_and_their_logs_answer_410() {
+    let env = Env::new();
+    let file = env.data_dir().join("tenants.toml");
+    let short = add_tenant(&env, &file, "short", &[]);
+    let keep = add_tenant(&env, &file, "keep", &[]);
+    // `keep` overrides the server's retention with a day of its own.
+    let text = std::fs::read_to_string(&file).unwrap();
+    let text = text.replacen(
+        "name = \"keep\"",
+        "name = \"keep\"\nretain_for_ms = 86400000",
+        1,
+    );
+    std::fs::write(&file, text).unwrap();
+    let server = Server::start(
+        &env,
+        &["--tenants", file.to_str().unwrap(), "--retain-for", "300ms"],
+    );
+    let (short_as, keep_as) = (
+        As {
+            server: &server,
+            token: Some(&short),
+        },
+        As {
+            server: &server,
+            token: Some(&keep),
+        },
+    );
+    let b64_of = |name: &str| b64(&std::fs::read(example(name)).unwrap());
+    // Running long past the retention: never touched.
+    let (_, spinning) = short_as
+        .call(
+            Method::POST,
+            "/v1/workloads/async",
+            Some(json!({"module_base64": b64_of("spin")})),
+        )
+        .await;
+    let spinning = spinning["id"].as_str().unwrap().to_owned();
+    let flood = json!({"module_base64": b64_of("log-flood"), "args": ["100000"]});
+    let (status, old) = short_as
+        .call(Method::POST, "/v1/workloads", Some(flood))
+        .await;
+    assert_eq!(status, 200, "{old}");
+    let old = old["id"].as_str().unwrap().to_owned();
+    let kept_run = json!({"module_base64": b64_of("log-flood"), "args": ["1000"]});
+    let (_, kept) = keep_as
+        .call(Method::POST, "/v1/workloads", Some(kept_run))
+        .await;
+    let kept = kept["id"].as_str().unwrap().to_owned();
+    let pages = |env: &Env| -> i64 {
+        env.sqlite()
+            .query_row("PRAGMA page_count", [], |r| r.get(0))
+            .unwrap()
+    };
+    let before = pages(&env);
+
+    let gone = eventually("the old workload's lines are gone", || async {
+        let (status, body) = short_as
+            .get(&format!("/v1/workloads/{old}/logs/history"))
+            .await;
+        (status == 410).then_some(body)
+    })
+    .await;
+    assert_eq!(gone["error"]["code"], "gone", "{gone}");
+    assert_eq!(
+        short_as
+            .follow_status(&format!("/v1/workloads/{old}/logs"))
+            .await,
+        410
+    );
+    let (status, record) = short_as.get(&format!("/v1/workloads/{old}")).await;
+    assert_eq!(status, 200, "the record stays");
+    assert!(record["pruned_at"].is_string(), "{record}");
+    let count = |id: &str| -> i64 {
+        env.sqlite()
+            .query_row(
+                "SELECT COUNT(*) FROM log_lines WHERE workload_id = ?1",
+                [id],
+                |r| r.get(0),
+            )
+            .unwrap()
+    };
+    assert_eq!(count(&old), 0);
+    assert!(pages(&env) < before, "the file gave its pages back");
+
+    // Another tenant's own, longer retention keeps its lines; a running
+    // workload keeps its lines however long it runs.
+    let (status, page) = keep_as
+        .get(&format!("/v1/workloads/{kept}/logs/history?limit=5000"))
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(page["lines"].as_array().unwrap().len(), 1000);
+    let (status, page) = short_as
+        .get(&format!("/v1/workloads/{spinning}/logs/history"))
+        .await;
+    assert_eq!(
+        (status, page["lines"][0]["line"].as_str()),
+        (200, Some("spinning"))
+    );
+    let (status, _) = short_as
+        .call(Method::DELETE, &format!("/v1/workloads/{spinning}"), None)
+        .await;
+    assert_eq!(status, 200);
+}

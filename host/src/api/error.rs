@@ -36,6 +36,9 @@ pub enum ApiError {
     /// Missing or wrong bearer token.
     #[error("missing or invalid bearer token")]
     Unauthorized,
+    /// Retention deleted what was asked for (a workload's lines).
+    #[error("{0}")]
+    Gone(String),
     /// The caller's tenant may not do this (e.g. read `/metrics`).
     #[error("{0}")]
     Forbidden(String),
@@ -73,6 +76,7 @@ impl ApiError {
             ApiError::OutboundNotPermitted(_) => (StatusCode::FORBIDDEN, "outbound_not_permitted"),
             ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
             ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
+            ApiError::Gone(_) => (StatusCode::GONE, "gone"),
             ApiError::QuotaExceeded(_) => (StatusCode::TOO_MANY_REQUESTS, "quota_exceeded"),
             ApiError::Busy(_) => (StatusCode::SERVICE_UNAVAILABLE, "busy"),
             ApiError::StorageFull(_) => (StatusCode::INSUFFICIENT_STORAGE, "storage_full"),

@@ -37,7 +37,7 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use super::caller::Caller;
 use super::sse::{KEEP_ALIVE, put_event};
-use super::workloads::{in_range, parse_id, visible_record};
+use super::workloads::{in_range, parse_id, record_with_lines};
 use super::{ApiError, AppState};
 use crate::cluster::{Cluster, LogChunk};
 use crate::logs::{BrokerEvent, LogRecord, TryNext};
@@ -99,7 +99,7 @@ pub async fn follow(
     let after = in_range("Last-Event-ID", last_event_id)?.or(in_range("after", query.after)?);
     match state.cluster() {
         Some(cluster) => drop(cluster.record(id).await?),
-        None => drop(visible_record(&state, &caller, id).await?),
+        None => drop(record_with_lines(&state, &caller, id).await?),
     }
     let format = query.format.unwrap_or_default();
 
@@ -409,7 +409,7 @@ pub async fn history(
             lines: lines.iter().map(LogLine::from).collect(),
         }));
     }
-    visible_record(&state, &caller, id).await?;
+    record_with_lines(&state, &caller, id).await?;
     let lines = state.node().db().read_lines(id, after, limit).await?;
     Ok(Json(LogPage {
         next_after: lines.last().map(|r| r.seq).or(after),

@@ -60,6 +60,8 @@ pub struct ApiConfig {
     /// How long a client may stall (send nothing, or read nothing) before
     /// its connection is closed.
     pub client_timeout: std::time::Duration,
+    /// How long finished workloads' lines are kept.
+    pub retention: crate::retention::RetentionPolicy,
 }
 
 impl Default for ApiConfig {
@@ -70,6 +72,7 @@ impl Default for ApiConfig {
             max_spec: 1 << 20,
             limits: LimitPolicy::default(),
             client_timeout: std::time::Duration::from_secs(30),
+            retention: Default::default(),
         }
     }
 }
@@ -220,6 +223,11 @@ pub async fn serve(
     let node = Arc::clone(&state.inner.node);
     let client_timeout = state.config().client_timeout;
     let sampler = tokio::spawn(sample_every_second(Arc::clone(&node)));
+    let pruner = tokio::spawn(crate::retention::run(
+        node.db().clone(),
+        state.config().retention.clone(),
+        std::time::Duration::from_secs(1),
+    ));
     let app = router(state);
     conn::serve(
         listener,
@@ -233,6 +241,7 @@ pub async fn serve(
     )
     .await;
     sampler.abort();
+    pruner.abort();
     Ok(())
 }
 

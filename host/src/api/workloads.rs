@@ -316,6 +316,22 @@ pub async fn visible_record(
     Ok(record)
 }
 
+/// The record of workload `id` if its lines are still kept: 410 once
+/// retention deleted them, 404 as [`visible_record`].
+pub async fn record_with_lines(
+    state: &AppState,
+    caller: &Caller,
+    id: WorkloadId,
+) -> Result<WorkloadRecord, ApiError> {
+    let record = visible_record(state, caller, id).await?;
+    if record.pruned_at.is_some() {
+        return Err(ApiError::Gone(format!(
+            "the lines of workload {id} were deleted by retention"
+        )));
+    }
+    Ok(record)
+}
+
 /// `GET /v1/workloads/{id}`.
 pub async fn get(
     State(state): State<AppState>,

@@ -164,6 +164,7 @@ fn tenant_add(args: TenantAddArgs) -> anyhow::Result<ExitCode> {
         max_memory_bytes: None,
         max_fuel: None,
         max_output_bytes: None,
+        retain_for_ms: None,
     };
     let name = entry.name.clone();
     crate::tenants::add_to_file(&args.tenants, entry)?;
@@ -321,6 +322,7 @@ mod tests {
             started_at: None,
             finished_at: None,
             tenant: None,
+            pruned_at: None,
         };
         exit::for_view(&WorkloadView::from(record).summary)
     }

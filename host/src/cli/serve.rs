@@ -51,6 +51,11 @@ pub struct ServeArgs {
     /// modules. `--token` adds an admin tenant. See `vulcan tenant add`
     #[arg(long, env = "VULCAN_TENANTS", value_name = "FILE")]
     tenants: Option<std::path::PathBuf>,
+    /// Delete finished workloads' lines this long after they end (e.g. 7d,
+    /// 12h); their records stay, and their logs answer 410 Gone. A tenant's
+    /// `retain_for_ms` overrides it for that tenant. Default: keep forever
+    #[arg(long, env = "VULCAN_RETAIN_FOR", value_name = "DURATION", value_parser = parse::duration)]
+    retain_for: Option<Duration>,
     /// Most bytes of args, env, stdin and input one workload may be given (413 beyond)
     #[arg(long, env = "VULCAN_MAX_SPEC_SIZE", default_value = "1MiB", value_name = "SIZE", value_parser = parse::size)]
     max_spec_size: u64,
@@ -223,6 +228,10 @@ pub fn execute(args: ServeArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
             None => None,
         };
         let config = ApiConfig {
+            retention: crate::retention::RetentionPolicy {
+                default: args.retain_for,
+                tenants: tenants.retentions(),
+            },
             tenants,
             max_upload: usize::try_from(args.max_upload).unwrap_or(usize::MAX),
             max_spec: usize::try_from(args.max_spec_size).unwrap_or(usize::MAX),

@@ -115,6 +115,7 @@ fn pending_view(
         started_at: None,
         finished_at: None,
         tenant: None,
+        pruned_at: None,
     });
     view.summary.attempt = Some(0);
     view

@@ -38,6 +38,7 @@ use tokio::sync::oneshot;
 
 pub use queue::{LINE_OVERHEAD, LineLane};
 pub use schema::SCHEMA_VERSION;
+pub use write_op::PruneScope;
 pub use writer::WriterConfig;
 
 use crate::logs::{LivePublisher, LogRecord};
@@ -217,6 +218,9 @@ impl Db {
         let mut conn = Connection::open(&path)
             .with_context(|| format!("failed to open database {}", path.display()))?;
         conn.busy_timeout(config.busy_timeout)?;
+        // Only takes on a new, empty database: retention then gives the
+        // pages of deleted lines back to the file system.
+        conn.pragma_update(None, "auto_vacuum", "INCREMENTAL")?;
         conn.pragma_update(None, "journal_mode", "WAL")
             .context("failed to switch the database to WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
@@ -362,6 +366,23 @@ impl Db {
         self.request(|reply| WriteOp::OwnModule {
             tenant,
             hash,
+            reply,
+        })
+        .await
+    }
+
+    /// One small step of retention (see [`PruneScope`]): how much it did,
+    /// 0 when nothing of `scope` ended before `cutoff` is left to prune.
+    pub async fn prune_step(
+        &self,
+        scope: PruneScope,
+        cutoff: i64,
+        max_lines: u64,
+    ) -> StoreResult<u64> {
+        self.request(|reply| WriteOp::Prune {
+            scope,
+            cutoff,
+            max_lines,
             reply,
         })
         .await

@@ -187,7 +187,7 @@ pub(super) fn scan_lines(
 
 const WORKLOAD_COLUMNS: &str = "id, status, module_hash, args, env, limits, exit_code, error, \
      output, duration_ms, line_count, created_at, started_at, finished_at, failure, \
-     allowed_hosts, log_level, tenant";
+     allowed_hosts, log_level, tenant, pruned_at";
 
 fn row_to_workload(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoreResult<WorkloadRecord>> {
     let id: String = r.get(0)?;
@@ -237,6 +237,7 @@ fn row_to_workload(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoreResult<Worklo
         started_at: r.get(12)?,
         finished_at: r.get(13)?,
         tenant: r.get(17)?,
+        pruned_at: r.get(18)?,
     }))
 }
 

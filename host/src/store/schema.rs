@@ -126,6 +126,12 @@ pub(super) const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (tenant, hash)
     ) WITHOUT ROWID;
     "#,
+    // 7: retention. When a finished workload's lines were deleted (its
+    // record stays, so a reader learns they are gone rather than missing).
+    r#"
+    ALTER TABLE workloads ADD COLUMN pruned_at INTEGER;
+    CREATE INDEX workloads_to_prune ON workloads (finished_at) WHERE pruned_at IS NULL;
+    "#,
 ];
 
 /// The schema version this build writes.

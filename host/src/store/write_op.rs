@@ -42,6 +42,14 @@ pub(super) enum WriteOp {
     Flush {
         reply: oneshot::Sender<()>,
     },
+    /// Deletes up to `max_lines` lines of one finished workload of `scope`
+    /// that ended before `cutoff`; answers how much it did (0: nothing left).
+    Prune {
+        scope: PruneScope,
+        cutoff: i64,
+        max_lines: u64,
+        reply: oneshot::Sender<StoreResult<u64>>,
+    },
     /// Caps the database's size in pages, as a full disk would (tests only).
     #[cfg(test)]
     PageLimit {
@@ -66,4 +74,13 @@ pub(super) enum Applied {
     Bool(bool),
     Count(u64),
     Record(Box<WorkloadRecord>),
+}
+
+/// Whose finished workloads a prune looks at.
+#[derive(Debug, Clone)]
+pub enum PruneScope {
+    /// One tenant's.
+    Tenant(String),
+    /// Everyone's but these tenants' (which have a retention of their own).
+    AllBut(Vec<String>),
 }

@@ -8,7 +8,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use super::queue::{LineQueue, Taken};
 use super::reads::stream_code;
-use super::write_op::{Applied, WriteOp};
+use super::write_op::{Applied, PruneScope, WriteOp};
 use super::{NewWorkload, StoreError, StoreResult};
 use crate::workload::{Completion, LogLevel, Status, WorkloadId, now_ms};
 
@@ -195,6 +195,12 @@ pub(super) fn apply(
             }
         }
         WriteOp::FailUnfinished { reason, .. } => Ok(Applied::Count(fail_unfinished(tx, reason)?)),
+        WriteOp::Prune {
+            scope,
+            cutoff,
+            max_lines,
+            ..
+        } => Ok(Applied::Count(prune(tx, scope, *cutoff, *max_lines)?)),
         WriteOp::LinesQueued | WriteOp::Flush { .. } => Ok(Applied::Unit),
         #[cfg(test)]
         WriteOp::PageLimit { .. } => Ok(Applied::Unit),
@@ -218,6 +224,43 @@ fn fail_unfinished(tx: &Connection, reason: &str) -> StoreResult<u64> {
         ))?
         .execute([reason])?;
     Ok(n as u64)
+}
+
+/// Deletes up to `max_lines` of the oldest lines of the finished workload of
+/// `scope` that ended first before `cutoff`, and marks it pruned once none
+/// are left. Small steps, so the writer's other work interleaves.
+fn prune(tx: &Connection, scope: &PruneScope, cutoff: i64, max_lines: u64) -> StoreResult<u64> {
+    let (tenant, others) = match scope {
+        PruneScope::Tenant(t) => (Some(t.as_str()), None),
+        PruneScope::AllBut(list) => (
+            None,
+            Some(serde_json::to_string(list).map_err(anyhow::Error::from)?),
+        ),
+    };
+    let key: Option<i64> = tx
+        .prepare_cached(
+            "SELECT key FROM workloads WHERE pruned_at IS NULL AND finished_at < ?1 \
+             AND (?2 IS NULL OR tenant = ?2) \
+             AND (?3 IS NULL OR tenant IS NULL OR tenant NOT IN (SELECT value FROM json_each(?3))) \
+             ORDER BY finished_at LIMIT 1",
+        )?
+        .query_row(params![cutoff, tenant, others], |r| r.get(0))
+        .optional()?;
+    let Some(key) = key else { return Ok(0) };
+    let deleted = tx
+        .prepare_cached(
+            "DELETE FROM log_records WHERE workload = ?1 AND seq < \
+             (SELECT MIN(seq) FROM log_records WHERE workload = ?1) + ?2",
+        )?
+        .execute(params![key, max_lines as i64])? as u64;
+    if deleted < max_lines {
+        tx.prepare_cached("UPDATE workloads SET pruned_at = ?2 WHERE key = ?1")?
+            .execute(params![key, now_ms()])?;
+    }
+    // Gives freed pages back to the file system (a no-op on a database made
+    // before incremental vacuum was switched on).
+    tx.execute_batch("PRAGMA incremental_vacuum(1024)")?;
+    Ok(deleted + 1)
 }
 
 fn create(tx: &Connection, new: &NewWorkload) -> StoreResult<()> {

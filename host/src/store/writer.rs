@@ -319,7 +319,7 @@ impl Writer {
                 (WriteOp::Create { reply, .. }, r) => {
                     let _ = reply.send(r.map(|_| ()));
                 }
-                (WriteOp::FailUnfinished { reply, .. }, r) => {
+                (WriteOp::FailUnfinished { reply, .. } | WriteOp::Prune { reply, .. }, r) => {
                     let _ = reply.send(r.map(|a| match a {
                         Applied::Count(n) => n,
                         _ => 0,
@@ -368,7 +368,9 @@ impl Writer {
                 drop(reply.send(Err(err())))
             }
             WriteOp::Create { reply, .. } => drop(reply.send(Err(err()))),
-            WriteOp::FailUnfinished { reply, .. } => drop(reply.send(Err(err()))),
+            WriteOp::FailUnfinished { reply, .. } | WriteOp::Prune { reply, .. } => {
+                drop(reply.send(Err(err())))
+            }
             WriteOp::Flush { reply } => drop(reply.send(())),
             WriteOp::LinesQueued => {}
             #[cfg(test)]
