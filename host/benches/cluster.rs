@@ -27,10 +27,7 @@ mod common;
 use common::{BenchServer, env_or, follow, ms, start, upload};
 
 fn main() -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    rt.block_on(run())
+    common::block_on(run())
 }
 
 /// A `nats-server -js` on a free loopback port.

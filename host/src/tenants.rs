@@ -61,6 +61,23 @@ pub struct TenantEntry {
     pub retain_for_ms: Option<u64>,
 }
 
+impl TenantEntry {
+    /// A tenant with this token hash, no role and no quotas.
+    pub fn new(name: impl Into<String>, token_sha256: String) -> Self {
+        Self {
+            name: name.into(),
+            token_sha256,
+            admin: false,
+            max_concurrent: None,
+            max_timeout_ms: None,
+            max_memory_bytes: None,
+            max_fuel: None,
+            max_output_bytes: None,
+            retain_for_ms: None,
+        }
+    }
+}
+
 /// The tenants file.
 #[derive(Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -129,15 +146,8 @@ impl Tenants {
                 bail!("--token adds a tenant named `admin`, and the tenants file has one too");
             }
             file.tenants.push(TenantEntry {
-                name: "admin".into(),
-                token_sha256: token_hash(token),
                 admin: true,
-                max_concurrent: None,
-                max_timeout_ms: None,
-                max_memory_bytes: None,
-                max_fuel: None,
-                max_output_bytes: None,
-                retain_for_ms: None,
+                ..TenantEntry::new("admin", token_hash(token))
             });
         }
         Self::from_file(file)
@@ -274,17 +284,7 @@ mod tests {
     use super::*;
 
     fn entry(name: &str, token: &str) -> TenantEntry {
-        TenantEntry {
-            name: name.into(),
-            token_sha256: token_hash(token),
-            admin: false,
-            max_concurrent: None,
-            max_timeout_ms: None,
-            max_memory_bytes: None,
-            max_fuel: None,
-            max_output_bytes: None,
-            retain_for_ms: None,
-        }
+        TenantEntry::new(name, token_hash(token))
     }
 
     #[test]

@@ -9,6 +9,16 @@ use anyhow::{Context as _, bail, ensure};
 use serde_json::Value;
 use vulcan::cli::sse::SseParser;
 
+/// Runs a benchmark's async body on a multi-threaded runtime.
+pub fn block_on<F: std::future::Future<Output = anyhow::Result<()>>>(
+    body: F,
+) -> anyhow::Result<()> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(body)
+}
+
 /// Uploads a module; returns its hash.
 pub async fn upload(http: &reqwest::Client, url: &str, wasm: &[u8]) -> anyhow::Result<String> {
     let resp = http

@@ -292,12 +292,14 @@ pub async fn run_async(
     ))
 }
 
-/// Keeps a tenant's quota slot until the workload ends, in a task of its
-/// own: it is released even when nobody waits for the end.
-fn hold<T: Send + 'static>(
-    done: tokio::task::JoinHandle<anyhow::Result<T>>,
+/// The workload's end, with a tenant's quota slot (if it has a quota) held
+/// until then by a task of its own, so that the slot is released at the end
+/// even when nobody waits for it. Without a quota no task is added.
+fn hold(
+    done: tokio::task::JoinHandle<anyhow::Result<WorkloadRecord>>,
     quota: Option<OwnedSemaphorePermit>,
-) -> tokio::task::JoinHandle<anyhow::Result<T>> {
+) -> tokio::task::JoinHandle<anyhow::Result<WorkloadRecord>> {
+    let Some(quota) = quota else { return done };
     tokio::spawn(async move {
         let ended = done.await;
         drop(quota);

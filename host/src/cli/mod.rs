@@ -156,15 +156,9 @@ struct TenantAddArgs {
 fn tenant_add(args: TenantAddArgs) -> anyhow::Result<ExitCode> {
     let token = crate::tenants::new_token()?;
     let entry = crate::tenants::TenantEntry {
-        name: args.name,
-        token_sha256: crate::tenants::token_hash(&token),
         admin: args.admin,
         max_concurrent: args.max_concurrent,
-        max_timeout_ms: None,
-        max_memory_bytes: None,
-        max_fuel: None,
-        max_output_bytes: None,
-        retain_for_ms: None,
+        ..crate::tenants::TenantEntry::new(args.name, crate::tenants::token_hash(&token))
     };
     let name = entry.name.clone();
     crate::tenants::add_to_file(&args.tenants, entry)?;

@@ -12,7 +12,7 @@ pub fn duration(s: &str) -> Result<Duration, String> {
     let d = humantime::parse_duration(s)
         .map_err(|e| format!("`{s}` is not a duration ({e}); try e.g. 500ms, 5s or 2m"))?;
     if d.is_zero() {
-        return Err("a timeout must be longer than zero".into());
+        return Err("a duration here must be longer than zero".into());
     }
     Ok(d)
 }

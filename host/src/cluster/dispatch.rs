@@ -19,7 +19,6 @@ use base64::Engine as _;
 use bytes::Bytes;
 use futures_util::StreamExt as _;
 use serde::{Deserialize, Serialize};
-use sha2::Digest as _;
 
 use super::logs::ClusterLines;
 use super::{Cluster, ClusterError, QUEUE_SUBJECT, kill_subject, now_ms, until_done};
@@ -228,7 +227,7 @@ impl Cluster {
         tokio::io::AsyncReadExt::read_to_end(&mut object, &mut bytes)
             .await
             .map_err(ClusterError::unavailable)?;
-        let got = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&bytes)));
+        let got = crate::registry::module_hash(&bytes);
         if got != hash {
             return Err(anyhow::anyhow!(
                 "the cluster's copy of module {hash} has the wrong hash ({got}); refusing it"
