@@ -1,9 +1,11 @@
-//! Retention: deletes the lines of workloads that ended long enough ago.
+//! Retention: deletes the lines of workloads that ended long enough ago, and
+//! of the oldest finished workloads while stored lines exceed a size.
 //!
-//! Owns the schedule and the policy (the server's `--retain-for` and each
-//! tenant's own); the store does the deleting, one small transaction at a
-//! time, so writers are never held up for long. Running workloads are never
-//! touched: only an end time can make a workload old.
+//! Owns the schedule and the policy (the server's `--retain-for` and
+//! `--retain-bytes`, and each tenant's own); the store does the deleting, one
+//! small transaction at a time, so writers are never held up for long.
+//! Running workloads are never touched: only an end time can make a workload
+//! old, and only finished workloads are pruned for size.
 
 use std::time::Duration;
 
@@ -17,12 +19,19 @@ pub struct RetentionPolicy {
     pub default: Option<Duration>,
     /// Tenants with their own rule.
     pub tenants: Vec<(String, Duration)>,
+    /// Most bytes of lines the whole store keeps; `None`: no cap.
+    pub max_bytes: Option<u64>,
+    /// Tenants whose own lines are capped: (name, bytes).
+    pub tenant_bytes: Vec<(String, u64)>,
 }
 
 impl RetentionPolicy {
     /// True when nothing is ever deleted.
     pub fn keeps_everything(&self) -> bool {
-        self.default.is_none() && self.tenants.is_empty()
+        self.default.is_none()
+            && self.tenants.is_empty()
+            && self.max_bytes.is_none()
+            && self.tenant_bytes.is_empty()
     }
 
     /// Each scope with the end time before which its workloads are pruned.
@@ -54,15 +63,30 @@ pub async fn run(db: Db, policy: RetentionPolicy, every: Duration) {
     loop {
         tick.tick().await;
         for (scope, cutoff) in policy.cutoffs(now_ms()) {
-            loop {
-                match db.prune_step(scope.clone(), cutoff, STEP_LINES).await {
-                    Ok(0) => break,
-                    Ok(_) => tokio::task::yield_now().await,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "retention could not prune; will try again");
-                        break;
-                    }
-                }
+            prune_while(&db, scope, cutoff, || true).await;
+        }
+        // Any finished workload may go for size, oldest first.
+        for (tenant, cap) in &policy.tenant_bytes {
+            let scope = PruneScope::Tenant(tenant.clone());
+            prune_while(&db, scope, i64::MAX, || db.log_bytes(Some(tenant)) > *cap).await;
+        }
+        if let Some(cap) = policy.max_bytes {
+            let everyone = PruneScope::AllBut(Vec::new());
+            prune_while(&db, everyone, i64::MAX, || db.log_bytes_total() > cap).await;
+        }
+    }
+}
+
+/// Prunes workloads of `scope` that ended before `cutoff`, step by step,
+/// while `needed` holds and there is something left.
+async fn prune_while(db: &Db, scope: PruneScope, cutoff: i64, needed: impl Fn() -> bool) {
+    while needed() {
+        match db.prune_step(scope.clone(), cutoff, STEP_LINES).await {
+            Ok(0) => break,
+            Ok(_) => tokio::task::yield_now().await,
+            Err(e) => {
+                tracing::warn!(error = %e, "retention could not prune; will try again");
+                break;
             }
         }
     }

@@ -17,6 +17,8 @@
 //! max_fuel = 1000000000
 //! max_output_bytes = 10485760
 //! retain_for_ms = 86400000            # its lines kept a day after it ends
+//! max_log_bytes = 1073741824          # its stored lines, at most
+//! on_log_quota = "prune_oldest"       # or "refuse": new runs get 429
 //! ```
 
 use std::collections::HashSet;
@@ -59,6 +61,25 @@ pub struct TenantEntry {
     /// server's `--retain-for`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retain_for_ms: Option<u64>,
+    /// The most bytes of log lines its workloads may keep stored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_log_bytes: Option<u64>,
+    /// What happens when its stored lines reach `max_log_bytes`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_log_quota: Option<LogQuotaAction>,
+}
+
+/// What a tenant's stored-log quota does when it is reached.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum LogQuotaAction {
+    /// Retention deletes the lines of its oldest finished workloads until it
+    /// is under quota again; runs are never refused for it.
+    #[default]
+    PruneOldest,
+    /// Its new runs are refused (429) until retention by age frees room;
+    /// nothing is deleted early.
+    Refuse,
 }
 
 impl TenantEntry {
@@ -74,6 +95,8 @@ impl TenantEntry {
             max_fuel: None,
             max_output_bytes: None,
             retain_for_ms: None,
+            max_log_bytes: None,
+            on_log_quota: None,
         }
     }
 }
@@ -115,6 +138,14 @@ impl Tenant {
             max_memory_bytes: self.entry.max_memory_bytes,
             fuel: self.entry.max_fuel,
             max_output_bytes: self.entry.max_output_bytes,
+        }
+    }
+
+    /// Its stored-log quota when reaching it refuses new runs.
+    pub fn refuses_at_log_bytes(&self) -> Option<u64> {
+        match self.entry.on_log_quota.unwrap_or_default() {
+            LogQuotaAction::Refuse => self.entry.max_log_bytes,
+            LogQuotaAction::PruneOldest => None,
         }
     }
 
@@ -194,6 +225,15 @@ impl Tenants {
                 let ms = t.entry.retain_for_ms?;
                 Some((t.name().to_owned(), std::time::Duration::from_millis(ms)))
             })
+            .collect()
+    }
+
+    /// Tenants whose oldest lines are pruned above a stored size: (name, bytes).
+    pub fn log_caps(&self) -> Vec<(String, u64)> {
+        self.all
+            .iter()
+            .filter(|t| t.entry.on_log_quota.unwrap_or_default() == LogQuotaAction::PruneOldest)
+            .filter_map(|t| Some((t.name().to_owned(), t.entry.max_log_bytes?)))
             .collect()
     }
 

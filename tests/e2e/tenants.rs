@@ -303,10 +303,10 @@ async fn a_tenant_at_its_quota_gets_429_and_others_still_run() {
         .env("VULCAN_TOKEN", &noisy)
         .output()
         .unwrap();
-    assert_eq!(
-        stdout(&out).trim(),
-        "noisy (tenant): 2/2 running",
-        "{}",
+    assert!(
+        stdout(&out).starts_with("noisy (tenant): 2/2 running; logs "),
+        "{}{}",
+        stdout(&out),
         stderr(&out)
     );
 
@@ -577,4 +577,154 @@ async fn retention_deletes_old_lines_in_the_background_and_their_logs_answer_410
         .call(Method::DELETE, &format!("/v1/workloads/{spinning}"), None)
         .await;
     assert_eq!(status, 200);
+}
+
+/// Bytes `log-flood 1000` stores: "line 0" … "line 999".
+const FLOOD_1000_BYTES: u64 = 1000 * 5 + 10 + 90 * 2 + 900 * 3;
+
+/// Runs `log-flood 1000` `times` times in a row, synchronously: the ids.
+async fn floods(who: &As<'_>, times: usize) -> Vec<String> {
+    let module = b64(&std::fs::read(example("log-flood")).unwrap());
+    let mut ids = Vec::new();
+    for _ in 0..times {
+        let run = json!({"module_base64": module, "args": ["1000"]});
+        let (status, record) = who.call(Method::POST, "/v1/workloads", Some(run)).await;
+        assert_eq!(
+            (status, record["status"].as_str()),
+            (200, Some("completed"))
+        );
+        ids.push(record["id"].as_str().unwrap().to_owned());
+    }
+    ids
+}
+
+/// Status of `id`'s history: 200 with all 1,000 lines, or 410 once pruned.
+async fn history(who: &As<'_>, id: &str) -> u16 {
+    let (status, page) = who
+        .get(&format!("/v1/workloads/{id}/logs/history?limit=5000"))
+        .await;
+    if status == 200 {
+        assert_eq!(page["lines"].as_array().unwrap().len(), 1000, "{id}");
+    }
+    status
+}
+
+#[tokio::test]
+async fn stored_log_bytes_quotas_prune_the_oldest_or_refuse_new_runs() {
+    let env = Env::new();
+    let file = env.data_dir().join("tenants.toml");
+    // Room for two runs' lines and a half: the third run is over it.
+    let cap = (FLOOD_1000_BYTES * 5 / 2).to_string();
+    let capped = add_tenant(&env, &file, "capped", &["--max-log-bytes", &cap]);
+    let strict = add_tenant(
+        &env,
+        &file,
+        "strict",
+        &["--max-log-bytes", "10000", "--on-log-quota", "refuse"],
+    );
+    let free = add_tenant(&env, &file, "free", &[]);
+    let server = Server::start(&env, &["--tenants", file.to_str().unwrap()]);
+    let who = |token| As {
+        server: &server,
+        token: Some(token),
+    };
+    let (capped_as, strict_as, free_as) = (who(&capped), who(&strict), who(&free));
+
+    // prune_oldest: four runs' lines exceed the cap; the two oldest go.
+    let ids = floods(&capped_as, 4).await;
+    let whoami = eventually("capped is back under its quota", || async {
+        let (_, me) = capped_as.get("/v1/whoami").await;
+        (me["log_bytes"] == 2 * FLOOD_1000_BYTES).then_some(me)
+    })
+    .await;
+    assert_eq!(whoami["max_log_bytes"], FLOOD_1000_BYTES * 5 / 2);
+    assert_eq!(whoami["on_log_quota"], "prune_oldest");
+    let mut statuses = Vec::new();
+    for id in &ids {
+        statuses.push(history(&capped_as, id).await);
+    }
+    assert_eq!(
+        statuses,
+        [410, 410, 200, 200],
+        "oldest first, and only those"
+    );
+    // What whoami counts is what the file holds.
+    let stored: i64 = env
+        .sqlite()
+        .query_row(
+            "SELECT SUM(length(CAST(line AS BLOB))) FROM log_lines l \
+             JOIN workloads w ON w.id = l.workload_id WHERE w.tenant = 'capped'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(stored as u64, 2 * FLOOD_1000_BYTES);
+
+    // refuse: once over, new runs get 429 and nothing is deleted.
+    let kept = floods(&strict_as, 2).await;
+    let module = b64(&std::fs::read(example("hello")).unwrap());
+    let resp = server
+        .http
+        .post(format!("{}/v1/workloads", server.url))
+        .bearer_auth(&strict)
+        .json(&json!({"module_base64": module}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 429);
+    assert!(
+        resp.headers().get("retry-after").is_none(),
+        "waiting does not free room"
+    );
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "log_quota_exceeded", "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("15780 bytes") && message.contains("10000"),
+        "{message}"
+    );
+    for id in &kept {
+        assert_eq!(history(&strict_as, id).await, 200);
+    }
+    // Another tenant is not held back by either.
+    let (status, _) = free_as
+        .call(
+            Method::POST,
+            "/v1/workloads",
+            Some(json!({"module_base64": module})),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let out = env
+        .cmd(&["--server", &server.url, "whoami"])
+        .env("VULCAN_TOKEN", &strict)
+        .output()
+        .unwrap();
+    assert!(
+        stdout(&out).contains("logs 15.4 KiB of 9.8 KiB stored (refuse when full)"),
+        "{}",
+        stdout(&out)
+    );
+}
+
+#[tokio::test]
+async fn a_server_wide_byte_cap_prunes_the_oldest_finished_workloads() {
+    let env = Env::new();
+    let cap = (FLOOD_1000_BYTES * 3 / 2).to_string();
+    let server = Server::start(&env, &["--retain-bytes", &cap]);
+    let anyone = As {
+        server: &server,
+        token: None,
+    };
+    let ids = floods(&anyone, 3).await;
+    eventually("the store is back under its cap", || async {
+        let (_, me) = anyone.get("/v1/whoami").await;
+        (me["log_bytes"] == FLOOD_1000_BYTES).then_some(())
+    })
+    .await;
+    let mut statuses = Vec::new();
+    for id in &ids {
+        statuses.push(history(&anyone, id).await);
+    }
+    assert_eq!(statuses, [410, 410, 200]);
 }

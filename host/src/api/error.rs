@@ -45,6 +45,11 @@ pub enum ApiError {
     /// The caller's tenant already runs all the workloads its quota allows.
     #[error("{0}")]
     QuotaExceeded(String),
+    /// The caller's tenant stores all the log bytes its quota allows, and
+    /// its quota refuses new runs then (no `Retry-After`: only retention
+    /// frees room, on its own schedule).
+    #[error("{0}")]
+    LogQuotaExceeded(String),
     /// `--max-concurrent` workloads are running.
     #[error("{0}")]
     Busy(String),
@@ -78,6 +83,7 @@ impl ApiError {
             ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             ApiError::Gone(_) => (StatusCode::GONE, "gone"),
             ApiError::QuotaExceeded(_) => (StatusCode::TOO_MANY_REQUESTS, "quota_exceeded"),
+            ApiError::LogQuotaExceeded(_) => (StatusCode::TOO_MANY_REQUESTS, "log_quota_exceeded"),
             ApiError::Busy(_) => (StatusCode::SERVICE_UNAVAILABLE, "busy"),
             ApiError::StorageFull(_) => (StatusCode::INSUFFICIENT_STORAGE, "storage_full"),
             ApiError::RequestTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "request_timeout"),

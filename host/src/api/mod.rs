@@ -271,15 +271,27 @@ async fn stats(
 }
 
 /// `GET /v1/whoami`: the caller's tenant, role and quota use.
-async fn whoami(Extension(caller): Extension<Caller>) -> impl IntoResponse {
+async fn whoami(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+) -> impl IntoResponse {
+    let db = state.node().db();
     let body = match caller.tenant() {
-        None => serde_json::json!({"tenant": null, "admin": true}),
+        None => serde_json::json!({
+            "tenant": null,
+            "admin": true,
+            // A node's store holds only its own workloads' lines.
+            "log_bytes": state.cluster().is_none().then(|| db.log_bytes_total()),
+        }),
         Some(t) => serde_json::json!({
             "tenant": t.name(),
             "admin": t.is_admin(),
             "max_concurrent": t.entry.max_concurrent,
             "running": t.running(),
             "max_limits": t.max_limits(),
+            "log_bytes": db.log_bytes(Some(t.name())),
+            "max_log_bytes": t.entry.max_log_bytes,
+            "on_log_quota": t.entry.max_log_bytes.map(|_| t.entry.on_log_quota.unwrap_or_default()),
         }),
     };
     axum::Json(body)

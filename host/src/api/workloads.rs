@@ -150,6 +150,16 @@ async fn start(state: &AppState, caller: &Caller, req: Request) -> Result<Accept
         Some(tenant) => {
             submission.spec.limits = tenant_limits(tenant, &asked, &submission.spec.limits)?;
             submission.spec.tenant = Some(tenant.name().to_owned());
+            if let Some(max) = tenant.refuses_at_log_bytes() {
+                let stored = state.node().db().log_bytes(Some(tenant.name()));
+                if stored >= max {
+                    return Err(ApiError::LogQuotaExceeded(format!(
+                        "tenant `{}` stores {stored} bytes of logs, its quota is {max}; \
+                         runs are refused until retention deletes old logs",
+                        tenant.name()
+                    )));
+                }
+            }
             match &tenant.slots {
                 Some(slots) => Some(Arc::clone(slots).try_acquire_owned().map_err(|_| {
                     ApiError::QuotaExceeded(format!(

@@ -212,10 +212,34 @@ pub async fn whoami(client: &Client) -> anyhow::Result<ExitCode> {
                 Some(max) => format!("{}/{max} running", me["running"]),
                 None => format!("{} running, no quota", me["running"]),
             };
-            println!("{name} ({role}): {quota}");
+            let logs = match (me["log_bytes"].as_u64(), me["max_log_bytes"].as_u64()) {
+                (Some(n), Some(max)) => format!(
+                    "; logs {} of {} stored ({} when full)",
+                    bytes(n),
+                    bytes(max),
+                    me["on_log_quota"].as_str().unwrap_or("prune_oldest")
+                ),
+                (Some(n), None) => format!("; logs {} stored, no quota", bytes(n)),
+                _ => String::new(),
+            };
+            println!("{name} ({role}): {quota}{logs}");
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A byte count the way a person reads it (binary units, one decimal).
+fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let (mut value, mut unit) = (n as f64, 0);
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    match unit {
+        0 => format!("{n} B"),
+        _ => format!("{value:.1} {}", UNITS[unit]),
+    }
 }
 
 /// How often `logs -f` reconnects in a row before giving up.

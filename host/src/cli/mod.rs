@@ -150,6 +150,20 @@ struct TenantAddArgs {
     /// Most of its workloads running at once (beyond: 429 quota_exceeded)
     #[arg(long, value_name = "N")]
     max_concurrent: Option<usize>,
+    /// Most bytes of log lines its workloads keep stored (e.g. 1GiB)
+    #[arg(long, value_name = "SIZE", value_parser = parse::size)]
+    max_log_bytes: Option<u64>,
+    /// At --max-log-bytes: delete its oldest finished workloads' lines
+    /// (prune-oldest, the default) or refuse its new runs with 429 (refuse)
+    #[arg(long, value_name = "ACTION", requires = "max_log_bytes")]
+    on_log_quota: Option<LogQuotaArg>,
+}
+
+/// `--on-log-quota` as typed.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum LogQuotaArg {
+    PruneOldest,
+    Refuse,
 }
 
 /// `vulcan tenant add`: the token goes to stdout, alone, for scripts.
@@ -158,6 +172,11 @@ fn tenant_add(args: TenantAddArgs) -> anyhow::Result<ExitCode> {
     let entry = crate::tenants::TenantEntry {
         admin: args.admin,
         max_concurrent: args.max_concurrent,
+        max_log_bytes: args.max_log_bytes,
+        on_log_quota: args.on_log_quota.map(|a| match a {
+            LogQuotaArg::PruneOldest => crate::tenants::LogQuotaAction::PruneOldest,
+            LogQuotaArg::Refuse => crate::tenants::LogQuotaAction::Refuse,
+        }),
         ..crate::tenants::TenantEntry::new(args.name, crate::tenants::token_hash(&token))
     };
     let name = entry.name.clone();

@@ -56,6 +56,11 @@ pub struct ServeArgs {
     /// `retain_for_ms` overrides it for that tenant. Default: keep forever
     #[arg(long, env = "VULCAN_RETAIN_FOR", value_name = "DURATION", value_parser = parse::duration)]
     retain_for: Option<Duration>,
+    /// Keep at most this many bytes of log lines in the store (e.g. 20GiB):
+    /// above it, the lines of the oldest finished workloads (any tenant's)
+    /// are deleted first, as `--retain-for` deletes them. Default: no cap
+    #[arg(long, env = "VULCAN_RETAIN_BYTES", value_name = "SIZE", value_parser = parse::size)]
+    retain_bytes: Option<u64>,
     /// Most bytes of args, env, stdin and input one workload may be given (413 beyond)
     #[arg(long, env = "VULCAN_MAX_SPEC_SIZE", default_value = "1MiB", value_name = "SIZE", value_parser = parse::size)]
     max_spec_size: u64,
@@ -231,6 +236,8 @@ pub fn execute(args: ServeArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
             retention: crate::retention::RetentionPolicy {
                 default: args.retain_for,
                 tenants: tenants.retentions(),
+                max_bytes: args.retain_bytes,
+                tenant_bytes: tenants.log_caps(),
             },
             tenants,
             max_upload: usize::try_from(args.max_upload).unwrap_or(usize::MAX),

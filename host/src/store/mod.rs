@@ -20,6 +20,7 @@ mod reads;
 
 pub use reads::PAGE_BYTES;
 mod schema;
+mod usage;
 mod write_op;
 mod write_sql;
 mod writer;
@@ -45,6 +46,7 @@ use crate::logs::{LivePublisher, LogRecord};
 use crate::outbound::OutboundRule;
 use crate::workload::{Completion, Limits, LogLevel, Status, WorkloadId, WorkloadRecord};
 use queue::LineQueue;
+use usage::LogUsage;
 use write_op::WriteOp;
 use write_sql::WorkloadKeys;
 use writer::{Writer, WriterStats};
@@ -160,6 +162,7 @@ struct WriterHandle {
     tx: mpsc::Sender<WriteOp>,
     queue: Arc<LineQueue>,
     stats: Arc<WriterStats>,
+    usage: Arc<LogUsage>,
 }
 
 /// An exclusive lock on a data directory, with the holder's pid in the file.
@@ -227,6 +230,7 @@ impl Db {
         schema::migrate(&mut conn)
             .with_context(|| format!("failed to migrate database {}", path.display()))?;
         checkpoint::start(&path, &mut conn)?;
+        let usage = Arc::new(LogUsage::load(&conn).context("failed to sum stored log bytes")?);
 
         let (tx, rx) = mpsc::channel();
         let queue = Arc::new(LineQueue::new(
@@ -242,6 +246,8 @@ impl Db {
             stats: Arc::clone(&stats),
             keys: WorkloadKeys::default(),
             retained: Vec::new(),
+            usage: Arc::clone(&usage),
+            delta: Default::default(),
         };
         thread::Builder::new()
             .name("vulcan-db-writer".into())
@@ -253,7 +259,12 @@ impl Db {
                 // not pay for opening it.
                 readers: Mutex::new(vec![open_reader(&path)?]),
                 path,
-                writer: Some(WriterHandle { tx, queue, stats }),
+                writer: Some(WriterHandle {
+                    tx,
+                    queue,
+                    stats,
+                    usage,
+                }),
                 _owner: Some(owner),
             }),
         })
@@ -314,6 +325,17 @@ impl Db {
             .writer
             .as_ref()
             .map_or(0, |w| w.queue.lost.load(Ordering::Relaxed))
+    }
+
+    /// Bytes of stored log lines of `tenant`'s workloads (`None`: those
+    /// without a tenant) that retention has not deleted.
+    pub fn log_bytes(&self, tenant: Option<&str>) -> u64 {
+        self.inner.writer.as_ref().map_or(0, |w| w.usage.of(tenant))
+    }
+
+    /// Bytes of all stored log lines that retention has not deleted.
+    pub fn log_bytes_total(&self) -> u64 {
+        self.inner.writer.as_ref().map_or(0, |w| w.usage.total())
     }
 
     /// Log lines committed since start.

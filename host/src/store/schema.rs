@@ -132,6 +132,16 @@ pub(super) const MIGRATIONS: &[&str] = &[
     ALTER TABLE workloads ADD COLUMN pruned_at INTEGER;
     CREATE INDEX workloads_to_prune ON workloads (finished_at) WHERE pruned_at IS NULL;
     "#,
+    // 8: stored log bytes per workload (its lines' text and fields), kept by
+    // the writer as it inserts, so a tenant's total is a sum over records
+    // rather than over lines.
+    r#"
+    ALTER TABLE workloads ADD COLUMN log_bytes INTEGER NOT NULL DEFAULT 0;
+    UPDATE workloads SET log_bytes = COALESCE((
+        SELECT SUM(length(CAST(line AS BLOB)) + COALESCE(length(CAST(fields AS BLOB)), 0))
+        FROM log_records WHERE workload = workloads.key), 0)
+        WHERE pruned_at IS NULL;
+    "#,
 ];
 
 /// The schema version this build writes.

@@ -306,6 +306,37 @@ async fn reopening_is_idempotent_and_keeps_data() {
 }
 
 #[tokio::test]
+async fn stored_log_bytes_follow_inserts_and_prunes_and_survive_reopening() {
+    let (dir, db, hash) = db_with_module().await;
+    let (a, b) = (create(&db, &hash).await, create(&db, &hash).await);
+    for id in [a, b] {
+        let sink = db.line_sink(id, None).unwrap();
+        for seq in 0..10 {
+            sink.send(line(id, seq));
+        }
+    }
+    db.flush().await;
+    // "line 0" … "line 9", twice.
+    assert_eq!(db.log_bytes(None), 120);
+    assert_eq!(db.log_bytes(Some("alice")), 0);
+    db.mark_running(a).await.unwrap();
+    db.finish(a, done(Status::Completed, 10)).await.unwrap();
+    // Only a finished workload goes; b has not ended.
+    while db
+        .prune_step(PruneScope::AllBut(Vec::new()), i64::MAX, 4)
+        .await
+        .unwrap()
+        > 0
+    {}
+    assert_eq!(db.log_bytes(None), 60);
+    assert_eq!(db.log_bytes_total(), 60);
+    drop(db);
+    let db = Db::open(dir.path()).unwrap();
+    assert_eq!(db.log_bytes(None), 60, "summed again from the records");
+    assert_eq!(db.read_lines(b, None, 20).await.unwrap().len(), 10);
+}
+
+#[tokio::test]
 async fn fail_unfinished_marks_only_pending_and_running() {
     let (_dir, db, hash) = db_with_module().await;
     let pending = create(&db, &hash).await;
@@ -388,6 +419,11 @@ async fn a_version_1_database_is_migrated_with_every_line() {
         ]
     );
     assert_eq!(db.workload(id).await.unwrap().line_count, 3);
+    assert_eq!(
+        db.log_bytes(None),
+        3 * "old 0".len() as u64,
+        "bytes counted"
+    );
     // The old shape stays readable as a view.
     let streams: Vec<String> = db
         .with_reader(|c| {

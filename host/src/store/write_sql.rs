@@ -3,11 +3,13 @@
 //! of batching, retries or threads (that is [`super::writer`]).
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::queue::{LineQueue, Taken};
 use super::reads::stream_code;
+use super::usage::UsageDelta;
 use super::write_op::{Applied, PruneScope, WriteOp};
 use super::{NewWorkload, StoreError, StoreResult};
 use crate::workload::{Completion, LogLevel, Status, WorkloadId, now_ms};
@@ -35,24 +37,37 @@ fn insert_sql(rows: usize) -> String {
     sql
 }
 
-/// Inserts the taken lines; returns how many were skipped because their
-/// workload is not in the table.
+/// Inserts the taken lines and counts their bytes on their workloads (and
+/// in `usage`); returns how many were skipped because their workload is not
+/// in the table.
 pub(super) fn insert_lines(
     tx: &Connection,
     taken: &Taken,
     keys: &mut WorkloadKeys,
+    usage: &mut UsageDelta,
 ) -> rusqlite::Result<u64> {
     let mut keyed = Vec::with_capacity(taken.len());
     let mut with_fields = Vec::new();
     let mut unknown = 0;
+    let mut add_bytes =
+        tx.prepare_cached("UPDATE workloads SET log_bytes = log_bytes + ?2 WHERE key = ?1")?;
     for lane in &taken.lanes {
         match keys.get(tx, lane.workload)? {
-            Some(key) => {
+            Some((key, tenant)) => {
+                let mut bytes = 0;
                 for r in &lane.lines {
+                    bytes += r.line.len();
                     match r.fields.is_empty() {
                         true => keyed.push((key, &**r)),
-                        false => with_fields.push((key, &**r)),
+                        false => {
+                            bytes += fields_json(r).map_or(0, |f| f.len());
+                            with_fields.push((key, &**r))
+                        }
                     }
+                }
+                if bytes > 0 {
+                    add_bytes.execute(params![key, bytes as i64])?;
+                    usage.add(tenant.as_deref(), bytes as i64);
                 }
             }
             None => unknown += lane.lines.len() as u64,
@@ -86,12 +101,17 @@ pub(super) fn insert_lines(
         )?;
         for (key, r) in with_fields {
             bind_line(&mut one, 0, key, r)?;
-            // Strings only: serializing them cannot fail.
-            one.raw_bind_parameter(COLUMNS + 1, serde_json::to_string(&r.fields).ok())?;
+            one.raw_bind_parameter(COLUMNS + 1, fields_json(r))?;
             one.raw_execute()?;
         }
     }
     Ok(unknown)
+}
+
+/// A line's key/value fields as stored.
+fn fields_json(r: &crate::logs::LogRecord) -> Option<String> {
+    // Strings only: serializing them cannot fail.
+    serde_json::to_string(&r.fields).ok()
 }
 
 /// Binds one line's seven values at parameters `first + 1 ..= first + 7`.
@@ -111,24 +131,30 @@ fn bind_line(
     Ok(())
 }
 
-/// The integer key of each workload the writer created and has not finished.
+/// A workload's integer key and its tenant.
+type Keyed = (i64, Option<Arc<str>>);
+
+/// The integer key (and tenant) of each workload the writer created and has
+/// not finished.
 #[derive(Default)]
-pub(super) struct WorkloadKeys(HashMap<WorkloadId, i64>);
+pub(super) struct WorkloadKeys(HashMap<WorkloadId, Keyed>);
 
 impl WorkloadKeys {
     /// The workload's key, from memory or else the table; `None` if it does not exist.
-    fn get(&mut self, tx: &Connection, id: WorkloadId) -> rusqlite::Result<Option<i64>> {
-        if let Some(key) = self.0.get(&id) {
-            return Ok(Some(*key));
+    fn get(&mut self, tx: &Connection, id: WorkloadId) -> rusqlite::Result<Option<Keyed>> {
+        if let Some(keyed) = self.0.get(&id) {
+            return Ok(Some(keyed.clone()));
         }
-        let key = tx
-            .prepare_cached("SELECT key FROM workloads WHERE id = ?1")?
-            .query_row([id.to_string()], |r| r.get(0))
+        let keyed = tx
+            .prepare_cached("SELECT key, tenant FROM workloads WHERE id = ?1")?
+            .query_row([id.to_string()], |r| {
+                Ok((r.get(0)?, r.get::<_, Option<String>>(1)?.map(Arc::from)))
+            })
             .optional()?;
-        if let Some(key) = key {
-            self.0.insert(id, key);
+        if let Some(keyed) = &keyed {
+            self.0.insert(id, keyed.clone());
         }
-        Ok(key)
+        Ok(keyed)
     }
 
     pub(super) fn remove(&mut self, id: WorkloadId) {
@@ -146,6 +172,7 @@ pub(super) fn apply(
     op: &WriteOp,
     keys: &mut WorkloadKeys,
     queue: &LineQueue,
+    usage: &mut UsageDelta,
 ) -> StoreResult<Applied> {
     match op {
         WriteOp::PutModule { info, bytes, .. } => Ok(Applied::Bool(
@@ -171,7 +198,8 @@ pub(super) fn apply(
         )),
         WriteOp::Create { new, .. } => {
             create(tx, new)?;
-            keys.0.insert(new.id, tx.last_insert_rowid());
+            let tenant = new.tenant.as_deref().map(Arc::from);
+            keys.0.insert(new.id, (tx.last_insert_rowid(), tenant));
             Ok(Applied::Unit)
         }
         WriteOp::Transition {
@@ -200,7 +228,9 @@ pub(super) fn apply(
             cutoff,
             max_lines,
             ..
-        } => Ok(Applied::Count(prune(tx, scope, *cutoff, *max_lines)?)),
+        } => Ok(Applied::Count(prune(
+            tx, scope, *cutoff, *max_lines, usage,
+        )?)),
         WriteOp::LinesQueued | WriteOp::Flush { .. } => Ok(Applied::Unit),
         #[cfg(test)]
         WriteOp::PageLimit { .. } => Ok(Applied::Unit),
@@ -228,8 +258,15 @@ fn fail_unfinished(tx: &Connection, reason: &str) -> StoreResult<u64> {
 
 /// Deletes up to `max_lines` of the oldest lines of the finished workload of
 /// `scope` that ended first before `cutoff`, and marks it pruned once none
-/// are left. Small steps, so the writer's other work interleaves.
-fn prune(tx: &Connection, scope: &PruneScope, cutoff: i64, max_lines: u64) -> StoreResult<u64> {
+/// are left (its bytes then leave `usage`). Small steps, so the writer's
+/// other work interleaves.
+fn prune(
+    tx: &Connection,
+    scope: &PruneScope,
+    cutoff: i64,
+    max_lines: u64,
+    usage: &mut UsageDelta,
+) -> StoreResult<u64> {
     let (tenant, others) = match scope {
         PruneScope::Tenant(t) => (Some(t.as_str()), None),
         PruneScope::AllBut(list) => (
@@ -237,16 +274,20 @@ fn prune(tx: &Connection, scope: &PruneScope, cutoff: i64, max_lines: u64) -> St
             Some(serde_json::to_string(list).map_err(anyhow::Error::from)?),
         ),
     };
-    let key: Option<i64> = tx
+    let found: Option<(i64, Option<String>, i64)> = tx
         .prepare_cached(
-            "SELECT key FROM workloads WHERE pruned_at IS NULL AND finished_at < ?1 \
+            "SELECT key, tenant, log_bytes FROM workloads WHERE pruned_at IS NULL AND finished_at < ?1 \
              AND (?2 IS NULL OR tenant = ?2) \
              AND (?3 IS NULL OR tenant IS NULL OR tenant NOT IN (SELECT value FROM json_each(?3))) \
-             ORDER BY finished_at LIMIT 1",
+             ORDER BY finished_at, key LIMIT 1",
         )?
-        .query_row(params![cutoff, tenant, others], |r| r.get(0))
+        .query_row(params![cutoff, tenant, others], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })
         .optional()?;
-    let Some(key) = key else { return Ok(0) };
+    let Some((key, owner, bytes)) = found else {
+        return Ok(0);
+    };
     let deleted = tx
         .prepare_cached(
             "DELETE FROM log_records WHERE workload = ?1 AND seq < \
@@ -256,6 +297,7 @@ fn prune(tx: &Connection, scope: &PruneScope, cutoff: i64, max_lines: u64) -> St
     if deleted < max_lines {
         tx.prepare_cached("UPDATE workloads SET pruned_at = ?2 WHERE key = ?1")?
             .execute(params![key, now_ms()])?;
+        usage.add(owner.as_deref(), -bytes);
     }
     // Gives freed pages back to the file system (a no-op on a database made
     // before incremental vacuum was switched on).

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use rusqlite::{Connection, TransactionBehavior};
 
 use super::queue::{LineQueue, Taken};
+use super::usage::{LogUsage, UsageDelta};
 use super::write_op::{Applied, WriteOp};
 use super::write_sql::{WorkloadKeys, apply, insert_lines};
 use super::{StoreError, StoreResult};
@@ -80,6 +81,10 @@ pub(super) struct Writer {
     pub(super) keys: WorkloadKeys,
     /// Terminal statuses that could not be written yet.
     pub(super) retained: Vec<(WorkloadId, Completion)>,
+    /// Stored log bytes by tenant, changed after each commit.
+    pub(super) usage: Arc<LogUsage>,
+    /// What the transaction in progress changes in `usage`.
+    pub(super) delta: UsageDelta,
 }
 
 impl Writer {
@@ -190,6 +195,7 @@ impl Writer {
         }
         let error = match self.attempt_until_not_busy(Some(&taken), ops) {
             Ok(results) => {
+                self.usage.apply(&self.delta);
                 self.stats.commits.fetch_add(1, Ordering::Relaxed);
                 (self.stats.lines).fetch_add(taken.len() as u64, Ordering::Relaxed);
                 self.queue.committed(taken);
@@ -209,7 +215,10 @@ impl Writer {
         // Without the lines, the ops may still go through (and a terminal status
         // now records the store failure of its workload).
         match self.attempt_until_not_busy(None, ops) {
-            Ok(results) => self.answer(ops, results),
+            Ok(results) => {
+                self.usage.apply(&self.delta);
+                self.answer(ops, results)
+            }
             Err(e) => {
                 let why = describe(&e);
                 tracing::error!(error = %why, ops = ops.len(), "failed to commit database changes");
@@ -248,12 +257,13 @@ impl Writer {
         lines: Option<&Taken>,
         ops: &[WriteOp],
     ) -> Result<Vec<StoreResult<Applied>>, rusqlite::Error> {
+        self.delta.clear();
         let result = (|| {
             let tx = self
                 .conn
                 .transaction_with_behavior(TransactionBehavior::Immediate)?;
             if let Some(lines) = lines {
-                let unknown = insert_lines(&tx, lines, &mut self.keys)?;
+                let unknown = insert_lines(&tx, lines, &mut self.keys, &mut self.delta)?;
                 if unknown > 0 {
                     self.queue.lost.fetch_add(unknown, Ordering::Relaxed);
                     tracing::error!(
@@ -264,7 +274,7 @@ impl Writer {
             }
             let mut results = Vec::with_capacity(ops.len());
             for op in ops {
-                let result = apply(&tx, op, &mut self.keys, &self.queue);
+                let result = apply(&tx, op, &mut self.keys, &self.queue, &mut self.delta);
                 if let Err(StoreError::StorageFull(_)) = result {
                     // SQLite may have rolled the whole transaction back: it
                     // fails as a whole, and the caller decides what to retry.
