@@ -15,7 +15,7 @@ use crate::logs::LogBroker;
 use crate::metrics::Metrics;
 use crate::outbound::OutboundPolicy;
 use crate::registry::{DEFAULT_MAX_FUNCTION_SIZE, ModuleRegistry, RegistryParts};
-use crate::runner::{Runner, RunnerParts};
+use crate::runner::{GuestThreads, Runner, RunnerParts};
 use crate::store::{Db, WriterConfig};
 
 /// What an operator decides about a node.
@@ -56,6 +56,8 @@ pub struct Node {
     registry: ModuleRegistry,
     runner: Arc<Runner>,
     metrics: Arc<Metrics>,
+    /// Declared last: dropped after the runner that spawns onto it.
+    _guests: Option<GuestThreads>,
 }
 
 impl Node {
@@ -87,12 +89,18 @@ impl Node {
             metrics: Arc::clone(&metrics),
             max_function_size: options.max_function_size,
         });
+        // A server's guests get threads of their own; `vulcan run` runs one.
+        let guests = options
+            .max_concurrent
+            .map(GuestThreads::start)
+            .transpose()?;
         let runner = Runner::new(RunnerParts {
             runtime: Arc::clone(&runtime),
             db: db.clone(),
             broker: broker.clone(),
             metrics: Arc::clone(&metrics),
             max_concurrent: options.max_concurrent.map(|n| n.max(1)),
+            guests: guests.as_ref().map(GuestThreads::handle),
         });
         Ok(Arc::new(Self {
             runtime,
@@ -101,6 +109,7 @@ impl Node {
             registry,
             runner,
             metrics,
+            _guests: guests,
         }))
     }
 

@@ -9,6 +9,8 @@
 //! running workloads and the concurrency limit. Used identically by `vulcan run`
 //! and the server.
 
+mod guest_threads;
+
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -20,6 +22,7 @@ use crate::logs::{LineSink, LogBroker, LogWriter, SinkPair};
 use crate::metrics::Metrics;
 use crate::store::{Db, NewWorkload, StoreError};
 use crate::workload::{Completion, FailureKind, Status, WorkloadId, WorkloadRecord, WorkloadSpec};
+pub use guest_threads::GuestThreads;
 
 /// Raw copies of guest stdout and stderr (for `vulcan run`'s terminal).
 pub struct Tee {
@@ -91,6 +94,8 @@ pub struct Runner {
     metrics: Arc<Metrics>,
     /// Woken whenever a workload leaves `running`.
     ended: tokio::sync::Notify,
+    /// Where guests run; `None`: on the caller's runtime.
+    guests: Option<tokio::runtime::Handle>,
 }
 
 /// What a runner is built from.
@@ -105,6 +110,9 @@ pub struct RunnerParts {
     pub metrics: Arc<Metrics>,
     /// Most workloads running at once; `None`: no limit.
     pub max_concurrent: Option<usize>,
+    /// Threads of their own for guests (see [`GuestThreads`]); `None`: the
+    /// caller's runtime.
+    pub guests: Option<tokio::runtime::Handle>,
 }
 
 impl Runner {
@@ -120,6 +128,7 @@ impl Runner {
                 .map(|n| (Arc::new(Semaphore::new(n)), n)),
             metrics: parts.metrics,
             ended: tokio::sync::Notify::new(),
+            guests: parts.guests,
         })
     }
 
@@ -265,7 +274,7 @@ impl Runner {
                     .with_min_level(spec.log_level);
                 let (writer, _tee_flusher) = with_tee(writer, tee);
                 let record = this
-                    .execute(id, &module, &spec, &identity, &writer, &switch)
+                    .execute(id, module, spec, identity, &writer, &switch)
                     .await?;
                 Ok(Some(record))
             }
@@ -340,9 +349,9 @@ impl Runner {
     async fn execute(
         &self,
         id: WorkloadId,
-        module: &CompiledModule,
-        spec: &WorkloadSpec,
-        identity: &GuestIdentity,
+        module: Arc<CompiledModule>,
+        spec: WorkloadSpec,
+        identity: GuestIdentity,
         writer: &LogWriter,
         switch: &KillSwitch,
     ) -> anyhow::Result<WorkloadRecord> {
@@ -355,10 +364,28 @@ impl Runner {
             (Outcome::Killed, completion(&report, 0))
         } else {
             self.metrics.running.inc();
-            let report = self
-                .runtime
-                .run(module, spec, identity, writer, &switch.cancel)
-                .await;
+            let run = {
+                let (runtime, writer) = (Arc::clone(&self.runtime), writer.clone());
+                let cancel = switch.cancel.clone();
+                async move { (runtime.run(&module, &spec, &identity, &writer, &cancel)).await }
+            };
+            // Most guests end within their first epoch tick: that slice runs
+            // here, with no hop to another thread. A guest still running
+            // after it moves to the guest threads (wasmtime's fibers may
+            // resume on any thread); creating and ending the record stay
+            // here either way, out of the guests' competition.
+            let mut run = Box::pin(run);
+            let report = match &self.guests {
+                None => run.await,
+                Some(guests) => match futures_util::poll!(run.as_mut()) {
+                    std::task::Poll::Ready(report) => report,
+                    std::task::Poll::Pending => guests.spawn(run).await.unwrap_or_else(|e| {
+                        Err(anyhow::anyhow!(
+                            "internal error while running the guest: {e}"
+                        ))
+                    }),
+                },
+            };
             self.metrics.running.dec();
             let line_count = writer.finish();
             match report {

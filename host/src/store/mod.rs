@@ -165,6 +165,20 @@ struct WriterHandle {
     usage: Arc<LogUsage>,
 }
 
+impl WriterHandle {
+    /// Sends an op (never lines: those are queued) to the writer, which
+    /// then stops growing a transaction of lines for it; false if the writer
+    /// has stopped.
+    fn send(&self, op: WriteOp) -> bool {
+        self.stats.ops_waiting.fetch_add(1, Ordering::AcqRel);
+        let sent = self.tx.send(op).is_ok();
+        if !sent {
+            self.stats.ops_waiting.fetch_sub(1, Ordering::AcqRel);
+        }
+        sent
+    }
+}
+
 /// An exclusive lock on a data directory, with the holder's pid in the file.
 struct DataDirLock(#[expect(dead_code, reason = "held for its lock")] File);
 
@@ -221,6 +235,9 @@ impl Db {
         let mut conn = Connection::open(&path)
             .with_context(|| format!("failed to open database {}", path.display()))?;
         conn.busy_timeout(config.busy_timeout)?;
+        // Room for every statement the writer repeats, line inserts of each
+        // size included (SQLite's default keeps 16).
+        conn.set_prepared_statement_cache_capacity(64);
         // Only takes on a new, empty database: retention then gives the
         // pages of deleted lines back to the file system.
         conn.pragma_update(None, "auto_vacuum", "INCREMENTAL")?;
@@ -367,10 +384,9 @@ impl Db {
         op: impl FnOnce(oneshot::Sender<StoreResult<T>>) -> WriteOp,
     ) -> StoreResult<T> {
         let (reply, rx) = oneshot::channel();
-        self.writer()?
-            .tx
-            .send(op(reply))
-            .map_err(|_| anyhow::anyhow!("the database writer has stopped"))?;
+        if !self.writer()?.send(op(reply)) {
+            return Err(anyhow::anyhow!("the database writer has stopped").into());
+        }
         rx.await
             .map_err(|_| anyhow::anyhow!("the database writer stopped before answering"))?
     }
@@ -459,7 +475,7 @@ impl Db {
     pub async fn flush(&self) {
         let (reply, rx) = oneshot::channel();
         if let Ok(w) = self.writer()
-            && w.tx.send(WriteOp::Flush { reply }).is_ok()
+            && w.send(WriteOp::Flush { reply })
         {
             let _ = rx.await;
         }
@@ -471,7 +487,7 @@ impl Db {
     pub async fn set_page_limit(&self, pages: Option<u64>) {
         let (reply, rx) = oneshot::channel();
         if let Ok(w) = self.writer()
-            && w.tx.send(WriteOp::PageLimit { pages, reply }).is_ok()
+            && w.send(WriteOp::PageLimit { pages, reply })
         {
             let _ = rx.await;
         }

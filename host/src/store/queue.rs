@@ -169,14 +169,26 @@ impl LineQueue {
             .and_then(|l| l.budget.failed.get().cloned())
     }
 
-    /// Takes every line of one workload.
-    pub(super) fn take_lane(&self, workload: WorkloadId, into: &mut Taken) {
+    /// Takes up to `max` of one workload's lines, oldest first.
+    pub(super) fn take_lane(&self, workload: WorkloadId, into: &mut Taken, max: usize) {
         let mut state = self.lock();
         let QueueState { lanes, lines } = &mut *state;
-        if let Some(lane) = lanes.get_mut(&workload) {
-            *lines -= lane.lines.len();
-            into.lanes.push(take(workload, lane, usize::MAX));
+        if let Some(lane) = lanes.get_mut(&workload)
+            && !lane.lines.is_empty()
+            && max > 0
+        {
+            let taken = take(workload, lane, max);
+            *lines -= taken.lines.len();
+            into.lanes.push(taken);
         }
+    }
+
+    /// Lines one workload has waiting.
+    pub(super) fn lane_len(&self, workload: WorkloadId) -> usize {
+        self.lock()
+            .lanes
+            .get(&workload)
+            .map_or(0, |l| l.lines.len())
     }
 
     /// Takes every queued line.

@@ -735,3 +735,107 @@ async fn a_page_of_long_lines_stops_at_its_byte_bound() {
     }
     assert_eq!(seen, 200);
 }
+
+#[test]
+fn a_terminal_status_behind_a_backlog_lets_other_ops_go_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut conn = Connection::open(dir.path().join(DB_FILE)).unwrap();
+    schema::migrate(&mut conn).unwrap();
+    let queue = Arc::new(LineQueue::new(64 << 20, 64 << 20, 4096));
+    let mut writer = Writer {
+        conn,
+        config: WriterConfig::default(),
+        queue: Arc::clone(&queue),
+        stats: Default::default(),
+        keys: WorkloadKeys::default(),
+        retained: Vec::new(),
+        usage: Default::default(),
+        delta: Default::default(),
+    };
+    let new = |running| NewWorkload {
+        id: WorkloadId::new(),
+        module_hash: MODULE.into(),
+        args: Vec::new(),
+        env: Vec::new(),
+        limits: Limits::default(),
+        allowed_hosts: Vec::new(),
+        log_level: None,
+        running,
+        tenant: None,
+    };
+    let (a, b) = (new(true), new(false));
+    let (a_id, b_id) = (a.id, b.id);
+    let info = ModuleInfo {
+        hash: MODULE.into(),
+        kind: "module".into(),
+        size: 3,
+        created_at: 1,
+    };
+    let (put, _) = tokio::sync::oneshot::channel();
+    let (created, _) = tokio::sync::oneshot::channel();
+    let mut pending = vec![
+        WriteOp::PutModule {
+            info,
+            bytes: bytes::Bytes::from_static(b"abc"),
+            reply: put,
+        },
+        WriteOp::Create {
+            new: a,
+            reply: created,
+        },
+    ];
+    writer.commit(&mut pending, false);
+    assert!(pending.is_empty());
+
+    // A ends with 20,000 lines still queued; B is created meanwhile.
+    let (wake, _) = mpsc::channel();
+    let lane = LineLane::new(a_id, None, Arc::clone(&queue), wake);
+    for seq in 0..20_000 {
+        lane.send(line(a_id, seq));
+    }
+    let (finished, mut finished_rx) = tokio::sync::oneshot::channel();
+    let (created, mut created_rx) = tokio::sync::oneshot::channel();
+    pending = vec![
+        WriteOp::Transition {
+            id: a_id,
+            to: Status::Completed,
+            completion: Some(done(Status::Completed, 20_000)),
+            reply: Some(finished),
+        },
+        WriteOp::Create {
+            new: b,
+            reply: created,
+        },
+    ];
+    writer.commit(&mut pending, false);
+    assert!(matches!(created_rx.try_recv(), Ok(Ok(()))), "B went first");
+    assert!(finished_rx.try_recv().is_err(), "A waits for its lines");
+    assert_eq!(pending.len(), 1);
+    assert!(queue.lane_len(a_id) > 0);
+
+    let mut commits = 0;
+    while !pending.is_empty() {
+        writer.commit(&mut pending, false);
+        commits += 1;
+        assert!(commits < 100, "the backlog drains");
+    }
+    let record = finished_rx.try_recv().unwrap().unwrap().unwrap();
+    assert_eq!(
+        (record.status, record.line_count),
+        (Status::Completed, 20_000)
+    );
+    let stored: i64 = writer
+        .conn
+        .query_row("SELECT COUNT(*) FROM log_lines", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(stored, 20_000, "every line before the end");
+    let b_status: String = writer
+        .conn
+        .query_row(
+            "SELECT status FROM workloads WHERE id = ?1",
+            [b_id.to_string()],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(b_status, "pending");
+}

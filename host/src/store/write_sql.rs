@@ -85,12 +85,17 @@ pub(super) fn insert_lines(
         }
         stmt.raw_execute()?;
     }
-    let rest = chunks.remainder();
-    if !rest.is_empty() {
-        let mut one = tx.prepare_cached(&insert_sql(1))?;
-        for (key, r) in rest {
-            bind_line(&mut one, 0, *key, r)?;
-            one.raw_execute()?;
+    // The rest in halving statements (128, 64, …, 1 rows): at most eight
+    // executions, each of a statement cached like the full one.
+    let mut rest = chunks.remainder();
+    for rows in (0..ROWS_PER_INSERT.ilog2()).rev().map(|bit| 1 << bit) {
+        if rest.len() >= rows {
+            let mut stmt = tx.prepare_cached(&insert_sql(rows))?;
+            for (row, (key, r)) in rest[..rows].iter().enumerate() {
+                bind_line(&mut stmt, row * COLUMNS, *key, r)?;
+            }
+            stmt.raw_execute()?;
+            rest = &rest[rows..];
         }
     }
     if !with_fields.is_empty() {

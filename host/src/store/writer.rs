@@ -4,8 +4,15 @@
 //! Control ops (a new workload, a status change, …) arrive on a channel; lines
 //! wait in the [`LineQueue`]. A commit takes the ops in hand, every line of each
 //! workload an op ends (so a terminal status always follows its lines), and a
-//! fair share of everyone else's lines, and writes them in one `BEGIN IMMEDIATE`
-//! transaction. Only then are the lines published live and their room given back.
+//! small fair share of everyone else's lines, and writes them in one `BEGIN
+//! IMMEDIATE` transaction. Only then are the lines published live and their
+//! room given back.
+//!
+//! Someone waits on every op, so an op is never held behind a flood: a
+//! transaction of lines alone grows chunk by chunk and stops growing as soon
+//! as an op arrives, and a workload that ends with a long backlog of lines
+//! has them committed in batches of their own before its terminal status,
+//! while other ops go ahead in short transactions.
 //!
 //! Faults: `SQLITE_BUSY`/`LOCKED` are retried until they pass. Any other failure
 //! is permanent for what was in the transaction: its lines are dropped and their
@@ -13,7 +20,7 @@
 //! and a terminal status that still cannot be written is kept and retried until
 //! the store accepts it, so no workload stays `running` because of a fault.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
@@ -29,6 +36,15 @@ use crate::workload::{Completion, WorkloadId};
 /// How often a terminal status that could not be written is tried again.
 const RETRY_INTERVAL: Duration = Duration::from_millis(500);
 
+/// Most of other workloads' lines a commit takes along when it carries ops;
+/// also the most lines of its own a terminal status is committed with (more
+/// go first, without it).
+const LINES_WITH_OPS: usize = 256;
+
+/// Lines a transaction of lines alone takes at a time, checking between two
+/// for an op that waits.
+const LINES_PER_CHUNK: usize = 1024;
+
 /// Longest pause between two attempts of a transaction that found the database busy.
 const MAX_BUSY_BACKOFF: Duration = Duration::from_millis(200);
 
@@ -41,6 +57,8 @@ pub(super) struct WriterStats {
     pub(super) commits: AtomicU64,
     /// Log lines committed.
     pub(super) lines: AtomicU64,
+    /// Ops sent and not yet taken by the writer (lines not counted).
+    pub(super) ops_waiting: AtomicUsize,
 }
 
 /// How the writer groups and retries.
@@ -92,9 +110,10 @@ impl Writer {
         let mut ops: Vec<WriteOp> = Vec::new();
         let mut deadline: Option<Instant> = None;
         loop {
-            // A backlog of full batches is committed back to back; ops that
-            // arrive meanwhile join the next one.
-            let backlog = self.queue.has_full_batch();
+            // A backlog of full batches, or ops held back until their
+            // workload's lines are in, is committed back to back; ops that
+            // arrive meanwhile join the next commit.
+            let backlog = self.queue.has_full_batch() || !ops.is_empty();
             let wake = match (deadline, self.retained.is_empty()) {
                 (Some(d), true) => Some(d),
                 (Some(d), false) => Some(d.min(Instant::now() + RETRY_INTERVAL)),
@@ -147,6 +166,9 @@ impl Writer {
     /// Keeps `op` for the next commit; true if that commit is due now: someone
     /// waits on the op, or the line queue holds a full batch.
     fn take(&mut self, op: WriteOp, ops: &mut Vec<WriteOp>) -> bool {
+        if !matches!(op, WriteOp::LinesQueued) {
+            self.stats.ops_waiting.fetch_sub(1, Ordering::AcqRel);
+        }
         match op {
             WriteOp::LinesQueued => self.queue.has_full_batch(),
             #[cfg(test)]
@@ -169,11 +191,12 @@ impl Writer {
         }
     }
 
-    /// Commits the ops in hand with the lines they need and a fair batch of
-    /// the rest; `everything` takes every queued line (the last commit).
-    fn commit(&mut self, ops: &mut Vec<WriteOp>, everything: bool) {
+    /// Commits the ops in hand with the lines they need and a fair share of
+    /// the rest, or, with no op ready, a batch of lines; `everything` takes
+    /// every queued line (the last commit). Ops held back stay in `pending`.
+    pub(super) fn commit(&mut self, pending: &mut Vec<WriteOp>, everything: bool) {
         for (id, completion) in self.retained.drain(..) {
-            ops.push(WriteOp::Transition {
+            pending.push(WriteOp::Transition {
                 id,
                 to: completion.status,
                 completion: Some(completion),
@@ -181,19 +204,44 @@ impl Writer {
             });
         }
         let mut taken = Taken::default();
-        if everything || ops.iter().any(|op| matches!(op, WriteOp::Flush { .. })) {
+        let mut ops = Vec::with_capacity(pending.len());
+        let mut grow = false;
+        if everything || pending.iter().any(|op| matches!(op, WriteOp::Flush { .. })) {
             self.queue.take_all(&mut taken);
+            ops.append(pending);
         } else {
+            // A terminal status waits while its workload has a backlog.
+            let (now, later): (Vec<_>, Vec<_>) = pending.drain(..).partition(|op| {
+                op.ends()
+                    .is_none_or(|id| self.queue.lane_len(id) <= LINES_WITH_OPS)
+            });
+            (ops, *pending) = (now, later);
             for id in ops.iter().filter_map(WriteOp::ends) {
-                self.queue.take_lane(id, &mut taken);
+                self.queue.take_lane(id, &mut taken, usize::MAX);
             }
-            self.queue.take_fair(self.config.max_batch, &mut taken);
+            if ops.is_empty() {
+                // Lines alone: the backlogs that hold a terminal status
+                // back first, then everyone's, a chunk at a time.
+                for id in pending.iter().filter_map(WriteOp::ends) {
+                    let room = self.config.max_batch.saturating_sub(taken.len());
+                    self.queue.take_lane(id, &mut taken, room);
+                }
+                let room = self.config.max_batch.saturating_sub(taken.len());
+                if room > 0 {
+                    self.queue.take_fair(room.min(LINES_PER_CHUNK), &mut taken);
+                }
+                grow = true;
+            } else {
+                let share = self.config.max_batch.min(LINES_WITH_OPS);
+                self.queue.take_fair(share, &mut taken);
+            }
         }
         if taken.is_empty() && ops.is_empty() {
             // A wake-up whose lines went out with an earlier commit.
             return;
         }
-        let error = match self.attempt_until_not_busy(Some(&taken), ops) {
+        let ops = &mut ops;
+        let error = match self.attempt_until_not_busy(Some(&mut taken), ops, grow) {
             Ok(results) => {
                 self.usage.apply(&self.delta);
                 self.stats.commits.fetch_add(1, Ordering::Relaxed);
@@ -214,7 +262,7 @@ impl Writer {
         }
         // Without the lines, the ops may still go through (and a terminal status
         // now records the store failure of its workload).
-        match self.attempt_until_not_busy(None, ops) {
+        match self.attempt_until_not_busy(None, ops, false) {
             Ok(results) => {
                 self.usage.apply(&self.delta);
                 self.answer(ops, results)
@@ -233,12 +281,13 @@ impl Writer {
     /// Tries the transaction until it fails for another reason than a busy database.
     fn attempt_until_not_busy(
         &mut self,
-        lines: Option<&Taken>,
+        mut lines: Option<&mut Taken>,
         ops: &[WriteOp],
+        grow: bool,
     ) -> Result<Vec<StoreResult<Applied>>, rusqlite::Error> {
         let mut backoff = Duration::from_millis(5);
         loop {
-            match self.attempt(lines, ops) {
+            match self.attempt(lines.as_deref_mut(), ops, grow) {
                 Err(e) if is_busy(&e) => {
                     self.stats.busy_retries.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(error = %e, "the database is busy; retrying");
@@ -250,12 +299,15 @@ impl Writer {
         }
     }
 
-    /// One transaction: the lines, then each op; an op's own refusal (e.g. an
-    /// illegal transition) is its answer and does not fail the others.
+    /// One transaction: the lines (with `grow`, more of them, a chunk at a
+    /// time, up to a batch or until an op waits), then each op; an op's own
+    /// refusal (e.g. an illegal transition) is its answer and does not fail
+    /// the others.
     fn attempt(
         &mut self,
-        lines: Option<&Taken>,
+        lines: Option<&mut Taken>,
         ops: &[WriteOp],
+        grow: bool,
     ) -> Result<Vec<StoreResult<Applied>>, rusqlite::Error> {
         self.delta.clear();
         let result = (|| {
@@ -263,7 +315,20 @@ impl Writer {
                 .conn
                 .transaction_with_behavior(TransactionBehavior::Immediate)?;
             if let Some(lines) = lines {
-                let unknown = insert_lines(&tx, lines, &mut self.keys, &mut self.delta)?;
+                let mut unknown = insert_lines(&tx, lines, &mut self.keys, &mut self.delta)?;
+                while grow
+                    && lines.len() < self.config.max_batch
+                    && self.stats.ops_waiting.load(Ordering::Acquire) == 0
+                {
+                    let mut more = Taken::default();
+                    let room = self.config.max_batch - lines.len();
+                    self.queue.take_fair(room.min(LINES_PER_CHUNK), &mut more);
+                    if more.is_empty() {
+                        break;
+                    }
+                    unknown += insert_lines(&tx, &more, &mut self.keys, &mut self.delta)?;
+                    lines.lanes.append(&mut more.lanes);
+                }
                 if unknown > 0 {
                     self.queue.lost.fetch_add(unknown, Ordering::Relaxed);
                     tracing::error!(
