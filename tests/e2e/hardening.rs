@@ -473,3 +473,54 @@ async fn a_delete_answer_says_what_actually_happened() {
         assert!(["killed", "completed"].contains(&record["status"].as_str().unwrap()));
     }
 }
+
+/// CPU time (ticks) and niceness of each of `pid`'s threads named `name`.
+fn threads_named(pid: u32, name: &str) -> Vec<(u64, i64)> {
+    let mut out = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let dir = task.unwrap().path();
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        if comm.trim() != name {
+            continue;
+        }
+        let stat = std::fs::read_to_string(dir.join("stat")).unwrap_or_default();
+        // Fields after the command, which is in parentheses.
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map_or("", |(_, rest)| rest)
+            .split_whitespace()
+            .collect();
+        let (utime, stime) = (fields[11].parse::<u64>(), fields[12].parse::<u64>());
+        out.push((utime.unwrap() + stime.unwrap(), fields[16].parse().unwrap()));
+    }
+    out
+}
+
+#[tokio::test]
+#[cfg(target_os = "linux")]
+async fn a_long_running_guest_computes_on_the_nicer_guest_threads() {
+    let env = Env::new();
+    let server = Server::start(&env, &["--max-concurrent", "4"]);
+    let pid = server.child.id();
+    // Workers start on their own threads, and each lowers its own priority.
+    let guests = eventually("one guest thread per slot, each nicer", || async {
+        let guests = threads_named(pid, "vulcan-guest");
+        (guests.len() == 4 && guests.iter().all(|&(_, nice)| nice == 10)).then_some(guests)
+    })
+    .await;
+    let busy_before: u64 = guests.iter().map(|(cpu, _)| cpu).sum();
+
+    let id = server.start_wasm("spin", "").await;
+    eventually("the spinning guest computes on a guest thread", || async {
+        let busy: u64 = threads_named(pid, "vulcan-guest")
+            .iter()
+            .map(|(cpu, _)| cpu)
+            .sum();
+        (busy > busy_before + 10).then_some(())
+    })
+    .await;
+    // The server's own threads still answer at once.
+    let (status, _) = server.get_json("/healthz").await;
+    assert_eq!(status, 200);
+    assert_eq!(server.kill(&id).await.0, 200);
+}

@@ -100,6 +100,8 @@ pub struct InvalidModule(pub String);
 /// A module compiled and linked, ready to instantiate many times.
 pub struct CompiledModule {
     prepared: Prepared,
+    /// How long its latest run took, in µs (0 before the first).
+    last_run_us: std::sync::atomic::AtomicU64,
 }
 
 enum Prepared {
@@ -108,6 +110,25 @@ enum Prepared {
 }
 
 impl CompiledModule {
+    fn new(prepared: Prepared) -> Self {
+        Self {
+            prepared,
+            last_run_us: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// How long its latest run took (zero before the first): what the runner
+    /// expects of the next one.
+    pub fn last_run(&self) -> Duration {
+        Duration::from_micros(self.last_run_us.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    /// Notes how long a run took.
+    pub fn record_run(&self, took: Duration) {
+        let us = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+        (self.last_run_us).store(us, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// Which kind of workload it is.
     pub fn kind(&self) -> ModuleKind {
         match &self.prepared {
@@ -365,9 +386,10 @@ impl Runtime {
         &self,
         component: wasmtime::component::Component,
     ) -> Result<CompiledModule, InvalidModule> {
-        Ok(CompiledModule {
-            prepared: Prepared::Component(component::link(&self.component_linker, &component)?),
-        })
+        Ok(CompiledModule::new(Prepared::Component(component::link(
+            &self.component_linker,
+            &component,
+        )?)))
     }
 
     fn link(&self, module: Module) -> Result<CompiledModule, InvalidModule> {
@@ -394,9 +416,7 @@ impl Runtime {
             .linker
             .instantiate_pre(&module)
             .map_err(|e| InvalidModule(format!("{e:#}")))?;
-        Ok(CompiledModule {
-            prepared: Prepared::Core(pre),
-        })
+        Ok(CompiledModule::new(Prepared::Core(pre)))
     }
 
     /// Runs `module` as described by `spec`, its output going to `log`, until it

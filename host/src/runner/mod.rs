@@ -24,6 +24,10 @@ use crate::store::{Db, NewWorkload, StoreError};
 use crate::workload::{Completion, FailureKind, Status, WorkloadId, WorkloadRecord, WorkloadSpec};
 pub use guest_threads::GuestThreads;
 
+/// A run expected to take less than this (its module's last one did) starts
+/// on the thread that starts it rather than on the guest threads.
+const RUN_HERE_BELOW: std::time::Duration = std::time::Duration::from_millis(1);
+
 /// Raw copies of guest stdout and stderr (for `vulcan run`'s terminal).
 pub struct Tee {
     /// Receives the guest's stdout bytes.
@@ -364,29 +368,35 @@ impl Runner {
             (Outcome::Killed, completion(&report, 0))
         } else {
             self.metrics.running.inc();
+            let expected = module.last_run();
+            let stats = Arc::clone(&module);
             let run = {
                 let (runtime, writer) = (Arc::clone(&self.runtime), writer.clone());
                 let cancel = switch.cancel.clone();
                 async move { (runtime.run(&module, &spec, &identity, &writer, &cancel)).await }
             };
-            // Most guests end within their first epoch tick: that slice runs
-            // here, with no hop to another thread. A guest still running
-            // after it moves to the guest threads (wasmtime's fibers may
-            // resume on any thread); creating and ending the record stay
+            // Most guests end within their first epoch tick: when the
+            // module's last run was short, that slice runs here, with no hop
+            // to another thread, and a guest still running after it moves to
+            // the guest threads (wasmtime's fibers may resume on any thread).
+            // A module that runs long goes there at once, so that no request
+            // waits behind its first tick. Creating and ending the record stay
             // here either way, out of the guests' competition.
             let mut run = Box::pin(run);
             let report = match &self.guests {
                 None => run.await,
-                Some(guests) => match futures_util::poll!(run.as_mut()) {
-                    std::task::Poll::Ready(report) => report,
-                    std::task::Poll::Pending => guests.spawn(run).await.unwrap_or_else(|e| {
-                        Err(anyhow::anyhow!(
-                            "internal error while running the guest: {e}"
-                        ))
-                    }),
-                },
+                Some(guests) if expected < RUN_HERE_BELOW => {
+                    match futures_util::poll!(run.as_mut()) {
+                        std::task::Poll::Ready(report) => report,
+                        std::task::Poll::Pending => on_guest_threads(guests, run).await,
+                    }
+                }
+                Some(guests) => on_guest_threads(guests, run).await,
             };
             self.metrics.running.dec();
+            if let Ok(report) = &report {
+                stats.record_run(report.duration);
+            }
             let line_count = writer.finish();
             match report {
                 Ok(report) => (report.outcome.clone(), completion(&report, line_count)),
@@ -422,6 +432,18 @@ impl Runner {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<WorkloadId, KillSwitch>> {
         self.running.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+/// Runs (the rest of) a guest's run on the guest threads.
+async fn on_guest_threads(
+    guests: &tokio::runtime::Handle,
+    run: impl Future<Output = anyhow::Result<RunReport>> + Send + 'static,
+) -> anyhow::Result<RunReport> {
+    (guests.spawn(run).await).unwrap_or_else(|e| {
+        Err(anyhow::anyhow!(
+            "internal error while running the guest: {e}"
+        ))
+    })
 }
 
 /// The writer, teeing to `tee` if given, and then also the task that flushes
