@@ -17,7 +17,11 @@
 use anyhow::Context as _;
 
 /// A runtime with one worker per workload slot.
-pub struct GuestThreads(Option<tokio::runtime::Runtime>);
+pub struct GuestThreads {
+    /// Taken only on drop.
+    runtime: Option<tokio::runtime::Runtime>,
+    handle: tokio::runtime::Handle,
+}
 
 /// How much lower guest threads' priority is than the server's (a Linux
 /// niceness: each step is about 1.25x less CPU when cores are contended).
@@ -37,15 +41,15 @@ impl GuestThreads {
             .enable_all()
             .build()
             .context("failed to start the guest threads")?;
-        Ok(Self(Some(runtime)))
+        Ok(Self {
+            handle: runtime.handle().clone(),
+            runtime: Some(runtime),
+        })
     }
 
     /// Where guests are spawned.
     pub fn handle(&self) -> tokio::runtime::Handle {
-        match &self.0 {
-            Some(runtime) => runtime.handle().clone(),
-            None => unreachable!("taken only on drop"),
-        }
+        self.handle.clone()
     }
 }
 
@@ -69,7 +73,7 @@ impl Drop for GuestThreads {
         // Dropping a runtime blocks until its workers stop, which tokio
         // forbids inside another runtime; by now every guest has ended or
         // been abandoned by the node's shutdown.
-        if let Some(runtime) = self.0.take() {
+        if let Some(runtime) = self.runtime.take() {
             runtime.shutdown_background();
         }
     }

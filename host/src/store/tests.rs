@@ -239,6 +239,20 @@ async fn a_log_record_keeps_its_level_and_fields_in_order() {
     let stored = db.read_lines(id, None, 10).await.unwrap();
     assert_eq!(stored[0], r);
     assert!(stored[1].fields.is_empty());
+    // Counted as the store holds them: the text and the fields' JSON (the
+    // sum the migration of an older database takes).
+    let held: i64 = db
+        .with_reader(|c| {
+            Ok(c.query_row(
+                "SELECT SUM(length(CAST(line AS BLOB)) + COALESCE(length(CAST(fields AS BLOB)), 0)) \
+                 FROM log_records",
+                [],
+                |r| r.get(0),
+            )?)
+        })
+        .unwrap();
+    assert_eq!(db.log_bytes(None), held as u64);
+    assert!(held > 2 * "line 0".len() as i64, "fields counted");
 }
 
 #[tokio::test]

@@ -25,9 +25,12 @@ pub(super) struct UsageDelta(HashMap<String, i64>);
 impl UsageDelta {
     /// Counts `bytes` (negative: freed) against `tenant`.
     pub(super) fn add(&mut self, tenant: Option<&str>, bytes: i64) {
-        *(self.0)
-            .entry(tenant.unwrap_or(NO_TENANT).to_owned())
-            .or_default() += bytes;
+        let tenant = tenant.unwrap_or(NO_TENANT);
+        // Called per lane per chunk of lines: no allocation once it is known.
+        match self.0.get_mut(tenant) {
+            Some(sum) => *sum += bytes,
+            None => drop(self.0.insert(tenant.to_owned(), bytes)),
+        }
     }
 
     pub(super) fn clear(&mut self) {

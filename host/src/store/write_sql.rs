@@ -60,8 +60,9 @@ pub(super) fn insert_lines(
                     match r.fields.is_empty() {
                         true => keyed.push((key, &**r)),
                         false => {
-                            bytes += fields_json(r).map_or(0, |f| f.len());
-                            with_fields.push((key, &**r))
+                            let fields = fields_json(r);
+                            bytes += fields.as_ref().map_or(0, String::len);
+                            with_fields.push((key, &**r, fields))
                         }
                     }
                 }
@@ -104,9 +105,9 @@ pub(super) fn insert_lines(
              (workload, seq, stream, level, line, continued, created_at, fields) \
              VALUES (?,?,?,?,?,?,?,?)",
         )?;
-        for (key, r) in with_fields {
+        for (key, r, fields) in with_fields {
             bind_line(&mut one, 0, key, r)?;
-            one.raw_bind_parameter(COLUMNS + 1, fields_json(r))?;
+            one.raw_bind_parameter(COLUMNS + 1, fields)?;
             one.raw_execute()?;
         }
     }
