@@ -27,8 +27,9 @@ async fn a_module_run_through_the_form_shows_its_lines_live_and_in_order() {
     browser
         .type_into("#run-file", example("ticker").to_str().unwrap())
         .await;
-    // 150 lines, one every 20 ms: long enough to be watched while it runs.
-    browser.type_into("#run-args", "150\n20000").await;
+    // 300 lines, one every 20 ms: long enough to be watched while it runs,
+    // even when the suite's other tests load the machine.
+    browser.type_into("#run-args", "300\n20000").await;
     browser.screenshot("run-form").await;
     browser.click("#run-submit").await;
 
@@ -59,15 +60,15 @@ async fn a_module_run_through_the_form_shows_its_lines_live_and_in_order() {
     browser.until_status("completed").await;
     browser
         .until(
-            "150 lines",
-            "return document.querySelector('#log-count').textContent === '150 lines';",
+            "300 lines",
+            "return document.querySelector('#log-count').textContent === '300 lines';",
         )
         .await;
     let rows = browser.log_rows().await;
     assert!(!rows.is_empty());
     // The view follows the tail: the last line is shown, seqs are contiguous
     // and each line's clock reading is later than the one before.
-    assert_eq!(rows.last().unwrap().0, 149, "{rows:?}");
+    assert_eq!(rows.last().unwrap().0, 299, "{rows:?}");
     for pair in rows.windows(2) {
         assert_eq!(pair[1].0, pair[0].0 + 1, "{rows:?}");
         let (a, b): (u128, u128) = (pair[0].1.parse().unwrap(), pair[1].1.parse().unwrap());
@@ -78,7 +79,7 @@ async fn a_module_run_through_the_form_shows_its_lines_live_and_in_order() {
         .get_json(&format!("/v1/workloads/{id}/logs/history?limit=1000"))
         .await;
     let stored = stored["lines"].as_array().unwrap();
-    assert_eq!(stored.len(), 150);
+    assert_eq!(stored.len(), 300);
     for (seq, text) in &rows {
         assert_eq!(stored[*seq as usize]["line"].as_str(), Some(text.as_str()));
     }
@@ -436,27 +437,45 @@ async fn a_dropped_connection_resumes_without_gap_or_repeat() {
     let env = Env::new();
     let server = Server::start(&env, &[]);
     let proxy = CuttableProxy::start(&server.url).await;
-    // 400 lines, one every 10 ms.
-    let id = server.start_wasm("ticker", "arg=400&arg=10000").await;
+    // A line every 10 ms for far longer than the test: the cut must land
+    // while the workload runs however slowly the browser starts, so the
+    // test ends it with a kill rather than waiting for a fixed count.
+    let id = server.start_wasm("ticker", "arg=100000&arg=10000").await;
     let browser = browser!();
     browser.open(&format!("{}/workloads/{id}", proxy.url)).await;
-    let count = "return Number(document.querySelector('#log').dataset.liveNext);";
+    let count = "Number(document.querySelector('#log').dataset.liveNext)";
     browser
-        .until(
-            "some lines",
-            &format!("return (function() {{ {count} }})() >= 50;"),
-        )
+        .until("some lines", &format!("return {count} >= 50;"))
         .await;
+    let at_cut = browser.js(&format!("return {count};"), vec![]).await;
     proxy.cut();
     let reconnected = browser
         .until(
-            "the stream's end",
-            "const log = document.querySelector('#log');\
-             const p = document.querySelector('#workload-status .pill');\
-             return p.dataset.status === 'completed' && log.dataset.liveNext === '400' && log.dataset.reconnects;",
+            "lines after the cut",
+            &format!(
+                "const d = document.querySelector('#log').dataset;\
+                 return {count} >= {} + 50 && d.reconnects !== '0' && d.reconnects;",
+                at_cut.as_u64().unwrap()
+            ),
         )
         .await;
     assert_ne!(reconnected, "0", "the cut went unnoticed");
+    assert_eq!(server.kill(&id).await.0, 200);
+    let record = eventually("the record says killed", || async {
+        let (_, w) = server.get_json(&format!("/v1/workloads/{id}")).await;
+        (w["status"] == "killed").then_some(w)
+    })
+    .await;
+    let total = record["line_count"].as_u64().unwrap();
+    browser
+        .until(
+            "the stream's end",
+            &format!(
+                "const p = document.querySelector('#workload-status .pill');\
+                 return p.dataset.status === 'killed' && {count} === {total};"
+            ),
+        )
+        .await;
     let contract = browser
         .js(
             "const d = document.querySelector('#log').dataset; return [d.liveGaps, d.liveRepeats];",
@@ -468,7 +487,7 @@ async fn a_dropped_connection_resumes_without_gap_or_repeat() {
         json!(["0", "0"]),
         "[gaps, repeats] across the reconnect"
     );
-    assert_eq!(browser.text("#log-count").await, "400 lines");
+    assert_eq!(browser.text("#log-count").await, format!("{total} lines"));
     browser.screenshot("resumed").await;
     browser.close().await;
 }
