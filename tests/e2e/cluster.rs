@@ -265,6 +265,48 @@ async fn three_nodes_share_modules_runs_lists_and_slots() {
     assert_eq!(page["total"], total, "nothing was created: {page}");
 }
 
+/// A sync run enters the cluster's records only once it has run a while
+/// (short ones are written once, final); from then on it is listed and
+/// killable from any node, and its caller gets the final record.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_long_sync_run_is_listed_and_killable_from_another_node() {
+    let Some(nats) = Nats::start() else { return };
+    let (n1, n2) = (member(&nats, "n1", &[]), member(&nats, "n2", &[]));
+    let (n1, n2) = (&n1.server, &n2.server);
+    let dir = tempfile::tempdir().unwrap();
+    let spin = upload(
+        n1,
+        std::fs::read(fixture(dir.path(), "started-then-spin")).unwrap(),
+    )
+    .await;
+    let run = n1.post("/v1/workloads", Body::Json(json!({"module": spin})));
+    let kill = async {
+        let listed = eventually("n2 lists the sync run as running", || async {
+            let (_, page) = n2.get_json("/v1/workloads?status=running").await;
+            page["items"]
+                .as_array()
+                .and_then(|items| items.first().cloned())
+        })
+        .await;
+        assert_eq!(listed["node"], "n1", "{listed}");
+        let id = listed["id"].as_str().unwrap().to_owned();
+        let (status, killed) = n2.kill(&id).await;
+        assert_eq!(status, 200, "{killed}");
+        killed
+    };
+    let ((status, ran), killed) = tokio::join!(run, kill);
+    assert_eq!(status, 200, "{ran}");
+    assert_eq!(ran["id"], killed["id"], "{ran}");
+    assert_eq!(ran["status"], "killed", "{ran}");
+    assert_eq!(ran["error"], "killed on request", "{ran}");
+    assert_eq!(ran["attempt"], 1, "{ran}");
+    let id = ran["id"].as_str().unwrap();
+    assert_eq!(record(n2, id).await, ran);
+    let count = ran["line_count"].as_u64().unwrap();
+    assert!(count >= 1, "it said it started: {ran}");
+    assert_eq!(seqs(&history(n2, id).await), (0..count).collect::<Vec<_>>());
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_follower_on_another_node_gets_every_line_once_and_resumes() {
     let Some(nats) = Nats::start() else { return };

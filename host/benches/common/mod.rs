@@ -156,7 +156,11 @@ pub async fn follow(http: reqwest::Client, url: String, id: String) -> anyhow::R
             if event.event == "end" {
                 return Ok(next_seq);
             }
-            let seq: u64 = event.id.as_deref().unwrap_or("").parse()?;
+            let seq: u64 = event
+                .id
+                .as_deref()
+                .and_then(|id| id.parse().ok())
+                .with_context(|| format!("an event without a seq: {event:?}"))?;
             ensure!(seq == next_seq, "expected seq {next_seq}, got {seq}");
             next_seq += 1;
         }

@@ -57,6 +57,10 @@ const QUEUED_CHUNKS: usize = 8;
 /// How long a follower stays silent before it sends a keep-alive comment.
 const KEEP_ALIVE_AFTER: Duration = Duration::from_secs(15);
 
+/// How often a cluster follower's cursor is reopened after a read error
+/// before its client is told to reconnect.
+const CURSOR_REOPENS: u32 = 3;
+
 /// Where to resume.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -272,6 +276,8 @@ impl Follower {
                     .await);
             }
         };
+        // Cursors reopened in a row without a line between them.
+        let mut reopened = 0;
         loop {
             let chunk = if cursor.caught_up() {
                 // Nothing more is stored yet: what is encoded goes out now.
@@ -288,6 +294,7 @@ impl Follower {
             };
             match chunk {
                 Ok(LogChunk::Lines(lines)) => {
+                    reopened = 0;
                     for r in &lines {
                         // A line's seq is its identity: resumed or repeated, once.
                         if r.seq >= self.next() {
@@ -297,6 +304,17 @@ impl Follower {
                 }
                 Ok(LogChunk::End) => break,
                 Err(e) => {
+                    // A pull JetStream refused once (e.g. `no responders` while
+                    // it is swamped) costs a new cursor, not the client's stream.
+                    if reopened < CURSOR_REOPENS {
+                        reopened += 1;
+                        tracing::debug!(workload = %self.id, error = %e, "reopening a follower's cursor");
+                        tokio::time::sleep(Duration::from_millis(50) * reopened).await;
+                        if let Ok(fresh) = cluster.read_log(self.id, self.sent).await {
+                            cursor = fresh;
+                        }
+                        continue;
+                    }
                     return Err(self
                         .cut(&format!("{e}; reconnect with Last-Event-ID"))
                         .await);

@@ -1,7 +1,8 @@
 //! Work across nodes: submitting, claiming, running, finishing and killing.
 //!
 //! A submission to a node with a free slot runs there, its record created
-//! `running`. Otherwise it creates the `pending` record, then queues the
+//! `running` (a sync one's only if it still runs after [`UNLISTED_FOR`],
+//! else written once, final). Otherwise it creates the `pending` record, then queues the
 //! work. Every node pulls from one durable consumer, one message at a time
 //! and only while it holds a free slot, so no node takes more than it can
 //! start now. A claim swaps the record from `pending` to `running` at the
@@ -19,6 +20,7 @@ use base64::Engine as _;
 use bytes::Bytes;
 use futures_util::StreamExt as _;
 use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
 
 use super::logs::ClusterLines;
 use super::{Cluster, ClusterError, QUEUE_SUBJECT, kill_subject, now_ms, until_done};
@@ -80,6 +82,12 @@ impl QueuedWork {
 /// The header of queued work naming the revision its pending record was
 /// created at: a claim swaps from exactly that.
 const REVISION_HEADER: &str = "Vulcan-Revision";
+
+/// How long a sync run started on the node that took it may go without a
+/// record in the cluster: one that ends sooner (most do) writes its record
+/// once, final, instead of running and then final; until then it is not
+/// listed, and nobody outside its node can know its id.
+const UNLISTED_FOR: Duration = Duration::from_millis(20);
 
 /// A request on `vulcan.kill.<node>`.
 #[derive(Debug, Serialize, Deserialize)]
@@ -250,7 +258,7 @@ impl Cluster {
         spec: WorkloadSpec,
     ) -> Result<WorkloadId, ClusterError> {
         let id = WorkloadId::new();
-        self.enqueue(id, module, spec).await?;
+        self.enqueue(id, module, spec, None).await?;
         Ok(id)
     }
 
@@ -265,13 +273,19 @@ impl Cluster {
         // Waiting from before it exists, so its end cannot slip past unseen
         // and the record need not be read first.
         let ended = self.index.wait(id);
-        if let Err(e) = self.enqueue(id, module, spec).await {
+        let (here_tx, here) = oneshot::channel();
+        if let Err(e) = self.enqueue(id, module, spec, Some(here_tx)).await {
             // The caller learns of the failure from the error; its waiter
             // would otherwise stay for a record that may never exist.
             self.index.forget(id);
             return Err(e);
         }
-        self.await_end(id, ended, false).await
+        // Run here: its final record as soon as it is stored, not when the
+        // watch brings it back. Queued (or taken over): from the index.
+        match here.await {
+            Ok(view) => Ok(view),
+            Err(_) => self.await_end(id, ended, false).await,
+        }
     }
 
     /// Starts `id` here if a slot is free, else creates its pending record and
@@ -279,14 +293,19 @@ impl Cluster {
     /// (see [`Cluster::abandon`] and the orphan sweep). Runs in a task of
     /// its own, so a caller that goes away (a client hanging up) cannot
     /// leave a record created but never queued.
+    ///
+    /// With `here` (a sync caller, who learns the id only from the final
+    /// record) a run started here gets its record in the cluster only once
+    /// it has run for [`UNLISTED_FOR`], and `here` gets the final record.
     async fn enqueue(
         self: &Arc<Self>,
         id: WorkloadId,
         module: &str,
         spec: WorkloadSpec,
+        here: Option<oneshot::Sender<WorkloadView>>,
     ) -> Result<(), ClusterError> {
         let (this, module) = (Arc::clone(self), module.to_owned());
-        tokio::spawn(async move { this.create_and_queue(id, &module, spec).await })
+        tokio::spawn(async move { this.create_and_queue(id, &module, spec, here).await })
             .await
             .map_err(|e| anyhow::anyhow!("submitting workload {id} failed: {e}"))?
     }
@@ -296,6 +315,7 @@ impl Cluster {
         id: WorkloadId,
         module: &str,
         spec: WorkloadSpec,
+        here: Option<oneshot::Sender<WorkloadView>>,
     ) -> Result<(), ClusterError> {
         self.connected()?;
         // Known here or in the cluster; the node that runs it fetches it.
@@ -341,19 +361,24 @@ impl Cluster {
         if let Some(slot) = self.node.runner().try_reserve() {
             self.claimed_here(id);
             let running = self.running_here(&view);
-            let revision = match self.create_record(&running).await {
-                Ok(revision) => revision,
-                Err(e) => {
-                    // Created despite the error, it is an orphan this
-                    // node's sweep fails.
-                    self.unclaim(id);
-                    return Err(e);
-                }
+            let revision = match here {
+                // Nobody else knows its id yet: its record can wait.
+                Some(_) => None,
+                None => match self.create_record(&running).await {
+                    Ok(revision) => Some(revision),
+                    Err(e) => {
+                        // Created despite the error, it is an orphan this
+                        // node's sweep fails.
+                        self.unclaim(id);
+                        return Err(e);
+                    }
+                },
             };
             let (this, module) = (Arc::clone(self), module.to_owned());
             let claim = Claim {
                 view: running,
                 revision,
+                here,
             };
             self.tasks
                 .spawn(async move { this.run_claimed(module, spec, claim, slot).await });
@@ -520,7 +545,8 @@ impl Cluster {
                 if let Some(revision) = self.swap(&running, revision).await? {
                     return Ok(Some(Claim {
                         view: running,
-                        revision,
+                        revision: Some(revision),
+                        here: None,
                     }));
                 }
                 let current = self.record(work.id).await?;
@@ -586,33 +612,47 @@ impl Cluster {
             let (this, lines) = (Arc::clone(self), Arc::clone(&lines));
             tokio::spawn(async move { this.publish_lines(lines).await })
         };
-        let local = match self.module(&module).await {
-            Ok(compiled) => {
-                let launch = Launch {
-                    id,
-                    slot,
-                    module_hash: module.clone(),
-                    spec,
-                    tee: None,
-                    also: Some(Arc::clone(&lines) as Arc<dyn LineSink>),
-                };
-                match self.node.runner().start_claimed(compiled, launch).await {
-                    Ok(started) => {
-                        // A kill that came while it was being started.
-                        let early_kill = self.lock_claimed().get(&id).cloned().flatten();
-                        if let Some(reason) = early_kill {
-                            self.node.runner().kill(id, &reason);
-                        }
-                        match started.done.await {
-                            Ok(Ok(record)) => Ok(record),
-                            Ok(Err(e)) => Err(format!("{e:#}")),
-                            Err(e) => Err(format!("the workload's task failed: {e}")),
-                        }
-                    }
-                    Err(e) => Err(format!("failed to start: {e}")),
-                }
+        let run = async {
+            let compiled = match self.module(&module).await {
+                Ok(compiled) => compiled,
+                Err(e) => return Err(format!("failed to load module {module}: {e}")),
+            };
+            let launch = Launch {
+                id,
+                slot,
+                module_hash: module.clone(),
+                spec,
+                tee: None,
+                also: Some(Arc::clone(&lines) as Arc<dyn LineSink>),
+            };
+            let started = match self.node.runner().start_claimed(compiled, launch).await {
+                Ok(started) => started,
+                Err(e) => return Err(format!("failed to start: {e}")),
+            };
+            // A kill that came while it was being started.
+            let early_kill = self.lock_claimed().get(&id).cloned().flatten();
+            if let Some(reason) = early_kill {
+                self.node.runner().kill(id, &reason);
             }
-            Err(e) => Err(format!("failed to load module {module}: {e}")),
+            match started.done.await {
+                Ok(Ok(record)) => Ok(record),
+                Ok(Err(e)) => Err(format!("{e:#}")),
+                Err(e) => Err(format!("the workload's task failed: {e}")),
+            }
+        };
+        tokio::pin!(run);
+        let mut revision = claim.revision;
+        let local = match revision {
+            Some(_) => run.await,
+            None => tokio::select! {
+                local = &mut run => local,
+                () = tokio::time::sleep(UNLISTED_FOR) => {
+                    // Still running: listed, and killable from any node.
+                    let created = until_done("running record", id, || self.create_own(&claim.view)).await;
+                    revision = Some(created);
+                    run.await
+                }
+            },
         };
         lines.close();
         let published = match publisher.await {
@@ -636,10 +676,20 @@ impl Cluster {
         };
         // What the cluster holds is what a reader of this record finds.
         view.summary.line_count = published.lines;
-        // Someone (a node that presumed this one lost) may have moved it on:
-        // then it is theirs.
-        let revision = claim.revision;
-        until_done("final record", id, || self.swap(&view, revision)).await;
+        let stored = match revision {
+            // Someone (a node that presumed this one lost) may have moved it
+            // on: then it is theirs.
+            Some(revision) => until_done("final record", id, || self.swap(&view, revision))
+                .await
+                .is_some(),
+            None => {
+                until_done("final record", id, || self.create_own(&view)).await;
+                true
+            }
+        };
+        if let (true, Some(here)) = (stored, claim.here) {
+            let _ = here.send(view);
+        }
     }
 
     /// Stops `id` wherever it is: a pending one never starts, a running one
@@ -743,7 +793,10 @@ impl Cluster {
 /// A workload this node has claimed: its running record and that revision.
 struct Claim {
     view: WorkloadView,
-    revision: u64,
+    /// `None`: not in the cluster yet (see [`UNLISTED_FOR`]).
+    revision: Option<u64>,
+    /// Who waits here for its final record.
+    here: Option<oneshot::Sender<WorkloadView>>,
 }
 
 /// What a kill did.

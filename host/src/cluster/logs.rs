@@ -39,6 +39,10 @@ pub const BUFFER_BYTES: usize = 2 << 20;
 /// message size).
 const BATCH_BYTES: usize = 256 << 10;
 
+/// How long the first lines of a workload wait for more, or for its end,
+/// before they are published.
+const FIRST_BATCH_LINGER: Duration = Duration::from_millis(5);
+
 /// Messages a reader asks for at a time.
 const READ_AHEAD: usize = 8;
 
@@ -167,6 +171,17 @@ impl ClusterLines {
     pub fn close(&self) {
         self.lock().closed = true;
         self.more.notify_one();
+    }
+
+    /// Resolves once [`ClusterLines::close`] was called.
+    async fn until_closed(&self) {
+        loop {
+            let more = self.more.notified();
+            if self.lock().closed {
+                return;
+            }
+            more.await;
+        }
     }
 
     fn fail(&self, why: String) {
@@ -453,6 +468,7 @@ impl Cluster {
             lines: 0,
         };
         let mut backoff = Backoff::default();
+        let mut lingered = false;
         loop {
             let more = lines.more.notified();
             let batch = lines.front();
@@ -467,6 +483,13 @@ impl Cluster {
                 more.await;
                 continue;
             };
+            if !closed && !lingered {
+                // Most workloads end within moments of their first line: then
+                // their lines and end go in one message, not two.
+                lingered = true;
+                let _ = tokio::time::timeout(FIRST_BATCH_LINGER, lines.until_closed()).await;
+                continue;
+            }
             let (payload, n) = encode_batch(&batch, limit);
             let (first, last) = (batch[0].seq, batch[n - 1].seq);
             let ends = closed && n == waiting;

@@ -153,6 +153,19 @@ impl Cluster {
             .map_err(ClusterError::unavailable)
     }
 
+    /// Creates a record only this node can know of (a sync run's, see
+    /// `UNLISTED_FOR`): its revision, also when an earlier attempt whose
+    /// answer was lost created it.
+    pub(super) async fn create_own(&self, view: &WorkloadView) -> Result<u64, ClusterError> {
+        match self.create_record(view).await {
+            Ok(revision) => Ok(revision),
+            Err(e) => match self.record(view.summary.id).await {
+                Ok(found) if found.view.summary.status == view.summary.status => Ok(found.revision),
+                _ => Err(e),
+            },
+        }
+    }
+
     /// Replaces a record read at `revision`: the new revision, or `None` when
     /// someone changed it since.
     pub(super) async fn swap(
