@@ -153,10 +153,12 @@ async fn what_a_guest_prints_is_shown_as_text_never_as_html() {
     browser
         .open(&format!("{}/workloads/{id}", server.url))
         .await;
+    // The count can be drawn before the rows are: both are waited for.
     browser
         .until(
             "four lines",
-            "return document.querySelector('#log-count').textContent === '4 lines';",
+            "return document.querySelector('#log-count').textContent === '4 lines' \
+               && document.querySelectorAll('#log .row:not([hidden]):not(.missing)').length === 4;",
         )
         .await;
     let rows = browser.log_rows().await;
