@@ -17,6 +17,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use vulcan::node::{Node, NodeOptions};
+use vulcan::runner::Creation;
 use vulcan::store::Db;
 use vulcan::workload::{Status, WorkloadSpec};
 
@@ -163,7 +164,10 @@ fn full_pipeline(module: &std::path::Path, lines: u64) -> anyhow::Result<Duratio
             ..Default::default()
         };
         let started = Instant::now();
-        let run = node.runner().start(compiled, info.hash, spec, None).await?;
+        let run = node
+            .runner()
+            .start(compiled, info.hash, spec, None, Creation::Overlapped)
+            .await?;
         let record = run.done.await??;
         let elapsed = started.elapsed();
         anyhow::ensure!(

@@ -15,7 +15,7 @@ use super::caller::Caller;
 use super::request::{ModuleRef, parse_submission};
 use super::{ApiError, AppState};
 use crate::cluster::{Cluster, KillOutcome};
-use crate::runner::StartedWorkload;
+use crate::runner::{Creation, StartError, StartedWorkload};
 use crate::tenants::Tenant;
 use crate::view::{WorkloadList, WorkloadSummary, WorkloadView};
 use crate::workload::{Limits, Status, WorkloadId, WorkloadRecord, WorkloadSpec};
@@ -141,7 +141,14 @@ enum Accepted {
     },
 }
 
-async fn start(state: &AppState, caller: &Caller, req: Request) -> Result<Accepted, ApiError> {
+/// With `creation`, when the guest starts relative to its record (see
+/// [`Creation`]): a sync caller need not wait for the record.
+async fn start(
+    state: &AppState,
+    caller: &Caller,
+    req: Request,
+    creation: Creation,
+) -> Result<Accepted, ApiError> {
     let config = state.config();
     let mut submission = parse_submission(req, config.max_upload, config.max_spec).await?;
     let asked = submission.spec.limits.clone();
@@ -210,7 +217,7 @@ async fn start(state: &AppState, caller: &Caller, req: Request) -> Result<Accept
     let started = state
         .node()
         .runner()
-        .start(compiled, hash, submission.spec, None)
+        .start(compiled, hash, submission.spec, None, creation)
         .await?;
     Ok(Accepted::Started(started, quota))
 }
@@ -263,12 +270,18 @@ pub async fn run_sync(
 ) -> Result<impl IntoResponse, ApiError> {
     // If the client goes away the workload still finishes: it runs in its own
     // task, or on its node (and a quota slot is released by `hold`).
-    let view = match start(&state, &caller, req).await? {
-        Accepted::Started(started, quota) => WorkloadView::from(
-            hold(started.done, quota)
+    let view = match start(&state, &caller, req, Creation::Overlapped).await? {
+        Accepted::Started(started, quota) => {
+            let ended = hold(started.done, quota)
                 .await
-                .map_err(|e| anyhow::anyhow!("workload task failed: {e}"))??,
-        ),
+                .map_err(|e| anyhow::anyhow!("workload task failed: {e}"))?;
+            // A creation that failed after the guest started answers as one
+            // that failed before.
+            WorkloadView::from(ended.map_err(|e| match e.downcast::<StartError>() {
+                Ok(e) => ApiError::from(e),
+                Err(e) => ApiError::Internal(e),
+            })?)
+        }
         Accepted::ForCluster {
             cluster,
             module,
@@ -284,7 +297,7 @@ pub async fn run_async(
     Extension(caller): Extension<Caller>,
     req: Request,
 ) -> Result<impl IntoResponse, ApiError> {
-    let id = match start(&state, &caller, req).await? {
+    let id = match start(&state, &caller, req, Creation::Committed).await? {
         Accepted::Started(started, quota) => {
             drop(hold(started.done, quota));
             started.id

@@ -14,7 +14,7 @@ use crate::engine::{ModuleKind, Runtime};
 use crate::node::{Node, NodeOptions};
 use crate::outbound::{OutboundPolicy, OutboundRule};
 use crate::registry::RegistryError;
-use crate::runner::Tee;
+use crate::runner::{Creation, Tee};
 use crate::view::WorkloadView;
 use crate::workload::{LogLevel, Preopen, Stdin, WorkloadSpec};
 
@@ -133,7 +133,9 @@ pub fn execute(args: RunArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
         // Handled from before the guest starts: a Ctrl-C that comes as soon
         // as it prints must kill and record it, not end vulcan unrecorded.
         let interrupt = ShutdownSignal::install()?;
-        let started = runner.start(compiled, info.hash, spec, Some(tee)).await?;
+        let started = runner
+            .start(compiled, info.hash, spec, Some(tee), Creation::Overlapped)
+            .await?;
         let id = started.id;
         let killer = {
             let runner = Arc::clone(runner);

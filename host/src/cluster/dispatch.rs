@@ -28,7 +28,7 @@ use crate::engine::CompiledModule;
 use crate::logs::LineSink;
 use crate::outbound::OutboundRule;
 use crate::registry::RegistryError;
-use crate::runner::{Launch, Slot};
+use crate::runner::{Creation, Launch, Slot};
 use crate::view::WorkloadView;
 use crate::workload::{
     FailureKind, Limits, LogLevel, Status, Stdin, WorkloadId, WorkloadRecord, WorkloadSpec,
@@ -624,6 +624,9 @@ impl Cluster {
                 spec,
                 tee: None,
                 also: Some(Arc::clone(&lines) as Arc<dyn LineSink>),
+                // What the API reads is the cluster's record, not this
+                // node's: its guest need not wait for the local one.
+                creation: Creation::Overlapped,
             };
             let started = match self.node.runner().start_claimed(compiled, launch).await {
                 Ok(started) => started,

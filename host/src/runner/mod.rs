@@ -1,7 +1,8 @@
 //! Drives one workload from creation to its terminal status.
 //!
 //! Glue between the stages: creates the record (already `running`: a
-//! workload is only created once it holds a slot), opens the workload's live
+//! workload is only created once it holds a slot; for a sync caller the
+//! guest starts while that commits, see [`Creation`]), opens the workload's live
 //! channel and LogWriter, runs the engine, then commits every line before the
 //! terminal status and only then ends live delivery — so whoever sees a final
 //! status also finds every line in the store; that commit answers the final
@@ -53,6 +54,21 @@ pub struct Launch {
     pub tee: Option<Tee>,
     /// A second sink that must keep every record too (the cluster's copy).
     pub also: Option<Arc<dyn LineSink>>,
+    /// Whether its guest waits for its record.
+    pub creation: Creation,
+}
+
+/// When a workload's guest starts, relative to its record's creation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Creation {
+    /// The record is committed before the guest starts and before the
+    /// start returns: for a caller that hands the id out at once.
+    Committed,
+    /// The guest starts while its record's creation commits, its lines
+    /// waiting for it: for a caller that learns the id only from the final
+    /// record (a sync run), which so saves a commit's wait. A creation that
+    /// fails kills the guest, and `done` answers the [`StartError`].
+    Overlapped,
 }
 
 /// A started workload: its id and a handle that resolves to its final record.
@@ -172,6 +188,7 @@ impl Runner {
         module_hash: String,
         spec: WorkloadSpec,
         tee: Option<Tee>,
+        creation: Creation,
     ) -> Result<StartedWorkload, StartError> {
         let permit: Option<OwnedSemaphorePermit> = match &self.slots {
             Some((sem, max)) => Some(
@@ -188,6 +205,7 @@ impl Runner {
             spec,
             tee,
             also: None,
+            creation,
         };
         self.start_claimed(module, launch).await
     }
@@ -226,6 +244,7 @@ impl Runner {
             spec,
             tee,
             also,
+            creation,
         } = launch;
         // Killable from the moment the record exists.
         let switch = KillSwitch::default();
@@ -235,51 +254,88 @@ impl Runner {
             let this = Arc::clone(self);
             async move {
                 let _permit = permit;
-                let created = this
-                    .db
-                    .create_workload(NewWorkload {
-                        id,
-                        module_hash: module_hash.clone(),
-                        args: spec.args.clone(),
-                        env: spec.env.clone(),
-                        limits: spec.limits.clone(),
-                        allowed_hosts: spec.allowed_hosts.clone(),
-                        log_level: spec.log_level,
-                        // It holds its slot, so it starts now: the record is
-                        // created running, in one commit.
-                        running: true,
-                        tenant: spec.tenant.clone(),
-                    })
-                    .await;
-                if let Err(e) = created {
-                    let _ = created_tx.send(Err(e));
-                    return Ok(None);
-                }
-                // Live from creation: a follower that arrives before the
-                // guest starts still gets every line.
-                let publisher = this.broker.open(id);
-                let _ = created_tx.send(Ok(()));
+                let new = NewWorkload {
+                    id,
+                    module_hash: module_hash.clone(),
+                    args: spec.args.clone(),
+                    env: spec.env.clone(),
+                    limits: spec.limits.clone(),
+                    allowed_hosts: spec.allowed_hosts.clone(),
+                    log_level: spec.log_level,
+                    // It holds its slot, so it starts now: the record is
+                    // created running, in one commit.
+                    running: true,
+                    tenant: spec.tenant.clone(),
+                };
+                let (local, created) = match creation {
+                    Creation::Committed => {
+                        if let Err(e) = this.db.create_workload(new).await {
+                            let _ = created_tx.send(Err(e));
+                            return Ok(None);
+                        }
+                        // Live from creation: a follower that arrives before
+                        // the guest starts still gets every line.
+                        let publisher = this.broker.open(id);
+                        let _ = created_tx.send(Ok(()));
+                        (this.db.line_sink(id, Some(Box::new(publisher))), None)
+                    }
+                    Creation::Overlapped => {
+                        let publisher = this.broker.open(id);
+                        match this
+                            .db
+                            .create_workload_with_lane(new, Some(Box::new(publisher)))
+                        {
+                            Ok((lane, created)) => {
+                                let _ = created_tx.send(Ok(()));
+                                (Ok(lane), Some(created))
+                            }
+                            Err(e) => {
+                                this.broker.close(id);
+                                let _ = created_tx.send(Err(e));
+                                return Ok(None);
+                            }
+                        }
+                    }
+                };
                 let identity = GuestIdentity {
                     workload_id: id.to_string(),
                     module_hash,
                 };
-                let sink: Arc<dyn LineSink> =
-                    match (this.db.line_sink(id, Some(Box::new(publisher))), also) {
-                        (Ok(local), None) => Arc::new(local),
-                        (Ok(local), Some(also)) => Arc::new(SinkPair(local, also)),
-                        // Without a sink it cannot run, and it must not stay running.
-                        (Err(e), _) => {
-                            let failure =
-                                Completion::host_failure(format!("failed to start: {e}"), 0);
-                            return Ok(Some(this.db.finish(id, failure).await?));
-                        }
-                    };
+                let sink: Arc<dyn LineSink> = match (local, also) {
+                    (Ok(local), None) => Arc::new(local),
+                    (Ok(local), Some(also)) => Arc::new(SinkPair(local, also)),
+                    // Without a sink it cannot run, and it must not stay running.
+                    (Err(e), _) => {
+                        let failure = Completion::host_failure(format!("failed to start: {e}"), 0);
+                        return Ok(Some(this.db.finish(id, failure).await?));
+                    }
+                };
                 let writer = LogWriter::new(id, spec.limits.max_output_bytes, Some(sink))
                     .with_min_level(spec.log_level);
                 let (writer, _tee_flusher) = with_tee(writer, tee);
-                let record = this
-                    .execute(id, module, spec, identity, &writer, &switch)
-                    .await?;
+                let run = this.run_guest(module, spec, identity, &writer, &switch);
+                let completion = match created {
+                    None => run.await,
+                    Some(created) => {
+                        // A creation that fails stops the guest at once.
+                        let created = async {
+                            let created = created.await;
+                            if let Err(e) = &created {
+                                let _ = switch.reason.set(format!("failed to create: {e}"));
+                                switch.cancel.cancel();
+                            }
+                            created
+                        };
+                        let (created, completion) = tokio::join!(created, run);
+                        if let Err(e) = created {
+                            this.db.drop_lines(id);
+                            this.broker.close(id);
+                            return Err(anyhow::Error::from(start_error(id, e)));
+                        }
+                        completion
+                    }
+                };
+                let record = this.record_end(id, completion).await?;
                 Ok(Some(record))
             }
         });
@@ -308,13 +364,7 @@ impl Runner {
         });
         match created_rx.await {
             Ok(Ok(())) => Ok(StartedWorkload { id, done }),
-            Ok(Err(e)) => Err(match e {
-                StoreError::ModuleNotFound(h) => StartError::ModuleNotFound(h),
-                StoreError::StorageFull(why) => StartError::StorageFull(why),
-                e => StartError::Internal(
-                    anyhow::Error::from(e).context(format!("failed to create workload {id}")),
-                ),
-            }),
+            Ok(Err(e)) => Err(start_error(id, e)),
             Err(_) => Err(StartError::Internal(anyhow::anyhow!(
                 "workload {id} stopped before it was created"
             ))),
@@ -347,18 +397,15 @@ impl Runner {
         }
     }
 
-    /// Runs a created workload to its end, records how it ended and returns
-    /// the final record; an error means that end could not be recorded yet
-    /// (the store keeps trying).
-    async fn execute(
+    /// Runs a workload's guest to its end: how it ended, to be recorded.
+    async fn run_guest(
         &self,
-        id: WorkloadId,
         module: Arc<CompiledModule>,
         spec: WorkloadSpec,
         identity: GuestIdentity,
         writer: &LogWriter,
         switch: &KillSwitch,
-    ) -> anyhow::Result<WorkloadRecord> {
+    ) -> Completion {
         let (outcome, mut completion) = if switch.cancel.is_cancelled() {
             // Killed before its guest started: the guest never runs.
             let report = RunReport {
@@ -412,6 +459,16 @@ impl Runner {
         {
             completion.error = Some(reason.clone());
         }
+        completion
+    }
+
+    /// Records how a workload ended and returns the final record; an error
+    /// means that end could not be recorded yet (the store keeps trying).
+    async fn record_end(
+        &self,
+        id: WorkloadId,
+        completion: Completion,
+    ) -> anyhow::Result<WorkloadRecord> {
         // Committed after every line of the workload, in the same transaction
         // as its last ones; that commit also ends live delivery.
         let (status, duration_ms, lines) = (
@@ -431,6 +488,17 @@ impl Runner {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<WorkloadId, KillSwitch>> {
         self.running.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Why the store would not create workload `id`.
+fn start_error(id: WorkloadId, e: StoreError) -> StartError {
+    match e {
+        StoreError::ModuleNotFound(h) => StartError::ModuleNotFound(h),
+        StoreError::StorageFull(why) => StartError::StorageFull(why),
+        e => StartError::Internal(
+            anyhow::Error::from(e).context(format!("failed to create workload {id}")),
+        ),
     }
 }
 

@@ -33,7 +33,7 @@ async fn a_workload_killed_before_its_guest_starts_never_runs() {
     let (_dir, node) = node().await;
     let (hash, compiled) = module(&node, wat_fixture!("print-hello")).await;
     let runner = node.runner();
-    let start = runner.start(compiled, hash, spec(), None);
+    let start = runner.start(compiled, hash, spec(), None, Creation::Committed);
     tokio::pin!(start);
     // One thread: the first poll spawns the workload's task and waits for its
     // record, and that task has not run yet.
@@ -76,7 +76,7 @@ async fn a_panic_while_running_fails_the_workload_instead_of_leaving_it_running(
     };
     let started = node
         .runner()
-        .start(compiled, hash, spec(), Some(tee))
+        .start(compiled, hash, spec(), Some(tee), Creation::Overlapped)
         .await
         .unwrap();
     let answer = started.done.await.unwrap();
@@ -104,16 +104,70 @@ async fn at_capacity_a_start_is_refused_and_creates_nothing() {
     let (hash, compiled) = module(&node, wat_fixture!("spin")).await;
     let runner = node.runner();
     let spinning = runner
-        .start(Arc::clone(&compiled), hash.clone(), spec(), None)
+        .start(
+            Arc::clone(&compiled),
+            hash.clone(),
+            spec(),
+            None,
+            Creation::Committed,
+        )
         .await
         .unwrap();
-    let refused = runner.start(compiled, hash, spec(), None).await;
+    let refused = runner
+        .start(compiled, hash, spec(), None, Creation::Committed)
+        .await;
     assert!(matches!(refused, Err(StartError::AtCapacity(1))));
     let page = node.db().list_workloads(10, 0, None, None).await.unwrap();
     assert_eq!(page.total, 1, "the refused start left no record");
     assert!(runner.kill(spinning.id, "done"));
     let record = spinning.done.await.unwrap().unwrap();
     assert_eq!(record.status, Status::Killed);
+}
+
+/// A guest started while its record's creation commits: its lines are all
+/// stored, and its end after them.
+#[tokio::test]
+async fn an_overlapped_start_stores_every_line_and_its_end() {
+    let (_dir, node) = node().await;
+    let (hash, compiled) = module(&node, wat_fixture!("print-hello")).await;
+    let started = node
+        .runner()
+        .start(compiled, hash, spec(), None, Creation::Overlapped)
+        .await
+        .unwrap();
+    let record = started.done.await.unwrap().unwrap();
+    assert_eq!(record.status, Status::Completed, "{record:?}");
+    assert_eq!(record.line_count, 1);
+    let lines = node.db().read_lines(started.id, None, 10).await.unwrap();
+    assert_eq!(lines.len(), 1);
+    assert_eq!(node.db().workload(started.id).await.unwrap(), record);
+    assert_eq!(node.db().lost_lines(), 0);
+}
+
+/// A creation that fails after its guest started (here: a module the store
+/// does not hold) stops the guest, even a tight loop, and answers the same
+/// error a start that waited for it would have; nothing stays running.
+#[tokio::test]
+async fn an_overlapped_start_whose_creation_fails_stops_its_guest() {
+    let (_dir, node) = node().await;
+    let (_, compiled) = module(&node, wat_fixture!("spin")).await;
+    let missing = format!("sha256:{}", "0".repeat(64));
+    let started = node
+        .runner()
+        .start(compiled, missing, spec(), None, Creation::Overlapped)
+        .await
+        .unwrap();
+    let error = started.done.await.unwrap().expect_err("no record, no run");
+    assert!(
+        matches!(error.downcast_ref(), Some(StartError::ModuleNotFound(_))),
+        "{error:#}"
+    );
+    assert!(matches!(
+        node.db().workload(started.id).await,
+        Err(StoreError::NotFound(_))
+    ));
+    assert_eq!(node.runner().running_count(), 0);
+    assert!(node.broker().subscribe(started.id).is_none());
 }
 
 /// Every way a run ends maps onto one status, exit code and failure kind.

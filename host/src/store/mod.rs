@@ -333,7 +333,44 @@ impl Db {
             live,
             Arc::clone(&w.queue),
             w.tx.clone(),
+            false,
         ))
+    }
+
+    /// Sends a workload's creation without waiting for its commit, with its
+    /// line lane: lines sent to the lane meanwhile wait for the creation and
+    /// are committed with it or after it. The future answers the creation;
+    /// if it fails, [`Db::drop_lines`] discards the lane.
+    pub fn create_workload_with_lane(
+        &self,
+        new: NewWorkload,
+        live: Option<Box<dyn LivePublisher>>,
+    ) -> StoreResult<(
+        LineLane,
+        impl Future<Output = StoreResult<()>> + Send + 'static,
+    )> {
+        let w = self.writer()?;
+        let id = new.id;
+        // Open before the creation is sent: the commit that takes the
+        // creation releases the lane, so the lane must exist by then.
+        let lane = LineLane::new(id, live, Arc::clone(&w.queue), w.tx.clone(), true);
+        let (reply, rx) = oneshot::channel();
+        if !w.send(WriteOp::Create { new, reply }) {
+            w.queue.close(id);
+            return Err(anyhow::anyhow!("the database writer has stopped").into());
+        }
+        Ok((lane, async move {
+            rx.await
+                .map_err(|_| anyhow::anyhow!("the database writer stopped before answering"))?
+        }))
+    }
+
+    /// Discards a workload's line lane and whatever waits in it (its
+    /// creation failed).
+    pub fn drop_lines(&self, workload: WorkloadId) {
+        if let Ok(w) = self.writer() {
+            w.queue.close(workload);
+        }
     }
 
     /// Lines that could not be committed since start (each failure is also logged).

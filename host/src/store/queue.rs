@@ -39,6 +39,10 @@ fn cost(record: &LogRecord) -> usize {
 /// One workload's lines and what it shares with its guest.
 struct Lane {
     lines: Vec<Arc<LogRecord>>,
+    /// Its record's creation is not in hand yet: the writer takes none of
+    /// its lines (they would name an unknown workload), and they are not
+    /// counted in the queue's lines.
+    held: bool,
     budget: Arc<LaneBudget>,
     /// Committed lines are published here; dropped (closing the workload's
     /// live channel) when the lane closes with the terminal status.
@@ -100,6 +104,15 @@ impl Taken {
     pub(super) fn len(&self) -> usize {
         self.lanes.iter().map(|l| l.lines.len()).sum()
     }
+
+    /// Moves `workload`'s lines out into a `Taken` of their own.
+    pub(super) fn split_workload(&mut self, workload: WorkloadId) -> Taken {
+        let (theirs, rest) = std::mem::take(&mut self.lanes)
+            .into_iter()
+            .partition(|l| l.workload == workload);
+        self.lanes = rest;
+        Taken { lanes: theirs }
+    }
 }
 
 impl LineQueue {
@@ -120,22 +133,38 @@ impl LineQueue {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Opens a workload's lane; lines committed from it go to `live`.
+    /// Opens a workload's lane; lines committed from it go to `live`. A
+    /// `held` lane gives the writer nothing until [`LineQueue::unhold`].
     pub(super) fn open(
         &self,
         workload: WorkloadId,
         live: Option<Box<dyn LivePublisher>>,
+        held: bool,
     ) -> Arc<LaneBudget> {
         let budget = Arc::new(LaneBudget::default());
         self.lock().lanes.insert(
             workload,
             Lane {
                 lines: Vec::new(),
+                held,
                 budget: Arc::clone(&budget),
                 live: live.map(Arc::from),
             },
         );
         budget
+    }
+
+    /// Lets the writer take a held lane's lines: its workload's creation is
+    /// in the transaction being built, ahead of any line.
+    pub(super) fn unhold(&self, workload: WorkloadId) {
+        let mut state = self.lock();
+        let QueueState { lanes, lines } = &mut *state;
+        if let Some(lane) = lanes.get_mut(&workload)
+            && lane.held
+        {
+            lane.held = false;
+            *lines += lane.lines.len();
+        }
     }
 
     /// Closes a lane once its terminal status is committed; lines still in it
@@ -144,7 +173,9 @@ impl LineQueue {
         let lane = {
             let mut state = self.lock();
             let lane = state.lanes.remove(&workload);
-            if let Some(lane) = &lane {
+            if let Some(lane) = &lane
+                && !lane.held
+            {
                 state.lines -= lane.lines.len();
             }
             lane
@@ -174,6 +205,7 @@ impl LineQueue {
         let mut state = self.lock();
         let QueueState { lanes, lines } = &mut *state;
         if let Some(lane) = lanes.get_mut(&workload)
+            && !lane.held
             && !lane.lines.is_empty()
             && max > 0
         {
@@ -188,14 +220,15 @@ impl LineQueue {
         self.lock()
             .lanes
             .get(&workload)
+            .filter(|l| !l.held)
             .map_or(0, |l| l.lines.len())
     }
 
-    /// Takes every queued line.
+    /// Takes every queued line (none of a held lane).
     pub(super) fn take_all(&self, into: &mut Taken) {
         let mut state = self.lock();
         for (&workload, lane) in &mut state.lanes {
-            if !lane.lines.is_empty() {
+            if !lane.held && !lane.lines.is_empty() {
                 into.lanes.push(take(workload, lane, usize::MAX));
             }
         }
@@ -207,13 +240,14 @@ impl LineQueue {
     pub(super) fn take_fair(&self, max: usize, into: &mut Taken) {
         let mut state = self.lock();
         let QueueState { lanes, lines } = &mut *state;
-        let busy = lanes.values().filter(|l| !l.lines.is_empty()).count();
+        let ready = |l: &Lane| !l.held && !l.lines.is_empty();
+        let busy = lanes.values().filter(|l| ready(l)).count();
         if busy == 0 {
             return;
         }
         let share = (max / busy).max(64);
         for (&workload, lane) in lanes.iter_mut() {
-            if !lane.lines.is_empty() {
+            if ready(lane) {
                 let taken = take(workload, lane, share);
                 *lines -= taken.lines.len();
                 into.lanes.push(taken);
@@ -310,10 +344,11 @@ impl LineLane {
         live: Option<Box<dyn LivePublisher>>,
         queue: Arc<LineQueue>,
         tx: mpsc::Sender<WriteOp>,
+        held: bool,
     ) -> Self {
         Self {
             workload,
-            budget: queue.open(workload, live),
+            budget: queue.open(workload, live, held),
             queue,
             tx,
         }
@@ -350,6 +385,10 @@ impl LineSink for LineLane {
             self.budget.queued.fetch_add(c, Ordering::AcqRel);
             self.queue.total.fetch_add(c, Ordering::AcqRel);
             lane.lines.push(record);
+            if lane.held {
+                // The creation the writer waits for brings these along.
+                return;
+            }
             *lines += 1;
             *lines
         };

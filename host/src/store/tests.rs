@@ -269,6 +269,92 @@ async fn terminal_status_is_committed_after_the_lines_before_it() {
     assert_eq!(db.read_lines(id, None, 10_000).await.unwrap().len(), 2_500);
 }
 
+fn new_running(id: WorkloadId, hash: &str) -> NewWorkload {
+    NewWorkload {
+        id,
+        module_hash: hash.to_owned(),
+        args: vec![],
+        env: vec![],
+        limits: Limits::default(),
+        allowed_hosts: vec![],
+        log_level: None,
+        running: true,
+        tenant: None,
+    }
+}
+
+/// Lines sent while a workload's creation has not committed wait for it,
+/// even while other workloads' lines are being committed around it: none
+/// is lost, and its end is committed after every one of them.
+#[tokio::test]
+async fn lines_sent_before_their_workloads_creation_commits_are_all_stored() {
+    let (_dir, db, hash) = db_with_module().await;
+    // Another workload keeps the writer busy committing lines meanwhile.
+    let busy = create(&db, &hash).await;
+    db.mark_running(busy).await.unwrap();
+    let busy_sink = db.line_sink(busy, None).unwrap();
+    let mut ids = Vec::new();
+    for round in 0..50u64 {
+        for seq in 0..100 {
+            busy_sink.send(line(busy, round * 100 + seq));
+        }
+        let id = WorkloadId::new();
+        let (lane, created) = db
+            .create_workload_with_lane(new_running(id, &hash), None)
+            .unwrap();
+        for seq in 0..30 {
+            lane.send(line(id, seq));
+        }
+        // Its end is sent before its creation is known to have committed.
+        let finished = db.finish(id, done(Status::Completed, 30));
+        let (created, finished) = tokio::join!(created, finished);
+        created.unwrap();
+        assert_eq!(finished.unwrap().status, Status::Completed);
+        ids.push(id);
+    }
+    for id in ids {
+        let lines = db.read_lines(id, None, 100).await.unwrap();
+        assert_eq!(
+            lines.iter().map(|l| l.seq).collect::<Vec<_>>(),
+            (0..30).collect::<Vec<_>>()
+        );
+    }
+    assert_eq!(db.lost_lines(), 0);
+}
+
+/// A creation that fails (here: its module is not stored) takes nothing
+/// with it: the lines that waited for it are dropped with the lane and
+/// counted lost, and the writer goes on.
+#[tokio::test]
+async fn a_failed_creation_drops_the_lines_that_waited_for_it() {
+    let (_dir, db, hash) = db_with_module().await;
+    let id = WorkloadId::new();
+    let (lane, created) = db
+        .create_workload_with_lane(new_running(id, "sha256:missing"), None)
+        .unwrap();
+    lane.send(line(id, 0));
+    let refused = created.await;
+    assert!(
+        matches!(refused, Err(StoreError::ModuleNotFound(_))),
+        "{refused:?}"
+    );
+    db.drop_lines(id);
+    assert!(matches!(
+        db.workload(id).await,
+        Err(StoreError::NotFound(_))
+    ));
+    let other = create(&db, &hash).await;
+    db.mark_running(other).await.unwrap();
+    db.line_sink(other, None).unwrap().send(line(other, 0));
+    db.finish(other, done(Status::Completed, 1)).await.unwrap();
+    assert_eq!(db.read_lines(other, None, 10).await.unwrap().len(), 1);
+    assert_eq!(
+        db.lost_lines(),
+        1,
+        "the line that waited for the failed creation"
+    );
+}
+
 #[tokio::test]
 async fn a_line_batch_that_cannot_be_stored_fails_its_workload_not_the_others() {
     let (_dir, db, hash) = db_with_module().await;
@@ -558,8 +644,8 @@ async fn a_commit_takes_a_fair_share_of_each_lane() {
     let queue = Arc::new(queue::LineQueue::new(usize::MAX / 4, usize::MAX / 4, 1_000));
     let (tx, _rx) = mpsc::channel();
     let (a, b) = (WorkloadId::new(), WorkloadId::new());
-    let flood = LineLane::new(a, None, Arc::clone(&queue), tx.clone());
-    let quiet = LineLane::new(b, None, Arc::clone(&queue), tx);
+    let flood = LineLane::new(a, None, Arc::clone(&queue), tx.clone(), false);
+    let quiet = LineLane::new(b, None, Arc::clone(&queue), tx, false);
     for seq in 0..10_000 {
         flood.send(line(a, seq));
     }
@@ -803,7 +889,7 @@ fn a_terminal_status_behind_a_backlog_lets_other_ops_go_first() {
 
     // A ends with 20,000 lines still queued; B is created meanwhile.
     let (wake, _) = mpsc::channel();
-    let lane = LineLane::new(a_id, None, Arc::clone(&queue), wake);
+    let lane = LineLane::new(a_id, None, Arc::clone(&queue), wake, false);
     for seq in 0..20_000 {
         lane.send(line(a_id, seq));
     }

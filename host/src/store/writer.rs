@@ -6,7 +6,9 @@
 //! workload an op ends (so a terminal status always follows its lines), and a
 //! small fair share of everyone else's lines, and writes them in one `BEGIN
 //! IMMEDIATE` transaction. Only then are the lines published live and their
-//! room given back.
+//! room given back. A workload whose guest started before its creation
+//! committed has its lane held until the commit that takes the creation,
+//! where its lines go in right after it.
 //!
 //! Someone waits on every op, so an op is never held behind a flood: a
 //! transaction of lines alone grows chunk by chunk and stops growing as soon
@@ -203,6 +205,13 @@ impl Writer {
                 reply: None,
             });
         }
+        // Lines that waited for their workload's creation may come along:
+        // they go in right after it (see `attempt`).
+        for op in pending.iter() {
+            if let WriteOp::Create { new, .. } = op {
+                self.queue.unhold(new.id);
+            }
+        }
         let mut taken = Taken::default();
         let mut ops = Vec::with_capacity(pending.len());
         let mut grow = false;
@@ -302,20 +311,31 @@ impl Writer {
     /// One transaction: the lines (with `grow`, more of them, a chunk at a
     /// time, up to a batch or until an op waits), then each op; an op's own
     /// refusal (e.g. an illegal transition) is its answer and does not fail
-    /// the others.
+    /// the others. The lines of a workload created by one of `ops` (sent
+    /// before that creation committed) go in right after its creation.
     fn attempt(
         &mut self,
-        lines: Option<&mut Taken>,
+        mut lines: Option<&mut Taken>,
         ops: &[WriteOp],
         grow: bool,
     ) -> Result<Vec<StoreResult<Applied>>, rusqlite::Error> {
         self.delta.clear();
+        let mut fresh = Taken::default();
+        if let Some(lines) = lines.as_deref_mut() {
+            for op in ops {
+                if let WriteOp::Create { new, .. } = op {
+                    fresh.lanes.append(&mut lines.split_workload(new.id).lanes);
+                }
+            }
+        }
+        let mut inserted = Taken::default();
         let result = (|| {
             let tx = self
                 .conn
                 .transaction_with_behavior(TransactionBehavior::Immediate)?;
-            if let Some(lines) = lines {
-                let mut unknown = insert_lines(&tx, lines, &mut self.keys, &mut self.delta)?;
+            let mut unknown = 0;
+            if let Some(lines) = lines.as_deref_mut() {
+                unknown += insert_lines(&tx, lines, &mut self.keys, &mut self.delta)?;
                 while grow
                     && lines.len() < self.config.max_batch
                     && self.stats.ops_waiting.load(Ordering::Acquire) == 0
@@ -329,13 +349,6 @@ impl Writer {
                     unknown += insert_lines(&tx, &more, &mut self.keys, &mut self.delta)?;
                     lines.lanes.append(&mut more.lanes);
                 }
-                if unknown > 0 {
-                    self.queue.lost.fetch_add(unknown, Ordering::Relaxed);
-                    tracing::error!(
-                        lines = unknown,
-                        "log lines of an unknown workload were not stored"
-                    );
-                }
             }
             let mut results = Vec::with_capacity(ops.len());
             for op in ops {
@@ -348,11 +361,29 @@ impl Writer {
                         None,
                     ));
                 }
+                if let WriteOp::Create { new, .. } = op {
+                    // After a refused creation they count as lost, below.
+                    let mut theirs = fresh.split_workload(new.id);
+                    unknown += insert_lines(&tx, &theirs, &mut self.keys, &mut self.delta)?;
+                    inserted.lanes.append(&mut theirs.lanes);
+                }
                 results.push(result);
+            }
+            if unknown > 0 {
+                self.queue.lost.fetch_add(unknown, Ordering::Relaxed);
+                tracing::error!(
+                    lines = unknown,
+                    "log lines of an unknown workload were not stored"
+                );
             }
             tx.commit()?;
             Ok(results)
         })();
+        if let Some(lines) = lines {
+            // Given back with the rest: committed or failed together.
+            lines.lanes.append(&mut fresh.lanes);
+            lines.lanes.append(&mut inserted.lanes);
+        }
         if result.is_err() {
             // Keys assigned in the rolled-back transaction may be reused.
             self.keys.clear();
