@@ -314,29 +314,29 @@ impl Runner {
                     .with_min_level(spec.log_level);
                 let (writer, _tee_flusher) = with_tee(writer, tee);
                 let run = this.run_guest(module, spec, identity, &writer, &switch);
-                let completion = match created {
-                    None => run.await,
-                    Some(created) => {
-                        // A creation that fails stops the guest at once.
-                        let created = async {
-                            let created = created.await;
-                            if let Err(e) = &created {
-                                let _ = switch.reason.set(format!("failed to create: {e}"));
-                                switch.cancel.cancel();
-                            }
-                            created
-                        };
-                        let (created, completion) = tokio::join!(created, run);
-                        if let Err(e) = created {
-                            this.db.drop_lines(id);
-                            this.broker.close(id);
-                            return Err(anyhow::Error::from(start_error(id, e)));
-                        }
-                        completion
-                    }
+                let Some(created) = created else {
+                    return Ok(Some(this.record_end(id, run.await).await?));
                 };
-                let record = this.record_end(id, completion).await?;
-                Ok(Some(record))
+                // A creation that fails stops the guest at once.
+                let created = async {
+                    let created = created.await;
+                    if let Err(e) = &created {
+                        let _ = switch.reason.set(format!("failed to create: {e}"));
+                        switch.cancel.cancel();
+                    }
+                    created
+                };
+                // Its end is sent as soon as it ended: the writer takes it
+                // after the creation, so a short run's creation, lines and
+                // end can share one commit.
+                let ended = async { this.record_end(id, run.await).await };
+                let (created, ended) = tokio::join!(created, ended);
+                if let Err(e) = created {
+                    this.db.drop_lines(id);
+                    this.broker.close(id);
+                    return Err(anyhow::Error::from(start_error(id, e)));
+                }
+                Ok(Some(ended?))
             }
         });
         // A second task watches the first, so that even a panic inside the
