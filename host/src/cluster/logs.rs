@@ -296,6 +296,13 @@ pub struct LogCursor {
     messages: pull::Stream,
     /// Messages not yet delivered when the last one was read.
     pending: u64,
+    /// The stream sequence of the log's last message when the cursor was
+    /// opened: a reader has caught up only once it has read that far, even
+    /// if the consumer's pending count says so sooner (it can undercount
+    /// after the server recovered from a crash).
+    stored_until: u64,
+    /// The stream sequence of the last message read (or before the first).
+    read: u64,
     /// The last message read was the end (its lines were handed out).
     ended: bool,
 }
@@ -303,7 +310,7 @@ pub struct LogCursor {
 impl LogCursor {
     /// True when everything stored so far has been read.
     pub fn caught_up(&self) -> bool {
-        self.pending == 0
+        self.pending == 0 && self.read >= self.stored_until
     }
 
     /// The next chunk; waits for one while the workload runs.
@@ -319,6 +326,7 @@ impl LogCursor {
             };
             if let Ok(info) = message.info() {
                 self.pending = info.pending;
+                self.read = self.read.max(info.stream_sequence);
             }
             let ends = message
                 .headers
@@ -378,11 +386,16 @@ impl Cluster {
         after: Option<u64>,
     ) -> Result<LogCursor, ClusterError> {
         self.connected()?;
-        let deliver_policy = match after {
-            None => DeliverPolicy::All,
-            Some(after) => DeliverPolicy::ByStartSequence {
-                start_sequence: self.first_batch_after(id, after).await?,
-            },
+        let last = self.last_log_message(id).await?;
+        let (deliver_policy, read) = match after {
+            None => (DeliverPolicy::All, 0),
+            Some(after) => {
+                let start_sequence = self.first_batch_after(id, after, last.as_ref()).await?;
+                (
+                    DeliverPolicy::ByStartSequence { start_sequence },
+                    start_sequence - 1,
+                )
+            }
         };
         // A plain ephemeral consumer, in memory, without acks: each reader
         // asks for a few batches at a time (ten followers on one connection
@@ -413,6 +426,8 @@ impl Cluster {
             id,
             messages,
             pending,
+            stored_until: last.map_or(0, |m| m.sequence),
+            read,
             ended: false,
         })
     }
@@ -422,12 +437,17 @@ impl Cluster {
     /// its end), found by bisecting the stream with direct gets that read
     /// headers, so a resumed reader skips what it has however long the log;
     /// past the log's last message when nothing later is stored yet.
-    async fn first_batch_after(&self, id: WorkloadId, after: u64) -> Result<u64, ClusterError> {
-        let Some(last) = self.last_log_message(id).await? else {
+    async fn first_batch_after(
+        &self,
+        id: WorkloadId,
+        after: u64,
+        last: Option<&Stored>,
+    ) -> Result<u64, ClusterError> {
+        let Some(last) = last else {
             return Ok(1);
         };
         let holds_later = |m: &Stored| m.end || m.next_seq.is_some_and(|n| n > after + 1);
-        if !holds_later(&last) {
+        if !holds_later(last) {
             return Ok(last.sequence + 1);
         }
         // `answer` holds a later line; no earlier one is outside [lo, hi).
