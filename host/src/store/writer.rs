@@ -321,7 +321,7 @@ impl Writer {
     ) -> Result<Vec<StoreResult<Applied>>, rusqlite::Error> {
         self.delta.clear();
         let mut fresh = Taken::default();
-        if let Some(lines) = lines.as_deref_mut() {
+        if let Some(lines) = lines.as_deref_mut().filter(|l| !l.is_empty()) {
             for op in ops {
                 if let WriteOp::Create { new, .. } = op {
                     fresh.lanes.append(&mut lines.split_workload(new.id).lanes);
@@ -361,7 +361,9 @@ impl Writer {
                         None,
                     ));
                 }
-                if let WriteOp::Create { new, .. } = op {
+                if let WriteOp::Create { new, .. } = op
+                    && !fresh.lanes.is_empty()
+                {
                     // After a refused creation they count as lost, below.
                     let mut theirs = fresh.split_workload(new.id);
                     unknown += insert_lines(&tx, &theirs, &mut self.keys, &mut self.delta)?;
