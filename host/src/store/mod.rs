@@ -265,6 +265,7 @@ impl Db {
             retained: Vec::new(),
             usage: Arc::clone(&usage),
             delta: Default::default(),
+            ops_in_a_row: false,
         };
         thread::Builder::new()
             .name("vulcan-db-writer".into())

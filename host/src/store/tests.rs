@@ -839,19 +839,7 @@ async fn a_page_of_long_lines_stops_at_its_byte_bound() {
 #[test]
 fn a_terminal_status_behind_a_backlog_lets_other_ops_go_first() {
     let dir = tempfile::tempdir().unwrap();
-    let mut conn = Connection::open(dir.path().join(DB_FILE)).unwrap();
-    schema::migrate(&mut conn).unwrap();
-    let queue = Arc::new(LineQueue::new(64 << 20, 64 << 20, 4096));
-    let mut writer = Writer {
-        conn,
-        config: WriterConfig::default(),
-        queue: Arc::clone(&queue),
-        stats: Default::default(),
-        keys: WorkloadKeys::default(),
-        retained: Vec::new(),
-        usage: Default::default(),
-        delta: Default::default(),
-    };
+    let (mut writer, queue) = writer_on_its_own(dir.path());
     let new = |running| NewWorkload {
         id: WorkloadId::new(),
         module_hash: MODULE.into(),
@@ -938,4 +926,87 @@ fn a_terminal_status_behind_a_backlog_lets_other_ops_go_first() {
         )
         .unwrap();
     assert_eq!(b_status, "pending");
+}
+
+/// A writer driven by hand (no thread), on a fresh database in `dir`, and its
+/// line queue.
+fn writer_on_its_own(dir: &std::path::Path) -> (Writer, Arc<LineQueue>) {
+    let mut conn = Connection::open(dir.join(DB_FILE)).unwrap();
+    schema::migrate(&mut conn).unwrap();
+    let queue = Arc::new(LineQueue::new(64 << 20, 64 << 20, 4096));
+    let writer = Writer {
+        conn,
+        config: WriterConfig::default(),
+        queue: Arc::clone(&queue),
+        stats: Default::default(),
+        keys: WorkloadKeys::default(),
+        retained: Vec::new(),
+        usage: Default::default(),
+        delta: Default::default(),
+        ops_in_a_row: false,
+    };
+    (writer, queue)
+}
+
+#[test]
+fn an_op_after_a_commit_of_lines_alone_does_not_carry_a_flood() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut writer, queue) = writer_on_its_own(dir.path());
+    let module = |reply| WriteOp::PutModule {
+        info: ModuleInfo {
+            hash: MODULE.into(),
+            kind: "module".into(),
+            size: 3,
+            created_at: 1,
+        },
+        bytes: bytes::Bytes::from_static(b"abc"),
+        reply,
+    };
+    let create = |reply| {
+        let new = NewWorkload {
+            id: WorkloadId::new(),
+            module_hash: MODULE.into(),
+            args: Vec::new(),
+            env: Vec::new(),
+            limits: Limits::default(),
+            allowed_hosts: Vec::new(),
+            log_level: None,
+            running: true,
+            tenant: None,
+        };
+        (new.id, WriteOp::Create { new, reply })
+    };
+    let (put, _) = tokio::sync::oneshot::channel();
+    let (flood_create, _) = tokio::sync::oneshot::channel();
+    let (flood, op) = create(flood_create);
+    let mut pending = vec![module(put), op];
+    writer.commit(&mut pending, false);
+
+    // A running flood with a long backlog; a commit of lines alone.
+    let (wake, _) = mpsc::channel();
+    let lane = LineLane::new(flood, None, Arc::clone(&queue), wake, false);
+    for seq in 0..20_000 {
+        lane.send(line(flood, seq));
+    }
+    writer.commit(&mut pending, false);
+    let backlog = queue.lane_len(flood);
+    assert!(backlog < 20_000, "lines alone went in");
+
+    // The next op goes in without the flood's lines...
+    let (quiet_create, mut created) = tokio::sync::oneshot::channel();
+    let (_, op) = create(quiet_create);
+    pending.push(op);
+    writer.commit(&mut pending, false);
+    assert!(matches!(created.try_recv(), Ok(Ok(()))));
+    assert_eq!(queue.lane_len(flood), backlog, "no flood lines with the op");
+
+    // ...but ops that keep coming take a share, so the flood still moves.
+    let (another_create, _) = tokio::sync::oneshot::channel();
+    let (_, op) = create(another_create);
+    pending.push(op);
+    writer.commit(&mut pending, false);
+    assert!(
+        queue.lane_len(flood) < backlog,
+        "ops in a row carry a share"
+    );
 }

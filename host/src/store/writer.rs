@@ -38,14 +38,15 @@ use crate::workload::{Completion, WorkloadId};
 /// How often a terminal status that could not be written is tried again.
 const RETRY_INTERVAL: Duration = Duration::from_millis(500);
 
-/// Most of other workloads' lines a commit takes along when it carries ops;
-/// also the most lines of its own a terminal status is committed with (more
-/// go first, without it).
+/// Most of other workloads' lines a commit takes along when it carries ops
+/// right after another that did; also the most lines of its own a terminal
+/// status or a creation is committed with (more go first, or after).
 const LINES_WITH_OPS: usize = 256;
 
 /// Lines a transaction of lines alone takes at a time, checking between two
-/// for an op that waits.
-const LINES_PER_CHUNK: usize = 1024;
+/// for an op that waits: an op waits for at most one chunk (a few hundred
+/// microseconds) before that transaction commits and lets it go next.
+const LINES_PER_CHUNK: usize = 256;
 
 /// Longest pause between two attempts of a transaction that found the database busy.
 const MAX_BUSY_BACKOFF: Duration = Duration::from_millis(200);
@@ -105,6 +106,9 @@ pub(super) struct Writer {
     pub(super) usage: Arc<LogUsage>,
     /// What the transaction in progress changes in `usage`.
     pub(super) delta: UsageDelta,
+    /// The last commit carried ops: lines that are not theirs only move on
+    /// with the next ops, so those take a fair share along.
+    pub(super) ops_in_a_row: bool,
 }
 
 impl Writer {
@@ -228,6 +232,13 @@ impl Writer {
             for id in ops.iter().filter_map(WriteOp::ends) {
                 self.queue.take_lane(id, &mut taken, usize::MAX);
             }
+            // A sync run's first lines go in with its record (the rest of a
+            // creation's lane, if any, was taken above with its end).
+            for op in &ops {
+                if let WriteOp::Create { new, .. } = op {
+                    self.queue.take_lane(new.id, &mut taken, LINES_WITH_OPS);
+                }
+            }
             if ops.is_empty() {
                 // Lines alone: the backlogs that hold a terminal status
                 // back first, then everyone's, a chunk at a time.
@@ -240,11 +251,16 @@ impl Writer {
                     self.queue.take_fair(room.min(LINES_PER_CHUNK), &mut taken);
                 }
                 grow = true;
-            } else {
+            } else if self.ops_in_a_row {
+                // Ops keep coming: without a share, the others' lines would
+                // wait for a lull. After a commit of lines alone they do not,
+                // and an op that waited for that commit is not made to wait
+                // for the next chunk's lines as well.
                 let share = self.config.max_batch.min(LINES_WITH_OPS);
                 self.queue.take_fair(share, &mut taken);
             }
         }
+        self.ops_in_a_row = !ops.is_empty();
         if taken.is_empty() && ops.is_empty() {
             // A wake-up whose lines went out with an earlier commit.
             return;
