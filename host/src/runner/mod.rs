@@ -477,7 +477,11 @@ impl Runner {
             completion.line_count,
         );
         let stored = self.db.finish(id, completion).await;
-        self.metrics.workload_finished(status, duration_ms, lines);
+        // A workload whose record was never created (its creation failed
+        // while the guest ran) is answered as not started, and not counted.
+        if !matches!(stored, Err(StoreError::NotFound(_))) {
+            self.metrics.workload_finished(status, duration_ms, lines);
+        }
         stored.map_err(|e| {
             anyhow::Error::from(e).context(format!(
                 "workload {id} ended, but its end could not be recorded yet \

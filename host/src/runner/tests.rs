@@ -168,6 +168,11 @@ async fn an_overlapped_start_whose_creation_fails_stops_its_guest() {
     ));
     assert_eq!(node.runner().running_count(), 0);
     assert!(node.broker().subscribe(started.id).is_none());
+    let metrics = node.metrics().render();
+    assert!(
+        !metrics.contains("vulcan_workloads_finished_total{"),
+        "a workload that never started is not counted as finished:\n{metrics}"
+    );
 }
 
 /// Every way a run ends maps onto one status, exit code and failure kind.
