@@ -201,7 +201,7 @@ async fn start(
         ModuleRef::Hash(hash) => {
             // Another tenant's module is, to this one, no module at all.
             if let Some(tenant) = caller.scope() {
-                db.tenant_module_info(tenant, &hash).await?;
+                db.check_owned(tenant, &hash).await?;
             }
             let compiled = state.node().registry().get(&hash).await?;
             (hash, compiled)

@@ -25,6 +25,7 @@ mod write_op;
 mod write_sql;
 mod writer;
 
+use std::collections::HashSet;
 use std::fs::File;
 use std::io::{Read as _, Seek as _, Write as _};
 use std::path::{Path, PathBuf};
@@ -154,9 +155,16 @@ struct Inner {
     /// `None` for a read-only handle.
     writer: Option<WriterHandle>,
     readers: Mutex<Vec<Connection>>,
+    /// Tenant and module pairs known to be owned: ownership is never taken
+    /// back, so a run of a tenant's module needs no read to check it.
+    owned: Mutex<HashSet<(String, String)>>,
     /// Held for as long as the handle lives; released by the OS if we die.
     _owner: Option<DataDirLock>,
 }
+
+/// Most ownership pairs kept in memory; beyond it the set starts afresh
+/// (a miss costs one read).
+const OWNED_CACHED: usize = 65_536;
 
 struct WriterHandle {
     tx: mpsc::Sender<WriteOp>,
@@ -276,6 +284,7 @@ impl Db {
                 // One reader ready, so the first request after a start does
                 // not pay for opening it.
                 readers: Mutex::new(vec![open_reader(&path)?]),
+                owned: Mutex::default(),
                 path,
                 writer: Some(WriterHandle {
                     tx,
@@ -307,6 +316,7 @@ impl Db {
         Ok(Self {
             inner: Arc::new(Inner {
                 readers: Mutex::new(vec![reader]),
+                owned: Mutex::default(),
                 path,
                 writer: None,
                 _owner: None,
@@ -438,13 +448,37 @@ impl Db {
     /// Records that `tenant` uploaded the stored module `hash`; true when it
     /// had not before.
     pub async fn own_module(&self, tenant: &str, hash: &str) -> StoreResult<bool> {
-        let (tenant, hash) = (tenant.to_owned(), hash.to_owned());
-        self.request(|reply| WriteOp::OwnModule {
-            tenant,
-            hash,
-            reply,
-        })
-        .await
+        let (t, h) = (tenant.to_owned(), hash.to_owned());
+        let new = self
+            .request(|reply| WriteOp::OwnModule {
+                tenant: t,
+                hash: h,
+                reply,
+            })
+            .await?;
+        self.remember_owned(tenant, hash);
+        Ok(new)
+    }
+
+    /// Ok if `tenant` owns the stored module `hash`, else module not found
+    /// (another tenant's module is no module at all); read once per pair.
+    pub async fn check_owned(&self, tenant: &str, hash: &str) -> StoreResult<()> {
+        let known = (self.inner.owned.lock())
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&(tenant.to_owned(), hash.to_owned()));
+        if !known {
+            self.tenant_module_info(tenant, hash).await?;
+            self.remember_owned(tenant, hash);
+        }
+        Ok(())
+    }
+
+    fn remember_owned(&self, tenant: &str, hash: &str) {
+        let mut owned = self.inner.owned.lock().unwrap_or_else(|p| p.into_inner());
+        if owned.len() >= OWNED_CACHED {
+            owned.clear();
+        }
+        owned.insert((tenant.to_owned(), hash.to_owned()));
     }
 
     /// One small step of retention (see [`PruneScope`]): how much it did,

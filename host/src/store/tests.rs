@@ -139,6 +139,23 @@ async fn a_workload_needs_a_stored_module() {
 }
 
 #[tokio::test]
+async fn a_module_is_owned_only_by_the_tenants_that_uploaded_it() {
+    let (dir, db, hash) = db_with_module().await;
+    let not_owned = |r: StoreResult<()>| matches!(r, Err(StoreError::ModuleNotFound(_)));
+    assert!(not_owned(db.check_owned("a", &hash).await), "nobody owns it yet");
+    assert!(db.own_module("a", &hash).await.unwrap());
+    db.check_owned("a", &hash).await.unwrap();
+    db.check_owned("a", &hash).await.unwrap();
+    assert!(not_owned(db.check_owned("b", &hash).await), "a's, not b's");
+    assert!(not_owned(db.check_owned("a", "sha256:other").await));
+    // Ownership found by a read (after a restart) is as good as one recorded.
+    drop(db);
+    let db = Db::open(dir.path()).unwrap();
+    db.check_owned("a", &hash).await.unwrap();
+    assert!(not_owned(db.check_owned("b", &hash).await));
+}
+
+#[tokio::test]
 async fn illegal_transitions_are_refused_and_terminal_is_final() {
     let (_dir, db, hash) = db_with_module().await;
     let id = create(&db, &hash).await;
