@@ -50,6 +50,8 @@ use queue::LineQueue;
 use usage::LogUsage;
 use write_op::WriteOp;
 use write_sql::WorkloadKeys;
+#[cfg(test)]
+use writer::LINES_PER_CHUNK;
 use writer::{Writer, WriterStats};
 
 /// The database file's name inside the data directory.
@@ -274,6 +276,7 @@ impl Db {
             usage: Arc::clone(&usage),
             delta: Default::default(),
             ops_in_a_row: false,
+            draining: Vec::new(),
         };
         thread::Builder::new()
             .name("vulcan-db-writer".into())

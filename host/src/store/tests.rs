@@ -142,7 +142,10 @@ async fn a_workload_needs_a_stored_module() {
 async fn a_module_is_owned_only_by_the_tenants_that_uploaded_it() {
     let (dir, db, hash) = db_with_module().await;
     let not_owned = |r: StoreResult<()>| matches!(r, Err(StoreError::ModuleNotFound(_)));
-    assert!(not_owned(db.check_owned("a", &hash).await), "nobody owns it yet");
+    assert!(
+        not_owned(db.check_owned("a", &hash).await),
+        "nobody owns it yet"
+    );
     assert!(db.own_module("a", &hash).await.unwrap());
     db.check_owned("a", &hash).await.unwrap();
     db.check_owned("a", &hash).await.unwrap();
@@ -916,7 +919,15 @@ fn a_terminal_status_behind_a_backlog_lets_other_ops_go_first() {
     assert!(matches!(created_rx.try_recv(), Ok(Ok(()))), "B went first");
     assert!(finished_rx.try_recv().is_err(), "A waits for its lines");
     assert_eq!(pending.len(), 1);
-    assert!(queue.lane_len(a_id) > 0);
+    let backlog = queue.lane_len(a_id);
+    assert!(backlog > 0);
+
+    // While another op waits, a commit of A's lines takes one chunk only, so
+    // that op is not held behind thousands of lines.
+    writer.stats.ops_waiting.store(1, Ordering::Release);
+    writer.commit(&mut pending, false);
+    assert_eq!(queue.lane_len(a_id), backlog - LINES_PER_CHUNK);
+    writer.stats.ops_waiting.store(0, Ordering::Release);
 
     let mut commits = 0;
     while !pending.is_empty() {
@@ -961,6 +972,7 @@ fn writer_on_its_own(dir: &std::path::Path) -> (Writer, Arc<LineQueue>) {
         usage: Default::default(),
         delta: Default::default(),
         ops_in_a_row: false,
+        draining: Vec::new(),
     };
     (writer, queue)
 }

@@ -46,7 +46,7 @@ const LINES_WITH_OPS: usize = 256;
 /// Lines a transaction of lines alone takes at a time, checking between two
 /// for an op that waits: an op waits for at most one chunk (a few hundred
 /// microseconds) before that transaction commits and lets it go next.
-const LINES_PER_CHUNK: usize = 256;
+pub(super) const LINES_PER_CHUNK: usize = 256;
 
 /// Longest pause between two attempts of a transaction that found the database busy.
 const MAX_BUSY_BACKOFF: Duration = Duration::from_millis(200);
@@ -109,6 +109,9 @@ pub(super) struct Writer {
     /// The last commit carried ops: lines that are not theirs only move on
     /// with the next ops, so those take a fair share along.
     pub(super) ops_in_a_row: bool,
+    /// Workloads whose terminal status waits for their backlog: a commit of
+    /// lines alone takes theirs first.
+    pub(super) draining: Vec<WorkloadId>,
 }
 
 impl Writer {
@@ -242,14 +245,14 @@ impl Writer {
             if ops.is_empty() {
                 // Lines alone: the backlogs that hold a terminal status
                 // back first, then everyone's, a chunk at a time.
-                for id in pending.iter().filter_map(WriteOp::ends) {
-                    let room = self.config.max_batch.saturating_sub(taken.len());
-                    self.queue.take_lane(id, &mut taken, room);
-                }
-                let room = self.config.max_batch.saturating_sub(taken.len());
-                if room > 0 {
-                    self.queue.take_fair(room.min(LINES_PER_CHUNK), &mut taken);
-                }
+                self.draining.clear();
+                (self.draining).extend(pending.iter().filter_map(WriteOp::ends));
+                take_chunk(
+                    &self.queue,
+                    &self.draining,
+                    self.config.max_batch,
+                    &mut taken,
+                );
                 grow = true;
             } else if self.ops_in_a_row {
                 // Ops keep coming: without a share, the others' lines would
@@ -358,7 +361,7 @@ impl Writer {
                 {
                     let mut more = Taken::default();
                     let room = self.config.max_batch - lines.len();
-                    self.queue.take_fair(room.min(LINES_PER_CHUNK), &mut more);
+                    take_chunk(&self.queue, &self.draining, room, &mut more);
                     if more.is_empty() {
                         break;
                     }
@@ -500,6 +503,20 @@ impl Writer {
             #[cfg(test)]
             WriteOp::PageLimit { reply, .. } => drop(reply.send(())),
         }
+    }
+}
+
+/// The next chunk of a transaction of lines alone, at most `room` lines:
+/// the `draining` workloads' first, then a fair share of everyone's.
+fn take_chunk(queue: &LineQueue, draining: &[WorkloadId], room: usize, into: &mut Taken) {
+    let mut room = room.min(LINES_PER_CHUNK);
+    for &id in draining {
+        let before = into.len();
+        queue.take_lane(id, into, room);
+        room -= into.len() - before;
+    }
+    if room > 0 {
+        queue.take_fair(room, into);
     }
 }
 
