@@ -3,9 +3,9 @@
 //!
 //! Control ops (a new workload, a status change, …) arrive on a channel; lines
 //! wait in the [`LineQueue`]. A commit takes the ops in hand, every line of each
-//! workload an op ends (so a terminal status always follows its lines), and a
-//! small fair share of everyone else's lines, and writes them in one `BEGIN
-//! IMMEDIATE` transaction. Only then are the lines published live and their
+//! workload an op ends (so a terminal status always follows its lines), and,
+//! when ops come back to back, a small fair share of everyone else's lines,
+//! and writes them in one `BEGIN IMMEDIATE` transaction. Only then are the lines published live and their
 //! room given back. A workload whose guest started before its creation
 //! committed has its lane held until the commit that takes the creation,
 //! where its lines go in right after it.
@@ -13,8 +13,8 @@
 //! Someone waits on every op, so an op is never held behind a flood: a
 //! transaction of lines alone grows chunk by chunk and stops growing as soon
 //! as an op arrives, and a workload that ends with a long backlog of lines
-//! has them committed in batches of their own before its terminal status,
-//! while other ops go ahead in short transactions.
+//! has them committed first in those transactions, before its terminal
+//! status, while other ops go ahead in short transactions.
 //!
 //! Faults: `SQLITE_BUSY`/`LOCKED` are retried until they pass. Any other failure
 //! is permanent for what was in the transaction: its lines are dropped and their
