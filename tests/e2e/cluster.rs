@@ -353,6 +353,53 @@ async fn a_follower_on_another_node_gets_every_line_once_and_resumes() {
     }
 }
 
+/// The consumers reading `VULCAN_LOGS` right now.
+async fn log_readers(logs: &async_nats::jetstream::stream::Stream) -> Vec<String> {
+    use futures_util::TryStreamExt as _;
+    logs.consumer_names().try_collect().await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_follower_whose_log_reader_is_lost_reopens_it_and_misses_nothing() {
+    let Some(nats) = Nats::start() else { return };
+    let (survivor, _victim, id, mut sse) = ticker_on_victim(&nats).await;
+    let mut seen: Vec<u64> = (0..50).collect();
+
+    // Its consumer deleted under it, as a NATS server that lost it would.
+    let client = async_nats::connect(format!("127.0.0.1:{}", nats.port))
+        .await
+        .unwrap();
+    let logs = async_nats::jetstream::new(client)
+        .get_stream(vulcan::cluster::LOGS_STREAM)
+        .await
+        .unwrap();
+    let lost = log_readers(&logs).await;
+    assert_eq!(lost.len(), 1, "one follower, one reader: {lost:?}");
+    logs.delete_consumer(&lost[0]).await.unwrap();
+
+    // The stream goes on from where it was, on a reader of its own.
+    for _ in 0..50 {
+        let ev = sse.next().await.expect("the follower was cut");
+        assert_eq!(ev.event, "stdout", "{ev:?}");
+        seen.push(ev.id.unwrap().parse().unwrap());
+    }
+    let now = log_readers(&logs).await;
+    assert!(
+        now.len() == 1 && now != lost,
+        "a new reader replaced {lost:?}: {now:?}"
+    );
+    assert_eq!(survivor.server.kill(&id).await.0, 200);
+    let (rest, _, end) = sse.until_end().await;
+    seen.extend(rest);
+    assert_eq!(end["status"], "killed", "{end}");
+    let count = end["line_count"].as_u64().unwrap();
+    assert_eq!(
+        seen,
+        (0..count).collect::<Vec<_>>(),
+        "every seq exactly once"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_lost_node_fails_its_workloads_and_the_others_go_on() {
     let Some(nats) = Nats::start() else { return };
