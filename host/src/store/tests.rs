@@ -873,25 +873,11 @@ fn a_terminal_status_behind_a_backlog_lets_other_ops_go_first() {
     };
     let (a, b) = (new(true), new(false));
     let (a_id, b_id) = (a.id, b.id);
-    let info = ModuleInfo {
-        hash: MODULE.into(),
-        kind: "module".into(),
-        size: 3,
-        created_at: 1,
-    };
-    let (put, _) = tokio::sync::oneshot::channel();
     let (created, _) = tokio::sync::oneshot::channel();
-    let mut pending = vec![
-        WriteOp::PutModule {
-            info,
-            bytes: bytes::Bytes::from_static(b"abc"),
-            reply: put,
-        },
-        WriteOp::Create {
-            new: a,
-            reply: created,
-        },
-    ];
+    let mut pending = vec![WriteOp::Create {
+        new: a,
+        reply: created,
+    }];
     writer.commit(&mut pending, false);
     assert!(pending.is_empty());
 
@@ -956,13 +942,13 @@ fn a_terminal_status_behind_a_backlog_lets_other_ops_go_first() {
     assert_eq!(b_status, "pending");
 }
 
-/// A writer driven by hand (no thread), on a fresh database in `dir`, and its
-/// line queue.
+/// A writer driven by hand (no thread), on a fresh database in `dir` that
+/// holds the test module, and its line queue.
 fn writer_on_its_own(dir: &std::path::Path) -> (Writer, Arc<LineQueue>) {
     let mut conn = Connection::open(dir.join(DB_FILE)).unwrap();
     schema::migrate(&mut conn).unwrap();
     let queue = Arc::new(LineQueue::new(64 << 20, 64 << 20, 4096));
-    let writer = Writer {
+    let mut writer = Writer {
         conn,
         config: WriterConfig::default(),
         queue: Arc::clone(&queue),
@@ -974,6 +960,15 @@ fn writer_on_its_own(dir: &std::path::Path) -> (Writer, Arc<LineQueue>) {
         ops_in_a_row: false,
         draining: Vec::new(),
     };
+    let info = ModuleInfo {
+        hash: MODULE.into(),
+        kind: "module".into(),
+        size: 3,
+        created_at: 1,
+    };
+    let (reply, _) = tokio::sync::oneshot::channel();
+    let bytes = bytes::Bytes::from_static(b"abc");
+    writer.commit(&mut vec![WriteOp::PutModule { info, bytes, reply }], false);
     (writer, queue)
 }
 
@@ -981,34 +976,13 @@ fn writer_on_its_own(dir: &std::path::Path) -> (Writer, Arc<LineQueue>) {
 fn an_op_after_a_commit_of_lines_alone_does_not_carry_a_flood() {
     let dir = tempfile::tempdir().unwrap();
     let (mut writer, queue) = writer_on_its_own(dir.path());
-    let module = |reply| WriteOp::PutModule {
-        info: ModuleInfo {
-            hash: MODULE.into(),
-            kind: "module".into(),
-            size: 3,
-            created_at: 1,
-        },
-        bytes: bytes::Bytes::from_static(b"abc"),
-        reply,
-    };
     let create = |reply| {
-        let new = NewWorkload {
-            id: WorkloadId::new(),
-            module_hash: MODULE.into(),
-            args: Vec::new(),
-            env: Vec::new(),
-            limits: Limits::default(),
-            allowed_hosts: Vec::new(),
-            log_level: None,
-            running: true,
-            tenant: None,
-        };
+        let new = new_running(WorkloadId::new(), MODULE);
         (new.id, WriteOp::Create { new, reply })
     };
-    let (put, _) = tokio::sync::oneshot::channel();
     let (flood_create, _) = tokio::sync::oneshot::channel();
     let (flood, op) = create(flood_create);
-    let mut pending = vec![module(put), op];
+    let mut pending = vec![op];
     writer.commit(&mut pending, false);
 
     // A running flood with a long backlog; a commit of lines alone.
