@@ -424,11 +424,17 @@ async fn bad_requests_get_the_right_status_and_one_error_shape() {
         assert_eq!(body["error"]["code"], code, "{body}");
         assert!(!body["error"]["message"].as_str().unwrap().is_empty());
     }
-    // An error to a request with a body closes the connection, so no client
-    // reuses one that may still hold unread bytes; other errors keep it.
+    // An error to a request whose body was not read closes the connection,
+    // so no client reuses one that may still hold unread bytes; other
+    // errors keep it, a body read to its end included.
     let resp = post("text/plain", hello.clone()).await.unwrap();
     assert_eq!(resp.status().as_u16(), 415);
     assert_eq!(resp.headers()["connection"], "close");
+    let resp = post("application/json", b"{\"module\": ".to_vec())
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 400);
+    assert!(resp.headers().get("connection").is_none());
     let resp = server
         .req(Method::GET, "/v1/workloads/01ARZ3NDEKTSV4RRFFQ69G5FAV")
         .send()

@@ -281,6 +281,8 @@ async fn a_tenant_at_its_quota_gets_429_and_others_still_run() {
         .unwrap();
     assert_eq!(resp.status().as_u16(), 429);
     assert_eq!(resp.headers()["retry-after"], "1");
+    // Its body was read: the client may retry on the same connection.
+    assert!(resp.headers().get("connection").is_none());
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["error"]["code"], "quota_exceeded", "{body}");
     let (_, listed) = noisy_as.get("/v1/workloads").await;

@@ -15,6 +15,7 @@ mod sse;
 mod workloads;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, Extension, Request, State};
@@ -191,26 +192,76 @@ async fn json_errors(req: Request, next: Next) -> Response {
     fixed
 }
 
-/// Marks an error answer to a request with a body `Connection: close`.
+/// Marks an error answer to a request whose body was not read to its end
+/// `Connection: close`.
 ///
 /// Such answers (401, 413, 415, …) often come before the body is read; hyper
 /// then drops the connection, and a client that reuses it for its next request
 /// sees that request fail. Said up front, the client opens a new one instead.
+/// An error after the whole body was read (a 429, a malformed spec) keeps the
+/// connection: a client retrying over quota does not reconnect each time.
 async fn close_after_refused_body(req: Request, next: Next) -> Response {
     let headers = req.headers();
     let has_body = headers.contains_key(header::TRANSFER_ENCODING)
         || headers
             .get(header::CONTENT_LENGTH)
             .is_some_and(|len| len.as_bytes() != b"0");
+    let read = Arc::new(AtomicBool::new(false));
+    let req = match has_body {
+        true => req.map(|body| {
+            axum::body::Body::new(ReadToEnd {
+                body,
+                read: Arc::clone(&read),
+            })
+        }),
+        false => req,
+    };
     let mut response = next.run(req).await;
     let status = response.status();
-    if has_body && (status.is_client_error() || status.is_server_error()) {
+    let refused = status.is_client_error() || status.is_server_error();
+    if has_body && refused && !read.load(Ordering::Acquire) {
         response.headers_mut().insert(
             header::CONNECTION,
             header::HeaderValue::from_static("close"),
         );
     }
     response
+}
+
+/// A request body that notes when it has been read to its end.
+struct ReadToEnd {
+    body: axum::body::Body,
+    read: Arc<AtomicBool>,
+}
+
+impl http_body::Body for ReadToEnd {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, axum::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.body).poll_frame(cx);
+        // The end, or the last frame of a body that knows it was the last
+        // (a reader may stop there).
+        if let std::task::Poll::Ready(None) = polled {
+            self.read.store(true, Ordering::Release);
+        } else if let std::task::Poll::Ready(Some(Ok(_))) = polled
+            && self.body.is_end_stream()
+        {
+            self.read.store(true, Ordering::Release);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
 }
 
 /// Serves `router(state)` on `listener` until `shutdown` resolves; then kills
