@@ -14,8 +14,10 @@ mod request;
 mod sse;
 mod workloads;
 
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, Extension, Request, State};
@@ -239,17 +241,18 @@ impl http_body::Body for ReadToEnd {
     type Error = axum::Error;
 
     fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, axum::Error>>> {
-        let polled = std::pin::Pin::new(&mut self.body).poll_frame(cx);
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, axum::Error>>> {
+        let polled = Pin::new(&mut self.body).poll_frame(cx);
         // The end, or the last frame of a body that knows it was the last
         // (a reader may stop there).
-        if let std::task::Poll::Ready(None) = polled {
-            self.read.store(true, Ordering::Release);
-        } else if let std::task::Poll::Ready(Some(Ok(_))) = polled
-            && self.body.is_end_stream()
-        {
+        let ended = match &polled {
+            Poll::Ready(None) => true,
+            Poll::Ready(Some(Ok(_))) => self.body.is_end_stream(),
+            _ => false,
+        };
+        if ended {
             self.read.store(true, Ordering::Release);
         }
         polled
