@@ -122,15 +122,13 @@ async fn upload(
 /// in this process do not delay its requests on their way out and back.
 async fn measure_apart(url: &str, spec: &Value, runs: usize) -> anyhow::Result<(f64, f64, usize)> {
     let (url, spec) = (url.to_owned(), spec.clone());
-    let client = std::thread::spawn(move || {
+    tokio::task::spawn_blocking(move || {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?
             .block_on(measure(&reqwest::Client::new(), &url, &spec, runs))
-    });
-    tokio::task::spawn_blocking(move || client.join())
-        .await?
-        .map_err(|_| anyhow::anyhow!("the quiet client panicked"))?
+    })
+    .await?
 }
 
 /// `runs` sync runs by the quiet tenant, one at a time: p50 and p99 in ms of

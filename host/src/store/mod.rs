@@ -25,7 +25,7 @@ mod write_op;
 mod write_sql;
 mod writer;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io::{Read as _, Seek as _, Write as _};
 use std::path::{Path, PathBuf};
@@ -157,9 +157,9 @@ struct Inner {
     /// `None` for a read-only handle.
     writer: Option<WriterHandle>,
     readers: Mutex<Vec<Connection>>,
-    /// Tenant and module pairs known to be owned: ownership is never taken
-    /// back, so a run of a tenant's module needs no read to check it.
-    owned: Mutex<HashSet<(String, String)>>,
+    /// Modules known to be owned, by tenant: ownership is never taken back,
+    /// so a run of a tenant's module needs no read to check it.
+    owned: Mutex<HashMap<String, HashSet<String>>>,
     /// Held for as long as the handle lives; released by the OS if we die.
     _owner: Option<DataDirLock>,
 }
@@ -276,7 +276,6 @@ impl Db {
             usage: Arc::clone(&usage),
             delta: Default::default(),
             ops_in_a_row: false,
-            draining: Vec::new(),
         };
         thread::Builder::new()
             .name("vulcan-db-writer".into())
@@ -468,7 +467,8 @@ impl Db {
     pub async fn check_owned(&self, tenant: &str, hash: &str) -> StoreResult<()> {
         let known = (self.inner.owned.lock())
             .unwrap_or_else(|p| p.into_inner())
-            .contains(&(tenant.to_owned(), hash.to_owned()));
+            .get(tenant)
+            .is_some_and(|hashes| hashes.contains(hash));
         if !known {
             self.tenant_module_info(tenant, hash).await?;
             self.remember_owned(tenant, hash);
@@ -478,10 +478,11 @@ impl Db {
 
     fn remember_owned(&self, tenant: &str, hash: &str) {
         let mut owned = self.inner.owned.lock().unwrap_or_else(|p| p.into_inner());
-        if owned.len() >= OWNED_CACHED {
+        // Counted only here, on a first sight, never on a run.
+        if owned.values().map(HashSet::len).sum::<usize>() >= OWNED_CACHED {
             owned.clear();
         }
-        owned.insert((tenant.to_owned(), hash.to_owned()));
+        (owned.entry(tenant.to_owned()).or_default()).insert(hash.to_owned());
     }
 
     /// One small step of retention (see [`PruneScope`]): how much it did,

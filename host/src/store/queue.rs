@@ -200,18 +200,19 @@ impl LineQueue {
             .and_then(|l| l.budget.failed.get().cloned())
     }
 
-    /// Takes up to `max` of one workload's lines, oldest first.
-    pub(super) fn take_lane(&self, workload: WorkloadId, into: &mut Taken, max: usize) {
+    /// Takes up to `max` of one workload's lines, oldest first; how many.
+    pub(super) fn take_lane(&self, workload: WorkloadId, into: &mut Taken, max: usize) -> usize {
         let mut state = self.lock();
         let QueueState { lanes, lines } = &mut *state;
-        if let Some(lane) = lanes.get_mut(&workload)
-            && !lane.held
-            && !lane.lines.is_empty()
-            && max > 0
-        {
-            let taken = take(workload, lane, max);
-            *lines -= taken.lines.len();
-            into.lanes.push(taken);
+        match lanes.get_mut(&workload) {
+            Some(lane) if !lane.held && !lane.lines.is_empty() && max > 0 => {
+                let taken = take(workload, lane, max);
+                let n = taken.lines.len();
+                *lines -= n;
+                into.lanes.push(taken);
+                n
+            }
+            _ => 0,
         }
     }
 

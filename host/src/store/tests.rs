@@ -958,7 +958,6 @@ fn writer_on_its_own(dir: &std::path::Path) -> (Writer, Arc<LineQueue>) {
         usage: Default::default(),
         delta: Default::default(),
         ops_in_a_row: false,
-        draining: Vec::new(),
     };
     let info = ModuleInfo {
         hash: MODULE.into(),

@@ -5,8 +5,8 @@
 //! wait in the [`LineQueue`]. A commit takes the ops in hand, every line of each
 //! workload an op ends (so a terminal status always follows its lines), and,
 //! when ops come back to back, a small fair share of everyone else's lines,
-//! and writes them in one `BEGIN IMMEDIATE` transaction. Only then are the lines published live and their
-//! room given back. A workload whose guest started before its creation
+//! and writes them in one `BEGIN IMMEDIATE` transaction. Only then are the
+//! lines published live and their room given back. A workload whose guest started before its creation
 //! committed has its lane held until the commit that takes the creation,
 //! where its lines go in right after it.
 //!
@@ -109,9 +109,6 @@ pub(super) struct Writer {
     /// The last commit carried ops: lines that are not theirs only move on
     /// with the next ops, so those take a fair share along.
     pub(super) ops_in_a_row: bool,
-    /// Workloads whose terminal status waits for their backlog: a commit of
-    /// lines alone takes theirs first.
-    pub(super) draining: Vec<WorkloadId>,
 }
 
 impl Writer {
@@ -221,7 +218,9 @@ impl Writer {
         }
         let mut taken = Taken::default();
         let mut ops = Vec::with_capacity(pending.len());
-        let mut grow = false;
+        // With lines alone: the transaction grows, these workloads' backlogs
+        // (which hold their terminal status back) first.
+        let mut grow: Option<Vec<WorkloadId>> = None;
         if everything || pending.iter().any(|op| matches!(op, WriteOp::Flush { .. })) {
             self.queue.take_all(&mut taken);
             ops.append(pending);
@@ -245,15 +244,9 @@ impl Writer {
             if ops.is_empty() {
                 // Lines alone: the backlogs that hold a terminal status
                 // back first, then everyone's, a chunk at a time.
-                self.draining.clear();
-                (self.draining).extend(pending.iter().filter_map(WriteOp::ends));
-                take_chunk(
-                    &self.queue,
-                    &self.draining,
-                    self.config.max_batch,
-                    &mut taken,
-                );
-                grow = true;
+                let draining: Vec<_> = pending.iter().filter_map(WriteOp::ends).collect();
+                take_chunk(&self.queue, &draining, self.config.max_batch, &mut taken);
+                grow = Some(draining);
             } else if self.ops_in_a_row {
                 // Ops keep coming: without a share, the others' lines would
                 // wait for a lull. After a commit of lines alone they do not,
@@ -269,7 +262,7 @@ impl Writer {
             return;
         }
         let ops = &mut ops;
-        let error = match self.attempt_until_not_busy(Some(&mut taken), ops, grow) {
+        let error = match self.attempt_until_not_busy(Some(&mut taken), ops, grow.as_deref()) {
             Ok(results) => {
                 self.usage.apply(&self.delta);
                 self.stats.commits.fetch_add(1, Ordering::Relaxed);
@@ -290,7 +283,7 @@ impl Writer {
         }
         // Without the lines, the ops may still go through (and a terminal status
         // now records the store failure of its workload).
-        match self.attempt_until_not_busy(None, ops, false) {
+        match self.attempt_until_not_busy(None, ops, None) {
             Ok(results) => {
                 self.usage.apply(&self.delta);
                 self.answer(ops, results)
@@ -311,7 +304,7 @@ impl Writer {
         &mut self,
         mut lines: Option<&mut Taken>,
         ops: &[WriteOp],
-        grow: bool,
+        grow: Option<&[WorkloadId]>,
     ) -> Result<Vec<StoreResult<Applied>>, rusqlite::Error> {
         let mut backoff = Duration::from_millis(5);
         loop {
@@ -328,7 +321,8 @@ impl Writer {
     }
 
     /// One transaction: the lines (with `grow`, more of them, a chunk at a
-    /// time, up to a batch or until an op waits), then each op; an op's own
+    /// time, up to a batch or until an op waits, the backlogs of the
+    /// workloads it names first), then each op; an op's own
     /// refusal (e.g. an illegal transition) is its answer and does not fail
     /// the others. The lines of a workload created by one of `ops` (sent
     /// before that creation committed) go in right after its creation.
@@ -336,7 +330,7 @@ impl Writer {
         &mut self,
         mut lines: Option<&mut Taken>,
         ops: &[WriteOp],
-        grow: bool,
+        grow: Option<&[WorkloadId]>,
     ) -> Result<Vec<StoreResult<Applied>>, rusqlite::Error> {
         self.delta.clear();
         let mut fresh = Taken::default();
@@ -355,13 +349,13 @@ impl Writer {
             let mut unknown = 0;
             if let Some(lines) = lines.as_deref_mut() {
                 unknown += insert_lines(&tx, lines, &mut self.keys, &mut self.delta)?;
-                while grow
+                while let Some(draining) = grow
                     && lines.len() < self.config.max_batch
                     && self.stats.ops_waiting.load(Ordering::Acquire) == 0
                 {
                     let mut more = Taken::default();
                     let room = self.config.max_batch - lines.len();
-                    take_chunk(&self.queue, &self.draining, room, &mut more);
+                    take_chunk(&self.queue, draining, room, &mut more);
                     if more.is_empty() {
                         break;
                     }
@@ -511,9 +505,7 @@ impl Writer {
 fn take_chunk(queue: &LineQueue, draining: &[WorkloadId], room: usize, into: &mut Taken) {
     let mut room = room.min(LINES_PER_CHUNK);
     for &id in draining {
-        let before = into.len();
-        queue.take_lane(id, into, room);
-        room -= into.len() - before;
+        room -= queue.take_lane(id, into, room);
     }
     if room > 0 {
         queue.take_fair(room, into);
