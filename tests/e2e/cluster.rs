@@ -353,6 +353,107 @@ async fn a_follower_on_another_node_gets_every_line_once_and_resumes() {
     }
 }
 
+/// Whether `id`'s log has any message on its subject of `VULCAN_LOGS`.
+async fn on_log_subject(nats: &Nats, id: &str) -> bool {
+    use async_nats::jetstream::stream::LastRawMessageErrorKind;
+    let client = async_nats::connect(format!("127.0.0.1:{}", nats.port))
+        .await
+        .unwrap();
+    let logs = async_nats::jetstream::new(client)
+        .get_stream(vulcan::cluster::LOGS_STREAM)
+        .await
+        .unwrap();
+    match logs
+        .get_last_raw_message_by_subject(&format!("vulcan.logs.{id}"))
+        .await
+    {
+        Ok(_) => true,
+        Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => false,
+        Err(e) => panic!("reading the log subject of {id}: {e}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_short_sync_run_keeps_its_few_lines_in_its_record() {
+    let Some(nats) = Nats::start() else { return };
+    let runner = member(&nats, "runner", &[]);
+    let reader = member(&nats, "reader", &[]);
+    let mix = upload(
+        &runner.server,
+        std::fs::read(example("stderr-mix")).unwrap(),
+    )
+    .await;
+    let (status, ran) = runner
+        .server
+        .post(
+            "/v1/workloads",
+            Body::Json(json!({"module": mix, "args": ["5"]})),
+        )
+        .await;
+    assert_eq!(status, 200, "{ran}");
+    assert_eq!(ran["status"], "completed", "{ran}");
+    assert_eq!(ran["line_count"], 5, "{ran}");
+    let id = ran["id"].as_str().unwrap();
+    assert!(
+        !on_log_subject(&nats, id).await,
+        "its lines went inside its record, not on the log's subject"
+    );
+    // The record as the API shows it does not carry them.
+    let shown = record(&reader.server, id).await;
+    assert_eq!(shown, ran);
+    assert!(shown.get("log").is_none(), "{shown}");
+    // From another node: history, a page after a line, and SSE, resumed too.
+    let lines = history(&reader.server, id).await;
+    assert_eq!(seqs(&lines), vec![0, 1, 2, 3, 4]);
+    assert_eq!(lines[1]["stream"], "stderr", "{lines:?}");
+    assert_eq!(lines[4]["line"], "out 4", "{lines:?}");
+    let (_, page) = reader
+        .server
+        .get_json(&format!("/v1/workloads/{id}/logs/history?after=2&limit=1"))
+        .await;
+    assert_eq!(page["lines"].as_array().unwrap().len(), 1, "{page}");
+    assert_eq!(page["lines"][0]["seq"], 3, "{page}");
+    let (all, data, end) = reader.server.sse(id, None).await.until_end().await;
+    assert_eq!(all, vec![0, 1, 2, 3, 4]);
+    assert_eq!(data[0], "out 0");
+    assert_eq!(end, ran);
+    let (rest, _, _) = reader.server.sse(id, Some(2)).await.until_end().await;
+    assert_eq!(rest, vec![3, 4]);
+
+    // No line at all: nothing on the subject, and an empty log.
+    let silent = runner
+        .server
+        .post(
+            "/v1/workloads",
+            Body::Json(json!({"module": mix, "args": ["0"]})),
+        )
+        .await
+        .1;
+    let silent = silent["id"].as_str().unwrap();
+    assert!(!on_log_subject(&nats, silent).await);
+    assert!(history(&reader.server, silent).await.is_empty());
+    let (none, _, end) = reader.server.sse(silent, None).await.until_end().await;
+    assert!(none.is_empty(), "{none:?}");
+    assert_eq!(end["line_count"], 0, "{end}");
+
+    // More than a record carries: on the log's subject, as any other log.
+    let flood = upload(&runner.server, std::fs::read(example("log-flood")).unwrap()).await;
+    let (status, big) = runner
+        .server
+        .post(
+            "/v1/workloads",
+            Body::Json(json!({"module": flood, "args": ["2000"]})),
+        )
+        .await;
+    assert_eq!(status, 200, "{big}");
+    let big = big["id"].as_str().unwrap();
+    assert!(on_log_subject(&nats, big).await);
+    assert_eq!(
+        seqs(&history(&reader.server, big).await),
+        (0..2000).collect::<Vec<_>>()
+    );
+}
+
 /// The consumers reading `VULCAN_LOGS` right now.
 async fn log_readers(logs: &async_nats::jetstream::stream::Stream) -> Vec<String> {
     use futures_util::TryStreamExt as _;

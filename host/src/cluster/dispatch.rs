@@ -651,13 +651,17 @@ impl Cluster {
                 local = &mut run => local,
                 () = tokio::time::sleep(UNLISTED_FOR) => {
                     // Still running: listed, and killable from any node.
-                    let created = until_done("running record", id, || self.create_own(&claim.view)).await;
+                    let created = until_done("running record", id, || self.create_own(&claim.view, None)).await;
                     revision = Some(created);
                     run.await
                 }
             },
         };
-        lines.close();
+        match revision {
+            Some(_) => lines.close(),
+            // Still known to nobody else: its lines may go inside its record.
+            None => lines.close_unlisted(),
+        }
         let published = match publisher.await {
             Ok(Ok(published)) => published,
             // Failed over: the record belongs to whoever fenced it.
@@ -686,7 +690,8 @@ impl Cluster {
                 .await
                 .is_some(),
             None => {
-                until_done("final record", id, || self.create_own(&view)).await;
+                let inline = published.inline.as_deref();
+                until_done("final record", id, || self.create_own(&view, inline)).await;
                 true
             }
         };

@@ -9,9 +9,15 @@
 //! While NATS is away the batches wait, bounded: once [`BUFFER_BYTES`] are
 //! waiting the guest's output waits too.
 //!
+//! A workload that ends before anyone else can know of it (a short sync run,
+//! whose record is written once, final) keeps its few lines in that record
+//! instead ([`INLINE_BYTES`] at most): one stored message for the whole run,
+//! and the record and its lines become durable together.
+//!
 //! Readers (SSE and history, on any node) read the subject from its start
 //! with an ordered consumer and skip what they have: a line's seq is its
-//! identity, so none is shown twice.
+//! identity, so none is shown twice. A log with no message on its subject is
+//! looked for in the record.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -42,6 +48,11 @@ const BATCH_BYTES: usize = 256 << 10;
 /// How long the first lines of a workload wait for more, or for its end,
 /// before they are published.
 const FIRST_BATCH_LINGER: Duration = Duration::from_millis(5);
+
+/// Most bytes of lines a record written once, final, carries inside it
+/// rather than on the log's subject: every node's watch of the records
+/// receives them, so only a short log travels this way.
+pub const INLINE_BYTES: usize = 4 << 10;
 
 /// Messages a reader asks for at a time.
 const READ_AHEAD: usize = 8;
@@ -145,6 +156,8 @@ struct Lines {
     waiting: VecDeque<Arc<LogRecord>>,
     bytes: usize,
     closed: bool,
+    /// Closed by [`ClusterLines::close_unlisted`].
+    unlisted: bool,
     failure: Option<String>,
     room: Vec<Waker>,
 }
@@ -173,7 +186,25 @@ impl ClusterLines {
         self.more.notify_one();
     }
 
-    /// Resolves once [`ClusterLines::close`] was called.
+    /// As [`ClusterLines::close`], for a workload nobody else knows of yet:
+    /// if none of its lines has been published and they are few, the
+    /// publisher hands them back to travel inside its final record.
+    pub fn close_unlisted(&self) {
+        {
+            let mut state = self.lock();
+            state.closed = true;
+            state.unlisted = true;
+        }
+        self.more.notify_one();
+    }
+
+    /// True when the lines may go inside the final record.
+    fn may_inline(&self) -> bool {
+        let state = self.lock();
+        state.unlisted && state.failure.is_none()
+    }
+
+    /// Resolves once the lines are closed.
     async fn until_closed(&self) {
         loop {
             let more = self.more.notified();
@@ -280,6 +311,9 @@ pub struct Published {
     pub sequence: u64,
     /// Lines stored (the seq after the last one).
     pub lines: u64,
+    /// The lines, encoded, when they were not published but go inside the
+    /// final record (see [`ClusterLines::close_unlisted`]).
+    pub inline: Option<Bytes>,
 }
 
 /// What a reader gets from a workload's log.
@@ -293,7 +327,7 @@ pub enum LogChunk {
 /// A position in a workload's log in the cluster.
 pub struct LogCursor {
     id: WorkloadId,
-    messages: pull::Stream,
+    messages: Source,
     /// Messages not yet delivered when the last one was read.
     pending: u64,
     /// The stream sequence of the log's last message when the cursor was
@@ -307,10 +341,31 @@ pub struct LogCursor {
     ended: bool,
 }
 
+/// Where a cursor's lines come from.
+enum Source {
+    /// The log's subject.
+    Stream(Box<pull::Stream>),
+    /// The final record (taken when read).
+    Record(Option<Vec<LogRecord>>),
+}
+
 impl LogCursor {
+    /// A cursor over lines that travelled inside the final record.
+    fn of_record(id: WorkloadId, lines: Vec<LogRecord>) -> Self {
+        Self {
+            id,
+            messages: Source::Record(Some(lines)),
+            pending: 0,
+            stored_until: 0,
+            read: 0,
+            ended: false,
+        }
+    }
+
     /// True when everything stored so far has been read.
     pub fn caught_up(&self) -> bool {
-        self.pending == 0 && self.read >= self.stored_until
+        let unread = matches!(self.messages, Source::Record(Some(_)));
+        !unread && self.pending == 0 && self.read >= self.stored_until
     }
 
     /// The next chunk; waits for one while the workload runs.
@@ -318,8 +373,18 @@ impl LogCursor {
         if self.ended {
             return Ok(LogChunk::End);
         }
+        let messages = match &mut self.messages {
+            Source::Stream(messages) => messages,
+            Source::Record(lines) => {
+                self.ended = true;
+                return Ok(match lines.take() {
+                    Some(lines) => LogChunk::Lines(lines),
+                    None => LogChunk::End,
+                });
+            }
+        };
         loop {
-            let message = match self.messages.next().await {
+            let message = match messages.next().await {
                 Some(Ok(m)) => m,
                 Some(Err(e)) => return Err(ClusterError::unavailable(e)),
                 None => return Err(ClusterError::Unavailable("the log read ended".into())),
@@ -387,6 +452,11 @@ impl Cluster {
     ) -> Result<LogCursor, ClusterError> {
         self.connected()?;
         let last = self.last_log_message(id).await?;
+        if last.is_none()
+            && let Some(lines) = self.lines_in_record(id).await?
+        {
+            return Ok(LogCursor::of_record(id, lines));
+        }
         let (deliver_policy, read) = match after {
             None => (DeliverPolicy::All, 0),
             Some(after) => {
@@ -424,7 +494,7 @@ impl Cluster {
             .map_err(ClusterError::unavailable)?;
         Ok(LogCursor {
             id,
-            messages,
+            messages: Source::Stream(Box::new(messages)),
             pending,
             stored_until: last.map_or(0, |m| m.sequence),
             read,
@@ -486,6 +556,7 @@ impl Cluster {
         let mut published = Published {
             sequence: 0,
             lines: 0,
+            inline: None,
         };
         let mut backoff = Backoff::default();
         let mut lingered = false;
@@ -513,6 +584,19 @@ impl Cluster {
             let (payload, n) = encode_batch(&batch, limit);
             let (first, last) = (batch[0].seq, batch[n - 1].seq);
             let ends = closed && n == waiting;
+            // Stream sequences start at 1: none of its lines is published.
+            if ends
+                && published.sequence == 0
+                && payload.len() <= INLINE_BYTES
+                && lines.may_inline()
+            {
+                lines.stored(n);
+                return Ok(Published {
+                    sequence: 0,
+                    lines: last + 1,
+                    inline: Some(payload),
+                });
+            }
             let msg_id = format!("{id}:{first}");
             let mut publish = Publish::build()
                 .payload(payload)
@@ -557,12 +641,18 @@ impl Cluster {
             published = Published {
                 sequence,
                 lines: last + 1,
+                inline: None,
             };
             lines.stored(n);
             backoff = Backoff::default();
             if ends {
                 return Ok(published);
             }
+        }
+        if published.sequence == 0 && lines.may_inline() {
+            // No line at all: the record says so by itself.
+            published.inline = Some(Bytes::from_static(b"[]"));
+            return Ok(published);
         }
         // Nothing left to carry it: the end marker alone.
         loop {
@@ -578,6 +668,34 @@ impl Cluster {
                 }
             }
         }
+    }
+
+    /// The lines `id`'s record carries, if it does (see [`INLINE_BYTES`]).
+    async fn lines_in_record(
+        &self,
+        id: WorkloadId,
+    ) -> Result<Option<Vec<LogRecord>>, ClusterError> {
+        #[derive(Deserialize)]
+        struct WithLines<'a> {
+            #[serde(borrow)]
+            log: Option<&'a serde_json::value::RawValue>,
+        }
+        let Some(value) = self
+            .workloads
+            .get(id.to_string())
+            .await
+            .map_err(ClusterError::unavailable)?
+        else {
+            return Ok(None);
+        };
+        let Ok(WithLines { log: Some(lines) }) = serde_json::from_slice(&value) else {
+            return Ok(None);
+        };
+        decode_batch(id, lines.get().as_bytes())
+            .map(Some)
+            .map_err(|e| {
+                anyhow::anyhow!("the lines in workload {id}'s record do not parse: {e}").into()
+            })
     }
 
     async fn last_log_message(&self, id: WorkloadId) -> Result<Option<Stored>, ClusterError> {

@@ -12,7 +12,7 @@
 //!
 //! | name | kind | holds |
 //! |---|---|---|
-//! | `vulcan_workloads` | KV bucket, history 1 | key = workload id, value = the record as the API shows it (with `node`, `attempt`); every change is a compare-and-swap on its revision |
+//! | `vulcan_workloads` | KV bucket, history 1 | key = workload id, value = the record as the API shows it (with `node`, `attempt`; a record written once, final, may also hold its lines under `log`); every change is a compare-and-swap on its revision |
 //! | `vulcan_nodes` | KV bucket, history 1 | key = node id, value = its heartbeat: the workloads it has claimed, every second |
 //! | `vulcan_modules` | object store | module bytes by hex sha256, checked on arrival |
 //! | `VULCAN_QUEUE` | stream, work-queue retention, subject `vulcan.queue` | submitted work (header `Vulcan-Revision`: its pending record's revision); durable pull consumer `vulcan_dispatch`, explicit ack, ack wait 10 s |

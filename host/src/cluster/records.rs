@@ -124,6 +124,21 @@ impl Index {
     }
 }
 
+/// A record's value as the cluster stores it: the record as the API shows it,
+/// and under `log` the lines it carries, if any (a reader of the record alone
+/// skips them).
+fn record_value(view: &WorkloadView, lines: Option<&[u8]>) -> Result<Bytes, ClusterError> {
+    let mut value = serde_json::to_vec(view).map_err(anyhow::Error::from)?;
+    if let Some(lines) = lines {
+        // The record is a JSON object: one more key goes before its brace.
+        value.pop();
+        value.extend_from_slice(b",\"log\":");
+        value.extend_from_slice(lines);
+        value.push(b'}');
+    }
+    Ok(Bytes::from(value))
+}
+
 impl Cluster {
     /// A workload's record as the cluster holds it now.
     pub async fn record(&self, id: WorkloadId) -> Result<Versioned, ClusterError> {
@@ -146,7 +161,16 @@ impl Cluster {
 
     /// Creates a record; fails if the id exists.
     pub(super) async fn create_record(&self, view: &WorkloadView) -> Result<u64, ClusterError> {
-        let value = Bytes::from(serde_json::to_vec(view).map_err(anyhow::Error::from)?);
+        self.create_with_lines(view, None).await
+    }
+
+    /// Creates a record that carries its log's `lines` (encoded) when given.
+    async fn create_with_lines(
+        &self,
+        view: &WorkloadView,
+        lines: Option<&[u8]>,
+    ) -> Result<u64, ClusterError> {
+        let value = record_value(view, lines)?;
         self.workloads
             .create(view.summary.id.to_string(), value)
             .await
@@ -154,10 +178,14 @@ impl Cluster {
     }
 
     /// Creates a record only this node can know of (a sync run's, see
-    /// `UNLISTED_FOR`): its revision, also when an earlier attempt whose
-    /// answer was lost created it.
-    pub(super) async fn create_own(&self, view: &WorkloadView) -> Result<u64, ClusterError> {
-        match self.create_record(view).await {
+    /// `UNLISTED_FOR`), with its log's `lines` inside when given: its
+    /// revision, also when an earlier attempt whose answer was lost created it.
+    pub(super) async fn create_own(
+        &self,
+        view: &WorkloadView,
+        lines: Option<&[u8]>,
+    ) -> Result<u64, ClusterError> {
+        match self.create_with_lines(view, lines).await {
             Ok(revision) => Ok(revision),
             Err(e) => match self.record(view.summary.id).await {
                 Ok(found) if found.view.summary.status == view.summary.status => Ok(found.revision),
@@ -173,7 +201,7 @@ impl Cluster {
         view: &WorkloadView,
         revision: u64,
     ) -> Result<Option<u64>, ClusterError> {
-        let value = Bytes::from(serde_json::to_vec(view).map_err(anyhow::Error::from)?);
+        let value = record_value(view, None)?;
         match self
             .workloads
             .update(view.summary.id.to_string(), value, revision)
