@@ -305,9 +305,13 @@ impl Cluster {
         here: Option<oneshot::Sender<WorkloadView>>,
     ) -> Result<(), ClusterError> {
         let (this, module) = (Arc::clone(self), module.to_owned());
-        tokio::spawn(async move { this.create_and_queue(id, &module, spec, here).await })
-            .await
-            .map_err(|e| anyhow::anyhow!("submitting workload {id} failed: {e}"))?
+        // Boxed, as every large future spawned here: a task moves its future
+        // in several times, and writes its output over it; a box is a pointer.
+        tokio::spawn(Box::pin(async move {
+            this.create_and_queue(id, &module, spec, here).await
+        }))
+        .await
+        .map_err(|e| anyhow::anyhow!("submitting workload {id} failed: {e}"))?
     }
 
     async fn create_and_queue(
@@ -380,8 +384,9 @@ impl Cluster {
                 revision,
                 here,
             };
-            self.tasks
-                .spawn(async move { this.run_claimed(module, spec, claim, slot).await });
+            self.tasks.spawn(Box::pin(async move {
+                this.run_claimed(module, spec, claim, slot).await
+            }));
             return Ok(());
         }
         let revision = match self.create_record(&view).await {
@@ -468,7 +473,7 @@ impl Cluster {
                 Some(Ok(message)) => {
                     let this = Arc::clone(&self);
                     self.tasks
-                        .spawn(async move { this.take(message, slot).await });
+                        .spawn(Box::pin(async move { this.take(message, slot).await }));
                 }
                 Some(Err(e)) => tracing::debug!(error = %e, "pulling work failed"),
                 None => {}

@@ -97,7 +97,10 @@ struct WireLineOwned {
 /// Encodes records from the front of `batch` into one message of at most
 /// `limit` bytes (at least one record); the payload and how many it holds.
 fn encode_batch(batch: &[Arc<LogRecord>], limit: usize) -> (Bytes, usize) {
-    let mut out = Vec::with_capacity(limit.min(64 << 10));
+    // Sized for what it will most likely hold: a short log's few lines do
+    // not take (and fault in) a flood's buffer.
+    let likely: usize = batch.iter().map(|r| cost(r)).sum();
+    let mut out = Vec::with_capacity(likely.min(limit));
     out.push(b'[');
     let mut n = 0;
     for r in batch {

@@ -16,7 +16,7 @@
 //! | `vulcan_nodes` | KV bucket, history 1 | key = node id, value = its heartbeat: the workloads it has claimed, every second |
 //! | `vulcan_modules` | object store | module bytes by hex sha256, checked on arrival |
 //! | `VULCAN_QUEUE` | stream, work-queue retention, subject `vulcan.queue` | submitted work (header `Vulcan-Revision`: its pending record's revision); durable pull consumer `vulcan_dispatch`, explicit ack, ack wait 10 s |
-//! | `VULCAN_LOGS` | stream, subjects `vulcan.logs.<id>`, 2 min duplicate window | log lines in batches (headers `Nats-Msg-Id: <id>:<first seq>`, `Vulcan-Last: <last seq>`); the last message also carries `Vulcan-End: <line count>` |
+//! | `VULCAN_LOGS` | stream, subjects `vulcan.logs.<id>`, 2 min duplicate window | log lines (but those a record holds) in batches (headers `Nats-Msg-Id: <id>:<first seq>`, `Vulcan-Last: <last seq>`); the last message also carries `Vulcan-End: <line count>` |
 //!
 //! Kills travel as core NATS requests on `vulcan.kill.<node id>`.
 

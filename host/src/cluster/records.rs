@@ -56,21 +56,31 @@ impl Index {
             inner.items.remove(&id);
             return;
         }
-        let view: WorkloadView = match serde_json::from_slice(&entry.value) {
-            Ok(view) => view,
+        // The summary alone (what a list shows) is all most records need
+        // here: every node reads every record.
+        let summary: WorkloadSummary = match serde_json::from_slice(&entry.value) {
+            Ok(summary) => summary,
             Err(e) => {
                 tracing::warn!(workload = %id, error = %e, "ignoring a workload record that does not parse");
                 return;
             }
         };
-        if view.summary.status.is_terminal()
+        if summary.status.is_terminal()
             && let Some(waiters) = inner.waiters.remove(&id)
         {
-            for waiter in waiters {
-                let _ = waiter.send(view.clone());
+            match serde_json::from_slice::<WorkloadView>(&entry.value) {
+                Ok(view) => {
+                    for waiter in waiters {
+                        let _ = waiter.send(view.clone());
+                    }
+                }
+                // Dropped: each waiter reads the record itself (see `await_end`).
+                Err(e) => {
+                    tracing::warn!(workload = %id, error = %e, "a final workload record does not parse")
+                }
             }
         }
-        inner.items.insert(id, view.summary);
+        inner.items.insert(id, summary);
     }
 
     /// The status the index last saw of `id`.

@@ -511,7 +511,9 @@ async fn on_guest_threads(
     guests: &tokio::runtime::Handle,
     run: impl Future<Output = anyhow::Result<RunReport>> + Send + 'static,
 ) -> anyhow::Result<RunReport> {
-    (guests.spawn(run).await).unwrap_or_else(|e| {
+    // Boxed: the engine's future is large, and a task moves its future in
+    // several times and writes its output over it; a box is a pointer.
+    (guests.spawn(Box::pin(run)).await).unwrap_or_else(|e| {
         Err(anyhow::anyhow!(
             "internal error while running the guest: {e}"
         ))
