@@ -490,7 +490,14 @@ async fn a_dropped_connection_resumes_without_gap_or_repeat() {
         json!(["0", "0"]),
         "[gaps, repeats] across the reconnect"
     );
-    assert_eq!(browser.text("#log-count").await, format!("{total} lines"));
+    // As the page writes numbers (1,985 in English), however many it got.
+    let shown = browser
+        .js(
+            &format!("return ({total}).toLocaleString() + ' lines';"),
+            vec![],
+        )
+        .await;
+    assert_eq!(json!(browser.text("#log-count").await), shown);
     browser.screenshot("resumed").await;
     browser.close().await;
 }
