@@ -353,16 +353,21 @@ async fn a_follower_on_another_node_gets_every_line_once_and_resumes() {
     }
 }
 
-/// Whether `id`'s log has any message on its subject of `VULCAN_LOGS`.
-async fn on_log_subject(nats: &Nats, id: &str) -> bool {
-    use async_nats::jetstream::stream::LastRawMessageErrorKind;
+/// `VULCAN_LOGS`, through a client of the test's own.
+async fn logs_stream(nats: &Nats) -> async_nats::jetstream::stream::Stream {
     let client = async_nats::connect(format!("127.0.0.1:{}", nats.port))
         .await
         .unwrap();
-    let logs = async_nats::jetstream::new(client)
+    async_nats::jetstream::new(client)
         .get_stream(vulcan::cluster::LOGS_STREAM)
         .await
-        .unwrap();
+        .unwrap()
+}
+
+/// Whether `id`'s log has any message on its subject of `VULCAN_LOGS`.
+async fn on_log_subject(nats: &Nats, id: &str) -> bool {
+    use async_nats::jetstream::stream::LastRawMessageErrorKind;
+    let logs = logs_stream(nats).await;
     match logs
         .get_last_raw_message_by_subject(&format!("vulcan.logs.{id}"))
         .await
@@ -371,6 +376,15 @@ async fn on_log_subject(nats: &Nats, id: &str) -> bool {
         Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => false,
         Err(e) => panic!("reading the log subject of {id}: {e}"),
     }
+}
+
+/// The final record of a sync run of `module` with one argument, which completed.
+async fn run_sync(server: &Server, module: &str, arg: &str) -> Value {
+    let spec = json!({"module": module, "args": [arg]});
+    let (status, ran) = server.post("/v1/workloads", Body::Json(spec)).await;
+    assert_eq!(status, 200, "{ran}");
+    assert_eq!(ran["status"], "completed", "{ran}");
+    ran
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -383,15 +397,7 @@ async fn a_short_sync_run_keeps_its_few_lines_in_its_record() {
         std::fs::read(example("stderr-mix")).unwrap(),
     )
     .await;
-    let (status, ran) = runner
-        .server
-        .post(
-            "/v1/workloads",
-            Body::Json(json!({"module": mix, "args": ["5"]})),
-        )
-        .await;
-    assert_eq!(status, 200, "{ran}");
-    assert_eq!(ran["status"], "completed", "{ran}");
+    let ran = run_sync(&runner.server, &mix, "5").await;
     assert_eq!(ran["line_count"], 5, "{ran}");
     let id = ran["id"].as_str().unwrap();
     assert!(
@@ -421,14 +427,7 @@ async fn a_short_sync_run_keeps_its_few_lines_in_its_record() {
     assert_eq!(rest, vec![3, 4]);
 
     // No line at all: nothing on the subject, and an empty log.
-    let silent = runner
-        .server
-        .post(
-            "/v1/workloads",
-            Body::Json(json!({"module": mix, "args": ["0"]})),
-        )
-        .await
-        .1;
+    let silent = run_sync(&runner.server, &mix, "0").await;
     let silent = silent["id"].as_str().unwrap();
     assert!(!on_log_subject(&nats, silent).await);
     assert!(history(&reader.server, silent).await.is_empty());
@@ -438,14 +437,7 @@ async fn a_short_sync_run_keeps_its_few_lines_in_its_record() {
 
     // More than a record carries: on the log's subject, as any other log.
     let flood = upload(&runner.server, std::fs::read(example("log-flood")).unwrap()).await;
-    let (status, big) = runner
-        .server
-        .post(
-            "/v1/workloads",
-            Body::Json(json!({"module": flood, "args": ["2000"]})),
-        )
-        .await;
-    assert_eq!(status, 200, "{big}");
+    let big = run_sync(&runner.server, &flood, "2000").await;
     let big = big["id"].as_str().unwrap();
     assert!(on_log_subject(&nats, big).await);
     assert_eq!(
@@ -467,13 +459,7 @@ async fn a_follower_whose_log_reader_is_lost_reopens_it_and_misses_nothing() {
     let mut seen: Vec<u64> = (0..50).collect();
 
     // Its consumer deleted under it, as a NATS server that lost it would.
-    let client = async_nats::connect(format!("127.0.0.1:{}", nats.port))
-        .await
-        .unwrap();
-    let logs = async_nats::jetstream::new(client)
-        .get_stream(vulcan::cluster::LOGS_STREAM)
-        .await
-        .unwrap();
+    let logs = logs_stream(&nats).await;
     let lost = log_readers(&logs).await;
     assert_eq!(lost.len(), 1, "one follower, one reader: {lost:?}");
     logs.delete_consumer(&lost[0]).await.unwrap();
