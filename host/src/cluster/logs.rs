@@ -488,10 +488,14 @@ impl Cluster {
             .await
             .map_err(ClusterError::unavailable)?;
         let pending = consumer.cached_info().num_pending;
+        // Messages, not bytes: each is at most a batch, so a pull is still
+        // bounded, and a pull the server ends for its byte budget (a batch
+        // near the limit) could leave the client counting on messages the
+        // server no longer owes it: a follower stalled for 30 s, until the
+        // pull expired, about once in ten 1M-line follows.
         let messages = consumer
             .stream()
             .max_messages_per_batch(READ_AHEAD)
-            .max_bytes_per_batch(READ_AHEAD * BATCH_BYTES)
             .messages()
             .await
             .map_err(ClusterError::unavailable)?;
