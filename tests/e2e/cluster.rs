@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 
+use futures_util::StreamExt as _;
 use serde_json::{Value, json};
 
 use crate::support::*;
@@ -212,8 +213,44 @@ async fn three_nodes_share_modules_runs_lists_and_slots() {
     .await;
     assert_eq!(r["attempt"], 1);
 
+    // A sync run that finds every slot taken waits in the queue and runs on
+    // whichever node frees one; its caller gets the final record, which the
+    // node that ran it also announces on `vulcan.ended.<id>`.
+    let mut ends = nats_client(&nats)
+        .await
+        .subscribe("vulcan.ended.>")
+        .await
+        .unwrap();
+    let sync = json!({"module": hello, "args": ["queued"]});
+    let ((status, queued), _) = tokio::join!(n2.post("/v1/workloads", Body::Json(sync)), async {
+        eventually("the sync run is queued", || async {
+            let (_, page) = n1.get_json("/v1/workloads?status=pending").await;
+            (page["total"] == 1).then_some(())
+        })
+        .await;
+        let (status, killed) = n1.kill(&spinning[1]).await;
+        assert_eq!(status, 200, "{killed}");
+    });
+    assert_eq!(status, 200, "{queued}");
+    assert_eq!(queued["status"], "completed", "{queued}");
+    assert_eq!(queued["line_count"], 1, "{queued}");
+    let announced = format!("vulcan.ended.{}", queued["id"].as_str().unwrap());
+    let end = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+        loop {
+            let end = ends.next().await.expect("the subscription ended");
+            if end.subject.as_str() == announced {
+                return end;
+            }
+        }
+    })
+    .await
+    .expect("the end of the queued sync run was announced");
+    let end: Value = serde_json::from_slice(&end.payload).unwrap();
+    assert_eq!(end["status"], "completed", "{end}");
+    assert_eq!(end["node"], queued["node"], "{end}");
+
     // Kill from any node, whichever runs it: a tight loop ends at once.
-    for (id, server) in spinning[1..]
+    for (id, server) in spinning[2..]
         .iter()
         .chain([&seventh])
         .zip([n1, n2, n3].iter().cycle())
@@ -226,13 +263,12 @@ async fn three_nodes_share_modules_runs_lists_and_slots() {
     let (status, again) = n2.kill(&seventh).await;
     assert_eq!(status, 409, "{again}");
 
-    // The list of every node shows every workload of the cluster, newest first.
-    let total = ran.len() + spinning.len() + 1;
-    let page = eventually("n3 lists them all", || async {
-        let (_, page) = n3.get_json("/v1/workloads?limit=500").await;
-        (page["total"] == total).then_some(page)
-    })
-    .await;
+    // The list of every node shows every workload of the cluster, newest
+    // first: each stored before the list was asked for, wherever it ran.
+    let total = ran.len() + spinning.len() + 2;
+    let (status, page) = n3.get_json("/v1/workloads?limit=500").await;
+    assert_eq!(status, 200, "{page}");
+    assert_eq!(page["total"], total, "{page}");
     let ids: Vec<&str> = page["items"]
         .as_array()
         .unwrap()
@@ -353,12 +389,16 @@ async fn a_follower_on_another_node_gets_every_line_once_and_resumes() {
     }
 }
 
+/// A NATS client of the test's own.
+async fn nats_client(nats: &Nats) -> async_nats::Client {
+    async_nats::connect(format!("127.0.0.1:{}", nats.port))
+        .await
+        .unwrap()
+}
+
 /// `VULCAN_LOGS`, through a client of the test's own.
 async fn logs_stream(nats: &Nats) -> async_nats::jetstream::stream::Stream {
-    let client = async_nats::connect(format!("127.0.0.1:{}", nats.port))
-        .await
-        .unwrap();
-    async_nats::jetstream::new(client)
+    async_nats::jetstream::new(nats_client(nats).await)
         .get_stream(vulcan::cluster::LOGS_STREAM)
         .await
         .unwrap()

@@ -404,7 +404,7 @@ pub async fn list(
         .transpose()
         .map_err(|e| ApiError::BadRequest(e.to_string()))?;
     if let Some(cluster) = state.cluster() {
-        return Ok(Json(cluster.list(limit, offset, status)));
+        return Ok(Json(cluster.list(limit, offset, status).await));
     }
     let page = state
         .node()

@@ -270,21 +270,13 @@ impl Cluster {
         spec: WorkloadSpec,
     ) -> Result<WorkloadView, ClusterError> {
         let id = WorkloadId::new();
-        // Waiting from before it exists, so its end cannot slip past unseen
-        // and the record need not be read first.
-        let ended = self.index.wait(id);
         let (here_tx, here) = oneshot::channel();
-        if let Err(e) = self.enqueue(id, module, spec, Some(here_tx)).await {
-            // The caller learns of the failure from the error; its waiter
-            // would otherwise stay for a record that may never exist.
-            self.index.forget(id);
-            return Err(e);
-        }
-        // Run here: its final record as soon as it is stored, not when the
-        // watch brings it back. Queued (or taken over): from the index.
+        self.enqueue(id, module, spec, Some(here_tx)).await?;
+        // Run here: its final record as soon as it is stored. Queued (or
+        // taken over): as its end is announced.
         match here.await {
             Ok(view) => Ok(view),
-            Err(_) => self.await_end(id, ended, false).await,
+            Err(_) => self.wait_end(id).await,
         }
     }
 

@@ -91,7 +91,14 @@ impl Cluster {
                 *self.lock_reachable() = None;
                 continue;
             };
-            self.sweep_orphans().await;
+            // The orphans and a lost node's workloads are found in the
+            // index, as of this beat.
+            let caught_up = self.catch_up().await;
+            if let Err(e) = &caught_up {
+                tracing::debug!(error = %e, "cannot read the workload records yet");
+            } else {
+                self.sweep_orphans().await;
+            }
             let now = Instant::now();
             let reachable_since = *self.lock_reachable().get_or_insert(now);
             seen.retain(|node, _| others.iter().any(|(n, _, _)| n == node));
@@ -124,7 +131,8 @@ impl Cluster {
                      was running there; its lines up to the loss are kept",
                     silent.as_secs()
                 );
-                let mut settled = true;
+                // An index behind the records may miss some: tried next beat.
+                let mut settled = caught_up.is_ok();
                 // What it said it had claimed, and what the records say runs there.
                 let mut ids = beat.map(|b| b.claimed).unwrap_or_default();
                 ids.extend(self.index.running_on(&node));

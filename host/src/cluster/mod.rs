@@ -18,7 +18,9 @@
 //! | `VULCAN_QUEUE` | stream, work-queue retention, subject `vulcan.queue` | submitted work (header `Vulcan-Revision`: its pending record's revision); durable pull consumer `vulcan_dispatch`, explicit ack, ack wait 10 s |
 //! | `VULCAN_LOGS` | stream, subjects `vulcan.logs.<id>`, 2 min duplicate window | log lines (but those a record holds) in batches (headers `Nats-Msg-Id: <id>:<first seq>`, `Vulcan-Last: <last seq>`); the last message also carries `Vulcan-End: <line count>` |
 //!
-//! Kills travel as core NATS requests on `vulcan.kill.<node id>`.
+//! Kills travel as core NATS requests on `vulcan.kill.<node id>`; a final
+//! record written by compare-and-swap is also announced (not stored) on
+//! `vulcan.ended.<id>`, for whoever waits for that workload's end.
 
 mod dispatch;
 mod liveness;
@@ -69,6 +71,11 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
 /// The subject a workload's log batches go to.
 fn log_subject(id: WorkloadId) -> String {
     format!("vulcan.logs.{id}")
+}
+
+/// The subject a workload's end is announced on, with its final record.
+fn ended_subject(id: WorkloadId) -> String {
+    format!("vulcan.ended.{id}")
 }
 
 /// The subject a node takes kill requests on.
@@ -338,8 +345,6 @@ impl Cluster {
         tokio::spawn(async move { this.take_kills(kills).await });
         let this = Arc::clone(self);
         tokio::spawn(async move { this.dispatch(consumer).await });
-        let this = Arc::clone(self);
-        tokio::spawn(async move { this.watch_records().await });
         let this = Arc::clone(self);
         tokio::spawn(async move { this.keep_alive().await });
         Ok(())

@@ -1,18 +1,19 @@
 //! The cluster's workload records: one KV entry per workload, holding the
 //! record as the API shows it, changed only by compare-and-swap on its
 //! revision (so a node that lost its claim can never overwrite a newer
-//! state), and each node's index of them for lists and for waiting on an end.
+//! state); each node's index of them for lists, brought up to date from the
+//! records' stream when asked; and waiting for a workload's end.
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
+use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PullConsumer, pull};
 use async_nats::jetstream::kv;
 use bytes::Bytes;
 use futures_util::StreamExt as _;
-use tokio::sync::oneshot;
 
-use super::{Cluster, ClusterError};
+use super::{Cluster, ClusterError, REQUEST_TIMEOUT, ended_subject};
 use crate::view::{WorkloadList, WorkloadSummary, WorkloadView};
 use crate::workload::{Status, WorkloadId};
 
@@ -24,73 +25,61 @@ pub struct Versioned {
     pub revision: u64,
 }
 
-/// What a node knows of every record, kept current by a KV watch: enough for
-/// lists, and who is waiting for which workload to end.
+/// What a node knows of every record: enough for lists and for finding the
+/// workloads a node runs. It is brought up to date from the records' stream
+/// when a list or the liveness check asks (see [`Cluster::catch_up`]), in
+/// batches, rather than told of each change as it happens: that would
+/// deliver every change of every run to every node.
 #[derive(Default)]
 pub struct Index {
     inner: Mutex<IndexInner>,
+    /// The consumer that reads the records' stream from where the index
+    /// stands, and when it was last used; held while catching up, so callers
+    /// at the same time share one.
+    reader: tokio::sync::Mutex<Option<(PullConsumer, Instant)>>,
 }
 
 #[derive(Default)]
 struct IndexInner {
     /// Newest last: ids are ULIDs, ordered by creation time.
     items: BTreeMap<WorkloadId, WorkloadSummary>,
-    waiters: HashMap<WorkloadId, Vec<oneshot::Sender<WorkloadView>>>,
+    /// The stream sequence of the last change applied (0: none yet).
+    applied: u64,
 }
+
+/// Record changes read per request while catching up.
+const CATCH_UP_BATCH: usize = 1024;
+
+/// How long the records' reader may go unused before NATS removes it (the
+/// liveness check reads every second; a node that stops reading has gone).
+const READER_IDLE: Duration = Duration::from_secs(60);
 
 impl Index {
     fn lock(&self) -> std::sync::MutexGuard<'_, IndexInner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn apply(&self, entry: kv::Entry) {
-        let Ok(id) = entry.key.parse::<WorkloadId>() else {
-            tracing::warn!(
-                key = entry.key,
-                "ignoring a workload record with a malformed key"
-            );
+    /// Applies one change read from the records' stream, stored at `seq`.
+    fn apply(&self, key: &str, change: &async_nats::Message, seq: u64) {
+        let mut inner = self.lock();
+        inner.applied = inner.applied.max(seq);
+        let Ok(id) = key.parse::<WorkloadId>() else {
+            tracing::warn!(key, "ignoring a workload record with a malformed key");
             return;
         };
-        let mut inner = self.lock();
-        if entry.operation != kv::Operation::Put {
+        if !is_put(change) {
             inner.items.remove(&id);
             return;
         }
-        // The summary alone (what a list shows) is all most records need
-        // here: every node reads every record.
-        let summary: WorkloadSummary = match serde_json::from_slice(&entry.value) {
-            Ok(summary) => summary,
-            Err(e) => {
-                tracing::warn!(workload = %id, error = %e, "ignoring a workload record that does not parse");
-                return;
+        // The summary alone (what a list shows) is all the index keeps.
+        match serde_json::from_slice::<WorkloadSummary>(&change.payload) {
+            Ok(summary) => {
+                inner.items.insert(id, summary);
             }
-        };
-        if summary.status.is_terminal()
-            && let Some(waiters) = inner.waiters.remove(&id)
-        {
-            match serde_json::from_slice::<WorkloadView>(&entry.value) {
-                Ok(view) => {
-                    for waiter in waiters {
-                        let _ = waiter.send(view.clone());
-                    }
-                }
-                // Dropped: each waiter reads the record itself (see `await_end`).
-                Err(e) => {
-                    tracing::warn!(workload = %id, error = %e, "a final workload record does not parse")
-                }
+            Err(e) => {
+                tracing::warn!(workload = %id, error = %e, "ignoring a workload record that does not parse")
             }
         }
-        inner.items.insert(id, summary);
-    }
-
-    /// The status the index last saw of `id`.
-    fn status(&self, id: WorkloadId) -> Option<Status> {
-        self.lock().items.get(&id).map(|s| s.status)
-    }
-
-    /// Drops whoever waits for `id` (its submission failed).
-    pub(super) fn forget(&self, id: WorkloadId) {
-        self.lock().waiters.remove(&id);
     }
 
     /// Workloads the index last saw running on `node`.
@@ -101,15 +90,6 @@ impl Index {
             .filter(|s| s.status == Status::Running && s.node.as_deref() == Some(node))
             .map(|s| s.id)
             .collect()
-    }
-
-    pub(super) fn wait(&self, id: WorkloadId) -> oneshot::Receiver<WorkloadView> {
-        let (tx, rx) = oneshot::channel();
-        let mut inner = self.lock();
-        let waiters = inner.waiters.entry(id).or_default();
-        waiters.retain(|w| !w.is_closed());
-        waiters.push(tx);
-        rx
     }
 
     fn list(&self, limit: u64, offset: u64, status: Option<Status>) -> WorkloadList {
@@ -132,6 +112,20 @@ impl Index {
             offset,
         }
     }
+}
+
+/// Whether a change read from a KV stream puts a value (rather than deleting
+/// or purging its key, or marking it removed by the stream's limits).
+fn is_put(change: &async_nats::Message) -> bool {
+    let Some(headers) = change.headers.as_ref() else {
+        return true;
+    };
+    headers
+        .get("KV-Operation")
+        .is_none_or(|op| op.as_str() == "PUT")
+        && headers
+            .get(async_nats::header::NATS_MARKER_REASON)
+            .is_none()
 }
 
 /// A record's value as the cluster stores it: the record as the API shows it,
@@ -205,7 +199,8 @@ impl Cluster {
     }
 
     /// Replaces a record read at `revision`: the new revision, or `None` when
-    /// someone changed it since.
+    /// someone changed it since. A final record is also announced to whoever
+    /// waits for it (see [`Cluster::wait_end`]).
     pub(super) async fn swap(
         &self,
         view: &WorkloadView,
@@ -214,78 +209,167 @@ impl Cluster {
         let value = record_value(view, None)?;
         match self
             .workloads
-            .update(view.summary.id.to_string(), value, revision)
+            .update(view.summary.id.to_string(), value.clone(), revision)
             .await
         {
-            Ok(revision) => Ok(Some(revision)),
+            Ok(revision) => {
+                if view.summary.status.is_terminal() {
+                    // Not stored: a waiter that misses it reads the record.
+                    let subject = ended_subject(view.summary.id);
+                    if let Err(e) = self.client.publish(subject, value).await {
+                        tracing::debug!(workload = %view.summary.id, error = %e, "could not announce an end");
+                    }
+                }
+                Ok(Some(revision))
+            }
             Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(None),
             Err(e) => Err(ClusterError::unavailable(e)),
         }
     }
 
-    /// A page of every workload of the cluster, newest first (from this
-    /// node's index, which follows the records within milliseconds).
-    pub fn list(&self, limit: u64, offset: u64, status: Option<Status>) -> WorkloadList {
+    /// A page of every workload of the cluster, newest first, from this
+    /// node's index brought up to every change stored before the call (or,
+    /// when NATS cannot be read, as the index last knew them).
+    pub async fn list(&self, limit: u64, offset: u64, status: Option<Status>) -> WorkloadList {
+        if let Err(e) = self.catch_up().await {
+            tracing::debug!(error = %e, "listing from the index as it stands");
+        }
         self.index.list(limit, offset, status)
     }
 
-    /// The final record of `id` once it has ended.
+    /// The final record of `id` once it has ended: from the end announced on
+    /// [`ended_subject`] by whoever ended it, or from the record itself,
+    /// read first and every second (an announcement is not stored, so one
+    /// made across a reconnect is missed).
     pub async fn wait_end(&self, id: WorkloadId) -> Result<WorkloadView, ClusterError> {
-        let ended = self.index.wait(id);
-        // Registered before looking, so an end in between is not missed.
-        let look = self.index.status(id).is_none_or(|s| s.is_terminal());
-        self.await_end(id, ended, look).await
-    }
-
-    /// Waits on `ended` (registered before the record could end), looking at
-    /// the record itself first if `look`, and every second: the index's watch
-    /// can miss an update across a reconnect.
-    pub(super) async fn await_end(
-        &self,
-        id: WorkloadId,
-        mut ended: oneshot::Receiver<WorkloadView>,
-        mut look: bool,
-    ) -> Result<WorkloadView, ClusterError> {
+        self.connected()?;
+        // Subscribed before the first look, so an end in between is not missed.
+        let mut ends = Some(
+            self.client
+                .subscribe(ended_subject(id))
+                .await
+                .map_err(ClusterError::unavailable)?,
+        );
         loop {
-            if look {
-                let record = self.record(id).await?;
-                if record.view.summary.status.is_terminal() {
-                    return Ok(record.view);
-                }
+            let record = self.record(id).await?;
+            if record.view.summary.status.is_terminal() {
+                return Ok(record.view);
             }
+            let announced = async {
+                match ends.as_mut() {
+                    Some(subscription) => subscription.next().await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
-                view = &mut ended => match view {
-                    Ok(view) => return Ok(view),
-                    // Dropped (its entry pruned): wait anew.
-                    Err(_) => ended = self.index.wait(id),
+                end = announced => match end {
+                    Some(end) => match serde_json::from_slice::<WorkloadView>(&end.payload) {
+                        Ok(view) if view.summary.status.is_terminal() => return Ok(view),
+                        Ok(_) => {}
+                        Err(e) => tracing::warn!(workload = %id, error = %e, "ignoring an announced end that does not parse"),
+                    },
+                    // The client closed the subscription: looking every second will do.
+                    None => ends = None,
                 },
                 () = tokio::time::sleep(Duration::from_secs(1)) => {}
             }
-            look = true;
         }
     }
 
-    /// Follows every record into the index; starts over after a failure.
-    pub(super) async fn watch_records(self: Arc<Self>) {
+    /// Brings the index up to every record change stored before this call.
+    pub(super) async fn catch_up(&self) -> Result<(), ClusterError> {
+        self.connected()?;
+        let mut reader = self.index.reader.lock().await;
+        let read = tokio::time::timeout(REQUEST_TIMEOUT, self.read_changes(&mut reader)).await;
+        let failure = match read {
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err(e)) => e,
+            Err(_) => ClusterError::Unavailable("reading the workload records timed out".into()),
+        };
+        // Made afresh from where the index stands next time.
+        *reader = None;
+        Err(failure)
+    }
+
+    /// Reads changes into the index until none is left, with `reader` (made
+    /// first if missing).
+    async fn read_changes(
+        &self,
+        reader: &mut Option<(PullConsumer, Instant)>,
+    ) -> Result<(), ClusterError> {
         loop {
-            match self.workloads.watch_with_history(">").await {
-                Ok(mut watch) => {
-                    while let Some(entry) = watch.next().await {
-                        match entry {
-                            Ok(entry) => self.index.apply(entry),
-                            Err(e) => {
-                                tracing::warn!(error = %e, "the watch of workload records failed");
-                                break;
-                            }
-                        }
-                    }
+            // One unused for long may have been removed by NATS: made afresh.
+            reader.take_if(|(_, used)| used.elapsed() >= READER_IDLE / 2);
+            let consumer = match reader {
+                Some((consumer, used)) => {
+                    *used = Instant::now();
+                    consumer
                 }
-                Err(e) => tracing::debug!(error = %e, "cannot watch workload records yet"),
+                None => {
+                    &mut reader
+                        .insert((self.records_reader().await?, Instant::now()))
+                        .0
+                }
+            };
+            let mut batch = consumer
+                .fetch()
+                .max_messages(CATCH_UP_BATCH)
+                .messages()
+                .await
+                .map_err(ClusterError::unavailable)?;
+            let (mut read, mut pending) = (0, 0);
+            while let Some(change) = batch.next().await {
+                let change = change.map_err(ClusterError::unavailable)?;
+                let (seq, left) = match change.info() {
+                    Ok(info) => (info.stream_sequence, info.pending),
+                    Err(e) => return Err(ClusterError::unavailable(e)),
+                };
+                let key = change
+                    .subject
+                    .strip_prefix(self.workloads.prefix.as_str())
+                    .unwrap_or_default();
+                self.index.apply(key, &change, seq);
+                (read, pending) = (read + 1, left);
             }
-            tokio::select! {
-                () = self.stop.cancelled() => return,
-                () = tokio::time::sleep(Duration::from_millis(500)) => {}
+            if read < CATCH_UP_BATCH || pending == 0 {
+                return Ok(());
             }
         }
+    }
+
+    /// A consumer of the records' stream from the change after the last the
+    /// index applied; the latest of each record for an index that has none,
+    /// or whose stream was made anew (its sequence went back).
+    async fn records_reader(&self) -> Result<PullConsumer, ClusterError> {
+        let mut stream = self.workloads.stream.clone();
+        let last = stream
+            .info()
+            .await
+            .map_err(ClusterError::unavailable)?
+            .state
+            .last_sequence;
+        let deliver_policy = {
+            let mut inner = self.index.lock();
+            if inner.applied > last {
+                *inner = IndexInner::default();
+            }
+            match inner.applied {
+                0 => DeliverPolicy::LastPerSubject,
+                applied => DeliverPolicy::ByStartSequence {
+                    start_sequence: applied + 1,
+                },
+            }
+        };
+        stream
+            .create_consumer(pull::Config {
+                deliver_policy,
+                ack_policy: AckPolicy::None,
+                filter_subject: format!("{}>", self.workloads.prefix),
+                inactive_threshold: READER_IDLE,
+                memory_storage: true,
+                ..Default::default()
+            })
+            .await
+            .map_err(ClusterError::unavailable)
     }
 }
