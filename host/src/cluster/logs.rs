@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
+use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PullConsumer, pull};
 use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::message::PublishMessage as Publish;
 use bytes::Bytes;
@@ -50,8 +50,8 @@ const BATCH_BYTES: usize = 256 << 10;
 const FIRST_BATCH_LINGER: Duration = Duration::from_millis(5);
 
 /// Most bytes of lines a record written once, final, carries inside it
-/// rather than on the log's subject: every node's watch of the records
-/// receives them, so only a short log travels this way.
+/// rather than on the log's subject: every node's index reads every record,
+/// so only a short log travels this way.
 pub const INLINE_BYTES: usize = 4 << 10;
 
 /// Messages a reader asks for at a time.
@@ -347,9 +347,84 @@ pub struct LogCursor {
 /// Where a cursor's lines come from.
 enum Source {
     /// The log's subject.
-    Stream(Box<pull::Stream>),
+    Subject(Box<LogPull>),
     /// The final record (taken when read).
     Record(Option<Vec<LogRecord>>),
+}
+
+/// Reads a log's consumer one pull request at a time, each for at most
+/// [`READ_AHEAD`] messages (each at most a batch): a reader holds a bounded
+/// amount, and ten followers on one connection stay below NATS's
+/// slow-consumer limit.
+///
+/// Not async-nats's continuous `stream()`: it counts the messages it is owed
+/// only once its task reports the pull sent, so a reader that lags (a busy
+/// node) can take a pull's messages before that, count them against nothing,
+/// and then wait for messages the server no longer owes until the pull
+/// expires. A follower stalled for 30 s, a few times in ten 1M-line follows.
+/// A pull of its own counts only its own messages.
+struct LogPull {
+    consumer: PullConsumer,
+    state: PullState,
+}
+
+enum PullState {
+    /// A pull being asked for. Kept here, so a caller that stops waiting
+    /// (a keep-alive's timeout) loses none of the messages it brings.
+    Asking(futures_util::future::BoxFuture<'static, Result<pull::Batch, pull::BatchError>>),
+    /// The messages of a pull as they come.
+    Reading(Box<pull::Batch>),
+}
+
+/// How long one pull waits for messages on a quiet log before the next.
+const PULL_EXPIRES: Duration = Duration::from_secs(10);
+
+impl LogPull {
+    fn new(consumer: PullConsumer) -> Self {
+        let state = Self::ask(&consumer);
+        Self { consumer, state }
+    }
+
+    fn ask(consumer: &PullConsumer) -> PullState {
+        let consumer = consumer.clone();
+        PullState::Asking(Box::pin(async move {
+            consumer
+                .batch()
+                .max_messages(READ_AHEAD)
+                .expires(PULL_EXPIRES)
+                .messages()
+                .await
+        }))
+    }
+
+    /// The next message of the log; waits for one. Cancel-safe.
+    async fn next(&mut self) -> Result<async_nats::jetstream::Message, ClusterError> {
+        loop {
+            let batch = match &mut self.state {
+                PullState::Reading(batch) => batch,
+                PullState::Asking(asked) => {
+                    let asked = asked.as_mut().await;
+                    match asked {
+                        Ok(batch) => self.state = PullState::Reading(Box::new(batch)),
+                        Err(e) => {
+                            self.state = Self::ask(&self.consumer);
+                            return Err(ClusterError::unavailable(e));
+                        }
+                    }
+                    continue;
+                }
+            };
+            match batch.next().await {
+                Some(Ok(message)) => return Ok(message),
+                Some(Err(e)) => {
+                    self.state = Self::ask(&self.consumer);
+                    return Err(ClusterError::unavailable(e));
+                }
+                // This pull has all it asked for, or expired: the next one.
+                None => self.state = Self::ask(&self.consumer),
+            }
+        }
+    }
 }
 
 impl LogCursor {
@@ -377,7 +452,7 @@ impl LogCursor {
             return Ok(LogChunk::End);
         }
         let messages = match &mut self.messages {
-            Source::Stream(messages) => messages,
+            Source::Subject(messages) => messages,
             Source::Record(lines) => {
                 self.ended = true;
                 return Ok(match lines.take() {
@@ -387,11 +462,7 @@ impl LogCursor {
             }
         };
         loop {
-            let message = match messages.next().await {
-                Some(Ok(m)) => m,
-                Some(Err(e)) => return Err(ClusterError::unavailable(e)),
-                None => return Err(ClusterError::Unavailable("the log read ended".into())),
-            };
+            let message = messages.next().await?;
             if let Ok(info) = message.info() {
                 self.pending = info.pending;
                 self.read = self.read.max(info.stream_sequence);
@@ -488,20 +559,9 @@ impl Cluster {
             .await
             .map_err(ClusterError::unavailable)?;
         let pending = consumer.cached_info().num_pending;
-        // Messages, not bytes: each is at most a batch, so a pull is still
-        // bounded, and a pull the server ends for its byte budget (a batch
-        // near the limit) could leave the client counting on messages the
-        // server no longer owes it: a follower stalled for 30 s, until the
-        // pull expired, about once in ten 1M-line follows.
-        let messages = consumer
-            .stream()
-            .max_messages_per_batch(READ_AHEAD)
-            .messages()
-            .await
-            .map_err(ClusterError::unavailable)?;
         Ok(LogCursor {
             id,
-            messages: Source::Stream(Box::new(messages)),
+            messages: Source::Subject(Box::new(LogPull::new(consumer))),
             pending,
             stored_until: last.map_or(0, |m| m.sequence),
             read,
