@@ -280,61 +280,64 @@ impl Cluster {
     pub(super) async fn catch_up(&self) -> Result<(), ClusterError> {
         self.connected()?;
         let mut reader = self.index.reader.lock().await;
-        let read = tokio::time::timeout(REQUEST_TIMEOUT, self.read_changes(&mut reader)).await;
-        let failure = match read {
-            Ok(Ok(())) => return Ok(()),
-            Ok(Err(e)) => e,
-            Err(_) => ClusterError::Unavailable("reading the workload records timed out".into()),
-        };
-        // Made afresh from where the index stands next time.
-        *reader = None;
-        Err(failure)
-    }
-
-    /// Reads changes into the index until none is left, with `reader` (made
-    /// first if missing).
-    async fn read_changes(
-        &self,
-        reader: &mut Option<(PullConsumer, Instant)>,
-    ) -> Result<(), ClusterError> {
         loop {
-            // One unused for long may have been removed by NATS: made afresh.
-            reader.take_if(|(_, used)| used.elapsed() >= READER_IDLE / 2);
-            let consumer = match reader {
-                Some((consumer, used)) => {
-                    *used = Instant::now();
-                    consumer
-                }
-                None => {
-                    &mut reader
-                        .insert((self.records_reader().await?, Instant::now()))
-                        .0
+            // Each request is bounded, not the whole: a node just started
+            // may have a long way to go.
+            let read = tokio::time::timeout(REQUEST_TIMEOUT, self.read_batch(&mut reader)).await;
+            let failure = match read {
+                Ok(Ok(true)) => return Ok(()),
+                Ok(Ok(false)) => continue,
+                Ok(Err(e)) => e,
+                Err(_) => {
+                    ClusterError::Unavailable("reading the workload records timed out".into())
                 }
             };
-            let mut batch = consumer
-                .fetch()
-                .max_messages(CATCH_UP_BATCH)
-                .messages()
-                .await
-                .map_err(ClusterError::unavailable)?;
-            let (mut read, mut pending) = (0, 0);
-            while let Some(change) = batch.next().await {
-                let change = change.map_err(ClusterError::unavailable)?;
-                let (seq, left) = match change.info() {
-                    Ok(info) => (info.stream_sequence, info.pending),
-                    Err(e) => return Err(ClusterError::unavailable(e)),
-                };
-                let key = change
-                    .subject
-                    .strip_prefix(self.workloads.prefix.as_str())
-                    .unwrap_or_default();
-                self.index.apply(key, &change, seq);
-                (read, pending) = (read + 1, left);
-            }
-            if read < CATCH_UP_BATCH || pending == 0 {
-                return Ok(());
-            }
+            // Made afresh from where the index stands next time.
+            *reader = None;
+            return Err(failure);
         }
+    }
+
+    /// Reads one batch of changes into the index with `reader` (made first
+    /// if missing): true when none is left.
+    async fn read_batch(
+        &self,
+        reader: &mut Option<(PullConsumer, Instant)>,
+    ) -> Result<bool, ClusterError> {
+        // One unused for long may have been removed by NATS: made afresh.
+        reader.take_if(|(_, used)| used.elapsed() >= READER_IDLE / 2);
+        let consumer = match reader {
+            Some((consumer, used)) => {
+                *used = Instant::now();
+                consumer
+            }
+            None => {
+                &mut reader
+                    .insert((self.records_reader().await?, Instant::now()))
+                    .0
+            }
+        };
+        let mut batch = consumer
+            .fetch()
+            .max_messages(CATCH_UP_BATCH)
+            .messages()
+            .await
+            .map_err(ClusterError::unavailable)?;
+        let (mut read, mut pending) = (0, 0);
+        while let Some(change) = batch.next().await {
+            let change = change.map_err(ClusterError::unavailable)?;
+            let (seq, left) = match change.info() {
+                Ok(info) => (info.stream_sequence, info.pending),
+                Err(e) => return Err(ClusterError::unavailable(e)),
+            };
+            let key = change
+                .subject
+                .strip_prefix(self.workloads.prefix.as_str())
+                .unwrap_or_default();
+            self.index.apply(key, &change, seq);
+            (read, pending) = (read + 1, left);
+        }
+        Ok(read < CATCH_UP_BATCH || pending == 0)
     }
 
     /// A consumer of the records' stream from the change after the last the
