@@ -282,13 +282,15 @@ impl Cluster {
 
     /// Starts `id` here if a slot is free, else creates its pending record and
     /// queues it; a failure leaves nothing that could run or stay pending
-    /// (see [`Cluster::abandon`] and the orphan sweep). Runs in a task of
-    /// its own, so a caller that goes away (a client hanging up) cannot
-    /// leave a record created but never queued.
+    /// (see [`Cluster::abandon`] and the orphan sweep). What creates anything
+    /// runs in a task of its own, so a caller that goes away (a client
+    /// hanging up) cannot leave a record created but never queued.
     ///
     /// With `here` (a sync caller, who learns the id only from the final
     /// record) a run started here gets its record in the cluster only once
     /// it has run for [`UNLISTED_FOR`], and `here` gets the final record.
+    /// Such a run creates nothing before its own task takes over, so it
+    /// starts from the caller's task, without a hop to another.
     async fn enqueue(
         self: &Arc<Self>,
         id: WorkloadId,
@@ -296,23 +298,37 @@ impl Cluster {
         spec: WorkloadSpec,
         here: Option<oneshot::Sender<WorkloadView>>,
     ) -> Result<(), ClusterError> {
+        let admitted = self.admit(id, module, &spec).await?;
+        let here = match here {
+            Some(here) => match self.node.runner().try_reserve() {
+                Some(slot) => {
+                    self.claimed_here(id);
+                    let running = self.running_here(&admitted.view);
+                    self.start_here(module, spec, running, None, Some(here), slot);
+                    return Ok(());
+                }
+                None => Some(here),
+            },
+            None => None,
+        };
         let (this, module) = (Arc::clone(self), module.to_owned());
         // Boxed, as every large future spawned here: a task moves its future
         // in several times, and writes its output over it; a box is a pointer.
         tokio::spawn(Box::pin(async move {
-            this.create_and_queue(id, &module, spec, here).await
+            this.create_and_queue(&module, spec, admitted, here).await
         }))
         .await
         .map_err(|e| anyhow::anyhow!("submitting workload {id} failed: {e}"))?
     }
 
-    async fn create_and_queue(
-        self: &Arc<Self>,
+    /// Checks a submission before anything is created: NATS is there, the
+    /// module is known, and the work fits a NATS message.
+    async fn admit(
+        &self,
         id: WorkloadId,
         module: &str,
-        spec: WorkloadSpec,
-        here: Option<oneshot::Sender<WorkloadView>>,
-    ) -> Result<(), ClusterError> {
+        spec: &WorkloadSpec,
+    ) -> Result<Admitted, ClusterError> {
         self.connected()?;
         // Known here or in the cluster; the node that runs it fetches it.
         let known = self.node.registry().has(module).await
@@ -351,7 +367,41 @@ impl Cluster {
                 max - 512
             )));
         }
-        let view = pending_view(id, module, &spec, work.enqueued_ms);
+        let view = pending_view(id, module, spec, work.enqueued_ms);
+        Ok(Admitted { view, payload })
+    }
+
+    /// Runs `running` (claimed here, its record at `revision` if it has
+    /// one) in `slot`, in a task of its own that the node tracks.
+    fn start_here(
+        self: &Arc<Self>,
+        module: &str,
+        spec: WorkloadSpec,
+        running: WorkloadView,
+        revision: Option<u64>,
+        here: Option<oneshot::Sender<WorkloadView>>,
+        slot: Slot,
+    ) {
+        let (this, module) = (Arc::clone(self), module.to_owned());
+        let claim = Claim {
+            view: running,
+            revision,
+            here,
+        };
+        self.tasks.spawn(Box::pin(async move {
+            this.run_claimed(module, spec, claim, slot).await
+        }));
+    }
+
+    async fn create_and_queue(
+        self: &Arc<Self>,
+        module: &str,
+        spec: WorkloadSpec,
+        admitted: Admitted,
+        here: Option<oneshot::Sender<WorkloadView>>,
+    ) -> Result<(), ClusterError> {
+        let Admitted { view, payload } = admitted;
+        let id = view.summary.id;
         // A slot free here: it runs here at once, created running, without a
         // trip through the queue (claimed before its record says so).
         if let Some(slot) = self.node.runner().try_reserve() {
@@ -370,15 +420,7 @@ impl Cluster {
                     }
                 },
             };
-            let (this, module) = (Arc::clone(self), module.to_owned());
-            let claim = Claim {
-                view: running,
-                revision,
-                here,
-            };
-            self.tasks.spawn(Box::pin(async move {
-                this.run_claimed(module, spec, claim, slot).await
-            }));
+            self.start_here(module, spec, running, revision, here, slot);
             return Ok(());
         }
         let revision = match self.create_record(&view).await {
@@ -605,10 +647,14 @@ impl Cluster {
     ) {
         let id = claim.view.summary.id;
         let lines = ClusterLines::new(id);
-        let publisher = {
+        let publish = || {
             let (this, lines) = (Arc::clone(self), Arc::clone(&lines));
             tokio::spawn(async move { this.publish_lines(lines).await })
         };
+        // A run nobody else knows of yet may end with its lines inside its
+        // record: its publisher starts only once it is listed, or once it
+        // has more lines than a record carries.
+        let mut publisher = claim.revision.is_some().then(publish);
         let run = async {
             let compiled = match self.module(&module).await {
                 Ok(compiled) => compiled,
@@ -642,31 +688,39 @@ impl Cluster {
         };
         tokio::pin!(run);
         let mut revision = claim.revision;
-        let local = match revision {
-            Some(_) => run.await,
-            None => tokio::select! {
-                local = &mut run => local,
-                () = tokio::time::sleep(UNLISTED_FOR) => {
+        let listed = tokio::time::sleep(UNLISTED_FOR);
+        tokio::pin!(listed);
+        let local = loop {
+            tokio::select! {
+                local = &mut run => break local,
+                () = &mut listed, if revision.is_none() => {
                     // Still running: listed, and killable from any node.
+                    publisher.get_or_insert_with(publish);
                     let created = until_done("running record", id, || self.create_own(&claim.view, None)).await;
                     revision = Some(created);
-                    run.await
                 }
-            },
+                () = lines.until_beyond_inline(), if publisher.is_none() => {
+                    publisher = Some(publish());
+                }
+            }
         };
         match revision {
             Some(_) => lines.close(),
             // Still known to nobody else: its lines may go inside its record.
             None => lines.close_unlisted(),
         }
-        let published = match publisher.await {
+        let published = match publisher {
+            Some(publisher) => publisher.await.map_err(|e| {
+                tracing::error!(workload = %id, error = %e, "the log publisher failed");
+            }),
+            // Never started: the lines go inside the record, or out now if
+            // they came too fast for the publisher to have been started.
+            None => Ok(self.publish_lines(Arc::clone(&lines)).await),
+        };
+        let published = match published {
             Ok(Ok(published)) => published,
             // Failed over: the record belongs to whoever fenced it.
-            Ok(Err(_fenced)) => return,
-            Err(e) => {
-                tracing::error!(workload = %id, error = %e, "the log publisher failed");
-                return;
-            }
+            Ok(Err(super::logs::Fenced)) | Err(()) => return,
         };
         let mut view = match local {
             Ok(record) => {
@@ -796,6 +850,13 @@ impl Cluster {
 }
 
 /// A workload this node has claimed: its running record and that revision.
+/// A submission that passed [`Cluster::admit`]: its pending record and its
+/// queued message.
+struct Admitted {
+    view: WorkloadView,
+    payload: Bytes,
+}
+
 struct Claim {
     view: WorkloadView,
     /// `None`: not in the cluster yet (see [`UNLISTED_FOR`]).

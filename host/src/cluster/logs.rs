@@ -152,6 +152,8 @@ pub struct ClusterLines {
     id: WorkloadId,
     state: Mutex<Lines>,
     more: Notify,
+    /// Told once, when the lines outgrow [`INLINE_BYTES`] (not on every line).
+    beyond_inline: Notify,
 }
 
 #[derive(Default)]
@@ -176,6 +178,7 @@ impl ClusterLines {
             id,
             state: Mutex::new(Lines::default()),
             more: Notify::new(),
+            beyond_inline: Notify::new(),
         })
     }
 
@@ -205,6 +208,21 @@ impl ClusterLines {
     fn may_inline(&self) -> bool {
         let state = self.lock();
         state.unlisted && state.failure.is_none()
+    }
+
+    /// Resolves once more lines have come than a record carries inside it
+    /// (see [`INLINE_BYTES`]), or the lines failed.
+    pub(super) async fn until_beyond_inline(&self) {
+        loop {
+            let beyond = self.beyond_inline.notified();
+            {
+                let state = self.lock();
+                if state.bytes > INLINE_BYTES || state.failure.is_some() {
+                    return;
+                }
+            }
+            beyond.await;
+        }
     }
 
     /// Resolves once the lines are closed.
@@ -276,8 +294,12 @@ impl LineSink for ClusterLines {
                 // Nobody publishes them any more.
                 return;
             }
+            let before = state.bytes;
             state.bytes += cost(&record);
             state.waiting.push_back(record);
+            if before <= INLINE_BYTES && state.bytes > INLINE_BYTES {
+                self.beyond_inline.notify_one();
+            }
         }
         self.more.notify_one();
     }
