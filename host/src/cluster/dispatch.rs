@@ -416,6 +416,7 @@ impl Cluster {
                         // Created despite the error, it is an orphan this
                         // node's sweep fails.
                         self.unclaim(id);
+                        self.doubt(id);
                         return Err(e);
                     }
                 },
@@ -599,6 +600,10 @@ impl Cluster {
         if !matches!(claimed, Ok(Some(_))) {
             self.unclaim(work.id);
         }
+        if claimed.is_err() {
+            // The swap may have been stored all the same.
+            self.doubt(work.id);
+        }
         claimed
     }
 
@@ -616,6 +621,15 @@ impl Cluster {
         let mut claimed = self.lock_claimed();
         claimed.insert(id, None);
         self.metrics.claimed.set(claimed.len() as i64);
+    }
+
+    /// Has the liveness sweep check `id`'s record (see `doubtful`).
+    fn doubt(&self, id: WorkloadId) {
+        self.lock_doubtful().push(id);
+    }
+
+    pub(super) fn lock_doubtful(&self) -> std::sync::MutexGuard<'_, Vec<WorkloadId>> {
+        self.doubtful.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn unclaim(&self, id: WorkloadId) {

@@ -72,6 +72,7 @@ impl Cluster {
     /// Heartbeats, loss detection and the connection figures, every second.
     pub(super) async fn keep_alive(self: Arc<Self>) {
         let mut seen: HashMap<String, Seen> = HashMap::new();
+        let mut swept_previous = false;
         let mut tick = tokio::time::interval(HEARTBEAT_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -91,14 +92,13 @@ impl Cluster {
                 *self.lock_reachable() = None;
                 continue;
             };
-            // The orphans and a lost node's workloads are found in the
-            // index, as of this beat.
-            let caught_up = self.catch_up().await;
-            if let Err(e) = &caught_up {
-                tracing::debug!(error = %e, "cannot read the workload records yet");
-            } else {
-                self.sweep_orphans().await;
+            if !swept_previous {
+                swept_previous = self.sweep_previous_run().await;
             }
+            self.sweep_doubtful().await;
+            // A lost node's workloads are found in the index, brought up to
+            // date once in this beat if a node is lost.
+            let mut caught_up = None;
             let now = Instant::now();
             let reachable_since = *self.lock_reachable().get_or_insert(now);
             seen.retain(|node, _| others.iter().any(|(n, _, _)| n == node));
@@ -132,7 +132,10 @@ impl Cluster {
                     silent.as_secs()
                 );
                 // An index behind the records may miss some: tried next beat.
-                let mut settled = caught_up.is_ok();
+                let mut settled = match caught_up {
+                    Some(ok) => ok,
+                    None => *caught_up.insert(self.catch_up().await.is_ok()),
+                };
                 // What it said it had claimed, and what the records say runs there.
                 let mut ids = beat.map(|b| b.claimed).unwrap_or_default();
                 ids.extend(self.index.running_on(&node));
@@ -157,19 +160,54 @@ impl Cluster {
     }
 
     /// Fails records that say they run here but that this process has not
-    /// claimed: left by a previous run of this node (one that crashed and
-    /// came back sooner than its loss was noticed).
-    async fn sweep_orphans(&self) {
+    /// claimed, left by a previous run of this node (one that crashed and
+    /// came back sooner than its loss was noticed): all were stored before
+    /// this run began, so one sweep of the whole index does. True once done.
+    async fn sweep_previous_run(&self) -> bool {
+        if let Err(e) = self.catch_up().await {
+            tracing::debug!(error = %e, "cannot read the workload records yet");
+            return false;
+        }
         // In this order: a workload is claimed before its record says it
         // runs here, so one the index shows is in the set read after it.
         let running_here = self.index.running_on(&self.node_id);
         let claimed = self.claimed_ids();
         let why = restarted(&self.node_id);
+        let mut done = true;
         for id in running_here {
             if !claimed.contains(&id)
                 && let Err(e) = self.fail_lost(id, &self.node_id, &why).await
             {
                 tracing::debug!(workload = %id, error = %e, "failed to fail an orphan; retrying");
+                done = false;
+            }
+        }
+        done
+    }
+
+    /// Settles the workloads this run doubts (see [`Cluster::doubt`]): one
+    /// whose record says it runs here, but that this node has not claimed,
+    /// is failed; the others are forgotten.
+    async fn sweep_doubtful(&self) {
+        let doubtful = self.lock_doubtful().clone();
+        for id in doubtful {
+            let settled = match self.record(id).await {
+                Ok(found) => {
+                    let s = &found.view.summary;
+                    // Read after the record, as in the sweep above.
+                    let orphan = s.status == Status::Running
+                        && s.node.as_deref() == Some(self.node_id.as_str())
+                        && !self.claimed_ids().contains(&id);
+                    !orphan || {
+                        let why = unconfirmed(&self.node_id);
+                        self.fail_lost(id, &self.node_id, &why).await.is_ok()
+                    }
+                }
+                Err(ClusterError::NotFound(_)) => true,
+                Err(_) => false,
+            };
+            if settled {
+                self.lock_doubtful().retain(|d| *d != id);
             }
         }
     }
@@ -257,6 +295,14 @@ impl Cluster {
 }
 
 /// The error of a workload whose node restarted under it.
+/// Why a workload this node never ran was failed.
+fn unconfirmed(node: &str) -> String {
+    format!(
+        "failed: node {node} could not confirm that it started this workload (NATS did not \
+         answer in time) and did not run it"
+    )
+}
+
 fn restarted(node: &str) -> String {
     format!(
         "failed: node {node} restarted while this workload was running there; its lines up to \

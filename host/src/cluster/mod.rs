@@ -186,6 +186,10 @@ pub struct Cluster {
     index: records::Index,
     /// Workloads claimed here, with a kill that arrived before they started.
     claimed: Mutex<HashMap<WorkloadId, Option<String>>>,
+    /// Workloads whose record may say they run here though this node does
+    /// not run them: NATS may have carried out a creation or claim that
+    /// answered with an error (see the liveness sweep).
+    doubtful: Mutex<Vec<WorkloadId>>,
     /// Serializes heartbeats, so a newer claim list never lands before an older one.
     beat: tokio::sync::Mutex<()>,
     /// Held while a module is fetched from the cluster.
@@ -294,6 +298,7 @@ impl Cluster {
             logs,
             index: records::Index::default(),
             claimed: Mutex::new(HashMap::new()),
+            doubtful: Mutex::new(Vec::new()),
             beat: tokio::sync::Mutex::new(()),
             fetching: tokio::sync::Mutex::new(()),
             metrics,

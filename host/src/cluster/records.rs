@@ -27,9 +27,10 @@ pub struct Versioned {
 
 /// What a node knows of every record: enough for lists and for finding the
 /// workloads a node runs. It is brought up to date from the records' stream
-/// when a list or the liveness check asks (see [`Cluster::catch_up`]), in
-/// batches, rather than told of each change as it happens: that would
-/// deliver every change of every run to every node.
+/// when a list asks, or the liveness check (once after start, and when a
+/// node is lost; see [`Cluster::catch_up`]), in batches, rather than told
+/// of each change as it happens: that would deliver every change of every
+/// run to every node.
 #[derive(Default)]
 pub struct Index {
     inner: Mutex<IndexInner>,
@@ -50,8 +51,8 @@ struct IndexInner {
 /// Record changes read per request while catching up.
 const CATCH_UP_BATCH: usize = 1024;
 
-/// How long the records' reader may go unused before NATS removes it (the
-/// liveness check reads every second; a node that stops reading has gone).
+/// How long the records' reader may go unused before NATS removes it; one
+/// unused for half of that is made afresh before it is used again.
 const READER_IDLE: Duration = Duration::from_secs(60);
 
 impl Index {
