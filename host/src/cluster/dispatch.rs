@@ -299,23 +299,22 @@ impl Cluster {
         here: Option<oneshot::Sender<WorkloadView>>,
     ) -> Result<(), ClusterError> {
         let admitted = self.admit(id, module, &spec).await?;
-        let here = match here {
-            Some(here) => match self.node.runner().try_reserve() {
-                Some(slot) => {
-                    self.claimed_here(id);
-                    let running = self.running_here(&admitted.view);
-                    self.start_here(module, spec, running, None, Some(here), slot);
-                    return Ok(());
-                }
-                None => Some(here),
-            },
-            None => None,
-        };
+        let mut slot = self.node.runner().try_reserve();
+        if here.is_some()
+            && let Some(slot) = slot.take()
+        {
+            // Nobody else knows its id yet: its record can wait.
+            let running = self.claim_here(&admitted.view);
+            self.start_here(module, spec, running, None, here, slot);
+            return Ok(());
+        }
+        // Queued, a sync caller waits for the end as announced (see `run`).
+        drop(here);
         let (this, module) = (Arc::clone(self), module.to_owned());
         // Boxed, as every large future spawned here: a task moves its future
         // in several times, and writes its output over it; a box is a pointer.
         tokio::spawn(Box::pin(async move {
-            this.create_and_queue(&module, spec, admitted, here).await
+            this.create_and_queue(&module, spec, admitted, slot).await
         }))
         .await
         .map_err(|e| anyhow::anyhow!("submitting workload {id} failed: {e}"))?
@@ -393,35 +392,32 @@ impl Cluster {
         }));
     }
 
+    /// Creates the record of an admitted submission: `running` here when a
+    /// `slot` was reserved for it, else `pending`, and then queues it.
     async fn create_and_queue(
         self: &Arc<Self>,
         module: &str,
         spec: WorkloadSpec,
         admitted: Admitted,
-        here: Option<oneshot::Sender<WorkloadView>>,
+        slot: Option<Slot>,
     ) -> Result<(), ClusterError> {
         let Admitted { view, payload } = admitted;
         let id = view.summary.id;
         // A slot free here: it runs here at once, created running, without a
         // trip through the queue (claimed before its record says so).
-        if let Some(slot) = self.node.runner().try_reserve() {
-            self.claimed_here(id);
-            let running = self.running_here(&view);
-            let revision = match here {
-                // Nobody else knows its id yet: its record can wait.
-                Some(_) => None,
-                None => match self.create_record(&running).await {
-                    Ok(revision) => Some(revision),
-                    Err(e) => {
-                        // Created despite the error, it is an orphan this
-                        // node's sweep fails.
-                        self.unclaim(id);
-                        self.doubt(id);
-                        return Err(e);
-                    }
-                },
+        if let Some(slot) = slot {
+            let running = self.claim_here(&view);
+            let revision = match self.create_record(&running).await {
+                Ok(revision) => revision,
+                Err(e) => {
+                    // Created despite the error, it is an orphan this
+                    // node's sweep fails.
+                    self.unclaim(id);
+                    self.doubt(id);
+                    return Err(e);
+                }
             };
-            self.start_here(module, spec, running, revision, here, slot);
+            self.start_here(module, spec, running, Some(revision), None, slot);
             return Ok(());
         }
         let revision = match self.create_record(&view).await {
@@ -617,6 +613,12 @@ impl Cluster {
         running
     }
 
+    /// Claims `pending` here: it as it runs here from now.
+    fn claim_here(&self, pending: &WorkloadView) -> WorkloadView {
+        self.claimed_here(pending.summary.id);
+        self.running_here(pending)
+    }
+
     fn claimed_here(&self, id: WorkloadId) {
         let mut claimed = self.lock_claimed();
         claimed.insert(id, None);
@@ -625,7 +627,10 @@ impl Cluster {
 
     /// Has the liveness sweep check `id`'s record (see `doubtful`).
     fn doubt(&self, id: WorkloadId) {
-        self.lock_doubtful().push(id);
+        let mut doubtful = self.lock_doubtful();
+        if !doubtful.contains(&id) {
+            doubtful.push(id);
+        }
     }
 
     pub(super) fn lock_doubtful(&self) -> std::sync::MutexGuard<'_, Vec<WorkloadId>> {
@@ -863,7 +868,6 @@ impl Cluster {
     }
 }
 
-/// A workload this node has claimed: its running record and that revision.
 /// A submission that passed [`Cluster::admit`]: its pending record and its
 /// queued message.
 struct Admitted {
@@ -871,6 +875,7 @@ struct Admitted {
     payload: Bytes,
 }
 
+/// A workload this node has claimed: its running record and that revision.
 struct Claim {
     view: WorkloadView,
     /// `None`: not in the cluster yet (see [`UNLISTED_FOR`]).
