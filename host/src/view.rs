@@ -12,7 +12,7 @@ use serde_json::value::RawValue;
 use crate::logs::{Fields, LogLevel, LogRecord, LogStream};
 use crate::outbound::OutboundRule;
 use crate::store::ModuleInfo;
-use crate::workload::{FailureKind, Limits, Status, WorkloadId, WorkloadRecord};
+use crate::workload::{Completion, FailureKind, Limits, Status, WorkloadId, WorkloadRecord};
 
 /// A workload as a list shows it: its state and result, without its spec or
 /// output, so that a page stays small whatever the workloads were given.
@@ -113,20 +113,7 @@ pub struct WorkloadView {
 
 impl From<WorkloadRecord> for WorkloadView {
     fn from(mut w: WorkloadRecord) -> Self {
-        let (mut output, mut output_text, mut output_base64) = (None, None, None);
-        if let Some(bytes) = w.output.take() {
-            match String::from_utf8(bytes) {
-                Ok(text) => match serde_json::from_str::<&RawValue>(&text) {
-                    Ok(json) => output = Some(RawJson(json.to_owned())),
-                    Err(_) => output_text = Some(text),
-                },
-                Err(e) => {
-                    use base64::Engine as _;
-                    let b64 = base64::engine::general_purpose::STANDARD.encode(e.as_bytes());
-                    output_base64 = Some(b64);
-                }
-            }
-        }
+        let (output, output_text, output_base64) = output_fields(w.output.take());
         let (args, limits, allowed_hosts, log_level, error) = (
             std::mem::take(&mut w.args),
             std::mem::take(&mut w.limits),
@@ -145,6 +132,51 @@ impl From<WorkloadRecord> for WorkloadView {
             output,
             output_text,
             output_base64,
+        }
+    }
+}
+
+impl WorkloadView {
+    /// This running view as it ended (`finished_at` in ms since the Unix
+    /// epoch): the record a store would answer for that end.
+    pub fn end(mut self, completion: Completion, finished_at: i64) -> Self {
+        let Completion {
+            status,
+            exit_code,
+            error,
+            failure,
+            output,
+            duration_ms,
+            line_count,
+        } = completion;
+        (self.output, self.output_text, self.output_base64) = output_fields(output);
+        let summary = &mut self.summary;
+        summary.status = status;
+        summary.exit_code = exit_code;
+        summary.error = error;
+        summary.failure = failure;
+        summary.duration_ms = Some(duration_ms);
+        summary.line_count = line_count;
+        summary.finished_at = Some(rfc3339(finished_at));
+        self
+    }
+}
+
+/// An SDK workload's returned bytes as the view shows them: JSON as
+/// written, else text, else base64.
+fn output_fields(bytes: Option<Vec<u8>>) -> (Option<RawJson>, Option<String>, Option<String>) {
+    let Some(bytes) = bytes else {
+        return (None, None, None);
+    };
+    match String::from_utf8(bytes) {
+        Ok(text) => match serde_json::from_str::<&RawValue>(&text) {
+            Ok(json) => (Some(RawJson(json.to_owned())), None, None),
+            Err(_) => (None, Some(text), None),
+        },
+        Err(e) => {
+            use base64::Engine as _;
+            let b64 = base64::engine::general_purpose::STANDARD.encode(e.as_bytes());
+            (None, None, Some(b64))
         }
     }
 }

@@ -475,6 +475,39 @@ async fn a_short_sync_run_keeps_its_few_lines_in_its_record() {
     assert!(none.is_empty(), "{none:?}");
     assert_eq!(end["line_count"], 0, "{end}");
 
+    // What a run returned and how it ended, in the record any node reads:
+    // the cluster's record is written from the run's end, not read back
+    // from this node's store.
+    let component = |name: &str| std::fs::read(vulcan_test_artifacts::component(name)).unwrap();
+    let sum = upload(&runner.server, component("sum")).await;
+    let spec = json!({"module": sum, "input": {"a": 2, "b": 40}});
+    let (status, summed) = runner.server.post("/v1/workloads", Body::Json(spec)).await;
+    assert_eq!(status, 200, "{summed}");
+    assert_eq!(summed["status"], "completed", "{summed}");
+    assert_eq!(summed["output"], json!({"sum": 42}), "{summed}");
+    assert!(summed["duration_ms"].is_u64(), "{summed}");
+    assert!(summed["finished_at"].is_string(), "{summed}");
+    assert_eq!(
+        record(&reader.server, summed["id"].as_str().unwrap()).await,
+        summed
+    );
+    let greet = upload(&runner.server, component("greet")).await;
+    let spec = json!({"module": greet, "input_base64": "IkJvYiI="});
+    let (_, greeted) = runner.server.post("/v1/workloads", Body::Json(spec)).await;
+    assert_eq!(greeted["output_text"], "Hello, Bob!", "{greeted}");
+    let fails = upload(&runner.server, component("fails")).await;
+    let spec = json!({"module": fails, "input": "nope"});
+    let (_, failed) = runner.server.post("/v1/workloads", Body::Json(spec)).await;
+    assert_eq!(failed["status"], "failed", "{failed}");
+    assert!(
+        failed["error"].as_str().unwrap().contains("invalid digit"),
+        "{failed}"
+    );
+    assert_eq!(
+        record(&reader.server, failed["id"].as_str().unwrap()).await,
+        failed
+    );
+
     // More than a record carries: on the log's subject, as any other log.
     let flood = upload(&runner.server, std::fs::read(example("log-flood")).unwrap()).await;
     let big = run_sync(&runner.server, &flood, "2000").await;

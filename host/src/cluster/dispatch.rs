@@ -19,6 +19,7 @@ use async_nats::jetstream::{self, AckKind};
 use base64::Engine as _;
 use bytes::Bytes;
 use futures_util::StreamExt as _;
+use futures_util::future::Either;
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
@@ -674,6 +675,9 @@ impl Cluster {
         // record: its publisher starts only once it is listed, or once it
         // has more lines than a record carries.
         let mut publisher = claim.revision.is_some().then(publish);
+        let (ended_tx, ended_rx) = oneshot::channel();
+        // How it ended, as soon as it did, and this node's own commit of
+        // that end: the cluster's record is sent while that commit runs.
         let run = async {
             let compiled = match self.module(&module).await {
                 Ok(compiled) => compiled,
@@ -689,6 +693,7 @@ impl Cluster {
                 // What the API reads is the cluster's record, not this
                 // node's: its guest need not wait for the local one.
                 creation: Creation::Overlapped,
+                ended: Some(ended_tx),
             };
             let started = match self.node.runner().start_claimed(compiled, launch).await {
                 Ok(started) => started,
@@ -699,19 +704,29 @@ impl Cluster {
             if let Some(reason) = early_kill {
                 self.node.runner().kill(id, &reason);
             }
-            match started.done.await {
-                Ok(Ok(record)) => Ok(record),
-                Ok(Err(e)) => Err(format!("{e:#}")),
-                Err(e) => Err(format!("the workload's task failed: {e}")),
+            let local = async move {
+                match started.done.await {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err(e)) => Err(format!("{e:#}")),
+                    Err(e) => Err(format!("the workload's task failed: {e}")),
+                }
+            };
+            match ended_rx.await {
+                Ok(completion) => Ok((completion, Either::Left(local))),
+                // Never heard of its end: its local run failed before it.
+                Err(_) => match local.await {
+                    Ok(()) => Err(format!("workload {id} ended unheard")),
+                    Err(e) => Err(e),
+                },
             }
         };
         tokio::pin!(run);
         let mut revision = claim.revision;
         let listed = tokio::time::sleep(UNLISTED_FOR);
         tokio::pin!(listed);
-        let local = loop {
+        let outcome = loop {
             tokio::select! {
-                local = &mut run => break local,
+                outcome = &mut run => break outcome,
                 () = &mut listed, if revision.is_none() => {
                     // Still running: listed, and killable from any node.
                     publisher.get_or_insert_with(publish);
@@ -741,30 +756,34 @@ impl Cluster {
             // Failed over: the record belongs to whoever fenced it.
             Ok(Err(super::logs::Fenced)) | Err(()) => return,
         };
-        let mut view = match local {
-            Ok(record) => {
-                let mut view = WorkloadView::from(record);
-                view.summary.node = claim.view.summary.node.clone();
-                view.summary.attempt = claim.view.summary.attempt;
-                view.summary.created_at = claim.view.summary.created_at.clone();
-                view
-            }
-            Err(error) => ended(claim.view, Status::Failed, FailureKind::Host, error),
+        let (mut view, local) = match outcome {
+            Ok((completion, local)) => (claim.view.end(completion, now_ms()), local),
+            Err(error) => (
+                ended(claim.view, Status::Failed, FailureKind::Host, error),
+                Either::Right(std::future::ready(Ok(()))),
+            ),
         };
         // What the cluster holds is what a reader of this record finds.
         view.summary.line_count = published.lines;
-        let stored = match revision {
-            // Someone (a node that presumed this one lost) may have moved it
-            // on: then it is theirs.
-            Some(revision) => until_done("final record", id, || self.swap(&view, revision))
-                .await
-                .is_some(),
-            None => {
-                let inline = published.inline.as_deref();
-                until_done("final record", id, || self.create_own(&view, inline)).await;
-                true
+        let store = async {
+            match revision {
+                // Someone (a node that presumed this one lost) may have moved
+                // it on: then it is theirs.
+                Some(revision) => until_done("final record", id, || self.swap(&view, revision))
+                    .await
+                    .is_some(),
+                None => {
+                    let inline = published.inline.as_deref();
+                    until_done("final record", id, || self.create_own(&view, inline)).await;
+                    true
+                }
             }
         };
+        let (stored, local) = tokio::join!(store, local);
+        if let Err(e) = local {
+            // Its lines and end are in the cluster, which is what is read.
+            tracing::error!(workload = %id, error = %e, "this node could not store its own copy of an end");
+        }
         if let (true, Some(here)) = (stored, claim.here) {
             let _ = here.send(view);
         }

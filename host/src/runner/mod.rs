@@ -56,6 +56,9 @@ pub struct Launch {
     pub also: Option<Arc<dyn LineSink>>,
     /// Whether its guest waits for its record.
     pub creation: Creation,
+    /// Told how the guest ended as soon as it did, while that end commits:
+    /// the cluster sends its own copy of the record meanwhile.
+    pub ended: Option<tokio::sync::oneshot::Sender<Completion>>,
 }
 
 /// When a workload's guest starts, relative to its record's creation.
@@ -206,6 +209,7 @@ impl Runner {
             tee,
             also: None,
             creation,
+            ended: None,
         };
         self.start_claimed(module, launch).await
     }
@@ -245,6 +249,7 @@ impl Runner {
             tee,
             also,
             creation,
+            ended,
         } = launch;
         // Killable from the moment the record exists.
         let switch = KillSwitch::default();
@@ -313,13 +318,35 @@ impl Runner {
                 let writer = LogWriter::new(id, spec.limits.max_output_bytes, Some(sink))
                     .with_min_level(spec.log_level);
                 let (writer, _tee_flusher) = with_tee(writer, tee);
-                let run = this.run_guest(module, spec, identity, &writer, &switch);
+                // Whoever asked to hear of its end hears it once its record
+                // exists too, so never of a run whose creation failed.
+                let (copy_tx, copy_rx) = tokio::sync::oneshot::channel();
+                let (exists_tx, exists_rx) = tokio::sync::oneshot::channel();
+                let wants_copy = ended.is_some();
+                let run = async {
+                    let completion = this
+                        .run_guest(module, spec, identity, &writer, &switch)
+                        .await;
+                    if wants_copy {
+                        let _ = copy_tx.send(completion.clone());
+                    }
+                    completion
+                };
+                let tell = async {
+                    let Some(ended) = ended else { return };
+                    if let (Ok(true), Ok(completion)) = (exists_rx.await, copy_rx.await) {
+                        let _ = ended.send(completion);
+                    }
+                };
                 let Some(created) = created else {
-                    return Ok(Some(this.record_end(id, run.await).await?));
+                    let _ = exists_tx.send(true);
+                    let (ended, ()) = tokio::join!(this.record_end(id, run.await), tell);
+                    return Ok(Some(ended?));
                 };
                 // A creation that fails stops the guest at once.
                 let created = async {
                     let created = created.await;
+                    let _ = exists_tx.send(created.is_ok());
                     if let Err(e) = &created {
                         let _ = switch.reason.set(format!("failed to create: {e}"));
                         switch.cancel.cancel();
@@ -330,7 +357,7 @@ impl Runner {
                 // after the creation, so a short run's creation, lines and
                 // end can share one commit.
                 let ended = async { this.record_end(id, run.await).await };
-                let (created, ended) = tokio::join!(created, ended);
+                let (created, ended, ()) = tokio::join!(created, ended, tell);
                 if let Err(e) = created {
                     this.db.drop_lines(id);
                     this.broker.close(id);
