@@ -32,7 +32,8 @@ use crate::registry::RegistryError;
 use crate::runner::{Creation, Launch, Slot};
 use crate::view::WorkloadView;
 use crate::workload::{
-    FailureKind, Limits, LogLevel, Status, Stdin, WorkloadId, WorkloadRecord, WorkloadSpec,
+    Completion, FailureKind, Limits, LogLevel, Status, Stdin, WorkloadId, WorkloadRecord,
+    WorkloadSpec,
 };
 
 /// A queued workload: everything a node needs to run it.
@@ -706,18 +707,27 @@ impl Cluster {
             }
             let local = async move {
                 match started.done.await {
-                    Ok(Ok(_)) => Ok(()),
+                    Ok(Ok(record)) => Ok(record),
                     Ok(Err(e)) => Err(format!("{e:#}")),
                     Err(e) => Err(format!("the workload's task failed: {e}")),
                 }
             };
             match ended_rx.await {
-                Ok(completion) => Ok((completion, Either::Left(local))),
-                // Never heard of its end: its local run failed before it.
-                Err(_) => match local.await {
-                    Ok(()) => Err(format!("workload {id} ended unheard")),
-                    Err(e) => Err(e),
-                },
+                Ok(completion) => Ok((completion, Either::Left(async { local.await.map(drop) }))),
+                // Ended without its guest's end being told (it could not
+                // run): as this node stored it.
+                Err(_) => local.await.map(|record| {
+                    let completion = Completion {
+                        status: record.status,
+                        exit_code: record.exit_code,
+                        error: record.error,
+                        failure: record.failure,
+                        output: record.output,
+                        duration_ms: record.duration_ms.unwrap_or(0),
+                        line_count: record.line_count,
+                    };
+                    (completion, Either::Right(std::future::ready(Ok(()))))
+                }),
             }
         };
         tokio::pin!(run);
