@@ -276,6 +276,7 @@ impl Db {
             usage: Arc::clone(&usage),
             delta: Default::default(),
             ops_in_a_row: false,
+            joining: Default::default(),
         };
         thread::Builder::new()
             .name("vulcan-db-writer".into())

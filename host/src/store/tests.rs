@@ -942,6 +942,123 @@ fn a_terminal_status_behind_a_backlog_lets_other_ops_go_first() {
     assert_eq!(b_status, "pending");
 }
 
+#[test]
+fn ops_that_arrive_during_a_transaction_of_lines_join_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut writer, queue) = writer_on_its_own(dir.path());
+    let new = |running| NewWorkload {
+        id: WorkloadId::new(),
+        module_hash: MODULE.into(),
+        args: Vec::new(),
+        env: Vec::new(),
+        limits: Limits::default(),
+        allowed_hosts: Vec::new(),
+        log_level: None,
+        running,
+        tenant: None,
+    };
+    let (flooder, short, late) = (new(true), new(true), new(false));
+    let (flooder_id, short_id, late_id) = (flooder.id, short.id, late.id);
+    let mut pending = Vec::new();
+    for new in [flooder, short] {
+        let (reply, _) = tokio::sync::oneshot::channel();
+        pending.push(WriteOp::Create { new, reply });
+    }
+    writer.commit(&mut pending, false);
+    assert!(pending.is_empty());
+
+    // A flood of lines, and a short run's three.
+    let (wake, _) = mpsc::channel();
+    let flood = LineLane::new(flooder_id, None, Arc::clone(&queue), wake.clone(), false);
+    for seq in 0..2_000 {
+        flood.send(line(flooder_id, seq));
+    }
+    let few = LineLane::new(short_id, None, Arc::clone(&queue), wake, false);
+    for seq in 0..3 {
+        few.send(line(short_id, seq));
+    }
+    // While the writer is at it, three ops arrive: a creation, the short
+    // run's end, and the flooder's end (behind its backlog).
+    let (inbox_tx, inbox) = mpsc::channel();
+    writer.joining.inbox = Some(inbox);
+    let send = |op| {
+        writer.stats.ops_waiting.fetch_add(1, Ordering::AcqRel);
+        inbox_tx.send(op).unwrap();
+    };
+    let (created, mut created_rx) = tokio::sync::oneshot::channel();
+    send(WriteOp::Create {
+        new: late,
+        reply: created,
+    });
+    let (short_end, mut short_end_rx) = tokio::sync::oneshot::channel();
+    send(WriteOp::Transition {
+        id: short_id,
+        to: Status::Completed,
+        completion: Some(done(Status::Completed, 3)),
+        reply: Some(short_end),
+    });
+    let (flood_end, mut flood_end_rx) = tokio::sync::oneshot::channel();
+    send(WriteOp::Transition {
+        id: flooder_id,
+        to: Status::Completed,
+        completion: Some(done(Status::Completed, 2_000)),
+        reply: Some(flood_end),
+    });
+    let commits = writer.stats.commits.load(Ordering::Relaxed);
+    writer.commit(&mut pending, false);
+
+    // One commit: a chunk of lines, the creation, and the short run's end
+    // after its lines; the flooder's end waits for a commit of its own.
+    assert_eq!(writer.stats.commits.load(Ordering::Relaxed), commits + 1);
+    assert_eq!(writer.stats.ops_waiting.load(Ordering::Acquire), 0);
+    assert!(matches!(created_rx.try_recv(), Ok(Ok(()))));
+    let short_record = short_end_rx.try_recv().unwrap().unwrap().unwrap();
+    assert_eq!(
+        (short_record.status, short_record.line_count),
+        (Status::Completed, 3)
+    );
+    assert!(flood_end_rx.try_recv().is_err(), "the flooder's end waits");
+    assert_eq!(pending.len(), 1);
+    let count = |conn: &Connection, id: WorkloadId| -> i64 {
+        conn.query_row(
+            "SELECT COUNT(*) FROM log_lines WHERE workload_id = ?1",
+            [id.to_string()],
+            |r| r.get(0),
+        )
+        .unwrap()
+    };
+    assert_eq!(
+        count(&writer.conn, short_id),
+        3,
+        "the short run's lines before its end"
+    );
+    let flooded = count(&writer.conn, flooder_id);
+    assert!(flooded < 2_000, "one chunk, not the whole flood: {flooded}");
+    let late_status: String = writer
+        .conn
+        .query_row(
+            "SELECT status FROM workloads WHERE id = ?1",
+            [late_id.to_string()],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(late_status, "pending");
+
+    let mut rounds = 0;
+    while !pending.is_empty() {
+        writer.commit(&mut pending, false);
+        rounds += 1;
+        assert!(rounds < 1_000, "the backlog drains");
+    }
+    let record = flood_end_rx.try_recv().unwrap().unwrap().unwrap();
+    assert_eq!(record.line_count, 2_000);
+    assert_eq!(
+        count(&writer.conn, flooder_id),
+        2_000,
+        "every line before the end"
+    );
+}
+
 /// A writer driven by hand (no thread), on a fresh database in `dir` that
 /// holds the test module, and its line queue.
 fn writer_on_its_own(dir: &std::path::Path) -> (Writer, Arc<LineQueue>) {
@@ -958,6 +1075,7 @@ fn writer_on_its_own(dir: &std::path::Path) -> (Writer, Arc<LineQueue>) {
         usage: Default::default(),
         delta: Default::default(),
         ops_in_a_row: false,
+        joining: Default::default(),
     };
     let info = ModuleInfo {
         hash: MODULE.into(),

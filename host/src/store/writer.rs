@@ -11,10 +11,11 @@
 //! where its lines go in right after it.
 //!
 //! Someone waits on every op, so an op is never held behind a flood: a
-//! transaction of lines alone grows chunk by chunk and stops growing as soon
-//! as an op arrives, and a workload that ends with a long backlog of lines
-//! has them committed first in those transactions, before its terminal
-//! status, while other ops go ahead in short transactions.
+//! transaction of lines alone grows chunk by chunk, and an op that arrives
+//! meanwhile ends its growth and joins it (see [`Joining`]), so that op waits
+//! for one chunk and one commit. A workload that ends with a long backlog of
+//! lines has them committed first in those transactions, before its terminal
+//! status, while other ops go ahead.
 //!
 //! Faults: `SQLITE_BUSY`/`LOCKED` are retried until they pass. Any other failure
 //! is permanent for what was in the transaction: its lines are dropped and their
@@ -45,8 +46,10 @@ const LINES_WITH_OPS: usize = 256;
 
 /// Lines a transaction of lines alone takes at a time, checking between two
 /// for an op that waits: an op waits for at most one chunk (a few hundred
-/// microseconds) before that transaction commits and lets it go next.
-pub(super) const LINES_PER_CHUNK: usize = 256;
+/// microseconds) before it joins that transaction. Half a full multi-row
+/// insert: much smaller chunks cost a flood's throughput more (a fifth at 32
+/// lines) than they save the op.
+pub(super) const LINES_PER_CHUNK: usize = 128;
 
 /// Longest pause between two attempts of a transaction that found the database busy.
 const MAX_BUSY_BACKOFF: Duration = Duration::from_millis(200);
@@ -109,13 +112,34 @@ pub(super) struct Writer {
     /// The last commit carried ops: lines that are not theirs only move on
     /// with the next ops, so those take a fair share along.
     pub(super) ops_in_a_row: bool,
+    /// Ops that arrived while a transaction of lines was being written.
+    pub(super) joining: Joining,
+}
+
+/// Ops that arrive while a transaction of lines alone is being written join
+/// it, so that they wait for the chunk in hand and one commit, not for that
+/// transaction's commit and then one of their own.
+#[derive(Default)]
+pub(super) struct Joining {
+    /// Where ops arrive (set once the writer runs).
+    pub(super) inbox: Option<mpsc::Receiver<WriteOp>>,
+    /// Ops in the transaction in progress, after its own (answered with them).
+    joined: Vec<WriteOp>,
+    /// Ops that arrived but must wait for a commit of their own: a flush, or
+    /// a terminal status whose workload still has a backlog of lines (still
+    /// counted in `ops_waiting` until taken).
+    deferred: Vec<WriteOp>,
 }
 
 impl Writer {
     pub(super) fn run(mut self, rx: mpsc::Receiver<WriteOp>) {
+        self.joining.inbox = Some(rx);
         let mut ops: Vec<WriteOp> = Vec::new();
         let mut deadline: Option<Instant> = None;
         loop {
+            let Some(rx) = self.joining.inbox.take() else {
+                return;
+            };
             // A backlog of full batches, or ops held back until their
             // workload's lines are in, is committed back to back; ops that
             // arrive meanwhile join the next commit.
@@ -156,6 +180,7 @@ impl Writer {
                 Err(mpsc::RecvTimeoutError::Timeout) => due = true,
                 Err(mpsc::RecvTimeoutError::Disconnected) => disconnected = true,
             }
+            self.joining.inbox = Some(rx);
             if due || disconnected {
                 self.commit(&mut ops, disconnected);
                 // Lines left behind by a fair batch wait at most one more linger.
@@ -262,7 +287,13 @@ impl Writer {
             return;
         }
         let ops = &mut ops;
-        let error = match self.attempt_until_not_busy(Some(&mut taken), ops, grow.as_deref()) {
+        let attempt = self.attempt_until_not_busy(Some(&mut taken), ops, grow.as_deref());
+        // Whatever joined is answered (or retried) with the transaction's own.
+        ops.append(&mut self.joining.joined);
+        for op in std::mem::take(&mut self.joining.deferred) {
+            self.take(op, pending);
+        }
+        let error = match attempt {
             Ok(results) => {
                 self.usage.apply(&self.delta);
                 self.stats.commits.fetch_add(1, Ordering::Relaxed);
@@ -335,7 +366,7 @@ impl Writer {
         self.delta.clear();
         let mut fresh = Taken::default();
         if let Some(lines) = lines.as_deref_mut().filter(|l| !l.is_empty()) {
-            for op in ops {
+            for op in ops.iter().chain(&self.joining.joined) {
                 if let WriteOp::Create { new, .. } = op {
                     fresh.lanes.append(&mut lines.split_workload(new.id).lanes);
                 }
@@ -351,9 +382,16 @@ impl Writer {
                 unknown += insert_lines(&tx, lines, &mut self.keys, &mut self.delta)?;
                 while let Some(draining) = grow
                     && lines.len() < self.config.max_batch
-                    && self.stats.ops_waiting.load(Ordering::Acquire) == 0
                 {
                     let mut more = Taken::default();
+                    if self.stats.ops_waiting.load(Ordering::Acquire) > 0 {
+                        // Stop growing; what waits goes in now, with its lines.
+                        self.joining
+                            .join(&self.queue, &self.stats, &mut more, &mut fresh);
+                        unknown += insert_lines(&tx, &more, &mut self.keys, &mut self.delta)?;
+                        lines.lanes.append(&mut more.lanes);
+                        break;
+                    }
                     let room = self.config.max_batch - lines.len();
                     take_chunk(&self.queue, draining, room, &mut more);
                     if more.is_empty() {
@@ -363,8 +401,8 @@ impl Writer {
                     lines.lanes.append(&mut more.lanes);
                 }
             }
-            let mut results = Vec::with_capacity(ops.len());
-            for op in ops {
+            let mut results = Vec::with_capacity(ops.len() + self.joining.joined.len());
+            for op in ops.iter().chain(&self.joining.joined) {
                 let result = apply(&tx, op, &mut self.keys, &self.queue, &mut self.delta);
                 if let Err(StoreError::StorageFull(_)) = result {
                     // SQLite may have rolled the whole transaction back: it
@@ -496,6 +534,53 @@ impl Writer {
             WriteOp::LinesQueued => {}
             #[cfg(test)]
             WriteOp::PageLimit { reply, .. } => drop(reply.send(())),
+        }
+    }
+}
+
+impl Joining {
+    /// Takes the ops waiting now into the transaction in progress: the lines
+    /// an ending workload still has go into `ends` (before its status), a new
+    /// workload's first lines into `created` (after its creation). A flush or
+    /// an end with a backlog waits for a commit of its own.
+    fn join(
+        &mut self,
+        queue: &LineQueue,
+        stats: &WriterStats,
+        ends: &mut Taken,
+        created: &mut Taken,
+    ) {
+        let Some(inbox) = &self.inbox else { return };
+        while let Ok(op) = inbox.try_recv() {
+            if matches!(op, WriteOp::LinesQueued) {
+                continue;
+            }
+            let waits = match &op {
+                WriteOp::Flush { .. } => true,
+                #[cfg(test)]
+                WriteOp::PageLimit { .. } => true,
+                op => op
+                    .ends()
+                    .is_some_and(|id| queue.lane_len(id) > LINES_WITH_OPS),
+            };
+            if waits {
+                // Counted off when it is taken for its own commit.
+                self.deferred.push(op);
+                continue;
+            }
+            stats.ops_waiting.fetch_sub(1, Ordering::AcqRel);
+            match &op {
+                WriteOp::Create { new, .. } => {
+                    queue.unhold(new.id);
+                    queue.take_lane(new.id, created, LINES_WITH_OPS);
+                }
+                op => {
+                    if let Some(id) = op.ends() {
+                        queue.take_lane(id, ends, usize::MAX);
+                    }
+                }
+            }
+            self.joined.push(op);
         }
     }
 }
