@@ -860,18 +860,7 @@ async fn a_page_of_long_lines_stops_at_its_byte_bound() {
 fn a_terminal_status_behind_a_backlog_lets_other_ops_go_first() {
     let dir = tempfile::tempdir().unwrap();
     let (mut writer, queue) = writer_on_its_own(dir.path());
-    let new = |running| NewWorkload {
-        id: WorkloadId::new(),
-        module_hash: MODULE.into(),
-        args: Vec::new(),
-        env: Vec::new(),
-        limits: Limits::default(),
-        allowed_hosts: Vec::new(),
-        log_level: None,
-        running,
-        tenant: None,
-    };
-    let (a, b) = (new(true), new(false));
+    let (a, b) = (new_workload(true), new_workload(false));
     let (a_id, b_id) = (a.id, b.id);
     let (created, _) = tokio::sync::oneshot::channel();
     let mut pending = vec![WriteOp::Create {
@@ -946,18 +935,7 @@ fn a_terminal_status_behind_a_backlog_lets_other_ops_go_first() {
 fn ops_that_arrive_during_a_transaction_of_lines_join_it() {
     let dir = tempfile::tempdir().unwrap();
     let (mut writer, queue) = writer_on_its_own(dir.path());
-    let new = |running| NewWorkload {
-        id: WorkloadId::new(),
-        module_hash: MODULE.into(),
-        args: Vec::new(),
-        env: Vec::new(),
-        limits: Limits::default(),
-        allowed_hosts: Vec::new(),
-        log_level: None,
-        running,
-        tenant: None,
-    };
-    let (flooder, short, late) = (new(true), new(true), new(false));
+    let (flooder, short, late) = (new_workload(true), new_workload(true), new_workload(false));
     let (flooder_id, short_id, late_id) = (flooder.id, short.id, late.id);
     let mut pending = Vec::new();
     for new in [flooder, short] {
@@ -1057,6 +1035,21 @@ fn ops_that_arrive_during_a_transaction_of_lines_join_it() {
         2_000,
         "every line before the end"
     );
+}
+
+/// A workload of the test module, created running or pending.
+fn new_workload(running: bool) -> NewWorkload {
+    NewWorkload {
+        id: WorkloadId::new(),
+        module_hash: MODULE.into(),
+        args: Vec::new(),
+        env: Vec::new(),
+        limits: Limits::default(),
+        allowed_hosts: Vec::new(),
+        log_level: None,
+        running,
+        tenant: None,
+    }
 }
 
 /// A writer driven by hand (no thread), on a fresh database in `dir` that
