@@ -937,6 +937,10 @@ fn ops_that_arrive_during_a_transaction_of_lines_join_it() {
     let (mut writer, queue) = writer_on_its_own(dir.path());
     let (flooder, short, late) = (new_workload(true), new_workload(true), new_workload(false));
     let (flooder_id, short_id, late_id) = (flooder.id, short.id, late.id);
+    // A sync run whose guest started before its creation committed: its
+    // lines wait for it, and its creation and end arrive together.
+    let quick = new_workload(true);
+    let quick_id = quick.id;
     let mut pending = Vec::new();
     for new in [flooder, short] {
         let (reply, _) = tokio::sync::oneshot::channel();
@@ -951,9 +955,13 @@ fn ops_that_arrive_during_a_transaction_of_lines_join_it() {
     for seq in 0..2_000 {
         flood.send(line(flooder_id, seq));
     }
-    let few = LineLane::new(short_id, None, Arc::clone(&queue), wake, false);
+    let few = LineLane::new(short_id, None, Arc::clone(&queue), wake.clone(), false);
     for seq in 0..3 {
         few.send(line(short_id, seq));
+    }
+    let held = LineLane::new(quick_id, None, Arc::clone(&queue), wake, true);
+    for seq in 0..300 {
+        held.send(line(quick_id, seq));
     }
     // While the writer is at it, three ops arrive: a creation, the short
     // run's end, and the flooder's end (behind its backlog).
@@ -975,6 +983,18 @@ fn ops_that_arrive_during_a_transaction_of_lines_join_it() {
         completion: Some(done(Status::Completed, 3)),
         reply: Some(short_end),
     });
+    let (quick_created, mut quick_created_rx) = tokio::sync::oneshot::channel();
+    send(WriteOp::Create {
+        new: quick,
+        reply: quick_created,
+    });
+    let (quick_end, mut quick_end_rx) = tokio::sync::oneshot::channel();
+    send(WriteOp::Transition {
+        id: quick_id,
+        to: Status::Completed,
+        completion: Some(done(Status::Completed, 300)),
+        reply: Some(quick_end),
+    });
     let (flood_end, mut flood_end_rx) = tokio::sync::oneshot::channel();
     send(WriteOp::Transition {
         id: flooder_id,
@@ -995,6 +1015,9 @@ fn ops_that_arrive_during_a_transaction_of_lines_join_it() {
         (short_record.status, short_record.line_count),
         (Status::Completed, 3)
     );
+    assert!(matches!(quick_created_rx.try_recv(), Ok(Ok(()))));
+    let quick_record = quick_end_rx.try_recv().unwrap().unwrap().unwrap();
+    assert_eq!(quick_record.line_count, 300);
     assert!(flood_end_rx.try_recv().is_err(), "the flooder's end waits");
     assert_eq!(pending.len(), 1);
     let count = |conn: &Connection, id: WorkloadId| -> i64 {
@@ -1009,6 +1032,11 @@ fn ops_that_arrive_during_a_transaction_of_lines_join_it() {
         count(&writer.conn, short_id),
         3,
         "the short run's lines before its end"
+    );
+    assert_eq!(
+        count(&writer.conn, quick_id),
+        300,
+        "every line of a run created and ended in that commit"
     );
     let flooded = count(&writer.conn, flooder_id);
     assert!(flooded < 2_000, "one chunk, not the whole flood: {flooded}");

@@ -576,7 +576,18 @@ impl Joining {
                 }
                 op => {
                     if let Some(id) = op.ends() {
-                        queue.take_lane(id, ends, usize::MAX);
+                        // Created in this transaction too: its lines can
+                        // only go in after its creation.
+                        let created_here = self
+                            .joined
+                            .iter()
+                            .any(|j| matches!(j, WriteOp::Create { new, .. } if new.id == id));
+                        let into = if created_here {
+                            &mut *created
+                        } else {
+                            &mut *ends
+                        };
+                        queue.take_lane(id, into, usize::MAX);
                     }
                 }
             }
