@@ -40,6 +40,13 @@ impl Env {
         rusqlite::Connection::open(self.data_dir().join("vulcan.db")).unwrap()
     }
 
+    /// Opens a tenant's own database file directly, as an independent reader.
+    pub fn tenant_sqlite(&self, tenant: &str) -> rusqlite::Connection {
+        let path = self.data_dir().join("tenants").join(format!("{tenant}.db"));
+        assert!(path.exists(), "{} does not exist", path.display());
+        rusqlite::Connection::open(path).unwrap()
+    }
+
     /// Every workload row: (id, status, exit_code, error, line_count, finished_at).
     pub fn workloads(&self) -> Vec<WorkloadRow> {
         if !self.data_dir().join("vulcan.db").exists() {

@@ -525,8 +525,13 @@ async fn retention_deletes_old_lines_in_the_background_and_their_logs_answer_410
         .call(Method::POST, "/v1/workloads", Some(kept_run))
         .await;
     let kept = kept["id"].as_str().unwrap().to_owned();
+    // Each tenant's workloads and lines are in a file of its own.
+    let in_main: i64 = (env.sqlite())
+        .query_row("SELECT COUNT(*) FROM workloads", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(in_main, 0, "tenants' workloads are not in the main file");
     let pages = |env: &Env| -> i64 {
-        env.sqlite()
+        env.tenant_sqlite("short")
             .query_row("PRAGMA page_count", [], |r| r.get(0))
             .unwrap()
     };
@@ -550,7 +555,7 @@ async fn retention_deletes_old_lines_in_the_background_and_their_logs_answer_410
     assert_eq!(status, 200, "the record stays");
     assert!(record["pruned_at"].is_string(), "{record}");
     let count = |id: &str| -> i64 {
-        env.sqlite()
+        env.tenant_sqlite("short")
             .query_row(
                 "SELECT COUNT(*) FROM log_lines WHERE workload_id = ?1",
                 [id],
@@ -650,9 +655,9 @@ async fn stored_log_bytes_quotas_prune_the_oldest_or_refuse_new_runs() {
         [410, 410, 200, 200],
         "oldest first, and only those"
     );
-    // What whoami counts is what the file holds.
+    // What whoami counts is what its file holds.
     let stored: i64 = env
-        .sqlite()
+        .tenant_sqlite("capped")
         .query_row(
             "SELECT SUM(length(CAST(line AS BLOB))) FROM log_lines l \
              JOIN workloads w ON w.id = l.workload_id WHERE w.tenant = 'capped'",

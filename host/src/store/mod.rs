@@ -1,6 +1,12 @@
-//! Durable state in one SQLite file: modules, workloads and their log lines.
+//! Durable state in SQLite: modules, workloads and their log lines.
 //!
-//! One writer thread owns the only write connection ([`writer`]); log lines
+//! The main file (`vulcan.db`) holds modules and the workloads without a
+//! tenant; each tenant's workloads and lines are in a file of its own
+//! (`tenants/<name>.db`, see [`shard`]), so that one tenant's flood never
+//! holds another's commits. [`Db`] routes each call to the file that holds
+//! the workload, and merges lists across files.
+//!
+//! In each file, one writer thread owns the only write connection ([`writer`]); log lines
 //! wait for it in a bounded queue with one lane per workload ([`queue`]), and a
 //! guest whose lane is full waits for room, so memory stays bounded however
 //! fast guests write. A workload's terminal status is committed after every one
@@ -20,22 +26,21 @@ mod reads;
 
 pub use reads::PAGE_BYTES;
 mod schema;
+mod shard;
 mod usage;
 mod write_op;
 mod write_sql;
 mod writer;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
 use std::io::{Read as _, Seek as _, Write as _};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, mpsc};
-use std::thread;
-use std::time::Duration;
+use std::sync::{Arc, Mutex, RwLock, mpsc};
 
 use anyhow::Context as _;
-use rusqlite::{Connection, OpenFlags};
+use rusqlite::Connection;
 use tokio::sync::oneshot;
 
 pub use queue::{LINE_OVERHEAD, LineLane};
@@ -47,12 +52,12 @@ use crate::logs::{LivePublisher, LogRecord};
 use crate::outbound::OutboundRule;
 use crate::workload::{Completion, Limits, LogLevel, Status, WorkloadId, WorkloadRecord};
 use queue::LineQueue;
+use shard::Shard;
 use usage::LogUsage;
 use write_op::WriteOp;
-use write_sql::WorkloadKeys;
 #[cfg(test)]
 use writer::LINES_PER_CHUNK;
-use writer::{Writer, WriterStats};
+use writer::WriterStats;
 
 /// The database file's name inside the data directory.
 pub const DB_FILE: &str = "vulcan.db";
@@ -153,10 +158,19 @@ pub struct Db {
 }
 
 struct Inner {
-    path: PathBuf,
-    /// `None` for a read-only handle.
-    writer: Option<WriterHandle>,
-    readers: Mutex<Vec<Connection>>,
+    data_dir: PathBuf,
+    /// How tenants' files opened later batch and bound their lines.
+    config: WriterConfig,
+    /// The main file: modules, their owners, workloads without a tenant (and
+    /// tenants' workloads stored before tenants had files of their own).
+    main: Arc<Shard>,
+    /// Tenants' files, by name; a tenant's is opened (made) when it first
+    /// creates a workload. Read-only handles see those that existed.
+    tenants: RwLock<BTreeMap<String, Arc<Shard>>>,
+    /// Which tenant's file holds a workload: those created through this
+    /// handle until they end (never forgotten: their end must find them),
+    /// and, in `found`, those found by a read.
+    homes: Mutex<Homes>,
     /// Modules known to be owned, by tenant: ownership is never taken back,
     /// so a run of a tenant's module needs no read to check it.
     owned: Mutex<HashMap<String, HashSet<String>>>,
@@ -168,6 +182,18 @@ struct Inner {
 /// (a miss costs one read).
 const OWNED_CACHED: usize = 65_536;
 
+/// Most workloads whose file is remembered; beyond it the map starts afresh
+/// (a miss costs one lookup in each file).
+const HOMES_CACHED: usize = 65_536;
+
+/// Where workloads outside the main file live.
+#[derive(Default)]
+struct Homes {
+    live: HashMap<WorkloadId, Arc<Shard>>,
+    found: HashMap<WorkloadId, Arc<Shard>>,
+}
+
+/// A writer thread's inbox and what it shares with the handles.
 struct WriterHandle {
     tx: mpsc::Sender<WriteOp>,
     queue: Arc<LineQueue>,
@@ -230,8 +256,8 @@ impl DataDirLock {
 }
 
 impl Db {
-    /// Opens (creating if needed) `vulcan.db` in `data_dir` as its only owner,
-    /// migrating it.
+    /// Opens (creating if needed) `vulcan.db` and the tenants' files in
+    /// `data_dir` as their only owner, migrating them.
     pub fn open(data_dir: &Path) -> anyhow::Result<Self> {
         Self::open_with(data_dir, WriterConfig::default())
     }
@@ -241,63 +267,19 @@ impl Db {
         std::fs::create_dir_all(data_dir)
             .with_context(|| format!("failed to create data directory {}", data_dir.display()))?;
         let owner = DataDirLock::acquire(data_dir)?;
-        let path = data_dir.join(DB_FILE);
-        let mut conn = Connection::open(&path)
-            .with_context(|| format!("failed to open database {}", path.display()))?;
-        conn.busy_timeout(config.busy_timeout)?;
-        // Room for every statement the writer repeats, line inserts of each
-        // size included (SQLite's default keeps 16).
-        conn.set_prepared_statement_cache_capacity(64);
-        // Only takes on a new, empty database: retention then gives the
-        // pages of deleted lines back to the file system.
-        conn.pragma_update(None, "auto_vacuum", "INCREMENTAL")?;
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .context("failed to switch the database to WAL")?;
-        conn.pragma_update(None, "synchronous", "NORMAL")?;
-        schema::migrate(&mut conn)
-            .with_context(|| format!("failed to migrate database {}", path.display()))?;
-        checkpoint::start(&path, &mut conn)?;
-        let usage = Arc::new(LogUsage::load(&conn).context("failed to sum stored log bytes")?);
-
-        let (tx, rx) = mpsc::channel();
-        let queue = Arc::new(LineQueue::new(
-            config.lane_bytes,
-            config.total_bytes,
-            config.max_batch,
-        ));
-        let stats = Arc::new(WriterStats::default());
-        let writer = Writer {
-            conn,
+        let main = Shard::open(data_dir.join(DB_FILE), None, config)?;
+        let mut tenants = BTreeMap::new();
+        for (name, path) in shard::existing_tenants(data_dir)? {
+            let opened = Shard::open(path, Some(name.clone()), tenant_config(config))?;
+            tenants.insert(name, opened);
+        }
+        Ok(Self::with_shards(
+            data_dir,
             config,
-            queue: Arc::clone(&queue),
-            stats: Arc::clone(&stats),
-            keys: WorkloadKeys::default(),
-            retained: Vec::new(),
-            usage: Arc::clone(&usage),
-            delta: Default::default(),
-            ops_in_a_row: false,
-            joining: Default::default(),
-        };
-        thread::Builder::new()
-            .name("vulcan-db-writer".into())
-            .spawn(move || writer.run(rx))
-            .context("failed to start the database writer")?;
-        Ok(Self {
-            inner: Arc::new(Inner {
-                // One reader ready, so the first request after a start does
-                // not pay for opening it.
-                readers: Mutex::new(vec![open_reader(&path)?]),
-                owned: Mutex::default(),
-                path,
-                writer: Some(WriterHandle {
-                    tx,
-                    queue,
-                    stats,
-                    usage,
-                }),
-                _owner: Some(owner),
-            }),
-        })
+            main,
+            tenants,
+            Some(owner),
+        ))
     }
 
     /// Opens an existing database for reading only, beside whoever owns it.
@@ -308,30 +290,142 @@ impl Db {
             "no database in {} (nothing has run there yet)",
             data_dir.display()
         );
-        let reader = open_reader(&path)?;
-        let version: i64 = reader.query_row("PRAGMA user_version", [], |r| r.get(0))?;
-        anyhow::ensure!(
-            version as usize == SCHEMA_VERSION,
-            "the database in {} has schema version {version}, this vulcan reads {SCHEMA_VERSION}; \
-             run a workload or the server once to migrate it",
-            data_dir.display()
-        );
-        Ok(Self {
+        let main = Shard::open_read_only(path, None)?;
+        let mut tenants = BTreeMap::new();
+        for (name, path) in shard::existing_tenants(data_dir)? {
+            let opened = Shard::open_read_only(path, Some(name.clone()))?;
+            tenants.insert(name, opened);
+        }
+        let config = WriterConfig::default();
+        Ok(Self::with_shards(data_dir, config, main, tenants, None))
+    }
+
+    fn with_shards(
+        data_dir: &Path,
+        config: WriterConfig,
+        main: Arc<Shard>,
+        tenants: BTreeMap<String, Arc<Shard>>,
+        owner: Option<DataDirLock>,
+    ) -> Self {
+        Self {
             inner: Arc::new(Inner {
-                readers: Mutex::new(vec![reader]),
+                data_dir: data_dir.to_owned(),
+                config,
+                main,
+                tenants: RwLock::new(tenants),
+                homes: Mutex::default(),
                 owned: Mutex::default(),
-                path,
-                writer: None,
-                _owner: None,
+                _owner: owner,
             }),
-        })
+        }
     }
 
     fn writer(&self) -> StoreResult<&WriterHandle> {
-        self.inner
-            .writer
-            .as_ref()
-            .ok_or_else(|| anyhow::anyhow!("the database was opened read-only").into())
+        writer_of(&self.inner.main)
+    }
+
+    /// Every file: the main one first.
+    fn shards(&self) -> Vec<Arc<Shard>> {
+        let tenants = self.inner.tenants.read().unwrap_or_else(|p| p.into_inner());
+        std::iter::once(Arc::clone(&self.inner.main))
+            .chain(tenants.values().cloned())
+            .collect()
+    }
+
+    /// `tenant`'s own file, if it has one yet.
+    fn tenant_shard(&self, tenant: &str) -> Option<Arc<Shard>> {
+        let tenants = self.inner.tenants.read().unwrap_or_else(|p| p.into_inner());
+        tenants.get(tenant).cloned()
+    }
+
+    /// The files that may hold `tenant`'s workloads (every file for `None`,
+    /// everyone's): the main file, which holds those stored before tenants
+    /// had files, and its own.
+    fn shards_of(&self, tenant: Option<&str>) -> Vec<Arc<Shard>> {
+        match tenant {
+            None => self.shards(),
+            Some(t) => std::iter::once(Arc::clone(&self.inner.main))
+                .chain(self.tenant_shard(t))
+                .collect(),
+        }
+    }
+
+    /// The file a new workload of `tenant` goes to, opened (made) on first use.
+    fn shard_for_new(&self, tenant: Option<&str>) -> StoreResult<Arc<Shard>> {
+        let Some((name, path)) =
+            tenant.and_then(|t| Some((t, shard::tenant_path(&self.inner.data_dir, t)?)))
+        else {
+            return Ok(Arc::clone(&self.inner.main));
+        };
+        if let Some(found) = self.tenant_shard(name) {
+            return Ok(found);
+        }
+        self.writer()?;
+        let mut tenants = self
+            .inner
+            .tenants
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(found) = tenants.get(name) {
+            return Ok(Arc::clone(found));
+        }
+        let dir = self.inner.data_dir.join(shard::TENANTS_DIR);
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("failed to create {}", dir.display()))?;
+        let opened = Shard::open(
+            path,
+            Some(name.to_owned()),
+            tenant_config(self.inner.config),
+        )
+        .with_context(|| format!("failed to open the store of tenant `{name}`"))?;
+        tenants.insert(name.to_owned(), Arc::clone(&opened));
+        Ok(opened)
+    }
+
+    fn homes(&self) -> std::sync::MutexGuard<'_, Homes> {
+        self.inner.homes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Notes the file of a workload being created (`live`) or found by a read.
+    fn remember_home(&self, id: WorkloadId, shard: &Arc<Shard>, live: bool) {
+        // The main file is the one used for a workload not remembered.
+        if Arc::ptr_eq(shard, &self.inner.main) {
+            return;
+        }
+        let mut homes = self.homes();
+        if live {
+            homes.live.insert(id, Arc::clone(shard));
+        } else {
+            if homes.found.len() >= HOMES_CACHED {
+                homes.found.clear();
+            }
+            homes.found.insert(id, Arc::clone(shard));
+        }
+    }
+
+    /// A workload created through this handle has ended (or failed to be
+    /// created): it is only remembered as found.
+    fn forget_live(&self, id: WorkloadId) {
+        let mut homes = self.homes();
+        if let Some(shard) = homes.live.remove(&id) {
+            if homes.found.len() >= HOMES_CACHED {
+                homes.found.clear();
+            }
+            homes.found.insert(id, shard);
+        }
+    }
+
+    /// The file that holds a workload, if remembered.
+    fn known_home(&self, id: WorkloadId) -> Option<Arc<Shard>> {
+        let homes = self.homes();
+        (homes.live.get(&id).or_else(|| homes.found.get(&id))).cloned()
+    }
+
+    /// The file a workload created through this handle lives in (the main
+    /// one when it is not remembered).
+    fn home(&self, id: WorkloadId) -> Arc<Shard> {
+        self.known_home(id)
+            .unwrap_or_else(|| Arc::clone(&self.inner.main))
     }
 
     /// Opens a workload's line lane: lines sent to it are committed in batches
@@ -341,7 +435,8 @@ impl Db {
         workload: WorkloadId,
         live: Option<Box<dyn LivePublisher>>,
     ) -> StoreResult<LineLane> {
-        let w = self.writer()?;
+        let shard = self.home(workload);
+        let w = writer_of(&shard)?;
         Ok(LineLane::new(
             workload,
             live,
@@ -363,7 +458,8 @@ impl Db {
         LineLane,
         impl Future<Output = StoreResult<()>> + Send + 'static,
     )> {
-        let w = self.writer()?;
+        let shard = self.shard_for_new(new.tenant.as_deref())?;
+        let w = writer_of(&shard)?;
         let id = new.id;
         // Open before the creation is sent: the commit that takes the
         // creation releases the lane, so the lane must exist by then.
@@ -373,6 +469,7 @@ impl Db {
             w.queue.close(id);
             return Err(anyhow::anyhow!("the database writer has stopped").into());
         }
+        self.remember_home(id, &shard, true);
         Ok((lane, async move {
             rx.await
                 .map_err(|_| anyhow::anyhow!("the database writer stopped before answering"))?
@@ -382,64 +479,57 @@ impl Db {
     /// Discards a workload's line lane and whatever waits in it (its
     /// creation failed).
     pub fn drop_lines(&self, workload: WorkloadId) {
-        if let Ok(w) = self.writer() {
+        if let Ok(w) = writer_of(&self.home(workload)) {
             w.queue.close(workload);
         }
+        self.forget_live(workload);
+    }
+
+    /// Sums a writer's figure over every file.
+    fn sum(&self, figure: impl Fn(&WriterHandle) -> u64) -> u64 {
+        (self.shards().iter())
+            .filter_map(|s| s.writer.as_ref().map(&figure))
+            .sum()
     }
 
     /// Lines that could not be committed since start (each failure is also logged).
     pub fn lost_lines(&self) -> u64 {
-        self.inner
-            .writer
-            .as_ref()
-            .map_or(0, |w| w.queue.lost.load(Ordering::Relaxed))
+        self.sum(|w| w.queue.lost.load(Ordering::Relaxed))
     }
 
     /// Bytes of stored log lines of `tenant`'s workloads (`None`: those
     /// without a tenant) that retention has not deleted.
     pub fn log_bytes(&self, tenant: Option<&str>) -> u64 {
-        self.inner.writer.as_ref().map_or(0, |w| w.usage.of(tenant))
+        (self.shards_of(tenant).iter())
+            .filter_map(|s| s.writer.as_ref().map(|w| w.usage.of(tenant)))
+            .sum()
     }
 
     /// Bytes of all stored log lines that retention has not deleted.
     pub fn log_bytes_total(&self) -> u64 {
-        self.inner.writer.as_ref().map_or(0, |w| w.usage.total())
+        self.sum(|w| w.usage.total())
     }
 
     /// Log lines committed since start.
     pub fn committed_lines(&self) -> u64 {
-        self.inner
-            .writer
-            .as_ref()
-            .map_or(0, |w| w.stats.lines.load(Ordering::Relaxed))
+        self.sum(|w| w.stats.lines.load(Ordering::Relaxed))
     }
 
     /// Transactions committed since the store was opened.
     pub fn commits(&self) -> u64 {
-        self.inner
-            .writer
-            .as_ref()
-            .map_or(0, |w| w.stats.commits.load(Ordering::Relaxed))
+        self.sum(|w| w.stats.commits.load(Ordering::Relaxed))
     }
 
     /// Transactions retried because another connection held the database.
     pub fn busy_retries(&self) -> u64 {
-        self.inner
-            .writer
-            .as_ref()
-            .map_or(0, |w| w.stats.busy_retries.load(Ordering::Relaxed))
+        self.sum(|w| w.stats.busy_retries.load(Ordering::Relaxed))
     }
 
     async fn request<T>(
         &self,
         op: impl FnOnce(oneshot::Sender<StoreResult<T>>) -> WriteOp,
     ) -> StoreResult<T> {
-        let (reply, rx) = oneshot::channel();
-        if !self.writer()?.send(op(reply)) {
-            return Err(anyhow::anyhow!("the database writer has stopped").into());
-        }
-        rx.await
-            .map_err(|_| anyhow::anyhow!("the database writer stopped before answering"))?
+        request(&self.inner.main, op).await
     }
 
     /// Stores a module once; returns true if it was new.
@@ -488,31 +578,67 @@ impl Db {
 
     /// One small step of retention (see [`PruneScope`]): how much it did,
     /// 0 when nothing of `scope` ended before `cutoff` is left to prune.
+    /// Across files, the workload that ended first goes first.
     pub async fn prune_step(
         &self,
         scope: PruneScope,
         cutoff: i64,
         max_lines: u64,
     ) -> StoreResult<u64> {
-        self.request(|reply| WriteOp::Prune {
-            scope,
-            cutoff,
-            max_lines,
-            reply,
-        })
-        .await
+        let candidates: Vec<_> = match &scope {
+            PruneScope::Tenant(t) => self.shards_of(Some(t)),
+            PruneScope::AllBut(others) => (self.shards().into_iter())
+                .filter(|s| s.tenant.as_ref().is_none_or(|t| !others.contains(t)))
+                .collect(),
+        };
+        let mut ordered = Vec::with_capacity(candidates.len());
+        if candidates.len() == 1 {
+            ordered = candidates;
+        } else {
+            let (found_scope, shards) = (scope.clone(), candidates);
+            let mut oldest = read_blocking(move || {
+                let mut oldest = Vec::new();
+                for shard in shards {
+                    let first =
+                        shard.with_reader(|c| reads::first_to_prune(c, &found_scope, cutoff))?;
+                    if let Some(ended) = first {
+                        oldest.push((ended, shard));
+                    }
+                }
+                Ok(oldest)
+            })
+            .await?;
+            oldest.sort_by_key(|(ended, _)| *ended);
+            ordered.extend(oldest.into_iter().map(|(_, shard)| shard));
+        }
+        for shard in ordered {
+            let (scope, shard) = (scope.clone(), &shard);
+            let done = request(shard, |reply| WriteOp::Prune {
+                scope,
+                cutoff,
+                max_lines,
+                reply,
+            })
+            .await?;
+            if done > 0 {
+                return Ok(done);
+            }
+        }
+        Ok(0)
     }
 
     /// Creates a workload in status `pending`.
     pub async fn create_workload(&self, new: NewWorkload) -> StoreResult<()> {
-        self.request(|reply| WriteOp::Create { new, reply }).await
+        let (id, shard) = (new.id, self.shard_for_new(new.tenant.as_deref())?);
+        self.remember_home(id, &shard, true);
+        request(&shard, |reply| WriteOp::Create { new, reply }).await
     }
 
     /// Marks a pending workload running and sets `started_at` (the runner
     /// creates workloads running; tests drive the lifecycle step by step).
     #[cfg(test)]
     pub async fn mark_running(&self, id: WorkloadId) -> StoreResult<()> {
-        self.request(|reply| WriteOp::Transition {
+        request(&self.home(id), |reply| WriteOp::Transition {
             id,
             to: Status::Running,
             completion: None,
@@ -530,36 +656,44 @@ impl Db {
         id: WorkloadId,
         completion: Completion,
     ) -> StoreResult<WorkloadRecord> {
-        self.request(|reply| WriteOp::Transition {
+        let ended = request(&self.home(id), |reply| WriteOp::Transition {
             id,
             to: completion.status,
             completion: Some(completion),
             reply: Some(reply),
         })
-        .await?
-        .ok_or_else(|| anyhow::anyhow!("workload {id} ended without its record").into())
+        .await;
+        // An end that could not be written yet is retried by the writer,
+        // which knows its file.
+        self.forget_live(id);
+        ended?.ok_or_else(|| anyhow::anyhow!("workload {id} ended without its record").into())
     }
 
     /// Marks every pending or running workload failed with `reason`, its line
     /// count and end time taken from its stored lines; returns how many.
     pub async fn fail_unfinished(&self, reason: &str) -> StoreResult<u64> {
-        let reason = reason.to_owned();
-        self.request(|reply| WriteOp::FailUnfinished { reason, reply })
-            .await
+        let mut failed = 0;
+        for shard in self.shards() {
+            let reason = reason.to_owned();
+            failed += request(&shard, |reply| WriteOp::FailUnfinished { reason, reply }).await?;
+        }
+        Ok(failed)
     }
 
     /// Waits until everything queued so far is committed (or has failed).
     pub async fn flush(&self) {
-        let (reply, rx) = oneshot::channel();
-        if let Ok(w) = self.writer()
-            && w.send(WriteOp::Flush { reply })
-        {
-            let _ = rx.await;
+        for shard in self.shards() {
+            let (reply, rx) = oneshot::channel();
+            if let Ok(w) = writer_of(&shard)
+                && w.send(WriteOp::Flush { reply })
+            {
+                let _ = rx.await;
+            }
         }
     }
 
-    /// Caps the database at `pages` pages (`None` lifts the cap): a full disk
-    /// on demand, for tests.
+    /// Caps the main file at `pages` pages (`None` lifts the cap): a full
+    /// disk on demand, for tests.
     #[cfg(test)]
     pub async fn set_page_limit(&self, pages: Option<u64>) {
         let (reply, rx) = oneshot::channel();
@@ -570,34 +704,49 @@ impl Db {
         }
     }
 
+    /// Runs `f` on a read-only connection to the main file, here (tests).
+    #[cfg(test)]
     fn with_reader<T>(&self, f: impl FnOnce(&Connection) -> StoreResult<T>) -> StoreResult<T> {
-        let pooled = self
-            .inner
-            .readers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .pop();
-        let conn = match pooled {
-            Some(conn) => conn,
-            None => open_reader(&self.inner.path)?,
-        };
-        let result = f(&conn);
-        let mut pool = self.inner.readers.lock().unwrap_or_else(|p| p.into_inner());
-        if pool.len() < 8 {
-            pool.push(conn);
-        }
-        result
+        self.inner.main.with_reader(f)
     }
 
-    /// Runs a read on a pooled read-only connection, off the async workers.
+    /// Runs a read on a pooled read-only connection to the main file, off
+    /// the async workers.
     async fn read<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Connection) -> StoreResult<T> + Send + 'static,
     ) -> StoreResult<T> {
+        let main = Arc::clone(&self.inner.main);
+        read_blocking(move || main.with_reader(f)).await
+    }
+
+    /// Runs a read of workload `id` in the file that holds it (found by
+    /// looking in each, main first, when not remembered; the main file's
+    /// answer when none has it).
+    async fn read_workload<T: Send + 'static>(
+        &self,
+        id: WorkloadId,
+        f: impl FnOnce(&Connection) -> StoreResult<T> + Send + 'static,
+    ) -> StoreResult<T> {
+        let shards = match self.known_home(id) {
+            Some(shard) => vec![shard],
+            None => self.shards(),
+        };
         let db = self.clone();
-        tokio::task::spawn_blocking(move || db.with_reader(f))
-            .await
-            .map_err(|e| anyhow::anyhow!("a database read failed: {e}"))?
+        read_blocking(move || {
+            let mut home = &shards[0];
+            if shards.len() > 1 {
+                for shard in &shards {
+                    if shard.with_reader(|c| reads::has_workload(c, id))? {
+                        home = shard;
+                        db.remember_home(id, shard, false);
+                        break;
+                    }
+                }
+            }
+            home.with_reader(f)
+        })
+        .await
     }
 
     /// True when the database answers a trivial query.
@@ -639,11 +788,12 @@ impl Db {
 
     /// One workload.
     pub async fn workload(&self, id: WorkloadId) -> StoreResult<WorkloadRecord> {
-        self.read(move |c| reads::workload(c, id)).await
+        self.read_workload(id, move |c| reads::workload(c, id))
+            .await
     }
 
     /// A page of workloads, newest first, optionally of one status and of
-    /// one tenant.
+    /// one tenant: merged from every file that may hold them.
     pub async fn list_workloads(
         &self,
         limit: u64,
@@ -651,9 +801,37 @@ impl Db {
         status: Option<Status>,
         tenant: Option<&str>,
     ) -> StoreResult<WorkloadPage> {
+        let shards = self.shards_of(tenant);
         let tenant = tenant.map(str::to_owned);
-        self.read(move |c| reads::list_workloads(c, limit, offset, status, tenant.as_deref()))
-            .await
+        read_blocking(move || {
+            let tenant = tenant.as_deref();
+            if let [only] = &shards[..] {
+                return only
+                    .with_reader(|c| reads::list_workloads(c, limit, offset, status, tenant));
+            }
+            // Each file's first offset + limit, merged: the page is among them.
+            let first = limit.saturating_add(offset);
+            let mut merged = WorkloadPage {
+                items: Vec::new(),
+                total: 0,
+            };
+            for shard in &shards {
+                let page =
+                    shard.with_reader(|c| reads::list_workloads(c, first, 0, status, tenant))?;
+                merged.total += page.total;
+                merged.items.extend(page.items);
+            }
+            // Ids are ULIDs: newest first is greatest first.
+            merged
+                .items
+                .sort_unstable_by_key(|w| std::cmp::Reverse(w.id));
+            merged.items = (merged.items.into_iter())
+                .skip(usize::try_from(offset).unwrap_or(usize::MAX))
+                .take(usize::try_from(limit).unwrap_or(usize::MAX))
+                .collect();
+            Ok(merged)
+        })
+        .await
     }
 
     /// Up to `limit` stored lines of a workload with seq greater than `after`
@@ -665,7 +843,7 @@ impl Db {
         after: Option<u64>,
         limit: u64,
     ) -> StoreResult<Vec<LogRecord>> {
-        self.read(move |c| reads::read_lines(c, id, after, limit))
+        self.read_workload(id, move |c| reads::read_lines(c, id, after, limit))
             .await
     }
 
@@ -681,7 +859,7 @@ impl Db {
         mut state: S,
         mut visit: impl FnMut(&mut S, LogRecord) -> bool + Send + 'static,
     ) -> StoreResult<S> {
-        self.read(move |c| {
+        self.read_workload(id, move |c| {
             reads::scan_lines(c, id, after, limit, |r| visit(&mut state, r))?;
             Ok(state)
         })
@@ -689,14 +867,43 @@ impl Db {
     }
 }
 
-fn open_reader(path: &Path) -> anyhow::Result<Connection> {
-    let conn = Connection::open_with_flags(
-        path,
-        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )
-    .with_context(|| format!("failed to open {}", path.display()))?;
-    conn.busy_timeout(Duration::from_secs(10))?;
-    Ok(conn)
+/// The writer of `shard`, unless it was opened read-only.
+fn writer_of(shard: &Shard) -> StoreResult<&WriterHandle> {
+    (shard.writer.as_ref())
+        .ok_or_else(|| anyhow::anyhow!("the database was opened read-only").into())
+}
+
+/// Sends an op to `shard`'s writer and waits for its answer.
+async fn request<T>(
+    shard: &Shard,
+    op: impl FnOnce(oneshot::Sender<StoreResult<T>>) -> WriteOp,
+) -> StoreResult<T> {
+    let (reply, rx) = oneshot::channel();
+    if !writer_of(shard)?.send(op(reply)) {
+        return Err(anyhow::anyhow!("the database writer has stopped").into());
+    }
+    rx.await
+        .map_err(|_| anyhow::anyhow!("the database writer stopped before answering"))?
+}
+
+/// Runs blocking reads off the async workers.
+async fn read_blocking<T: Send + 'static>(
+    f: impl FnOnce() -> StoreResult<T> + Send + 'static,
+) -> StoreResult<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| anyhow::anyhow!("a database read failed: {e}"))?
+}
+
+/// A tenant's file holds a quarter of the lines the main one may hold
+/// waiting for commits (at least one lane's worth): one tenant's backlog is
+/// bounded on its own, and all of them together stay a few times the main
+/// file's.
+fn tenant_config(config: WriterConfig) -> WriterConfig {
+    WriterConfig {
+        total_bytes: (config.total_bytes / 4).max(config.lane_bytes),
+        ..config
+    }
 }
 
 #[cfg(test)]

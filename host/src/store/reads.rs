@@ -3,6 +3,7 @@
 
 use rusqlite::{Connection, OptionalExtension, params};
 
+use super::write_op::{PRUNABLE, PruneScope};
 use super::{ModuleInfo, StoreError, StoreResult, WorkloadPage};
 use crate::logs::{Fields, LogRecord, LogStream};
 use crate::workload::{Status, WorkloadId, WorkloadRecord};
@@ -80,6 +81,27 @@ pub(super) fn workload(c: &Connection, id: WorkloadId) -> StoreResult<WorkloadRe
     .query_row([id.to_string()], row_to_workload)
     .optional()?
     .ok_or(StoreError::NotFound(id))?
+}
+
+/// True when this file holds workload `id`.
+pub(super) fn has_workload(c: &Connection, id: WorkloadId) -> StoreResult<bool> {
+    Ok(c.prepare_cached("SELECT 1 FROM workloads WHERE id = ?1")?
+        .query_row([id.to_string()], |_| Ok(()))
+        .optional()?
+        .is_some())
+}
+
+/// When the workload a prune of `scope` would take first here ended.
+pub(super) fn first_to_prune(
+    c: &Connection,
+    scope: &PruneScope,
+    cutoff: i64,
+) -> StoreResult<Option<i64>> {
+    let (tenant, others) = scope.params()?;
+    Ok(c.prepare_cached(&format!(
+        "SELECT MIN(finished_at) FROM workloads WHERE {PRUNABLE}"
+    ))?
+    .query_row(params![cutoff, tenant, others], |r| r.get(0))?)
 }
 
 /// A page of workloads, newest first, optionally of one status.

@@ -1,7 +1,10 @@
 //! The store against a real SQLite file in a temporary directory.
 
 use std::sync::Arc;
+use std::time::Duration;
 
+use super::write_sql::WorkloadKeys;
+use super::writer::Writer;
 use super::*;
 use crate::logs::{LineSink, LogLevel, LogRecord, LogStream};
 use crate::workload::{Completion, Limits, Status, WorkloadId};
@@ -1089,6 +1092,7 @@ fn writer_on_its_own(dir: &std::path::Path) -> (Writer, Arc<LineQueue>) {
     let mut writer = Writer {
         conn,
         config: WriterConfig::default(),
+        checks_modules: true,
         queue: Arc::clone(&queue),
         stats: Default::default(),
         keys: WorkloadKeys::default(),
@@ -1150,4 +1154,148 @@ fn an_op_after_a_commit_of_lines_alone_does_not_carry_a_flood() {
         queue.lane_len(flood) < backlog,
         "ops in a row carry a share"
     );
+}
+
+/// Creates a workload of `tenant` (running) with `lines` lines committed.
+async fn create_for(db: &Db, tenant: Option<&str>, lines: u64) -> WorkloadId {
+    let id = WorkloadId::new();
+    let new = NewWorkload {
+        tenant: tenant.map(str::to_owned),
+        ..new_running(id, MODULE)
+    };
+    db.create_workload(new).await.unwrap();
+    let sink = db.line_sink(id, None).unwrap();
+    for seq in 0..lines {
+        sink.send(line(id, seq));
+    }
+    id
+}
+
+#[tokio::test]
+async fn each_tenant_has_a_file_of_its_own_and_reads_merge_them() {
+    let (dir, db, _) = db_with_module().await;
+    // One stored in the main file first, as before tenants had files.
+    let legacy = {
+        let id = WorkloadId::new();
+        let new = NewWorkload {
+            tenant: Some("alice".into()),
+            ..new_running(id, MODULE)
+        };
+        request(&db.inner.main, |reply| WriteOp::Create { new, reply })
+            .await
+            .unwrap();
+        id
+    };
+    let alice = create_for(&db, Some("alice"), 3).await;
+    let bob = create_for(&db, Some("bob"), 2).await;
+    let nobody = create_for(&db, None, 1).await;
+    for (id, lines) in [(alice, 3), (bob, 2), (nobody, 1)] {
+        db.finish(id, done(Status::Completed, lines)).await.unwrap();
+    }
+    for name in ["alice", "bob"] {
+        assert!(dir.path().join(format!("tenants/{name}.db")).exists());
+    }
+    // Each file holds its own only.
+    let in_main = db.list_workloads(10, 0, None, None).await.unwrap();
+    assert_eq!(in_main.total, 4, "everyone's, from every file");
+    let ids: Vec<_> = in_main.items.iter().map(|w| w.id).collect();
+    assert_eq!(
+        ids,
+        [nobody, bob, alice, legacy],
+        "newest first across files"
+    );
+    let alices = db.list_workloads(10, 0, None, Some("alice")).await.unwrap();
+    assert_eq!(alices.total, 2);
+    let ids: Vec<_> = alices.items.iter().map(|w| w.id).collect();
+    assert_eq!(ids, [alice, legacy], "its own file and the main file");
+    let page = db.list_workloads(1, 1, None, None).await.unwrap();
+    assert_eq!((page.total, page.items[0].id), (4, bob));
+    let running = (db.list_workloads(10, 0, Some(Status::Running), None).await).unwrap();
+    assert_eq!(
+        running.items.iter().map(|w| w.id).collect::<Vec<_>>(),
+        [legacy]
+    );
+    assert_eq!(db.log_bytes(Some("alice")), 18);
+    assert_eq!(db.log_bytes(Some("bob")), 12);
+    assert_eq!(db.log_bytes_total(), 36);
+
+    // A new handle finds them by looking in each file.
+    drop(db);
+    let db = Db::open(dir.path()).unwrap();
+    let record = db.workload(bob).await.unwrap();
+    assert_eq!(
+        (record.tenant.as_deref(), record.line_count),
+        (Some("bob"), 2)
+    );
+    assert_eq!(db.read_lines(alice, None, 10).await.unwrap().len(), 3);
+    assert!(matches!(
+        db.workload(WorkloadId::new()).await,
+        Err(StoreError::NotFound(_))
+    ));
+    assert_eq!(
+        db.log_bytes(Some("alice")),
+        18,
+        "summed again from its file"
+    );
+    // A restart fails what was left running, in every file.
+    assert_eq!(db.fail_unfinished("stopped").await.unwrap(), 1);
+    let readers = Db::open_read_only(dir.path()).unwrap();
+    assert_eq!(
+        readers.workload(legacy).await.unwrap().status,
+        Status::Failed
+    );
+    assert_eq!(readers.read_lines(bob, None, 10).await.unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn a_tenants_commits_do_not_wait_for_another_tenants_file() {
+    let (dir, db, _) = db_with_module().await;
+    let alice = create_for(&db, Some("alice"), 0).await;
+    // Another connection holds alice's file, as a long commit would.
+    let other = Connection::open(dir.path().join("tenants/alice.db")).unwrap();
+    other.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let alice_ends = tokio::spawn({
+        let db = db.clone();
+        async move { db.finish(alice, done(Status::Completed, 0)).await }
+    });
+    // Bob's whole run commits meanwhile.
+    let bob = create_for(&db, Some("bob"), 5).await;
+    let record = db.finish(bob, done(Status::Completed, 5)).await.unwrap();
+    assert_eq!(record.status, Status::Completed);
+    assert_eq!(db.read_lines(bob, None, 10).await.unwrap().len(), 5);
+    assert!(!alice_ends.is_finished(), "alice's end waits for its file");
+    other.execute_batch("COMMIT").unwrap();
+    let record = alice_ends.await.unwrap().unwrap();
+    assert_eq!(record.status, Status::Completed);
+}
+
+#[tokio::test]
+async fn retention_takes_the_workload_that_ended_first_across_files() {
+    let (_dir, db, _) = db_with_module().await;
+    let mut ended = Vec::new();
+    for tenant in [Some("bob"), None, Some("alice"), Some("bob")] {
+        let id = create_for(&db, tenant, 2).await;
+        db.finish(id, done(Status::Completed, 2)).await.unwrap();
+        ended.push(id);
+    }
+    let mut pruned = Vec::new();
+    let everyone = || PruneScope::AllBut(Vec::new());
+    while db.prune_step(everyone(), i64::MAX, 10).await.unwrap() > 0 {
+        for id in &ended {
+            let record = db.workload(*id).await.unwrap();
+            if record.pruned_at.is_some() && !pruned.contains(id) {
+                pruned.push(*id);
+            }
+        }
+    }
+    assert_eq!(pruned, ended, "oldest end first, whatever its file");
+    assert_eq!(db.log_bytes_total(), 0);
+    // A tenant's own scope looks in its file.
+    let carol = create_for(&db, Some("carol"), 2).await;
+    db.finish(carol, done(Status::Completed, 2)).await.unwrap();
+    let scope = PruneScope::AllBut(vec!["carol".into()]);
+    assert_eq!(db.prune_step(scope, i64::MAX, 10).await.unwrap(), 0);
+    let scope = PruneScope::Tenant("carol".into());
+    assert!(db.prune_step(scope, i64::MAX, 10).await.unwrap() > 0);
+    assert_eq!(db.log_bytes(Some("carol")), 0);
 }

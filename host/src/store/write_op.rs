@@ -84,3 +84,23 @@ pub enum PruneScope {
     /// Everyone's but these tenants' (which have a retention of their own).
     AllBut(Vec<String>),
 }
+
+/// The workloads a prune of a scope may take, in SQL: `?1` the cutoff and
+/// `?2`, `?3` the scope's [`PruneScope::params`].
+pub(super) const PRUNABLE: &str = "pruned_at IS NULL AND finished_at < ?1 \
+     AND (?2 IS NULL OR tenant = ?2) \
+     AND (?3 IS NULL OR tenant IS NULL OR tenant NOT IN (SELECT value FROM json_each(?3)))";
+
+impl PruneScope {
+    /// [`PRUNABLE`]'s parameters: the one tenant, or the tenants left out
+    /// (a JSON array).
+    pub(super) fn params(&self) -> StoreResult<(Option<&str>, Option<String>)> {
+        Ok(match self {
+            PruneScope::Tenant(t) => (Some(t.as_str()), None),
+            PruneScope::AllBut(list) => (
+                None,
+                Some(serde_json::to_string(list).map_err(anyhow::Error::from)?),
+            ),
+        })
+    }
+}

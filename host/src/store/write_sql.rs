@@ -10,7 +10,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use super::queue::{LineQueue, Taken};
 use super::reads::stream_code;
 use super::usage::UsageDelta;
-use super::write_op::{Applied, PruneScope, WriteOp};
+use super::write_op::{Applied, PRUNABLE, PruneScope, WriteOp};
 use super::{NewWorkload, StoreError, StoreResult};
 use crate::workload::{Completion, LogLevel, Status, WorkloadId, now_ms};
 
@@ -179,6 +179,7 @@ pub(super) fn apply(
     keys: &mut WorkloadKeys,
     queue: &LineQueue,
     usage: &mut UsageDelta,
+    checks_modules: bool,
 ) -> StoreResult<Applied> {
     match op {
         WriteOp::PutModule { info, bytes, .. } => Ok(Applied::Bool(
@@ -203,7 +204,7 @@ pub(super) fn apply(
                 == 1,
         )),
         WriteOp::Create { new, .. } => {
-            create(tx, new)?;
+            create(tx, new, checks_modules)?;
             let tenant = new.tenant.as_deref().map(Arc::from);
             keys.0.insert(new.id, (tx.last_insert_rowid(), tenant));
             Ok(Applied::Unit)
@@ -273,20 +274,12 @@ fn prune(
     max_lines: u64,
     usage: &mut UsageDelta,
 ) -> StoreResult<u64> {
-    let (tenant, others) = match scope {
-        PruneScope::Tenant(t) => (Some(t.as_str()), None),
-        PruneScope::AllBut(list) => (
-            None,
-            Some(serde_json::to_string(list).map_err(anyhow::Error::from)?),
-        ),
-    };
+    let (tenant, others) = scope.params()?;
     let found: Option<(i64, Option<String>, i64)> = tx
-        .prepare_cached(
-            "SELECT key, tenant, log_bytes FROM workloads WHERE pruned_at IS NULL AND finished_at < ?1 \
-             AND (?2 IS NULL OR tenant = ?2) \
-             AND (?3 IS NULL OR tenant IS NULL OR tenant NOT IN (SELECT value FROM json_each(?3))) \
-             ORDER BY finished_at, key LIMIT 1",
-        )?
+        .prepare_cached(&format!(
+            "SELECT key, tenant, log_bytes FROM workloads WHERE {PRUNABLE} \
+             ORDER BY finished_at, key LIMIT 1"
+        ))?
         .query_row(params![cutoff, tenant, others], |r| {
             Ok((r.get(0)?, r.get(1)?, r.get(2)?))
         })
@@ -311,12 +304,15 @@ fn prune(
     Ok(deleted + 1)
 }
 
-fn create(tx: &Connection, new: &NewWorkload) -> StoreResult<()> {
-    let known: bool = tx
-        .prepare_cached("SELECT 1 FROM modules WHERE hash = ?1")?
-        .query_row([&new.module_hash], |_| Ok(()))
-        .optional()?
-        .is_some();
+/// Inserts a new workload's record; `checks_modules`: its module must be
+/// stored in this file (a tenant's file holds none; its caller checked).
+fn create(tx: &Connection, new: &NewWorkload, checks_modules: bool) -> StoreResult<()> {
+    let known: bool = !checks_modules
+        || tx
+            .prepare_cached("SELECT 1 FROM modules WHERE hash = ?1")?
+            .query_row([&new.module_hash], |_| Ok(()))
+            .optional()?
+            .is_some();
     if !known {
         return Err(StoreError::ModuleNotFound(new.module_hash.clone()));
     }

@@ -78,7 +78,7 @@ pub struct WriterConfig {
     pub busy_timeout: Duration,
     /// Most bytes of lines one workload may have waiting for the store.
     pub lane_bytes: usize,
-    /// Most bytes of lines all workloads together may have waiting.
+    /// Most bytes of lines all workloads of one file together may have waiting.
     pub total_bytes: usize,
 }
 
@@ -98,6 +98,8 @@ impl Default for WriterConfig {
 pub(super) struct Writer {
     pub(super) conn: Connection,
     pub(super) config: WriterConfig,
+    /// A new workload's module must be in this file (the main one).
+    pub(super) checks_modules: bool,
     pub(super) queue: Arc<LineQueue>,
     pub(super) stats: Arc<WriterStats>,
     /// Integer keys of workloads that may still write lines, so a line never
@@ -403,7 +405,14 @@ impl Writer {
             }
             let mut results = Vec::with_capacity(ops.len() + self.joining.joined.len());
             for op in ops.iter().chain(&self.joining.joined) {
-                let result = apply(&tx, op, &mut self.keys, &self.queue, &mut self.delta);
+                let result = apply(
+                    &tx,
+                    op,
+                    &mut self.keys,
+                    &self.queue,
+                    &mut self.delta,
+                    self.checks_modules,
+                );
                 if let Err(StoreError::StorageFull(_)) = result {
                     // SQLite may have rolled the whole transaction back: it
                     // fails as a whole, and the caller decides what to retry.
