@@ -631,7 +631,12 @@ impl Db {
     pub async fn create_workload(&self, new: NewWorkload) -> StoreResult<()> {
         let (id, shard) = (new.id, self.shard_for_new(new.tenant.as_deref())?);
         self.remember_home(id, &shard, true);
-        request(&shard, |reply| WriteOp::Create { new, reply }).await
+        let created = request(&shard, |reply| WriteOp::Create { new, reply }).await;
+        if created.is_err() {
+            // Nothing will end it: no end needs to find it.
+            self.forget_live(id);
+        }
+        created
     }
 
     /// Marks a pending workload running and sets `started_at` (the runner
