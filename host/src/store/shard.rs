@@ -143,8 +143,10 @@ impl Shard {
 }
 
 /// The file of tenant `name` in `data_dir`. Tenant names are letters,
-/// digits, `-`, `_` and `.` (see `tenants`), so a name is a file name; one
-/// that is not stays in the main file.
+/// digits, `-`, `_` and `.` (see `tenants`), so a name is a file name, but
+/// for case: an upper-case letter is written `^` and its lower case, so that
+/// `Alice` and `alice` have files of their own on a file system that
+/// ignores case. A name that is not plain stays in the main file.
 pub(super) fn tenant_path(data_dir: &Path, name: &str) -> Option<PathBuf> {
     let plain = !name.is_empty()
         && name.len() <= 64
@@ -152,7 +154,36 @@ pub(super) fn tenant_path(data_dir: &Path, name: &str) -> Option<PathBuf> {
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
-    plain.then(|| data_dir.join(TENANTS_DIR).join(format!("{name}.db")))
+    if !plain {
+        return None;
+    }
+    let mut file = String::with_capacity(name.len() + 3);
+    for c in name.chars() {
+        if c.is_ascii_uppercase() {
+            file.push('^');
+        }
+        file.push(c.to_ascii_lowercase());
+    }
+    file.push_str(".db");
+    Some(data_dir.join(TENANTS_DIR).join(file))
+}
+
+/// The tenant whose file is named `file` (see [`tenant_path`]).
+fn tenant_of(file: &str) -> Option<String> {
+    let stem = file.strip_suffix(".db")?;
+    let mut name = String::with_capacity(stem.len());
+    let mut upper = false;
+    for c in stem.chars() {
+        match c {
+            '^' if !upper => upper = true,
+            c if upper => {
+                name.push(c.to_ascii_uppercase());
+                upper = false;
+            }
+            c => name.push(c),
+        }
+    }
+    Some(name)
 }
 
 /// Tenants whose files exist in `data_dir`, with their paths.
@@ -166,14 +197,14 @@ pub(super) fn existing_tenants(data_dir: &Path) -> anyhow::Result<Vec<(String, P
     let mut found = Vec::new();
     for entry in entries {
         let path = entry?.path();
-        let name = path
-            .file_name()
+        let name = (path.file_name())
             .and_then(|n| n.to_str())
-            .and_then(|n| n.strip_suffix(".db"));
+            .and_then(tenant_of);
+        // Only what `tenant_path` makes (not `-wal`, `-shm` or strays).
         if let Some(name) = name
-            && tenant_path(data_dir, name).as_ref() == Some(&path)
+            && tenant_path(data_dir, &name).as_ref() == Some(&path)
         {
-            found.push((name.to_owned(), path));
+            found.push((name, path));
         }
     }
     found.sort();
@@ -188,4 +219,27 @@ pub(super) fn open_reader(path: &Path) -> anyhow::Result<Connection> {
     .with_context(|| format!("failed to open {}", path.display()))?;
     conn.busy_timeout(std::time::Duration::from_secs(10))?;
     Ok(conn)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tenants_file_name_keeps_its_case_apart_and_reads_back() {
+        let dir = Path::new("/data");
+        let file = |name| {
+            let path = tenant_path(dir, name)?;
+            Some(path.file_name()?.to_str()?.to_owned())
+        };
+        assert_eq!(file("alice").as_deref(), Some("alice.db"));
+        assert_eq!(file("Alice.B-2").as_deref(), Some("^alice.^b-2.db"));
+        for name in ["alice", "Alice.B-2", "ALL_CAPS", "a.b"] {
+            assert_eq!(tenant_of(&file(name).unwrap()).as_deref(), Some(name));
+        }
+        for odd in ["", ".hidden", "a/b", "../x", "é"] {
+            assert_eq!(tenant_path(dir, odd), None, "{odd:?}");
+        }
+        assert_eq!(tenant_of("alice.db-wal"), None);
+    }
 }
