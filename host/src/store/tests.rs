@@ -1219,6 +1219,9 @@ async fn each_tenant_has_a_file_of_its_own_and_reads_merge_them() {
     assert_eq!(db.log_bytes(Some("bob")), 12);
     assert_eq!(db.log_bytes_total(), 36);
 
+    // One left running in a tenant's file, as a crash leaves it.
+    let left = create_for(&db, Some("bob"), 1).await;
+    db.flush().await;
     // A new handle finds them by looking in each file.
     drop(db);
     let db = Db::open(dir.path()).unwrap();
@@ -1238,12 +1241,14 @@ async fn each_tenant_has_a_file_of_its_own_and_reads_merge_them() {
         "summed again from its file"
     );
     // A restart fails what was left running, in every file.
-    assert_eq!(db.fail_unfinished("stopped").await.unwrap(), 1);
+    assert_eq!(db.fail_unfinished("stopped").await.unwrap(), 2);
     let readers = Db::open_read_only(dir.path()).unwrap();
     assert_eq!(
         readers.workload(legacy).await.unwrap().status,
         Status::Failed
     );
+    let record = readers.workload(left).await.unwrap();
+    assert_eq!((record.status, record.line_count), (Status::Failed, 1));
     assert_eq!(readers.read_lines(bob, None, 10).await.unwrap().len(), 2);
 }
 
