@@ -307,13 +307,18 @@ fn read_file(path: &Path) -> anyhow::Result<TenantsFile> {
     parsed.with_context(|| format!("the tenants file {} does not parse", path.display()))
 }
 
-fn check_name(name: &str) -> anyhow::Result<()> {
-    let ok = !name.is_empty()
+/// True when `name` can name a tenant: 1-64 ASCII letters, digits, `-`, `_`
+/// or `.` (so it is also a file name).
+pub fn is_valid_name(name: &str) -> bool {
+    !name.is_empty()
         && name.len() <= 64
         && name
             .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
-    if !ok {
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+}
+
+fn check_name(name: &str) -> anyhow::Result<()> {
+    if !is_valid_name(name) {
         bail!("tenant name `{name}` must be 1-64 letters, digits, `-`, `_` or `.`");
     }
     Ok(())

@@ -352,14 +352,15 @@ impl Db {
 
     /// The file a new workload of `tenant` goes to, opened (made) on first use.
     fn shard_for_new(&self, tenant: Option<&str>) -> StoreResult<Arc<Shard>> {
-        let Some((name, path)) =
-            tenant.and_then(|t| Some((t, shard::tenant_path(&self.inner.data_dir, t)?)))
-        else {
+        let Some(name) = tenant else {
             return Ok(Arc::clone(&self.inner.main));
         };
         if let Some(found) = self.tenant_shard(name) {
             return Ok(found);
         }
+        let Some(path) = shard::tenant_path(&self.inner.data_dir, name) else {
+            return Ok(Arc::clone(&self.inner.main));
+        };
         self.writer()?;
         let mut tenants = self
             .inner
@@ -377,7 +378,20 @@ impl Db {
             Some(name.to_owned()),
             tenant_config(self.inner.config),
         )
-        .with_context(|| format!("failed to open the store of tenant `{name}`"))?;
+        .map_err(|e| {
+            // A full disk is what it is for the caller (507), as on any write.
+            let full = e.chain().any(|cause| {
+                cause
+                    .downcast_ref::<rusqlite::Error>()
+                    .and_then(|e| e.sqlite_error_code())
+                    == Some(rusqlite::ErrorCode::DiskFull)
+            });
+            let e = e.context(format!("failed to open the store of tenant `{name}`"));
+            match full {
+                true => StoreError::StorageFull(format!("{e:#}")),
+                false => StoreError::Internal(e),
+            }
+        })?;
         tenants.insert(name.to_owned(), Arc::clone(&opened));
         Ok(opened)
     }
@@ -500,9 +514,13 @@ impl Db {
     /// Bytes of stored log lines of `tenant`'s workloads (`None`: those
     /// without a tenant) that retention has not deleted.
     pub fn log_bytes(&self, tenant: Option<&str>) -> u64 {
-        (self.shards_of(tenant).iter())
-            .filter_map(|s| s.writer.as_ref().map(|w| w.usage.of(tenant)))
-            .sum()
+        let of = |s: &Shard| s.writer.as_ref().map_or(0, |w| w.usage.of(tenant));
+        match tenant {
+            // Asked before each of a tenant's runs: no list of files.
+            Some(t) => of(&self.inner.main) + self.tenant_shard(t).map_or(0, |s| of(&s)),
+            // Only the main file holds workloads without a tenant.
+            None => of(&self.inner.main),
+        }
     }
 
     /// Bytes of all stored log lines that retention has not deleted.

@@ -27,7 +27,7 @@ pub const TENANTS_DIR: &str = "tenants";
 
 /// One database file and the connections to it.
 pub(super) struct Shard {
-    pub(super) path: PathBuf,
+    path: PathBuf,
     /// Whose workloads it holds: `None` for the main file.
     pub(super) tenant: Option<String>,
     /// `None` for a read-only handle.
@@ -142,19 +142,13 @@ impl Shard {
     }
 }
 
-/// The file of tenant `name` in `data_dir`. Tenant names are letters,
-/// digits, `-`, `_` and `.` (see `tenants`), so a name is a file name, but
-/// for case: an upper-case letter is written `^` and its lower case, so that
-/// `Alice` and `alice` have files of their own on a file system that
-/// ignores case. A name that is not plain stays in the main file.
+/// The file of tenant `name` in `data_dir`. A valid tenant name
+/// ([`crate::tenants::is_valid_name`]) is a file name, but for case: an
+/// upper-case letter is written `^` and its lower case, so that `Alice` and
+/// `alice` have files of their own on a file system that ignores case. A
+/// name that is not valid stays in the main file.
 pub(super) fn tenant_path(data_dir: &Path, name: &str) -> Option<PathBuf> {
-    let plain = !name.is_empty()
-        && name.len() <= 64
-        && !name.starts_with('.')
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
-    if !plain {
+    if !crate::tenants::is_valid_name(name) {
         return None;
     }
     let mut file = String::with_capacity(name.len() + 3);
@@ -237,7 +231,9 @@ mod tests {
         for name in ["alice", "Alice.B-2", "ALL_CAPS", "a.b"] {
             assert_eq!(tenant_of(&file(name).unwrap()).as_deref(), Some(name));
         }
-        for odd in ["", ".hidden", "a/b", "../x", "é"] {
+        assert_eq!(file(".x").as_deref(), Some(".x.db"));
+        let long = "a".repeat(65);
+        for odd in ["", "a/b", "../x", "é", "a^b", &long] {
             assert_eq!(tenant_path(dir, odd), None, "{odd:?}");
         }
         assert_eq!(tenant_of("alice.db-wal"), None);

@@ -1276,11 +1276,27 @@ async fn a_tenants_commits_do_not_wait_for_another_tenants_file() {
 
 #[tokio::test]
 async fn retention_takes_the_workload_that_ended_first_across_files() {
-    let (_dir, db, _) = db_with_module().await;
+    let (dir, db, _) = db_with_module().await;
     let mut ended = Vec::new();
-    for tenant in [Some("bob"), None, Some("alice"), Some("bob")] {
+    for (n, tenant) in [Some("bob"), None, Some("alice"), Some("bob")]
+        .into_iter()
+        .enumerate()
+    {
         let id = create_for(&db, tenant, 2).await;
         db.finish(id, done(Status::Completed, 2)).await.unwrap();
+        // Ends a second apart, in this order, whatever the clock did.
+        let file = match tenant {
+            Some(t) => dir.path().join(format!("tenants/{t}.db")),
+            None => dir.path().join(DB_FILE),
+        };
+        let set = "UPDATE workloads SET finished_at = ?1 WHERE id = ?2";
+        let changed = (Connection::open(file).unwrap())
+            .execute(
+                set,
+                rusqlite::params![1_000 * (n as i64 + 1), id.to_string()],
+            )
+            .unwrap();
+        assert_eq!(changed, 1);
         ended.push(id);
     }
     let mut pruned = Vec::new();
