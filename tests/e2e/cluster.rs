@@ -517,6 +517,37 @@ async fn a_short_sync_run_keeps_its_few_lines_in_its_record() {
         seqs(&history(&reader.server, big).await),
         (0..2000).collect::<Vec<_>>()
     );
+
+    // The node that ran them keeps its own copy of each, as a single node
+    // would, though nobody waited for it: there once the node has stopped.
+    let (ran_id, big) = (ran["id"].as_str().unwrap(), big.to_owned());
+    assert!(runner.server.stop().success());
+    let own: HashMap<String, WorkloadRow> = runner
+        .env
+        .workloads()
+        .into_iter()
+        .map(|w| (w.id.clone(), w))
+        .collect();
+    assert_eq!(own.len(), 6, "{own:?}");
+    for (id, status, lines) in [
+        (ran_id, "completed", 5),
+        (silent, "completed", 0),
+        (
+            failed["id"].as_str().unwrap(),
+            "failed",
+            failed["line_count"].as_i64().unwrap(),
+        ),
+        (&big, "completed", 2000),
+    ] {
+        let row = &own[id];
+        assert_eq!(
+            (row.status.as_str(), row.line_count),
+            (status, lines),
+            "{row:?}"
+        );
+        assert_eq!(runner.env.lines(id).len(), lines as usize, "{row:?}");
+    }
+    assert_eq!(runner.env.lines(ran_id)[4].2, "out 4");
 }
 
 /// The consumers reading `VULCAN_LOGS` right now.

@@ -29,7 +29,7 @@ use crate::engine::CompiledModule;
 use crate::logs::LineSink;
 use crate::outbound::OutboundRule;
 use crate::registry::RegistryError;
-use crate::runner::{Creation, Launch, Slot};
+use crate::runner::{Creation, Launch, LocalRecord, Slot};
 use crate::view::WorkloadView;
 use crate::workload::{
     Completion, FailureKind, Limits, LogLevel, Status, Stdin, WorkloadId, WorkloadRecord,
@@ -695,6 +695,7 @@ impl Cluster {
                 // node's: its guest need not wait for the local one.
                 creation: Creation::Overlapped,
                 ended: Some(ended_tx),
+                record: LocalRecord::Copy,
             };
             let started = match self.node.runner().start_claimed(compiled, launch).await {
                 Ok(started) => started,
@@ -789,13 +790,14 @@ impl Cluster {
                 }
             }
         };
-        let (stored, local) = tokio::join!(store, local);
-        if let Err(e) = local {
-            // Its lines and end are in the cluster, which is what is read.
-            tracing::error!(workload = %id, error = %e, "this node could not store its own copy of an end");
-        }
-        if let (true, Some(here)) = (stored, claim.here) {
+        // The caller is answered from the cluster's record; this node's
+        // copy commits meanwhile (in its own task), with other runs'.
+        if let (true, Some(here)) = (store.await, claim.here) {
             let _ = here.send(view);
+        }
+        if let Err(e) = local.await {
+            // Its lines and end are in the cluster, which is what is read.
+            tracing::error!(workload = %id, error = %e, "this node could not store its own copy of a run");
         }
     }
 

@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use crate::engine::{CompiledModule, GuestIdentity, LimitHit, Outcome, RunReport, Runtime};
 use crate::logs::{LineSink, LogBroker, LogWriter, SinkPair};
 use crate::metrics::Metrics;
-use crate::store::{Db, NewWorkload, StoreError};
+use crate::store::{Db, Haste, NewWorkload, StoreError};
 use crate::workload::{Completion, FailureKind, Status, WorkloadId, WorkloadRecord, WorkloadSpec};
 pub use guest_threads::GuestThreads;
 
@@ -59,6 +59,23 @@ pub struct Launch {
     /// Told how the guest ended as soon as it did, while that end commits:
     /// the cluster sends its own copy of the record meanwhile.
     pub ended: Option<tokio::sync::oneshot::Sender<Completion>>,
+    /// What this node's record of it is to its readers.
+    pub record: LocalRecord,
+}
+
+/// What this node's record of a workload is to those who read it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LocalRecord {
+    /// What the API reads: committed at once, and whoever asked to hear of
+    /// the end hears of it only once the record exists.
+    Primary,
+    /// A copy of a record kept elsewhere (the cluster's, which the API
+    /// reads), with [`Creation::Overlapped`]: nobody waits on it, so its
+    /// creation and end share commits with other runs' (see
+    /// [`Haste::Linger`]), its end is told as soon as the guest ended, and
+    /// its slot is free from then. A creation that fails is logged; the run
+    /// still counts, its record and lines being in the cluster.
+    Copy,
 }
 
 /// When a workload's guest starts, relative to its record's creation.
@@ -210,6 +227,7 @@ impl Runner {
             also: None,
             creation,
             ended: None,
+            record: LocalRecord::Primary,
         };
         self.start_claimed(module, launch).await
     }
@@ -250,7 +268,12 @@ impl Runner {
             also,
             creation,
             ended,
+            record,
         } = launch;
+        let haste = match record {
+            LocalRecord::Primary => Haste::Now,
+            LocalRecord::Copy => Haste::Linger,
+        };
         // Killable from the moment the record exists.
         let switch = KillSwitch::default();
         self.lock().insert(id, switch.clone());
@@ -258,7 +281,7 @@ impl Runner {
         let execution = tokio::spawn({
             let this = Arc::clone(self);
             async move {
-                let _permit = permit;
+                let mut permit = permit;
                 let new = NewWorkload {
                     id,
                     module_hash: module_hash.clone(),
@@ -286,10 +309,11 @@ impl Runner {
                     }
                     Creation::Overlapped => {
                         let publisher = this.broker.open(id);
-                        match this
-                            .db
-                            .create_workload_with_lane(new, Some(Box::new(publisher)))
-                        {
+                        match this.db.create_workload_with_lane(
+                            new,
+                            Some(Box::new(publisher)),
+                            haste,
+                        ) {
                             Ok((lane, created)) => {
                                 let _ = created_tx.send(Ok(()));
                                 (Ok(lane), Some(created))
@@ -319,7 +343,8 @@ impl Runner {
                     .with_min_level(spec.log_level);
                 let (writer, _tee_flusher) = with_tee(writer, tee);
                 // Whoever asked to hear of its end hears it once its record
-                // exists too, so never of a run whose creation failed.
+                // exists too, so never of a run whose creation failed (a
+                // copy's, at once: nobody reads the copy).
                 let (copy_tx, copy_rx) = tokio::sync::oneshot::channel();
                 let (exists_tx, exists_rx) = tokio::sync::oneshot::channel();
                 let wants_copy = ended.is_some();
@@ -327,6 +352,9 @@ impl Runner {
                     let completion = this
                         .run_guest(module, spec, identity, &writer, &switch)
                         .await;
+                    if record == LocalRecord::Copy {
+                        drop(permit.take());
+                    }
                     if wants_copy {
                         let _ = copy_tx.send(completion.clone());
                     }
@@ -334,13 +362,15 @@ impl Runner {
                 };
                 let tell = async {
                     let Some(ended) = ended else { return };
-                    if let (Ok(true), Ok(completion)) = (exists_rx.await, copy_rx.await) {
+                    let exists =
+                        async { record == LocalRecord::Copy || exists_rx.await == Ok(true) };
+                    if let (true, Ok(completion)) = tokio::join!(exists, copy_rx) {
                         let _ = ended.send(completion);
                     }
                 };
                 let Some(created) = created else {
                     let _ = exists_tx.send(true);
-                    let (ended, ()) = tokio::join!(this.record_end(id, run.await), tell);
+                    let (ended, ()) = tokio::join!(this.record_end(id, run.await, haste), tell);
                     return Ok(Some(ended?));
                 };
                 // A creation that fails stops the guest at once.
@@ -356,7 +386,7 @@ impl Runner {
                 // Its end is sent as soon as it ended: the writer takes it
                 // after the creation, so a short run's creation, lines and
                 // end can share one commit.
-                let ended = async { this.record_end(id, run.await).await };
+                let ended = async { this.record_end(id, run.await, haste).await };
                 let (created, ended, ()) = tokio::join!(created, ended, tell);
                 if let Err(e) = created {
                     this.db.drop_lines(id);
@@ -495,6 +525,7 @@ impl Runner {
         &self,
         id: WorkloadId,
         completion: Completion,
+        haste: Haste,
     ) -> anyhow::Result<WorkloadRecord> {
         // Committed after every line of the workload, in the same transaction
         // as its last ones; that commit also ends live delivery.
@@ -503,7 +534,7 @@ impl Runner {
             completion.duration_ms,
             completion.line_count,
         );
-        let stored = self.db.finish(id, completion).await;
+        let stored = self.db.finish_with(id, completion, haste).await;
         // A workload whose record was never created (its creation failed
         // while the guest ran) is answered as not started, and not counted.
         if !matches!(stored, Err(StoreError::NotFound(_))) {

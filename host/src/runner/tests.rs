@@ -144,6 +144,59 @@ async fn an_overlapped_start_stores_every_line_and_its_end() {
     assert_eq!(node.db().lost_lines(), 0);
 }
 
+/// A run whose record here is a copy of one kept elsewhere: its end is told
+/// and its slot free as soon as its guest ended, while its own creation and
+/// end still wait for the writer's linger (an hour here) to commit.
+#[tokio::test]
+async fn a_copys_end_is_told_and_its_slot_freed_before_it_commits() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = NodeOptions {
+        max_concurrent: Some(1),
+        writer: crate::store::WriterConfig {
+            linger: Duration::from_secs(3600),
+            ..Default::default()
+        },
+        ..NodeOptions::default()
+    };
+    let node = Node::open(dir.path(), options).await.unwrap();
+    let (hash, compiled) = module(&node, wat_fixture!("print-hello")).await;
+    let runner = node.runner();
+    let commits = node.db().commits();
+    let (ended_tx, ended_rx) = tokio::sync::oneshot::channel();
+    let launch = Launch {
+        id: WorkloadId::new(),
+        slot: runner.try_reserve().unwrap(),
+        module_hash: hash,
+        spec: spec(),
+        tee: None,
+        also: None,
+        creation: Creation::Overlapped,
+        ended: Some(ended_tx),
+        record: LocalRecord::Copy,
+    };
+    let started = runner.start_claimed(compiled, launch).await.unwrap();
+    let completion = ended_rx.await.unwrap();
+    assert_eq!(
+        (completion.status, completion.line_count),
+        (Status::Completed, 1)
+    );
+    // The slot comes back without a commit: the next run can take it.
+    let slot = runner.try_reserve().expect("its slot is free");
+    assert_eq!(node.db().commits(), commits, "nothing committed yet");
+    drop(slot);
+    node.db().flush().await;
+    let record = started.done.await.unwrap().unwrap();
+    assert_eq!(record.status, Status::Completed);
+    assert_eq!(
+        node.db()
+            .read_lines(started.id, None, 10)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+}
+
 /// A creation that fails after its guest started (here: a module the store
 /// does not hold) stops the guest, even a tight loop, and answers the same
 /// error a start that waited for it would have; nothing stays running.

@@ -45,7 +45,7 @@ use tokio::sync::oneshot;
 
 pub use queue::{LINE_OVERHEAD, LineLane};
 pub use schema::SCHEMA_VERSION;
-pub use write_op::PruneScope;
+pub use write_op::{Haste, PruneScope};
 pub use writer::WriterConfig;
 
 use crate::logs::{LivePublisher, LogRecord};
@@ -468,6 +468,7 @@ impl Db {
         &self,
         new: NewWorkload,
         live: Option<Box<dyn LivePublisher>>,
+        haste: Haste,
     ) -> StoreResult<(
         LineLane,
         impl Future<Output = StoreResult<()>> + Send + 'static,
@@ -479,7 +480,7 @@ impl Db {
         // creation releases the lane, so the lane must exist by then.
         let lane = LineLane::new(id, live, Arc::clone(&w.queue), w.tx.clone(), true);
         let (reply, rx) = oneshot::channel();
-        if !w.send(WriteOp::Create { new, reply }) {
+        if !w.send(WriteOp::Create { new, reply, haste }) {
             w.queue.close(id);
             return Err(anyhow::anyhow!("the database writer has stopped").into());
         }
@@ -649,7 +650,12 @@ impl Db {
     pub async fn create_workload(&self, new: NewWorkload) -> StoreResult<()> {
         let (id, shard) = (new.id, self.shard_for_new(new.tenant.as_deref())?);
         self.remember_home(id, &shard, true);
-        let created = request(&shard, |reply| WriteOp::Create { new, reply }).await;
+        let created = request(&shard, |reply| WriteOp::Create {
+            new,
+            reply,
+            haste: Haste::Now,
+        })
+        .await;
         if created.is_err() {
             // Nothing will end it: no end needs to find it.
             self.forget_live(id);
@@ -666,6 +672,7 @@ impl Db {
             to: Status::Running,
             completion: None,
             reply: Some(reply),
+            haste: Haste::Now,
         })
         .await
         .map(|_| ())
@@ -679,11 +686,22 @@ impl Db {
         id: WorkloadId,
         completion: Completion,
     ) -> StoreResult<WorkloadRecord> {
+        self.finish_with(id, completion, Haste::Now).await
+    }
+
+    /// [`Db::finish`], committed as soon as `haste` asks.
+    pub async fn finish_with(
+        &self,
+        id: WorkloadId,
+        completion: Completion,
+        haste: Haste,
+    ) -> StoreResult<WorkloadRecord> {
         let ended = request(&self.home(id), |reply| WriteOp::Transition {
             id,
             to: completion.status,
             completion: Some(completion),
             reply: Some(reply),
+            haste,
         })
         .await;
         // An end that could not be written yet is retried by the writer,

@@ -82,6 +82,7 @@ impl Shard {
             delta: Default::default(),
             ops_in_a_row: false,
             joining: Default::default(),
+            lingering: Vec::new(),
         };
         thread::Builder::new()
             .name("vulcan-db-writer".into())

@@ -323,7 +323,7 @@ async fn lines_sent_before_their_workloads_creation_commits_are_all_stored() {
         }
         let id = WorkloadId::new();
         let (lane, created) = db
-            .create_workload_with_lane(new_running(id, &hash), None)
+            .create_workload_with_lane(new_running(id, &hash), None, Haste::Now)
             .unwrap();
         for seq in 0..30 {
             lane.send(line(id, seq));
@@ -345,6 +345,64 @@ async fn lines_sent_before_their_workloads_creation_commits_are_all_stored() {
     assert_eq!(db.lost_lines(), 0);
 }
 
+/// Creations and ends that nobody waits on (a cluster node's own copies)
+/// wait for the linger and share one commit, here the one a prompt op
+/// makes; each still carries its lines and answers its record.
+#[tokio::test]
+async fn lingering_creations_and_ends_share_the_next_commit() {
+    use futures_util::FutureExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let config = WriterConfig {
+        linger: Duration::from_secs(3600),
+        ..WriterConfig::default()
+    };
+    let db = Db::open_with(dir.path(), config).unwrap();
+    put_module(&db).await;
+    let commits = db.commits();
+    let mut runs = Vec::new();
+    for _ in 0..3 {
+        let id = WorkloadId::new();
+        let (lane, created) = db
+            .create_workload_with_lane(new_running(id, MODULE), None, Haste::Linger)
+            .unwrap();
+        lane.send(line(id, 0));
+        lane.send(line(id, 1));
+        let mut ended = Box::pin(db.finish_with(id, done(Status::Completed, 2), Haste::Linger));
+        // Sent, and not committed: the linger is an hour.
+        assert!((&mut ended).now_or_never().is_none());
+        runs.push((id, created, ended));
+    }
+    assert_eq!(db.commits(), commits, "nothing committed while they linger");
+    // A prompt op commits at once, and takes them along.
+    let prompt = create(&db, MODULE).await;
+    assert_eq!(db.commits(), commits + 1);
+    for (id, created, ended) in runs {
+        created.await.unwrap();
+        let record = ended.await.unwrap();
+        assert_eq!((record.status, record.line_count), (Status::Completed, 2));
+        assert_eq!(db.read_lines(id, None, 10).await.unwrap().len(), 2);
+    }
+    assert_eq!(db.commits(), commits + 1);
+    assert_eq!(db.workload(prompt).await.unwrap().status, Status::Pending);
+}
+
+/// A lingering op with the default linger commits on its own, with no
+/// other op to take it along.
+#[tokio::test]
+async fn a_lingering_end_commits_within_the_linger_on_its_own() {
+    let (_dir, db, hash) = db_with_module().await;
+    let id = WorkloadId::new();
+    let (lane, created) = db
+        .create_workload_with_lane(new_running(id, &hash), None, Haste::Linger)
+        .unwrap();
+    lane.send(line(id, 0));
+    let ended = db.finish_with(id, done(Status::Killed, 1), Haste::Linger);
+    let (created, ended) = tokio::join!(created, ended);
+    created.unwrap();
+    assert_eq!(ended.unwrap().status, Status::Killed);
+    assert_eq!(db.read_lines(id, None, 10).await.unwrap().len(), 1);
+}
+
 /// A creation that fails (here: its module is not stored) takes nothing
 /// with it: the lines that waited for it are dropped with the lane and
 /// counted lost, and the writer goes on.
@@ -353,7 +411,7 @@ async fn a_failed_creation_drops_the_lines_that_waited_for_it() {
     let (_dir, db, hash) = db_with_module().await;
     let id = WorkloadId::new();
     let (lane, created) = db
-        .create_workload_with_lane(new_running(id, "sha256:missing"), None)
+        .create_workload_with_lane(new_running(id, "sha256:missing"), None, Haste::Now)
         .unwrap();
     lane.send(line(id, 0));
     let refused = created.await;
@@ -869,6 +927,7 @@ fn a_terminal_status_behind_a_backlog_lets_other_ops_go_first() {
     let mut pending = vec![WriteOp::Create {
         new: a,
         reply: created,
+        haste: Haste::Now,
     }];
     writer.commit(&mut pending, false);
     assert!(pending.is_empty());
@@ -887,10 +946,12 @@ fn a_terminal_status_behind_a_backlog_lets_other_ops_go_first() {
             to: Status::Completed,
             completion: Some(done(Status::Completed, 20_000)),
             reply: Some(finished),
+            haste: Haste::Now,
         },
         WriteOp::Create {
             new: b,
             reply: created,
+            haste: Haste::Now,
         },
     ];
     writer.commit(&mut pending, false);
@@ -947,7 +1008,11 @@ fn ops_that_arrive_during_a_transaction_of_lines_join_it() {
     let mut pending = Vec::new();
     for new in [flooder, short] {
         let (reply, _) = tokio::sync::oneshot::channel();
-        pending.push(WriteOp::Create { new, reply });
+        pending.push(WriteOp::Create {
+            new,
+            reply,
+            haste: Haste::Now,
+        });
     }
     writer.commit(&mut pending, false);
     assert!(pending.is_empty());
@@ -978,6 +1043,7 @@ fn ops_that_arrive_during_a_transaction_of_lines_join_it() {
     send(WriteOp::Create {
         new: late,
         reply: created,
+        haste: Haste::Now,
     });
     let (short_end, mut short_end_rx) = tokio::sync::oneshot::channel();
     send(WriteOp::Transition {
@@ -985,11 +1051,13 @@ fn ops_that_arrive_during_a_transaction_of_lines_join_it() {
         to: Status::Completed,
         completion: Some(done(Status::Completed, 3)),
         reply: Some(short_end),
+        haste: Haste::Now,
     });
     let (quick_created, mut quick_created_rx) = tokio::sync::oneshot::channel();
     send(WriteOp::Create {
         new: quick,
         reply: quick_created,
+        haste: Haste::Now,
     });
     let (quick_end, mut quick_end_rx) = tokio::sync::oneshot::channel();
     send(WriteOp::Transition {
@@ -997,6 +1065,7 @@ fn ops_that_arrive_during_a_transaction_of_lines_join_it() {
         to: Status::Completed,
         completion: Some(done(Status::Completed, 300)),
         reply: Some(quick_end),
+        haste: Haste::Now,
     });
     let (flood_end, mut flood_end_rx) = tokio::sync::oneshot::channel();
     send(WriteOp::Transition {
@@ -1004,6 +1073,7 @@ fn ops_that_arrive_during_a_transaction_of_lines_join_it() {
         to: Status::Completed,
         completion: Some(done(Status::Completed, 2_000)),
         reply: Some(flood_end),
+        haste: Haste::Now,
     });
     let commits = writer.stats.commits.load(Ordering::Relaxed);
     writer.commit(&mut pending, false);
@@ -1101,6 +1171,7 @@ fn writer_on_its_own(dir: &std::path::Path) -> (Writer, Arc<LineQueue>) {
         delta: Default::default(),
         ops_in_a_row: false,
         joining: Default::default(),
+        lingering: Vec::new(),
     };
     let info = ModuleInfo {
         hash: MODULE.into(),
@@ -1115,12 +1186,48 @@ fn writer_on_its_own(dir: &std::path::Path) -> (Writer, Arc<LineQueue>) {
 }
 
 #[test]
+fn lingering_ops_wait_apart_until_enough_of_them_wait() {
+    use super::writer::MAX_LINGERING;
+    let dir = tempfile::tempdir().unwrap();
+    let (mut writer, _queue) = writer_on_its_own(dir.path());
+    let take = |writer: &mut Writer, haste, ops: &mut Vec<WriteOp>| {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        let new = new_running(WorkloadId::new(), MODULE);
+        writer.stats.ops_waiting.fetch_add(1, Ordering::AcqRel);
+        let due = writer.take(WriteOp::Create { new, reply, haste }, ops);
+        (due, rx)
+    };
+    let mut ops = Vec::new();
+    let mut replies = Vec::new();
+    for i in 1..=MAX_LINGERING {
+        let (due, rx) = take(&mut writer, Haste::Linger, &mut ops);
+        assert_eq!(due, i == MAX_LINGERING, "lingering op {i}");
+        replies.push(rx);
+    }
+    assert!(ops.is_empty(), "they wait apart from the ops in hand");
+    writer.commit(&mut ops, false);
+    for mut rx in replies {
+        assert!(matches!(rx.try_recv(), Ok(Ok(()))));
+    }
+    let (due, _) = take(&mut writer, Haste::Now, &mut ops);
+    assert!(due, "a prompt op is due at once");
+    assert_eq!(ops.len(), 1);
+}
+
+#[test]
 fn an_op_after_a_commit_of_lines_alone_does_not_carry_a_flood() {
     let dir = tempfile::tempdir().unwrap();
     let (mut writer, queue) = writer_on_its_own(dir.path());
     let create = |reply| {
         let new = new_running(WorkloadId::new(), MODULE);
-        (new.id, WriteOp::Create { new, reply })
+        (
+            new.id,
+            WriteOp::Create {
+                new,
+                reply,
+                haste: Haste::Now,
+            },
+        )
     };
     let (flood_create, _) = tokio::sync::oneshot::channel();
     let (flood, op) = create(flood_create);
@@ -1181,9 +1288,13 @@ async fn each_tenant_has_a_file_of_its_own_and_reads_merge_them() {
             tenant: Some("alice".into()),
             ..new_running(id, MODULE)
         };
-        request(&db.inner.main, |reply| WriteOp::Create { new, reply })
-            .await
-            .unwrap();
+        request(&db.inner.main, |reply| WriteOp::Create {
+            new,
+            reply,
+            haste: Haste::Now,
+        })
+        .await
+        .unwrap();
         id
     };
     let alice = create_for(&db, Some("alice"), 3).await;

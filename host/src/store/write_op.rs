@@ -25,6 +25,7 @@ pub(super) enum WriteOp {
     Create {
         new: NewWorkload,
         reply: oneshot::Sender<StoreResult<()>>,
+        haste: Haste,
     },
     Transition {
         id: WorkloadId,
@@ -34,6 +35,7 @@ pub(super) enum WriteOp {
         /// terminal status answers the final record, read in the same
         /// transaction.
         reply: Option<oneshot::Sender<StoreResult<Option<WorkloadRecord>>>>,
+        haste: Haste,
     },
     FailUnfinished {
         reason: String,
@@ -58,7 +60,33 @@ pub(super) enum WriteOp {
     },
 }
 
+/// How soon a workload's creation or end is committed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Haste {
+    /// Someone waits on it: it is committed at once, with whatever else waits.
+    #[default]
+    Now,
+    /// Nobody reads it yet (a cluster node's own copy of a record the API
+    /// reads from the cluster): it waits up to the writer's linger, so that
+    /// the creations and ends of many runs share one commit.
+    Linger,
+}
+
 impl WriteOp {
+    /// Whether the op may wait for the writer's linger (see [`Haste`]).
+    pub(super) fn lingers(&self) -> bool {
+        matches!(
+            self,
+            WriteOp::Create {
+                haste: Haste::Linger,
+                ..
+            } | WriteOp::Transition {
+                haste: Haste::Linger,
+                ..
+            }
+        )
+    }
+
     /// The workload whose lines must be committed with (before) this op.
     pub(super) fn ends(&self) -> Option<WorkloadId> {
         match self {

@@ -10,12 +10,14 @@
 //! committed has its lane held until the commit that takes the creation,
 //! where its lines go in right after it.
 //!
-//! Someone waits on every op, so an op is never held behind a flood: a
+//! Someone waits on almost every op, so an op is never held behind a flood: a
 //! transaction of lines alone grows chunk by chunk, and an op that arrives
 //! meanwhile ends its growth and joins it (see [`Joining`]), so that op waits
 //! for one chunk and one commit. A workload that ends with a long backlog of
 //! lines has them committed first in those transactions, before its terminal
-//! status, while other ops go ahead.
+//! status, while other ops go ahead. The exception, a creation or end
+//! nobody waits on (a cluster node's copy, [`Haste::Linger`]), waits for
+//! the linger, or for the next op someone waits on, and shares its commit.
 //!
 //! Faults: `SQLITE_BUSY`/`LOCKED` are retried until they pass. Any other failure
 //! is permanent for what was in the transaction: its lines are dropped and their
@@ -31,7 +33,7 @@ use rusqlite::{Connection, TransactionBehavior};
 
 use super::queue::{LineQueue, Taken};
 use super::usage::{LogUsage, UsageDelta};
-use super::write_op::{Applied, WriteOp};
+use super::write_op::{Applied, Haste, WriteOp};
 use super::write_sql::{WorkloadKeys, apply, insert_lines};
 use super::{StoreError, StoreResult};
 use crate::workload::{Completion, WorkloadId};
@@ -50,6 +52,11 @@ const LINES_WITH_OPS: usize = 256;
 /// insert: much smaller chunks cost a flood's throughput more (a fifth at 32
 /// lines) than they save the op.
 pub(super) const LINES_PER_CHUNK: usize = 128;
+
+/// Most ops that wait for the linger (see [`Haste::Linger`]) before they are
+/// committed without waiting for it: a transaction stays short however
+/// fast they come.
+pub(super) const MAX_LINGERING: usize = 256;
 
 /// Longest pause between two attempts of a transaction that found the database busy.
 const MAX_BUSY_BACKOFF: Duration = Duration::from_millis(200);
@@ -116,6 +123,9 @@ pub(super) struct Writer {
     pub(super) ops_in_a_row: bool,
     /// Ops that arrived while a transaction of lines was being written.
     pub(super) joining: Joining,
+    /// Ops that wait for the linger (see [`Haste::Linger`]), taken by the
+    /// next commit.
+    pub(super) lingering: Vec<WriteOp>,
 }
 
 /// Ops that arrive while a transaction of lines alone is being written join
@@ -198,7 +208,7 @@ impl Writer {
 
     /// Keeps `op` for the next commit; true if that commit is due now: someone
     /// waits on the op, or the line queue holds a full batch.
-    fn take(&mut self, op: WriteOp, ops: &mut Vec<WriteOp>) -> bool {
+    pub(super) fn take(&mut self, op: WriteOp, ops: &mut Vec<WriteOp>) -> bool {
         if !matches!(op, WriteOp::LinesQueued) {
             self.stats.ops_waiting.fetch_sub(1, Ordering::AcqRel);
         }
@@ -217,6 +227,10 @@ impl Writer {
                 let _ = reply.send(());
                 false
             }
+            op if op.lingers() => {
+                self.lingering.push(op);
+                self.lingering.len() >= MAX_LINGERING
+            }
             op => {
                 ops.push(op);
                 true
@@ -234,8 +248,10 @@ impl Writer {
                 to: completion.status,
                 completion: Some(completion),
                 reply: None,
+                haste: Haste::Now,
             });
         }
+        pending.append(&mut self.lingering);
         // Lines that waited for their workload's creation may come along:
         // they go in right after it (see `attempt`).
         for op in pending.iter() {
@@ -521,6 +537,7 @@ impl Writer {
                 to,
                 completion: Some(completion),
                 reply,
+                ..
             } if to.is_terminal() => {
                 self.retained.push((id, completion));
                 if let Some(reply) = reply {
