@@ -73,8 +73,8 @@ pub enum LocalRecord {
     /// reads), with [`Creation::Overlapped`]: nobody waits on it, so its
     /// creation and end share commits with other runs' (see
     /// [`Haste::Linger`]), its end is told as soon as the guest ended, and
-    /// its slot is free from then. A creation that fails is logged; the run
-    /// still counts, its record and lines being in the cluster.
+    /// its slot is free from then. A creation that fails still stops a
+    /// guest that runs; one that ended was told as it ended.
     Copy,
 }
 

@@ -144,6 +144,27 @@ async fn an_overlapped_start_stores_every_line_and_its_end() {
     assert_eq!(node.db().lost_lines(), 0);
 }
 
+/// A launch of `module_hash` as a cluster node makes one (its record here
+/// a copy), and where its end is told.
+fn copy_launch(
+    runner: &Runner,
+    module_hash: String,
+) -> (Launch, tokio::sync::oneshot::Receiver<Completion>) {
+    let (ended_tx, ended_rx) = tokio::sync::oneshot::channel();
+    let launch = Launch {
+        id: WorkloadId::new(),
+        slot: runner.try_reserve().unwrap(),
+        module_hash,
+        spec: spec(),
+        tee: None,
+        also: None,
+        creation: Creation::Overlapped,
+        ended: Some(ended_tx),
+        record: LocalRecord::Copy,
+    };
+    (launch, ended_rx)
+}
+
 /// A run whose record here is a copy of one kept elsewhere: its end is told
 /// and its slot free as soon as its guest ended, while its own creation and
 /// end still wait for the writer's linger (an hour here) to commit.
@@ -162,18 +183,7 @@ async fn a_copys_end_is_told_and_its_slot_freed_before_it_commits() {
     let (hash, compiled) = module(&node, wat_fixture!("print-hello")).await;
     let runner = node.runner();
     let commits = node.db().commits();
-    let (ended_tx, ended_rx) = tokio::sync::oneshot::channel();
-    let launch = Launch {
-        id: WorkloadId::new(),
-        slot: runner.try_reserve().unwrap(),
-        module_hash: hash,
-        spec: spec(),
-        tee: None,
-        also: None,
-        creation: Creation::Overlapped,
-        ended: Some(ended_tx),
-        record: LocalRecord::Copy,
-    };
+    let (launch, ended_rx) = copy_launch(runner, hash);
     let started = runner.start_claimed(compiled, launch).await.unwrap();
     let completion = ended_rx.await.unwrap();
     assert_eq!(
@@ -195,6 +205,37 @@ async fn a_copys_end_is_told_and_its_slot_freed_before_it_commits() {
             .len(),
         1
     );
+}
+
+/// A copy whose creation fails (here: a module the store does not hold)
+/// still stops its guest, a tight loop included, and the end it tells says
+/// why; nothing stays running, and no record is left here.
+#[tokio::test]
+async fn a_copy_whose_creation_fails_stops_its_guest_and_tells_why() {
+    let (_dir, node) = node().await;
+    let (_, compiled) = module(&node, wat_fixture!("spin")).await;
+    let runner = node.runner();
+    let (launch, ended_rx) = copy_launch(runner, format!("sha256:{}", "0".repeat(64)));
+    let started = runner.start_claimed(compiled, launch).await.unwrap();
+    let told = ended_rx.await.unwrap();
+    assert_eq!(told.status, Status::Killed, "{told:?}");
+    assert!(
+        told.error
+            .as_deref()
+            .unwrap()
+            .starts_with("failed to create:"),
+        "{told:?}"
+    );
+    let error = started.done.await.unwrap().expect_err("no record here");
+    assert!(
+        matches!(error.downcast_ref(), Some(StartError::ModuleNotFound(_))),
+        "{error:#}"
+    );
+    assert!(matches!(
+        node.db().workload(started.id).await,
+        Err(StoreError::NotFound(_))
+    ));
+    assert_eq!(runner.running_count(), 0);
 }
 
 /// A creation that fails after its guest started (here: a module the store
