@@ -226,16 +226,23 @@ async fn a_copy_whose_creation_fails_stops_its_guest_and_tells_why() {
             .starts_with("failed to create:"),
         "{told:?}"
     );
+    let id = started.id;
     let error = started.done.await.unwrap().expect_err("no record here");
+    assert_never_created(&node, id, error).await;
+}
+
+/// Asserts that a start whose module was missing ended with that error,
+/// left no record and nothing running.
+async fn assert_never_created(node: &Node, id: WorkloadId, error: anyhow::Error) {
     assert!(
         matches!(error.downcast_ref(), Some(StartError::ModuleNotFound(_))),
         "{error:#}"
     );
     assert!(matches!(
-        node.db().workload(started.id).await,
+        node.db().workload(id).await,
         Err(StoreError::NotFound(_))
     ));
-    assert_eq!(runner.running_count(), 0);
+    assert_eq!(node.runner().running_count(), 0);
 }
 
 /// A creation that fails after its guest started (here: a module the store
@@ -252,15 +259,7 @@ async fn an_overlapped_start_whose_creation_fails_stops_its_guest() {
         .await
         .unwrap();
     let error = started.done.await.unwrap().expect_err("no record, no run");
-    assert!(
-        matches!(error.downcast_ref(), Some(StartError::ModuleNotFound(_))),
-        "{error:#}"
-    );
-    assert!(matches!(
-        node.db().workload(started.id).await,
-        Err(StoreError::NotFound(_))
-    ));
-    assert_eq!(node.runner().running_count(), 0);
+    assert_never_created(&node, started.id, error).await;
     assert!(node.broker().subscribe(started.id).is_none());
     let metrics = node.metrics().render();
     assert!(
