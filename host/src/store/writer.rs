@@ -195,8 +195,10 @@ impl Writer {
             self.joining.inbox = Some(rx);
             if due || disconnected {
                 self.commit(&mut ops, disconnected);
-                // Lines left behind by a fair batch wait at most one more linger.
-                deadline = (self.queue.lines() > 0).then(|| Instant::now() + self.config.linger);
+                // Lines left behind by a fair batch, and ops that came to
+                // linger during the commit, wait at most one more linger.
+                let left = self.queue.lines() > 0 || !self.lingering.is_empty();
+                deadline = left.then(|| Instant::now() + self.config.linger);
             } else {
                 deadline.get_or_insert_with(|| Instant::now() + self.config.linger);
             }
