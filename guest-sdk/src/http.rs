@@ -104,6 +104,13 @@ impl Request {
 
     /// Sends the request and reads the whole response body.
     pub fn send(self) -> crate::Result<Response> {
+        self.start()?.wait()
+    }
+
+    /// Sends the request (its body included) without waiting for the
+    /// response: start several, then [`Sent::wait`] for each, and they are
+    /// in flight together. See [`send_all`].
+    pub fn start(mut self) -> crate::Result<Sent> {
         let target = Target::parse(&self.url)?;
         let headers = Fields::from_list(&self.headers)
             .map_err(|e| anyhow::anyhow!("bad header for {}: {e:?}", self.url))?;
@@ -131,42 +138,20 @@ impl Request {
         });
         let pending =
             outgoing_handler::handle(request, options).map_err(|code| self.failed(&code))?;
-        if !self.body.is_empty() {
+        let content = std::mem::take(&mut self.body);
+        if !content.is_empty() {
             let stream = body.write().map_err(|()| refused("body"))?;
             // The host accepts at most 4 KiB per blocking write.
-            for chunk in self.body.chunks(4096) {
+            for chunk in content.chunks(4096) {
                 stream
                     .blocking_write_and_flush(chunk)
                     .map_err(|e| self.stream_failed(e, "sending the body"))?;
             }
         }
         OutgoingBody::finish(body, None).map_err(|code| self.failed(&code))?;
-        pending.subscribe().block();
-        let response = match pending.get() {
-            Some(Ok(Ok(response))) => response,
-            Some(Ok(Err(code))) => return Err(self.failed(&code)),
-            Some(Err(())) | None => {
-                anyhow::bail!(
-                    "{} {}: the response was already taken",
-                    self.method,
-                    self.url
-                )
-            }
-        };
-        let status = response.status();
-        let headers = response
-            .headers()
-            .entries()
-            .into_iter()
-            .map(|(name, value)| (name, String::from_utf8_lossy(&value).into_owned()))
-            .collect();
-        let incoming = response.consume().map_err(|()| refused("response body"))?;
-        let body = self.read_body(&incoming)?;
-        drop(IncomingBody::finish(incoming));
-        Ok(Response {
-            status,
-            headers,
-            body,
+        Ok(Sent {
+            request: self,
+            pending,
         })
     }
 
@@ -226,6 +211,59 @@ impl Request {
         };
         anyhow::anyhow!("{} {}: {why}", self.method, self.url)
     }
+}
+
+/// A request that was sent, whose response is still to be read.
+pub struct Sent {
+    request: Request,
+    pending: wasip2::http::types::FutureIncomingResponse,
+}
+
+impl Sent {
+    /// Waits for the response and reads its whole body.
+    pub fn wait(self) -> crate::Result<Response> {
+        let refused = |what: &str| {
+            anyhow::anyhow!("{} {}: bad {what}", self.request.method, self.request.url)
+        };
+        let pending = &self.pending;
+        pending.subscribe().block();
+        let response = match pending.get() {
+            Some(Ok(Ok(response))) => response,
+            Some(Ok(Err(code))) => return Err(self.request.failed(&code)),
+            Some(Err(())) | None => {
+                anyhow::bail!(
+                    "{} {}: the response was already taken",
+                    self.request.method,
+                    self.request.url
+                )
+            }
+        };
+        let status = response.status();
+        let headers = response
+            .headers()
+            .entries()
+            .into_iter()
+            .map(|(name, value)| (name, String::from_utf8_lossy(&value).into_owned()))
+            .collect();
+        let incoming = response.consume().map_err(|()| refused("response body"))?;
+        let body = self.request.read_body(&incoming)?;
+        drop(IncomingBody::finish(incoming));
+        Ok(Response {
+            status,
+            headers,
+            body,
+        })
+    }
+}
+
+/// Sends every request at once, then reads each response: `n` requests to
+/// slow hosts take about as long as the slowest, not their sum. The host
+/// keeps a bounded number in flight per workload (32 by default); the rest
+/// wait for a place. A request that could not be sent is an error in its
+/// place of the answer.
+pub fn send_all(requests: impl IntoIterator<Item = Request>) -> Vec<crate::Result<Response>> {
+    let sent: Vec<_> = requests.into_iter().map(Request::start).collect();
+    sent.into_iter().map(|s| s.and_then(Sent::wait)).collect()
 }
 
 /// A whole response.

@@ -294,7 +294,7 @@ impl OutboundRule {
 }
 
 /// What the operator allows every run on this node.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct OutboundPolicy {
     /// `--allow-outbound`: when set, a spec may only list hosts these rules
     /// cover, and requests must match one of them too. `None`: no cap.
@@ -302,6 +302,23 @@ pub struct OutboundPolicy {
     /// `--allow-private-outbound`: loopback, private, link-local and other
     /// non-public addresses may be reached.
     pub allow_private: bool,
+    /// `--max-outbound-inflight`: requests one run may have in flight (each
+    /// a socket until its connection ends); more wait for a place.
+    pub max_inflight_per_workload: usize,
+    /// `--max-outbound-inflight-node`: requests all runs on the node may have
+    /// in flight together.
+    pub max_inflight_per_node: usize,
+}
+
+impl Default for OutboundPolicy {
+    fn default() -> Self {
+        Self {
+            caps: None,
+            allow_private: false,
+            max_inflight_per_workload: 32,
+            max_inflight_per_node: 1024,
+        }
+    }
 }
 
 impl OutboundPolicy {
@@ -419,6 +436,12 @@ pub fn non_public(ip: IpAddr) -> Option<&'static str> {
                 Some("broadcast, multicast or reserved")
             } else if first == 0x2001 && v6.segments()[1] == 0x0db8 {
                 Some("documentation or benchmarking")
+            } else if v6.segments()[..6] == [0; 6] {
+                // IPv4-compatible (`::a.b.c.d`), deprecated: never a public route.
+                Some("reserved (IPv4-compatible)")
+            } else if first == 0x0064 && v6.segments()[1] == 0xff9b && v6.segments()[2] == 1 {
+                // Local-use NAT64 (RFC 8215) translates to the site's own network.
+                Some("private (local-use NAT64)")
             } else if first == 0x0064 && v6.segments()[1] == 0xff9b {
                 // NAT64 embeds an IPv4 address; judge that one.
                 let [.., c, d] = v6.segments();
@@ -524,6 +547,7 @@ mod tests {
         let policy = OutboundPolicy {
             caps: Some(vec![cap]),
             allow_private: false,
+            ..OutboundPolicy::default()
         };
         assert!(
             policy
@@ -538,6 +562,7 @@ mod tests {
         let none = OutboundPolicy {
             caps: Some(vec![]),
             allow_private: true,
+            ..OutboundPolicy::default()
         };
         assert!(
             none.check_spec(&[rule("https://a.b")])
@@ -556,6 +581,7 @@ mod tests {
         let policy = OutboundPolicy {
             caps: Some(vec![rule("https://*.example.com")]),
             allow_private: false,
+            ..OutboundPolicy::default()
         };
         let allowed = [rule("*://api.example.com:*")];
         assert_eq!(
@@ -594,6 +620,10 @@ mod tests {
             ("fe80::1", "link-local"),
             ("::ffff:127.0.0.1", "loopback"),
             ("64:ff9b::a00:1", "private"),
+            ("::7f00:1", "IPv4-compatible"),
+            ("::808:808", "IPv4-compatible"),
+            ("64:ff9b:1::808:808", "local-use NAT64"),
+            ("64:ff9b:1:ffff::1", "local-use NAT64"),
         ] {
             let got = non_public(ip.parse().unwrap());
             assert!(got.is_some_and(|c| c.contains(class)), "{ip}: {got:?}");
@@ -607,8 +637,8 @@ mod tests {
             assert_eq!(non_public(ip.parse().unwrap()), None, "{ip}");
         }
         let open = OutboundPolicy {
-            caps: None,
             allow_private: true,
+            ..OutboundPolicy::default()
         };
         assert_eq!(
             open.address_refusal("127.0.0.1".parse().unwrap(), None),

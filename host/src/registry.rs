@@ -50,6 +50,88 @@ pub fn module_hash(bytes: &[u8]) -> String {
 /// functions near this size for real programs.
 pub const DEFAULT_MAX_FUNCTION_SIZE: u64 = 1 << 20;
 
+/// One compile at a time, handed to waiting tenants in rotation: a tenant
+/// waits for at most the compile in progress plus one compile of each other
+/// tenant that is waiting, however many compiles those tenants queued.
+#[derive(Default)]
+struct CompileTurns {
+    state: Arc<Mutex<TurnState>>,
+}
+
+#[derive(Default)]
+struct TurnState {
+    /// A compile holds the turn.
+    busy: bool,
+    /// Tenants with waiters, in the order they get the turn.
+    rotation: std::collections::VecDeque<String>,
+    /// Each such tenant's waiters, first come first served.
+    waiting: HashMap<String, std::collections::VecDeque<tokio::sync::oneshot::Sender<CompileTurn>>>,
+}
+
+/// The turn to compile; dropping it hands it to the next tenant in rotation.
+struct CompileTurn {
+    state: Arc<Mutex<TurnState>>,
+}
+
+impl CompileTurns {
+    /// Waits for `tenant`'s turn (`""`: no tenant).
+    async fn wait(&self, tenant: &str) -> CompileTurn {
+        let waiting = {
+            let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            if !state.busy {
+                state.busy = true;
+                return CompileTurn {
+                    state: Arc::clone(&self.state),
+                };
+            }
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let queue = state.waiting.entry(tenant.to_owned()).or_default();
+            if queue.is_empty() {
+                state.rotation.push_back(tenant.to_owned());
+            }
+            state
+                .waiting
+                .get_mut(tenant)
+                .expect("just made")
+                .push_back(tx);
+            rx
+        };
+        // A turn is only dropped unsent by a waiter that went away, and the
+        // turn's own drop passes it on; the sender is never dropped otherwise.
+        waiting.await.expect("a compile turn is always handed on")
+    }
+}
+
+impl Drop for CompileTurn {
+    fn drop(&mut self) {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        while let Some(tenant) = state.rotation.pop_front() {
+            let Some(queue) = state.waiting.get_mut(&tenant) else {
+                continue;
+            };
+            let next = queue.pop_front();
+            match queue.is_empty() {
+                true => drop(state.waiting.remove(&tenant)),
+                // Its next compile waits for every other waiting tenant's.
+                false => state.rotation.push_back(tenant),
+            }
+            let Some(next) = next else { continue };
+            let turn = CompileTurn {
+                state: Arc::clone(&self.state),
+            };
+            // A waiter that went away gives the turn back: sending fails and
+            // returns it, or it is dropped with the channel; either drop
+            // passes it on (after this lock is released).
+            drop(state);
+            if let Err(unsent) = next.send(turn) {
+                drop(unsent);
+            }
+            return;
+        }
+        state.busy = false;
+    }
+}
+
 /// Modules by hash, compiled at most once per process and once per data directory.
 pub struct ModuleRegistry {
     runtime: Arc<Runtime>,
@@ -58,8 +140,10 @@ pub struct ModuleRegistry {
     cache: Mutex<HashMap<String, Arc<CompiledModule>>>,
     metrics: Arc<Metrics>,
     /// One compile at a time: compiling uses every core, and a queue of
-    /// compiles must not starve running workloads and requests.
-    compiling: tokio::sync::Semaphore,
+    /// compiles must not starve running workloads and requests. Turns go
+    /// to tenants in rotation, so one tenant's flood of uploads delays
+    /// another's by at most one compile.
+    compiling: CompileTurns,
     max_function_size: u64,
 }
 
@@ -93,7 +177,7 @@ impl ModuleRegistry {
             artifact_dir,
             cache: Mutex::new(HashMap::new()),
             metrics,
-            compiling: tokio::sync::Semaphore::new(1),
+            compiling: CompileTurns::default(),
             max_function_size,
         }
     }
@@ -104,12 +188,21 @@ impl ModuleRegistry {
         &self,
         bytes: Bytes,
     ) -> Result<(ModuleInfo, Arc<CompiledModule>, bool), RegistryError> {
+        self.register_for(None, bytes).await
+    }
+
+    /// [`Self::register`] for `tenant`, whose compile waits its tenant's turn.
+    pub async fn register_for(
+        &self,
+        tenant: Option<&str>,
+        bytes: Bytes,
+    ) -> Result<(ModuleInfo, Arc<CompiledModule>, bool), RegistryError> {
         let hash = module_hash(&bytes);
         let compiled = match self.cached(&hash) {
             Some(c) => c,
             None => {
                 let bytes = bytes.clone();
-                self.compile_or_load(&hash, async move { Ok(bytes) })
+                self.compile_or_load(tenant, &hash, async move { Ok(bytes) })
                     .await?
             }
         };
@@ -146,6 +239,16 @@ impl ModuleRegistry {
 
     /// The compiled module for a stored hash.
     pub async fn get(&self, hash: &str) -> Result<Arc<CompiledModule>, RegistryError> {
+        self.get_for(None, hash).await
+    }
+
+    /// [`Self::get`] for `tenant`, whose compile (if one is needed) waits its
+    /// tenant's turn.
+    pub async fn get_for(
+        &self,
+        tenant: Option<&str>,
+        hash: &str,
+    ) -> Result<Arc<CompiledModule>, RegistryError> {
         if let Some(c) = self.cached(hash) {
             return Ok(c);
         }
@@ -156,7 +259,7 @@ impl ModuleRegistry {
             Err(e) => return Err(anyhow::Error::from(e).into()),
         }
         let (db, stored) = (self.db.clone(), hash.to_owned());
-        self.compile_or_load(hash, async move {
+        self.compile_or_load(tenant, hash, async move {
             let bytes = db.module_bytes(&stored).await?;
             Ok(Bytes::from(bytes))
         })
@@ -180,6 +283,7 @@ impl ModuleRegistry {
     /// (awaited only when there is no artifact).
     async fn compile_or_load(
         &self,
+        tenant: Option<&str>,
         hash: &str,
         bytes: impl Future<Output = anyhow::Result<Bytes>>,
     ) -> Result<Arc<CompiledModule>, RegistryError> {
@@ -207,11 +311,7 @@ impl ModuleRegistry {
         let compiled = match loaded {
             Some(compiled) => compiled,
             None => {
-                let _turn = self
-                    .compiling
-                    .acquire()
-                    .await
-                    .context("the compiler is shut down")?;
+                let _turn = self.compiling.wait(tenant.unwrap_or("")).await;
                 // Another request for the same module may have compiled it
                 // while this one waited for its turn.
                 if let Some(compiled) = self.cached(hash) {
@@ -299,6 +399,49 @@ fn check_function_sizes(bytes: &[u8], max: u64) -> Result<(), RegistryError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn compile_turns_go_to_tenants_in_rotation() {
+        use futures_util::poll;
+        let turns = CompileTurns::default();
+        let held = turns.wait("a").await;
+        // a floods three compiles, then b asks for one, then c.
+        let mut a = [
+            Box::pin(turns.wait("a")),
+            Box::pin(turns.wait("a")),
+            Box::pin(turns.wait("a")),
+        ];
+        for w in &mut a {
+            assert!(poll!(w.as_mut()).is_pending());
+        }
+        let mut b = Box::pin(turns.wait("b"));
+        let mut c = Box::pin(turns.wait("c"));
+        assert!(poll!(b.as_mut()).is_pending());
+        assert!(poll!(c.as_mut()).is_pending());
+        // b waits for the compile in progress and one of a's, not all three.
+        drop(held);
+        let [a1, a2, a3] = a;
+        let t = a1.await;
+        assert!(poll!(b.as_mut()).is_pending());
+        drop(t);
+        let t = b.await;
+        assert!(poll!(c.as_mut()).is_pending());
+        drop(t);
+        let t = c.await;
+        drop(t);
+        drop(a2.await);
+        // A waiter that went away hands its turn on.
+        let mut late = Box::pin(turns.wait("d"));
+        let t = a3.await;
+        assert!(poll!(late.as_mut()).is_pending());
+        let mut gone = Box::pin(turns.wait("e"));
+        assert!(poll!(gone.as_mut()).is_pending());
+        drop(t);
+        drop(late.await);
+        drop(gone);
+        // Nobody waits: the next one gets the turn at once.
+        assert!(poll!(Box::pin(turns.wait("f"))).is_ready());
+    }
 
     #[test]
     fn a_function_over_the_size_limit_is_refused_before_compiling() {

@@ -19,6 +19,7 @@
 //! retain_for_ms = 86400000            # its lines kept a day after it ends
 //! max_log_bytes = 1073741824          # its stored lines, at most
 //! on_log_quota = "prune_oldest"       # or "refuse": new runs get 429
+//! max_followers = 64                  # log streams open at once per node (beyond: 429)
 //! ```
 
 use std::collections::HashSet;
@@ -67,6 +68,9 @@ pub struct TenantEntry {
     /// What happens when its stored lines reach `max_log_bytes`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub on_log_quota: Option<LogQuotaAction>,
+    /// Most of its log followers (SSE streams) open at once on a node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_followers: Option<usize>,
 }
 
 /// What a tenant's stored-log quota does when it is reached.
@@ -97,6 +101,7 @@ impl TenantEntry {
             retain_for_ms: None,
             max_log_bytes: None,
             on_log_quota: None,
+            max_followers: None,
         }
     }
 }
@@ -118,6 +123,8 @@ pub struct Tenant {
     hash: [u8; 32],
     /// One permit per workload it may run at once.
     pub slots: Option<Arc<tokio::sync::Semaphore>>,
+    /// One permit per log follower it may have open at once.
+    pub followers: Option<Arc<tokio::sync::Semaphore>>,
 }
 
 impl Tenant {
@@ -212,7 +219,18 @@ impl Tenants {
             let slots = entry
                 .max_concurrent
                 .map(|n| Arc::new(tokio::sync::Semaphore::new(n)));
-            all.push(Arc::new(Tenant { entry, hash, slots }));
+            if entry.max_followers == Some(0) {
+                bail!("tenant `{}`: max_followers must be at least 1", entry.name);
+            }
+            let followers = entry
+                .max_followers
+                .map(|n| Arc::new(tokio::sync::Semaphore::new(n)));
+            all.push(Arc::new(Tenant {
+                entry,
+                hash,
+                slots,
+                followers,
+            }));
         }
         Ok(Self { all })
     }

@@ -14,6 +14,7 @@ const COMPONENT_PACKAGES: &[&str] = &[
     "fails",
     "settings",
     "fetch",
+    "fan-out",
     "http-hello",
     "wasip2-hello",
 ];

@@ -63,6 +63,12 @@ pub struct Browser {
 impl Browser {
     /// A new browser with an empty profile, 1280×900; `None` as [`chromium`].
     pub async fn start() -> Option<Browser> {
+        Self::start_with(&[]).await
+    }
+
+    /// As [`Browser::start`], with more Chromium switches (e.g.
+    /// `--host-resolver-rules=…`).
+    pub async fn start_with(extra: &[&str]) -> Option<Browser> {
         let (browser, driver) = chromium()?;
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
@@ -81,7 +87,8 @@ impl Browser {
             std::thread::sleep(Duration::from_millis(10));
         }
         let profile = tempfile::tempdir().unwrap();
-        let args = [
+        let profile_arg = format!("--user-data-dir={}", profile.path().display());
+        let mut args = vec![
             "--headless=new",
             "--no-sandbox",
             "--disable-gpu",
@@ -93,8 +100,9 @@ impl Browser {
             "--disable-sync",
             "--enable-precise-memory-info",
             "--window-size=1280,900",
-            &format!("--user-data-dir={}", profile.path().display()),
+            &profile_arg,
         ];
+        args.extend_from_slice(extra);
         let downloads = profile.path().join("downloads");
         let caps = json!({
             "browserName": "chrome",

@@ -7,6 +7,8 @@
 //! - `api`     — `vulcan serve` over HTTP: uploads, runs, SSE, errors, restarts.
 //! - `authors` — what a workload author meets: end messages, build-mistake
 //!   errors, settings, the `log` crate, log levels, output as returned.
+//! - `boundary` — the browser boundary attacked from Chromium: cross-origin
+//!   posts and a rebinding page.
 //! - `client`  — the CLI against a running server.
 //! - `console` — the web console in a real headless Chromium (WebDriver):
 //!   runs, live lines, kill, HTML as text, the token, a long log.
@@ -24,6 +26,7 @@
 
 mod api;
 mod authors;
+mod boundary;
 mod browser;
 mod client;
 mod cluster;

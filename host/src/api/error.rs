@@ -33,6 +33,13 @@ pub enum ApiError {
     /// The spec lists a host the operator's `--allow-outbound` does not cover.
     #[error("{0}")]
     OutboundNotPermitted(String),
+    /// The request's `Host` is not a name this server answers for (a page
+    /// rebinding its name to this server).
+    #[error("{0}")]
+    MisdirectedHost(String),
+    /// A state-changing request from another origin's page.
+    #[error("{0}")]
+    CrossSite(String),
     /// Missing or wrong bearer token.
     #[error("missing or invalid bearer token")]
     Unauthorized,
@@ -79,6 +86,8 @@ impl ApiError {
                 (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")
             }
             ApiError::OutboundNotPermitted(_) => (StatusCode::FORBIDDEN, "outbound_not_permitted"),
+            ApiError::MisdirectedHost(_) => (StatusCode::MISDIRECTED_REQUEST, "misdirected_host"),
+            ApiError::CrossSite(_) => (StatusCode::FORBIDDEN, "cross_site_request"),
             ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
             ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             ApiError::Gone(_) => (StatusCode::GONE, "gone"),

@@ -20,8 +20,16 @@
 //! is full or when no further record is ready, so a flood costs one write per
 //! batch rather than per line, and a quiet workload's line still goes out at
 //! once.
+//!
+//! A follower's memory is bounded in bytes: a replayed page stops at
+//! [`CHUNK`] bytes of encoded events, at most [`QUEUED_CHUNKS`] chunks wait
+//! for the client, and at most [`CONCURRENT_REPLAYS`] pages are read from the
+//! store at once on the node. Followers themselves are capped per node
+//! (`--max-followers`, 503 `busy` beyond) and per tenant (`max_followers`,
+//! 429 `quota_exceeded` beyond).
 
 use std::convert::Infallible;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Json;
@@ -32,7 +40,7 @@ use axum::response::IntoResponse;
 use bytes::{Bytes, BytesMut};
 use serde::Deserialize;
 use serde_json::json;
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 
 use super::caller::Caller;
@@ -48,11 +56,66 @@ use crate::workload::WorkloadId;
 /// at the store's byte bound, so a lagging follower holds a few MiB at most).
 const REPLAY_PAGE: u64 = 10_000;
 
-/// A batch goes out once it holds this many bytes.
-const CHUNK: usize = 64 * 1024;
+/// A batch goes out once it holds this many bytes; a replayed page stops
+/// once it holds this many.
+pub const CHUNK: usize = 32 * 1024;
 
 /// Batches queued for one client before the follower waits for it.
-const QUEUED_CHUNKS: usize = 8;
+pub const QUEUED_CHUNKS: usize = 2;
+
+/// Pages of stored lines read for followers at once on a node: each holds a
+/// reader connection (and its page cache) and a blocking thread.
+pub const CONCURRENT_REPLAYS: usize = 8;
+
+/// Who may follow: the node's and each tenant's caps on open followers, and
+/// the turns at the store that replays take.
+pub struct FollowerGate {
+    open: Arc<Semaphore>,
+    max: usize,
+    replays: Semaphore,
+}
+
+impl FollowerGate {
+    /// A gate for at most `max` followers open at once.
+    pub fn new(max: usize) -> Self {
+        Self {
+            open: Arc::new(Semaphore::new(max)),
+            max,
+            replays: Semaphore::new(CONCURRENT_REPLAYS),
+        }
+    }
+
+    /// The places a new follower of `caller` holds while it streams: 429 when
+    /// its tenant has all it may, 503 when the node has.
+    fn admit(&self, caller: &Caller) -> Result<FollowerPlaces, ApiError> {
+        let tenant = match caller.tenant().and_then(|t| t.followers.as_ref()) {
+            None => None,
+            Some(places) => Some(Arc::clone(places).try_acquire_owned().map_err(|_| {
+                ApiError::QuotaExceeded(format!(
+                    "tenant `{}` has as many log followers open as its max_followers allows; \
+                     close one or retry later",
+                    caller.tenant().map_or("", |t| t.name())
+                ))
+            })?),
+        };
+        let node = Arc::clone(&self.open).try_acquire_owned().map_err(|_| {
+            ApiError::Busy(format!(
+                "this server has {} log followers open (--max-followers); retry later",
+                self.max
+            ))
+        })?;
+        Ok(FollowerPlaces {
+            _node: node,
+            _tenant: tenant,
+        })
+    }
+}
+
+/// What a follower holds while it streams; dropped when it ends.
+struct FollowerPlaces {
+    _node: OwnedSemaphorePermit,
+    _tenant: Option<OwnedSemaphorePermit>,
+}
 
 /// How long a follower stays silent before it sends a keep-alive comment.
 const KEEP_ALIVE_AFTER: Duration = Duration::from_secs(15);
@@ -106,9 +169,11 @@ pub async fn follow(
         None => drop(record_with_lines(&state, &caller, id).await?),
     }
     let format = query.format.unwrap_or_default();
+    let places = state.followers().admit(&caller)?;
 
     let (tx, rx) = mpsc::channel::<Bytes>(QUEUED_CHUNKS);
     tokio::spawn(async move {
+        let _places = places;
         let followers = state.node().metrics().followers.clone();
         followers.inc();
         // Ends quietly when the client goes away (the send fails), including a
@@ -218,6 +283,7 @@ impl Follower {
                 last: None,
             };
             let format = self.format;
+            let turn = self.state.followers().replays.acquire().await;
             let read = self
                 .state
                 .node()
@@ -228,9 +294,11 @@ impl Follower {
                     }
                     encode(&mut page.events, format, &r);
                     page.last = Some(r.seq);
-                    true
+                    // A page is one chunk: a lagging follower holds no more.
+                    page.events.len() < CHUNK
                 })
                 .await;
+            drop(turn);
             let page = match read {
                 Ok(page) => page,
                 Err(error) => {

@@ -4,6 +4,7 @@
 //! turns requests into calls on the registry, runner and store, and their
 //! results and typed errors into JSON, SSE and status codes.
 
+mod boundary;
 mod caller;
 mod conn;
 mod console;
@@ -27,6 +28,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use tower_http::timeout::RequestBodyTimeoutLayer;
 
+pub use boundary::AllowedHosts;
 pub use error::ApiError;
 pub use workloads::LimitPolicy;
 
@@ -46,6 +48,7 @@ struct Shared {
     node: Arc<Node>,
     config: ApiConfig,
     cluster: Option<Arc<Cluster>>,
+    followers: logs::FollowerGate,
 }
 
 /// What the operator decides about the API.
@@ -65,6 +68,10 @@ pub struct ApiConfig {
     pub client_timeout: std::time::Duration,
     /// How long finished workloads' lines are kept.
     pub retention: crate::retention::RetentionPolicy,
+    /// The names this server answers for, besides IP literals and `localhost`.
+    pub allowed_hosts: Arc<AllowedHosts>,
+    /// Most log followers (SSE streams) open at once on this node.
+    pub max_followers: usize,
 }
 
 impl Default for ApiConfig {
@@ -76,6 +83,8 @@ impl Default for ApiConfig {
             limits: LimitPolicy::default(),
             client_timeout: std::time::Duration::from_secs(30),
             retention: Default::default(),
+            allowed_hosts: Arc::default(),
+            max_followers: 4096,
         }
     }
 }
@@ -86,6 +95,7 @@ impl AppState {
         Self {
             inner: Arc::new(Shared {
                 node,
+                followers: logs::FollowerGate::new(config.max_followers),
                 config,
                 cluster: None,
             }),
@@ -98,6 +108,7 @@ impl AppState {
         Self {
             inner: Arc::new(Shared {
                 node: Arc::clone(cluster.node_arc()),
+                followers: logs::FollowerGate::new(config.max_followers),
                 config,
                 cluster: Some(cluster),
             }),
@@ -115,6 +126,10 @@ impl AppState {
 
     fn config(&self) -> &ApiConfig {
         &self.inner.config
+    }
+
+    fn followers(&self) -> &logs::FollowerGate {
+        &self.inner.followers
     }
 }
 
@@ -147,6 +162,10 @@ pub fn router(state: AppState) -> Router {
         // axum's 2 MiB default so the multipart reader uses the same limit.
         .layer(DefaultBodyLimit::max(state.config().max_upload))
         .layer(RequestBodyTimeoutLayer::new(state.config().client_timeout))
+        .layer(middleware::from_fn_with_state(
+            Arc::clone(&state.config().allowed_hosts),
+            boundary::guard,
+        ))
         .layer(middleware::from_fn(json_errors))
         .layer(middleware::from_fn(close_after_refused_body))
         .with_state(state)

@@ -32,8 +32,10 @@ pub async fn upload(
     let (info, new) = match state.cluster() {
         Some(cluster) => cluster.share_module(bytes).await?,
         None => {
-            let (info, _, new) = state.node().registry().register(bytes).await?;
-            match caller.owner() {
+            let owner = caller.owner();
+            let registry = state.node().registry();
+            let (info, _, new) = registry.register_for(owner.as_deref(), bytes).await?;
+            match owner {
                 Some(tenant) => {
                     let db = state.node().db();
                     let new = db.own_module(&tenant, &info.hash).await?;

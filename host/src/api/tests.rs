@@ -118,7 +118,7 @@ async fn every_refused_request_gets_its_status_and_code_and_changes_nothing() {
     let options = NodeOptions {
         outbound: crate::outbound::OutboundPolicy {
             caps: Some(vec!["https://*.example.com".parse().unwrap()]),
-            allow_private: false,
+            ..Default::default()
         },
         ..NodeOptions::default()
     };

@@ -203,12 +203,19 @@ async fn start(
             if let Some(tenant) = caller.scope() {
                 db.check_owned(tenant, &hash).await?;
             }
-            let compiled = state.node().registry().get(&hash).await?;
+            let owner = caller.owner();
+            let compiled = state
+                .node()
+                .registry()
+                .get_for(owner.as_deref(), &hash)
+                .await?;
             (hash, compiled)
         }
         ModuleRef::Bytes(bytes) => {
-            let (info, compiled, _) = state.node().registry().register(bytes).await?;
-            if let Some(tenant) = caller.owner() {
+            let owner = caller.owner();
+            let registry = state.node().registry();
+            let (info, compiled, _) = registry.register_for(owner.as_deref(), bytes).await?;
+            if let Some(tenant) = owner {
                 db.own_module(&tenant, &info.hash).await?;
             }
             (info.hash, compiled)

@@ -109,7 +109,7 @@ enum Command {
     #[command(after_help = EXIT_CODES_HELP)]
     Run(run::RunArgs),
     /// Serve the HTTP API: upload, run, list, kill and follow workloads.
-    Serve(serve::ServeArgs),
+    Serve(Box<serve::ServeArgs>),
     /// Upload a module to the server and run it (needs --server).
     #[command(after_help = EXIT_CODES_HELP)]
     Submit(client::SubmitArgs),
@@ -150,6 +150,10 @@ struct TenantAddArgs {
     /// Most of its workloads running at once (beyond: 429 quota_exceeded)
     #[arg(long, value_name = "N")]
     max_concurrent: Option<usize>,
+    /// Most of its log followers (SSE streams) open at once on a node
+    /// (beyond: 429 quota_exceeded)
+    #[arg(long, value_name = "N")]
+    max_followers: Option<usize>,
     /// Most bytes of log lines its workloads keep stored (e.g. 1GiB)
     #[arg(long, value_name = "SIZE", value_parser = parse::size)]
     max_log_bytes: Option<u64>,
@@ -172,6 +176,7 @@ fn tenant_add(args: TenantAddArgs) -> anyhow::Result<ExitCode> {
     let entry = crate::tenants::TenantEntry {
         admin: args.admin,
         max_concurrent: args.max_concurrent,
+        max_followers: args.max_followers,
         max_log_bytes: args.max_log_bytes,
         on_log_quota: args.on_log_quota.map(|a| match a {
             LogQuotaArg::PruneOldest => crate::tenants::LogQuotaAction::PruneOldest,
@@ -247,7 +252,7 @@ pub fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
     let server = cli.global.server.clone().filter(|s| !s.is_empty());
     let command = match cli.command {
         Command::Run(args) => return run::execute(args, &data_dir),
-        Command::Serve(args) => return serve::execute(args, &data_dir),
+        Command::Serve(args) => return serve::execute(*args, &data_dir),
         Command::Tenant(TenantCommand::Add(args)) => return tenant_add(args),
         command => command,
     };

@@ -96,6 +96,7 @@ pub fn execute(args: RunArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
             outbound: OutboundPolicy {
                 caps: None,
                 allow_private: args.allow_private_outbound,
+                ..OutboundPolicy::default()
             },
             ..NodeOptions::default()
         };

@@ -27,6 +27,22 @@ pub struct ServeArgs {
         value_name = "ADDR"
     )]
     listen: String,
+    /// Host names the server answers for, besides IP addresses and
+    /// `localhost` (repeatable or comma-separated): a request with another
+    /// `Host` is refused (421), so a page cannot rebind its own name to this
+    /// server. Add the names clients and browsers reach this server by
+    #[arg(
+        long,
+        env = "VULCAN_ALLOWED_HOST",
+        value_name = "NAME",
+        value_delimiter = ','
+    )]
+    allowed_host: Vec<String>,
+    /// The URL browsers reach this server by, when that is not its listen
+    /// address (e.g. https://vulcan.example.com behind a proxy): its host is
+    /// answered for, and pages of its origin may change state
+    #[arg(long, env = "VULCAN_PUBLIC_URL", value_name = "URL")]
+    public_url: Option<String>,
     /// Most workloads running at once; further submissions get 503 with Retry-After
     #[arg(
         long,
@@ -35,6 +51,15 @@ pub struct ServeArgs {
         value_name = "N"
     )]
     max_concurrent: usize,
+    /// Most log followers (SSE streams) open at once; beyond, 503 with Retry-After
+    #[arg(
+        long,
+        env = "VULCAN_MAX_FOLLOWERS",
+        default_value_t = 4096,
+        value_name = "N",
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    max_followers: u32,
     /// Largest accepted request body (e.g. 64MiB)
     #[arg(long, env = "VULCAN_MAX_UPLOAD", default_value = "64MiB", value_name = "SIZE", value_parser = parse::size)]
     max_upload: u64,
@@ -87,6 +112,26 @@ pub struct ServeArgs {
     /// addresses (refused by default, whatever the spec lists)
     #[arg(long, env = "VULCAN_ALLOW_PRIVATE_OUTBOUND")]
     allow_private_outbound: bool,
+    /// Outbound HTTP requests one workload may have in flight (each holds a
+    /// socket until its connection ends); more wait for a place
+    #[arg(
+        long,
+        env = "VULCAN_MAX_OUTBOUND_INFLIGHT",
+        default_value_t = 32,
+        value_name = "N",
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    max_outbound_inflight: u32,
+    /// Outbound HTTP requests all workloads on this node may have in flight
+    /// together; more wait for a place
+    #[arg(
+        long,
+        env = "VULCAN_MAX_OUTBOUND_INFLIGHT_NODE",
+        default_value_t = 1024,
+        value_name = "N",
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    max_outbound_inflight_node: u32,
     /// Join a cluster: the NATS server(s) with JetStream that the nodes share
     /// (e.g. nats://127.0.0.1:4222; comma-separated for several). Unset: a
     /// single node on its own SQLite
@@ -107,7 +152,107 @@ pub struct ServeArgs {
     )]
     cluster_replicas: usize,
     #[command(flatten)]
+    cluster_auth: ClusterAuthArgs,
+    #[command(flatten)]
     limits: ServerLimits,
+}
+
+/// How a node authenticates to NATS and to the other nodes. Secrets are
+/// best given in the environment (a command line is visible in `ps`); none
+/// is ever printed.
+#[derive(Debug, Args)]
+struct ClusterAuthArgs {
+    /// NATS user (also accepted in the URL, nats://user:pass@host)
+    #[arg(
+        long,
+        env = "VULCAN_CLUSTER_USER",
+        value_name = "USER",
+        requires = "cluster"
+    )]
+    cluster_user: Option<String>,
+    /// NATS password
+    #[arg(
+        long,
+        env = "VULCAN_CLUSTER_PASSWORD",
+        hide_env_values = true,
+        value_name = "PASSWORD",
+        requires = "cluster"
+    )]
+    cluster_password: Option<String>,
+    /// NATS token (also accepted in the URL, nats://token@host)
+    #[arg(
+        long,
+        env = "VULCAN_CLUSTER_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN",
+        requires = "cluster"
+    )]
+    cluster_token: Option<String>,
+    /// NATS creds file (a user JWT and nkey seed, as `nsc` writes them)
+    #[arg(
+        long,
+        env = "VULCAN_CLUSTER_CREDS",
+        value_name = "FILE",
+        requires = "cluster"
+    )]
+    cluster_creds: Option<std::path::PathBuf>,
+    /// File holding a NATS user nkey seed (SU…)
+    #[arg(
+        long,
+        env = "VULCAN_CLUSTER_NKEY",
+        value_name = "FILE",
+        requires = "cluster"
+    )]
+    cluster_nkey: Option<std::path::PathBuf>,
+    /// CA certificate (PEM) that signed the NATS server's certificate; requires TLS
+    #[arg(
+        long,
+        env = "VULCAN_CLUSTER_CA",
+        value_name = "FILE",
+        requires = "cluster"
+    )]
+    cluster_ca: Option<std::path::PathBuf>,
+    /// This node's client certificate (PEM) for NATS servers that verify clients
+    #[arg(long, env = "VULCAN_CLUSTER_CERT", value_name = "FILE", requires_all = ["cluster", "cluster_key"])]
+    cluster_cert: Option<std::path::PathBuf>,
+    /// The client certificate's private key (PEM)
+    #[arg(
+        long,
+        env = "VULCAN_CLUSTER_KEY",
+        value_name = "FILE",
+        requires = "cluster_cert"
+    )]
+    cluster_key: Option<std::path::PathBuf>,
+    /// Shared secret every node of the cluster is given: kills and end
+    /// announcements are signed with it, and unsigned or forged ones are
+    /// ignored. Without it, anyone who may publish on `vulcan.>` can kill
+    #[arg(
+        long,
+        env = "VULCAN_CLUSTER_SECRET",
+        hide_env_values = true,
+        value_name = "SECRET",
+        requires = "cluster"
+    )]
+    cluster_secret: Option<String>,
+}
+
+impl ClusterAuthArgs {
+    fn auth(&self) -> anyhow::Result<crate::cluster::ClusterAuth> {
+        use crate::cluster::Secret;
+        if self.cluster_secret.as_deref().is_some_and(|s| s.len() < 16) {
+            anyhow::bail!("--cluster-secret must be at least 16 characters");
+        }
+        Ok(crate::cluster::ClusterAuth {
+            user: self.cluster_user.clone(),
+            password: self.cluster_password.clone().map(Secret::new),
+            token: self.cluster_token.clone().map(Secret::new),
+            creds_file: self.cluster_creds.clone(),
+            nkey_file: self.cluster_nkey.clone(),
+            ca_file: self.cluster_ca.clone(),
+            client_cert: self.cluster_cert.clone().zip(self.cluster_key.clone()),
+            secret: self.cluster_secret.clone().map(Secret::new),
+        })
+    }
 }
 
 impl ServeArgs {
@@ -131,6 +276,8 @@ impl ServeArgs {
         Ok(OutboundPolicy {
             caps,
             allow_private: self.allow_private_outbound,
+            max_inflight_per_workload: self.max_outbound_inflight as usize,
+            max_inflight_per_node: self.max_outbound_inflight_node as usize,
         })
     }
 }
@@ -203,6 +350,9 @@ pub fn execute(args: ServeArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
     )?);
     let limits = args.limits.policy()?;
     let outbound = args.outbound()?;
+    let allowed_hosts =
+        crate::api::AllowedHosts::new(&args.allowed_host, args.public_url.as_slice(), &args.listen)
+            .map_err(anyhow::Error::msg)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -223,8 +373,16 @@ pub fn execute(args: ServeArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
                     None => stable_node_id(data_dir)?,
                 };
                 check_node_id(&node_id)?;
+                let auth = args.cluster_auth.auth()?;
+                if auth.secret.is_none() {
+                    tracing::warn!(
+                        "no --cluster-secret: kills and end announcements are accepted from \
+                         anyone who may publish on vulcan.> (see the README's security section)"
+                    );
+                }
                 let options = ClusterOptions {
                     url: url.clone(),
+                    auth,
                     node_id,
                     replicas: args.cluster_replicas,
                 };
@@ -244,6 +402,8 @@ pub fn execute(args: ServeArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
             max_spec: usize::try_from(args.max_spec_size).unwrap_or(usize::MAX),
             limits,
             client_timeout: args.client_timeout,
+            allowed_hosts: Arc::new(allowed_hosts),
+            max_followers: args.max_followers as usize,
         };
         let state = match &cluster {
             Some(cluster) => AppState::clustered(Arc::clone(cluster), config),

@@ -836,10 +836,16 @@ impl Cluster {
                         })
                         .map_err(anyhow::Error::from)?;
                         // No answer: the node may be gone; its loss ends the workload.
-                        let _ = self
-                            .client
-                            .request(kill_subject(&node), request.into())
-                            .await;
+                        let subject = kill_subject(&node);
+                        let _ = match &self.signer {
+                            Some(signer) => {
+                                let headers = signer.sign(&subject, &request);
+                                self.client
+                                    .request_with_headers(subject, headers, request.into())
+                                    .await
+                            }
+                            None => self.client.request(subject, request.into()).await,
+                        };
                     }
                     return Ok(match tokio::time::timeout(wait, self.wait_end(id)).await {
                         Ok(view) => KillOutcome::Ended(Box::new(view?)),
@@ -872,6 +878,19 @@ impl Cluster {
     /// Answers kill requests for workloads on this node.
     pub(super) async fn take_kills(self: Arc<Self>, mut requests: async_nats::Subscriber) {
         while let Some(message) = requests.next().await {
+            if let Some(signer) = &self.signer
+                && let Some(why) = signer.refusal(
+                    message.subject.as_str(),
+                    message.headers.as_ref(),
+                    &message.payload,
+                )
+            {
+                tracing::warn!(subject = %message.subject, "refusing a kill request: {why}");
+                if let Some(reply) = message.reply {
+                    let _ = self.client.publish(reply, "refused".into()).await;
+                }
+                continue;
+            }
             let answer = match serde_json::from_slice::<KillRequest>(&message.payload) {
                 Ok(k) => match self.kill_here(k.id, &k.reason) {
                     true => "killing",

@@ -22,6 +22,7 @@
 //! record written by compare-and-swap is also announced (not stored) on
 //! `vulcan.ended.<id>`, for whoever waits for that workload's end.
 
+mod auth;
 mod dispatch;
 mod liveness;
 mod logs;
@@ -38,6 +39,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+pub use auth::{ClusterAuth, Secret};
 pub use dispatch::KillOutcome;
 pub use logs::{LogChunk, LogCursor};
 
@@ -115,8 +117,10 @@ impl ClusterError {
 /// How a node joins a cluster.
 #[derive(Debug, Clone)]
 pub struct ClusterOptions {
-    /// NATS server URL(s), comma-separated.
+    /// NATS server URL(s), comma-separated; credentials in them are taken out.
     pub url: String,
+    /// How to authenticate to NATS and sign control messages.
+    pub auth: ClusterAuth,
     /// This node's id, unique in the cluster.
     pub node_id: String,
     /// Replicas of every stream and bucket (1, or 3 on a 3-server NATS cluster).
@@ -197,6 +201,9 @@ pub struct Cluster {
     metrics: Arc<ClusterMetrics>,
     stop: CancellationToken,
     tasks: TaskTracker,
+    /// Signs the control messages this node sends and checks those it acts
+    /// on; `None`: the cluster has no secret (NATS permissions alone guard them).
+    signer: Option<auth::Signer>,
     /// When this node's reads of the heartbeats began succeeding (None: failing).
     reachable_since: Mutex<Option<Instant>>,
 }
@@ -204,7 +211,12 @@ pub struct Cluster {
 impl Cluster {
     /// Connects to NATS, creates what is missing, and starts taking work.
     pub async fn join(node: Arc<Node>, options: ClusterOptions) -> anyhow::Result<Arc<Self>> {
-        let client = async_nats::ConnectOptions::new()
+        let urls = auth::ServerUrls::parse(&options.url)?;
+        let shown = urls.shown();
+        let client = options
+            .auth
+            .connect_options(&urls)
+            .await?
             .name(format!("vulcan {}", options.node_id))
             .connection_timeout(Duration::from_secs(5))
             .request_timeout(Some(REQUEST_TIMEOUT))
@@ -213,9 +225,9 @@ impl Cluster {
             .reconnect_delay_callback(|attempt| {
                 Duration::from_millis(100 * (attempt as u64).min(10))
             })
-            .connect(options.url.as_str())
+            .connect(urls.addrs())
             .await
-            .with_context(|| format!("failed to connect to the cluster at {}", options.url))?;
+            .with_context(|| format!("failed to connect to the cluster at {shown}"))?;
         let mut js = jetstream::new(client.clone());
         js.set_timeout(REQUEST_TIMEOUT);
         let replicas = options.replicas.max(1);
@@ -304,6 +316,7 @@ impl Cluster {
             metrics,
             stop: CancellationToken::new(),
             tasks: TaskTracker::new(),
+            signer: options.auth.signer(),
             reachable_since: Mutex::new(None),
         });
         // What a previous run of this node claimed cannot be running now.

@@ -217,7 +217,16 @@ impl Cluster {
                 if view.summary.status.is_terminal() {
                     // Not stored: a waiter that misses it reads the record.
                     let subject = ended_subject(view.summary.id);
-                    if let Err(e) = self.client.publish(subject, value).await {
+                    let published = match &self.signer {
+                        Some(signer) => {
+                            let headers = signer.sign(&subject, &value);
+                            self.client
+                                .publish_with_headers(subject, headers, value)
+                                .await
+                        }
+                        None => self.client.publish(subject, value).await,
+                    };
+                    if let Err(e) = published {
                         tracing::debug!(workload = %view.summary.id, error = %e, "could not announce an end");
                     }
                 }
@@ -264,11 +273,17 @@ impl Cluster {
             };
             tokio::select! {
                 end = announced => match end {
-                    Some(end) => match serde_json::from_slice::<WorkloadView>(&end.payload) {
-                        Ok(view) if view.summary.status.is_terminal() => return Ok(view),
-                        Ok(_) => {}
-                        Err(e) => tracing::warn!(workload = %id, error = %e, "ignoring an announced end that does not parse"),
-                    },
+                    Some(end) => {
+                        let forged = self.signer.as_ref().and_then(|s| {
+                            s.refusal(end.subject.as_str(), end.headers.as_ref(), &end.payload)
+                        });
+                        match (forged, serde_json::from_slice::<WorkloadView>(&end.payload)) {
+                            (Some(why), _) => tracing::warn!(workload = %id, "ignoring an announced end: {why}"),
+                            (None, Ok(view)) if view.summary.status.is_terminal() => return Ok(view),
+                            (None, Ok(_)) => {}
+                            (None, Err(e)) => tracing::warn!(workload = %id, error = %e, "ignoring an announced end that does not parse"),
+                        }
+                    }
                     // The client closed the subscription: looking every second will do.
                     None => ends = None,
                 },

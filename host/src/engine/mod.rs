@@ -231,7 +231,7 @@ pub struct Runtime {
     linker: Linker<Host>,
     component_linker: wasmtime::component::Linker<ComponentHost>,
     compat_key: String,
-    outbound: Arc<OutboundPolicy>,
+    outbound: Arc<http::OutboundGate>,
 }
 
 impl Runtime {
@@ -281,13 +281,13 @@ impl Runtime {
             linker,
             component_linker,
             compat_key,
-            outbound: Arc::new(outbound),
+            outbound: Arc::new(http::OutboundGate::new(outbound)),
         }))
     }
 
     /// What the operator allows components' outbound HTTP requests.
     pub fn outbound_policy(&self) -> &OutboundPolicy {
-        &self.outbound
+        self.outbound.policy()
     }
 
     /// A key that changes whenever compiled artifacts stop being loadable.
