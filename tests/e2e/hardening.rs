@@ -527,3 +527,88 @@ async fn a_long_running_guest_computes_on_the_nicer_guest_threads() {
     assert_eq!(status, 200);
     assert_eq!(server.kill(&id).await.0, 200);
 }
+
+/// Opens an SSE stream on a raw connection and reads until the first bytes of
+/// its body have arrived, then keeps the connection without reading more:
+/// a follower that stalled. Returns the connection and the status.
+async fn stalled_follower(server: &Server, path: &str) -> (tokio::net::TcpStream, u16) {
+    let addr = server.url.trim_start_matches("http://").to_owned();
+    // A small receive window, so the kernel holds little of what it is sent.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut conn = socket.connect(addr.parse().unwrap()).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n");
+    conn.write_all(request.as_bytes()).await.unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = conn.read(&mut buf).await.unwrap();
+        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+        if let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+            let status = String::from_utf8_lossy(&seen[9..12]).parse().unwrap();
+            // A refusal is whole; a stream has begun once its body has.
+            if status != 200 || seen.len() > end + 4 {
+                return (conn, status);
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn followers_are_capped_and_a_stalled_one_holds_a_bounded_buffer() {
+    const FOLLOWERS: usize = 300;
+    let env = Env::new();
+    // Stalled followers are kept (not disconnected for stalling) meanwhile.
+    let server = Server::start(
+        &env,
+        &["--max-followers", &FOLLOWERS.to_string(), "--client-timeout", "10m"],
+    );
+    // Longer than the kernel's socket buffers hold, so a stalled follower
+    // stays stalled rather than ending.
+    let (_, w) = server.run_wasm("log-flood", "arg=100000").await;
+    assert_eq!(w["line_count"], 100_000, "{w}");
+    let path = format!("/v1/workloads/{}/logs?format=json", w["id"].as_str().unwrap());
+    // One whole read first, so what any read warms up is in the baseline.
+    let mut sse = server.sse(w["id"].as_str().unwrap(), None).await;
+    assert_eq!(sse.until_end().await.0.len(), 100_000);
+    let before = rss_bytes(server.child.id());
+    let mut held = Vec::new();
+    for _ in 0..FOLLOWERS {
+        let (conn, status) = stalled_follower(&server, &path).await;
+        assert_eq!(status, 200);
+        held.push(conn);
+    }
+    // Each stalled follower has begun its replay: what it holds is at its
+    // bound (a replayed page, queued chunks), not the log's size.
+    let grown = rss_bytes(server.child.id()).saturating_sub(before);
+    eprintln!(
+        "{FOLLOWERS} stalled followers of a 100,000-line log: server grew {} KiB ({} KiB each)",
+        grown >> 10,
+        (grown >> 10) / FOLLOWERS as u64
+    );
+    assert!(
+        grown <= (FOLLOWERS as u64) * (256 << 10) + (64 << 20),
+        "{FOLLOWERS} stalled followers grew the server by {} MiB",
+        grown >> 20
+    );
+    // The node's cap: one more is refused, with a time to retry.
+    let resp = server
+        .http
+        .get(format!("{}{path}", server.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 503);
+    assert_eq!(resp.headers()["retry-after"], "1");
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "busy", "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("--max-followers"), "{body}");
+    // A follower that leaves frees its place.
+    drop(held.pop());
+    eventually("a freed follower place", || async {
+        let (conn, status) = stalled_follower(&server, &path).await;
+        (status == 200).then_some(conn)
+    })
+    .await;
+}

@@ -14,6 +14,8 @@
 //!   runs, live lines, kill, HTML as text, the token, a long log.
 //! - `cluster` — several `vulcan serve` nodes on one real NATS JetStream:
 //!   dispatch, slots, logs across nodes, kills, node loss, NATS loss.
+//! - `cluster_auth` — nodes authenticating to NATS (user and password, TLS
+//!   with a client certificate), secrets never printed, forged kills refused.
 //! - `outbound` — components' HTTP requests: allowed hosts, operator caps,
 //!   private addresses, refusals recorded, timeout and kill.
 //! - `read_model` — the same bytes from `status`/`ls`/`logs` locally and remotely;
@@ -30,6 +32,7 @@ mod boundary;
 mod browser;
 mod client;
 mod cluster;
+mod cluster_auth;
 mod components;
 mod console;
 mod hardening;

@@ -376,3 +376,111 @@ fn vulcan_run_allows_hosts_from_its_flags() {
     );
     assert_eq!(upstream.seen().len(), 1, "the refused run sent nothing");
 }
+
+/// Open file descriptors of process `pid`.
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+#[tokio::test]
+async fn guests_that_open_thousands_of_requests_cannot_take_the_servers_sockets() {
+    const GUESTS: usize = 10;
+    const NODE_INFLIGHT: usize = 200;
+    let env = Env::new();
+    let server = Server::start(
+        &env,
+        &[
+            "--allow-private-outbound",
+            "--max-outbound-inflight-node",
+            &NODE_INFLIGHT.to_string(),
+        ],
+    );
+    assert_eq!(server.get_json("/healthz").await.0, 200);
+    let baseline = open_fds(server.child.id());
+    // An upstream that accepts every connection and never answers.
+    let (addr, accepted) = silent_upstream();
+    let spec = json!({
+        "module_base64": b64(&std::fs::read(component("fan-out")).unwrap()),
+        "input": {"url": format!("http://{addr}/"), "count": 21_000},
+        "allowed_hosts": [format!("http://{addr}")],
+    });
+    let mut ids = Vec::new();
+    for _ in 0..GUESTS {
+        ids.push(server.start_json(&spec).await);
+    }
+    // Until every guest has ended, the server answers and holds a bounded
+    // number of sockets: each guest 32 in flight, the node at most 200. Once
+    // every guest has been refused for queueing too many, they are killed.
+    let probe = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let (mut probes, mut most_fds, mut refused) = (0, 0, std::collections::HashSet::new());
+    loop {
+        let health = probe
+            .get(format!("{}/healthz", server.url))
+            .send()
+            .await
+            .expect("/healthz did not answer while guests flooded outbound");
+        assert_eq!(health.status().as_u16(), 200);
+        probes += 1;
+        most_fds = most_fds.max(open_fds(server.child.id()));
+        for id in &ids {
+            if !refused.contains(id) && !error_records(&server, id).await.is_empty() {
+                refused.insert(id.clone());
+                if refused.len() == GUESTS {
+                    for id in &ids {
+                        server.kill(id).await;
+                    }
+                }
+            }
+        }
+        let (status, list) = server.get_json("/v1/workloads?status=running").await;
+        assert_eq!(status, 200, "{list}");
+        if list["total"] == 0 {
+            break;
+        }
+    }
+    let connections = accepted.try_iter().count();
+    eprintln!(
+        "{probes} probes answered; most open fds {most_fds} (baseline {baseline}); \
+         {connections} connections reached the upstream"
+    );
+    assert!(connections > 0, "no request reached the upstream");
+    // The node's bound, plus the API's own connections and some slack.
+    assert!(
+        most_fds <= baseline + NODE_INFLIGHT + 32,
+        "the server held {most_fds} fds (baseline {baseline}, bound {NODE_INFLIGHT})"
+    );
+    for id in &ids {
+        let (_, record) = server.get_json(&format!("/v1/workloads/{id}")).await;
+        assert_eq!(record["status"], "killed", "{record}");
+        // Requests past what may wait were refused at once, and said so once.
+        let refusals = error_records(&server, id).await;
+        assert_eq!(refusals.len(), 1, "{refusals:?}");
+        let line = refusals[0]["line"].as_str().unwrap();
+        assert!(line.contains("waiting for a place (--max-outbound-inflight)"), "{line}");
+    }
+}
+
+#[tokio::test]
+async fn https_to_a_name_that_resolves_to_loopback_never_connects() {
+    let env = Env::new();
+    let server = Server::start(&env, &[]);
+    let (addr, accepted) = silent_upstream();
+    let url = format!("https://localhost:{}", addr.port());
+    let (status, record) = server
+        .post(
+            "/v1/workloads",
+            Body::Json(fetch_spec(json!({"url": format!("{url}/")}), &[&url])),
+        )
+        .await;
+    assert_eq!(status, 200, "{record}");
+    assert_eq!(record["failure"], "returned_error", "{record}");
+    let error = record["error"].as_str().unwrap();
+    assert!(error.contains("loopback, private or otherwise non-public"), "{error}");
+    let refusals = error_records(&server, record["id"].as_str().unwrap()).await;
+    let line = refusals[0]["line"].as_str().unwrap();
+    assert!(line.contains("localhost resolves to "), "{line}");
+    assert!(accepted.try_recv().is_err(), "a connection reached the loopback listener");
+}

@@ -200,8 +200,18 @@ impl Server {
     pub fn start(env: &Env, extra: &[&str]) -> Server {
         let mut args = vec!["serve", "--listen", "127.0.0.1:0"];
         args.extend_from_slice(extra);
-        let mut child = env
-            .cmd(&args)
+        let mut server = Self::spawned(env.cmd(&args));
+        server.token = extra
+            .windows(2)
+            .find(|w| w[0] == "--token")
+            .map(|w| w[1].to_owned());
+        server
+    }
+
+    /// Starts `cmd`, a `vulcan serve` command made by [`Env::cmd`] (with
+    /// `--listen 127.0.0.1:0`), e.g. with environment variables of its own.
+    pub fn spawned(mut cmd: Command) -> Server {
+        let mut child = cmd
             .env_remove("VULCAN_TOKEN")
             .stderr(Stdio::piped())
             .spawn()
@@ -227,15 +237,11 @@ impl Server {
                 line.clear();
             }
         });
-        let token = extra
-            .windows(2)
-            .find(|w| w[0] == "--token")
-            .map(|w| w[1].to_owned());
         Server {
             child,
             url,
             http: reqwest::Client::new(),
-            token,
+            token: None,
         }
     }
 
@@ -530,11 +536,18 @@ pub struct Nats {
     pub port: u16,
     binary: PathBuf,
     store: tempfile::TempDir,
+    extra: Vec<String>,
 }
 
 impl Nats {
     /// Starts one; `None` (skip) only outside CI without a server binary.
     pub fn start() -> Option<Nats> {
+        Self::start_with(&[])
+    }
+
+    /// Starts one with more `nats-server` flags (e.g. `--user`, `--tls`).
+    pub fn start_with(extra: &[&str]) -> Option<Nats> {
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
         let binary = nats_server_binary()?;
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
@@ -542,19 +555,21 @@ impl Nats {
             .unwrap()
             .port();
         let store = tempfile::tempdir().unwrap();
-        let child = Self::spawn(&binary, port, store.path());
+        let child = Self::spawn(&binary, port, store.path(), &extra);
         Some(Nats {
             child,
             port,
             binary,
             store,
+            extra,
         })
     }
 
-    fn spawn(binary: &Path, port: u16, store: &Path) -> std::process::Child {
+    fn spawn(binary: &Path, port: u16, store: &Path, extra: &[String]) -> std::process::Child {
         let child = Command::new(binary)
             .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
             .arg(store)
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -582,7 +597,7 @@ impl Nats {
     }
 
     pub fn restart(&mut self) {
-        self.child = Self::spawn(&self.binary, self.port, self.store.path());
+        self.child = Self::spawn(&self.binary, self.port, self.store.path(), &self.extra);
     }
 }
 

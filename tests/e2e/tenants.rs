@@ -735,3 +735,61 @@ async fn a_server_wide_byte_cap_prunes_the_oldest_finished_workloads() {
     }
     assert_eq!(statuses, [410, 410, 200]);
 }
+
+#[tokio::test]
+async fn a_tenants_followers_are_capped_apart_from_others() {
+    let env = Env::new();
+    let file = env.data_dir().join("tenants.toml");
+    let alice = add_tenant(&env, &file, "alice", &["--max-followers", "2"]);
+    let bob = add_tenant(&env, &file, "bob", &[]);
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert!(text.contains("max_followers = 2"), "{text}");
+    let server = Server::start(&env, &["--tenants", file.to_str().unwrap()]);
+    let sleep = std::fs::read(example("sleep")).unwrap();
+    let start = |token: String| {
+        let (server, sleep) = (&server, sleep.clone());
+        async move {
+            let resp = server
+                .http
+                .post(format!("{}/v1/workloads/async?arg=60000", server.url))
+                .bearer_auth(token)
+                .header("content-type", "application/wasm")
+                .body(sleep)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(resp.status().as_u16(), 202);
+            let v: Value = resp.json().await.unwrap();
+            v["id"].as_str().unwrap().to_owned()
+        }
+    };
+    let (a, b) = (start(alice.clone()).await, start(bob.clone()).await);
+    let follow = |token: &str, id: &str| {
+        server
+            .http
+            .get(format!("{}/v1/workloads/{id}/logs", server.url))
+            .bearer_auth(token)
+            .send()
+    };
+    // Alice's two streams stay open; her third is refused, bob's is not.
+    let mut open = Vec::new();
+    for _ in 0..2 {
+        let resp = follow(&alice, &a).await.unwrap();
+        assert_eq!(resp.status().as_u16(), 200);
+        open.push(resp);
+    }
+    let refused = follow(&alice, &a).await.unwrap();
+    assert_eq!(refused.status().as_u16(), 429);
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "quota_exceeded", "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("max_followers"), "{body}");
+    let his = follow(&bob, &b).await.unwrap();
+    assert_eq!(his.status().as_u16(), 200);
+    // Closing one of hers frees its place.
+    drop(open.pop());
+    eventually("alice's freed follower place", || async {
+        let resp = follow(&alice, &a).await.unwrap();
+        (resp.status().as_u16() == 200).then_some(resp)
+    })
+    .await;
+}

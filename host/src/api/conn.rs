@@ -57,6 +57,11 @@ pub async fn serve(
             let mut builder = auto::Builder::new(TokioExecutor::new());
             builder
                 .http1()
+                // What a connection may buffer of a response the client does
+                // not read (hyper's default is ~400 KiB): with thousands of
+                // log followers that is what memory is made of. It also caps
+                // a request head at 64 KiB.
+                .max_buf_size(64 * 1024)
                 .timer(TokioTimer::new())
                 .header_read_timeout(client_timeout);
             let conn = builder.serve_connection_with_upgrades(io, service);

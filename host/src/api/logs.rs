@@ -279,7 +279,8 @@ impl Follower {
                 return Ok(());
             }
             let page = Replayed {
-                events: BytesMut::new(),
+                // Room for a page and its last event, so it never regrows.
+                events: BytesMut::with_capacity(CHUNK + 4096),
                 last: None,
             };
             let format = self.format;

@@ -44,6 +44,11 @@ use crate::workload::LogLevel;
 /// Name lookups running at once on a node: each holds a blocking thread.
 pub const CONCURRENT_LOOKUPS: usize = 16;
 
+/// Requests one run may have waiting for a place; one more fails at once
+/// with `connection-limit-reached`, so a guest cannot queue unbounded work
+/// (each waiting request is a task and its request) on the host.
+pub const MAX_WAITING_PER_WORKLOAD: usize = 1024;
+
 /// What a request waits for when the guest set no timeout of its own (its
 /// workload's time limit still ends it).
 const DEFAULT_WAIT: Duration = Duration::from_secs(600);
@@ -90,6 +95,10 @@ pub struct OutboundHooks {
     allowed_hosts: Arc<[OutboundRule]>,
     gate: Arc<OutboundGate>,
     inflight: Arc<Semaphore>,
+    /// Its requests that wait for a place.
+    waiting: Arc<std::sync::atomic::AtomicUsize>,
+    /// Whether a request refused for waiting too many was logged (once a run).
+    told_waiting: Arc<std::sync::atomic::AtomicBool>,
     log: LogWriter,
 }
 
@@ -101,6 +110,8 @@ impl OutboundHooks {
             allowed_hosts: allowed_hosts.into(),
             gate,
             inflight: Arc::new(Semaphore::new(own)),
+            waiting: Arc::default(),
+            told_waiting: Arc::default(),
             log,
         }
     }
@@ -129,7 +140,26 @@ impl WasiHttpHooks for OutboundHooks {
         let gate = Arc::clone(&self.gate);
         let own = Arc::clone(&self.inflight);
         let log = self.log.clone();
+        let waiting = Waiting::enter(&self.waiting);
+        let told_waiting = Arc::clone(&self.told_waiting);
         Box::new(async move {
+            if waiting.count > MAX_WAITING_PER_WORKLOAD {
+                let refused = Refused {
+                    code: HttpError::ConnectionLimitReached,
+                    method: request.method().to_string(),
+                    url: request.uri().to_string(),
+                    reason: format!(
+                        "this run already has {} requests in flight and \
+                         {MAX_WAITING_PER_WORKLOAD} waiting for a place (--max-outbound-inflight)",
+                        gate.policy.max_inflight_per_workload
+                    ),
+                };
+                // Logged once: a guest in a loop would otherwise fill its log.
+                if !told_waiting.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                    record(&log, &refused).await;
+                }
+                return Err(refused.code);
+            }
             // The run's own place first, so one run waiting for the node's
             // holds at most one place of its own.
             let closed = |_| HttpError::InternalError(Some("the outbound gate is closed".into()));
@@ -138,6 +168,7 @@ impl WasiHttpHooks for OutboundHooks {
                 .acquire_owned()
                 .await
                 .map_err(closed)?;
+            drop(waiting);
             let admitted = match admit(request, &allowed_hosts, &gate).await {
                 Ok(admitted) => admitted,
                 Err(refused) => {
@@ -155,6 +186,30 @@ impl WasiHttpHooks for OutboundHooks {
             };
             Ok((response, Box::new(io) as Box<dyn Future<Output = _> + Send>))
         })
+    }
+}
+
+/// A request counted among its run's waiting ones until dropped.
+struct Waiting {
+    counter: Arc<std::sync::atomic::AtomicUsize>,
+    /// How many waited, this one included, when it came.
+    count: usize,
+}
+
+impl Waiting {
+    fn enter(counter: &Arc<std::sync::atomic::AtomicUsize>) -> Self {
+        let count = counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        Self {
+            counter: Arc::clone(counter),
+            count,
+        }
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.counter
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -403,4 +458,70 @@ async fn record(log: &LogWriter, refused: &Refused) {
     ]);
     // Past the output limit the record is dropped; the guest still gets the error.
     let _ = log.log(LogLevel::Error, &message, fields);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt as _;
+
+    fn request(uri: &str) -> Request<WasiBody> {
+        let body = http_body_util::Empty::<Bytes>::new()
+            .map_err(|never| match never {})
+            .boxed_unsync();
+        Request::get(uri).body(body).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_request_goes_to_the_checked_address_with_the_name_as_sni() {
+        // What the name would resolve to now, and the address that was checked.
+        let elsewhere = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let checked = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = elsewhere.local_addr().unwrap().port();
+        let address = checked.local_addr().unwrap();
+        let gate = OutboundGate::new(OutboundPolicy::default());
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let sending = tokio::spawn(async move {
+            send_to(
+                request(&format!("https://localhost:{port}/")),
+                address,
+                Some((&gate.tls, name)),
+                None,
+            )
+            .await
+            .map(|_| ())
+        });
+        let (mut conn, _) = checked.accept().await.unwrap();
+        let mut hello = vec![0; 4096];
+        let n = conn.read(&mut hello).await.unwrap();
+        // A TLS ClientHello whose server name is the request's host.
+        assert_eq!(hello[0], 0x16, "not a TLS handshake");
+        assert!(
+            hello[..n].windows(9).any(|w| w == b"localhost"),
+            "the SNI is not the request's name"
+        );
+        drop(conn);
+        assert!(matches!(sending.await.unwrap(), Err(HttpError::Tls(_))));
+        // Nothing went to where the name points now.
+        let nothing = tokio::time::timeout(Duration::ZERO, elsewhere.accept()).await;
+        assert!(nothing.is_err(), "a connection reached the unchecked address");
+    }
+
+    #[tokio::test]
+    async fn a_plain_request_goes_to_the_checked_address_with_its_host_header() {
+        let checked = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = checked.local_addr().unwrap();
+        let mut req = request("http://api.example.com/v1/items?x=1");
+        req.headers_mut()
+            .insert(hyper::header::HOST, "api.example.com".parse().unwrap());
+        let sending = tokio::spawn(async move { send_to(req, address, None, None).await.map(|_| ()) });
+        let (mut conn, _) = checked.accept().await.unwrap();
+        let mut head = vec![0; 4096];
+        let n = conn.read(&mut head).await.unwrap();
+        let head = String::from_utf8_lossy(&head[..n]).to_ascii_lowercase();
+        assert!(head.starts_with("get /v1/items?x=1 http/1.1\r\n"), "{head}");
+        assert!(head.contains("host: api.example.com\r\n"), "{head}");
+        drop(conn);
+        assert!(sending.await.unwrap().is_err());
+    }
 }
