@@ -34,7 +34,10 @@ async fn run() -> anyhow::Result<()> {
         .send()
         .await?;
     let record: serde_json::Value = resp.json().await?;
-    ensure!(record["line_count"] == lines, "the flood ended short: {record}");
+    ensure!(
+        record["line_count"] == lines,
+        "the flood ended short: {record}"
+    );
     let id = record["id"].as_str().context("no id")?.to_owned();
     let pid = server.child.id();
     let before = rss_kib(pid)?;
@@ -42,7 +45,10 @@ async fn run() -> anyhow::Result<()> {
     let started = Instant::now();
     let mut readers = Vec::new();
     for _ in 0..followers {
-        let (http, url) = (http.clone(), format!("{}/v1/workloads/{id}/logs?format=json", server.url));
+        let (http, url) = (
+            http.clone(),
+            format!("{}/v1/workloads/{id}/logs?format=json", server.url),
+        );
         readers.push(tokio::spawn(async move { read_all(http, url).await }));
     }
     let sampler = tokio::spawn(async move {
@@ -88,7 +94,11 @@ async fn read_all(http: reqwest::Client, url: String) -> anyhow::Result<u64> {
             if event.event == "end" {
                 return Ok(next);
             }
-            let seq: u64 = event.id.as_deref().and_then(|s| s.parse().ok()).context("no seq")?;
+            let seq: u64 = event
+                .id
+                .as_deref()
+                .and_then(|s| s.parse().ok())
+                .context("no seq")?;
             ensure!(seq == next, "expected seq {next}, got {seq}");
             next += 1;
         }

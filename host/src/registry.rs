@@ -52,7 +52,9 @@ pub const DEFAULT_MAX_FUNCTION_SIZE: u64 = 1 << 20;
 
 /// One compile at a time, handed to waiting tenants in rotation: a tenant
 /// waits for at most the compile in progress plus one compile of each other
-/// tenant that is waiting, however many compiles those tenants queued.
+/// tenant that is waiting, however many compiles those tenants queued; a
+/// tenant that comes while another one's compile runs goes before that
+/// tenant's next.
 #[derive(Default)]
 struct CompileTurns {
     state: Arc<Mutex<TurnState>>,
@@ -62,6 +64,9 @@ struct CompileTurns {
 struct TurnState {
     /// A compile holds the turn.
     busy: bool,
+    /// Whose compile holds it: if it has more waiting, it goes behind every
+    /// tenant that came meanwhile when it hands the turn on.
+    holder: Option<String>,
     /// Tenants with waiters, in the order they get the turn.
     rotation: std::collections::VecDeque<String>,
     /// Each such tenant's waiters, first come first served.
@@ -74,19 +79,23 @@ struct CompileTurn {
 }
 
 impl CompileTurns {
-    /// Waits for `tenant`'s turn (`""`: no tenant).
-    async fn wait(&self, tenant: &str) -> CompileTurn {
+    /// Waits for `tenant`'s turn (`""`: no tenant); `None` if the turns were
+    /// dropped meanwhile (they are not while anyone waits: a waiter exists
+    /// only while a turn is held, and a held turn always hands itself on).
+    async fn wait(&self, tenant: &str) -> Option<CompileTurn> {
         let waiting = {
             let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
             if !state.busy {
                 state.busy = true;
-                return CompileTurn {
+                state.holder = Some(tenant.to_owned());
+                return Some(CompileTurn {
                     state: Arc::clone(&self.state),
-                };
+                });
             }
             let (tx, rx) = tokio::sync::oneshot::channel();
+            let holds = state.holder.as_deref() == Some(tenant);
             let queue = state.waiting.entry(tenant.to_owned()).or_default();
-            if queue.is_empty() {
+            if queue.is_empty() && !holds {
                 state.rotation.push_back(tenant.to_owned());
             }
             state
@@ -96,26 +105,30 @@ impl CompileTurns {
                 .push_back(tx);
             rx
         };
-        // A turn is only dropped unsent by a waiter that went away, and the
-        // turn's own drop passes it on; the sender is never dropped otherwise.
-        waiting.await.expect("a compile turn is always handed on")
+        waiting.await.ok()
     }
 }
 
 impl Drop for CompileTurn {
     fn drop(&mut self) {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        // The tenant that just compiled waits for every other waiting
+        // tenant's compile before its next one.
+        if let Some(holder) = state.holder.take()
+            && state.waiting.contains_key(&holder)
+        {
+            state.rotation.push_back(holder);
+        }
         while let Some(tenant) = state.rotation.pop_front() {
             let Some(queue) = state.waiting.get_mut(&tenant) else {
                 continue;
             };
             let next = queue.pop_front();
-            match queue.is_empty() {
-                true => drop(state.waiting.remove(&tenant)),
-                // Its next compile waits for every other waiting tenant's.
-                false => state.rotation.push_back(tenant),
+            if queue.is_empty() {
+                state.waiting.remove(&tenant);
             }
             let Some(next) = next else { continue };
+            state.holder = Some(tenant);
             let turn = CompileTurn {
                 state: Arc::clone(&self.state),
             };
@@ -311,7 +324,11 @@ impl ModuleRegistry {
         let compiled = match loaded {
             Some(compiled) => compiled,
             None => {
-                let _turn = self.compiling.wait(tenant.unwrap_or("")).await;
+                let _turn = self
+                    .compiling
+                    .wait(tenant.unwrap_or(""))
+                    .await
+                    .context("the compiler is shut down")?;
                 // Another request for the same module may have compiled it
                 // while this one waited for its turn.
                 if let Some(compiled) = self.cached(hash) {
@@ -404,8 +421,8 @@ mod tests {
     async fn compile_turns_go_to_tenants_in_rotation() {
         use futures_util::poll;
         let turns = CompileTurns::default();
-        let held = turns.wait("a").await;
-        // a floods three compiles, then b asks for one, then c.
+        let held = turns.wait("a").await.unwrap();
+        // a compiles, floods three more, then b asks for one, then c.
         let mut a = [
             Box::pin(turns.wait("a")),
             Box::pin(turns.wait("a")),
@@ -418,26 +435,26 @@ mod tests {
         let mut c = Box::pin(turns.wait("c"));
         assert!(poll!(b.as_mut()).is_pending());
         assert!(poll!(c.as_mut()).is_pending());
-        // b waits for the compile in progress and one of a's, not all three.
+        // b and c wait for the compile in progress only, not for a's queue.
         drop(held);
-        let [a1, a2, a3] = a;
-        let t = a1.await;
-        assert!(poll!(b.as_mut()).is_pending());
-        drop(t);
-        let t = b.await;
+        let [mut a1, a2, a3] = a;
+        let t = b.await.unwrap();
+        assert!(poll!(a1.as_mut()).is_pending());
         assert!(poll!(c.as_mut()).is_pending());
         drop(t);
-        let t = c.await;
+        let t = c.await.unwrap();
+        assert!(poll!(a1.as_mut()).is_pending());
         drop(t);
-        drop(a2.await);
+        drop(a1.await.unwrap());
+        drop(a2.await.unwrap());
         // A waiter that went away hands its turn on.
         let mut late = Box::pin(turns.wait("d"));
-        let t = a3.await;
+        let t = a3.await.unwrap();
         assert!(poll!(late.as_mut()).is_pending());
         let mut gone = Box::pin(turns.wait("e"));
         assert!(poll!(gone.as_mut()).is_pending());
         drop(t);
-        drop(late.await);
+        drop(late.await.unwrap());
         drop(gone);
         // Nobody waits: the next one gets the turn at once.
         assert!(poll!(Box::pin(turns.wait("f"))).is_ready());

@@ -45,7 +45,15 @@ async fn a_node_joins_with_a_user_and_password_and_never_prints_them() {
 
     // From the environment, the URL bare.
     let env = Env::new();
-    let mut cmd = env.cmd(&["serve", "--listen", "127.0.0.1:0", "--cluster", &plain, "--node-id", "b"]);
+    let mut cmd = env.cmd(&[
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--cluster",
+        &plain,
+        "--node-id",
+        "b",
+    ]);
     cmd.env("VULCAN_CLUSTER_USER", "vulcan")
         .env("VULCAN_CLUSTER_PASSWORD", "pw-Zq81xK");
     let node = Server::spawned(cmd);
@@ -56,19 +64,31 @@ async fn a_node_joins_with_a_user_and_password_and_never_prints_them() {
     let env = Env::new();
     let (code, err) = refused_start(&env, &["--cluster", &plain], &[]);
     assert_eq!(code, 2, "{err}");
-    assert!(err.contains("failed to connect to the cluster at nats://127.0.0.1:"), "{err}");
+    assert!(
+        err.contains("failed to connect to the cluster at nats://127.0.0.1:"),
+        "{err}"
+    );
     let wrong = plain.replace("nats://", "nats://vulcan:wrong-Hq55@");
     let (code, err) = refused_start(&env, &["--cluster", &wrong], &[]);
     assert_eq!(code, 2, "{err}");
     assert!(err.to_lowercase().contains("authoriz"), "{err}");
-    assert!(!err.contains("wrong-Hq55"), "the password was printed: {err}");
+    assert!(
+        !err.contains("wrong-Hq55"),
+        "the password was printed: {err}"
+    );
     let (code, err) = refused_start(
         &env,
         &["--cluster", &plain],
-        &[("VULCAN_CLUSTER_USER", "vulcan"), ("VULCAN_CLUSTER_PASSWORD", "wrong-Hq55")],
+        &[
+            ("VULCAN_CLUSTER_USER", "vulcan"),
+            ("VULCAN_CLUSTER_PASSWORD", "wrong-Hq55"),
+        ],
     );
     assert_eq!(code, 2, "{err}");
-    assert!(!err.contains("wrong-Hq55"), "the password was printed: {err}");
+    assert!(
+        !err.contains("wrong-Hq55"),
+        "the password was printed: {err}"
+    );
 }
 
 /// Runs `openssl` with `args` in `dir`.
@@ -78,18 +98,31 @@ fn openssl(dir: &Path, args: &[&str]) {
         .current_dir(dir)
         .output()
         .expect("openssl (Debian's openssl package) is needed to make test certificates");
-    assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// A CA, a server certificate for 127.0.0.1 and a client certificate, in `dir`.
 fn make_certificates(dir: &Path) {
-    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
     let mut ca = vec!["req", "-x509", "-days", "2", "-subj", "/CN=vulcan test CA"];
     ca.extend_from_slice(&ec);
     ca.extend_from_slice(&["-keyout", "ca.key", "-out", "ca.pem"]);
     openssl(dir, &ca);
     for (name, ext) in [
-        ("server", "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n"),
+        (
+            "server",
+            "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n",
+        ),
         ("client", "extendedKeyUsage=clientAuth\n"),
     ] {
         std::fs::write(dir.join(format!("{name}.ext")), ext).unwrap();
@@ -108,8 +141,21 @@ fn make_certificates(dir: &Path) {
         openssl(
             dir,
             &[
-                "x509", "-req", "-in", &csr, "-CA", "ca.pem", "-CAkey", "ca.key",
-                "-CAcreateserial", "-days", "2", "-out", &pem, "-extfile", &extfile,
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-days",
+                "2",
+                "-out",
+                &pem,
+                "-extfile",
+                &extfile,
             ],
         );
     }
@@ -154,13 +200,24 @@ async fn a_node_joins_over_tls_with_a_client_certificate() {
     let env = Env::new();
     let (code, err) = refused_start(
         &env,
-        &["--cluster", &url, "--cluster-cert", &file("client.pem"), "--cluster-key", &file("client.key")],
+        &[
+            "--cluster",
+            &url,
+            "--cluster-cert",
+            &file("client.pem"),
+            "--cluster-key",
+            &file("client.key"),
+        ],
         &[],
     );
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("failed to connect to the cluster"), "{err}");
     // Nor is a node without a client certificate.
-    let (code, err) = refused_start(&env, &["--cluster", &url, "--cluster-ca", &file("ca.pem")], &[]);
+    let (code, err) = refused_start(
+        &env,
+        &["--cluster", &url, "--cluster-ca", &file("ca.pem")],
+        &[],
+    );
     assert_eq!(code, 2, "{err}");
     assert!(!err.contains("BEGIN"), "key material was printed: {err}");
 }
@@ -170,7 +227,17 @@ async fn a_forged_kill_from_a_raw_nats_client_does_not_kill() {
     let Some(nats) = Nats::start() else { return };
     let secret = "0123456789abcdef-secret";
     let (e1, e2) = (Env::new(), Env::new());
-    let flags = |id: &'static str| ["--cluster", &nats.url(), "--node-id", id, "--cluster-secret", secret].map(String::from);
+    let flags = |id: &'static str| {
+        [
+            "--cluster",
+            &nats.url(),
+            "--node-id",
+            id,
+            "--cluster-secret",
+            secret,
+        ]
+        .map(String::from)
+    };
     let n1_flags = flags("n1");
     let n1 = Server::start(&e1, &n1_flags.each_ref().map(String::as_str));
     let n2_flags = flags("n2");
@@ -186,9 +253,14 @@ async fn a_forged_kill_from_a_raw_nats_client_does_not_kill() {
 
     // Anyone on the bus can publish a kill; n1 refuses one not signed with
     // the cluster's secret, or signed with another.
-    let raw = async_nats::connect(format!("127.0.0.1:{}", nats.port)).await.unwrap();
+    let raw = async_nats::connect(format!("127.0.0.1:{}", nats.port))
+        .await
+        .unwrap();
     let forged = json!({"id": id, "reason": "killed: forged"}).to_string();
-    let answer = raw.request("vulcan.kill.n1", forged.clone().into()).await.unwrap();
+    let answer = raw
+        .request("vulcan.kill.n1", forged.clone().into())
+        .await
+        .unwrap();
     assert_eq!(&answer.payload[..], b"refused");
     let mut headers = async_nats::HeaderMap::new();
     headers.insert("Vulcan-Signed-At", "1");

@@ -562,13 +562,21 @@ async fn followers_are_capped_and_a_stalled_one_holds_a_bounded_buffer() {
     // Stalled followers are kept (not disconnected for stalling) meanwhile.
     let server = Server::start(
         &env,
-        &["--max-followers", &FOLLOWERS.to_string(), "--client-timeout", "10m"],
+        &[
+            "--max-followers",
+            &FOLLOWERS.to_string(),
+            "--client-timeout",
+            "10m",
+        ],
     );
     // Longer than the kernel's socket buffers hold, so a stalled follower
     // stays stalled rather than ending.
     let (_, w) = server.run_wasm("log-flood", "arg=100000").await;
     assert_eq!(w["line_count"], 100_000, "{w}");
-    let path = format!("/v1/workloads/{}/logs?format=json", w["id"].as_str().unwrap());
+    let path = format!(
+        "/v1/workloads/{}/logs?format=json",
+        w["id"].as_str().unwrap()
+    );
     // One whole read first, so what any read warms up is in the baseline.
     let mut sse = server.sse(w["id"].as_str().unwrap(), None).await;
     assert_eq!(sse.until_end().await.0.len(), 100_000);
@@ -603,7 +611,13 @@ async fn followers_are_capped_and_a_stalled_one_holds_a_bounded_buffer() {
     assert_eq!(resp.headers()["retry-after"], "1");
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["error"]["code"], "busy", "{body}");
-    assert!(body["error"]["message"].as_str().unwrap().contains("--max-followers"), "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("--max-followers"),
+        "{body}"
+    );
     // A follower that leaves frees its place.
     drop(held.pop());
     eventually("a freed follower place", || async {

@@ -459,7 +459,10 @@ async fn guests_that_open_thousands_of_requests_cannot_take_the_servers_sockets(
         let refusals = error_records(&server, id).await;
         assert_eq!(refusals.len(), 1, "{refusals:?}");
         let line = refusals[0]["line"].as_str().unwrap();
-        assert!(line.contains("waiting for a place (--max-outbound-inflight)"), "{line}");
+        assert!(
+            line.contains("waiting for a place (--max-outbound-inflight)"),
+            "{line}"
+        );
     }
 }
 
@@ -478,9 +481,15 @@ async fn https_to_a_name_that_resolves_to_loopback_never_connects() {
     assert_eq!(status, 200, "{record}");
     assert_eq!(record["failure"], "returned_error", "{record}");
     let error = record["error"].as_str().unwrap();
-    assert!(error.contains("loopback, private or otherwise non-public"), "{error}");
+    assert!(
+        error.contains("loopback, private or otherwise non-public"),
+        "{error}"
+    );
     let refusals = error_records(&server, record["id"].as_str().unwrap()).await;
     let line = refusals[0]["line"].as_str().unwrap();
     assert!(line.contains("localhost resolves to "), "{line}");
-    assert!(accepted.try_recv().is_err(), "a connection reached the loopback listener");
+    assert!(
+        accepted.try_recv().is_err(),
+        "a connection reached the loopback listener"
+    );
 }

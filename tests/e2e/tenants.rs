@@ -782,7 +782,13 @@ async fn a_tenants_followers_are_capped_apart_from_others() {
     assert_eq!(refused.status().as_u16(), 429);
     let body: Value = refused.json().await.unwrap();
     assert_eq!(body["error"]["code"], "quota_exceeded", "{body}");
-    assert!(body["error"]["message"].as_str().unwrap().contains("max_followers"), "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("max_followers"),
+        "{body}"
+    );
     let his = follow(&bob, &b).await.unwrap();
     assert_eq!(his.status().as_u16(), 200);
     // Closing one of hers frees its place.

@@ -504,7 +504,10 @@ mod tests {
         assert!(matches!(sending.await.unwrap(), Err(HttpError::Tls(_))));
         // Nothing went to where the name points now.
         let nothing = tokio::time::timeout(Duration::ZERO, elsewhere.accept()).await;
-        assert!(nothing.is_err(), "a connection reached the unchecked address");
+        assert!(
+            nothing.is_err(),
+            "a connection reached the unchecked address"
+        );
     }
 
     #[tokio::test]
@@ -514,7 +517,8 @@ mod tests {
         let mut req = request("http://api.example.com/v1/items?x=1");
         req.headers_mut()
             .insert(hyper::header::HOST, "api.example.com".parse().unwrap());
-        let sending = tokio::spawn(async move { send_to(req, address, None, None).await.map(|_| ()) });
+        let sending =
+            tokio::spawn(async move { send_to(req, address, None, None).await.map(|_| ()) });
         let (mut conn, _) = checked.accept().await.unwrap();
         let mut head = vec![0; 4096];
         let n = conn.read(&mut head).await.unwrap();
