@@ -91,6 +91,79 @@ async fn a_node_joins_with_a_user_and_password_and_never_prints_them() {
     );
 }
 
+#[tokio::test]
+async fn a_node_joins_with_a_token_or_an_nkey() {
+    // A token, in the URL or from the environment.
+    let Some(nats) = Nats::start_with(&["--auth", "tok-Vd93mZ"]) else {
+        return;
+    };
+    let env = Env::new();
+    let url = nats.url().replace("nats://", "nats://tok-Vd93mZ@");
+    runs_hello(&Server::start(&env, &["--cluster", &url])).await;
+    let env = Env::new();
+    let mut cmd = env.cmd(&["serve", "--listen", "127.0.0.1:0", "--cluster", &nats.url()]);
+    cmd.env("VULCAN_CLUSTER_TOKEN", "tok-Vd93mZ");
+    runs_hello(&Server::spawned(cmd)).await;
+    let (code, err) = refused_start(
+        &env,
+        &["--cluster", &nats.url()],
+        &[("VULCAN_CLUSTER_TOKEN", "tok-wrong-77")],
+    );
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        !err.contains("tok-wrong-77"),
+        "the token was printed: {err}"
+    );
+    drop(nats);
+
+    // An nkey: the server knows the public key, the node holds the seed.
+    let user = nkeys::KeyPair::new_user();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("nats.conf");
+    std::fs::write(
+        &config,
+        format!(
+            "authorization {{ users = [ {{ nkey: {} }} ] }}\n",
+            user.public_key()
+        ),
+    )
+    .unwrap();
+    let Some(nats) = Nats::start_with(&["-c", config.to_str().unwrap()]) else {
+        return;
+    };
+    let seed = dir.path().join("vulcan.nk");
+    std::fs::write(&seed, format!("{}\n", user.seed().unwrap())).unwrap();
+    let env = Env::new();
+    runs_hello(&Server::start(
+        &env,
+        &[
+            "--cluster",
+            &nats.url(),
+            "--cluster-nkey",
+            seed.to_str().unwrap(),
+        ],
+    ))
+    .await;
+    // Another key is refused, and no seed is printed.
+    let other = nkeys::KeyPair::new_user();
+    std::fs::write(&seed, other.seed().unwrap()).unwrap();
+    let (code, err) = refused_start(
+        &env,
+        &[
+            "--cluster",
+            &nats.url(),
+            "--cluster-nkey",
+            seed.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        !err.contains(&other.seed().unwrap()),
+        "the seed was printed: {err}"
+    );
+}
+
 /// Runs `openssl` with `args` in `dir`.
 fn openssl(dir: &Path, args: &[&str]) {
     let out = Command::new("openssl")
