@@ -9,7 +9,6 @@ use std::time::Instant;
 
 use anyhow::{Context as _, ensure};
 use serde_json::json;
-use vulcan::cli::sse::SseParser;
 
 mod common;
 use common::{BenchServer, env_or, rss_kib};
@@ -49,7 +48,7 @@ async fn run() -> anyhow::Result<()> {
             http.clone(),
             format!("{}/v1/workloads/{id}/logs?format=json", server.url),
         );
-        readers.push(tokio::spawn(async move { read_all(http, url).await }));
+        readers.push(tokio::spawn(common::follow_url(http, url)));
     }
     let sampler = tokio::spawn(async move {
         let mut peak = 0;
@@ -81,27 +80,4 @@ async fn run() -> anyhow::Result<()> {
         peak.saturating_sub(before) / followers as u64
     );
     server.stop()
-}
-
-/// Reads one SSE stream to its end; the number of lines, each seq once.
-async fn read_all(http: reqwest::Client, url: String) -> anyhow::Result<u64> {
-    let mut resp = http.get(url).send().await?;
-    ensure!(resp.status().is_success(), "follow: {}", resp.status());
-    let mut parser = SseParser::default();
-    let mut next = 0u64;
-    while let Some(chunk) = resp.chunk().await? {
-        for event in parser.push(&chunk) {
-            if event.event == "end" {
-                return Ok(next);
-            }
-            let seq: u64 = event
-                .id
-                .as_deref()
-                .and_then(|s| s.parse().ok())
-                .context("no seq")?;
-            ensure!(seq == next, "expected seq {next}, got {seq}");
-            next += 1;
-        }
-    }
-    anyhow::bail!("the stream ended without an end event")
 }

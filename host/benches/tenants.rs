@@ -25,15 +25,7 @@ async fn run() -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
         let file = dir.path().join("tenants.toml");
         let quota = noisy_quota.map_or(String::new(), |n| format!("max_concurrent = {n}\n"));
-        std::fs::write(
-            &file,
-            format!(
-                "[[tenants]]\nname = \"noisy\"\ntoken_sha256 = \"{}\"\n{quota}\
-                 [[tenants]]\nname = \"quiet\"\ntoken_sha256 = \"{}\"\n",
-                vulcan::tenants::token_hash("noisy"),
-                vulcan::tenants::token_hash("quiet"),
-            ),
-        )?;
+        common::noisy_and_quiet_tenants(&file, &quota)?;
         let server = BenchServer::start(
             &dir.path().join("data"),
             &[

@@ -75,15 +75,7 @@ async fn run() -> anyhow::Result<()> {
     let body_kb: usize = env_or("VULCAN_BENCH_FUNCTION_KB", 900);
     let dir = tempfile::tempdir()?;
     let file = dir.path().join("tenants.toml");
-    std::fs::write(
-        &file,
-        format!(
-            "[[tenants]]\nname = \"noisy\"\ntoken_sha256 = \"{}\"\n\
-             [[tenants]]\nname = \"quiet\"\ntoken_sha256 = \"{}\"\n",
-            vulcan::tenants::token_hash("noisy"),
-            vulcan::tenants::token_hash("quiet"),
-        ),
-    )?;
+    common::noisy_and_quiet_tenants(&file, "")?;
     let server = BenchServer::start(
         &dir.path().join("data"),
         &["--tenants", file.to_str().context("path")?],

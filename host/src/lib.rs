@@ -5,13 +5,17 @@
 //! Modules in the order data moves through them:
 //!
 //! - [`cli`] — the `vulcan` command line (`run`, `serve`, and the client commands).
-//! - [`api`] — the HTTP edge of `vulcan serve`: uploads, runs, SSE, history.
+//! - [`api`] — the HTTP edge of `vulcan serve`: the browser boundary (which
+//!   hosts it answers for, which pages may change state), uploads, runs, SSE,
+//!   history.
 //! - [`view`] — the read model every client shares: workloads and log lines
 //!   as the API sends them and the CLI prints them.
 //! - [`node`] — the composition root: one data directory's parts, wired once.
-//! - [`cluster`] — cluster mode: a node joined to NATS JetStream (shared
-//!   records, dispatch, the cluster's copy of every line, kills, failover).
-//! - [`registry`] — content-addressed modules and the compile cache.
+//! - [`cluster`] — cluster mode: a node joined to NATS JetStream (its
+//!   credentials and signed control messages, shared records, dispatch, the
+//!   cluster's copy of every line, kills, failover).
+//! - [`registry`] — content-addressed modules and the compile cache (one
+//!   compile at a time, tenants served in turn).
 //! - [`runner`] — takes a workload from `pending` to its terminal status.
 //! - [`engine`] — the wasmtime backend: preview1 modules, preview2 commands and
 //!   `vulcan:workload` components; sandbox, limits, outcomes.

@@ -142,13 +142,31 @@ pub fn ms(d: std::time::Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
+/// Writes a tenants file of two tenants, `noisy` (with `noisy_extra` TOML
+/// lines) and `quiet`, whose tokens are their names.
+pub fn noisy_and_quiet_tenants(file: &std::path::Path, noisy_extra: &str) -> anyhow::Result<()> {
+    std::fs::write(
+        file,
+        format!(
+            "[[tenants]]\nname = \"noisy\"\ntoken_sha256 = \"{}\"\n{noisy_extra}\
+             [[tenants]]\nname = \"quiet\"\ntoken_sha256 = \"{}\"\n",
+            vulcan::tenants::token_hash("noisy"),
+            vulcan::tenants::token_hash("quiet"),
+        ),
+    )?;
+    Ok(())
+}
+
 /// Follows a workload's SSE stream to its end; returns how many lines came,
 /// failing on any gap or repeat.
 pub async fn follow(http: reqwest::Client, url: String, id: String) -> anyhow::Result<u64> {
-    let mut resp = http
-        .get(format!("{url}/v1/workloads/{id}/logs"))
-        .send()
-        .await?;
+    follow_url(http, format!("{url}/v1/workloads/{id}/logs")).await
+}
+
+/// [`follow`] for a whole stream URL (e.g. with `?format=json`).
+pub async fn follow_url(http: reqwest::Client, stream: String) -> anyhow::Result<u64> {
+    let mut resp = http.get(stream).send().await?;
+    ensure!(resp.status().is_success(), "follow: {}", resp.status());
     let mut parser = SseParser::default();
     let mut next_seq = 0u64;
     while let Some(chunk) = resp.chunk().await? {

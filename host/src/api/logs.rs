@@ -53,19 +53,19 @@ use crate::view::{LogLine, LogPage, WorkloadView};
 use crate::workload::WorkloadId;
 
 /// Lines read from the store per query while replaying (a page also stops
-/// at the store's byte bound, so a lagging follower holds a few MiB at most).
+/// once it holds [`CHUNK`] bytes of events).
 const REPLAY_PAGE: u64 = 10_000;
 
 /// A batch goes out once it holds this many bytes; a replayed page stops
 /// once it holds this many.
-pub const CHUNK: usize = 32 * 1024;
+const CHUNK: usize = 32 * 1024;
 
 /// Batches queued for one client before the follower waits for it.
-pub const QUEUED_CHUNKS: usize = 2;
+const QUEUED_CHUNKS: usize = 2;
 
 /// Pages of stored lines read for followers at once on a node: each holds a
 /// reader connection (and its page cache) and a blocking thread.
-pub const CONCURRENT_REPLAYS: usize = 8;
+const CONCURRENT_REPLAYS: usize = 8;
 
 /// Who may follow: the node's and each tenant's caps on open followers, and
 /// the turns at the store that replays take.
