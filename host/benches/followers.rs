@@ -21,7 +21,9 @@ async fn run() -> anyhow::Result<()> {
     let followers: usize = env_or("VULCAN_BENCH_FOLLOWERS", 2_000);
     let lines: u64 = env_or("VULCAN_BENCH_LINES", 20_000);
     let dir = tempfile::tempdir()?;
-    let server = BenchServer::start(dir.path(), &["--max-followers", &followers.to_string()])?;
+    // The default --max-followers (4,096) admits them all; an older build
+    // (VULCAN_BENCH_BIN) has no such flag.
+    let server = BenchServer::start(dir.path(), &[])?;
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(0)
         .build()?;
