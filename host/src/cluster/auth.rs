@@ -112,13 +112,8 @@ impl ServerUrls {
                 parsed.password = password.map(Secret::new);
             }
             parsed.tls |= addr.scheme() == "tls";
-            let host = match addr.host().contains(':') {
-                true => format!("[{}]", addr.host()),
-                false => addr.host().to_owned(),
-            };
-            let bare = format!("{}://{host}:{}", addr.scheme(), addr.port());
             parsed.addrs.push(
-                ServerAddr::from_str(&bare)
+                ServerAddr::from_str(&bare(&addr))
                     .map_err(|_| anyhow::anyhow!("--cluster URL #{n} is not a NATS URL"))?,
             );
         }
@@ -130,22 +125,20 @@ impl ServerUrls {
 
     /// The URLs as they can be shown: no credentials.
     pub fn shown(&self) -> String {
-        self.addrs
-            .iter()
-            .map(|a| {
-                let host = match a.host().contains(':') {
-                    true => format!("[{}]", a.host()),
-                    false => a.host().to_owned(),
-                };
-                format!("{}://{host}:{}", a.scheme(), a.port())
-            })
-            .collect::<Vec<_>>()
-            .join(",")
+        self.addrs.iter().map(bare).collect::<Vec<_>>().join(",")
     }
 
     /// The addresses to connect to.
     pub fn addrs(&self) -> Vec<ServerAddr> {
         self.addrs.clone()
+    }
+}
+
+/// `scheme://host:port` of `addr`: no credentials, no path.
+fn bare(addr: &ServerAddr) -> String {
+    match addr.host().contains(':') {
+        true => format!("{}://[{}]:{}", addr.scheme(), addr.host(), addr.port()),
+        false => format!("{}://{}:{}", addr.scheme(), addr.host(), addr.port()),
     }
 }
 
