@@ -24,6 +24,8 @@
 //! - [`store`] — SQLite: modules, workloads, batched log lines (durable, history).
 //! - [`workload`] — the plain data every stage shares.
 //! - [`metrics`] — Prometheus counters every stage reports into.
+//! - [`diagnostics`] — the server's own log on stderr, which never stops a
+//!   thread when stderr fails.
 
 /// The text of a WAT guest in `tests/fixtures/wat/`, shared by the unit tests
 /// and the end-to-end tests.
@@ -42,6 +44,7 @@ macro_rules! wat_fixture {
 mod api;
 pub mod cli;
 pub mod cluster;
+pub mod diagnostics;
 pub mod engine;
 pub mod logs;
 pub mod metrics;

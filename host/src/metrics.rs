@@ -69,6 +69,10 @@ pub struct Metrics {
     /// Store transactions committed (likewise): beside the workload count it
     /// shows how many lifecycle writes share a commit.
     pub commits: Gauge,
+    /// The server's own log writes dropped because stderr failed (likewise).
+    pub dropped_diagnostics: Gauge,
+    /// 1 while the store refuses log lines because its disk is full (likewise).
+    pub storage_full: Gauge,
     /// Workloads ended since start, of any status.
     finished_total: std::sync::atomic::AtomicU64,
     history: std::sync::Mutex<History>,
@@ -110,6 +114,8 @@ impl Default for Metrics {
             ("lost_log_lines", "Log lines that could not be stored since start (their workloads failed)"),
             ("store_busy_retries", "Store transactions retried since start because another connection held the database"),
             ("store_commits", "Store transactions committed since start (lines and lifecycle writes of many workloads share one)"),
+            ("diagnostics_dropped_writes", "Lines of the server's own log dropped since start because stderr could not be written"),
+            ("store_full", "1 while the store's disk is full: log lines are refused, terminal statuses still written"),
         ]
         .map(|(name, help)| {
             let g = Gauge::default();
@@ -124,6 +130,8 @@ impl Default for Metrics {
             lost_lines,
             busy_retries,
             commits,
+            dropped_diagnostics,
+            storage_full,
         ] = gauges;
         Self {
             registry: std::sync::Mutex::new(registry),
@@ -139,6 +147,8 @@ impl Default for Metrics {
             lost_lines,
             busy_retries,
             commits,
+            dropped_diagnostics,
+            storage_full,
             finished_total: Default::default(),
             history: Default::default(),
         }

@@ -34,6 +34,9 @@ pub enum RegistryError {
     /// The store is full; the module was not stored.
     #[error("{0}")]
     StorageFull(String),
+    /// The store cannot write any more (its writer stopped).
+    #[error("{0}")]
+    StoreUnavailable(String),
     /// Anything else.
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
@@ -227,6 +230,7 @@ impl ModuleRegistry {
         };
         let new = self.db.put_module(info, bytes).await.map_err(|e| match e {
             StoreError::StorageFull(why) => RegistryError::StorageFull(why),
+            e @ StoreError::Unavailable(_) => RegistryError::StoreUnavailable(e.to_string()),
             e => anyhow::Error::from(e)
                 .context("failed to store the module")
                 .into(),

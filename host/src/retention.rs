@@ -62,32 +62,43 @@ pub async fn run(db: Db, policy: RetentionPolicy, every: Duration) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
+        let mut pruned = false;
         for (scope, cutoff) in policy.cutoffs(now_ms()) {
-            prune_while(&db, scope, cutoff, || true).await;
+            pruned |= prune_while(&db, scope, cutoff, || true).await;
         }
         // Any finished workload may go for size, oldest first.
         for (tenant, cap) in &policy.tenant_bytes {
             let scope = PruneScope::Tenant(tenant.clone());
-            prune_while(&db, scope, i64::MAX, || db.log_bytes(Some(tenant)) > *cap).await;
+            pruned |= prune_while(&db, scope, i64::MAX, || db.log_bytes(Some(tenant)) > *cap).await;
         }
         if let Some(cap) = policy.max_bytes {
             let everyone = PruneScope::AllBut(Vec::new());
-            prune_while(&db, everyone, i64::MAX, || db.log_bytes_total() > cap).await;
+            pruned |= prune_while(&db, everyone, i64::MAX, || db.log_bytes_total() > cap).await;
+        }
+        if pruned {
+            // The files gave their free pages back step by step; the WAL
+            // that carried the deletes goes now.
+            db.shrink_logs();
         }
     }
 }
 
 /// Prunes workloads of `scope` that ended before `cutoff`, step by step,
-/// while `needed` holds and there is something left.
-async fn prune_while(db: &Db, scope: PruneScope, cutoff: i64, needed: impl Fn() -> bool) {
+/// while `needed` holds and there is something left; true if it pruned.
+async fn prune_while(db: &Db, scope: PruneScope, cutoff: i64, needed: impl Fn() -> bool) -> bool {
+    let mut pruned = false;
     while needed() {
         match db.prune_step(scope.clone(), cutoff, STEP_LINES).await {
             Ok(0) => break,
-            Ok(_) => tokio::task::yield_now().await,
+            Ok(_) => {
+                pruned = true;
+                tokio::task::yield_now().await
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "retention could not prune; will try again");
                 break;
             }
         }
     }
+    pruned
 }

@@ -23,6 +23,8 @@
 //! - `components` — SDK workloads and WASI preview2 commands, locally and via the API.
 //! - `tenants` — tokens naming tenants: isolation on every endpoint, quotas,
 //!   `whoami`, `tenant add`, bad tenants files.
+//! - `faults` — a full disk (tmpfs), stdout and stderr on `/dev/full`, a
+//!   store writer that dies.
 //! - `hardening` — hostile guests and clients, faults, crashes: bounded memory,
 //!   no stuck workload, no lost line.
 
@@ -35,6 +37,7 @@ mod cluster;
 mod cluster_auth;
 mod components;
 mod console;
+mod faults;
 mod hardening;
 mod local;
 mod outbound;

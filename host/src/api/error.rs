@@ -63,6 +63,10 @@ pub enum ApiError {
     /// The database or its disk is full: nothing was changed.
     #[error("{0}")]
     StorageFull(String),
+    /// The store cannot write (a writer thread stopped): the server is
+    /// going down and a supervisor restarts it.
+    #[error("{0}")]
+    StoreUnavailable(String),
     /// The client stopped sending its request body.
     #[error("{0}")]
     RequestTimeout(String),
@@ -95,12 +99,30 @@ impl ApiError {
             ApiError::LogQuotaExceeded(_) => (StatusCode::TOO_MANY_REQUESTS, "log_quota_exceeded"),
             ApiError::Busy(_) => (StatusCode::SERVICE_UNAVAILABLE, "busy"),
             ApiError::StorageFull(_) => (StatusCode::INSUFFICIENT_STORAGE, "storage_full"),
+            ApiError::StoreUnavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable"),
             ApiError::RequestTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "request_timeout"),
             ApiError::ClusterUnavailable(_) => {
                 (StatusCode::SERVICE_UNAVAILABLE, "cluster_unavailable")
             }
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
+    }
+}
+
+impl ApiError {
+    /// 507 `storage_full` for a run that started: beside the error, its id
+    /// and (when its end is recorded) its final record.
+    pub fn storage_full_run(
+        id: crate::workload::WorkloadId,
+        message: String,
+        record: Option<&crate::view::WorkloadView>,
+    ) -> Response {
+        let body = serde_json::json!({
+            "error": {"code": "storage_full", "message": message},
+            "id": id,
+            "workload": record,
+        });
+        (StatusCode::INSUFFICIENT_STORAGE, Json(body)).into_response()
     }
 }
 
@@ -140,6 +162,7 @@ impl From<StoreError> for ApiError {
             StoreError::ModuleNotFound(h) => ApiError::NotFound(format!("module {h} not found")),
             StoreError::IllegalTransition { .. } => ApiError::Conflict(e.to_string()),
             StoreError::StorageFull(why) => ApiError::StorageFull(storage_full(&why)),
+            e @ StoreError::Unavailable(_) => ApiError::StoreUnavailable(store_unavailable(&e)),
             StoreError::Internal(e) => ApiError::Internal(e),
         }
     }
@@ -165,6 +188,9 @@ impl From<RegistryError> for ApiError {
             RegistryError::NotFound(h) => ApiError::NotFound(format!("module {h} not found")),
             RegistryError::TooExpensive(why) => ApiError::PayloadTooLarge(why),
             RegistryError::StorageFull(why) => ApiError::StorageFull(storage_full(&why)),
+            RegistryError::StoreUnavailable(why) => {
+                ApiError::StoreUnavailable(store_unavailable(&why))
+            }
             RegistryError::Internal(e) => ApiError::Internal(e),
         }
     }
@@ -176,9 +202,17 @@ impl From<StartError> for ApiError {
             StartError::AtCapacity(_) => ApiError::Busy(e.to_string()),
             StartError::ModuleNotFound(h) => ApiError::NotFound(format!("module {h} not found")),
             StartError::StorageFull(why) => ApiError::StorageFull(storage_full(&why)),
+            StartError::StoreUnavailable(why) => {
+                ApiError::StoreUnavailable(store_unavailable(&why))
+            }
             StartError::Internal(e) => ApiError::Internal(e),
         }
     }
+}
+
+/// The message of a 503 from a store that cannot write.
+fn store_unavailable(why: &dyn std::fmt::Display) -> String {
+    format!("{why}; nothing was changed. The server is shutting down to be restarted; retry then")
 }
 
 /// The message of a 507: what is full, that nothing changed, what to do.

@@ -388,6 +388,8 @@ async fn metrics(
     metrics.live_channels.set(gauge(channels as u64));
     metrics.busy_retries.set(gauge(db.busy_retries()));
     metrics.commits.set(gauge(db.commits()));
+    (metrics.dropped_diagnostics).set(gauge(crate::diagnostics::dropped_writes()));
+    metrics.storage_full.set(i64::from(db.storage_full()));
     Ok((
         [(
             header::CONTENT_TYPE,

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use axum::Json;
 use axum::extract::{Extension, Path, Query, Request, State};
 use axum::http::{StatusCode, header};
-use axum::response::IntoResponse;
+use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::json;
 
@@ -16,9 +16,10 @@ use super::request::{ModuleRef, parse_submission};
 use super::{ApiError, AppState};
 use crate::cluster::{Cluster, KillOutcome};
 use crate::runner::{Creation, StartError, StartedWorkload};
+use crate::store::StoreError;
 use crate::tenants::Tenant;
 use crate::view::{WorkloadList, WorkloadSummary, WorkloadView};
-use crate::workload::{Limits, Status, WorkloadId, WorkloadRecord, WorkloadSpec};
+use crate::workload::{FailureKind, Limits, Status, WorkloadId, WorkloadRecord, WorkloadSpec};
 
 /// The limits a server gives a workload that asks for none, and the most one
 /// may ask for (`None`: unlimited).
@@ -279,15 +280,14 @@ pub async fn run_sync(
     // task, or on its node (and a quota slot is released by `hold`).
     let view = match start(&state, &caller, req, Creation::Overlapped).await? {
         Accepted::Started(started, quota) => {
+            let id = started.id;
             let ended = hold(started.done, quota)
                 .await
                 .map_err(|e| anyhow::anyhow!("workload task failed: {e}"))?;
-            // A creation that failed after the guest started answers as one
-            // that failed before.
-            WorkloadView::from(ended.map_err(|e| match e.downcast::<StartError>() {
-                Ok(e) => ApiError::from(e),
-                Err(e) => ApiError::Internal(e),
-            })?)
+            match ended {
+                Ok(record) => WorkloadView::from(record),
+                Err(e) => return Ok(ended_unrecorded(id, e)),
+            }
         }
         Accepted::ForCluster {
             cluster,
@@ -295,7 +295,43 @@ pub async fn run_sync(
             spec,
         } => cluster.run(&module, *spec).await?,
     };
-    Ok(Json(view))
+    if view.summary.failure == Some(FailureKind::Store) {
+        // It ran, but its log could not be kept whole: the caller learns
+        // that it is the storage, and which workload (its record says how
+        // many lines were stored).
+        let message = view.summary.error.clone().unwrap_or_default();
+        return Ok(ApiError::storage_full_run(
+            view.summary.id,
+            message,
+            Some(&view),
+        ));
+    }
+    Ok(Json(view).into_response())
+}
+
+/// The answer to a sync run whose end could not be recorded (or whose
+/// creation failed after its guest started, answered as a failed start).
+fn ended_unrecorded(id: WorkloadId, e: anyhow::Error) -> Response {
+    let store = e.chain().find_map(|c| c.downcast_ref::<StoreError>());
+    match store {
+        // The store keeps its end and writes it when there is room.
+        Some(StoreError::StorageFull(why)) => ApiError::storage_full_run(
+            id,
+            format!(
+                "workload {id} ended, but the store is full ({why}); its end is recorded \
+                 as soon as there is room"
+            ),
+            None,
+        ),
+        Some(StoreError::Unavailable(why)) => {
+            ApiError::StoreUnavailable(format!("workload {id} ended unrecorded: {why}"))
+                .into_response()
+        }
+        _ => match e.downcast::<StartError>() {
+            Ok(e) => ApiError::from(e).into_response(),
+            Err(e) => ApiError::Internal(e).into_response(),
+        },
+    }
 }
 
 /// `POST /v1/workloads/async`: 202 with the id at once.

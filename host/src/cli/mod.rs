@@ -128,6 +128,10 @@ enum Command {
     /// Manage the tenants file of `vulcan serve --tenants`.
     #[command(subcommand)]
     Tenant(TenantCommand),
+    /// Compact the data directory's files while no server runs: gives the
+    /// space of pruned lines back, and turns on the incremental vacuum that
+    /// retention uses (databases made before it was on need this once).
+    Vacuum,
 }
 
 #[derive(Debug, Subcommand)]
@@ -254,6 +258,7 @@ pub fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Run(args) => return run::execute(args, &data_dir),
         Command::Serve(args) => return serve::execute(*args, &data_dir),
         Command::Tenant(TenantCommand::Add(args)) => return tenant_add(args),
+        Command::Vacuum => return vacuum(&data_dir),
         command => command,
     };
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -287,11 +292,25 @@ pub fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             Command::Logs(args) => read::logs(&c, args).await,
             Command::Kill(args) => client::kill(&c, args.id).await,
             Command::Whoami => client::whoami(&c).await,
-            Command::Run(_) | Command::Serve(_) | Command::Tenant(_) => {
+            Command::Run(_) | Command::Serve(_) | Command::Tenant(_) | Command::Vacuum => {
                 unreachable!("handled above")
             }
         }
     })
+}
+
+/// `vulcan vacuum`: compacts every file of the data directory.
+fn vacuum(data_dir: &std::path::Path) -> anyhow::Result<ExitCode> {
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    for file in crate::store::vacuum(data_dir)? {
+        println!(
+            "{}: {:.1} MiB -> {:.1} MiB",
+            file.path.display(),
+            mib(file.before),
+            mib(file.after)
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// `$XDG_DATA_HOME/vulcan`, else `~/.local/share/vulcan`, else `./.vulcan`.
@@ -310,7 +329,10 @@ fn init_tracing() {
     let filter = EnvFilter::try_from_env("VULCAN_LOG").unwrap_or_else(|_| EnvFilter::new("warn"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(crate::diagnostics::LossyStderr)
+        // Its own report of a failed write goes through `eprintln!`, which
+        // panics when stderr fails: the writer above counts those instead.
+        .log_internal_errors(false)
         .try_init();
 }
 

@@ -12,6 +12,7 @@ use super::parse;
 use super::signals::ShutdownSignal;
 use crate::api::{ApiConfig, AppState, LimitPolicy, serve};
 use crate::cluster::{Cluster, ClusterOptions, check_node_id, stable_node_id};
+use crate::diagnostics::say;
 use crate::node::{Node, NodeOptions};
 use crate::outbound::{OutboundPolicy, parse_rules};
 use crate::workload::Limits;
@@ -333,7 +334,12 @@ impl ServerLimits {
     }
 }
 
-/// Runs the server until SIGINT or SIGTERM, then shuts down cleanly.
+/// How long a server whose store cannot write keeps answering 503 before
+/// it exits: long enough for a health check to see why.
+const FATAL_GRACE: Duration = Duration::from_secs(2);
+
+/// Runs the server until SIGINT or SIGTERM, then shuts down cleanly; or,
+/// when its store can no longer write, exits with an error.
 pub fn execute(args: ServeArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
     if args.token.as_deref().is_some_and(|t| t.trim().is_empty()) {
         anyhow::bail!(
@@ -363,7 +369,13 @@ pub fn execute(args: ServeArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
             max_memory: limits.max.max_memory_bytes,
             max_function_size: args.max_function_size,
             outbound,
-            ..NodeOptions::default()
+            writer: crate::store::WriterConfig {
+                // The fault switch of the tests of a dying store writer.
+                dies_at_commit: std::env::var("VULCAN_TEST_FAULT_WRITER_DIES_AT_COMMIT")
+                    .ok()
+                    .and_then(|v| v.parse().ok()),
+                ..Default::default()
+            },
         };
         let node = Node::open(data_dir, options).await?;
         let cluster = match &args.cluster {
@@ -416,18 +428,31 @@ pub fn execute(args: ServeArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
         let addr = listener.local_addr()?;
         // Printed (not only logged) so scripts and tests can find an ephemeral port.
         match &cluster {
-            Some(cluster) => eprintln!(
+            Some(cluster) => say(format_args!(
                 "vulcan: listening on http://{addr} (data in {}; cluster node {})",
                 data_dir.display(),
                 cluster.node_id()
-            ),
-            None => eprintln!(
+            )),
+            None => say(format_args!(
                 "vulcan: listening on http://{addr} (data in {})",
                 data_dir.display()
-            ),
+            )),
         }
-        eprintln!("vulcan: web console at http://{addr}/");
-        serve(listener, state, shutdown.received()).await?;
+        say(format_args!("vulcan: web console at http://{addr}/"));
+        // A store that cannot write any more takes the server down, after
+        // a moment in which `/healthz` and new runs answer 503 with the
+        // reason, so that its supervisor restarts it.
+        let db = node.db().clone();
+        let stop = async move {
+            tokio::select! {
+                () = shutdown.received() => {}
+                why = db.writer_stopped() => {
+                    say(format_args!("vulcan: fatal: {why}; shutting down"));
+                    tokio::time::sleep(FATAL_GRACE).await;
+                }
+            }
+        };
+        serve(listener, state, stop).await?;
         // Killed workloads finish within a tick; a wedged one must not keep
         // the process from exiting.
         let (reason, grace) = ("killed: the server shut down", Duration::from_secs(10));
@@ -435,7 +460,10 @@ pub fn execute(args: ServeArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
             Some(cluster) => cluster.leave(reason, grace).await,
             None => node.shutdown(reason, grace).await,
         }
-        eprintln!("vulcan: stopped");
+        if let Some(why) = node.db().writer_failure() {
+            anyhow::bail!("stopped because the store cannot write: {why}");
+        }
+        say(format_args!("vulcan: stopped"));
         Ok(ExitCode::SUCCESS)
     })
 }

@@ -112,6 +112,9 @@ pub enum StartError {
     /// The store is full; nothing was created.
     #[error("cannot create a workload: {0}")]
     StorageFull(String),
+    /// The store cannot write any more; nothing was created.
+    #[error("cannot create a workload: {0}")]
+    StoreUnavailable(String),
     /// Anything else.
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
@@ -558,6 +561,7 @@ fn start_error(id: WorkloadId, e: StoreError) -> StartError {
     match e {
         StoreError::ModuleNotFound(h) => StartError::ModuleNotFound(h),
         StoreError::StorageFull(why) => StartError::StorageFull(why),
+        e @ StoreError::Unavailable(_) => StartError::StoreUnavailable(e.to_string()),
         e => StartError::Internal(
             anyhow::Error::from(e).context(format!("failed to create workload {id}")),
         ),

@@ -21,10 +21,12 @@
 //! Only this module imports rusqlite.
 
 mod checkpoint;
+mod health;
 mod queue;
 mod reads;
 
 pub use reads::PAGE_BYTES;
+mod reserve;
 mod schema;
 mod shard;
 mod usage;
@@ -44,6 +46,7 @@ use rusqlite::Connection;
 use tokio::sync::oneshot;
 
 pub use queue::{LINE_OVERHEAD, LineLane};
+pub use reserve::{DEFAULT_RESERVE_BYTES, RESERVE_FILE};
 pub use schema::SCHEMA_VERSION;
 pub use write_op::{Haste, PruneScope};
 pub use writer::WriterConfig;
@@ -52,7 +55,7 @@ use crate::logs::{LivePublisher, LogRecord};
 use crate::outbound::OutboundRule;
 use crate::workload::{Completion, Limits, LogLevel, Status, WorkloadId, WorkloadRecord};
 use queue::LineQueue;
-use shard::Shard;
+use shard::{Shard, SharedByWriters};
 use usage::LogUsage;
 use write_op::WriteOp;
 #[cfg(test)]
@@ -87,6 +90,9 @@ pub enum StoreError {
     /// The database or its disk is full; writes fail until space is freed.
     #[error("{0}")]
     StorageFull(String),
+    /// A writer thread has stopped: nothing can be written until a restart.
+    #[error("the store cannot write: {0}")]
+    Unavailable(String),
     /// Anything else: I/O, SQLite, a closed store.
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
@@ -174,6 +180,8 @@ struct Inner {
     /// Modules known to be owned, by tenant: ownership is never taken back,
     /// so a run of a tenant's module needs no read to check it.
     owned: Mutex<HashMap<String, HashSet<String>>>,
+    /// What the writers share (the disk's reserve, their health).
+    shared: SharedByWriters,
     /// Held for as long as the handle lives; released by the OS if we die.
     _owner: Option<DataDirLock>,
 }
@@ -196,6 +204,8 @@ struct Homes {
 /// A writer thread's inbox and what it shares with the handles.
 struct WriterHandle {
     tx: mpsc::Sender<WriteOp>,
+    /// Where its thread says that it stopped.
+    health: Arc<health::StoreHealth>,
     queue: Arc<LineQueue>,
     stats: Arc<WriterStats>,
     usage: Arc<LogUsage>,
@@ -267,10 +277,17 @@ impl Db {
         std::fs::create_dir_all(data_dir)
             .with_context(|| format!("failed to create data directory {}", data_dir.display()))?;
         let owner = DataDirLock::acquire(data_dir)?;
-        let main = Shard::open(data_dir.join(DB_FILE), None, config)?;
+        let shared = SharedByWriters {
+            reserve: Arc::new(reserve::StorageReserve::open(
+                data_dir,
+                config.reserve_bytes,
+            )),
+            health: Arc::default(),
+        };
+        let main = Shard::open(data_dir.join(DB_FILE), None, config, &shared)?;
         let mut tenants = BTreeMap::new();
         for (name, path) in shard::existing_tenants(data_dir)? {
-            let opened = Shard::open(path, Some(name.clone()), tenant_config(config))?;
+            let opened = Shard::open(path, Some(name.clone()), tenant_config(config), &shared)?;
             tenants.insert(name, opened);
         }
         Ok(Self::with_shards(
@@ -278,7 +295,7 @@ impl Db {
             config,
             main,
             tenants,
-            Some(owner),
+            Some((owner, shared)),
         ))
     }
 
@@ -305,8 +322,19 @@ impl Db {
         config: WriterConfig,
         main: Arc<Shard>,
         tenants: BTreeMap<String, Arc<Shard>>,
-        owner: Option<DataDirLock>,
+        owner: Option<(DataDirLock, SharedByWriters)>,
     ) -> Self {
+        let (owner, shared) = match owner {
+            Some((lock, shared)) => (Some(lock), shared),
+            // A read-only handle has no writers: nothing is shared.
+            None => (
+                None,
+                SharedByWriters {
+                    reserve: Arc::new(reserve::StorageReserve::open(data_dir, 0)),
+                    health: Arc::default(),
+                },
+            ),
+        };
         Self {
             inner: Arc::new(Inner {
                 data_dir: data_dir.to_owned(),
@@ -315,6 +343,7 @@ impl Db {
                 tenants: RwLock::new(tenants),
                 homes: Mutex::default(),
                 owned: Mutex::default(),
+                shared,
                 _owner: owner,
             }),
         }
@@ -377,6 +406,7 @@ impl Db {
             path,
             Some(name.to_owned()),
             tenant_config(self.inner.config),
+            &self.inner.shared,
         )
         .map_err(|e| {
             // A full disk is what it is for the caller (507), as on any write.
@@ -622,6 +652,9 @@ impl Db {
                         shard.with_reader(|c| reads::first_to_prune(c, &found_scope, cutoff))?;
                     if let Some(ended) = first {
                         oldest.push((ended, shard));
+                    } else if shard.with_reader(reads::has_free_pages)? {
+                        // Its pruning is done; its free pages go back last.
+                        oldest.push((i64::MAX, shard));
                     }
                 }
                 Ok(oldest)
@@ -644,6 +677,16 @@ impl Db {
             }
         }
         Ok(0)
+    }
+
+    /// After pruning: asks each file's checkpointer to give the WAL's space
+    /// back (the pruning steps already gave the database's free pages back).
+    pub fn shrink_logs(&self) {
+        for shard in self.shards() {
+            if let Some(checkpointer) = &shard.checkpointer {
+                checkpointer.truncate();
+            }
+        }
     }
 
     /// Creates a workload in status `pending`.
@@ -792,7 +835,25 @@ impl Db {
 
     /// True when the database answers a trivial query.
     pub async fn ping(&self) -> StoreResult<()> {
+        if let Some(why) = self.writer_failure() {
+            return Err(StoreError::Unavailable(why));
+        }
         self.read(reads::ping).await
+    }
+
+    /// True while the disk is full and log lines are refused.
+    pub fn storage_full(&self) -> bool {
+        self.inner.shared.reserve.is_full()
+    }
+
+    /// Why the store can no longer write (a writer thread stopped), if so.
+    pub fn writer_failure(&self) -> Option<String> {
+        self.inner.shared.health.failure()
+    }
+
+    /// Resolves once a writer thread has stopped, with the reason.
+    pub async fn writer_stopped(&self) -> String {
+        self.inner.shared.health.wait().await
     }
 
     /// A module's metadata.
@@ -908,6 +969,61 @@ impl Db {
     }
 }
 
+/// One file compacted by [`vacuum`], with its size (and its WAL's) before and after.
+#[derive(Debug)]
+pub struct Vacuumed {
+    /// The database file.
+    pub path: PathBuf,
+    /// Bytes before, WAL included.
+    pub before: u64,
+    /// Bytes after, WAL included.
+    pub after: u64,
+}
+
+/// Compacts every file of `data_dir` as its only owner (no server may run
+/// on it): a full `VACUUM` with incremental vacuum turned on, then the WAL
+/// truncated.
+pub fn vacuum(data_dir: &Path) -> anyhow::Result<Vec<Vacuumed>> {
+    let main = data_dir.join(DB_FILE);
+    anyhow::ensure!(
+        main.exists(),
+        "no database in {} (nothing has run there yet)",
+        data_dir.display()
+    );
+    let _owner = DataDirLock::acquire(data_dir)?;
+    let size = |path: &Path| {
+        let wal = path.with_extension("db-wal");
+        [path, wal.as_path()]
+            .iter()
+            .filter_map(|p| std::fs::metadata(p).ok())
+            .map(|m| m.len())
+            .sum::<u64>()
+    };
+    let mut done = Vec::new();
+    let files = std::iter::once(main).chain(
+        shard::existing_tenants(data_dir)?
+            .into_iter()
+            .map(|(_, p)| p),
+    );
+    for path in files {
+        let before = size(&path);
+        let conn = Connection::open(&path)
+            .with_context(|| format!("failed to open {}", path.display()))?;
+        // Only a full VACUUM changes the mode of a file that has tables.
+        conn.execute_batch(
+            "PRAGMA auto_vacuum = INCREMENTAL; VACUUM; PRAGMA wal_checkpoint(TRUNCATE);",
+        )
+        .with_context(|| format!("failed to vacuum {}", path.display()))?;
+        drop(conn);
+        done.push(Vacuumed {
+            after: size(&path),
+            path,
+            before,
+        });
+    }
+    Ok(done)
+}
+
 /// The writer of `shard`, unless it was opened read-only.
 fn writer_of(shard: &Shard) -> StoreResult<&WriterHandle> {
     (shard.writer.as_ref())
@@ -920,11 +1036,17 @@ async fn request<T>(
     op: impl FnOnce(oneshot::Sender<StoreResult<T>>) -> WriteOp,
 ) -> StoreResult<T> {
     let (reply, rx) = oneshot::channel();
-    if !writer_of(shard)?.send(op(reply)) {
-        return Err(anyhow::anyhow!("the database writer has stopped").into());
+    let writer = writer_of(shard)?;
+    if writer.send(op(reply))
+        && let Ok(answer) = rx.await
+    {
+        return answer;
     }
-    rx.await
-        .map_err(|_| anyhow::anyhow!("the database writer stopped before answering"))?
+    // The thread is gone, or unwinding: its reason comes at once.
+    let why = tokio::time::timeout(std::time::Duration::from_secs(1), writer.health.wait())
+        .await
+        .unwrap_or_else(|_| "the database writer has stopped".into());
+    Err(StoreError::Unavailable(why))
 }
 
 /// Runs blocking reads off the async workers.

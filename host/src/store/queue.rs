@@ -54,8 +54,10 @@ struct Lane {
 pub(super) struct LaneBudget {
     /// Cost of this workload's lines queued or being committed.
     queued: AtomicUsize,
-    /// Why this workload's lines can no longer be stored, once that happened.
-    failed: OnceLock<String>,
+    /// Why this workload's lines can no longer be stored, once that
+    /// happened, and how many of its lines were stored before (its stored
+    /// lines are always the prefix `0..stored`).
+    failed: OnceLock<(String, u64)>,
 }
 
 #[derive(Default)]
@@ -192,8 +194,9 @@ impl LineQueue {
         }
     }
 
-    /// Why a workload's lines could not be stored, if they could not.
-    pub(super) fn failure(&self, workload: WorkloadId) -> Option<String> {
+    /// Why a workload's lines could not be stored, if they could not, and
+    /// how many were stored before.
+    pub(super) fn failure(&self, workload: WorkloadId) -> Option<(String, u64)> {
         self.lock()
             .lanes
             .get(&workload)
@@ -279,20 +282,54 @@ impl LineQueue {
         }
     }
 
-    /// After a commit that failed for good: these lines are lost, and their
-    /// workloads fail with `why` (they cannot complete with a partial log).
+    /// After a commit that failed for good (or lines refused on a full
+    /// disk): these lines are lost, and their workloads fail with `why`
+    /// (they cannot complete with a partial log). Their later lines, queued
+    /// or still to come, are dropped too, so that what is stored of each is
+    /// a prefix.
     pub(super) fn failed(&self, taken: Taken, why: &str) {
+        let mut first_lost: HashMap<WorkloadId, u64> = HashMap::new();
+        for lane in &taken.lanes {
+            if let Some(seq) = lane.lines.iter().map(|r| r.seq).min() {
+                let first = first_lost.entry(lane.workload).or_insert(seq);
+                *first = (*first).min(seq);
+            }
+        }
         for lane in taken.lanes {
             if lane.lines.is_empty() {
                 continue;
             }
             self.lost
                 .fetch_add(lane.lines.len() as u64, Ordering::Relaxed);
-            let _ = lane.budget.failed.set(why.to_owned());
-            tracing::error!(workload = %lane.workload, lines = lane.lines.len(), error = why,
-                "failed to store log lines; the workload fails");
+            if let Some(stored) = first_lost.remove(&lane.workload) {
+                let _ = lane.budget.failed.set((why.to_owned(), stored));
+                tracing::error!(workload = %lane.workload, stored, error = why,
+                    "failed to store log lines; the workload fails");
+                self.drop_queued(lane.workload);
+            }
             self.release(&lane.budget, lane.cost);
         }
+    }
+
+    /// Drops the lines a workload whose lines failed still has queued.
+    fn drop_queued(&self, workload: WorkloadId) {
+        let dropped = {
+            let mut state = self.lock();
+            let QueueState { lanes, lines } = &mut *state;
+            let Some(lane) = lanes.get_mut(&workload) else {
+                return;
+            };
+            if !lane.held {
+                *lines -= lane.lines.len();
+            }
+            (std::mem::take(&mut lane.lines), Arc::clone(&lane.budget))
+        };
+        let (records, budget) = dropped;
+        if records.is_empty() {
+            return;
+        }
+        self.lost.fetch_add(records.len() as u64, Ordering::Relaxed);
+        self.release(&budget, records.iter().map(|r| cost(r)).sum());
     }
 
     fn release(&self, budget: &LaneBudget, cost: usize) {
@@ -367,14 +404,16 @@ impl LineSink for LineLane {
     /// ([`LineSink::poll_room`]), so a single write can overshoot a full lane
     /// by at most one write's lines.
     fn send(&self, record: Arc<LogRecord>) {
-        if self.budget.failed.get().is_some() {
-            // The workload is failing; its lines cannot be stored any more.
-            self.queue.lost.fetch_add(1, Ordering::Relaxed);
-            return;
-        }
         let c = cost(&record);
         let queued = {
             let mut state = self.queue.lock();
+            // Checked under the lock that `failed` drops queued lines under:
+            // no line of a failed workload is queued after that.
+            if self.budget.failed.get().is_some() {
+                drop(state);
+                self.queue.lost.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
             let QueueState { lanes, lines } = &mut *state;
             let Some(lane) = lanes.get_mut(&self.workload) else {
                 drop(state);
@@ -421,6 +460,6 @@ impl LineSink for LineLane {
 
     /// Why this workload's lines can no longer be stored, once that happened.
     fn failure(&self) -> Option<String> {
-        self.budget.failed.get().cloned()
+        self.budget.failed.get().map(|(why, _)| why.clone())
     }
 }

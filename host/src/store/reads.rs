@@ -280,3 +280,10 @@ fn stream_from_code(code: i64) -> anyhow::Result<LogStream> {
         other => anyhow::bail!("unknown stream code {other} in log_records"),
     })
 }
+
+/// True when the file has free pages that incremental vacuum can give back.
+pub(super) fn has_free_pages(conn: &Connection) -> StoreResult<bool> {
+    let free: i64 = conn.query_row("PRAGMA freelist_count", [], |r| r.get(0))?;
+    let incremental: i64 = conn.query_row("PRAGMA auto_vacuum", [], |r| r.get(0))?;
+    Ok(free > 0 && incremental == 2)
+}

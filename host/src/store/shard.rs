@@ -17,13 +17,24 @@ use std::thread;
 use anyhow::Context as _;
 use rusqlite::{Connection, OpenFlags};
 
+use super::health::{StoreHealth, supervised};
 use super::queue::LineQueue;
+use super::reserve::StorageReserve;
 use super::usage::LogUsage;
 use super::writer::{Writer, WriterConfig, WriterStats};
 use super::{SCHEMA_VERSION, StoreResult, WriterHandle, checkpoint, schema};
 
 /// The folder of the data directory that holds tenants' files.
 pub const TENANTS_DIR: &str = "tenants";
+
+/// What every file's writer shares with the others of its data directory.
+#[derive(Clone)]
+pub(super) struct SharedByWriters {
+    /// Room kept on the disk for ends.
+    pub(super) reserve: Arc<StorageReserve>,
+    /// Where a writer that stops says so.
+    pub(super) health: Arc<StoreHealth>,
+}
 
 /// One database file and the connections to it.
 pub(super) struct Shard {
@@ -32,6 +43,8 @@ pub(super) struct Shard {
     pub(super) tenant: Option<String>,
     /// `None` for a read-only handle.
     pub(super) writer: Option<WriterHandle>,
+    /// `None` for a read-only handle.
+    pub(super) checkpointer: Option<checkpoint::Checkpointer>,
     readers: Mutex<Vec<Connection>>,
 }
 
@@ -43,6 +56,7 @@ impl Shard {
         path: PathBuf,
         tenant: Option<String>,
         config: WriterConfig,
+        shared: &SharedByWriters,
     ) -> anyhow::Result<Arc<Self>> {
         let mut conn = Connection::open(&path)
             .with_context(|| format!("failed to open database {}", path.display()))?;
@@ -58,7 +72,7 @@ impl Shard {
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         schema::migrate(&mut conn)
             .with_context(|| format!("failed to migrate database {}", path.display()))?;
-        checkpoint::start(&path, &mut conn)?;
+        let checkpointer = checkpoint::start(&path, &mut conn)?;
         let usage = Arc::new(LogUsage::load(&conn).context("failed to sum stored log bytes")?);
 
         let (tx, rx) = mpsc::channel();
@@ -83,10 +97,13 @@ impl Shard {
             ops_in_a_row: false,
             joining: Default::default(),
             lingering: Vec::new(),
+            reserve: Arc::clone(&shared.reserve),
+            dies_at_commit: config.dies_at_commit.filter(|_| tenant.is_none()),
         };
+        let (health, name) = (Arc::clone(&shared.health), path.display().to_string());
         thread::Builder::new()
             .name("vulcan-db-writer".into())
-            .spawn(move || writer.run(rx))
+            .spawn(move || supervised(&name, &health, move || writer.run(rx)))
             .context("failed to start the database writer")?;
         Ok(Arc::new(Self {
             // One reader ready, so the first request after a start does
@@ -94,7 +111,9 @@ impl Shard {
             readers: Mutex::new(vec![open_reader(&path)?]),
             path,
             tenant,
+            checkpointer: Some(checkpointer),
             writer: Some(WriterHandle {
+                health: Arc::clone(&shared.health),
                 tx,
                 queue,
                 stats,
@@ -120,6 +139,7 @@ impl Shard {
             readers: Mutex::new(vec![reader]),
             path,
             tenant,
+            checkpointer: None,
             writer: None,
         }))
     }

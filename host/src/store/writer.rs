@@ -21,9 +21,13 @@
 //!
 //! Faults: `SQLITE_BUSY`/`LOCKED` are retried until they pass. Any other failure
 //! is permanent for what was in the transaction: its lines are dropped and their
-//! workloads fail (`failure: store`), the ops are tried once more without lines,
-//! and a terminal status that still cannot be written is kept and retried until
-//! the store accepts it, so no workload stays `running` because of a fault.
+//! workloads fail (`failure: store`), with every later line of theirs, so what
+//! is stored of a workload is always a prefix of its lines. The ops are tried
+//! once more without lines, and a terminal status that still cannot be
+//! written is kept and retried until the store accepts it, so no workload
+//! stays `running` because of a fault. A full disk also gives back the
+//! [`StorageReserve`] and refuses lines and new workloads until there is room
+//! again, so that the ends of the workloads it failed can be written.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, mpsc};
@@ -32,6 +36,7 @@ use std::time::{Duration, Instant};
 use rusqlite::{Connection, TransactionBehavior};
 
 use super::queue::{LineQueue, Taken};
+use super::reserve::StorageReserve;
 use super::usage::{LogUsage, UsageDelta};
 use super::write_op::{Applied, Haste, WriteOp};
 use super::write_sql::{WorkloadKeys, apply, insert_lines};
@@ -87,6 +92,14 @@ pub struct WriterConfig {
     pub lane_bytes: usize,
     /// Most bytes of lines all workloads of one file together may have waiting.
     pub total_bytes: usize,
+    /// Room kept on the data directory's disk for the ends of workloads
+    /// when it fills (see [`super::reserve`]); 0 keeps none.
+    pub reserve_bytes: u64,
+    /// Test-only fault switch: the main file's writer panics right after
+    /// this commit (`vulcan serve` takes it from
+    /// `VULCAN_TEST_FAULT_WRITER_DIES_AT_COMMIT`), to test what a dying
+    /// writer does to the server.
+    pub dies_at_commit: Option<u64>,
 }
 
 impl Default for WriterConfig {
@@ -97,6 +110,8 @@ impl Default for WriterConfig {
             busy_timeout: Duration::from_secs(5),
             lane_bytes: 1 << 20,
             total_bytes: 64 << 20,
+            reserve_bytes: super::reserve::DEFAULT_RESERVE_BYTES,
+            dies_at_commit: None,
         }
     }
 }
@@ -126,7 +141,14 @@ pub(super) struct Writer {
     /// Ops that wait for the linger (see [`Haste::Linger`]), taken by the
     /// next commit.
     pub(super) lingering: Vec<WriteOp>,
+    /// Room kept on the disk for ends, and whether the disk is full.
+    pub(super) reserve: Arc<StorageReserve>,
+    /// Test-only fault: the thread panics at this commit (see [`WriterConfig`]).
+    pub(super) dies_at_commit: Option<u64>,
 }
+
+/// Why lines and new workloads are refused while the disk is full.
+const DISK_FULL: &str = "the database or disk is full";
 
 /// Ops that arrive while a transaction of lines alone is being written join
 /// it, so that they wait for the chunk in hand and one commit, not for that
@@ -156,12 +178,16 @@ impl Writer {
             // workload's lines are in, is committed back to back; ops that
             // arrive meanwhile join the next commit.
             let backlog = self.queue.has_full_batch() || !ops.is_empty();
-            let wake = match (deadline, self.retained.is_empty()) {
+            let mut wake = match (deadline, self.retained.is_empty()) {
                 (Some(d), true) => Some(d),
                 (Some(d), false) => Some(d.min(Instant::now() + RETRY_INTERVAL)),
                 (None, false) => Some(Instant::now() + RETRY_INTERVAL),
                 (None, true) => None,
             };
+            // A full disk is checked for room now and then, even when idle.
+            if let Some(t) = self.reserve.next_try() {
+                wake = Some(wake.map_or(t, |w| w.min(t)));
+            }
             let next = if backlog {
                 rx.try_recv().map_err(|e| match e {
                     mpsc::TryRecvError::Empty => mpsc::RecvTimeoutError::Timeout,
@@ -219,6 +245,10 @@ impl Writer {
             #[cfg(test)]
             WriteOp::PageLimit { pages, reply } => {
                 // SQLite's default maximum, to lift the cap.
+                if pages.is_none() {
+                    // Room again: found at the next commit, not a second later.
+                    self.reserve.try_soon();
+                }
                 let pages = pages.unwrap_or(4_294_967_294);
                 if let Err(e) = self
                     .conn
@@ -244,6 +274,7 @@ impl Writer {
     /// the rest, or, with no op ready, a batch of lines; `everything` takes
     /// every queued line (the last commit). Ops held back stay in `pending`.
     pub(super) fn commit(&mut self, pending: &mut Vec<WriteOp>, everything: bool) {
+        self.reserve.try_restore();
         for (id, completion) in self.retained.drain(..) {
             pending.push(WriteOp::Transition {
                 id,
@@ -302,6 +333,22 @@ impl Writer {
             }
         }
         self.ops_in_a_row = !ops.is_empty();
+        if self.reserve.is_full() {
+            // Nothing that grows the file: lines fail their workloads, new
+            // workloads are refused; ends and the rest still go in.
+            if !taken.is_empty() {
+                self.queue.failed(std::mem::take(&mut taken), DISK_FULL);
+            }
+            grow = None;
+            let (refused, kept): (Vec<_>, Vec<_>) = ops
+                .drain(..)
+                .partition(|op| matches!(op, WriteOp::Create { .. }));
+            ops = kept;
+            for op in refused {
+                // Its runner drops its lane when told.
+                self.refuse(op, DISK_FULL, true);
+            }
+        }
         if taken.is_empty() && ops.is_empty() {
             // A wake-up whose lines went out with an earlier commit.
             return;
@@ -316,7 +363,10 @@ impl Writer {
         let error = match attempt {
             Ok(results) => {
                 self.usage.apply(&self.delta);
-                self.stats.commits.fetch_add(1, Ordering::Relaxed);
+                let commits = self.stats.commits.fetch_add(1, Ordering::Relaxed) + 1;
+                if self.dies_at_commit.is_some_and(|n| commits >= n) {
+                    panic!("test fault: the store writer dies at commit {commits}");
+                }
                 (self.stats.lines).fetch_add(taken.len() as u64, Ordering::Relaxed);
                 self.queue.committed(taken);
                 self.answer(ops, results);
@@ -325,6 +375,9 @@ impl Writer {
             Err(e) => e,
         };
         let why = describe(&error);
+        if is_full(&error) {
+            self.reserve.release();
+        }
         if !taken.is_empty() {
             tracing::error!(error = %why, lines = taken.len(), "failed to commit a batch of log lines");
             self.queue.failed(taken, &why);
