@@ -16,6 +16,8 @@
 //!   dispatch, slots, logs across nodes, kills, node loss, NATS loss.
 //! - `cluster_auth` — nodes authenticating to NATS (user and password, TLS
 //!   with a client certificate), secrets never printed, forged kills refused.
+//! - `cluster_faults` — a stalled NATS, two nodes with one id, a copied data
+//!   directory, SIGTERM with NATS gone, log readers that must not pile up.
 //! - `outbound` — components' HTTP requests: allowed hosts, operator caps,
 //!   private addresses, refusals recorded, timeout and kill.
 //! - `read_model` — the same bytes from `status`/`ls`/`logs` locally and remotely;
@@ -35,6 +37,7 @@ mod browser;
 mod client;
 mod cluster;
 mod cluster_auth;
+mod cluster_faults;
 mod components;
 mod console;
 mod faults;

@@ -94,6 +94,12 @@ pub struct ServeArgs {
     /// reading a response) before its connection is closed
     #[arg(long, env = "VULCAN_CLIENT_TIMEOUT", default_value = "30s", value_name = "DURATION", value_parser = parse::duration)]
     client_timeout: Duration,
+    /// Longest a SIGTERM or SIGINT takes to end the process, whether NATS
+    /// answers or not: running workloads are killed, their ends recorded
+    /// where they can be in that time, then the process exits (with an
+    /// error if the time ran out)
+    #[arg(long, env = "VULCAN_SHUTDOWN_TIMEOUT", default_value = "10s", value_name = "DURATION", value_parser = parse::duration)]
+    shutdown_timeout: Duration,
     /// Largest function body a module may have; bigger ones are refused at
     /// upload (413) because compiling them takes seconds and gigabytes
     #[arg(long, env = "VULCAN_MAX_FUNCTION_SIZE", default_value = "1MiB", value_name = "SIZE", value_parser = parse::size)]
@@ -334,6 +340,24 @@ impl ServerLimits {
     }
 }
 
+/// Ends the process if it is still shutting down a second after `limit`
+/// (the in-process timeouts should have ended it by then; this is the bound
+/// a supervisor can count on whatever hangs).
+fn watchdog(limit: Duration) {
+    let spawned = std::thread::Builder::new()
+        .name("vulcan-shutdown-watchdog".into())
+        .spawn(move || {
+            std::thread::sleep(limit + Duration::from_secs(1));
+            say(format_args!(
+                "vulcan: shutdown took longer than --shutdown-timeout ({limit:?}); exiting"
+            ));
+            std::process::exit(1);
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "no shutdown watchdog");
+    }
+}
+
 /// How long a server whose store cannot write keeps answering 503 before
 /// it exits: long enough for a health check to see why.
 const FATAL_GRACE: Duration = Duration::from_secs(2);
@@ -443,6 +467,7 @@ pub fn execute(args: ServeArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
         // a moment in which `/healthz` and new runs answer 503 with the
         // reason, so that its supervisor restarts it.
         let db = node.db().clone();
+        let limit = args.shutdown_timeout;
         let stop = async move {
             tokio::select! {
                 () = shutdown.received() => {}
@@ -451,14 +476,24 @@ pub fn execute(args: ServeArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
                     tokio::time::sleep(FATAL_GRACE).await;
                 }
             }
+            watchdog(limit);
         };
         serve(listener, state, stop).await?;
-        // Killed workloads finish within a tick; a wedged one must not keep
-        // the process from exiting.
-        let (reason, grace) = ("killed: the server shut down", Duration::from_secs(10));
-        match cluster {
-            Some(cluster) => cluster.leave(reason, grace).await,
-            None => node.shutdown(reason, grace).await,
+        // Killed workloads finish within a tick; a wedged one, or a NATS
+        // that does not answer, must not keep the process from exiting.
+        let reason = "killed: the server shut down";
+        let grace = limit / 2;
+        let left = async {
+            match cluster {
+                Some(cluster) => cluster.leave(reason, grace).await,
+                None => node.shutdown(reason, grace).await,
+            }
+        };
+        if tokio::time::timeout(limit, left).await.is_err() {
+            anyhow::bail!(
+                "shutdown took longer than --shutdown-timeout ({limit:?}); what was not \
+                 recorded in the cluster is failed as `node restarted` when this node starts again"
+            );
         }
         if let Some(why) = node.db().writer_failure() {
             anyhow::bail!("stopped because the store cannot write: {why}");

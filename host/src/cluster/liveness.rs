@@ -12,8 +12,10 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
+use anyhow::Context as _;
+use async_nats::jetstream::kv;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
@@ -27,7 +29,20 @@ use crate::workload::{FailureKind, Status, WorkloadId};
 struct Heartbeat {
     /// Workloads it has claimed and not finished.
     claimed: Vec<WorkloadId>,
+    /// Which process beats: made at start, so that a second live process
+    /// with the same node id is told apart from this one's previous run.
+    #[serde(default)]
+    instance: String,
+    /// Where that process runs, to name it when its id is refused.
+    #[serde(default)]
+    host: String,
+    #[serde(default)]
+    pid: u32,
 }
+
+/// How long a node that finds a heartbeat under its id watches it before
+/// it takes the id: a live process beats at least once in that time.
+const ID_IN_USE_WATCH: Duration = Duration::from_millis(2_500);
 
 /// The last heartbeat revision seen of a node, and since when.
 struct Seen {
@@ -36,17 +51,85 @@ struct Seen {
 }
 
 impl Cluster {
-    /// Writes this node's heartbeat now.
+    /// Writes this node's heartbeat now: over its own last beat (compare
+    /// and swap), so that another process beating under the same id is
+    /// noticed and named.
     pub(super) async fn beat_now(&self) -> Result<(), ClusterError> {
-        let _turn = self.beat.lock().await;
+        let mut last = self.beat.lock().await;
         let beat = Heartbeat {
             claimed: self.claimed_ids(),
+            instance: self.instance.clone(),
+            host: host_name(),
+            pid: std::process::id(),
         };
         let value = Bytes::from(serde_json::to_vec(&beat).map_err(anyhow::Error::from)?);
-        self.nodes
-            .put(&self.node_id, value)
-            .await
-            .map_err(ClusterError::unavailable)?;
+        if let Some(revision) = *last {
+            match self
+                .nodes
+                .update(&self.node_id, value.clone(), revision)
+                .await
+            {
+                Ok(revision) => {
+                    *last = Some(revision);
+                    return Ok(());
+                }
+                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                    // Someone else wrote it: a peer that presumed this node
+                    // lost (and deleted it), or another process with this id.
+                    if let Some(other) = self.beat_of_other_instance().await? {
+                        tracing::error!(
+                            node = self.node_id,
+                            other,
+                            "another live process beats under this node's id: both are \
+                             taken for one node; stop one of them and give it another --node-id"
+                        );
+                    }
+                }
+                Err(e) => return Err(ClusterError::unavailable(e)),
+            }
+        }
+        let revision =
+            (self.nodes.put(&self.node_id, value).await).map_err(ClusterError::unavailable)?;
+        *last = Some(revision);
+        Ok(())
+    }
+
+    /// Who beats under this node's id, if it is not this process.
+    async fn beat_of_other_instance(&self) -> Result<Option<String>, ClusterError> {
+        let entry = (self.nodes.entry(&self.node_id).await).map_err(ClusterError::unavailable)?;
+        Ok(entry
+            .filter(|e| e.operation == kv::Operation::Put)
+            .and_then(|e| serde_json::from_slice::<Heartbeat>(&e.value).ok())
+            .filter(|b| b.instance != self.instance)
+            .map(|b| describe(&b)))
+    }
+
+    /// Refuses this node's id if another live process beats under it (the
+    /// same `--node-id` twice, or a copied data directory's `node-id`): a
+    /// heartbeat found under it must stay still for [`ID_IN_USE_WATCH`],
+    /// as that of this node's crashed previous run does.
+    pub(super) async fn check_id_unused(&self) -> anyhow::Result<()> {
+        let first = (self.nodes.entry(&self.node_id).await)
+            .context("failed to read this node's heartbeat")?
+            .filter(|e| e.operation == kv::Operation::Put);
+        let Some(first) = first else { return Ok(()) };
+        tokio::time::sleep(ID_IN_USE_WATCH).await;
+        let again = (self.nodes.entry(&self.node_id).await)
+            .context("failed to read this node's heartbeat")?
+            .filter(|e| e.operation == kv::Operation::Put);
+        if let Some(again) = again
+            && again.revision != first.revision
+        {
+            let other = serde_json::from_slice::<Heartbeat>(&again.value)
+                .map(|b| describe(&b))
+                .unwrap_or_else(|_| "a process that beats under it".to_owned());
+            anyhow::bail!(
+                "node id `{}` is in use by a live node ({other}); give this node another \
+                 --node-id (a copied data directory carries its id in its `node-id` file: \
+                 delete that file to get a new one)",
+                self.node_id
+            );
+        }
         Ok(())
     }
 
@@ -69,7 +152,26 @@ impl Cluster {
         Ok(())
     }
 
-    /// Heartbeats, loss detection and the connection figures, every second.
+    /// This node's heartbeat and the connection figure, every second.
+    pub(super) async fn beat_forever(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(HEARTBEAT_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = self.stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let connected = self.connected().is_ok();
+            self.metrics.connected.set(i64::from(connected));
+            if let Err(e) = self.beat_now().await {
+                tracing::debug!(error = %e, "heartbeat not written");
+                // Time without NATS does not count against anyone.
+                *self.lock_reachable() = None;
+            }
+        }
+    }
+
+    /// Loss detection (and the queue figure), every second.
     pub(super) async fn keep_alive(self: Arc<Self>) {
         let mut seen: HashMap<String, Seen> = HashMap::new();
         let mut swept_previous = false;
@@ -80,14 +182,11 @@ impl Cluster {
                 () = self.stop.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            let connected = self.connected().is_ok();
-            self.metrics.connected.set(i64::from(connected));
             if let Ok(info) = self.js_queue_depth().await {
                 self.metrics.queue_depth.set(info);
             }
-            let beat = self.beat_now().await;
             let others = self.read_heartbeats().await;
-            let (Ok(()), Ok(others)) = (beat, others) else {
+            let Ok(others) = others else {
                 // Time without NATS does not count against anyone.
                 *self.lock_reachable() = None;
                 continue;
@@ -294,7 +393,22 @@ impl Cluster {
     }
 }
 
-/// The error of a workload whose node restarted under it.
+/// Names the process behind a heartbeat.
+fn describe(beat: &Heartbeat) -> String {
+    format!(
+        "instance {} on host `{}`, pid {}",
+        beat.instance, beat.host, beat.pid
+    )
+}
+
+/// This machine's name, as far as it can be read.
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .or_else(|_| std::env::var("HOSTNAME"))
+        .unwrap_or_default()
+}
+
 /// Why a workload this node never ran was failed.
 fn unconfirmed(node: &str) -> String {
     format!(

@@ -194,8 +194,11 @@ pub struct Cluster {
     /// not run them: NATS may have carried out a creation or claim that
     /// answered with an error (see the liveness sweep).
     doubtful: Mutex<Vec<WorkloadId>>,
-    /// Serializes heartbeats, so a newer claim list never lands before an older one.
-    beat: tokio::sync::Mutex<()>,
+    /// Serializes heartbeats, so a newer claim list never lands before an
+    /// older one; holds the revision of this process's last beat.
+    beat: tokio::sync::Mutex<Option<u64>>,
+    /// This process, as its heartbeats name it (see `check_id_unused`).
+    instance: String,
     /// Held while a module is fetched from the cluster.
     fetching: tokio::sync::Mutex<()>,
     metrics: Arc<ClusterMetrics>,
@@ -311,7 +314,8 @@ impl Cluster {
             index: records::Index::default(),
             claimed: Mutex::new(HashMap::new()),
             doubtful: Mutex::new(Vec::new()),
-            beat: tokio::sync::Mutex::new(()),
+            beat: tokio::sync::Mutex::new(None),
+            instance: ulid::Ulid::new().to_string(),
             fetching: tokio::sync::Mutex::new(()),
             metrics,
             stop: CancellationToken::new(),
@@ -319,6 +323,7 @@ impl Cluster {
             signer: options.auth.signer(),
             reachable_since: Mutex::new(None),
         });
+        cluster.check_id_unused().await?;
         // What a previous run of this node claimed cannot be running now.
         cluster
             .fail_own_previous()
@@ -363,6 +368,10 @@ impl Cluster {
         tokio::spawn(async move { this.take_kills(kills).await });
         let this = Arc::clone(self);
         tokio::spawn(async move { this.dispatch(consumer).await });
+        // Beats on a task of their own: a long sweep of a lost node's
+        // workloads never makes this node miss its own.
+        let this = Arc::clone(self);
+        tokio::spawn(async move { this.beat_forever().await });
         let this = Arc::clone(self);
         tokio::spawn(async move { this.keep_alive().await });
         Ok(())
@@ -380,8 +389,9 @@ impl Cluster {
         {
             tracing::warn!("some workload ends were not recorded in the cluster before stopping");
         }
-        let _ = self.nodes.delete(&self.node_id).await;
-        let _ = self.client.flush().await;
+        // Each bounded: NATS may not answer at all.
+        let _ = tokio::time::timeout(REQUEST_TIMEOUT, self.nodes.delete(&self.node_id)).await;
+        let _ = tokio::time::timeout(REQUEST_TIMEOUT, self.client.flush()).await;
     }
 }
 
