@@ -136,3 +136,115 @@ async fn sigterm_ends_a_node_whose_nats_is_stalled() {
     .await;
     assert_eq!(failed["status"], "failed", "{failed}");
 }
+
+/// Every line of a workload's history, paging through it.
+async fn history_seqs(server: &Server, id: &str) -> Vec<u64> {
+    let mut seqs = Vec::new();
+    let mut after = String::new();
+    loop {
+        let (status, page) = server
+            .get_json(&format!(
+                "/v1/workloads/{id}/logs/history?limit=10000{after}"
+            ))
+            .await;
+        assert_eq!(status, 200, "{page}");
+        let batch = page["lines"].as_array().unwrap();
+        if batch.is_empty() {
+            return seqs;
+        }
+        seqs.extend(batch.iter().map(|l| l["seq"].as_u64().unwrap()));
+        after = format!("&after={}", page["next_after"]);
+    }
+}
+
+/// The consumers of `VULCAN_LOGS` now.
+async fn log_consumers(nats: &Nats) -> usize {
+    use futures_util::TryStreamExt as _;
+    let client = async_nats::connect(format!("127.0.0.1:{}", nats.port))
+        .await
+        .unwrap();
+    let logs = async_nats::jetstream::new(client)
+        .get_stream(vulcan::cluster::LOGS_STREAM)
+        .await
+        .unwrap();
+    let names: Vec<String> = logs.consumer_names().try_collect().await.unwrap();
+    names.len()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stalled_nats_loses_no_line_of_a_completed_workload() {
+    let Some(nats) = Nats::start() else { return };
+    let (a_env, b_env) = (Env::new(), Env::new());
+    let a = node(&nats, &a_env, Some("a"), &[]);
+    let b = node(&nats, &b_env, Some("b"), &[]);
+    let n = 400_000u64;
+    let id = a
+        .start_wasm("log-flood", &format!("arg={n}&max_output_bytes=4000000000"))
+        .await;
+    eventually("the flood is under way", || async {
+        let (status, page) = a
+            .get_json(&format!(
+                "/v1/workloads/{id}/logs/history?after=20000&limit=1"
+            ))
+            .await;
+        (status == 200 && page["lines"].as_array().is_some_and(|l| !l.is_empty())).then_some(())
+    })
+    .await;
+    // The fault itself lasts this long (no RST: publishes time out).
+    signal(&nats.child, "STOP");
+    tokio::time::sleep(std::time::Duration::from_secs(6)).await;
+    signal(&nats.child, "CONT");
+    let done = eventually("it ends", || async {
+        let (status, r) = b.get_json(&format!("/v1/workloads/{id}")).await;
+        (status == 200 && r["status"] != "running" && r["status"] != "pending").then_some(r)
+    })
+    .await;
+    assert_eq!(done["status"], "completed", "{done}");
+    assert_eq!(done["line_count"], n, "{done}");
+    let seqs = history_seqs(&b, &id).await;
+    assert_eq!(seqs.len() as u64, n, "every line, read from the other node");
+    assert!(
+        seqs.iter().enumerate().all(|(i, s)| *s == i as u64),
+        "in order, no hole"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn log_reads_hold_no_consumers_after_they_end() {
+    let Some(nats) = Nats::start() else { return };
+    let env = Env::new();
+    let server = node(&nats, &env, Some("reader"), &[]);
+    let (status, w) = server.run_wasm("log-flood", "arg=30000").await;
+    assert_eq!(
+        (status, w["status"].as_str()),
+        (200, Some("completed")),
+        "{w}"
+    );
+    let id = w["id"].as_str().unwrap().to_owned();
+    let before = log_consumers(&nats).await;
+    for i in 0..1_000u64 {
+        let (status, page) = server
+            .get_json(&format!(
+                "/v1/workloads/{id}/logs/history?after={}&limit=100",
+                (i * 29) % 29_000
+            ))
+            .await;
+        assert_eq!(status, 200, "{page}");
+        assert_eq!(page["lines"].as_array().unwrap().len(), 100);
+    }
+    assert_eq!(
+        log_consumers(&nats).await,
+        before,
+        "history pages hold no consumer"
+    );
+    for _ in 0..200 {
+        let mut sse = server.sse(&id, Some(29_990)).await;
+        assert!(sse.next().await.is_some());
+    }
+    // Each follower's consumer goes with it (the server deletes it; its
+    // inactivity threshold alone would keep them 30 s).
+    eventually("the followers' consumers are gone", || async {
+        (log_consumers(&nats).await == before).then_some(())
+    })
+    .await;
+}

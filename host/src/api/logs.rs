@@ -478,7 +478,7 @@ pub async fn history(
     }
     if let Some(cluster) = state.cluster() {
         cluster.record(id).await?;
-        let mut cursor = cluster.read_log(id, after).await?;
+        let mut cursor = cluster.read_history(id, after).await?;
         let mut lines = Vec::new();
         while !cursor.caught_up() && (lines.len() as u64) < limit {
             match cursor.next().await? {

@@ -368,8 +368,11 @@ pub struct LogCursor {
 
 /// Where a cursor's lines come from.
 enum Source {
-    /// The log's subject.
+    /// The log's subject, through a consumer (a follower: waits for more).
     Subject(Box<LogPull>),
+    /// The log's subject, one direct get a message, up to what was stored
+    /// when the cursor was opened (a history page).
+    Direct(async_nats::jetstream::stream::Stream),
     /// The final record (taken when read).
     Record(Option<Vec<LogRecord>>),
 }
@@ -388,6 +391,24 @@ enum Source {
 struct LogPull {
     consumer: PullConsumer,
     state: PullState,
+    /// Where the consumer lives: it is deleted there when the reader goes.
+    stream: async_nats::jetstream::stream::Stream,
+}
+
+impl Drop for LogPull {
+    fn drop(&mut self) {
+        // At once, not after the consumer's inactivity threshold: a
+        // thousand short reads must not hold a thousand consumers.
+        let name = self.consumer.cached_info().name.clone();
+        let stream = self.stream.clone();
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                if let Err(e) = stream.delete_consumer(&name).await {
+                    tracing::debug!(consumer = name, error = %e, "a log reader's consumer was not deleted; it expires");
+                }
+            });
+        }
+    }
 }
 
 enum PullState {
@@ -402,9 +423,13 @@ enum PullState {
 const PULL_EXPIRES: Duration = Duration::from_secs(10);
 
 impl LogPull {
-    fn new(consumer: PullConsumer) -> Self {
+    fn new(consumer: PullConsumer, stream: async_nats::jetstream::stream::Stream) -> Self {
         let state = Self::ask(&consumer);
-        Self { consumer, state }
+        Self {
+            consumer,
+            state,
+            stream,
+        }
     }
 
     fn ask(consumer: &PullConsumer) -> PullState {
@@ -473,41 +498,63 @@ impl LogCursor {
         if self.ended {
             return Ok(LogChunk::End);
         }
-        let messages = match &mut self.messages {
-            Source::Subject(messages) => messages,
-            Source::Record(lines) => {
-                self.ended = true;
-                return Ok(match lines.take() {
-                    Some(lines) => LogChunk::Lines(lines),
-                    None => LogChunk::End,
-                });
-            }
-        };
         loop {
-            let message = messages.next().await?;
-            if let Ok(info) = message.info() {
-                self.pending = info.pending;
-                self.read = self.read.max(info.stream_sequence);
-            }
-            let ends = message
-                .headers
-                .as_ref()
-                .is_some_and(|h| h.get(END_HEADER).is_some());
-            if ends && message.payload.is_empty() {
+            let (ends, payload) = match &mut self.messages {
+                Source::Record(lines) => {
+                    self.ended = true;
+                    return Ok(match lines.take() {
+                        Some(lines) => LogChunk::Lines(lines),
+                        None => LogChunk::End,
+                    });
+                }
+                Source::Subject(messages) => {
+                    let message = messages.next().await?;
+                    if let Ok(info) = message.info() {
+                        self.pending = info.pending;
+                        self.read = self.read.max(info.stream_sequence);
+                    }
+                    let ends =
+                        (message.headers.as_ref()).is_some_and(|h| h.get(END_HEADER).is_some());
+                    (ends, message.message.payload)
+                }
+                Source::Direct(stream) => {
+                    if self.read >= self.stored_until {
+                        // What was stored when the page began is read.
+                        return Ok(LogChunk::End);
+                    }
+                    let message = stream
+                        .direct_get_next_for_subject(log_subject(self.id), Some(self.read + 1))
+                        .await
+                        .map_err(ClusterError::unavailable)?;
+                    self.read = message.sequence;
+                    (message.headers.get(END_HEADER).is_some(), message.payload)
+                }
+            };
+            if ends && payload.is_empty() {
                 return Ok(LogChunk::End);
             }
-            match decode_batch(self.id, &message.payload) {
+            match decode_batch(self.id, &payload) {
                 Ok(lines) => {
                     self.ended = ends;
                     return Ok(LogChunk::Lines(lines));
                 }
                 // Logged and dropped: a foreign message must not end a read.
                 Err(e) => {
-                    tracing::warn!(subject = %message.subject, error = %e, "dropping a log message that does not parse")
+                    tracing::warn!(workload = %self.id, error = %e, "dropping a log message that does not parse")
                 }
             }
         }
     }
+}
+
+/// What became of one publish of a batch.
+enum Attempt {
+    /// Stored now, at this stream sequence.
+    Stored(u64),
+    /// A message with its id was stored before, at this sequence.
+    Earlier(u64),
+    /// Not known to be stored: try again.
+    Retry,
 }
 
 /// A stored message of a workload's log, from its headers alone.
@@ -573,6 +620,8 @@ impl Cluster {
                 filter_subject: log_subject(id),
                 deliver_policy,
                 ack_policy: AckPolicy::None,
+                // Deleted when its reader goes (see `LogPull`'s drop);
+                // this is for a node that died with readers open.
                 inactive_threshold: Duration::from_secs(30),
                 memory_storage: true,
                 num_replicas: 1,
@@ -583,10 +632,39 @@ impl Cluster {
         let pending = consumer.cached_info().num_pending;
         Ok(LogCursor {
             id,
-            messages: Source::Subject(Box::new(LogPull::new(consumer))),
+            messages: Source::Subject(Box::new(LogPull::new(consumer, self.logs.clone()))),
             pending,
             stored_until: last.map_or(0, |m| m.sequence),
             read,
+            ended: false,
+        })
+    }
+
+    /// Reads what `id`'s log holds now, from the first batch holding a line
+    /// after `after`, with direct gets: a history page holds nothing on the
+    /// server once it is read (a consumer would outlive it).
+    pub async fn read_history(
+        &self,
+        id: WorkloadId,
+        after: Option<u64>,
+    ) -> Result<LogCursor, ClusterError> {
+        self.connected()?;
+        let last = self.last_log_message(id).await?;
+        if last.is_none()
+            && let Some(lines) = self.lines_in_record(id).await?
+        {
+            return Ok(LogCursor::of_record(id, lines));
+        }
+        let start = match after {
+            None => 1,
+            Some(after) => self.first_batch_after(id, after, last.as_ref()).await?,
+        };
+        Ok(LogCursor {
+            id,
+            messages: Source::Direct(self.logs.clone()),
+            pending: 0,
+            stored_until: last.map_or(0, |m| m.sequence),
+            read: start - 1,
             ended: false,
         })
     }
@@ -696,20 +774,24 @@ impl Cluster {
                 publish = publish.header(END_HEADER, (last + 1).to_string().as_str());
             }
             let stored = match self.js.send_publish(subject.clone(), publish).await {
-                Ok(ack) => ack.await.map(|ack| ack.sequence),
+                Ok(ack) => ack.await.map(|ack| (ack.sequence, ack.duplicate)),
                 Err(e) => Err(e),
             };
-            let sequence = match stored {
-                Ok(sequence) => sequence,
+            // A message with this id may have been stored by an earlier
+            // attempt whose answer was lost (a stalled NATS), holding fewer
+            // lines than this one (more came since): only what it holds
+            // counts as stored.
+            let earlier = match stored {
+                Ok((sequence, false)) => Attempt::Stored(sequence),
+                Ok((sequence, true)) => Attempt::Earlier(sequence),
                 Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
-                    // Stored by an attempt whose answer was lost, or fenced.
+                    // Stored by such an attempt, or fenced.
                     match self.last_log_message(id).await {
-                        Ok(Some(m)) if m.msg_id.as_deref() == Some(&msg_id) => m.sequence,
-                        Ok(_) => return Err(lines.fenced()),
-                        Err(_) => {
-                            backoff.wait().await;
-                            continue;
+                        Ok(Some(m)) if m.msg_id.as_deref() == Some(&msg_id) => {
+                            Attempt::Earlier(m.sequence)
                         }
+                        Ok(_) => return Err(lines.fenced()),
+                        Err(_) => Attempt::Retry,
                     }
                 }
                 Err(e) if e.kind() == PublishErrorKind::MaxPayloadExceeded => {
@@ -723,18 +805,38 @@ impl Cluster {
                 }
                 Err(e) => {
                     tracing::debug!(workload = %id, error = %e, "log batch not stored yet; retrying");
-                    backoff.wait().await;
-                    continue;
+                    Attempt::Retry
                 }
             };
+            let (sequence, held) = match earlier {
+                Attempt::Stored(sequence) => (sequence, n),
+                Attempt::Earlier(sequence) => match self.lines_up_to(id, sequence).await {
+                    Ok(Some((next_seq, end))) => {
+                        let held = usize::try_from(next_seq.saturating_sub(first)).unwrap_or(n);
+                        match end {
+                            // This attempt's own end, stored before.
+                            true if ends && held == n => (sequence, n),
+                            // Someone else's end: the workload was taken over.
+                            true => return Err(lines.fenced()),
+                            false => (sequence, held.min(n)),
+                        }
+                    }
+                    Ok(None) | Err(_) => (0, 0),
+                },
+                Attempt::Retry => (0, 0),
+            };
+            if held == 0 {
+                backoff.wait().await;
+                continue;
+            }
             published = Published {
                 sequence,
-                lines: last + 1,
+                lines: first + held as u64,
                 inline: None,
             };
-            lines.stored(n);
+            lines.stored(held);
             backoff = Backoff::default();
-            if ends {
+            if ends && held == n {
                 return Ok(published);
             }
         }
@@ -785,6 +887,25 @@ impl Cluster {
             .map_err(|e| {
                 anyhow::anyhow!("the lines in workload {id}'s record do not parse: {e}").into()
             })
+    }
+
+    /// What the message at `sequence` of `id`'s log holds: the seq after
+    /// its last line, and whether it ends the log.
+    async fn lines_up_to(
+        &self,
+        id: WorkloadId,
+        sequence: u64,
+    ) -> Result<Option<(u64, bool)>, ClusterError> {
+        let m = self
+            .logs
+            .direct_get(sequence)
+            .await
+            .map_err(ClusterError::unavailable)?;
+        if m.subject.as_str() != log_subject(id) {
+            return Ok(None);
+        }
+        let stored = Stored::of(&m);
+        Ok(stored.next_seq.map(|next| (next, stored.end)))
     }
 
     async fn last_log_message(&self, id: WorkloadId) -> Result<Option<Stored>, ClusterError> {
