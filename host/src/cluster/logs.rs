@@ -372,7 +372,7 @@ enum Source {
     Subject(Box<LogPull>),
     /// The log's subject, one direct get a message, up to what was stored
     /// when the cursor was opened (a history page).
-    Direct(async_nats::jetstream::stream::Stream),
+    Direct(Box<async_nats::jetstream::stream::Stream>),
     /// The final record (taken when read).
     Record(Option<Vec<LogRecord>>),
 }
@@ -661,7 +661,7 @@ impl Cluster {
         };
         Ok(LogCursor {
             id,
-            messages: Source::Direct(self.logs.clone()),
+            messages: Source::Direct(Box::new(self.logs.clone())),
             pending: 0,
             stored_until: last.map_or(0, |m| m.sequence),
             read: start - 1,
