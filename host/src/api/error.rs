@@ -73,6 +73,11 @@ pub enum ApiError {
     /// Cluster mode, and NATS cannot be reached now: nothing was changed.
     #[error("{0}")]
     ClusterUnavailable(String),
+    /// Cluster mode: a sync run ended on this node, but NATS did not take
+    /// its record in time (503 `cluster_unavailable`, with its id and this
+    /// node's record: it ran, and is not to be submitted again).
+    #[error("{0}")]
+    RanUnrecorded(String, Box<crate::view::WorkloadView>),
     /// A server-side failure; details are logged, not sent.
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
@@ -101,7 +106,7 @@ impl ApiError {
             ApiError::StorageFull(_) => (StatusCode::INSUFFICIENT_STORAGE, "storage_full"),
             ApiError::StoreUnavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable"),
             ApiError::RequestTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "request_timeout"),
-            ApiError::ClusterUnavailable(_) => {
+            ApiError::ClusterUnavailable(_) | ApiError::RanUnrecorded(..) => {
                 (StatusCode::SERVICE_UNAVAILABLE, "cluster_unavailable")
             }
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
@@ -117,18 +122,34 @@ impl ApiError {
         message: String,
         record: Option<&crate::view::WorkloadView>,
     ) -> Response {
+        let (status, code) = (StatusCode::INSUFFICIENT_STORAGE, "storage_full");
+        Self::about_workload(status, code, message, id, record)
+    }
+
+    /// An error about a run that did start: the error, its id, and its
+    /// record as far as it is known.
+    fn about_workload(
+        status: StatusCode,
+        code: &str,
+        message: String,
+        id: crate::workload::WorkloadId,
+        record: Option<&crate::view::WorkloadView>,
+    ) -> Response {
         let body = serde_json::json!({
-            "error": {"code": "storage_full", "message": message},
+            "error": {"code": code, "message": message},
             "id": id,
             "workload": record,
         });
-        (StatusCode::INSUFFICIENT_STORAGE, Json(body)).into_response()
+        (status, Json(body)).into_response()
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code) = self.status_and_code();
+        if let ApiError::RanUnrecorded(message, view) = self {
+            return Self::about_workload(status, code, message, view.summary.id, Some(&view));
+        }
         let message = match &self {
             ApiError::Internal(e) => {
                 tracing::error!(error = format!("{e:#}"), "request failed");
@@ -172,6 +193,9 @@ impl From<ClusterError> for ApiError {
     fn from(e: ClusterError) -> Self {
         match e {
             ClusterError::Unavailable(_) => ApiError::ClusterUnavailable(e.to_string()),
+            ClusterError::Unrecorded(ref view) => {
+                ApiError::RanUnrecorded(e.to_string(), view.clone())
+            }
             ClusterError::NotFound(id) => ApiError::NotFound(format!("workload {id} not found")),
             ClusterError::ModuleNotFound(h) => ApiError::NotFound(format!("module {h} not found")),
             ClusterError::TooLarge(why) => ApiError::PayloadTooLarge(why),

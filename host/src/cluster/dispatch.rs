@@ -272,11 +272,31 @@ impl Cluster {
         spec: WorkloadSpec,
     ) -> Result<WorkloadView, ClusterError> {
         let id = WorkloadId::new();
-        let (here_tx, here) = oneshot::channel();
-        self.enqueue(id, module, spec, Some(here_tx)).await?;
-        // Run here: its final record as soon as it is stored. Queued (or
-        // taken over): as its end is announced.
-        match here.await {
+        let (recorded_tx, mut recorded) = oneshot::channel();
+        let (ended_tx, ended) = oneshot::channel();
+        let here = Here {
+            recorded: recorded_tx,
+            ended: ended_tx,
+        };
+        self.enqueue(id, module, spec, Some(here)).await?;
+        // Run here: its final record as soon as it is stored, or, if NATS
+        // does not take it in time, what this node holds, said as such.
+        // Queued (or taken over): as its end is announced.
+        let ended = tokio::select! {
+            view = &mut recorded => return match view {
+                Ok(view) => Ok(view),
+                Err(_) => self.wait_end(id).await,
+            },
+            ended = ended => ended.ok(),
+        };
+        let answer = match ended {
+            Some(local) => match tokio::time::timeout(RECORD_DEADLINE, &mut recorded).await {
+                Ok(answer) => answer,
+                Err(_) => return Err(ClusterError::Unrecorded(Box::new(local))),
+            },
+            None => recorded.await,
+        };
+        match answer {
             Ok(view) => Ok(view),
             Err(_) => self.wait_end(id).await,
         }
@@ -298,7 +318,7 @@ impl Cluster {
         id: WorkloadId,
         module: &str,
         spec: WorkloadSpec,
-        here: Option<oneshot::Sender<WorkloadView>>,
+        here: Option<Here>,
     ) -> Result<(), ClusterError> {
         let admitted = self.admit(id, module, &spec).await?;
         let mut slot = self.node.runner().try_reserve();
@@ -380,7 +400,7 @@ impl Cluster {
         spec: WorkloadSpec,
         running: WorkloadView,
         revision: Option<u64>,
-        here: Option<oneshot::Sender<WorkloadView>>,
+        here: Option<Here>,
         slot: Slot,
     ) {
         let (this, module) = (Arc::clone(self), module.to_owned());
@@ -735,20 +755,39 @@ impl Cluster {
         let mut revision = claim.revision;
         let listed = tokio::time::sleep(UNLISTED_FOR);
         tokio::pin!(listed);
+        // The running record is written beside the run, never in its way:
+        // a NATS that does not answer must not hide the run's end.
+        let mut listing: Option<std::pin::Pin<Box<dyn Future<Output = u64> + Send + '_>>> = None;
         let outcome = loop {
             tokio::select! {
                 outcome = &mut run => break outcome,
-                () = &mut listed, if revision.is_none() => {
+                () = &mut listed, if revision.is_none() && listing.is_none() => {
                     // Still running: listed, and killable from any node.
                     publisher.get_or_insert_with(publish);
-                    let created = until_done("running record", id, || self.create_own(&claim.view, None)).await;
+                    let view = claim.view.clone();
+                    listing = Some(Box::pin(async move {
+                        until_done("running record", id, || self.create_own(&view, None)).await
+                    }));
+                }
+                created = async { listing.as_mut().expect("listing").await }, if listing.is_some() => {
                     revision = Some(created);
+                    listing = None;
                 }
                 () = lines.until_beyond_inline(), if publisher.is_none() => {
                     publisher = Some(publish());
                 }
             }
         };
+        let (mut here, ended_here) = match claim.here {
+            Some(Here { recorded, ended }) => (Some(recorded), Some(ended)),
+            None => (None, None),
+        };
+        if let (Some(ended_here), Ok((completion, _))) = (ended_here, &outcome) {
+            let _ = ended_here.send(claim.view.clone().end(completion.clone(), now_ms()));
+        }
+        if let Some(listing) = listing {
+            revision = Some(listing.await);
+        }
         match revision {
             Some(_) => lines.close(),
             // Still known to nobody else: its lines may go inside its record.
@@ -792,7 +831,7 @@ impl Cluster {
         };
         // The caller is answered from the cluster's record; this node's
         // copy commits meanwhile (in its own task), with other runs'.
-        if let (true, Some(here)) = (store.await, claim.here) {
+        if let (true, Some(here)) = (store.await, here.take()) {
             let _ = here.send(view);
         }
         if let Err(e) = local.await {
@@ -931,8 +970,22 @@ struct Claim {
     /// `None`: not in the cluster yet (see [`UNLISTED_FOR`]).
     revision: Option<u64>,
     /// Who waits here for its final record.
-    here: Option<oneshot::Sender<WorkloadView>>,
+    here: Option<Here>,
 }
+
+/// A sync caller on this node, waiting for a run started here.
+struct Here {
+    /// Its final record, once the cluster holds it.
+    recorded: oneshot::Sender<WorkloadView>,
+    /// How it ended, as this node knows it, as soon as it did: the answer
+    /// if the cluster does not take the record within [`RECORD_DEADLINE`].
+    ended: oneshot::Sender<WorkloadView>,
+}
+
+/// How long a sync caller waits, after its run ended here, for the cluster
+/// to take the final record before it is answered with this node's
+/// (503 `cluster_unavailable`, saying that it ran).
+const RECORD_DEADLINE: Duration = Duration::from_secs(3);
 
 /// What a kill did.
 pub enum KillOutcome {

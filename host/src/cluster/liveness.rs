@@ -71,6 +71,7 @@ impl Cluster {
             {
                 Ok(revision) => {
                     *last = Some(revision);
+                    self.answered();
                     return Ok(());
                 }
                 Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
@@ -91,6 +92,7 @@ impl Cluster {
         let revision =
             (self.nodes.put(&self.node_id, value).await).map_err(ClusterError::unavailable)?;
         *last = Some(revision);
+        self.answered();
         Ok(())
     }
 

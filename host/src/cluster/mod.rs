@@ -97,6 +97,16 @@ pub enum ClusterError {
     /// No node and not the cluster has this module.
     #[error("module {0} not found")]
     ModuleNotFound(String),
+    /// A sync run ended on this node, but NATS did not take its record in
+    /// time: this node's view of its end (its record and lines reach the
+    /// cluster once NATS answers).
+    #[error(
+        "the cluster is unavailable: workload {} ran on this node and ended {}, but NATS did \
+         not take its record in time; its record and lines are kept on this node and reach \
+         the cluster when NATS answers again",
+        .0.summary.id, .0.summary.status
+    )]
+    Unrecorded(Box<crate::view::WorkloadView>),
     /// The submission is larger than one NATS message may be.
     #[error("{0}")]
     TooLarge(String),
@@ -209,7 +219,15 @@ pub struct Cluster {
     signer: Option<auth::Signer>,
     /// When this node's reads of the heartbeats began succeeding (None: failing).
     reachable_since: Mutex<Option<Instant>>,
+    /// When NATS last took this node's heartbeat: a connection that stalls
+    /// (no RST) still looks connected to the client for a minute.
+    answered_at: Mutex<Instant>,
 }
+
+/// How long NATS may leave this node's heartbeats unanswered before the
+/// node refuses what needs NATS (503 `cluster_unavailable`) rather than
+/// start work it may not be able to record.
+const NATS_SILENT_AFTER: Duration = Duration::from_secs(4);
 
 impl Cluster {
     /// Connects to NATS, creates what is missing, and starts taking work.
@@ -322,6 +340,7 @@ impl Cluster {
             tasks: TaskTracker::new(),
             signer: options.auth.signer(),
             reachable_since: Mutex::new(None),
+            answered_at: Mutex::new(Instant::now()),
         });
         cluster.check_id_unused().await?;
         // What a previous run of this node claimed cannot be running now.
@@ -348,11 +367,30 @@ impl Cluster {
     /// request to time out.
     fn connected(&self) -> Result<(), ClusterError> {
         match self.client.connection_state() {
-            async_nats::connection::State::Connected => Ok(()),
-            state => Err(ClusterError::Unavailable(format!(
-                "not connected to NATS: {state}"
-            ))),
+            async_nats::connection::State::Connected => {}
+            state => {
+                return Err(ClusterError::Unavailable(format!(
+                    "not connected to NATS: {state}"
+                )));
+            }
         }
+        let silent = self.lock_answered().elapsed();
+        if silent > NATS_SILENT_AFTER {
+            return Err(ClusterError::Unavailable(format!(
+                "NATS has not answered this node for {} s",
+                silent.as_secs()
+            )));
+        }
+        Ok(())
+    }
+
+    /// NATS took a request of this node's now.
+    fn answered(&self) {
+        *self.lock_answered() = Instant::now();
+    }
+
+    fn lock_answered(&self) -> std::sync::MutexGuard<'_, Instant> {
+        self.answered_at.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     async fn spawn_background(
