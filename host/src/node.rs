@@ -32,6 +32,8 @@ pub struct NodeOptions {
     pub max_function_size: u64,
     /// How the store batches and bounds log lines.
     pub writer: WriterConfig,
+    /// Most bytes of compiled modules kept, in memory and on disk.
+    pub max_cache_bytes: u64,
     /// Where components may send HTTP requests, beyond what each spec lists.
     pub outbound: OutboundPolicy,
 }
@@ -43,6 +45,7 @@ impl Default for NodeOptions {
             max_memory: None,
             max_function_size: DEFAULT_MAX_FUNCTION_SIZE,
             writer: WriterConfig::default(),
+            max_cache_bytes: crate::registry::DEFAULT_MAX_CACHE_BYTES,
             outbound: OutboundPolicy::default(),
         }
     }
@@ -88,6 +91,7 @@ impl Node {
             artifact_dir: data_dir.join("artifacts"),
             metrics: Arc::clone(&metrics),
             max_function_size: options.max_function_size,
+            max_cache_bytes: options.max_cache_bytes,
         });
         // A server's guests get threads of their own; `vulcan run` runs one.
         let guests = options

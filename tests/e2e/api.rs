@@ -757,7 +757,10 @@ async fn modules_are_listed_and_activity_is_sampled_for_the_console() {
     let env = Env::new();
     let server = Server::start(&env, &[]);
     let (_, empty) = server.get_json("/v1/modules").await;
-    assert_eq!(empty, json!({"items": []}));
+    assert_eq!(
+        empty,
+        json!({"items": [], "total": 0, "limit": 1000, "offset": 0})
+    );
     let (_, w) = server.run_wasm("log-flood", "arg=7").await;
     server.run_wasm("hello", "").await;
     let (status, list) = server.get_json("/v1/modules").await;
@@ -786,4 +789,42 @@ async fn modules_are_listed_and_activity_is_sampled_for_the_console() {
     })
     .await;
     assert_eq!((workloads, lines), (2, 8));
+}
+
+#[tokio::test]
+async fn module_lists_are_paged() {
+    let env = Env::new();
+    let server = Server::start(&env, &[]);
+    for name in ["hello", "spin", "exit-code"] {
+        let (status, _) = server.upload(std::fs::read(example(name)).unwrap()).await;
+        assert_eq!(status, 201);
+    }
+    let (status, page) = server.get_json("/v1/modules?limit=2").await;
+    assert_eq!(status, 200, "{page}");
+    assert_eq!(
+        (
+            page["total"].as_u64(),
+            page["items"].as_array().unwrap().len()
+        ),
+        (Some(3), 2)
+    );
+    let (_, rest) = server.get_json("/v1/modules?limit=2&offset=2").await;
+    assert_eq!(rest["items"].as_array().unwrap().len(), 1, "{rest}");
+    let first: Vec<&Value> = page["items"].as_array().unwrap().iter().collect();
+    assert!(
+        !first.contains(&&rest["items"][0]),
+        "no module on two pages"
+    );
+    let (status, bad) = server.get_json("/v1/modules?limit=0").await;
+    assert_eq!(status, 400, "{bad}");
+    // An open server's caller deletes for everyone.
+    let hash = rest["items"][0]["hash"].as_str().unwrap();
+    let resp = server
+        .req(reqwest::Method::DELETE, &format!("/v1/modules/{hash}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 204);
+    let (_, after) = server.get_json("/v1/modules").await;
+    assert_eq!(after["total"], 2, "{after}");
 }

@@ -383,3 +383,42 @@ async fn a_partitioned_node_answers_in_time_and_says_what_ran() {
     .await;
     assert_eq!((status, again["status"].as_str()), (200, Some("completed")));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_module_deleted_on_one_node_is_gone_from_every_node() {
+    let Some(nats) = Nats::start() else { return };
+    let (a_env, b_env) = (Env::new(), Env::new());
+    let a = node(&nats, &a_env, Some("a"), &[]);
+    let b = node(&nats, &b_env, Some("b"), &[]);
+    let (status, m) = a.upload(std::fs::read(example("hello")).unwrap()).await;
+    assert_eq!(status, 201, "{m}");
+    let hash = m["hash"].as_str().unwrap().to_owned();
+    // Both nodes have run it: both hold a copy.
+    for server in [&a, &b] {
+        let (status, r) = server
+            .post("/v1/workloads", Body::Json(json!({"module": hash})))
+            .await;
+        assert_eq!(
+            (status, r["status"].as_str()),
+            (200, Some("completed")),
+            "{r}"
+        );
+    }
+    let resp = a
+        .req(reqwest::Method::DELETE, &format!("/v1/modules/{hash}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 204);
+    eventually("the other node dropped its copy", || async {
+        let (status, _) = b.get_json(&format!("/v1/modules/{hash}")).await;
+        (status == 404).then_some(())
+    })
+    .await;
+    let (status, r) = b
+        .post("/v1/workloads", Body::Json(json!({"module": hash})))
+        .await;
+    assert_eq!(status, 404, "{r}");
+    let (_, list) = a.get_json("/v1/modules").await;
+    assert_eq!(list["total"], 0, "{list}");
+}

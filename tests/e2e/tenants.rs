@@ -799,3 +799,79 @@ async fn a_tenants_followers_are_capped_apart_from_others() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn modules_are_deleted_by_their_owners_and_the_bytes_go_with_the_last() {
+    let env = Env::new();
+    let file = env.data_dir().join("tenants.toml");
+    let alice = add_tenant(&env, &file, "alice", &[]);
+    let bob = add_tenant(&env, &file, "bob", &[]);
+    let root = add_tenant(&env, &file, "root", &["--admin"]);
+    let server = Server::start(&env, &["--tenants", file.to_str().unwrap()]);
+    let who = |token| As {
+        server: &server,
+        token: Some(token),
+    };
+    let (alice, bob, root) = (who(&alice), who(&bob), who(&root));
+    let hello = std::fs::read(example("hello")).unwrap();
+    let (_, m) = alice.upload(hello.clone()).await;
+    let hash = m["hash"].as_str().unwrap().to_owned();
+    assert_eq!(bob.upload(hello).await.0, 201);
+    let path = format!("/v1/modules/{hash}");
+    // Alice takes hers back; bob's stays, and still runs.
+    assert_eq!(alice.call(Method::DELETE, &path, None).await.0, 204);
+    assert_eq!(alice.get(&path).await.0, 404);
+    assert_eq!(alice.call(Method::DELETE, &path, None).await.0, 404, "once");
+    let (status, ran) = alice
+        .call(Method::POST, "/v1/workloads", Some(json!({"module": hash})))
+        .await;
+    assert_eq!(status, 404, "{ran}");
+    assert_eq!(bob.get(&path).await.0, 200);
+    let (status, ran) = bob
+        .call(Method::POST, "/v1/workloads", Some(json!({"module": hash})))
+        .await;
+    assert_eq!(
+        (status, ran["status"].as_str()),
+        (200, Some("completed")),
+        "{ran}"
+    );
+    // Not while a workload of bob's runs it.
+    let spin = std::fs::read(example("spin")).unwrap();
+    let (_, s) = bob.upload(spin).await;
+    let spin_hash = s["hash"].as_str().unwrap().to_owned();
+    let (status, started) = bob
+        .call(
+            Method::POST,
+            "/v1/workloads/async",
+            Some(json!({"module": spin_hash})),
+        )
+        .await;
+    assert_eq!(status, 202, "{started}");
+    let spin_path = format!("/v1/modules/{spin_hash}");
+    let (status, refused) = bob.call(Method::DELETE, &spin_path, None).await;
+    assert_eq!(status, 409, "{refused}");
+    assert_eq!(refused["error"]["code"], "conflict");
+    let id = started["id"].as_str().unwrap();
+    assert_eq!(
+        bob.call(Method::DELETE, &format!("/v1/workloads/{id}"), None)
+            .await
+            .0,
+        200
+    );
+    eventually("the spinner ends", || async {
+        let (_, r) = bob.get(&format!("/v1/workloads/{id}")).await;
+        (r["status"] == "killed").then_some(())
+    })
+    .await;
+    assert_eq!(bob.call(Method::DELETE, &spin_path, None).await.0, 204);
+    // Bob was the last owner of hello: its bytes and compiled copy go.
+    assert_eq!(bob.call(Method::DELETE, &path, None).await.0, 204);
+    assert_eq!(root.get(&path).await.0, 404, "gone for everyone");
+    let rows: i64 = env
+        .sqlite()
+        .query_row("SELECT COUNT(*) FROM modules", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(rows, 0);
+    let artifacts = std::fs::read_dir(env.data_dir().join("artifacts")).map_or(0, |d| d.count());
+    assert_eq!(artifacts, 0, "no compiled copy is left");
+}

@@ -181,7 +181,9 @@ impl From<StoreError> for ApiError {
         match e {
             StoreError::NotFound(id) => ApiError::NotFound(format!("workload {id} not found")),
             StoreError::ModuleNotFound(h) => ApiError::NotFound(format!("module {h} not found")),
-            StoreError::IllegalTransition { .. } => ApiError::Conflict(e.to_string()),
+            StoreError::IllegalTransition { .. } | StoreError::ModuleInUse(_) => {
+                ApiError::Conflict(e.to_string())
+            }
             StoreError::StorageFull(why) => ApiError::StorageFull(storage_full(&why)),
             e @ StoreError::Unavailable(_) => ApiError::StoreUnavailable(store_unavailable(&e)),
             StoreError::Internal(e) => ApiError::Internal(e),
@@ -211,6 +213,7 @@ impl From<RegistryError> for ApiError {
             RegistryError::Invalid(e) => ApiError::InvalidModule(e.0),
             RegistryError::NotFound(h) => ApiError::NotFound(format!("module {h} not found")),
             RegistryError::TooExpensive(why) => ApiError::PayloadTooLarge(why),
+            e @ RegistryError::InUse(_) => ApiError::Conflict(e.to_string()),
             RegistryError::StorageFull(why) => ApiError::StorageFull(storage_full(&why)),
             RegistryError::StoreUnavailable(why) => {
                 ApiError::StoreUnavailable(store_unavailable(&why))

@@ -137,7 +137,10 @@ impl AppState {
 pub fn router(state: AppState) -> Router {
     let protected = Router::new()
         .route("/v1/modules", post(modules::upload).get(modules::list))
-        .route("/v1/modules/{hash}", get(modules::get))
+        .route(
+            "/v1/modules/{hash}",
+            get(modules::get).delete(modules::delete),
+        )
         .route(
             "/v1/workloads",
             post(workloads::run_sync).get(workloads::list),

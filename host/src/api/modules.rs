@@ -1,12 +1,14 @@
-//! `POST /v1/modules`, `GET /v1/modules` and `GET /v1/modules/{hash}`.
+//! `POST /v1/modules`, `GET /v1/modules` (paged), `GET` and `DELETE
+//! /v1/modules/{hash}`.
 //!
 //! With tenants, bytes are stored once however many tenants upload them, but
 //! each tenant sees only the modules it uploaded, with the time it first did:
 //! whether another tenant has the same bytes never shows (not in the status
-//! of an upload, nor in a first-seen time).
+//! of an upload, nor in a first-seen time). A tenant's delete takes back its
+//! own upload; the bytes (and the compiled copies) go once no tenant has it.
 
 use axum::Json;
-use axum::extract::{Extension, Path, Request, State};
+use axum::extract::{Extension, Path, Query, Request, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 
@@ -75,18 +77,64 @@ pub async fn get(
 /// Most modules one list answer holds.
 const MAX_MODULES: u64 = 1000;
 
-/// `GET /v1/modules`: the stored modules' metadata, newest first.
+/// `?limit=&offset=` of a module list.
+#[derive(serde::Deserialize)]
+pub struct ModuleListQuery {
+    limit: Option<u64>,
+    offset: Option<u64>,
+}
+
+/// `GET /v1/modules`: the stored modules' metadata, newest first, a page
+/// at a time (`limit`, default and most 1000; `offset`), with the total.
 pub async fn list(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
+    query: Result<Query<ModuleListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let modules = match state.cluster() {
-        Some(cluster) => cluster.list_modules(MAX_MODULES as usize).await?,
+    let Query(q) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let limit = q.limit.unwrap_or(MAX_MODULES);
+    if limit == 0 || limit > MAX_MODULES {
+        return Err(ApiError::BadRequest(format!(
+            "limit must be between 1 and {MAX_MODULES}"
+        )));
+    }
+    let offset = q.offset.unwrap_or(0).min(i64::MAX as u64);
+    let (modules, total) = match state.cluster() {
+        Some(cluster) => {
+            let offset = usize::try_from(offset).unwrap_or(usize::MAX);
+            cluster.list_modules(limit as usize, offset).await?
+        }
         None => {
             let db = state.node().db();
-            db.list_modules(MAX_MODULES, caller.scope()).await?
+            db.list_modules(limit, offset, caller.scope()).await?
         }
     };
     let items: Vec<ModuleView> = modules.into_iter().map(ModuleView::from).collect();
-    Ok(Json(serde_json::json!({ "items": items })))
+    Ok(Json(serde_json::json!({
+        "items": items,
+        "total": total,
+        "limit": limit,
+        "offset": offset,
+    })))
+}
+
+/// `DELETE /v1/modules/{hash}`: 204. A tenant takes back its own upload
+/// (404 if it has none); an admin (or an open server) deletes it for
+/// everyone. 409 while a pending or running workload uses it.
+pub async fn delete(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(hash): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    let hash = parse_hash(&hash)?;
+    match state.cluster() {
+        Some(cluster) => cluster.delete_module(&hash).await?,
+        None => {
+            let node = state.node();
+            if node.db().delete_module(&hash, caller.scope()).await? {
+                node.registry().forget(&hash);
+            }
+        }
+    }
+    Ok(StatusCode::NO_CONTENT)
 }

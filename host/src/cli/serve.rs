@@ -94,6 +94,11 @@ pub struct ServeArgs {
     /// reading a response) before its connection is closed
     #[arg(long, env = "VULCAN_CLIENT_TIMEOUT", default_value = "30s", value_name = "DURATION", value_parser = parse::duration)]
     client_timeout: Duration,
+    /// Most bytes of compiled modules kept in memory and in
+    /// `<data-dir>/artifacts` (least recently used dropped beyond; compiled
+    /// again when needed)
+    #[arg(long, env = "VULCAN_MAX_CACHE_BYTES", default_value = "2GiB", value_name = "SIZE", value_parser = parse::size)]
+    max_cache_bytes: u64,
     /// Longest a SIGTERM or SIGINT takes to end the process, whether NATS
     /// answers or not: running workloads are killed, their ends recorded
     /// where they can be in that time, then the process exits (with an
@@ -393,6 +398,7 @@ pub fn execute(args: ServeArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
             max_memory: limits.max.max_memory_bytes,
             max_function_size: args.max_function_size,
             outbound,
+            max_cache_bytes: args.max_cache_bytes,
             writer: crate::store::WriterConfig {
                 // The fault switch of the tests of a dying store writer.
                 dies_at_commit: std::env::var("VULCAN_TEST_FAULT_WRITER_DIES_AT_COMMIT")

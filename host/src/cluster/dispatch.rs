@@ -24,12 +24,15 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
 use super::logs::ClusterLines;
-use super::{Cluster, ClusterError, QUEUE_SUBJECT, kill_subject, now_ms, until_done};
+use super::{
+    Cluster, ClusterError, MODULE_DELETED_SUBJECT, QUEUE_SUBJECT, kill_subject, now_ms, until_done,
+};
 use crate::engine::CompiledModule;
 use crate::logs::LineSink;
 use crate::outbound::OutboundRule;
 use crate::registry::RegistryError;
 use crate::runner::{Creation, Launch, LocalRecord, Slot};
+use crate::store::StoreError;
 use crate::view::WorkloadView;
 use crate::workload::{
     Completion, FailureKind, Limits, LogLevel, Status, Stdin, WorkloadId, WorkloadRecord,
@@ -158,7 +161,7 @@ impl Cluster {
             .await
             .map_err(registry_error)?;
         let name = info.hash.trim_start_matches("sha256:").to_owned();
-        let shared = self.modules.info(&name).await.is_ok();
+        let shared = self.modules.info(&name).await.is_ok_and(|i| !i.deleted);
         if !shared {
             // Kind and first-seen time ride along, so any node can list the
             // cluster's modules without fetching and compiling them.
@@ -179,11 +182,83 @@ impl Cluster {
         Ok((info, new || !shared))
     }
 
-    /// Up to `limit` of the cluster's modules, newest first.
+    /// Deletes a module from the cluster and from every node (each drops
+    /// its copy when told on [`MODULE_DELETED_SUBJECT`]); refused while a
+    /// pending or running workload uses it.
+    pub async fn delete_module(&self, hash: &str) -> Result<(), ClusterError> {
+        self.connected()?;
+        self.catch_up().await?;
+        if self.index.uses_module(hash) {
+            return Err(ClusterError::Registry(RegistryError::InUse(
+                hash.to_owned(),
+            )));
+        }
+        let name = hash.trim_start_matches("sha256:");
+        let shared = self.modules.info(name).await.is_ok_and(|i| !i.deleted);
+        if shared {
+            self.modules
+                .delete(name)
+                .await
+                .map_err(ClusterError::unavailable)?;
+        }
+        let here = self.forget_module(hash).await;
+        if !shared && !here {
+            return Err(ClusterError::ModuleNotFound(hash.to_owned()));
+        }
+        let payload = Bytes::from(hash.to_owned());
+        let headers = match &self.signer {
+            Some(signer) => signer.sign(MODULE_DELETED_SUBJECT, &payload),
+            None => Default::default(),
+        };
+        self.client
+            .publish_with_headers(MODULE_DELETED_SUBJECT, headers, payload)
+            .await
+            .map_err(ClusterError::unavailable)?;
+        Ok(())
+    }
+
+    /// Drops this node's copy of a module; true if it had one.
+    async fn forget_module(&self, hash: &str) -> bool {
+        let stored = match self.node.db().delete_module(hash, None).await {
+            Ok(_) => true,
+            Err(StoreError::ModuleNotFound(_)) => false,
+            Err(e) => {
+                tracing::warn!(module = hash, error = %e, "a deleted module's copy stays on this node");
+                false
+            }
+        };
+        self.node.registry().forget(hash) || stored
+    }
+
+    /// Drops the copies of modules other nodes deleted.
+    pub(super) async fn take_module_deletions(
+        self: Arc<Self>,
+        mut notices: async_nats::Subscriber,
+    ) {
+        while let Some(message) = notices.next().await {
+            if let Some(signer) = &self.signer
+                && let Some(why) = signer.refusal(
+                    message.subject.as_str(),
+                    message.headers.as_ref(),
+                    &message.payload,
+                )
+            {
+                tracing::warn!("refusing a module deletion notice: {why}");
+                continue;
+            }
+            if let Ok(hash) = std::str::from_utf8(&message.payload) {
+                self.forget_module(hash).await;
+            }
+        }
+    }
+
+    /// Up to `limit` of the cluster's modules after `offset`, newest first,
+    /// and how many there are.
     pub async fn list_modules(
         &self,
         limit: usize,
-    ) -> Result<Vec<crate::store::ModuleInfo>, ClusterError> {
+        offset: usize,
+    ) -> Result<(Vec<crate::store::ModuleInfo>, u64), ClusterError> {
         self.connected()?;
         let mut list = self
             .modules
@@ -207,8 +282,9 @@ impl Cluster {
             });
         }
         modules.sort_by(|a, b| (b.created_at, &a.hash).cmp(&(a.created_at, &b.hash)));
-        modules.truncate(limit);
-        Ok(modules)
+        let total = modules.len() as u64;
+        let page = modules.into_iter().skip(offset).take(limit).collect();
+        Ok((page, total))
     }
 
     /// The compiled module for `hash`: this node's, or the cluster's bytes
@@ -357,7 +433,7 @@ impl Cluster {
                 .modules
                 .info(module.trim_start_matches("sha256:"))
                 .await
-                .is_ok();
+                .is_ok_and(|i| !i.deleted);
         if !known {
             return Err(ClusterError::ModuleNotFound(module.to_owned()));
         }

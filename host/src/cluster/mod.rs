@@ -80,6 +80,9 @@ fn ended_subject(id: WorkloadId) -> String {
     format!("vulcan.ended.{id}")
 }
 
+/// Where a node that deleted a module tells the others to drop their copies.
+const MODULE_DELETED_SUBJECT: &str = "vulcan.modules.deleted";
+
 /// The subject a node takes kill requests on.
 fn kill_subject(node: &str) -> String {
     format!("vulcan.kill.{node}")
@@ -404,6 +407,13 @@ impl Cluster {
             .context("failed to subscribe to kill requests")?;
         let this = Arc::clone(self);
         tokio::spawn(async move { this.take_kills(kills).await });
+        let deletions = self
+            .client
+            .subscribe(MODULE_DELETED_SUBJECT)
+            .await
+            .context("failed to subscribe to module deletions")?;
+        let this = Arc::clone(self);
+        tokio::spawn(async move { this.take_module_deletions(deletions).await });
         let this = Arc::clone(self);
         tokio::spawn(async move { this.dispatch(consumer).await });
         // Beats on a task of their own: a long sweep of a lost node's

@@ -83,6 +83,14 @@ impl Index {
         }
     }
 
+    /// True when the index last saw a pending or running workload of `hash`.
+    pub(super) fn uses_module(&self, hash: &str) -> bool {
+        self.lock()
+            .items
+            .values()
+            .any(|s| s.module == hash && !s.status.is_terminal())
+    }
+
     /// Workloads the index last saw running on `node`.
     pub(super) fn running_on(&self, node: &str) -> Vec<WorkloadId> {
         self.lock()

@@ -90,6 +90,9 @@ pub enum StoreError {
     /// The database or its disk is full; writes fail until space is freed.
     #[error("{0}")]
     StorageFull(String),
+    /// A module is used by a pending or running workload.
+    #[error("module {0} is used by a pending or running workload; delete it once they end")]
+    ModuleInUse(String),
     /// A writer thread has stopped: nothing can be written until a restart.
     #[error("the store cannot write: {0}")]
     Unavailable(String),
@@ -602,6 +605,43 @@ impl Db {
         Ok(new)
     }
 
+    /// Deletes module `hash` for `tenant` (its ownership; the bytes go once
+    /// no tenant owns it), or with `None` for everyone; refused while a
+    /// pending or running workload (of `tenant`, or of anyone) uses it.
+    /// True if the bytes went.
+    pub async fn delete_module(&self, hash: &str, tenant: Option<&str>) -> StoreResult<bool> {
+        let (shards, used) = (self.shards_of(tenant), hash.to_owned());
+        let scope = tenant.map(str::to_owned);
+        let in_use = read_blocking(move || {
+            for shard in shards {
+                if shard.with_reader(|c| reads::module_in_use(c, &used, scope.as_deref()))? {
+                    return Ok(true);
+                }
+            }
+            Ok(false)
+        })
+        .await?;
+        if in_use {
+            return Err(StoreError::ModuleInUse(hash.to_owned()));
+        }
+        let (h, t) = (hash.to_owned(), tenant.map(str::to_owned));
+        let gone = self
+            .request(|reply| WriteOp::DeleteModule {
+                hash: h,
+                tenant: t,
+                reply,
+            })
+            .await?;
+        // Ownership can be taken back now: forgotten wherever it is known.
+        let mut owned = self.inner.owned.lock().unwrap_or_else(|p| p.into_inner());
+        for (owner, hashes) in owned.iter_mut() {
+            if tenant.is_none_or(|t| t == owner) {
+                hashes.remove(hash);
+            }
+        }
+        Ok(gone)
+    }
+
     /// Ok if `tenant` owns the stored module `hash`, else module not found
     /// (another tenant's module is no module at all); read once per pair.
     pub async fn check_owned(&self, tenant: &str, hash: &str) -> StoreResult<()> {
@@ -867,10 +907,11 @@ impl Db {
     pub async fn list_modules(
         &self,
         limit: u64,
+        offset: u64,
         tenant: Option<&str>,
-    ) -> StoreResult<Vec<ModuleInfo>> {
+    ) -> StoreResult<(Vec<ModuleInfo>, u64)> {
         let tenant = tenant.map(str::to_owned);
-        self.read(move |c| reads::list_modules(c, limit, tenant.as_deref()))
+        self.read(move |c| reads::list_modules(c, limit, offset, tenant.as_deref()))
             .await
     }
 

@@ -42,17 +42,37 @@ pub(super) fn tenant_module_info(
 pub(super) fn list_modules(
     c: &Connection,
     limit: u64,
+    offset: u64,
     tenant: Option<&str>,
-) -> StoreResult<Vec<ModuleInfo>> {
-    c.prepare_cached(
-        "SELECT m.hash, m.kind, m.size, COALESCE(o.created_at, m.created_at) AS seen \
-         FROM modules m LEFT JOIN module_owners o ON o.hash = m.hash AND o.tenant = ?2 \
-         WHERE ?2 IS NULL OR o.tenant IS NOT NULL \
-         ORDER BY seen DESC, m.hash LIMIT ?1",
+) -> StoreResult<(Vec<ModuleInfo>, u64)> {
+    let items = c
+        .prepare_cached(
+            "SELECT m.hash, m.kind, m.size, COALESCE(o.created_at, m.created_at) AS seen \
+             FROM modules m LEFT JOIN module_owners o ON o.hash = m.hash AND o.tenant = ?2 \
+             WHERE ?2 IS NULL OR o.tenant IS NOT NULL \
+             ORDER BY seen DESC, m.hash LIMIT ?1 OFFSET ?3",
+        )?
+        .query_map(params![limit as i64, tenant, offset as i64], row_to_module)?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    let total: i64 = match tenant {
+        None => c.query_row("SELECT COUNT(*) FROM modules", [], |r| r.get(0))?,
+        Some(t) => c
+            .prepare_cached("SELECT COUNT(*) FROM module_owners WHERE tenant = ?1")?
+            .query_row([t], |r| r.get(0))?,
+    };
+    Ok((items, total as u64))
+}
+
+/// True when a pending or running workload (of `tenant`, if given) runs
+/// module `hash`.
+pub(super) fn module_in_use(c: &Connection, hash: &str, tenant: Option<&str>) -> StoreResult<bool> {
+    Ok(c.prepare_cached(
+        "SELECT 1 FROM workloads WHERE status IN ('pending', 'running') \
+             AND module_hash = ?1 AND (?2 IS NULL OR tenant = ?2) LIMIT 1",
     )?
-    .query_map(params![limit as i64, tenant], row_to_module)?
-    .map(|r| r.map_err(StoreError::from))
-    .collect()
+    .query_row(params![hash, tenant], |_| Ok(()))
+    .optional()?
+    .is_some())
 }
 
 /// A `hash, kind, size, created_at` row.

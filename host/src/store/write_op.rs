@@ -22,6 +22,13 @@ pub(super) enum WriteOp {
         hash: String,
         reply: oneshot::Sender<StoreResult<bool>>,
     },
+    /// Takes `tenant`'s ownership of a module (every owner's with `None`)
+    /// and, once no tenant owns it, its bytes; answers whether the bytes went.
+    DeleteModule {
+        hash: String,
+        tenant: Option<String>,
+        reply: oneshot::Sender<StoreResult<bool>>,
+    },
     Create {
         new: NewWorkload,
         reply: oneshot::Sender<StoreResult<()>>,

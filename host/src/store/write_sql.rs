@@ -203,6 +203,9 @@ pub(super) fn apply(
             .execute(params![tenant, hash, now_ms()])?
                 == 1,
         )),
+        WriteOp::DeleteModule { hash, tenant, .. } => {
+            delete_module(tx, hash, tenant.as_deref()).map(Applied::Bool)
+        }
         WriteOp::Create { new, .. } => {
             create(tx, new, checks_modules)?;
             let tenant = new.tenant.as_deref().map(Arc::from);
@@ -313,6 +316,36 @@ fn prune(
     // before incremental vacuum was switched on; `vulcan vacuum` turns it on).
     vacuum(tx, VACUUM_PAGES_PER_STEP)?;
     Ok(deleted + 1)
+}
+
+/// Deletes `tenant`'s ownership of module `hash` (every ownership with
+/// `None`), and its bytes once no tenant owns it; true if the bytes went.
+fn delete_module(tx: &Connection, hash: &str, tenant: Option<&str>) -> StoreResult<bool> {
+    let not_found = || StoreError::ModuleNotFound(hash.to_owned());
+    if let Some(tenant) = tenant {
+        let taken = tx
+            .prepare_cached("DELETE FROM module_owners WHERE tenant = ?1 AND hash = ?2")?
+            .execute(params![tenant, hash])?;
+        if taken == 0 {
+            return Err(not_found());
+        }
+        let left: i64 = tx
+            .prepare_cached("SELECT COUNT(*) FROM module_owners WHERE hash = ?1")?
+            .query_row([hash], |r| r.get(0))?;
+        if left > 0 {
+            return Ok(false);
+        }
+    } else {
+        tx.prepare_cached("DELETE FROM module_owners WHERE hash = ?1")?
+            .execute([hash])?;
+    }
+    let gone = tx
+        .prepare_cached("DELETE FROM modules WHERE hash = ?1")?
+        .execute([hash])?;
+    match (gone, tenant) {
+        (0, None) => Err(not_found()),
+        (n, _) => Ok(n > 0),
+    }
 }
 
 /// Most free pages one retention step gives back: more than a step of

@@ -552,7 +552,12 @@ impl Writer {
                         }));
                     }
                 }
-                (WriteOp::PutModule { reply, .. } | WriteOp::OwnModule { reply, .. }, r) => {
+                (
+                    WriteOp::PutModule { reply, .. }
+                    | WriteOp::OwnModule { reply, .. }
+                    | WriteOp::DeleteModule { reply, .. },
+                    r,
+                ) => {
                     let _ = reply.send(r.map(|a| matches!(a, Applied::Bool(true))));
                 }
                 (WriteOp::Create { reply, .. }, r) => {
@@ -604,9 +609,9 @@ impl Writer {
                     let _ = reply.send(Err(err()));
                 }
             }
-            WriteOp::PutModule { reply, .. } | WriteOp::OwnModule { reply, .. } => {
-                drop(reply.send(Err(err())))
-            }
+            WriteOp::PutModule { reply, .. }
+            | WriteOp::OwnModule { reply, .. }
+            | WriteOp::DeleteModule { reply, .. } => drop(reply.send(Err(err()))),
             WriteOp::Create { reply, .. } => drop(reply.send(Err(err()))),
             WriteOp::FailUnfinished { reply, .. } | WriteOp::Prune { reply, .. } => {
                 drop(reply.send(Err(err())))

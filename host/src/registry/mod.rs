@@ -4,7 +4,13 @@
 //! time its sha256 is seen, kept in memory as a linked [`CompiledModule`], and
 //! its compiled artifact is written to `<data-dir>/artifacts/`, so neither a
 //! second run nor a restart recompiles. The bytes themselves are stored once in
-//! the database. This module decides when to compile; it does not run anything.
+//! the database. The compiled copies are bounded ([`cache`]). This module
+//! decides when to compile; it does not run anything.
+
+mod cache;
+
+use cache::CompiledCache;
+pub use cache::DEFAULT_MAX_CACHE_BYTES;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -31,6 +37,9 @@ pub enum RegistryError {
     /// The module is valid but too expensive to compile here.
     #[error("{0}")]
     TooExpensive(String),
+    /// A pending or running workload uses the module.
+    #[error("module {0} is used by a pending or running workload; delete it once they end")]
+    InUse(String),
     /// The store is full; the module was not stored.
     #[error("{0}")]
     StorageFull(String),
@@ -153,7 +162,7 @@ pub struct ModuleRegistry {
     runtime: Arc<Runtime>,
     db: Db,
     artifact_dir: PathBuf,
-    cache: Mutex<HashMap<String, Arc<CompiledModule>>>,
+    cache: Mutex<CompiledCache>,
     metrics: Arc<Metrics>,
     /// One compile at a time: compiling uses every core, and a queue of
     /// compiles must not starve running workloads and requests. Turns go
@@ -175,6 +184,8 @@ pub struct RegistryParts {
     pub metrics: Arc<Metrics>,
     /// Largest function body a module may have.
     pub max_function_size: u64,
+    /// Most bytes of compiled modules kept (see [`cache`]).
+    pub max_cache_bytes: u64,
 }
 
 impl ModuleRegistry {
@@ -186,12 +197,13 @@ impl ModuleRegistry {
             artifact_dir,
             metrics,
             max_function_size,
+            max_cache_bytes,
         } = parts;
         Self {
             runtime,
             db,
+            cache: Mutex::new(CompiledCache::new(&artifact_dir, max_cache_bytes)),
             artifact_dir,
-            cache: Mutex::new(HashMap::new()),
             metrics,
             compiling: CompileTurns::default(),
             max_function_size,
@@ -243,14 +255,18 @@ impl ModuleRegistry {
         Ok((info, compiled, new))
     }
 
+    /// Drops a deleted module's compiled copy (in memory and on disk);
+    /// true if there was one.
+    pub fn forget(&self, hash: &str) -> bool {
+        let cached = self.lock_cache().remove(hash);
+        let on_disk = std::fs::remove_file(self.artifact_path(hash)).is_ok();
+        cached || on_disk
+    }
+
     /// Whether `hash` is stored here (in memory or in the store), without
     /// loading or compiling it.
     pub async fn has(&self, hash: &str) -> bool {
-        let in_memory = self
-            .cache
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains_key(hash);
+        let in_memory = self.lock_cache().contains(hash);
         in_memory || self.db.module_info(hash).await.is_ok()
     }
 
@@ -284,12 +300,7 @@ impl ModuleRegistry {
     }
 
     fn cached(&self, hash: &str) -> Option<Arc<CompiledModule>> {
-        let hit = self
-            .cache
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(hash)
-            .cloned();
+        let hit = self.lock_cache().get(hash);
         if hit.is_some() {
             self.metrics.cache_hits.inc();
         }
@@ -341,6 +352,7 @@ impl ModuleRegistry {
                 let bytes = bytes.await?;
                 let runtime = Arc::clone(&self.runtime);
                 let max_function_size = self.max_function_size;
+                let path = path.clone();
                 let compiled = tokio::task::spawn_blocking(move || {
                     check_function_sizes(&bytes, max_function_size)?;
                     let compiled = runtime.compile(&bytes)?;
@@ -360,11 +372,12 @@ impl ModuleRegistry {
         };
         self.metrics.cache_misses.inc();
         let compiled = Arc::new(compiled);
-        self.cache
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(hash.to_owned(), Arc::clone(&compiled));
+        self.lock_cache().insert(hash, Arc::clone(&compiled), path);
         Ok(compiled)
+    }
+
+    fn lock_cache(&self) -> std::sync::MutexGuard<'_, CompiledCache> {
+        self.cache.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn artifact_path(&self, hash: &str) -> PathBuf {
@@ -519,5 +532,63 @@ mod tests {
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .collect();
         assert_eq!(left, ["a.cwasm"], "no temporary file is left");
+    }
+
+    #[tokio::test]
+    async fn the_compiled_cache_keeps_its_bound_and_drops_the_least_recently_used() {
+        use crate::node::{Node, NodeOptions};
+        let dir = tempfile::tempdir().unwrap();
+        let module = |n: u32| {
+            let wat =
+                format!("(module (func (export \"_start\")) (func (result i32) i32.const {n}))");
+            Bytes::from(wat::parse_str(wat).unwrap())
+        };
+        // Measure one artifact, then allow two and a half.
+        let probe = Node::open(dir.path(), NodeOptions::default())
+            .await
+            .unwrap();
+        let (info, _, _) = probe.registry().register(module(0)).await.unwrap();
+        let one = std::fs::metadata(probe.registry().artifact_path(&info.hash))
+            .unwrap()
+            .len();
+        drop(probe);
+        let options = NodeOptions {
+            max_cache_bytes: one * 5 / 2,
+            ..NodeOptions::default()
+        };
+        let node = Node::open(dir.path(), options).await.unwrap();
+        let registry = node.registry();
+        let mut hashes = Vec::new();
+        for n in 1..=3 {
+            hashes.push(registry.register(module(n)).await.unwrap().0.hash);
+            // The first is used again between the others: the second is
+            // the least recently used when the third comes.
+            if n == 2 {
+                registry.get(&hashes[0]).await.unwrap();
+            }
+        }
+        let on_disk = |h: &str| registry.artifact_path(h).exists();
+        assert!(registry.lock_cache().bytes() <= one * 5 / 2);
+        assert!(on_disk(&hashes[0]) && on_disk(&hashes[2]));
+        assert!(
+            !on_disk(&hashes[1]),
+            "the least recently used artifact went"
+        );
+        // It is compiled again when needed.
+        let compiles = node.metrics().compiles.get();
+        registry.get(&hashes[1]).await.unwrap();
+        assert_eq!(node.metrics().compiles.get(), compiles + 1);
+        // Beyond the bound at start (a smaller bound now), the oldest go.
+        drop(node);
+        let options = NodeOptions {
+            max_cache_bytes: one,
+            ..NodeOptions::default()
+        };
+        let node = Node::open(dir.path(), options).await.unwrap();
+        let left = std::fs::read_dir(dir.path().join("artifacts"))
+            .unwrap()
+            .count();
+        assert_eq!(left, 1, "one artifact fits");
+        drop(node);
     }
 }
