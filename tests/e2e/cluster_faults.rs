@@ -256,14 +256,15 @@ async fn log_reads_hold_no_consumers_after_they_end() {
 
 /// A TCP proxy from a loopback port to NATS that can stop forwarding
 /// without closing anything (no RST: the node's requests just go unanswered,
-/// as across a partition).
+/// as across a partition), and that holds each chunk for `delay` (a slow
+/// link: every round trip takes twice that).
 struct StallingProxy {
     port: u16,
     stalled: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl StallingProxy {
-    async fn start(to: u16) -> Self {
+    async fn start(to: u16, delay: std::time::Duration) -> Self {
         use std::sync::atomic::{AtomicBool, Ordering};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
@@ -290,6 +291,9 @@ impl StallingProxy {
                                 Ok(0) | Err(_) => return,
                                 Ok(n) => n,
                             };
+                            if !delay.is_zero() {
+                                tokio::time::sleep(delay).await;
+                            }
                             while flag.load(Ordering::Acquire) {
                                 tokio::time::sleep(std::time::Duration::from_millis(10)).await;
                             }
@@ -312,7 +316,7 @@ impl StallingProxy {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_partitioned_node_answers_in_time_and_says_what_ran() {
     let Some(nats) = Nats::start() else { return };
-    let proxy = StallingProxy::start(nats.port).await;
+    let proxy = StallingProxy::start(nats.port, std::time::Duration::ZERO).await;
     let env = Env::new();
     let url = format!("nats://127.0.0.1:{}", proxy.port);
     let mut server = Server::start(&env, &["--cluster", &url, "--node-id", "cut"]);
@@ -421,4 +425,62 @@ async fn a_module_deleted_on_one_node_is_gone_from_every_node() {
     assert_eq!(status, 404, "{r}");
     let (_, list) = a.get_json("/v1/modules").await;
     assert_eq!(list["total"], 0, "{list}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_long_sweep_of_a_lost_node_does_not_stop_the_sweepers_heartbeat() {
+    let Some(nats) = Nats::start() else { return };
+    // The sweeper reaches NATS over a slow link: each of its round trips
+    // takes 50 ms, so going over 200 lost workloads takes it seconds.
+    let slow = StallingProxy::start(nats.port, std::time::Duration::from_millis(25)).await;
+    let (a_env, b_env, c_env) = (Env::new(), Env::new(), Env::new());
+    let slow_url = format!("nats://127.0.0.1:{}", slow.port);
+    let a = Server::start(&a_env, &["--cluster", &slow_url, "--node-id", "a"]);
+    let b = node(&nats, &b_env, Some("b"), &["--max-concurrent", "256"]);
+    let c = node(&nats, &c_env, Some("c"), &[]);
+    let sleep = {
+        let (status, m) = b.upload(std::fs::read(example("sleep")).unwrap()).await;
+        assert_eq!(status, 201, "{m}");
+        m["hash"].as_str().unwrap().to_owned()
+    };
+    // A's own long run, which must still be running at the end.
+    let own = a
+        .start_json(&json!({"module": sleep, "args": ["600000"]}))
+        .await;
+    let mut lost = Vec::new();
+    for _ in 0..200 {
+        lost.push(
+            b.start_json(&json!({"module": sleep, "args": ["600000"]}))
+                .await,
+        );
+    }
+    for id in [&own].into_iter().chain(lost.iter().take(1)) {
+        eventually("it runs", || async {
+            let (_, r) = c.get_json(&format!("/v1/workloads/{id}")).await;
+            (r["status"] == "running").then_some(())
+        })
+        .await;
+    }
+    b.crash();
+    // A goes over every one of b's workloads (c fails them first, over a
+    // fast link), which takes A's slow link ten seconds or more.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(600);
+    while !a
+        .metrics()
+        .await
+        .contains("vulcan_cluster_lost_nodes_swept_total 1")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a never finished its sweep"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let (_, r) = c.get_json(&format!("/v1/workloads/{}", lost[199])).await;
+    assert_eq!(r["failure"], "node_lost", "{r}");
+    let (_, mine) = c.get_json(&format!("/v1/workloads/{own}")).await;
+    assert_eq!(
+        mine["status"], "running",
+        "a kept beating through its sweep: {mine}"
+    );
 }

@@ -249,6 +249,7 @@ impl Cluster {
                     }
                 }
                 if settled {
+                    self.metrics.lost_nodes_swept.inc();
                     // Only if unchanged: a node that came back keeps its entry.
                     let _ = self
                         .nodes

@@ -150,6 +150,8 @@ pub struct ClusterMetrics {
     pub claimed: Gauge,
     /// Seconds from submission to a node claiming the work.
     pub dispatch_latency: Histogram,
+    /// Lost nodes whose running workloads this node has finished failing.
+    pub lost_nodes_swept: prometheus_client::metrics::counter::Counter,
 }
 
 impl ClusterMetrics {
@@ -161,6 +163,7 @@ impl ClusterMetrics {
             dispatch_latency: Histogram::new(
                 prometheus_client::metrics::histogram::exponential_buckets(0.0001, 4.0, 10),
             ),
+            lost_nodes_swept: Default::default(),
         }
     }
 
@@ -186,6 +189,11 @@ impl ClusterMetrics {
             "dispatch_latency_seconds",
             "From submission to a node claiming the workload",
             self.dispatch_latency.clone(),
+        );
+        sub.register(
+            "lost_nodes_swept",
+            "Lost nodes whose running workloads this node finished failing",
+            self.lost_nodes_swept.clone(),
         );
     }
 }
