@@ -156,10 +156,11 @@ impl Browser {
             .unwrap_or_else(|e| panic!("script failed: {e}\n{script}"))
     }
 
-    /// Waits until `script` returns something other than null/false (30 s at
-    /// most, checked every 20 ms), and returns it.
+    /// Waits until `script` returns something other than null/false (90 s at
+    /// most, for a 2-core machine running the rest of the suite beside it;
+    /// checked every 20 ms), and returns it.
     pub async fn until(&self, what: &str, script: &str) -> Value {
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + Duration::from_secs(90);
         loop {
             let v = self.js(script, vec![]).await;
             if !(v.is_null() || v == Value::Bool(false)) {

@@ -167,7 +167,7 @@ impl Drop for SmallDisk {
 
 #[tokio::test]
 async fn a_full_disk_ends_runs_with_507_and_a_prefix_of_their_lines() {
-    let Some(disk) = SmallDisk::mount(48) else {
+    let Some(disk) = SmallDisk::mount(24) else {
         eprintln!("SKIPPED: cannot mount a tmpfs here (needs root)");
         return;
     };
@@ -183,7 +183,7 @@ async fn a_full_disk_ends_runs_with_507_and_a_prefix_of_their_lines() {
         let server = &server;
         async move {
             server
-                .run_wasm("log-flood", "arg=1000000&max_output_bytes=4000000000")
+                .run_wasm("log-flood", "arg=400000&max_output_bytes=4000000000")
                 .await
         }
     });
