@@ -212,6 +212,32 @@ async fn a_stalled_nats_loses_no_line_of_a_completed_workload() {
         seqs.iter().enumerate().all(|(i, s)| *s == i as u64),
         "in order, no hole"
     );
+    // Batches did not fall back to a line or two a message around the
+    // stall. (A publisher sends what came during its last round trip: a
+    // debug build beside other tests averages some 20 lines a message.)
+    let messages = log_messages(&nats, &id).await;
+    assert!(messages * 4 < n, "{messages} messages for {n} lines");
+}
+
+/// How many messages `id`'s log holds in `VULCAN_LOGS`.
+async fn log_messages(nats: &Nats, id: &str) -> u64 {
+    use futures_util::TryStreamExt as _;
+    let client = async_nats::connect(format!("127.0.0.1:{}", nats.port))
+        .await
+        .unwrap();
+    let mut logs = async_nats::jetstream::new(client)
+        .get_stream(vulcan::cluster::LOGS_STREAM)
+        .await
+        .unwrap();
+    let subject = format!("vulcan.logs.{id}");
+    let counts: Vec<(String, usize)> = logs
+        .info_with_subjects(&subject)
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    counts.iter().map(|(_, n)| *n as u64).sum()
 }
 
 #[tokio::test(flavor = "multi_thread")]
