@@ -84,7 +84,7 @@ async fn lines_up_to_the_loss(server: &Server, failed: &Value) {
     assert!(count >= 50, "{failed}");
     let id = failed["id"].as_str().unwrap();
     assert_eq!(
-        seqs(&history(server, id).await),
+        seqs(&server.history(id).await),
         (0..count).collect::<Vec<_>>()
     );
 }
@@ -109,26 +109,6 @@ async fn until(server: &Server, id: &str, what: &str, done: impl Fn(&Value) -> b
         (status == 200 && done(&r)).then_some(r)
     })
     .await
-}
-
-/// Every line of a workload's history, paging through it.
-async fn history(server: &Server, id: &str) -> Vec<Value> {
-    let mut lines = Vec::new();
-    let mut after = String::new();
-    loop {
-        let (status, page) = server
-            .get_json(&format!(
-                "/v1/workloads/{id}/logs/history?limit=10000{after}"
-            ))
-            .await;
-        assert_eq!(status, 200, "{page}");
-        let batch = page["lines"].as_array().unwrap().clone();
-        if batch.is_empty() {
-            return lines;
-        }
-        after = format!("&after={}", page["next_after"]);
-        lines.extend(batch);
-    }
 }
 
 fn seqs(lines: &[Value]) -> Vec<u64> {
@@ -180,7 +160,7 @@ async fn three_nodes_share_modules_runs_lists_and_slots() {
     // Any node reads any workload's record and lines.
     let first = &ran[0];
     assert_eq!(record(n3, first).await["status"], "completed");
-    let lines = history(n2, first).await;
+    let lines = n2.history(first).await;
     assert_eq!(seqs(&lines), vec![0]);
 
     // Six spinning workloads fill every slot of the cluster: two on each node.
@@ -340,7 +320,7 @@ async fn a_long_sync_run_is_listed_and_killable_from_another_node() {
     assert_eq!(record(n2, id).await, ran);
     let count = ran["line_count"].as_u64().unwrap();
     assert!(count >= 1, "it said it started: {ran}");
-    assert_eq!(seqs(&history(n2, id).await), (0..count).collect::<Vec<_>>());
+    assert_eq!(seqs(&n2.history(id).await), (0..count).collect::<Vec<_>>());
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -378,7 +358,7 @@ async fn a_follower_on_another_node_gets_every_line_once_and_resumes() {
     assert_eq!(end["line_count"], n);
     // History from a node that did not run it, and a follower arriving after the end.
     assert_eq!(
-        seqs(&history(&reader.server, &id).await),
+        seqs(&reader.server.history(&id).await),
         (0..n).collect::<Vec<_>>()
     );
     let (late, _, end) = reader.server.sse(&id, Some(n - 3)).await.until_end().await;
@@ -449,7 +429,7 @@ async fn a_short_sync_run_keeps_its_few_lines_in_its_record() {
     assert_eq!(shown, ran);
     assert!(shown.get("log").is_none(), "{shown}");
     // From another node: history, a page after a line, and SSE, resumed too.
-    let lines = history(&reader.server, id).await;
+    let lines = reader.server.history(id).await;
     assert_eq!(seqs(&lines), vec![0, 1, 2, 3, 4]);
     assert_eq!(lines[1]["stream"], "stderr", "{lines:?}");
     assert_eq!(lines[4]["line"], "out 4", "{lines:?}");
@@ -470,7 +450,7 @@ async fn a_short_sync_run_keeps_its_few_lines_in_its_record() {
     let silent = run_sync(&runner.server, &mix, "0").await;
     let silent = silent["id"].as_str().unwrap();
     assert!(!on_log_subject(&nats, silent).await);
-    assert!(history(&reader.server, silent).await.is_empty());
+    assert!(reader.server.history(silent).await.is_empty());
     let (none, _, end) = reader.server.sse(silent, None).await.until_end().await;
     assert!(none.is_empty(), "{none:?}");
     assert_eq!(end["line_count"], 0, "{end}");
@@ -514,7 +494,7 @@ async fn a_short_sync_run_keeps_its_few_lines_in_its_record() {
     let big = big["id"].as_str().unwrap();
     assert!(on_log_subject(&nats, big).await);
     assert_eq!(
-        seqs(&history(&reader.server, big).await),
+        seqs(&reader.server.history(big).await),
         (0..2000).collect::<Vec<_>>()
     );
 
@@ -750,7 +730,7 @@ async fn losing_nats_refuses_submissions_and_loses_no_line() {
     let r = until(server, &id, "it completes", |r| r["status"] == "completed").await;
     assert_eq!(r["line_count"], n, "{r}");
     assert_eq!(
-        seqs(&history(server, &id).await),
+        seqs(&server.history(&id).await),
         (0..n).collect::<Vec<_>>(),
         "no line lost across the outage"
     );

@@ -137,26 +137,6 @@ async fn sigterm_ends_a_node_whose_nats_is_stalled() {
     assert_eq!(failed["status"], "failed", "{failed}");
 }
 
-/// Every line of a workload's history, paging through it.
-async fn history_seqs(server: &Server, id: &str) -> Vec<u64> {
-    let mut seqs = Vec::new();
-    let mut after = String::new();
-    loop {
-        let (status, page) = server
-            .get_json(&format!(
-                "/v1/workloads/{id}/logs/history?limit=10000{after}"
-            ))
-            .await;
-        assert_eq!(status, 200, "{page}");
-        let batch = page["lines"].as_array().unwrap();
-        if batch.is_empty() {
-            return seqs;
-        }
-        seqs.extend(batch.iter().map(|l| l["seq"].as_u64().unwrap()));
-        after = format!("&after={}", page["next_after"]);
-    }
-}
-
 /// The consumers of `VULCAN_LOGS` now.
 async fn log_consumers(nats: &Nats) -> usize {
     use futures_util::TryStreamExt as _;
@@ -206,7 +186,9 @@ async fn a_stalled_nats_loses_no_line_of_a_completed_workload() {
     };
     assert_eq!(done["status"], "completed", "{done}");
     assert_eq!(done["line_count"], n, "{done}");
-    let seqs = history_seqs(&b, &id).await;
+    let seqs: Vec<u64> = (b.history(&id).await.iter())
+        .map(|l| l["seq"].as_u64().unwrap())
+        .collect();
     assert_eq!(seqs.len() as u64, n, "every line, read from the other node");
     assert!(
         seqs.iter().enumerate().all(|(i, s)| *s == i as u64),
@@ -225,7 +207,7 @@ async fn log_messages(nats: &Nats, id: &str) -> u64 {
     let client = async_nats::connect(format!("127.0.0.1:{}", nats.port))
         .await
         .unwrap();
-    let mut logs = async_nats::jetstream::new(client)
+    let logs = async_nats::jetstream::new(client)
         .get_stream(vulcan::cluster::LOGS_STREAM)
         .await
         .unwrap();

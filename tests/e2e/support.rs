@@ -419,6 +419,26 @@ impl Server {
         }
     }
 
+    /// Every line of a workload's history, paging through it.
+    pub async fn history(&self, id: &str) -> Vec<serde_json::Value> {
+        let mut lines = Vec::new();
+        let mut after = String::new();
+        loop {
+            let (status, page) = self
+                .get_json(&format!(
+                    "/v1/workloads/{id}/logs/history?limit=10000{after}"
+                ))
+                .await;
+            assert_eq!(status, 200, "{page}");
+            let batch = page["lines"].as_array().unwrap().clone();
+            if batch.is_empty() {
+                return lines;
+            }
+            after = format!("&after={}", page["next_after"]);
+            lines.extend(batch);
+        }
+    }
+
     /// SIGTERM, then the exit status.
     pub fn stop(mut self) -> std::process::ExitStatus {
         signal(&self.child, "TERM");

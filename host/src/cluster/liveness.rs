@@ -156,13 +156,8 @@ impl Cluster {
 
     /// This node's heartbeat and the connection figure, every second.
     pub(super) async fn beat_forever(self: Arc<Self>) {
-        let mut tick = tokio::time::interval(HEARTBEAT_EVERY);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                () = self.stop.cancelled() => return,
-                _ = tick.tick() => {}
-            }
+        let mut beats = Beats::new();
+        while beats.next(&self.stop).await {
             let connected = self.connected().is_ok();
             self.metrics.connected.set(i64::from(connected));
             if let Err(e) = self.beat_now().await {
@@ -177,13 +172,8 @@ impl Cluster {
     pub(super) async fn keep_alive(self: Arc<Self>) {
         let mut seen: HashMap<String, Seen> = HashMap::new();
         let mut swept_previous = false;
-        let mut tick = tokio::time::interval(HEARTBEAT_EVERY);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                () = self.stop.cancelled() => return,
-                _ = tick.tick() => {}
-            }
+        let mut beats = Beats::new();
+        while beats.next(&self.stop).await {
             if let Ok(info) = self.js_queue_depth().await {
                 self.metrics.queue_depth.set(info);
             }
@@ -392,6 +382,26 @@ impl Cluster {
             if self.swap(&view, revision).await?.is_some() {
                 return Ok(());
             }
+        }
+    }
+}
+
+/// A tick every [`HEARTBEAT_EVERY`] (a late one delays the next) until
+/// the node stops.
+struct Beats(tokio::time::Interval);
+
+impl Beats {
+    fn new() -> Self {
+        let mut tick = tokio::time::interval(HEARTBEAT_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Self(tick)
+    }
+
+    /// Waits for the next tick; false once `stop` is cancelled.
+    async fn next(&mut self, stop: &tokio_util::sync::CancellationToken) -> bool {
+        tokio::select! {
+            () = stop.cancelled() => false,
+            _ = self.0.tick() => true,
         }
     }
 }

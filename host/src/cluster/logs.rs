@@ -586,58 +586,14 @@ impl Stored {
 }
 
 impl Cluster {
-    /// Reads `id`'s log from the first batch holding a line after `after`
-    /// (from its start when `None`).
+    /// Follows `id`'s log from the first batch holding a line after `after`
+    /// (from its start when `None`), waiting for more while it runs.
     pub async fn read_log(
         &self,
         id: WorkloadId,
         after: Option<u64>,
     ) -> Result<LogCursor, ClusterError> {
-        self.connected()?;
-        let last = self.last_log_message(id).await?;
-        if last.is_none()
-            && let Some(lines) = self.lines_in_record(id).await?
-        {
-            return Ok(LogCursor::of_record(id, lines));
-        }
-        let (deliver_policy, read) = match after {
-            None => (DeliverPolicy::All, 0),
-            Some(after) => {
-                let start_sequence = self.first_batch_after(id, after, last.as_ref()).await?;
-                (
-                    DeliverPolicy::ByStartSequence { start_sequence },
-                    start_sequence - 1,
-                )
-            }
-        };
-        // A plain ephemeral consumer, in memory, without acks: each reader
-        // asks for a few batches at a time (ten followers on one connection
-        // stay below NATS's slow-consumer limit), and it goes away with its
-        // reader.
-        let consumer = self
-            .logs
-            .create_consumer(pull::Config {
-                filter_subject: log_subject(id),
-                deliver_policy,
-                ack_policy: AckPolicy::None,
-                // Deleted when its reader goes (see `LogPull`'s drop);
-                // this is for a node that died with readers open.
-                inactive_threshold: Duration::from_secs(30),
-                memory_storage: true,
-                num_replicas: 1,
-                ..Default::default()
-            })
-            .await
-            .map_err(ClusterError::unavailable)?;
-        let pending = consumer.cached_info().num_pending;
-        Ok(LogCursor {
-            id,
-            messages: Source::Subject(Box::new(LogPull::new(consumer, self.logs.clone()))),
-            pending,
-            stored_until: last.map_or(0, |m| m.sequence),
-            read,
-            ended: false,
-        })
+        self.open_log(id, after, true).await
     }
 
     /// Reads what `id`'s log holds now, from the first batch holding a line
@@ -647,6 +603,18 @@ impl Cluster {
         &self,
         id: WorkloadId,
         after: Option<u64>,
+    ) -> Result<LogCursor, ClusterError> {
+        self.open_log(id, after, false).await
+    }
+
+    /// A cursor over `id`'s log from the first batch holding a line after
+    /// `after`: through a consumer that waits for more (`follow`), or by
+    /// direct gets of what is stored now.
+    async fn open_log(
+        &self,
+        id: WorkloadId,
+        after: Option<u64>,
+        follow: bool,
     ) -> Result<LogCursor, ClusterError> {
         self.connected()?;
         let last = self.last_log_message(id).await?;
@@ -659,14 +627,47 @@ impl Cluster {
             None => 1,
             Some(after) => self.first_batch_after(id, after, last.as_ref()).await?,
         };
+        let (messages, pending) = match follow {
+            true => {
+                let consumer = self.log_consumer(id, start).await?;
+                let pending = consumer.cached_info().num_pending;
+                let pull = LogPull::new(consumer, self.logs.clone());
+                (Source::Subject(Box::new(pull)), pending)
+            }
+            false => (Source::Direct(Box::new(self.logs.clone())), 0),
+        };
         Ok(LogCursor {
             id,
-            messages: Source::Direct(Box::new(self.logs.clone())),
-            pending: 0,
+            messages,
+            pending,
             stored_until: last.map_or(0, |m| m.sequence),
             read: start - 1,
             ended: false,
         })
+    }
+
+    /// A consumer of `id`'s log from stream sequence `start`.
+    async fn log_consumer(&self, id: WorkloadId, start: u64) -> Result<PullConsumer, ClusterError> {
+        // A plain ephemeral consumer, in memory, without acks: each reader
+        // asks for a few batches at a time (ten followers on one connection
+        // stay below NATS's slow-consumer limit), and it goes away with its
+        // reader.
+        self.logs
+            .create_consumer(pull::Config {
+                filter_subject: log_subject(id),
+                deliver_policy: DeliverPolicy::ByStartSequence {
+                    start_sequence: start,
+                },
+                ack_policy: AckPolicy::None,
+                // Deleted when its reader goes (see `LogPull`'s drop);
+                // this is for a node that died with readers open.
+                inactive_threshold: Duration::from_secs(30),
+                memory_storage: true,
+                num_replicas: 1,
+                ..Default::default()
+            })
+            .await
+            .map_err(ClusterError::unavailable)
     }
 
     /// Where a reader that has every line up to `after` starts: the stream
