@@ -196,7 +196,8 @@ async fn three_nodes_share_modules_runs_lists_and_slots() {
     // A sync run that finds every slot taken waits in the queue and runs on
     // whichever node frees one; its caller gets the final record, which the
     // node that ran it also announces on `vulcan.ended.<id>`.
-    let mut ends = nats_client(&nats)
+    let mut ends = nats
+        .client()
         .await
         .subscribe("vulcan.ended.>")
         .await
@@ -370,24 +371,10 @@ async fn a_follower_on_another_node_gets_every_line_once_and_resumes() {
 }
 
 /// A NATS client of the test's own.
-async fn nats_client(nats: &Nats) -> async_nats::Client {
-    async_nats::connect(format!("127.0.0.1:{}", nats.port))
-        .await
-        .unwrap()
-}
-
-/// `VULCAN_LOGS`, through a client of the test's own.
-async fn logs_stream(nats: &Nats) -> async_nats::jetstream::stream::Stream {
-    async_nats::jetstream::new(nats_client(nats).await)
-        .get_stream(vulcan::cluster::LOGS_STREAM)
-        .await
-        .unwrap()
-}
-
 /// Whether `id`'s log has any message on its subject of `VULCAN_LOGS`.
 async fn on_log_subject(nats: &Nats, id: &str) -> bool {
     use async_nats::jetstream::stream::LastRawMessageErrorKind;
-    let logs = logs_stream(nats).await;
+    let logs = nats.logs_stream().await;
     match logs
         .get_last_raw_message_by_subject(&format!("vulcan.logs.{id}"))
         .await
@@ -543,7 +530,7 @@ async fn a_follower_whose_log_reader_is_lost_reopens_it_and_misses_nothing() {
     let mut seen: Vec<u64> = (0..50).collect();
 
     // Its consumer deleted under it, as a NATS server that lost it would.
-    let logs = logs_stream(&nats).await;
+    let logs = nats.logs_stream().await;
     let lost = log_readers(&logs).await;
     assert_eq!(lost.len(), 1, "one follower, one reader: {lost:?}");
     logs.delete_consumer(&lost[0]).await.unwrap();

@@ -140,13 +140,7 @@ async fn sigterm_ends_a_node_whose_nats_is_stalled() {
 /// The consumers of `VULCAN_LOGS` now.
 async fn log_consumers(nats: &Nats) -> usize {
     use futures_util::TryStreamExt as _;
-    let client = async_nats::connect(format!("127.0.0.1:{}", nats.port))
-        .await
-        .unwrap();
-    let logs = async_nats::jetstream::new(client)
-        .get_stream(vulcan::cluster::LOGS_STREAM)
-        .await
-        .unwrap();
+    let logs = nats.logs_stream().await;
     let names: Vec<String> = logs.consumer_names().try_collect().await.unwrap();
     names.len()
 }
@@ -204,13 +198,7 @@ async fn a_stalled_nats_loses_no_line_of_a_completed_workload() {
 /// How many messages `id`'s log holds in `VULCAN_LOGS`.
 async fn log_messages(nats: &Nats, id: &str) -> u64 {
     use futures_util::TryStreamExt as _;
-    let client = async_nats::connect(format!("127.0.0.1:{}", nats.port))
-        .await
-        .unwrap();
-    let logs = async_nats::jetstream::new(client)
-        .get_stream(vulcan::cluster::LOGS_STREAM)
-        .await
-        .unwrap();
+    let logs = nats.logs_stream().await;
     let subject = format!("vulcan.logs.{id}");
     let counts: Vec<(String, usize)> = logs
         .info_with_subjects(&subject)

@@ -610,6 +610,21 @@ impl Nats {
         format!("nats://127.0.0.1:{}", self.port)
     }
 
+    /// A client of the test's own.
+    pub async fn client(&self) -> async_nats::Client {
+        async_nats::connect(format!("127.0.0.1:{}", self.port))
+            .await
+            .unwrap()
+    }
+
+    /// `VULCAN_LOGS`, through a client of the test's own.
+    pub async fn logs_stream(&self) -> async_nats::jetstream::stream::Stream {
+        async_nats::jetstream::new(self.client().await)
+            .get_stream(vulcan::cluster::LOGS_STREAM)
+            .await
+            .unwrap()
+    }
+
     /// `kill -9`, then the same server again on the same port and store.
     pub fn crash(&mut self) {
         self.child.kill().unwrap();
