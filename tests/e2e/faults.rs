@@ -14,25 +14,22 @@ fn free_port() -> u16 {
 }
 
 /// A server started with `cmd` on `port`, whose stderr is not read.
-async fn silent_server(mut cmd: Command, port: u16) -> (std::process::Child, Server) {
+async fn silent_server(mut cmd: Command, port: u16) -> Server {
     let child = cmd.spawn().expect("failed to start vulcan serve");
-    let url = format!("http://127.0.0.1:{port}");
-    let http = reqwest::Client::new();
-    eventually("the server answers /healthz", || async {
-        let r = http.get(format!("{url}/healthz")).send().await.ok()?;
-        (r.status() == 200).then_some(())
-    })
-    .await;
-    // A handle for the helpers; its own child is a placeholder that is
-    // never signalled (the real one is returned).
-    let placeholder = Command::new("true").spawn().unwrap();
     let server = Server {
-        child: placeholder,
-        url,
-        http,
+        child,
+        url: format!("http://127.0.0.1:{port}"),
+        http: reqwest::Client::new(),
         token: None,
     };
-    (child, server)
+    eventually("the server answers /healthz", || async {
+        // Refused until it listens.
+        let url = format!("{}/healthz", server.url);
+        let answer = server.http.get(url).send().await.ok()?;
+        (answer.status() == 200).then_some(())
+    })
+    .await;
+    server
 }
 
 #[tokio::test]
@@ -50,7 +47,7 @@ async fn a_server_whose_stdout_and_stderr_are_dev_full_runs_workloads() {
     cmd.env("VULCAN_LOG", "debug")
         .stdout(Stdio::from(dev_full()))
         .stderr(Stdio::from(dev_full()));
-    let (mut child, server) = silent_server(cmd, port).await;
+    let mut server = silent_server(cmd, port).await;
     for _ in 0..3 {
         let (status, w) = server.run_wasm("hello", "arg=dev-full").await;
         assert_eq!(
@@ -69,8 +66,8 @@ async fn a_server_whose_stdout_and_stderr_are_dev_full_runs_workloads() {
         .and_then(|v| v.trim().parse().ok())
         .expect("the dropped-writes gauge");
     assert!(dropped > 0, "{metrics}");
-    signal(&child, "TERM");
-    let status = child.wait().unwrap();
+    signal(&server.child, "TERM");
+    let status = server.child.wait().unwrap();
     assert!(status.success(), "{status:?}");
 }
 

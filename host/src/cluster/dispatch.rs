@@ -246,8 +246,17 @@ impl Cluster {
                 tracing::warn!("refusing a module deletion notice: {why}");
                 continue;
             }
+            // Dropped only once the cluster no longer has it: a notice (even a
+            // forged one) can cost no more than one lookup.
             if let Ok(hash) = std::str::from_utf8(&message.payload) {
-                self.forget_module(hash).await;
+                let name = hash.trim_start_matches("sha256:");
+                let gone = match self.modules.info(name).await {
+                    Ok(info) => info.deleted,
+                    Err(e) => e.kind() == jetstream::object_store::InfoErrorKind::NotFound,
+                };
+                if gone {
+                    self.forget_module(hash).await;
+                }
             }
         }
     }
@@ -854,13 +863,19 @@ impl Cluster {
                 }
             }
         };
-        let (mut here, ended_here) = match claim.here {
-            Some(Here { recorded, ended }) => (Some(recorded), Some(ended)),
-            None => (None, None),
+        // How it ended, as this node knows it: what a sync caller here is
+        // told at once, and (with the cluster's line count) the final record.
+        let (mut view, local) = match outcome {
+            Ok((completion, local)) => (claim.view.end(completion, now_ms()), local),
+            Err(error) => (
+                ended(claim.view, Status::Failed, FailureKind::Host, error),
+                Either::Right(std::future::ready(Ok(()))),
+            ),
         };
-        if let (Some(ended_here), Ok((completion, _))) = (ended_here, &outcome) {
-            let _ = ended_here.send(claim.view.clone().end(completion.clone(), now_ms()));
-        }
+        let mut here = claim.here.map(|Here { recorded, ended }| {
+            let _ = ended.send(view.clone());
+            recorded
+        });
         if let Some(listing) = listing {
             revision = Some(listing.await);
         }
@@ -881,13 +896,6 @@ impl Cluster {
             Ok(Ok(published)) => published,
             // Failed over: the record belongs to whoever fenced it.
             Ok(Err(super::logs::Fenced)) | Err(()) => return,
-        };
-        let (mut view, local) = match outcome {
-            Ok((completion, local)) => (claim.view.end(completion, now_ms()), local),
-            Err(error) => (
-                ended(claim.view, Status::Failed, FailureKind::Host, error),
-                Either::Right(std::future::ready(Ok(()))),
-            ),
         };
         // What the cluster holds is what a reader of this record finds.
         view.summary.line_count = published.lines;
