@@ -238,8 +238,9 @@ impl Cluster {
                         settled = false;
                     }
                 }
+                // A pass over them, whether or not each was settled.
+                self.metrics.lost_nodes_swept.inc();
                 if settled {
-                    self.metrics.lost_nodes_swept.inc();
                     // Only if unchanged: a node that came back keeps its entry.
                     let _ = self
                         .nodes

@@ -150,7 +150,7 @@ pub struct ClusterMetrics {
     pub claimed: Gauge,
     /// Seconds from submission to a node claiming the work.
     pub dispatch_latency: Histogram,
-    /// Lost nodes whose running workloads this node has finished failing.
+    /// Passes this node made over a lost node's running workloads.
     pub lost_nodes_swept: prometheus_client::metrics::counter::Counter,
 }
 
@@ -192,7 +192,7 @@ impl ClusterMetrics {
         );
         sub.register(
             "lost_nodes_swept",
-            "Lost nodes whose running workloads this node finished failing",
+            "Passes this node made over a lost node's running workloads, failing those still running",
             self.lost_nodes_swept.clone(),
         );
     }
