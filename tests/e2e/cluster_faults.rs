@@ -426,14 +426,16 @@ async fn a_module_deleted_on_one_node_is_gone_from_every_node() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_long_sweep_of_a_lost_node_does_not_stop_the_sweepers_heartbeat() {
     let Some(nats) = Nats::start() else { return };
-    // The sweeper reaches NATS over a slow link: each of its round trips
-    // takes 50 ms, so going over 200 lost workloads takes it seconds.
+    // The sweepers reach NATS over a slow link: each of their round trips
+    // takes 50 ms, so going over 200 lost workloads takes them seconds.
     let slow = StallingProxy::start(nats.port, std::time::Duration::from_millis(25)).await;
     let (a_env, b_env, c_env) = (Env::new(), Env::new(), Env::new());
     let slow_url = format!("nats://127.0.0.1:{}", slow.port);
     let a = Server::start(&a_env, &["--cluster", &slow_url, "--node-id", "a"]);
     let b = node(&nats, &b_env, Some("b"), &["--max-concurrent", "256"]);
-    let c = node(&nats, &c_env, Some("c"), &[]);
+    // C too: B's heartbeat then stays until a slow sweep ends, so A is
+    // sure to find B lost, however the two nodes' beats fall.
+    let c = Server::start(&c_env, &["--cluster", &slow_url, "--node-id", "c"]);
     let sleep = {
         let (status, m) = b.upload(std::fs::read(example("sleep")).unwrap()).await;
         assert_eq!(status, 201, "{m}");
@@ -458,8 +460,8 @@ async fn a_long_sweep_of_a_lost_node_does_not_stop_the_sweepers_heartbeat() {
         .await;
     }
     b.crash();
-    // A goes over every one of b's workloads (c fails them first, over a
-    // fast link), which takes A's slow link ten seconds or more.
+    // A goes over every one of b's workloads, which takes its slow link
+    // ten seconds or more.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(600);
     let swept = |m: String| {
         m.lines()
