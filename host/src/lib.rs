@@ -8,6 +8,9 @@
 //! - [`api`] — the HTTP edge of `vulcan serve`: the browser boundary (which
 //!   hosts it answers for, which pages may change state), uploads, runs, SSE,
 //!   history.
+//! - [`service`] — what clients ask of a deployment, written once: admission,
+//!   quotas and tenant scoping over one backend per deployment (one node, or
+//!   a cluster), and the deployment's housekeeping.
 //! - [`view`] — the read model every client shares: workloads and log lines
 //!   as the API sends them and the CLI prints them.
 //! - [`node`] — the composition root: one data directory's parts, wired once.
@@ -53,6 +56,7 @@ pub mod outbound;
 pub mod registry;
 pub mod retention;
 pub mod runner;
+pub mod service;
 pub mod store;
 pub mod tenants;
 mod view;

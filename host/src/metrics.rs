@@ -196,9 +196,10 @@ impl Metrics {
         history.samples.iter().copied().collect()
     }
 
-    /// Adds a cluster member's figures (`vulcan_cluster_*`).
-    pub fn register_cluster(&self, cluster: &crate::cluster::ClusterMetrics) {
-        cluster.register(&mut self.registry.lock().unwrap_or_else(|p| p.into_inner()));
+    /// Adds figures a part registers itself (a cluster member's
+    /// `vulcan_cluster_*`): the metrics know no part above them.
+    pub fn register_more(&self, register: impl FnOnce(&mut Registry)) {
+        register(&mut self.registry.lock().unwrap_or_else(|p| p.into_inner()));
     }
 
     /// The Prometheus text exposition.

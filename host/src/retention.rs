@@ -35,7 +35,7 @@ impl RetentionPolicy {
     }
 
     /// Each scope with the end time before which its workloads are pruned.
-    fn cutoffs(&self, now: i64) -> Vec<(PruneScope, i64)> {
+    pub fn cutoffs(&self, now: i64) -> Vec<(PruneScope, i64)> {
         let before =
             |d: &Duration| now.saturating_sub(i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
         let mut out: Vec<_> = (self.tenants.iter())

@@ -255,6 +255,14 @@ impl Tenants {
             .collect()
     }
 
+    /// The names of the tenants with a `max_concurrent`.
+    pub fn with_quota(&self) -> Vec<String> {
+        (self.all.iter())
+            .filter(|t| t.entry.max_concurrent.is_some())
+            .map(|t| t.name().to_owned())
+            .collect()
+    }
+
     /// True when no token is asked for (no tenants and no `--token`).
     pub fn is_open(&self) -> bool {
         self.all.is_empty()

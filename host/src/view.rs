@@ -136,6 +136,16 @@ impl From<WorkloadRecord> for WorkloadView {
     }
 }
 
+/// What a kill did.
+pub enum KillOutcome {
+    /// It ended (killed, or on its own first): its final record.
+    Ended(Box<WorkloadView>),
+    /// It is still stopping.
+    Stopping,
+    /// It had ended before the request, with this status.
+    AlreadyEnded(Status),
+}
+
 impl WorkloadView {
     /// This running view as it ended (`finished_at` in ms since the Unix
     /// epoch): the record a store would answer for that end.
@@ -290,6 +300,13 @@ impl From<ModuleInfo> for ModuleView {
 pub fn rfc3339(ms: i64) -> String {
     let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64);
     humantime::format_rfc3339_millis(t).to_string()
+}
+
+/// Milliseconds since the Unix epoch of an RFC 3339 time [`rfc3339`] wrote.
+pub fn parse_rfc3339(text: &str) -> Option<i64> {
+    let t = humantime::parse_rfc3339(text).ok()?;
+    let d = t.duration_since(std::time::UNIX_EPOCH).ok()?;
+    i64::try_from(d.as_millis()).ok()
 }
 
 #[cfg(test)]

@@ -415,6 +415,23 @@ pub fn now_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
+/// What a list of workloads asks for.
+#[derive(Debug, Clone, Default)]
+pub struct ListRequest {
+    /// Most items.
+    pub limit: u64,
+    /// Items skipped (after `before`, when given).
+    pub offset: u64,
+    /// Only workloads created before this one (keyset paging: the last id
+    /// of the previous page).
+    pub before: Option<WorkloadId>,
+    /// Only workloads with this status.
+    pub status: Option<Status>,
+    /// Only this tenant's workloads (an admin's filter; a tenant's own
+    /// lists are always its own).
+    pub tenant: Option<String>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -16,6 +16,9 @@
 //!   dispatch, slots, logs across nodes, kills, node loss, NATS loss.
 //! - `cluster_auth` — nodes authenticating to NATS (user and password, TLS
 //!   with a client certificate), secrets never printed, forged kills refused.
+//! - `cluster_tenants` — tenants and retention on three nodes: every
+//!   endpoint scoped on every node, `max_concurrent` cluster-wide, a lost
+//!   node's quota places given back, 410 after retention on every node.
 //! - `cluster_faults` — a stalled NATS, two nodes with one id, a copied data
 //!   directory, SIGTERM with NATS gone, log readers that must not pile up.
 //! - `outbound` — components' HTTP requests: allowed hosts, operator caps,
@@ -38,6 +41,7 @@ mod client;
 mod cluster;
 mod cluster_auth;
 mod cluster_faults;
+mod cluster_tenants;
 mod components;
 mod console;
 mod faults;

@@ -9,18 +9,24 @@ use serde_json::{Value, json};
 
 use crate::support::*;
 
-/// Requests to `server` with one tenant's token (or none).
-struct As<'a> {
-    server: &'a Server,
-    token: Option<&'a str>,
+/// Requests with one tenant's token (or none), each to one of `servers`
+/// chosen at random (the nodes of a cluster, or one server).
+pub struct As<'a> {
+    pub servers: &'a [Server],
+    pub token: Option<&'a str>,
 }
 
 impl As<'_> {
-    async fn call(&self, method: Method, path: &str, body: Option<Value>) -> (u16, Value) {
-        let mut req = self
-            .server
-            .http
-            .request(method, format!("{}{path}", self.server.url));
+    /// The server this request goes to.
+    fn server(&self) -> &Server {
+        use std::hash::{BuildHasher as _, RandomState};
+        let pick = RandomState::new().hash_one(std::time::Instant::now());
+        &self.servers[(pick % self.servers.len() as u64) as usize]
+    }
+
+    pub async fn call(&self, method: Method, path: &str, body: Option<Value>) -> (u16, Value) {
+        let server = self.server();
+        let mut req = server.http.request(method, format!("{}{path}", server.url));
         if let Some(token) = self.token {
             req = req.bearer_auth(token);
         }
@@ -36,15 +42,15 @@ impl As<'_> {
         )
     }
 
-    async fn get(&self, path: &str) -> (u16, Value) {
+    pub async fn get(&self, path: &str) -> (u16, Value) {
         self.call(Method::GET, path, None).await
     }
 
-    async fn upload(&self, bytes: Vec<u8>) -> (u16, Value) {
-        let mut req = self
-            .server
+    pub async fn upload(&self, bytes: Vec<u8>) -> (u16, Value) {
+        let server = self.server();
+        let mut req = server
             .http
-            .post(format!("{}/v1/modules", self.server.url))
+            .post(format!("{}/v1/modules", server.url))
             .header("content-type", "application/wasm")
             .body(bytes);
         if let Some(token) = self.token {
@@ -55,8 +61,9 @@ impl As<'_> {
     }
 
     /// Status of `GET path` as an SSE client (headers only).
-    async fn follow_status(&self, path: &str) -> u16 {
-        let mut req = self.server.http.get(format!("{}{path}", self.server.url));
+    pub async fn follow_status(&self, path: &str) -> u16 {
+        let server = self.server();
+        let mut req = server.http.get(format!("{}{path}", server.url));
         if let Some(token) = self.token {
             req = req.bearer_auth(token);
         }
@@ -65,7 +72,7 @@ impl As<'_> {
 }
 
 /// `vulcan tenant add NAME --tenants FILE EXTRA...`: the printed token.
-fn add_tenant(env: &Env, file: &Path, name: &str, extra: &[&str]) -> String {
+pub fn add_tenant(env: &Env, file: &Path, name: &str, extra: &[&str]) -> String {
     let mut args = vec!["tenant", "add", name, "--tenants", file.to_str().unwrap()];
     args.extend_from_slice(extra);
     let out = env.run(&args);
@@ -88,22 +95,29 @@ async fn every_endpoint_keeps_tenants_apart_and_admins_see_all() {
         "tokens are stored hashed"
     );
     let server = Server::start(&env, &["--tenants", file.to_str().unwrap()]);
+    keeps_tenants_apart(std::slice::from_ref(&server), [&alice, &bob, &root]).await;
+}
+
+/// Every endpoint as alice, bob, an admin and anonymous, each request to
+/// one of `servers` at random: another tenant's workload or module is an
+/// unknown one, lists are scoped, the admin sees all.
+pub async fn keeps_tenants_apart(servers: &[Server], [alice, bob, root]: [&str; 3]) {
     let (alice, bob, root) = (
         As {
-            server: &server,
-            token: Some(&alice),
+            servers,
+            token: Some(alice),
         },
         As {
-            server: &server,
-            token: Some(&bob),
+            servers,
+            token: Some(bob),
         },
         As {
-            server: &server,
-            token: Some(&root),
+            servers,
+            token: Some(root),
         },
     );
     let anon = As {
-        server: &server,
+        servers,
         token: None,
     };
 
@@ -250,11 +264,11 @@ async fn a_tenant_at_its_quota_gets_429_and_others_still_run() {
     let server = Server::start(&env, &["--tenants", file.to_str().unwrap()]);
     let (noisy_as, quiet_as) = (
         As {
-            server: &server,
+            servers: std::slice::from_ref(&server),
             token: Some(&noisy),
         },
         As {
-            server: &server,
+            servers: std::slice::from_ref(&server),
             token: Some(&quiet),
         },
     );
@@ -352,7 +366,7 @@ async fn a_tenant_cannot_ask_for_more_than_its_limits() {
     .unwrap();
     let server = Server::start(&env, &["--tenants", file.to_str().unwrap()]);
     let small = As {
-        server: &server,
+        servers: std::slice::from_ref(&server),
         token: Some(token),
     };
     let hello = b64(&std::fs::read(example("hello")).unwrap());
@@ -436,22 +450,6 @@ fn a_bad_tenants_file_stops_the_server_at_start() {
     assert_eq!(missing.status.code(), Some(2));
     assert!(stderr(&missing).contains("failed to read the tenants file"));
 
-    let clustered = env.run(&[
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--tenants",
-        dir.join("short.toml").to_str().unwrap(),
-        "--cluster",
-        "nats://127.0.0.1:1",
-    ]);
-    assert_eq!(clustered.status.code(), Some(2));
-    assert!(
-        stderr(&clustered).contains("not supported with --cluster"),
-        "{}",
-        stderr(&clustered)
-    );
-
     // `tenant add` refuses a name twice and leaves the file as it was.
     let file = dir.join("tenants.toml");
     add_tenant(&env, &file, "alice", &[]);
@@ -496,11 +494,11 @@ async fn retention_deletes_old_lines_in_the_background_and_their_logs_answer_410
     );
     let (short_as, keep_as) = (
         As {
-            server: &server,
+            servers: std::slice::from_ref(&server),
             token: Some(&short),
         },
         As {
-            server: &server,
+            servers: std::slice::from_ref(&server),
             token: Some(&keep),
         },
     );
@@ -632,7 +630,7 @@ async fn stored_log_bytes_quotas_prune_the_oldest_or_refuse_new_runs() {
     let free = add_tenant(&env, &file, "free", &[]);
     let server = Server::start(&env, &["--tenants", file.to_str().unwrap()]);
     let who = |token| As {
-        server: &server,
+        servers: std::slice::from_ref(&server),
         token: Some(token),
     };
     let (capped_as, strict_as, free_as) = (who(&capped), who(&strict), who(&free));
@@ -720,7 +718,7 @@ async fn a_server_wide_byte_cap_prunes_the_oldest_finished_workloads() {
     let cap = (FLOOD_1000_BYTES * 3 / 2).to_string();
     let server = Server::start(&env, &["--retain-bytes", &cap]);
     let anyone = As {
-        server: &server,
+        servers: std::slice::from_ref(&server),
         token: None,
     };
     let ids = floods(&anyone, 3).await;
@@ -809,7 +807,7 @@ async fn modules_are_deleted_by_their_owners_and_the_bytes_go_with_the_last() {
     let root = add_tenant(&env, &file, "root", &["--admin"]);
     let server = Server::start(&env, &["--tenants", file.to_str().unwrap()]);
     let who = |token| As {
-        server: &server,
+        servers: std::slice::from_ref(&server),
         token: Some(token),
     };
     let (alice, bob, root) = (who(&alice), who(&bob), who(&root));

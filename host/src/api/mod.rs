@@ -1,11 +1,11 @@
 //! The HTTP edge: routes, authentication, request parsing and responses.
 //!
 //! Owns everything HTTP (only this module imports axum) and nothing else: it
-//! turns requests into calls on the registry, runner and store, and their
-//! results and typed errors into JSON, SSE and status codes.
+//! turns requests into calls on the [`Service`] (the same on one node and on
+//! a cluster), and their results and typed errors into JSON, SSE and status
+//! codes.
 
 mod boundary;
-mod caller;
 mod conn;
 mod console;
 mod error;
@@ -30,106 +30,59 @@ use tower_http::timeout::RequestBodyTimeoutLayer;
 
 pub use boundary::AllowedHosts;
 pub use error::ApiError;
-pub use workloads::LimitPolicy;
 
-use crate::cluster::Cluster;
-use crate::node::Node;
-use crate::tenants::Tenants;
+use crate::service::{Caller, Service};
 
-use caller::Caller;
-
-/// Everything a request handler can reach: the node and the API's own config.
+/// Everything a request handler can reach: the service and the API's own config.
 #[derive(Clone)]
 pub struct AppState {
     inner: Arc<Shared>,
 }
 
 struct Shared {
-    node: Arc<Node>,
+    service: Service,
     config: ApiConfig,
-    cluster: Option<Arc<Cluster>>,
-    followers: logs::FollowerGate,
 }
 
-/// What the operator decides about the API.
+/// What the operator decides about the HTTP edge.
 #[derive(Debug, Clone)]
 pub struct ApiConfig {
-    /// Whose bearer tokens every endpoint but `/healthz` (and the console's
-    /// pages) requires; none: the API is open.
-    pub tenants: Arc<Tenants>,
     /// Largest request body.
     pub max_upload: usize,
     /// Most bytes of args, env, stdin and input one workload may be given.
     pub max_spec: usize,
-    /// Limits a request gets when it names none, and the most it may ask for.
-    pub limits: LimitPolicy,
     /// How long a client may stall (send nothing, or read nothing) before
     /// its connection is closed.
     pub client_timeout: std::time::Duration,
-    /// How long finished workloads' lines are kept.
-    pub retention: crate::retention::RetentionPolicy,
     /// The names this server answers for, besides IP literals and `localhost`.
     pub allowed_hosts: Arc<AllowedHosts>,
-    /// Most log followers (SSE streams) open at once on this node.
-    pub max_followers: usize,
 }
 
 impl Default for ApiConfig {
     fn default() -> Self {
         Self {
-            tenants: Arc::default(),
             max_upload: 64 << 20,
             max_spec: 1 << 20,
-            limits: LimitPolicy::default(),
             client_timeout: std::time::Duration::from_secs(30),
-            retention: Default::default(),
             allowed_hosts: Arc::default(),
-            max_followers: 4096,
         }
     }
 }
 
 impl AppState {
-    /// The API over `node`.
-    pub fn new(node: Arc<Node>, config: ApiConfig) -> Self {
+    /// The API over `service`.
+    pub fn new(service: Service, config: ApiConfig) -> Self {
         Self {
-            inner: Arc::new(Shared {
-                node,
-                followers: logs::FollowerGate::new(config.max_followers),
-                config,
-                cluster: None,
-            }),
+            inner: Arc::new(Shared { service, config }),
         }
     }
 
-    /// The API of a cluster member: workloads are the cluster's, run on
-    /// whichever node has room.
-    pub fn clustered(cluster: Arc<Cluster>, config: ApiConfig) -> Self {
-        Self {
-            inner: Arc::new(Shared {
-                node: Arc::clone(cluster.node_arc()),
-                followers: logs::FollowerGate::new(config.max_followers),
-                config,
-                cluster: Some(cluster),
-            }),
-        }
-    }
-
-    /// The cluster, when this node is a member of one.
-    fn cluster(&self) -> Option<&Arc<Cluster>> {
-        self.inner.cluster.as_ref()
-    }
-
-    fn node(&self) -> &Node {
-        &self.inner.node
+    fn service(&self) -> &Service {
+        &self.inner.service
     }
 
     fn config(&self) -> &ApiConfig {
         &self.inner.config
-    }
-
-    fn followers(&self) -> &logs::FollowerGate {
-        &self.inner.followers
     }
 }
 
@@ -289,21 +242,17 @@ impl http_body::Body for ReadToEnd {
     }
 }
 
-/// Serves `router(state)` on `listener` until `shutdown` resolves; then kills
-/// running workloads, so that open requests (sync runs, SSE streams) end.
+/// Serves `router(state)` on `listener` until `shutdown` resolves, with the
+/// service's housekeeping running meanwhile; then kills running workloads,
+/// so that open requests (sync runs, SSE streams) end.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let node = Arc::clone(&state.inner.node);
+    let service = state.service().clone();
     let client_timeout = state.config().client_timeout;
-    let sampler = tokio::spawn(sample_every_second(Arc::clone(&node)));
-    let pruner = tokio::spawn(crate::retention::run(
-        node.db().clone(),
-        state.config().retention.clone(),
-        std::time::Duration::from_secs(1),
-    ));
+    let housekeeping = service.start_housekeeping();
     let app = router(state);
     conn::serve(
         listener,
@@ -311,25 +260,13 @@ pub async fn serve(
         client_timeout,
         async move {
             shutdown.await;
-            node.runner().kill_all("killed: the server shut down");
+            service.kill_running("killed: the server shut down");
         },
         std::time::Duration::from_secs(10),
     )
     .await;
-    sampler.abort();
-    pruner.abort();
+    drop(housekeeping);
     Ok(())
-}
-
-/// Closes one interval of the health figures a second, for `/v1/stats`.
-async fn sample_every_second(node: Arc<Node>) {
-    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        let lines = node.db().committed_lines();
-        node.metrics().sample(crate::workload::now_ms(), lines);
-    }
 }
 
 /// `GET /v1/stats`: this node's activity over the last minutes, one sample a
@@ -338,12 +275,7 @@ async fn stats(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
 ) -> Result<impl IntoResponse, ApiError> {
-    // Server-wide figures say what other tenants do.
-    caller.require_admin("/v1/stats")?;
-    Ok(axum::Json(serde_json::json!({
-        "interval_ms": 1000,
-        "samples": state.node().metrics().samples(),
-    })))
+    Ok(axum::Json(state.service().stats(&caller)?))
 }
 
 /// `GET /v1/whoami`: the caller's tenant, role and quota use.
@@ -351,30 +283,11 @@ async fn whoami(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
 ) -> impl IntoResponse {
-    let db = state.node().db();
-    let body = match caller.tenant() {
-        None => serde_json::json!({
-            "tenant": null,
-            "admin": true,
-            // A node's store holds only its own workloads' lines.
-            "log_bytes": state.cluster().is_none().then(|| db.log_bytes_total()),
-        }),
-        Some(t) => serde_json::json!({
-            "tenant": t.name(),
-            "admin": t.is_admin(),
-            "max_concurrent": t.entry.max_concurrent,
-            "running": t.running(),
-            "max_limits": t.max_limits(),
-            "log_bytes": db.log_bytes(Some(t.name())),
-            "max_log_bytes": t.entry.max_log_bytes,
-            "on_log_quota": t.entry.max_log_bytes.map(|_| t.entry.on_log_quota.unwrap_or_default()),
-        }),
-    };
-    axum::Json(body)
+    axum::Json(state.service().whoami(&caller).await)
 }
 
 async fn healthz(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {
-    state.node().db().ping().await?;
+    state.service().health().await?;
     Ok(axum::Json(serde_json::json!({"status": "ok"})))
 }
 
@@ -382,44 +295,26 @@ async fn metrics(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
 ) -> Result<impl IntoResponse, ApiError> {
-    caller.require_admin("/metrics")?;
-    // The store keeps these counts; they are copied in when asked for.
-    let (db, metrics) = (state.node().db(), state.node().metrics());
-    let gauge = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
-    metrics.lost_lines.set(gauge(db.lost_lines()));
-    let channels = state.node().broker().open_channels();
-    metrics.live_channels.set(gauge(channels as u64));
-    metrics.busy_retries.set(gauge(db.busy_retries()));
-    metrics.commits.set(gauge(db.commits()));
-    (metrics.dropped_diagnostics).set(gauge(crate::diagnostics::dropped_writes()));
-    metrics.storage_full.set(i64::from(db.storage_full()));
     Ok((
         [(
             header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        metrics.render(),
+        state.service().metrics(&caller)?,
     ))
 }
 
 /// Names the caller from its bearer token (401 without a known one), unless
 /// the API is open.
 async fn require_token(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
-    let tenants = &state.config().tenants;
-    let caller = match tenants.is_open() {
-        true => Caller(None),
-        false => {
-            let given = req
-                .headers()
-                .get(header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok())
-                .and_then(bearer_token)
-                .unwrap_or("");
-            match tenants.authenticate(given) {
-                Some(tenant) => Caller(Some(tenant)),
-                None => return ApiError::Unauthorized.into_response(),
-            }
-        }
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(bearer_token)
+        .unwrap_or("");
+    let Some(caller) = state.service().authenticate(given) else {
+        return ApiError::Unauthorized.into_response();
     };
     req.extensions_mut().insert(caller);
     next.run(req).await

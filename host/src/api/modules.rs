@@ -12,9 +12,9 @@ use axum::extract::{Extension, Path, Query, Request, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 
-use super::caller::Caller;
 use super::request::{media_type, parse_hash, read_body};
 use super::{ApiError, AppState};
+use crate::service::Caller;
 use crate::view::ModuleView;
 
 /// Validates and stores a module: 201 when new (to the caller's tenant), 200
@@ -31,22 +31,7 @@ pub async fn upload(
         )));
     }
     let bytes = read_body(req, state.config().max_upload).await?;
-    let (info, new) = match state.cluster() {
-        Some(cluster) => cluster.share_module(bytes).await?,
-        None => {
-            let owner = caller.owner();
-            let registry = state.node().registry();
-            let (info, _, new) = registry.register_for(owner.as_deref(), bytes).await?;
-            match owner {
-                Some(tenant) => {
-                    let db = state.node().db();
-                    let new = db.own_module(&tenant, &info.hash).await?;
-                    (db.tenant_module_info(&tenant, &info.hash).await?, new)
-                }
-                None => (info, new),
-            }
-        }
-    };
+    let (info, new) = state.service().upload_module(&caller, bytes).await?;
     let status = if new {
         StatusCode::CREATED
     } else {
@@ -62,15 +47,7 @@ pub async fn get(
     Path(hash): Path<String>,
 ) -> Result<impl IntoResponse, ApiError> {
     let hash = parse_hash(&hash)?;
-    if let Some(cluster) = state.cluster() {
-        // Uploaded to another node: fetched, checked and stored here.
-        cluster.module(&hash).await?;
-    }
-    let db = state.node().db();
-    let info = match caller.scope() {
-        Some(tenant) => db.tenant_module_info(tenant, &hash).await?,
-        None => db.module_info(&hash).await?,
-    };
+    let info = state.service().module(&caller, &hash).await?;
     Ok(Json(ModuleView::from(info)))
 }
 
@@ -99,16 +76,7 @@ pub async fn list(
         )));
     }
     let offset = q.offset.unwrap_or(0).min(i64::MAX as u64);
-    let (modules, total) = match state.cluster() {
-        Some(cluster) => {
-            let offset = usize::try_from(offset).unwrap_or(usize::MAX);
-            cluster.list_modules(limit as usize, offset).await?
-        }
-        None => {
-            let db = state.node().db();
-            db.list_modules(limit, offset, caller.scope()).await?
-        }
-    };
+    let (modules, total) = state.service().modules(&caller, limit, offset).await?;
     let items: Vec<ModuleView> = modules.into_iter().map(ModuleView::from).collect();
     Ok(Json(serde_json::json!({
         "items": items,
@@ -127,14 +95,6 @@ pub async fn delete(
     Path(hash): Path<String>,
 ) -> Result<impl IntoResponse, ApiError> {
     let hash = parse_hash(&hash)?;
-    match state.cluster() {
-        Some(cluster) => cluster.delete_module(&hash).await?,
-        None => {
-            let node = state.node();
-            if node.db().delete_module(&hash, caller.scope()).await? {
-                node.registry().forget(&hash);
-            }
-        }
-    }
+    state.service().delete_module(&caller, &hash).await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -18,24 +18,8 @@ use serde::Deserialize;
 
 use super::ApiError;
 use crate::outbound::parse_rules;
+use crate::service::{ModuleRef, Submission};
 use crate::workload::{Limits, LogLevel, Stdin, WorkloadSpec};
-
-/// Which module to run.
-pub enum ModuleRef {
-    /// A stored module, by `sha256:<hex>`.
-    Hash(String),
-    /// Bytes uploaded with the request, as received (never copied on the
-    /// way to the hash, the store and the compiler).
-    Bytes(bytes::Bytes),
-}
-
-/// A parsed workload submission.
-pub struct Submission {
-    /// The module.
-    pub module: ModuleRef,
-    /// Everything else.
-    pub spec: WorkloadSpec,
-}
 
 /// The JSON spec (also the `spec` part of a multipart upload).
 #[derive(Debug, Default, Deserialize)]

@@ -11,6 +11,7 @@ use tower::ServiceExt as _;
 
 use super::{ApiConfig, AppState, router};
 use crate::node::{Node, NodeOptions};
+use crate::service::{Service, ServiceConfig};
 
 struct Api {
     _dir: tempfile::TempDir,
@@ -19,9 +20,14 @@ struct Api {
 }
 
 async fn api(config: ApiConfig, options: NodeOptions) -> Api {
+    with_service(config, ServiceConfig::default(), options).await
+}
+
+async fn with_service(config: ApiConfig, service: ServiceConfig, options: NodeOptions) -> Api {
     let dir = tempfile::tempdir().unwrap();
     let node = Node::open(dir.path(), options).await.unwrap();
-    let app = router(AppState::new(Arc::clone(&node), config));
+    let service = Service::local(Arc::clone(&node), service);
+    let app = router(AppState::new(service, config));
     Api {
         _dir: dir,
         node,
@@ -101,7 +107,13 @@ impl Api {
     async fn workload_count(&self) -> u64 {
         self.node
             .db()
-            .list_workloads(1, 0, None, None)
+            .list_workloads(&crate::workload::ListRequest {
+                limit: 1,
+                offset: 0,
+                status: None,
+                tenant: None,
+                before: None,
+            })
             .await
             .unwrap()
             .total
@@ -379,11 +391,11 @@ async fn every_refused_request_gets_its_status_and_code_and_changes_nothing() {
 
 #[tokio::test]
 async fn a_token_guards_everything_but_health() {
-    let config = ApiConfig {
+    let service = ServiceConfig {
         tenants: std::sync::Arc::new(crate::tenants::Tenants::load(None, Some("s3cret")).unwrap()),
-        ..ApiConfig::default()
+        ..ServiceConfig::default()
     };
-    let api = api(config, NodeOptions::default()).await;
+    let api = with_service(ApiConfig::default(), service, NodeOptions::default()).await;
     let (status, answer) = api.get("/v1/workloads").await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     assert_eq!(answer["error"]["code"], "unauthorized");

@@ -82,7 +82,15 @@ impl Backend for Local {
         let (items, total) = match &self.db {
             None => (Vec::new(), 0),
             Some(db) => {
-                let page = db.list_workloads(limit, offset, q.status, None).await?;
+                let page = db
+                    .list_workloads(&crate::workload::ListRequest {
+                        limit,
+                        offset,
+                        status: q.status,
+                        tenant: None,
+                        before: None,
+                    })
+                    .await?;
                 let items = page.items.into_iter().map(WorkloadSummary::from);
                 (items.collect(), page.total)
             }

@@ -10,11 +10,12 @@ use clap::Args;
 
 use super::parse;
 use super::signals::ShutdownSignal;
-use crate::api::{ApiConfig, AppState, LimitPolicy, serve};
+use crate::api::{ApiConfig, AppState, serve};
 use crate::cluster::{Cluster, ClusterOptions, check_node_id, stable_node_id};
 use crate::diagnostics::say;
 use crate::node::{Node, NodeOptions};
 use crate::outbound::{OutboundPolicy, parse_rules};
+use crate::service::{LimitPolicy, Service, ServiceConfig};
 use crate::workload::Limits;
 
 /// Arguments of `vulcan serve`.
@@ -376,9 +377,6 @@ pub fn execute(args: ServeArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
              token, or unset it to run without one"
         );
     }
-    if args.tenants.is_some() && args.cluster.is_some() {
-        anyhow::bail!("--tenants is not supported with --cluster yet");
-    }
     let tenants = Arc::new(crate::tenants::Tenants::load(
         args.tenants.as_deref(),
         args.token.as_deref(),
@@ -427,12 +425,14 @@ pub fn execute(args: ServeArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
                     auth,
                     node_id,
                     replicas: args.cluster_replicas,
+                    data_dir: data_dir.to_owned(),
+                    quota_tenants: tenants.with_quota(),
                 };
                 Some(Cluster::join(Arc::clone(&node), options).await?)
             }
             None => None,
         };
-        let config = ApiConfig {
+        let config = ServiceConfig {
             retention: crate::retention::RetentionPolicy {
                 default: args.retain_for,
                 tenants: tenants.retentions(),
@@ -440,17 +440,20 @@ pub fn execute(args: ServeArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
                 tenant_bytes: tenants.log_caps(),
             },
             tenants,
-            max_upload: usize::try_from(args.max_upload).unwrap_or(usize::MAX),
-            max_spec: usize::try_from(args.max_spec_size).unwrap_or(usize::MAX),
             limits,
-            client_timeout: args.client_timeout,
-            allowed_hosts: Arc::new(allowed_hosts),
             max_followers: args.max_followers as usize,
         };
-        let state = match &cluster {
-            Some(cluster) => AppState::clustered(Arc::clone(cluster), config),
-            None => AppState::new(Arc::clone(&node), config),
+        let service = match &cluster {
+            Some(cluster) => Service::clustered(Arc::clone(cluster), config),
+            None => Service::local(Arc::clone(&node), config),
         };
+        let api = ApiConfig {
+            max_upload: usize::try_from(args.max_upload).unwrap_or(usize::MAX),
+            max_spec: usize::try_from(args.max_spec_size).unwrap_or(usize::MAX),
+            client_timeout: args.client_timeout,
+            allowed_hosts: Arc::new(allowed_hosts),
+        };
+        let state = AppState::new(service.clone(), api);
         let shutdown = ShutdownSignal::install()?;
         let listener = tokio::net::TcpListener::bind(&args.listen)
             .await
@@ -489,12 +492,7 @@ pub fn execute(args: ServeArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
         // that does not answer, must not keep the process from exiting.
         let reason = "killed: the server shut down";
         let grace = limit / 2;
-        let left = async {
-            match cluster {
-                Some(cluster) => cluster.leave(reason, grace).await,
-                None => node.shutdown(reason, grace).await,
-            }
-        };
+        let left = service.stop(reason, grace);
         if tokio::time::timeout(limit, left).await.is_err() {
             anyhow::bail!(
                 "shutdown took longer than --shutdown-timeout ({limit:?}); what was not \

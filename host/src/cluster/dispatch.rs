@@ -24,16 +24,11 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
 use super::logs::ClusterLines;
-use super::{
-    Cluster, ClusterError, MODULE_DELETED_SUBJECT, QUEUE_SUBJECT, kill_subject, now_ms, until_done,
-};
-use crate::engine::CompiledModule;
+use super::{Cluster, ClusterError, QUEUE_SUBJECT, kill_subject, now_ms, until_done};
 use crate::logs::LineSink;
 use crate::outbound::OutboundRule;
-use crate::registry::RegistryError;
 use crate::runner::{Creation, Launch, LocalRecord, Slot};
-use crate::store::StoreError;
-use crate::view::WorkloadView;
+use crate::view::{KillOutcome, WorkloadView};
 use crate::workload::{
     Completion, FailureKind, Limits, LogLevel, Status, Stdin, WorkloadId, WorkloadRecord,
     WorkloadSpec,
@@ -55,6 +50,8 @@ struct QueuedWork {
     log_level: Option<LogLevel>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     allowed_hosts: Vec<OutboundRule>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    tenant: Option<String>,
     enqueued_ms: i64,
 }
 
@@ -78,8 +75,7 @@ impl QueuedWork {
                 .transpose()?,
             log_level: self.log_level,
             allowed_hosts: self.allowed_hosts.clone(),
-            // A cluster has no tenants (refused at start).
-            tenant: None,
+            tenant: self.tenant.clone(),
         })
     }
 }
@@ -126,7 +122,7 @@ fn pending_view(
         created_at,
         started_at: None,
         finished_at: None,
-        tenant: None,
+        tenant: spec.tenant.clone(),
         pruned_at: None,
     });
     view.summary.attempt = Some(0);
@@ -148,215 +144,25 @@ pub(super) fn ended(
 }
 
 impl Cluster {
-    /// Stores a module's bytes in the cluster (once) and on this node.
-    pub async fn share_module(
-        &self,
-        bytes: Bytes,
-    ) -> Result<(crate::store::ModuleInfo, bool), ClusterError> {
-        self.connected()?;
-        let (info, _, new) = self
-            .node
-            .registry()
-            .register(bytes.clone())
-            .await
-            .map_err(registry_error)?;
-        let name = info.hash.trim_start_matches("sha256:").to_owned();
-        let shared = self.modules.info(&name).await.is_ok_and(|i| !i.deleted);
-        if !shared {
-            // Kind and first-seen time ride along, so any node can list the
-            // cluster's modules without fetching and compiling them.
-            let meta = jetstream::object_store::ObjectMetadata {
-                name: name.clone(),
-                metadata: [
-                    ("kind".to_owned(), info.kind.clone()),
-                    ("created_at".to_owned(), info.created_at.to_string()),
-                ]
-                .into(),
-                ..Default::default()
-            };
-            self.modules
-                .put(meta, &mut bytes.as_ref())
-                .await
-                .map_err(ClusterError::unavailable)?;
-        }
-        Ok((info, new || !shared))
-    }
-
-    /// Deletes a module from the cluster and from every node (each drops
-    /// its copy when told on [`MODULE_DELETED_SUBJECT`]); refused while a
-    /// pending or running workload uses it.
-    pub async fn delete_module(&self, hash: &str) -> Result<(), ClusterError> {
-        self.connected()?;
-        self.catch_up().await?;
-        if self.index.uses_module(hash) {
-            return Err(ClusterError::Registry(RegistryError::InUse(
-                hash.to_owned(),
-            )));
-        }
-        let name = hash.trim_start_matches("sha256:");
-        let shared = self.modules.info(name).await.is_ok_and(|i| !i.deleted);
-        if shared {
-            self.modules
-                .delete(name)
-                .await
-                .map_err(ClusterError::unavailable)?;
-        }
-        let here = self.forget_module(hash).await;
-        if !shared && !here {
-            return Err(ClusterError::ModuleNotFound(hash.to_owned()));
-        }
-        let payload = Bytes::from(hash.to_owned());
-        let headers = match &self.signer {
-            Some(signer) => signer.sign(MODULE_DELETED_SUBJECT, &payload),
-            None => Default::default(),
-        };
-        self.client
-            .publish_with_headers(MODULE_DELETED_SUBJECT, headers, payload)
-            .await
-            .map_err(ClusterError::unavailable)?;
-        Ok(())
-    }
-
-    /// Drops this node's copy of a module; true if it had one.
-    async fn forget_module(&self, hash: &str) -> bool {
-        let stored = match self.node.db().delete_module(hash, None).await {
-            Ok(_) => true,
-            Err(StoreError::ModuleNotFound(_)) => false,
-            Err(e) => {
-                tracing::warn!(module = hash, error = %e, "a deleted module's copy stays on this node");
-                false
-            }
-        };
-        self.node.registry().forget(hash) || stored
-    }
-
-    /// Drops the copies of modules other nodes deleted.
-    pub(super) async fn take_module_deletions(
-        self: Arc<Self>,
-        mut notices: async_nats::Subscriber,
-    ) {
-        while let Some(message) = notices.next().await {
-            if let Some(signer) = &self.signer
-                && let Some(why) = signer.refusal(
-                    message.subject.as_str(),
-                    message.headers.as_ref(),
-                    &message.payload,
-                )
-            {
-                tracing::warn!("refusing a module deletion notice: {why}");
-                continue;
-            }
-            // Dropped only once the cluster no longer has it: a notice (even a
-            // forged one) can cost no more than one lookup.
-            if let Ok(hash) = std::str::from_utf8(&message.payload) {
-                let name = hash.trim_start_matches("sha256:");
-                let gone = match self.modules.info(name).await {
-                    Ok(info) => info.deleted,
-                    Err(e) => e.kind() == jetstream::object_store::InfoErrorKind::NotFound,
-                };
-                if gone {
-                    self.forget_module(hash).await;
-                }
-            }
-        }
-    }
-
-    /// Up to `limit` of the cluster's modules after `offset`, newest first,
-    /// and how many there are.
-    pub async fn list_modules(
-        &self,
-        limit: usize,
-        offset: usize,
-    ) -> Result<(Vec<crate::store::ModuleInfo>, u64), ClusterError> {
-        self.connected()?;
-        let mut list = self
-            .modules
-            .list()
-            .await
-            .map_err(ClusterError::unavailable)?;
-        let mut modules = Vec::new();
-        while let Some(object) = list.next().await {
-            let object = object.map_err(ClusterError::unavailable)?;
-            if object.deleted {
-                continue;
-            }
-            let field = |key: &str| object.metadata.get(key).cloned();
-            modules.push(crate::store::ModuleInfo {
-                hash: format!("sha256:{}", object.name),
-                kind: field("kind").unwrap_or_else(|| "unknown".to_owned()),
-                size: object.size as u64,
-                created_at: field("created_at")
-                    .and_then(|t| t.parse().ok())
-                    .unwrap_or(0),
-            });
-        }
-        modules.sort_by(|a, b| (b.created_at, &a.hash).cmp(&(a.created_at, &b.hash)));
-        let total = modules.len() as u64;
-        let page = modules.into_iter().skip(offset).take(limit).collect();
-        Ok((page, total))
-    }
-
-    /// The compiled module for `hash`: this node's, or the cluster's bytes
-    /// checked against the hash and stored here.
-    pub async fn module(&self, hash: &str) -> Result<Arc<CompiledModule>, ClusterError> {
-        match self.node.registry().get(hash).await {
-            Ok(compiled) => return Ok(compiled),
-            Err(RegistryError::NotFound(_)) => {}
-            Err(e) => return Err(registry_error(e)),
-        }
-        // One fetch at a time: concurrent first runs of a module wait for
-        // the first one's copy instead of each fetching and compiling it.
-        let _fetching = self.fetching.lock().await;
-        if self.node.registry().has(hash).await {
-            return self.node.registry().get(hash).await.map_err(registry_error);
-        }
-        let name = hash.trim_start_matches("sha256:");
-        let mut object = match self.modules.get(name).await {
-            Ok(object) => object,
-            Err(e) if e.kind() == jetstream::object_store::GetErrorKind::NotFound => {
-                return Err(ClusterError::ModuleNotFound(hash.to_owned()));
-            }
-            Err(e) => return Err(ClusterError::unavailable(e)),
-        };
-        let mut bytes = Vec::new();
-        tokio::io::AsyncReadExt::read_to_end(&mut object, &mut bytes)
-            .await
-            .map_err(ClusterError::unavailable)?;
-        let got = crate::registry::module_hash(&bytes);
-        if got != hash {
-            return Err(anyhow::anyhow!(
-                "the cluster's copy of module {hash} has the wrong hash ({got}); refusing it"
-            )
-            .into());
-        }
-        let (_, compiled, _) = self
-            .node
-            .registry()
-            .register(Bytes::from(bytes))
-            .await
-            .map_err(registry_error)?;
-        Ok(compiled)
-    }
-
-    /// Queues a workload for whichever node has a free slot; its id at once.
+    /// Queues workload `id` for whichever node has a free slot; returns
+    /// once it is accepted.
     pub async fn submit(
         self: &Arc<Self>,
+        id: WorkloadId,
         module: &str,
         spec: WorkloadSpec,
-    ) -> Result<WorkloadId, ClusterError> {
-        let id = WorkloadId::new();
-        self.enqueue(id, module, spec, None).await?;
-        Ok(id)
+    ) -> Result<(), ClusterError> {
+        self.enqueue(id, module, spec, None).await
     }
 
     /// Runs a workload on whichever node has a free slot and waits for its
     /// final record.
     pub async fn run(
         self: &Arc<Self>,
+        id: WorkloadId,
         module: &str,
         spec: WorkloadSpec,
     ) -> Result<WorkloadView, ClusterError> {
-        let id = WorkloadId::new();
         let (recorded_tx, mut recorded) = oneshot::channel();
         let (ended_tx, ended) = oneshot::channel();
         let here = Here {
@@ -460,6 +266,7 @@ impl Cluster {
             limits: spec.limits.clone(),
             log_level: spec.log_level,
             allowed_hosts: spec.allowed_hosts.clone(),
+            tenant: spec.tenant.clone(),
             enqueued_ms: now_ms(),
         };
         let payload = Bytes::from(serde_json::to_vec(&work).map_err(anyhow::Error::from)?);
@@ -1070,20 +877,3 @@ struct Here {
 /// to take the final record before it is answered with this node's
 /// (503 `cluster_unavailable`, saying that it ran).
 const RECORD_DEADLINE: Duration = Duration::from_secs(3);
-
-/// What a kill did.
-pub enum KillOutcome {
-    /// It ended (killed, or on its own first): its final record.
-    Ended(Box<WorkloadView>),
-    /// It is still stopping.
-    Stopping,
-    /// It had ended before the request, with this status.
-    AlreadyEnded(Status),
-}
-
-fn registry_error(e: RegistryError) -> ClusterError {
-    match e {
-        RegistryError::NotFound(h) => ClusterError::ModuleNotFound(h),
-        e => ClusterError::Registry(e),
-    }
-}

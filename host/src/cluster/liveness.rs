@@ -44,6 +44,9 @@ struct Heartbeat {
 /// it takes the id: a live process beats at least once in that time.
 const ID_IN_USE_WATCH: Duration = Duration::from_millis(2_500);
 
+/// Every how many beats a node looks for quota places left held.
+const SLOT_REPAIR_EVERY: u64 = 5;
+
 /// The last heartbeat revision seen of a node, and since when.
 struct Seen {
     revision: u64,
@@ -173,7 +176,14 @@ impl Cluster {
         let mut seen: HashMap<String, Seen> = HashMap::new();
         let mut swept_previous = false;
         let mut beats = Beats::new();
+        let mut beat = 0u64;
         while beats.next(&self.stop).await {
+            beat += 1;
+            if beat.is_multiple_of(SLOT_REPAIR_EVERY)
+                && let Err(e) = self.repair_slots().await
+            {
+                tracing::debug!(error = %e, "quota places not repaired this time");
+            }
             if let Ok(info) = self.js_queue_depth().await {
                 self.metrics.queue_depth.set(info);
             }
@@ -229,7 +239,13 @@ impl Cluster {
                 };
                 // What it said it had claimed, and what the records say runs there.
                 let mut ids = beat.map(|b| b.claimed).unwrap_or_default();
-                ids.extend(self.index.running_on(&node));
+                match self.index.summaries.running_on(&node).await {
+                    Ok(running) => ids.extend(running),
+                    Err(e) => {
+                        tracing::warn!(error = format!("{e:#}"), "cannot read the cluster index");
+                        settled = false;
+                    }
+                }
                 ids.sort_unstable();
                 ids.dedup();
                 for id in ids {
@@ -263,7 +279,9 @@ impl Cluster {
         }
         // In this order: a workload is claimed before its record says it
         // runs here, so one the index shows is in the set read after it.
-        let running_here = self.index.running_on(&self.node_id);
+        let Ok(running_here) = self.index.summaries.running_on(&self.node_id).await else {
+            return false;
+        };
         let claimed = self.claimed_ids();
         let why = restarted(&self.node_id);
         let mut done = true;

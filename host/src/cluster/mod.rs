@@ -15,6 +15,9 @@
 //! | `vulcan_workloads` | KV bucket, history 1 | key = workload id, value = the record as the API shows it (with `node`, `attempt`; a record written once, final, may also hold its lines under `log`); every change is a compare-and-swap on its revision |
 //! | `vulcan_nodes` | KV bucket, history 1 | key = node id, value = its heartbeat: the workloads it has claimed, every second |
 //! | `vulcan_modules` | object store | module bytes by hex sha256, checked on arrival |
+//! | `vulcan_module_owners` | KV bucket | key = `<hex sha256>.<tenant>`, value = when that tenant first uploaded it (ms) |
+//! | `vulcan_tenant_slots` | KV bucket | key = tenant, value = the workloads holding its `max_concurrent` places |
+//! | `vulcan_retention` | KV bucket | key `pruner`: which node prunes now, until when (a lease) |
 //! | `VULCAN_QUEUE` | stream, work-queue retention, subject `vulcan.queue` | submitted work (header `Vulcan-Revision`: its pending record's revision); durable pull consumer `vulcan_dispatch`, explicit ack, ack wait 10 s |
 //! | `VULCAN_LOGS` | stream, subjects `vulcan.logs.<id>`, 2 min duplicate window | log lines (but those a record holds) in batches (headers `Nats-Msg-Id: <id>:<first seq>`, `Vulcan-Last: <last seq>`); the last message also carries `Vulcan-End: <line count>` |
 //!
@@ -24,9 +27,13 @@
 
 mod auth;
 mod dispatch;
+mod index;
 mod liveness;
 mod logs;
+mod modules;
+mod quota;
 mod records;
+mod retention;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -40,8 +47,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use auth::{ClusterAuth, Secret};
-pub use dispatch::KillOutcome;
 pub use logs::{LogChunk, LogCursor};
+pub use quota::SLOTS_BUCKET;
 
 use crate::node::Node;
 use crate::workload::WorkloadId;
@@ -52,6 +59,8 @@ pub const WORKLOADS_BUCKET: &str = "vulcan_workloads";
 pub const NODES_BUCKET: &str = "vulcan_nodes";
 /// Object store of module bytes.
 pub const MODULES_BUCKET: &str = "vulcan_modules";
+/// KV bucket of which tenant uploaded which module.
+pub const OWNERS_BUCKET: &str = "vulcan_module_owners";
 /// Stream of submitted work.
 pub const QUEUE_STREAM: &str = "VULCAN_QUEUE";
 /// Subject submitted work is published on.
@@ -138,6 +147,10 @@ pub struct ClusterOptions {
     pub node_id: String,
     /// Replicas of every stream and bucket (1, or 3 on a 3-server NATS cluster).
     pub replicas: usize,
+    /// Where this node keeps its index of the cluster's records.
+    pub data_dir: std::path::PathBuf,
+    /// Tenants whose `max_concurrent` the cluster counts.
+    pub quota_tenants: Vec<String>,
 }
 
 /// Figures `/metrics` shows of the cluster.
@@ -208,6 +221,14 @@ pub struct Cluster {
     nodes: kv::Store,
     modules: object_store::ObjectStore,
     logs: stream::Stream,
+    /// Who uploaded which module (key `<hex hash>.<tenant>`).
+    owners: kv::Store,
+    /// Tenants' held quota places (see `quota.rs`).
+    slots: kv::Store,
+    /// Who prunes (see `retention.rs`).
+    lease: kv::Store,
+    /// Tenants whose places are counted.
+    quota_tenants: std::collections::HashSet<String>,
     index: records::Index,
     /// Workloads claimed here, with a kill that arrived before they started.
     claimed: Mutex<HashMap<WorkloadId, Option<String>>>,
@@ -277,6 +298,21 @@ impl Cluster {
         )
         .await?;
         let nodes = create_kv(&js, bucket(NODES_BUCKET, "Vulcan node heartbeats")).await?;
+        let owners = create_kv(
+            &js,
+            bucket(OWNERS_BUCKET, "Vulcan module owners: <hash>.<tenant>"),
+        )
+        .await?;
+        let slots = create_kv(
+            &js,
+            bucket(SLOTS_BUCKET, "Vulcan tenants' held quota places"),
+        )
+        .await?;
+        let lease = create_kv(
+            &js,
+            bucket(retention::RETENTION_BUCKET, "Vulcan's retention lease"),
+        )
+        .await?;
         let modules = match js.get_object_store(MODULES_BUCKET).await {
             Ok(store) => store,
             Err(_) => js
@@ -330,7 +366,7 @@ impl Cluster {
             .await
             .context("failed to create the log stream")?;
         let metrics = Arc::new(ClusterMetrics::new());
-        node.metrics().register_cluster(&metrics);
+        node.metrics().register_more(|r| metrics.register(r));
         let cluster = Arc::new(Self {
             node,
             node_id: options.node_id,
@@ -340,7 +376,11 @@ impl Cluster {
             nodes,
             modules,
             logs,
-            index: records::Index::default(),
+            owners,
+            slots,
+            lease,
+            quota_tenants: options.quota_tenants.into_iter().collect(),
+            index: records::Index::open(&options.data_dir)?,
             claimed: Mutex::new(HashMap::new()),
             doubtful: Mutex::new(Vec::new()),
             beat: tokio::sync::Mutex::new(None),

@@ -4,8 +4,6 @@
 //! state); each node's index of them for lists, brought up to date from the
 //! records' stream when asked; and waiting for a workload's end.
 
-use std::collections::BTreeMap;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PullConsumer, pull};
@@ -13,9 +11,10 @@ use async_nats::jetstream::kv;
 use bytes::Bytes;
 use futures_util::StreamExt as _;
 
+use super::index::{Change, SummaryIndex};
 use super::{Cluster, ClusterError, REQUEST_TIMEOUT, ended_subject};
 use crate::view::{WorkloadList, WorkloadSummary, WorkloadView};
-use crate::workload::{Status, WorkloadId};
+use crate::workload::{ListRequest, WorkloadId};
 
 /// A record and the revision it was read at.
 pub struct Versioned {
@@ -25,27 +24,18 @@ pub struct Versioned {
     pub revision: u64,
 }
 
-/// What a node knows of every record: enough for lists and for finding the
-/// workloads a node runs. It is brought up to date from the records' stream
-/// when a list asks, or the liveness check (once after start, and when a
-/// node is lost; see [`Cluster::catch_up`]), in batches, rather than told
-/// of each change as it happens: that would deliver every change of every
-/// run to every node.
-#[derive(Default)]
+/// What a node knows of every record (see [`SummaryIndex`]), and the
+/// consumer that brings it up to date. It is brought up to date from the
+/// records' stream when a list asks, or the liveness check (once after
+/// start, and when a node is lost; see [`Cluster::catch_up`]), in batches,
+/// rather than told of each change as it happens: that would deliver every
+/// change of every run to every node.
 pub struct Index {
-    inner: Mutex<IndexInner>,
+    pub(super) summaries: SummaryIndex,
     /// The consumer that reads the records' stream from where the index
     /// stands, and when it was last used; held while catching up, so callers
     /// at the same time share one.
     reader: tokio::sync::Mutex<Option<(PullConsumer, Instant)>>,
-}
-
-#[derive(Default)]
-struct IndexInner {
-    /// Newest last: ids are ULIDs, ordered by creation time.
-    items: BTreeMap<WorkloadId, WorkloadSummary>,
-    /// The stream sequence of the last change applied (0: none yet).
-    applied: u64,
 }
 
 /// Record changes read per request while catching up.
@@ -56,69 +46,30 @@ const CATCH_UP_BATCH: usize = 1024;
 const READER_IDLE: Duration = Duration::from_secs(60);
 
 impl Index {
-    fn lock(&self) -> std::sync::MutexGuard<'_, IndexInner> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    /// The index kept in `data_dir`.
+    pub fn open(data_dir: &std::path::Path) -> anyhow::Result<Self> {
+        Ok(Self {
+            summaries: SummaryIndex::open(data_dir)?,
+            reader: tokio::sync::Mutex::new(None),
+        })
     }
+}
 
-    /// Applies one change read from the records' stream, stored at `seq`.
-    fn apply(&self, key: &str, change: &async_nats::Message, seq: u64) {
-        let mut inner = self.lock();
-        inner.applied = inner.applied.max(seq);
-        let Ok(id) = key.parse::<WorkloadId>() else {
-            tracing::warn!(key, "ignoring a workload record with a malformed key");
-            return;
-        };
-        if !is_put(change) {
-            inner.items.remove(&id);
-            return;
-        }
-        // The summary alone (what a list shows) is all the index keeps.
-        match serde_json::from_slice::<WorkloadSummary>(&change.payload) {
-            Ok(summary) => {
-                inner.items.insert(id, summary);
-            }
-            Err(e) => {
-                tracing::warn!(workload = %id, error = %e, "ignoring a workload record that does not parse")
-            }
-        }
+/// One change read from the records' stream, as the index takes it.
+fn change_of(key: &str, change: &async_nats::Message) -> Option<Change> {
+    let Ok(id) = key.parse::<WorkloadId>() else {
+        tracing::warn!(key, "ignoring a workload record with a malformed key");
+        return None;
+    };
+    if !is_put(change) {
+        return Some(Change::Delete(id));
     }
-
-    /// True when the index last saw a pending or running workload of `hash`.
-    pub(super) fn uses_module(&self, hash: &str) -> bool {
-        self.lock()
-            .items
-            .values()
-            .any(|s| s.module == hash && !s.status.is_terminal())
-    }
-
-    /// Workloads the index last saw running on `node`.
-    pub(super) fn running_on(&self, node: &str) -> Vec<WorkloadId> {
-        self.lock()
-            .items
-            .values()
-            .filter(|s| s.status == Status::Running && s.node.as_deref() == Some(node))
-            .map(|s| s.id)
-            .collect()
-    }
-
-    fn list(&self, limit: u64, offset: u64, status: Option<Status>) -> WorkloadList {
-        let inner = self.lock();
-        let matching = || {
-            inner
-                .items
-                .values()
-                .rev()
-                .filter(|s| status.is_none_or(|st| s.status == st))
-        };
-        WorkloadList {
-            items: matching()
-                .skip(offset as usize)
-                .take(limit as usize)
-                .cloned()
-                .collect(),
-            total: matching().count() as u64,
-            limit,
-            offset,
+    // The summary alone (what a list shows) is all the index keeps.
+    match serde_json::from_slice::<WorkloadSummary>(&change.payload) {
+        Ok(summary) => Some(Change::Put(Box::new(summary))),
+        Err(e) => {
+            tracing::warn!(workload = %id, error = %e, "ignoring a workload record that does not parse");
+            None
         }
     }
 }
@@ -140,7 +91,10 @@ fn is_put(change: &async_nats::Message) -> bool {
 /// A record's value as the cluster stores it: the record as the API shows it,
 /// and under `log` the lines it carries, if any (a reader of the record alone
 /// skips them).
-fn record_value(view: &WorkloadView, lines: Option<&[u8]>) -> Result<Bytes, ClusterError> {
+pub(super) fn record_value(
+    view: &WorkloadView,
+    lines: Option<&[u8]>,
+) -> Result<Bytes, ClusterError> {
     let mut value = serde_json::to_vec(view).map_err(anyhow::Error::from)?;
     if let Some(lines) = lines {
         // The record is a JSON object: one more key goes before its brace.
@@ -199,7 +153,10 @@ impl Cluster {
         lines: Option<&[u8]>,
     ) -> Result<u64, ClusterError> {
         match self.create_with_lines(view, lines).await {
-            Ok(revision) => Ok(revision),
+            Ok(revision) => {
+                self.ended_with_slot(view);
+                Ok(revision)
+            }
             Err(e) => match self.record(view.summary.id).await {
                 Ok(found) if found.view.summary.status == view.summary.status => Ok(found.revision),
                 _ => Err(e),
@@ -223,6 +180,7 @@ impl Cluster {
         {
             Ok(revision) => {
                 if view.summary.status.is_terminal() {
+                    self.ended_with_slot(view);
                     // Not stored: a waiter that misses it reads the record.
                     let subject = ended_subject(view.summary.id);
                     let published = match &self.signer {
@@ -248,11 +206,11 @@ impl Cluster {
     /// A page of every workload of the cluster, newest first, from this
     /// node's index brought up to every change stored before the call (or,
     /// when NATS cannot be read, as the index last knew them).
-    pub async fn list(&self, limit: u64, offset: u64, status: Option<Status>) -> WorkloadList {
+    pub async fn list(&self, request: ListRequest) -> Result<WorkloadList, ClusterError> {
         if let Err(e) = self.catch_up().await {
             tracing::debug!(error = %e, "listing from the index as it stands");
         }
-        self.index.list(limit, offset, status)
+        Ok(self.index.summaries.list(request).await?)
     }
 
     /// The final record of `id` once it has ended: from the end announced on
@@ -347,7 +305,8 @@ impl Cluster {
             .messages()
             .await
             .map_err(ClusterError::unavailable)?;
-        let (mut read, mut pending) = (0, 0);
+        let (mut read, mut pending, mut last) = (0, 0, 0);
+        let mut changes = Vec::new();
         while let Some(change) = batch.next().await {
             let change = change.map_err(ClusterError::unavailable)?;
             let (seq, left) = match change.info() {
@@ -358,8 +317,11 @@ impl Cluster {
                 .subject
                 .strip_prefix(self.workloads.prefix.as_str())
                 .unwrap_or_default();
-            self.index.apply(key, &change, seq);
-            (read, pending) = (read + 1, left);
+            changes.extend(change_of(key, &change));
+            (read, pending, last) = (read + 1, left, seq);
+        }
+        if read > 0 {
+            self.index.summaries.apply(changes, last).await?;
         }
         Ok(read < CATCH_UP_BATCH || pending == 0)
     }
@@ -375,17 +337,16 @@ impl Cluster {
             .map_err(ClusterError::unavailable)?
             .state
             .last_sequence;
-        let deliver_policy = {
-            let mut inner = self.index.lock();
-            if inner.applied > last {
-                *inner = IndexInner::default();
-            }
-            match inner.applied {
-                0 => DeliverPolicy::LastPerSubject,
-                applied => DeliverPolicy::ByStartSequence {
-                    start_sequence: applied + 1,
-                },
-            }
+        let mut applied = self.index.summaries.applied().await?;
+        if applied > last {
+            self.index.summaries.reset().await?;
+            applied = 0;
+        }
+        let deliver_policy = match applied {
+            0 => DeliverPolicy::LastPerSubject,
+            applied => DeliverPolicy::ByStartSequence {
+                start_sequence: applied + 1,
+            },
         };
         stream
             .create_consumer(pull::Config {

@@ -213,6 +213,22 @@ impl Runner {
         tee: Option<Tee>,
         creation: Creation,
     ) -> Result<StartedWorkload, StartError> {
+        let id = WorkloadId::new();
+        self.start_as(id, module, module_hash, spec, tee, creation)
+            .await
+    }
+
+    /// [`Runner::start`] under an id given by the caller (the service,
+    /// which counts a tenant's quota by workload id).
+    pub async fn start_as(
+        self: &Arc<Self>,
+        id: WorkloadId,
+        module: Arc<CompiledModule>,
+        module_hash: String,
+        spec: WorkloadSpec,
+        tee: Option<Tee>,
+        creation: Creation,
+    ) -> Result<StartedWorkload, StartError> {
         let permit: Option<OwnedSemaphorePermit> = match &self.slots {
             Some((sem, max)) => Some(
                 Arc::clone(sem)
@@ -222,7 +238,7 @@ impl Runner {
             None => None,
         };
         let launch = Launch {
-            id: WorkloadId::new(),
+            id,
             slot: Slot(permit),
             module_hash,
             spec,

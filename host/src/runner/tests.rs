@@ -117,7 +117,17 @@ async fn at_capacity_a_start_is_refused_and_creates_nothing() {
         .start(compiled, hash, spec(), None, Creation::Committed)
         .await;
     assert!(matches!(refused, Err(StartError::AtCapacity(1))));
-    let page = node.db().list_workloads(10, 0, None, None).await.unwrap();
+    let page = node
+        .db()
+        .list_workloads(&crate::workload::ListRequest {
+            limit: 10,
+            offset: 0,
+            status: None,
+            tenant: None,
+            before: None,
+        })
+        .await
+        .unwrap();
     assert_eq!(page.total, 1, "the refused start left no record");
     assert!(runner.kill(spinning.id, "done"));
     let record = spinning.done.await.unwrap().unwrap();

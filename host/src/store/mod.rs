@@ -53,7 +53,9 @@ pub use writer::WriterConfig;
 
 use crate::logs::{LivePublisher, LogRecord};
 use crate::outbound::OutboundRule;
-use crate::workload::{Completion, Limits, LogLevel, Status, WorkloadId, WorkloadRecord};
+use crate::workload::{
+    Completion, Limits, ListRequest, LogLevel, Status, WorkloadId, WorkloadRecord,
+};
 use queue::LineQueue;
 use shard::{Shard, SharedByWriters};
 use usage::LogUsage;
@@ -935,44 +937,58 @@ impl Db {
             .await
     }
 
-    /// A page of workloads, newest first, optionally of one status and of
-    /// one tenant: merged from every file that may hold them.
-    pub async fn list_workloads(
-        &self,
-        limit: u64,
-        offset: u64,
-        status: Option<Status>,
-        tenant: Option<&str>,
-    ) -> StoreResult<WorkloadPage> {
-        let shards = self.shards_of(tenant);
-        let tenant = tenant.map(str::to_owned);
+    /// A page of the workloads `request` asks for, newest first, with how
+    /// many match in all (`before` aside). Only summary columns are read,
+    /// and across several files the offset is walked by keyset in steps, so
+    /// a request holds memory for a step and its page whatever the offset.
+    pub async fn list_workloads(&self, request: &ListRequest) -> StoreResult<WorkloadPage> {
+        let shards = self.shards_of(request.tenant.as_deref());
+        let request = request.clone();
         read_blocking(move || {
-            let tenant = tenant.as_deref();
-            if let [only] = &shards[..] {
-                return only
-                    .with_reader(|c| reads::list_workloads(c, limit, offset, status, tenant));
-            }
-            // Each file's first offset + limit, merged: the page is among them.
-            let first = limit.saturating_add(offset);
-            let mut merged = WorkloadPage {
-                items: Vec::new(),
-                total: 0,
-            };
+            let (status, tenant) = (request.status, request.tenant.as_deref());
+            let mut total = 0;
             for shard in &shards {
-                let page =
-                    shard.with_reader(|c| reads::list_workloads(c, first, 0, status, tenant))?;
-                merged.total += page.total;
-                merged.items.extend(page.items);
+                total += shard.with_reader(|c| reads::count_workloads(c, status, tenant))?;
+            }
+            let before = request.before.map(|id| id.to_string());
+            if let [only] = &shards[..] {
+                let items = only.with_reader(|c| {
+                    let (limit, offset, before) =
+                        (request.limit, request.offset, before.as_deref());
+                    reads::list_workloads(c, limit, offset, before, status, tenant)
+                })?;
+                return Ok(WorkloadPage { items, total });
+            }
+            // Skip `offset` ids a step at a time: each file's next STEP ids
+            // below the cursor, merged; the first STEP of them are the
+            // cluster-wide next ones.
+            const STEP: u64 = 1024;
+            let (mut cursor, mut skip) = (before, request.offset);
+            while skip > 0 {
+                let mut ids = Vec::new();
+                for shard in &shards {
+                    let below = cursor.as_deref();
+                    ids.extend(
+                        shard.with_reader(|c| reads::list_ids(c, STEP, below, status, tenant))?,
+                    );
+                }
+                ids.sort_unstable_by(|a, b| b.cmp(a));
+                ids.truncate(STEP.min(skip) as usize);
+                let Some(last) = ids.pop() else { break };
+                skip -= ids.len() as u64 + 1;
+                cursor = Some(last);
+            }
+            let mut items = Vec::new();
+            for shard in &shards {
+                let below = cursor.as_deref();
+                items.extend(shard.with_reader(|c| {
+                    reads::list_workloads(c, request.limit, 0, below, status, tenant)
+                })?);
             }
             // Ids are ULIDs: newest first is greatest first.
-            merged
-                .items
-                .sort_unstable_by_key(|w| std::cmp::Reverse(w.id));
-            merged.items = (merged.items.into_iter())
-                .skip(usize::try_from(offset).unwrap_or(usize::MAX))
-                .take(usize::try_from(limit).unwrap_or(usize::MAX))
-                .collect();
-            Ok(merged)
+            items.sort_unstable_by_key(|w| std::cmp::Reverse(w.id));
+            items.truncate(usize::try_from(request.limit).unwrap_or(usize::MAX));
+            Ok(WorkloadPage { items, total })
         })
         .await
     }

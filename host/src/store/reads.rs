@@ -4,7 +4,7 @@
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::write_op::{PRUNABLE, PruneScope};
-use super::{ModuleInfo, StoreError, StoreResult, WorkloadPage};
+use super::{ModuleInfo, StoreError, StoreResult};
 use crate::logs::{Fields, LogRecord, LogStream};
 use crate::workload::{Status, WorkloadId, WorkloadRecord};
 
@@ -124,33 +124,74 @@ pub(super) fn first_to_prune(
     .query_row(params![cutoff, tenant, others], |r| r.get(0))?)
 }
 
-/// A page of workloads, newest first, optionally of one status.
+/// The filter of a list: status, tenant, and ids below a bound.
+const LIST_WHERE: &str = "WHERE (?1 IS NULL OR status = ?1) AND (?2 IS NULL OR tenant = ?2) \
+     AND (?3 IS NULL OR id < ?3)";
+
+/// What a list item needs, in [`WORKLOAD_COLUMNS`]' places: a spec's args,
+/// env and output (which may be large) are left out, and an error is cut,
+/// so a page's memory is bounded by its length whatever the workloads held.
+const SUMMARY_COLUMNS: &str = "id, status, module_hash, '[]', '[]', '{}', exit_code, \
+     substr(error, 1, 1024), NULL, duration_ms, line_count, created_at, started_at, \
+     finished_at, failure, NULL, NULL, tenant, pruned_at";
+
+/// How many workloads match `status` and `tenant` in all.
+pub(super) fn count_workloads(
+    c: &Connection,
+    status: Option<Status>,
+    tenant: Option<&str>,
+) -> StoreResult<u64> {
+    let filter = status.map(|s| s.as_str());
+    let none: Option<&str> = None;
+    let total: i64 = c
+        .prepare_cached(&format!("SELECT COUNT(*) FROM workloads {LIST_WHERE}"))?
+        .query_row(params![filter, tenant, none], |r| r.get(0))?;
+    Ok(total as u64)
+}
+
+/// A page of workloads (summary columns only), newest first, below
+/// `before` when given.
 pub(super) fn list_workloads(
     c: &Connection,
     limit: u64,
     offset: u64,
+    before: Option<&str>,
     status: Option<Status>,
     tenant: Option<&str>,
-) -> StoreResult<WorkloadPage> {
+) -> StoreResult<Vec<WorkloadRecord>> {
     let filter = status.map(|s| s.as_str());
-    const WHERE: &str = "WHERE (?1 IS NULL OR status = ?1) AND (?2 IS NULL OR tenant = ?2)";
-    let total: i64 = c
-        .prepare_cached(&format!("SELECT COUNT(*) FROM workloads {WHERE}"))?
-        .query_row(params![filter, tenant], |r| r.get(0))?;
     let mut stmt = c.prepare_cached(&format!(
-        "SELECT {WORKLOAD_COLUMNS} FROM workloads {WHERE} ORDER BY id DESC LIMIT ?3 OFFSET ?4"
+        "SELECT {SUMMARY_COLUMNS} FROM workloads {LIST_WHERE} ORDER BY id DESC LIMIT ?4 OFFSET ?5"
     ))?;
-    let items = stmt
-        .query_map(
-            params![filter, tenant, limit as i64, offset as i64],
-            row_to_workload,
-        )?
-        .map(|r| r?)
-        .collect::<StoreResult<Vec<_>>>()?;
-    Ok(WorkloadPage {
-        items,
-        total: total as u64,
-    })
+    stmt.query_map(
+        params![
+            filter,
+            tenant,
+            before,
+            limit.min(i64::MAX as u64) as i64,
+            offset.min(i64::MAX as u64) as i64
+        ],
+        row_to_workload,
+    )?
+    .map(|r| r?)
+    .collect::<StoreResult<Vec<_>>>()
+}
+
+/// Up to `limit` ids of matching workloads below `before`, newest first.
+pub(super) fn list_ids(
+    c: &Connection,
+    limit: u64,
+    before: Option<&str>,
+    status: Option<Status>,
+    tenant: Option<&str>,
+) -> StoreResult<Vec<String>> {
+    let filter = status.map(|s| s.as_str());
+    let mut stmt = c.prepare_cached(&format!(
+        "SELECT id FROM workloads {LIST_WHERE} ORDER BY id DESC LIMIT ?4"
+    ))?;
+    stmt.query_map(params![filter, tenant, before, limit as i64], |r| r.get(0))?
+        .collect::<Result<Vec<String>, _>>()
+        .map_err(Into::into)
 }
 
 /// Up to `limit` stored lines of a workload with seq greater than `after`, in seq order.

@@ -197,17 +197,41 @@ async fn list_is_newest_first_with_total_paging_and_filter() {
         ids.push(create(&db, &hash).await);
     }
     db.mark_running(ids[2]).await.unwrap();
-    let page = db.list_workloads(3, 0, None, None).await.unwrap();
+    let page = db
+        .list_workloads(&crate::workload::ListRequest {
+            limit: 3,
+            offset: 0,
+            status: None,
+            tenant: None,
+            before: None,
+        })
+        .await
+        .unwrap();
     assert_eq!(page.total, 7);
     let got: Vec<_> = page.items.iter().map(|w| w.id).collect();
     assert_eq!(got, vec![ids[6], ids[5], ids[4]]);
-    let page = db.list_workloads(3, 6, None, None).await.unwrap();
+    let page = db
+        .list_workloads(&crate::workload::ListRequest {
+            limit: 3,
+            offset: 6,
+            status: None,
+            tenant: None,
+            before: None,
+        })
+        .await
+        .unwrap();
     assert_eq!(
         page.items.iter().map(|w| w.id).collect::<Vec<_>>(),
         vec![ids[0]]
     );
     let running = db
-        .list_workloads(10, 0, Some(Status::Running), None)
+        .list_workloads(&crate::workload::ListRequest {
+            limit: 10,
+            offset: 0,
+            status: Some(Status::Running),
+            tenant: None,
+            before: None,
+        })
         .await
         .unwrap();
     assert_eq!(running.total, 1);
@@ -1309,7 +1333,16 @@ async fn each_tenant_has_a_file_of_its_own_and_reads_merge_them() {
         assert!(dir.path().join(format!("tenants/{name}.db")).exists());
     }
     // Each file holds its own only.
-    let in_main = db.list_workloads(10, 0, None, None).await.unwrap();
+    let in_main = db
+        .list_workloads(&crate::workload::ListRequest {
+            limit: 10,
+            offset: 0,
+            status: None,
+            tenant: None,
+            before: None,
+        })
+        .await
+        .unwrap();
     assert_eq!(in_main.total, 4, "everyone's, from every file");
     let ids: Vec<_> = in_main.items.iter().map(|w| w.id).collect();
     assert_eq!(
@@ -1317,13 +1350,40 @@ async fn each_tenant_has_a_file_of_its_own_and_reads_merge_them() {
         [nobody, bob, alice, legacy],
         "newest first across files"
     );
-    let alices = db.list_workloads(10, 0, None, Some("alice")).await.unwrap();
+    let alices = db
+        .list_workloads(&crate::workload::ListRequest {
+            limit: 10,
+            offset: 0,
+            status: None,
+            tenant: Some("alice".to_owned()),
+            before: None,
+        })
+        .await
+        .unwrap();
     assert_eq!(alices.total, 2);
     let ids: Vec<_> = alices.items.iter().map(|w| w.id).collect();
     assert_eq!(ids, [alice, legacy], "its own file and the main file");
-    let page = db.list_workloads(1, 1, None, None).await.unwrap();
+    let page = db
+        .list_workloads(&crate::workload::ListRequest {
+            limit: 1,
+            offset: 1,
+            status: None,
+            tenant: None,
+            before: None,
+        })
+        .await
+        .unwrap();
     assert_eq!((page.total, page.items[0].id), (4, bob));
-    let running = (db.list_workloads(10, 0, Some(Status::Running), None).await).unwrap();
+    let running = (db
+        .list_workloads(&crate::workload::ListRequest {
+            limit: 10,
+            offset: 0,
+            status: Some(Status::Running),
+            tenant: None,
+            before: None,
+        })
+        .await)
+        .unwrap();
     assert_eq!(
         running.items.iter().map(|w| w.id).collect::<Vec<_>>(),
         [legacy]

@@ -3,11 +3,11 @@
 //! Owns the rule that a tenant sees only its own workloads and modules (and
 //! that anything else answers 404, so ids cannot be probed), and that an
 //! admin, or anyone on a server without tenants, sees everything. It does
-//! not read tokens (the auth middleware does) nor run anything.
+//! not read tokens (the HTTP edge does) nor run anything.
 
 use std::sync::Arc;
 
-use super::ApiError;
+use super::ServiceError as ApiError;
 use crate::tenants::Tenant;
 
 /// The caller of one request: a tenant, or anyone on an open server.

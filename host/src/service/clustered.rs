@@ -1,0 +1,239 @@
+//! The cluster backend: records, module bytes and owners, lines and quota
+//! places in NATS JetStream (see [`crate::cluster`]), runs on whichever node
+//! has room.
+//!
+//! Does what the service asks after admission and scoping; never checks a
+//! caller itself.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use super::{ListRequest, QuotaSlot, ServiceError};
+use crate::cluster::{Cluster, LogChunk};
+use crate::logs::LogRecord;
+use crate::retention::RetentionPolicy;
+use crate::store::ModuleInfo;
+use crate::tenants::Tenant;
+use crate::view::{KillOutcome, WorkloadList, WorkloadView};
+use crate::workload::{WorkloadId, WorkloadSpec};
+
+/// A cluster as the deployment, seen from one member.
+pub(super) struct Clustered {
+    cluster: Arc<Cluster>,
+}
+
+impl Clustered {
+    pub(super) fn new(cluster: Arc<Cluster>) -> Self {
+        Self { cluster }
+    }
+
+    /// The membership (for the follower's cursor).
+    pub(super) fn cluster(&self) -> &Arc<Cluster> {
+        &self.cluster
+    }
+
+    pub(super) async fn upload_module(
+        &self,
+        owner: Option<&str>,
+        bytes: Bytes,
+    ) -> Result<(ModuleInfo, bool), ServiceError> {
+        let (info, new) = self.cluster.share_module(owner, bytes).await?;
+        match owner {
+            Some(tenant) => {
+                let (first, new) = self.cluster.own_module(tenant, &info.hash).await?;
+                Ok((
+                    ModuleInfo {
+                        created_at: first,
+                        ..info
+                    },
+                    new,
+                ))
+            }
+            None => Ok((info, new)),
+        }
+    }
+
+    pub(super) async fn module(
+        &self,
+        scope: Option<&str>,
+        hash: &str,
+    ) -> Result<ModuleInfo, ServiceError> {
+        let not_found = || ServiceError::NotFound(format!("module {hash} not found"));
+        let info = self
+            .cluster
+            .module_info(hash)
+            .await?
+            .ok_or_else(not_found)?;
+        match scope {
+            Some(tenant) => match self.cluster.module_owned(tenant, hash).await? {
+                Some(first) => Ok(ModuleInfo {
+                    created_at: first,
+                    ..info
+                }),
+                None => Err(not_found()),
+            },
+            None => Ok(info),
+        }
+    }
+
+    pub(super) async fn modules(
+        &self,
+        scope: Option<&str>,
+        limit: u64,
+        offset: u64,
+    ) -> Result<(Vec<ModuleInfo>, u64), ServiceError> {
+        let (limit, offset) = (
+            limit as usize,
+            usize::try_from(offset).unwrap_or(usize::MAX),
+        );
+        Ok(match scope {
+            Some(tenant) => {
+                (self.cluster)
+                    .list_owned_modules(tenant, limit, offset)
+                    .await?
+            }
+            None => self.cluster.list_modules(limit, offset).await?,
+        })
+    }
+
+    pub(super) async fn delete_module(
+        &self,
+        scope: Option<&str>,
+        hash: &str,
+    ) -> Result<(), ServiceError> {
+        match scope {
+            Some(tenant) => self.cluster.disown_module(tenant, hash).await?,
+            None => self.cluster.delete_module(hash).await?,
+        }
+        Ok(())
+    }
+
+    /// A tenant's stored bytes are not counted on a cluster (see the README).
+    pub(super) fn stored_log_bytes(&self, _tenant: &str) -> Option<u64> {
+        None
+    }
+
+    /// A node's store holds only its own copy of its runs' lines.
+    pub(super) fn stored_log_bytes_total(&self) -> Option<u64> {
+        None
+    }
+
+    /// A place of `tenant`'s quota, counted cluster-wide.
+    pub(super) async fn take_slot(
+        &self,
+        tenant: &Tenant,
+        id: WorkloadId,
+    ) -> Result<Option<QuotaSlot>, ServiceError> {
+        let Some(max) = tenant.entry.max_concurrent else {
+            return Ok(None);
+        };
+        match self.cluster.take_slot(tenant.name(), max, id).await? {
+            true => Ok(Some(QuotaSlot::Cluster)),
+            false => Err(super::admission::over_quota(tenant)),
+        }
+    }
+
+    pub(super) async fn running_of(&self, tenant: &Tenant) -> usize {
+        match tenant.entry.max_concurrent {
+            Some(_) => self.cluster.slots_held(tenant.name()).await.unwrap_or(0),
+            None => 0,
+        }
+    }
+
+    /// Gives back a place taken for a submission that failed, unless the
+    /// workload lives on (its end gives it back then).
+    async fn failed(&self, spec_tenant: Option<String>, slot: Option<QuotaSlot>, id: WorkloadId) {
+        if let (Some(tenant), Some(QuotaSlot::Cluster)) = (spec_tenant, slot) {
+            self.cluster.give_back_unless_live(&tenant, id).await;
+        }
+    }
+
+    pub(super) async fn run(
+        &self,
+        id: WorkloadId,
+        module: String,
+        spec: WorkloadSpec,
+        slot: Option<QuotaSlot>,
+    ) -> Result<WorkloadView, ServiceError> {
+        let tenant = spec.tenant.clone();
+        let ran = self.cluster.run(id, &module, spec).await;
+        if ran.is_err() {
+            self.failed(tenant, slot, id).await;
+        }
+        Ok(ran?)
+    }
+
+    pub(super) async fn submit(
+        &self,
+        id: WorkloadId,
+        module: String,
+        spec: WorkloadSpec,
+        slot: Option<QuotaSlot>,
+    ) -> Result<(), ServiceError> {
+        let tenant = spec.tenant.clone();
+        let submitted = self.cluster.submit(id, &module, spec).await;
+        if submitted.is_err() {
+            self.failed(tenant, slot, id).await;
+        }
+        Ok(submitted?)
+    }
+
+    pub(super) async fn record(&self, id: WorkloadId) -> Result<WorkloadView, ServiceError> {
+        Ok(self.cluster.record(id).await?.view)
+    }
+
+    pub(super) async fn list(&self, request: ListRequest) -> Result<WorkloadList, ServiceError> {
+        Ok(self.cluster.list(request).await?)
+    }
+
+    pub(super) async fn kill(
+        &self,
+        id: WorkloadId,
+        reason: &str,
+        wait: Duration,
+    ) -> Result<KillOutcome, ServiceError> {
+        Ok(self.cluster.kill(id, reason, wait).await?)
+    }
+
+    pub(super) async fn history(
+        &self,
+        id: WorkloadId,
+        after: Option<u64>,
+        limit: u64,
+    ) -> Result<Vec<LogRecord>, ServiceError> {
+        let mut cursor = self.cluster.read_history(id, after).await?;
+        let mut lines = Vec::new();
+        while !cursor.caught_up() && (lines.len() as u64) < limit {
+            match cursor.next().await? {
+                LogChunk::Lines(batch) => lines.extend(
+                    batch
+                        .into_iter()
+                        .filter(|r| after.is_none_or(|a| r.seq > a))
+                        .take((limit as usize).saturating_sub(lines.len())),
+                ),
+                LogChunk::End => break,
+            }
+        }
+        Ok(lines)
+    }
+
+    /// The cluster's retention (one node at a time, under a lease) and this
+    /// node's own copy of its runs' lines, pruned as on one node.
+    pub(super) fn start_retention(&self, policy: RetentionPolicy) -> tokio::task::JoinHandle<()> {
+        let cluster = Arc::clone(&self.cluster);
+        let every = Duration::from_secs(1);
+        tokio::spawn(async move {
+            let db = cluster.node_arc().db().clone();
+            tokio::join!(
+                Arc::clone(&cluster).prune_forever(policy.clone(), every),
+                crate::retention::run(db, policy, every),
+            );
+        })
+    }
+
+    pub(super) async fn stop(&self, reason: &str, grace: Duration) {
+        self.cluster.leave(reason, grace).await
+    }
+}
