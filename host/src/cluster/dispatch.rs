@@ -1,4 +1,5 @@
-//! Work across nodes: submitting, claiming, running, finishing and killing.
+//! Work across nodes: submitting and claiming (running is in `execute`,
+//! killing in `kill`).
 //!
 //! A submission to a node with a free slot runs there, its record created
 //! `running` (a sync one's only if it still runs after [`UNLISTED_FOR`],
@@ -19,19 +20,15 @@ use async_nats::jetstream::{self, AckKind};
 use base64::Engine as _;
 use bytes::Bytes;
 use futures_util::StreamExt as _;
-use futures_util::future::Either;
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
-use super::logs::ClusterLines;
-use super::{Cluster, ClusterError, QUEUE_SUBJECT, kill_subject, now_ms, until_done};
-use crate::logs::LineSink;
+use super::{Cluster, ClusterError, QUEUE_SUBJECT, now_ms, until_done};
 use crate::outbound::OutboundRule;
-use crate::runner::{Creation, Launch, LocalRecord, Slot};
-use crate::view::{KillOutcome, WorkloadView};
+use crate::runner::Slot;
+use crate::view::WorkloadView;
 use crate::workload::{
-    Completion, FailureKind, Limits, LogLevel, Status, Stdin, WorkloadId, WorkloadRecord,
-    WorkloadSpec,
+    FailureKind, Limits, LogLevel, Status, Stdin, WorkloadId, WorkloadRecord, WorkloadSpec,
 };
 
 /// A queued workload: everything a node needs to run it.
@@ -88,14 +85,7 @@ const REVISION_HEADER: &str = "Vulcan-Revision";
 /// record in the cluster: one that ends sooner (most do) writes its record
 /// once, final, instead of running and then final; until then it is not
 /// listed, and nobody outside its node can know its id.
-const UNLISTED_FOR: Duration = Duration::from_millis(20);
-
-/// A request on `vulcan.kill.<node>`.
-#[derive(Debug, Serialize, Deserialize)]
-struct KillRequest {
-    id: WorkloadId,
-    reason: String,
-}
+pub(super) const UNLISTED_FOR: Duration = Duration::from_millis(20);
 
 /// A record as it looks before any node has claimed it.
 fn pending_view(
@@ -533,14 +523,14 @@ impl Cluster {
         self.running_here(pending)
     }
 
-    fn claimed_here(&self, id: WorkloadId) {
+    pub(super) fn claimed_here(&self, id: WorkloadId) {
         let mut claimed = self.lock_claimed();
         claimed.insert(id, None);
         self.metrics.claimed.set(claimed.len() as i64);
     }
 
     /// Has the liveness sweep check `id`'s record (see `doubtful`).
-    fn doubt(&self, id: WorkloadId) {
+    pub(super) fn doubt(&self, id: WorkloadId) {
         let mut doubtful = self.lock_doubtful();
         if !doubtful.contains(&id) {
             doubtful.push(id);
@@ -551,293 +541,13 @@ impl Cluster {
         self.doubtful.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn unclaim(&self, id: WorkloadId) {
+    pub(super) fn unclaim(&self, id: WorkloadId) {
         let mut claimed = self.lock_claimed();
         claimed.remove(&id);
         self.metrics.claimed.set(claimed.len() as i64);
     }
 
-    /// Runs a claimed workload, records its end in the cluster once all its
-    /// lines are stored there, and unclaims it.
-    async fn run_claimed(
-        self: &Arc<Self>,
-        module: String,
-        spec: WorkloadSpec,
-        claim: Claim,
-        slot: Slot,
-    ) {
-        let id = claim.view.summary.id;
-        self.run_and_record(module, spec, claim, slot).await;
-        self.unclaim(id);
-    }
-
-    async fn run_and_record(
-        self: &Arc<Self>,
-        module: String,
-        spec: WorkloadSpec,
-        claim: Claim,
-        slot: Slot,
-    ) {
-        let id = claim.view.summary.id;
-        let lines = ClusterLines::new(id);
-        let publish = || {
-            let (this, lines) = (Arc::clone(self), Arc::clone(&lines));
-            tokio::spawn(async move { this.publish_lines(lines).await })
-        };
-        // A run nobody else knows of yet may end with its lines inside its
-        // record: its publisher starts only once it is listed, or once it
-        // has more lines than a record carries.
-        let mut publisher = claim.revision.is_some().then(publish);
-        let (ended_tx, ended_rx) = oneshot::channel();
-        // How it ended, as soon as it did, and this node's own commit of
-        // that end: the cluster's record is sent while that commit runs.
-        let run = async {
-            let compiled = match self.module(&module).await {
-                Ok(compiled) => compiled,
-                Err(e) => return Err(format!("failed to load module {module}: {e}")),
-            };
-            let launch = Launch {
-                id,
-                slot,
-                module_hash: module.clone(),
-                spec,
-                tee: None,
-                also: Some(Arc::clone(&lines) as Arc<dyn LineSink>),
-                // What the API reads is the cluster's record, not this
-                // node's: its guest need not wait for the local one.
-                creation: Creation::Overlapped,
-                ended: Some(ended_tx),
-                record: LocalRecord::Copy,
-            };
-            let started = match self.node.runner().start_claimed(compiled, launch).await {
-                Ok(started) => started,
-                Err(e) => return Err(format!("failed to start: {e}")),
-            };
-            // A kill that came while it was being started.
-            let early_kill = self.lock_claimed().get(&id).cloned().flatten();
-            if let Some(reason) = early_kill {
-                self.node.runner().kill(id, &reason);
-            }
-            let local = async move {
-                match started.done.await {
-                    Ok(Ok(record)) => Ok(record),
-                    Ok(Err(e)) => Err(format!("{e:#}")),
-                    Err(e) => Err(format!("the workload's task failed: {e}")),
-                }
-            };
-            match ended_rx.await {
-                Ok(completion) => Ok((completion, Either::Left(async { local.await.map(drop) }))),
-                // Ended without its guest's end being told (it could not
-                // run): as this node stored it.
-                Err(_) => local.await.map(|record| {
-                    let completion = Completion {
-                        status: record.status,
-                        exit_code: record.exit_code,
-                        error: record.error,
-                        failure: record.failure,
-                        output: record.output,
-                        duration_ms: record.duration_ms.unwrap_or(0),
-                        line_count: record.line_count,
-                    };
-                    (completion, Either::Right(std::future::ready(Ok(()))))
-                }),
-            }
-        };
-        tokio::pin!(run);
-        let mut revision = claim.revision;
-        let listed = tokio::time::sleep(UNLISTED_FOR);
-        tokio::pin!(listed);
-        // The running record is written beside the run, never in its way:
-        // a NATS that does not answer must not hide the run's end.
-        let mut listing: Option<std::pin::Pin<Box<dyn Future<Output = u64> + Send + '_>>> = None;
-        let outcome = loop {
-            tokio::select! {
-                outcome = &mut run => break outcome,
-                () = &mut listed, if revision.is_none() && listing.is_none() => {
-                    // Still running: listed, and killable from any node.
-                    publisher.get_or_insert_with(publish);
-                    let view = claim.view.clone();
-                    listing = Some(Box::pin(async move {
-                        until_done("running record", id, || self.create_own(&view, None)).await
-                    }));
-                }
-                created = async { listing.as_mut().expect("listing").await }, if listing.is_some() => {
-                    revision = Some(created);
-                    listing = None;
-                }
-                () = lines.until_beyond_inline(), if publisher.is_none() => {
-                    publisher = Some(publish());
-                }
-            }
-        };
-        // How it ended, as this node knows it: what a sync caller here is
-        // told at once, and (with the cluster's line count) the final record.
-        let (mut view, local) = match outcome {
-            Ok((completion, local)) => (claim.view.end(completion, now_ms()), local),
-            Err(error) => (
-                ended(claim.view, Status::Failed, FailureKind::Host, error),
-                Either::Right(std::future::ready(Ok(()))),
-            ),
-        };
-        let mut here = claim.here.map(|Here { recorded, ended }| {
-            let _ = ended.send(view.clone());
-            recorded
-        });
-        if let Some(listing) = listing {
-            revision = Some(listing.await);
-        }
-        match revision {
-            Some(_) => lines.close(),
-            // Still known to nobody else: its lines may go inside its record.
-            None => lines.close_unlisted(),
-        }
-        let published = match publisher {
-            Some(publisher) => publisher.await.map_err(|e| {
-                tracing::error!(workload = %id, error = %e, "the log publisher failed");
-            }),
-            // Never started: the lines go inside the record, or out now if
-            // they came too fast for the publisher to have been started.
-            None => Ok(self.publish_lines(Arc::clone(&lines)).await),
-        };
-        let published = match published {
-            Ok(Ok(published)) => published,
-            // Failed over: the record belongs to whoever fenced it.
-            Ok(Err(super::logs::Fenced)) | Err(()) => return,
-        };
-        // What the cluster holds is what a reader of this record finds.
-        view.summary.line_count = published.lines;
-        let store = async {
-            match revision {
-                // Someone (a node that presumed this one lost) may have moved
-                // it on: then it is theirs.
-                Some(revision) => until_done("final record", id, || self.swap(&view, revision))
-                    .await
-                    .is_some(),
-                None => {
-                    let inline = published.inline.as_deref();
-                    until_done("final record", id, || self.create_own(&view, inline)).await;
-                    true
-                }
-            }
-        };
-        // The caller is answered from the cluster's record; this node's
-        // copy commits meanwhile (in its own task), with other runs'.
-        if let (true, Some(here)) = (store.await, here.take()) {
-            let _ = here.send(view);
-        }
-        if let Err(e) = local.await {
-            // Its lines and end are in the cluster, which is what is read.
-            tracing::error!(workload = %id, error = %e, "this node could not store its own copy of a run");
-        }
-    }
-
-    /// Stops `id` wherever it is: a pending one never starts, a running one
-    /// is killed on its node. The final record once it ended within `wait`.
-    pub async fn kill(
-        &self,
-        id: WorkloadId,
-        reason: &str,
-        wait: Duration,
-    ) -> Result<KillOutcome, ClusterError> {
-        loop {
-            let current = self.record(id).await?;
-            match current.view.summary.status {
-                Status::Pending => {
-                    let view = ended(
-                        current.view,
-                        Status::Killed,
-                        FailureKind::Killed,
-                        reason.to_owned(),
-                    );
-                    if self.swap(&view, current.revision).await?.is_some() {
-                        // Ends its followers' streams; never started, it has no lines.
-                        let _ = self.publish_end(id, Some(0), 0).await;
-                        return Ok(KillOutcome::Ended(Box::new(view)));
-                    }
-                }
-                Status::Running => {
-                    let node = current.view.summary.node.clone().unwrap_or_default();
-                    if node == self.node_id {
-                        self.kill_here(id, reason);
-                    } else {
-                        let request = serde_json::to_vec(&KillRequest {
-                            id,
-                            reason: reason.to_owned(),
-                        })
-                        .map_err(anyhow::Error::from)?;
-                        // No answer: the node may be gone; its loss ends the workload.
-                        let subject = kill_subject(&node);
-                        let _ = match &self.signer {
-                            Some(signer) => {
-                                let headers = signer.sign(&subject, &request);
-                                self.client
-                                    .request_with_headers(subject, headers, request.into())
-                                    .await
-                            }
-                            None => self.client.request(subject, request.into()).await,
-                        };
-                    }
-                    return Ok(match tokio::time::timeout(wait, self.wait_end(id)).await {
-                        Ok(view) => KillOutcome::Ended(Box::new(view?)),
-                        Err(_) => KillOutcome::Stopping,
-                    });
-                }
-                status => return Ok(KillOutcome::AlreadyEnded(status)),
-            }
-        }
-    }
-
-    /// Kills a workload claimed here, or marks it to be killed once started.
-    fn kill_here(&self, id: WorkloadId, reason: &str) -> bool {
-        if self.node.runner().kill(id, reason) {
-            return true;
-        }
-        let mut claimed = self.lock_claimed();
-        match claimed.get_mut(&id) {
-            Some(kill) => {
-                *kill = Some(reason.to_owned());
-                drop(claimed);
-                // It may have started in between.
-                self.node.runner().kill(id, reason);
-                true
-            }
-            None => false,
-        }
-    }
-
-    /// Answers kill requests for workloads on this node.
-    pub(super) async fn take_kills(self: Arc<Self>, mut requests: async_nats::Subscriber) {
-        while let Some(message) = requests.next().await {
-            if let Some(signer) = &self.signer
-                && let Some(why) = signer.refusal(
-                    message.subject.as_str(),
-                    message.headers.as_ref(),
-                    &message.payload,
-                )
-            {
-                tracing::warn!(subject = %message.subject, "refusing a kill request: {why}");
-                if let Some(reply) = message.reply {
-                    let _ = self.client.publish(reply, "refused".into()).await;
-                }
-                continue;
-            }
-            let answer = match serde_json::from_slice::<KillRequest>(&message.payload) {
-                Ok(k) => match self.kill_here(k.id, &k.reason) {
-                    true => "killing",
-                    false => "not running here",
-                },
-                Err(e) => {
-                    tracing::warn!(error = %e, "dropping a kill request that does not parse");
-                    "malformed"
-                }
-            };
-            if let Some(reply) = message.reply {
-                let _ = self.client.publish(reply, answer.into()).await;
-            }
-        }
-    }
-
-    fn lock_claimed(
+    pub(super) fn lock_claimed(
         &self,
     ) -> std::sync::MutexGuard<'_, std::collections::HashMap<WorkloadId, Option<String>>> {
         self.claimed.lock().unwrap_or_else(|p| p.into_inner())
@@ -856,24 +566,24 @@ struct Admitted {
 }
 
 /// A workload this node has claimed: its running record and that revision.
-struct Claim {
-    view: WorkloadView,
+pub(super) struct Claim {
+    pub(super) view: WorkloadView,
     /// `None`: not in the cluster yet (see [`UNLISTED_FOR`]).
-    revision: Option<u64>,
+    pub(super) revision: Option<u64>,
     /// Who waits here for its final record.
-    here: Option<Here>,
+    pub(super) here: Option<Here>,
 }
 
 /// A sync caller on this node, waiting for a run started here.
-struct Here {
+pub(super) struct Here {
     /// Its final record, once the cluster holds it.
-    recorded: oneshot::Sender<WorkloadView>,
+    pub(super) recorded: oneshot::Sender<WorkloadView>,
     /// How it ended, as this node knows it, as soon as it did: the answer
     /// if the cluster does not take the record within [`RECORD_DEADLINE`].
-    ended: oneshot::Sender<WorkloadView>,
+    pub(super) ended: oneshot::Sender<WorkloadView>,
 }
 
 /// How long a sync caller waits, after its run ended here, for the cluster
 /// to take the final record before it is answered with this node's
 /// (503 `cluster_unavailable`, saying that it ran).
-const RECORD_DEADLINE: Duration = Duration::from_secs(3);
+pub(super) const RECORD_DEADLINE: Duration = Duration::from_secs(3);

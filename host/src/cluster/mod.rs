@@ -27,7 +27,9 @@
 
 mod auth;
 mod dispatch;
+mod execute;
 mod index;
+mod kill;
 mod liveness;
 mod logs;
 mod modules;

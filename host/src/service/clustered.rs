@@ -78,6 +78,15 @@ impl Clustered {
         }
     }
 
+    /// 404 unless `tenant` uploaded `hash` (whether the cluster still has
+    /// the bytes is found out as the run is admitted).
+    pub(super) async fn check_owned(&self, tenant: &str, hash: &str) -> Result<(), ServiceError> {
+        match self.cluster.module_owned(tenant, hash).await? {
+            Some(_) => Ok(()),
+            None => Err(ServiceError::NotFound(format!("module {hash} not found"))),
+        }
+    }
+
     pub(super) async fn modules(
         &self,
         scope: Option<&str>,

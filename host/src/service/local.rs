@@ -60,6 +60,12 @@ impl Local {
         })
     }
 
+    /// 404 unless `tenant` uploaded `hash` (cached: ownership is never
+    /// taken back while a run could use it).
+    pub(super) async fn check_owned(&self, tenant: &str, hash: &str) -> Result<(), ServiceError> {
+        Ok(self.node.db().check_owned(tenant, hash).await?)
+    }
+
     pub(super) async fn modules(
         &self,
         scope: Option<&str>,

@@ -22,8 +22,10 @@
 
 mod checkpoint;
 mod health;
+mod lock;
 mod queue;
 mod reads;
+mod routing;
 
 pub use reads::PAGE_BYTES;
 mod reserve;
@@ -35,16 +37,15 @@ mod write_sql;
 mod writer;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::fs::File;
-use std::io::{Read as _, Seek as _, Write as _};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, RwLock, mpsc};
+use std::sync::{Arc, Mutex, mpsc};
 
 use anyhow::Context as _;
 use rusqlite::Connection;
 use tokio::sync::oneshot;
 
+pub use lock::LOCK_FILE;
 pub use queue::{LINE_OVERHEAD, LineLane};
 pub use reserve::{DEFAULT_RESERVE_BYTES, RESERVE_FILE};
 pub use schema::SCHEMA_VERSION;
@@ -56,7 +57,9 @@ use crate::outbound::OutboundRule;
 use crate::workload::{
     Completion, Limits, ListRequest, LogLevel, Status, WorkloadId, WorkloadRecord,
 };
+use lock::DataDirLock;
 use queue::LineQueue;
+use routing::Routing;
 use shard::{Shard, SharedByWriters};
 use usage::LogUsage;
 use write_op::WriteOp;
@@ -66,9 +69,6 @@ use writer::WriterStats;
 
 /// The database file's name inside the data directory.
 pub const DB_FILE: &str = "vulcan.db";
-
-/// The lock file that marks a data directory's owner.
-pub const LOCK_FILE: &str = "vulcan.lock";
 
 /// Errors a caller may branch on.
 #[derive(Debug, thiserror::Error)]
@@ -169,19 +169,8 @@ pub struct Db {
 }
 
 struct Inner {
-    data_dir: PathBuf,
-    /// How tenants' files opened later batch and bound their lines.
-    config: WriterConfig,
-    /// The main file: modules, their owners, workloads without a tenant (and
-    /// tenants' workloads stored before tenants had files of their own).
-    main: Arc<Shard>,
-    /// Tenants' files, by name; a tenant's is opened (made) when it first
-    /// creates a workload. Read-only handles see those that existed.
-    tenants: RwLock<BTreeMap<String, Arc<Shard>>>,
-    /// Which tenant's file holds a workload: those created through this
-    /// handle until they end (never forgotten: their end must find them),
-    /// and, in `found`, those found by a read.
-    homes: Mutex<Homes>,
+    /// The files, and which holds which workload.
+    routing: Routing,
     /// Modules known to be owned, by tenant: ownership is never taken back,
     /// so a run of a tenant's module needs no read to check it.
     owned: Mutex<HashMap<String, HashSet<String>>>,
@@ -194,17 +183,6 @@ struct Inner {
 /// Most ownership pairs kept in memory; beyond it the set starts afresh
 /// (a miss costs one read).
 const OWNED_CACHED: usize = 65_536;
-
-/// Most workloads whose file is remembered; beyond it the map starts afresh
-/// (a miss costs one lookup in each file).
-const HOMES_CACHED: usize = 65_536;
-
-/// Where workloads outside the main file live.
-#[derive(Default)]
-struct Homes {
-    live: HashMap<WorkloadId, Arc<Shard>>,
-    found: HashMap<WorkloadId, Arc<Shard>>,
-}
 
 /// A writer thread's inbox and what it shares with the handles.
 struct WriterHandle {
@@ -227,46 +205,6 @@ impl WriterHandle {
             self.stats.ops_waiting.fetch_sub(1, Ordering::AcqRel);
         }
         sent
-    }
-}
-
-/// An exclusive lock on a data directory, with the holder's pid in the file.
-struct DataDirLock(#[expect(dead_code, reason = "held for its lock")] File);
-
-impl DataDirLock {
-    fn acquire(data_dir: &Path) -> anyhow::Result<Self> {
-        let path = data_dir.join(LOCK_FILE);
-        let mut file = File::options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .with_context(|| format!("failed to open {}", path.display()))?;
-        match file.try_lock() {
-            Ok(()) => {}
-            Err(std::fs::TryLockError::WouldBlock) => {
-                let mut holder = String::new();
-                let _ = file.read_to_string(&mut holder);
-                let holder = match holder.trim() {
-                    "" => "another vulcan process".to_owned(),
-                    pid => format!("another vulcan process (pid {pid})"),
-                };
-                anyhow::bail!(
-                    "the data directory {} is in use by {holder}; talk to that server with \
-                     --server URL, or use another --data-dir",
-                    data_dir.display()
-                );
-            }
-            Err(std::fs::TryLockError::Error(e)) => {
-                return Err(e).with_context(|| format!("failed to lock {}", path.display()));
-            }
-        }
-        // Ours now: say who holds it.
-        file.set_len(0)?;
-        file.rewind()?;
-        write!(file, "{}", std::process::id())?;
-        Ok(Self(file))
     }
 }
 
@@ -342,139 +280,12 @@ impl Db {
         };
         Self {
             inner: Arc::new(Inner {
-                data_dir: data_dir.to_owned(),
-                config,
-                main,
-                tenants: RwLock::new(tenants),
-                homes: Mutex::default(),
+                routing: Routing::new(data_dir.to_owned(), config, main, tenants),
                 owned: Mutex::default(),
                 shared,
                 _owner: owner,
             }),
         }
-    }
-
-    fn writer(&self) -> StoreResult<&WriterHandle> {
-        writer_of(&self.inner.main)
-    }
-
-    /// Every file: the main one first.
-    fn shards(&self) -> Vec<Arc<Shard>> {
-        let tenants = self.inner.tenants.read().unwrap_or_else(|p| p.into_inner());
-        std::iter::once(Arc::clone(&self.inner.main))
-            .chain(tenants.values().cloned())
-            .collect()
-    }
-
-    /// `tenant`'s own file, if it has one yet.
-    fn tenant_shard(&self, tenant: &str) -> Option<Arc<Shard>> {
-        let tenants = self.inner.tenants.read().unwrap_or_else(|p| p.into_inner());
-        tenants.get(tenant).cloned()
-    }
-
-    /// The files that may hold `tenant`'s workloads (every file for `None`,
-    /// everyone's): the main file, which holds those stored before tenants
-    /// had files, and its own.
-    fn shards_of(&self, tenant: Option<&str>) -> Vec<Arc<Shard>> {
-        match tenant {
-            None => self.shards(),
-            Some(t) => std::iter::once(Arc::clone(&self.inner.main))
-                .chain(self.tenant_shard(t))
-                .collect(),
-        }
-    }
-
-    /// The file a new workload of `tenant` goes to, opened (made) on first use.
-    fn shard_for_new(&self, tenant: Option<&str>) -> StoreResult<Arc<Shard>> {
-        let Some(name) = tenant else {
-            return Ok(Arc::clone(&self.inner.main));
-        };
-        if let Some(found) = self.tenant_shard(name) {
-            return Ok(found);
-        }
-        let Some(path) = shard::tenant_path(&self.inner.data_dir, name) else {
-            return Ok(Arc::clone(&self.inner.main));
-        };
-        self.writer()?;
-        let mut tenants = self
-            .inner
-            .tenants
-            .write()
-            .unwrap_or_else(|p| p.into_inner());
-        if let Some(found) = tenants.get(name) {
-            return Ok(Arc::clone(found));
-        }
-        let dir = self.inner.data_dir.join(shard::TENANTS_DIR);
-        std::fs::create_dir_all(&dir)
-            .with_context(|| format!("failed to create {}", dir.display()))?;
-        let opened = Shard::open(
-            path,
-            Some(name.to_owned()),
-            tenant_config(self.inner.config),
-            &self.inner.shared,
-        )
-        .map_err(|e| {
-            // A full disk is what it is for the caller (507), as on any write.
-            let full = e.chain().any(|cause| {
-                cause
-                    .downcast_ref::<rusqlite::Error>()
-                    .and_then(|e| e.sqlite_error_code())
-                    == Some(rusqlite::ErrorCode::DiskFull)
-            });
-            let e = e.context(format!("failed to open the store of tenant `{name}`"));
-            match full {
-                true => StoreError::StorageFull(format!("{e:#}")),
-                false => StoreError::Internal(e),
-            }
-        })?;
-        tenants.insert(name.to_owned(), Arc::clone(&opened));
-        Ok(opened)
-    }
-
-    fn homes(&self) -> std::sync::MutexGuard<'_, Homes> {
-        self.inner.homes.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Notes the file of a workload being created (`live`) or found by a read.
-    fn remember_home(&self, id: WorkloadId, shard: &Arc<Shard>, live: bool) {
-        // The main file is the one used for a workload not remembered.
-        if Arc::ptr_eq(shard, &self.inner.main) {
-            return;
-        }
-        let mut homes = self.homes();
-        if live {
-            homes.live.insert(id, Arc::clone(shard));
-        } else {
-            if homes.found.len() >= HOMES_CACHED {
-                homes.found.clear();
-            }
-            homes.found.insert(id, Arc::clone(shard));
-        }
-    }
-
-    /// A workload created through this handle has ended (or failed to be
-    /// created): it is only remembered as found.
-    fn forget_live(&self, id: WorkloadId) {
-        let mut homes = self.homes();
-        if let Some(shard) = homes.live.remove(&id) {
-            if homes.found.len() >= HOMES_CACHED {
-                homes.found.clear();
-            }
-            homes.found.insert(id, shard);
-        }
-    }
-
-    /// The file that holds a workload, if remembered.
-    fn known_home(&self, id: WorkloadId) -> Option<Arc<Shard>> {
-        let homes = self.homes();
-        (homes.live.get(&id).or_else(|| homes.found.get(&id))).cloned()
-    }
-
-    /// The file a workload created through this handle lives in (the main
-    /// one when it is not remembered).
-    fn home(&self, id: WorkloadId) -> Arc<Shard> {
-        self.known_home(id)
-            .unwrap_or_else(|| Arc::clone(&self.inner.main))
     }
 
     /// Opens a workload's line lane: lines sent to it are committed in batches
@@ -484,7 +295,7 @@ impl Db {
         workload: WorkloadId,
         live: Option<Box<dyn LivePublisher>>,
     ) -> StoreResult<LineLane> {
-        let shard = self.home(workload);
+        let shard = self.inner.routing.home(workload);
         let w = writer_of(&shard)?;
         Ok(LineLane::new(
             workload,
@@ -508,7 +319,10 @@ impl Db {
         LineLane,
         impl Future<Output = StoreResult<()>> + Send + 'static,
     )> {
-        let shard = self.shard_for_new(new.tenant.as_deref())?;
+        let shard = self
+            .inner
+            .routing
+            .shard_for_new(new.tenant.as_deref(), &self.inner.shared)?;
         let w = writer_of(&shard)?;
         let id = new.id;
         // Open before the creation is sent: the commit that takes the
@@ -519,7 +333,7 @@ impl Db {
             w.queue.close(id);
             return Err(anyhow::anyhow!("the database writer has stopped").into());
         }
-        self.remember_home(id, &shard, true);
+        self.inner.routing.remember_home(id, &shard, true);
         Ok((lane, async move {
             rx.await
                 .map_err(|_| anyhow::anyhow!("the database writer stopped before answering"))?
@@ -529,15 +343,15 @@ impl Db {
     /// Discards a workload's line lane and whatever waits in it (its
     /// creation failed).
     pub fn drop_lines(&self, workload: WorkloadId) {
-        if let Ok(w) = writer_of(&self.home(workload)) {
+        if let Ok(w) = writer_of(&self.inner.routing.home(workload)) {
             w.queue.close(workload);
         }
-        self.forget_live(workload);
+        self.inner.routing.forget_live(workload);
     }
 
     /// Sums a writer's figure over every file.
     fn sum(&self, figure: impl Fn(&WriterHandle) -> u64) -> u64 {
-        (self.shards().iter())
+        (self.inner.routing.shards().iter())
             .filter_map(|s| s.writer.as_ref().map(&figure))
             .sum()
     }
@@ -553,9 +367,12 @@ impl Db {
         let of = |s: &Shard| s.writer.as_ref().map_or(0, |w| w.usage.of(tenant));
         match tenant {
             // Asked before each of a tenant's runs: no list of files.
-            Some(t) => of(&self.inner.main) + self.tenant_shard(t).map_or(0, |s| of(&s)),
+            Some(t) => {
+                of(&self.inner.routing.main)
+                    + self.inner.routing.tenant_shard(t).map_or(0, |s| of(&s))
+            }
             // Only the main file holds workloads without a tenant.
-            None => of(&self.inner.main),
+            None => of(&self.inner.routing.main),
         }
     }
 
@@ -583,7 +400,7 @@ impl Db {
         &self,
         op: impl FnOnce(oneshot::Sender<StoreResult<T>>) -> WriteOp,
     ) -> StoreResult<T> {
-        request(&self.inner.main, op).await
+        request(&self.inner.routing.main, op).await
     }
 
     /// Stores a module once; returns true if it was new.
@@ -612,7 +429,7 @@ impl Db {
     /// pending or running workload (of `tenant`, or of anyone) uses it.
     /// True if the bytes went.
     pub async fn delete_module(&self, hash: &str, tenant: Option<&str>) -> StoreResult<bool> {
-        let (shards, used) = (self.shards_of(tenant), hash.to_owned());
+        let (shards, used) = (self.inner.routing.shards_of(tenant), hash.to_owned());
         let scope = tenant.map(str::to_owned);
         let in_use = read_blocking(move || {
             for shard in shards {
@@ -677,8 +494,8 @@ impl Db {
         max_lines: u64,
     ) -> StoreResult<u64> {
         let candidates: Vec<_> = match &scope {
-            PruneScope::Tenant(t) => self.shards_of(Some(t)),
-            PruneScope::AllBut(others) => (self.shards().into_iter())
+            PruneScope::Tenant(t) => self.inner.routing.shards_of(Some(t)),
+            PruneScope::AllBut(others) => (self.inner.routing.shards().into_iter())
                 .filter(|s| s.tenant.as_ref().is_none_or(|t| !others.contains(t)))
                 .collect(),
         };
@@ -724,7 +541,7 @@ impl Db {
     /// After pruning: asks each file's checkpointer to give the WAL's space
     /// back (the pruning steps already gave the database's free pages back).
     pub fn shrink_logs(&self) {
-        for shard in self.shards() {
+        for shard in self.inner.routing.shards() {
             if let Some(checkpointer) = &shard.checkpointer {
                 checkpointer.truncate();
             }
@@ -733,8 +550,13 @@ impl Db {
 
     /// Creates a workload in status `pending`.
     pub async fn create_workload(&self, new: NewWorkload) -> StoreResult<()> {
-        let (id, shard) = (new.id, self.shard_for_new(new.tenant.as_deref())?);
-        self.remember_home(id, &shard, true);
+        let (id, shard) = (
+            new.id,
+            self.inner
+                .routing
+                .shard_for_new(new.tenant.as_deref(), &self.inner.shared)?,
+        );
+        self.inner.routing.remember_home(id, &shard, true);
         let created = request(&shard, |reply| WriteOp::Create {
             new,
             reply,
@@ -743,7 +565,7 @@ impl Db {
         .await;
         if created.is_err() {
             // Nothing will end it: no end needs to find it.
-            self.forget_live(id);
+            self.inner.routing.forget_live(id);
         }
         created
     }
@@ -752,7 +574,7 @@ impl Db {
     /// creates workloads running; tests drive the lifecycle step by step).
     #[cfg(test)]
     pub async fn mark_running(&self, id: WorkloadId) -> StoreResult<()> {
-        request(&self.home(id), |reply| WriteOp::Transition {
+        request(&self.inner.routing.home(id), |reply| WriteOp::Transition {
             id,
             to: Status::Running,
             completion: None,
@@ -781,7 +603,7 @@ impl Db {
         completion: Completion,
         haste: Haste,
     ) -> StoreResult<WorkloadRecord> {
-        let ended = request(&self.home(id), |reply| WriteOp::Transition {
+        let ended = request(&self.inner.routing.home(id), |reply| WriteOp::Transition {
             id,
             to: completion.status,
             completion: Some(completion),
@@ -791,7 +613,7 @@ impl Db {
         .await;
         // An end that could not be written yet is retried by the writer,
         // which knows its file.
-        self.forget_live(id);
+        self.inner.routing.forget_live(id);
         ended?.ok_or_else(|| anyhow::anyhow!("workload {id} ended without its record").into())
     }
 
@@ -799,7 +621,7 @@ impl Db {
     /// count and end time taken from its stored lines; returns how many.
     pub async fn fail_unfinished(&self, reason: &str) -> StoreResult<u64> {
         let mut failed = 0;
-        for shard in self.shards() {
+        for shard in self.inner.routing.shards() {
             let reason = reason.to_owned();
             failed += request(&shard, |reply| WriteOp::FailUnfinished { reason, reply }).await?;
         }
@@ -808,7 +630,7 @@ impl Db {
 
     /// Waits until everything queued so far is committed (or has failed).
     pub async fn flush(&self) {
-        for shard in self.shards() {
+        for shard in self.inner.routing.shards() {
             let (reply, rx) = oneshot::channel();
             if let Ok(w) = writer_of(&shard)
                 && w.send(WriteOp::Flush { reply })
@@ -823,7 +645,7 @@ impl Db {
     #[cfg(test)]
     pub async fn set_page_limit(&self, pages: Option<u64>) {
         let (reply, rx) = oneshot::channel();
-        if let Ok(w) = self.writer()
+        if let Ok(w) = writer_of(&self.inner.routing.main)
             && w.send(WriteOp::PageLimit { pages, reply })
         {
             let _ = rx.await;
@@ -833,7 +655,7 @@ impl Db {
     /// Runs `f` on a read-only connection to the main file, here (tests).
     #[cfg(test)]
     fn with_reader<T>(&self, f: impl FnOnce(&Connection) -> StoreResult<T>) -> StoreResult<T> {
-        self.inner.main.with_reader(f)
+        self.inner.routing.main.with_reader(f)
     }
 
     /// Runs a read on a pooled read-only connection to the main file, off
@@ -842,7 +664,7 @@ impl Db {
         &self,
         f: impl FnOnce(&Connection) -> StoreResult<T> + Send + 'static,
     ) -> StoreResult<T> {
-        let main = Arc::clone(&self.inner.main);
+        let main = Arc::clone(&self.inner.routing.main);
         read_blocking(move || main.with_reader(f)).await
     }
 
@@ -854,9 +676,9 @@ impl Db {
         id: WorkloadId,
         f: impl FnOnce(&Connection) -> StoreResult<T> + Send + 'static,
     ) -> StoreResult<T> {
-        let shards = match self.known_home(id) {
+        let shards = match self.inner.routing.known_home(id) {
             Some(shard) => vec![shard],
-            None => self.shards(),
+            None => self.inner.routing.shards(),
         };
         let db = self.clone();
         read_blocking(move || {
@@ -865,7 +687,7 @@ impl Db {
                 for shard in &shards {
                     if shard.with_reader(|c| reads::has_workload(c, id))? {
                         home = shard;
-                        db.remember_home(id, shard, false);
+                        db.inner.routing.remember_home(id, shard, false);
                         break;
                     }
                 }
@@ -942,7 +764,7 @@ impl Db {
     /// and across several files the offset is walked by keyset in steps, so
     /// a request holds memory for a step and its page whatever the offset.
     pub async fn list_workloads(&self, request: &ListRequest) -> StoreResult<WorkloadPage> {
-        let shards = self.shards_of(request.tenant.as_deref());
+        let shards = self.inner.routing.shards_of(request.tenant.as_deref());
         let request = request.clone();
         read_blocking(move || {
             let (status, tenant) = (request.status, request.tenant.as_deref());

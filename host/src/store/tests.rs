@@ -1314,7 +1314,7 @@ async fn each_tenant_has_a_file_of_its_own_and_reads_merge_them() {
             tenant: Some("alice".into()),
             ..new_running(id, MODULE)
         };
-        request(&db.inner.main, |reply| WriteOp::Create {
+        request(&db.inner.routing.main, |reply| WriteOp::Create {
             new,
             reply,
             haste: Haste::Now,
