@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use super::{ListRequest, QuotaSlot, ServiceError};
+use super::{ListRequest, QuotaSlot, Resolved, ServiceError};
 use crate::cluster::{Cluster, LogChunk};
 use crate::logs::LogRecord;
 use crate::retention::RetentionPolicy;
@@ -53,6 +53,16 @@ impl Clustered {
             }
             None => Ok((info, new)),
         }
+    }
+
+    /// Stores a module that came with a run for `owner`: its hash.
+    pub(super) async fn upload_for_run(
+        &self,
+        owner: Option<&str>,
+        bytes: Bytes,
+    ) -> Result<Resolved, ServiceError> {
+        let (info, _) = self.upload_module(owner, bytes).await?;
+        Ok(Resolved::hash(info.hash))
     }
 
     pub(super) async fn module(
@@ -153,23 +163,28 @@ impl Clustered {
 
     /// Gives back a place taken for a submission that failed, unless the
     /// workload lives on (its end gives it back then).
-    async fn failed(&self, spec_tenant: Option<String>, slot: Option<QuotaSlot>, id: WorkloadId) {
-        if let (Some(tenant), Some(QuotaSlot::Cluster)) = (spec_tenant, slot) {
-            self.cluster.give_back_unless_live(&tenant, id).await;
+    pub(super) async fn give_back(
+        &self,
+        tenant: Option<&str>,
+        slot: Option<QuotaSlot>,
+        id: WorkloadId,
+    ) {
+        if let (Some(tenant), Some(QuotaSlot::Cluster)) = (tenant, slot) {
+            self.cluster.give_back_unless_live(tenant, id).await;
         }
     }
 
     pub(super) async fn run(
         &self,
         id: WorkloadId,
-        module: String,
+        module: Resolved,
         spec: WorkloadSpec,
         slot: Option<QuotaSlot>,
     ) -> Result<WorkloadView, ServiceError> {
         let tenant = spec.tenant.clone();
-        let ran = self.cluster.run(id, &module, spec).await;
+        let ran = self.cluster.run(id, &module.hash, spec).await;
         if ran.is_err() {
-            self.failed(tenant, slot, id).await;
+            self.give_back(tenant.as_deref(), slot, id).await;
         }
         Ok(ran?)
     }
@@ -177,14 +192,14 @@ impl Clustered {
     pub(super) async fn submit(
         &self,
         id: WorkloadId,
-        module: String,
+        module: Resolved,
         spec: WorkloadSpec,
         slot: Option<QuotaSlot>,
     ) -> Result<(), ServiceError> {
         let tenant = spec.tenant.clone();
-        let submitted = self.cluster.submit(id, &module, spec).await;
+        let submitted = self.cluster.submit(id, &module.hash, spec).await;
         if submitted.is_err() {
-            self.failed(tenant, slot, id).await;
+            self.give_back(tenant.as_deref(), slot, id).await;
         }
         Ok(submitted?)
     }

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use super::{QuotaSlot, ServiceError};
+use super::{QuotaSlot, Resolved, ServiceError};
 use crate::logs::LogRecord;
 use crate::node::Node;
 use crate::retention::RetentionPolicy;
@@ -46,6 +46,23 @@ impl Local {
             }
             None => Ok((info, new)),
         }
+    }
+
+    /// Stores a module that came with a run for `owner`: its hash and
+    /// compiled form, compiled once for both.
+    pub(super) async fn upload_for_run(
+        &self,
+        owner: Option<&str>,
+        bytes: Bytes,
+    ) -> Result<Resolved, ServiceError> {
+        let (info, compiled, _) = self.node.registry().register_for(owner, bytes).await?;
+        if let Some(tenant) = owner {
+            self.node.db().own_module(tenant, &info.hash).await?;
+        }
+        Ok(Resolved {
+            hash: info.hash,
+            compiled: Some(compiled),
+        })
     }
 
     pub(super) async fn module(
@@ -111,6 +128,17 @@ impl Local {
         }
     }
 
+    /// Gives back a place taken for a run that did not start (dropping
+    /// the permit does).
+    pub(super) async fn give_back(
+        &self,
+        _tenant: Option<&str>,
+        slot: Option<QuotaSlot>,
+        _id: WorkloadId,
+    ) {
+        drop(slot);
+    }
+
     /// How many of `tenant`'s workloads hold a place of its quota.
     pub(super) async fn running_of(&self, tenant: &Tenant) -> usize {
         tenant.running()
@@ -121,20 +149,24 @@ impl Local {
     async fn start(
         &self,
         id: WorkloadId,
-        module: String,
+        module: Resolved,
         spec: WorkloadSpec,
         slot: Option<QuotaSlot>,
         creation: Creation,
     ) -> Result<tokio::task::JoinHandle<anyhow::Result<WorkloadRecord>>, ServiceError> {
-        let compiled = self
-            .node
-            .registry()
-            .get_for(spec.tenant.as_deref(), &module)
-            .await?;
+        let compiled = match module.compiled {
+            Some(compiled) => compiled,
+            None => {
+                let registry = self.node.registry();
+                registry
+                    .get_for(spec.tenant.as_deref(), &module.hash)
+                    .await?
+            }
+        };
         let started = self
             .node
             .runner()
-            .start_as(id, compiled, module, spec, None, creation)
+            .start_as(id, compiled, module.hash, spec, None, creation)
             .await?;
         Ok(hold(started.done, slot))
     }
@@ -142,7 +174,7 @@ impl Local {
     pub(super) async fn run(
         &self,
         id: WorkloadId,
-        module: String,
+        module: Resolved,
         spec: WorkloadSpec,
         slot: Option<QuotaSlot>,
     ) -> Result<WorkloadView, ServiceError> {
@@ -163,7 +195,7 @@ impl Local {
     pub(super) async fn submit(
         &self,
         id: WorkloadId,
-        module: String,
+        module: Resolved,
         spec: WorkloadSpec,
         slot: Option<QuotaSlot>,
     ) -> Result<(), ServiceError> {

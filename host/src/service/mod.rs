@@ -111,6 +111,23 @@ struct Inner {
     retention: RetentionPolicy,
 }
 
+/// A module a run is admitted with: its hash, and (on a node that just
+/// compiled it for this request) its compiled form, so it is not looked up
+/// again.
+pub(crate) struct Resolved {
+    hash: String,
+    compiled: Option<Arc<crate::engine::CompiledModule>>,
+}
+
+impl Resolved {
+    fn hash(hash: String) -> Self {
+        Self {
+            hash,
+            compiled: None,
+        }
+    }
+}
+
 /// A tenant's hold on one of its `max_concurrent` places, from submission
 /// to the workload's end.
 pub(crate) enum QuotaSlot {
@@ -212,7 +229,7 @@ impl Service {
         caller: &Caller,
         id: WorkloadId,
         submission: Submission,
-    ) -> Result<(String, WorkloadSpec, Option<QuotaSlot>), ServiceError> {
+    ) -> Result<(Resolved, WorkloadSpec, Option<QuotaSlot>), ServiceError> {
         let Submission { module, mut spec } = submission;
         let outbound = self.inner.node.outbound_policy();
         on_backend!(self, b => self.inner.admission.admit(caller, &mut spec, outbound, |t| {
@@ -227,13 +244,40 @@ impl Service {
                 }
                 hash
             }
-            ModuleRef::Bytes(bytes) => self.upload_module(caller, bytes).await?.0.hash,
+            ModuleRef::Bytes(bytes) => {
+                let owner = caller.owner();
+                return self
+                    .with_slot(caller, id, spec, async {
+                        on_backend!(self, b => b.upload_for_run(owner.as_deref(), bytes).await)
+                    })
+                    .await;
+            }
         };
+        self.with_slot(caller, id, spec, async { Ok(Resolved::hash(hash)) })
+            .await
+    }
+
+    /// A quota place taken for `id` when the caller's tenant has a quota,
+    /// then `module` resolved (uploaded, when it came with the request): a
+    /// run refused for its quota stores nothing.
+    async fn with_slot(
+        &self,
+        caller: &Caller,
+        id: WorkloadId,
+        spec: WorkloadSpec,
+        module: impl Future<Output = Result<Resolved, ServiceError>>,
+    ) -> Result<(Resolved, WorkloadSpec, Option<QuotaSlot>), ServiceError> {
         let slot = match caller.tenant() {
             Some(tenant) => on_backend!(self, b => b.take_slot(tenant, id).await)?,
             None => None,
         };
-        Ok((hash, spec, slot))
+        match module.await {
+            Ok(module) => Ok((module, spec, slot)),
+            Err(e) => {
+                on_backend!(self, b => b.give_back(spec.tenant.as_deref(), slot, id).await);
+                Err(e)
+            }
+        }
     }
 
     /// Runs a workload and waits for its final record.
