@@ -11,7 +11,14 @@
 //! 4. a 1,000,000-line `log-flood` followed from a node that did not run it
 //!    by 10 SSE clients: every seq exactly once, lines/s;
 //! 5. failover: seconds from `kill -9` of the node running a workload to its
-//!    record leaving `running`.
+//!    record leaving `running`;
+//! 6. node memory: each node's resident memory after 10,000 and after
+//!    `VULCAN_BENCH_MEMORY_RUNS` (default 200,000) short runs through three
+//!    nodes, each node's list brought up to every record first (goal: growth
+//!    <= 32 MiB).
+//!
+//! `VULCAN_BENCH_PARTS` (e.g. `hello,memory`; default all) picks parts by
+//! name: `slots`, `hello`, `flood`, `failover`, `memory`.
 //!
 //! The NATS server is `VULCAN_NATS_SERVER`, or `target/nats/bin/nats-server`
 //! (which the cluster tests install). `VULCAN_BENCH_REQUESTS` (default 2,000)
@@ -117,19 +124,41 @@ async fn run() -> anyhow::Result<()> {
         example("ticker")?,
     );
     println!("cluster benchmark ({requests} runs per measurement)");
+    let parts: String = env_or("VULCAN_BENCH_PARTS", "all".to_owned());
+    let part = |name: &str| parts == "all" || parts.split(',').any(|p| p == name);
+    let dir = tempfile::tempdir()?;
+    if part("slots") {
+        slots(&http, &sleep, requests).await?;
+    }
+    if part("hello") {
+        hello_ratio(&http, &hello, dir.path(), requests).await?;
+    }
+    if part("flood") {
+        flood_followed(&http, &flood, dir.path(), lines).await?;
+    }
+    if part("failover") {
+        failover(&http, &ticker, dir.path()).await?;
+    }
+    if part("memory") {
+        let runs: usize = env_or("VULCAN_BENCH_MEMORY_RUNS", 200_000);
+        node_memory(&http, &hello, dir.path(), runs).await?;
+    }
+    Ok(())
+}
 
-    // 1. Slots: a sleeping workload scales with the nodes' slots.
+/// Part 1, slots: a sleeping workload scales with the nodes' slots.
+async fn slots(http: &reqwest::Client, sleep: &[u8], requests: usize) -> anyhow::Result<()> {
     let sleeps = (requests / 4).max(48);
     let mut per_second = Vec::new();
     for n in [1, 3] {
         let (nats, dir) = (Nats::start()?, tempfile::tempdir()?);
         let servers = nodes(&nats, dir.path(), n, 4)?;
         let urls: Vec<String> = servers.iter().map(|s| s.url.clone()).collect();
-        let hash = upload(&http, &urls[0], &sleep).await?;
+        let hash = upload(http, &urls[0], sleep).await?;
         let spec = json!({"module": hash, "args": ["50"]});
         // Every node fetches and compiles the module once before the clock runs.
-        load(&http, &urls, &spec, 24, 48).await?;
-        let (elapsed, _) = load(&http, &urls, &spec, 24, sleeps).await?;
+        load(http, &urls, &spec, 24, 48).await?;
+        let (elapsed, _) = load(http, &urls, &spec, 24, sleeps).await?;
         let rate = sleeps as f64 / elapsed.as_secs_f64();
         println!("  sleep 50 ms, 24 clients, {n} node(s) x 4 slots: {rate:>7.1} workloads/s");
         per_second.push(rate);
@@ -138,26 +167,33 @@ async fn run() -> anyhow::Result<()> {
         "  three nodes / one node: {:.2}x (goal >= 2.5x)",
         per_second[1] / per_second[0]
     );
+    Ok(())
+}
 
-    // 2. and 3. CPU-bound hello: the coordination overhead, and latency.
-    // Both are up at once and measured in turns, so that a slower moment of
-    // the machine falls on both alike.
-    let dir = tempfile::tempdir()?;
-    let single = BenchServer::start(&dir.path().join("single"), &["--max-concurrent", "64"])?;
-    let hash = upload(&http, &single.url, &hello).await?;
+/// Parts 2 and 3, CPU-bound hello: the coordination overhead, and latency.
+/// Both are up at once and measured in turns, so that a slower moment of
+/// the machine falls on both alike.
+async fn hello_ratio(
+    http: &reqwest::Client,
+    hello: &[u8],
+    dir: &Path,
+    requests: usize,
+) -> anyhow::Result<()> {
+    let single = BenchServer::start(&dir.join("single"), &["--max-concurrent", "64"])?;
+    let hash = upload(http, &single.url, hello).await?;
     let spec = json!({"module": hash});
     let single_url = std::slice::from_ref(&single.url);
-    load(&http, single_url, &spec, 16, 200).await?;
+    load(http, single_url, &spec, 16, 200).await?;
     let nats = Nats::start()?;
-    let servers = nodes(&nats, dir.path(), 3, 64)?;
+    let servers = nodes(&nats, dir, 3, 64)?;
     let urls: Vec<String> = servers.iter().map(|s| s.url.clone()).collect();
-    upload(&http, &urls[0], &hello).await?;
-    load(&http, &urls, &spec, 16, 200).await?;
+    upload(http, &urls[0], hello).await?;
+    load(http, &urls, &spec, 16, 200).await?;
     let rate = |d: Duration| requests as f64 / d.as_secs_f64();
     let (mut alone, mut clustered, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..HELLO_TURNS {
-        let (single_took, _) = load(&http, single_url, &spec, 16, requests).await?;
-        let (cluster_took, _) = load(&http, &urls, &spec, 16, requests).await?;
+        let (single_took, _) = load(http, single_url, &spec, 16, requests).await?;
+        let (cluster_took, _) = load(http, &urls, &spec, 16, requests).await?;
         alone.push(rate(single_took));
         clustered.push(rate(cluster_took));
         ratios.push(rate(cluster_took) / rate(single_took));
@@ -178,7 +214,7 @@ async fn run() -> anyhow::Result<()> {
         ratios[0],
         ratios[ratios.len() - 1],
     );
-    let (_, mut latencies) = load(&http, &urls[..1], &spec, 1, requests.min(1_000)).await?;
+    let (_, mut latencies) = load(http, &urls[..1], &spec, 1, requests.min(1_000)).await?;
     latencies.sort_unstable();
     let pct = |p: usize| latencies[(latencies.len() * p / 100).min(latencies.len() - 1)];
     println!(
@@ -188,18 +224,26 @@ async fn run() -> anyhow::Result<()> {
     );
     drop(servers);
     drop(nats);
+    Ok(())
+}
 
-    // 4. A flood followed from another node.
+/// Part 4, a flood followed from another node.
+async fn flood_followed(
+    http: &reqwest::Client,
+    flood: &[u8],
+    dir: &Path,
+    lines: u64,
+) -> anyhow::Result<()> {
     let nats = Nats::start()?;
-    let servers = nodes(&nats, dir.path().join("flood").as_path(), 2, 8)?;
-    let hash = upload(&http, &servers[0].url, &flood).await?;
+    let servers = nodes(&nats, dir.join("flood").as_path(), 2, 8)?;
+    let hash = upload(http, &servers[0].url, flood).await?;
     let id = start(
-        &http,
+        http,
         &servers[0].url,
         &json!({"module": hash, "args": [lines.to_string()]}),
     )
     .await?;
-    let ran_on = until_node(&http, &servers[0].url, &id).await?;
+    let ran_on = until_node(http, &servers[0].url, &id).await?;
     // servers[i] is node n{i+1}: follow from the one that did not run it.
     let reader = match ran_on.as_str() {
         "n1" => servers[1].url.clone(),
@@ -222,25 +266,28 @@ async fn run() -> anyhow::Result<()> {
     );
     drop(servers);
     drop(nats);
+    Ok(())
+}
 
-    // 5. Failover.
+/// Part 5, failover.
+async fn failover(http: &reqwest::Client, ticker: &[u8], dir: &Path) -> anyhow::Result<()> {
     let nats = Nats::start()?;
-    let mut servers = nodes(&nats, dir.path().join("failover").as_path(), 2, 4)?;
-    let hash = upload(&http, &servers[0].url, &ticker).await?;
+    let mut servers = nodes(&nats, dir.join("failover").as_path(), 2, 4)?;
+    let hash = upload(http, &servers[0].url, ticker).await?;
     let id = start(
-        &http,
+        http,
         &servers[0].url,
         &json!({"module": hash, "args": ["1000000", "1000"]}),
     )
     .await?;
-    let ran_on = until_node(&http, &servers[0].url, &id).await?;
+    let ran_on = until_node(http, &servers[0].url, &id).await?;
     let victim = if ran_on == "n1" { 0 } else { 1 };
     let survivor = servers[1 - victim].url.clone();
     let killed_at = Instant::now();
     servers[victim].child.kill()?;
     servers[victim].child.wait()?;
     loop {
-        let record = get(&http, &survivor, &id).await?;
+        let record = get(http, &survivor, &id).await?;
         if record["status"] != "running" {
             ensure!(record["failure"] == "node_lost", "{record}");
             break;
@@ -256,6 +303,60 @@ async fn run() -> anyhow::Result<()> {
         killed_at.elapsed().as_secs_f64()
     );
     drop(servers.remove(0));
+    Ok(())
+}
+
+/// Part 6, node memory against the number of runs the cluster has seen.
+async fn node_memory(
+    http: &reqwest::Client,
+    hello: &[u8],
+    dir: &Path,
+    runs: usize,
+) -> anyhow::Result<()> {
+    let nats = Nats::start()?;
+    let servers = nodes(&nats, dir.join("memory").as_path(), 3, 64)?;
+    let urls: Vec<String> = servers.iter().map(|s| s.url.clone()).collect();
+    let hash = upload(http, &urls[0], hello).await?;
+    let spec = json!({"module": hash});
+    let mut done = 0;
+    let mut after = Vec::new();
+    let started = Instant::now();
+    for target in [10_000, runs.max(10_000)] {
+        load(http, &urls, &spec, 64, target - done).await?;
+        done = target;
+        let mut rss = Vec::new();
+        for (server, url) in servers.iter().zip(&urls) {
+            // A list brings the node's index up to every record.
+            let list: Value = http
+                .get(format!("{url}/v1/workloads?limit=1"))
+                .send()
+                .await?
+                .json()
+                .await?;
+            ensure!(
+                list["total"] == done as u64,
+                "{url} lists {}",
+                list["total"]
+            );
+            rss.push(common::rss_kib(server.child.id())?);
+        }
+        println!(
+            "  after {done:>7} runs ({:.0} s): node RSS {} MiB",
+            started.elapsed().as_secs_f64(),
+            rss.iter()
+                .map(|k| format!("{:.1}", *k as f64 / 1024.0))
+                .collect::<Vec<_>>()
+                .join(" / ")
+        );
+        after.push(rss);
+    }
+    let growth = (after[0].iter().zip(&after[1]))
+        .map(|(a, b)| (*b as f64 - *a as f64) / 1024.0)
+        .fold(f64::MIN, f64::max);
+    println!(
+        "  node memory: most growth of a node from 10,000 to {done} runs {growth:.1} MiB \
+         (goal <= 32 MiB)"
+    );
     Ok(())
 }
 
