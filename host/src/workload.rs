@@ -432,6 +432,17 @@ pub struct ListRequest {
     pub tenant: Option<String>,
 }
 
+impl ListRequest {
+    /// Everyone's workloads, `limit` of them after the newest `offset`.
+    pub fn page(limit: u64, offset: u64) -> Self {
+        Self {
+            limit,
+            offset,
+            ..Self::default()
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,8 +1,8 @@
 //! The HTTP edge: routes, authentication, request parsing and responses.
 //!
 //! Owns everything HTTP (only this module imports axum) and nothing else: it
-//! turns requests into calls on the [`Service`] (the same on one node and on
-//! a cluster), and their results and typed errors into JSON, SSE and status
+//! turns requests into calls on the [`Service`] (the same whichever backend
+//! serves it), and their results and typed errors into JSON, SSE and status
 //! codes.
 
 mod boundary;
@@ -242,9 +242,8 @@ impl http_body::Body for ReadToEnd {
     }
 }
 
-/// Serves `router(state)` on `listener` until `shutdown` resolves, with the
-/// service's housekeeping running meanwhile; then kills running workloads,
-/// so that open requests (sync runs, SSE streams) end.
+/// Serves `router(state)` on `listener` until `shutdown` resolves; then kills
+/// running workloads, so that open requests (sync runs, SSE streams) end.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: AppState,
@@ -252,7 +251,6 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let service = state.service().clone();
     let client_timeout = state.config().client_timeout;
-    let housekeeping = service.start_housekeeping();
     let app = router(state);
     conn::serve(
         listener,
@@ -265,7 +263,6 @@ pub async fn serve(
         std::time::Duration::from_secs(10),
     )
     .await;
-    drop(housekeeping);
     Ok(())
 }
 

@@ -107,13 +107,7 @@ impl Api {
     async fn workload_count(&self) -> u64 {
         self.node
             .db()
-            .list_workloads(&crate::workload::ListRequest {
-                limit: 1,
-                offset: 0,
-                status: None,
-                tenant: None,
-                before: None,
-            })
+            .list_workloads(&crate::workload::ListRequest::page(1, 0))
             .await
             .unwrap()
             .total

@@ -487,7 +487,10 @@ pub fn execute(args: ServeArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
             }
             watchdog(limit);
         };
+        // Retention and the stats sampler run while the server does.
+        let housekeeping = service.start_housekeeping();
         serve(listener, state, stop).await?;
+        drop(housekeeping);
         // Killed workloads finish within a tick; a wedged one, or a NATS
         // that does not answer, must not keep the process from exiting.
         let reason = "killed: the server shut down";

@@ -13,7 +13,8 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use anyhow::Context as _;
-use rusqlite::{Connection, OptionalExtension as _, params};
+use rusqlite::types::Value;
+use rusqlite::{Connection, OptionalExtension as _, params, params_from_iter};
 
 use crate::view::{WorkloadList, WorkloadSummary};
 use crate::workload::{ListRequest, WorkloadId};
@@ -130,28 +131,40 @@ impl SummaryIndex {
     /// A page as `request` asks, newest first, with the exact total (`before` aside).
     pub(super) async fn list(&self, request: ListRequest) -> anyhow::Result<WorkloadList> {
         self.with(move |c| {
-            const WHERE: &str = "WHERE (?1 IS NULL OR status = ?1) AND (?2 IS NULL OR tenant = ?2)";
-            let status = request.status.map(|s| s.as_str());
-            let tenant = request.tenant.as_deref();
+            // Only the conditions asked for, so SQLite seeks the index that
+            // serves them rather than testing every row.
+            let mut conditions = Vec::new();
+            let mut values: Vec<Value> = Vec::new();
+            if let Some(status) = request.status {
+                conditions.push("status = ?");
+                values.push(Value::Text(status.as_str().to_owned()));
+            }
+            if let Some(tenant) = &request.tenant {
+                conditions.push("tenant = ?");
+                values.push(Value::Text(tenant.clone()));
+            }
+            let filter = |conditions: &[&str]| match conditions.is_empty() {
+                true => String::new(),
+                false => format!("WHERE {}", conditions.join(" AND ")),
+            };
             let total: i64 = c
-                .prepare_cached(&format!("SELECT COUNT(*) FROM summaries {WHERE}"))?
-                .query_row(params![status, tenant], |r| r.get(0))?;
-            let before = request.before.map(|id| id.to_string());
+                .prepare_cached(&format!(
+                    "SELECT COUNT(*) FROM summaries {}",
+                    filter(&conditions)
+                ))?
+                .query_row(params_from_iter(&values), |r| r.get(0))?;
+            if let Some(before) = request.before {
+                conditions.push("id < ?");
+                values.push(Value::Text(before.to_string()));
+            }
+            values.push(Value::Integer(request.limit.min(i64::MAX as u64) as i64));
+            values.push(Value::Integer(request.offset.min(i64::MAX as u64) as i64));
             let mut stmt = c.prepare_cached(&format!(
-                "SELECT summary FROM summaries {WHERE} AND (?3 IS NULL OR id < ?3) \
-                 ORDER BY id DESC LIMIT ?4 OFFSET ?5"
+                "SELECT summary FROM summaries {} ORDER BY id DESC LIMIT ? OFFSET ?",
+                filter(&conditions)
             ))?;
             let items = stmt
-                .query_map(
-                    params![
-                        status,
-                        tenant,
-                        before,
-                        request.limit as i64,
-                        request.offset.min(i64::MAX as u64) as i64
-                    ],
-                    |r| r.get::<_, String>(0),
-                )?
+                .query_map(params_from_iter(&values), |r| r.get::<_, String>(0))?
                 .filter_map(|json| serde_json::from_str(&json.ok()?).ok())
                 .collect();
             Ok(WorkloadList {

@@ -119,13 +119,7 @@ async fn at_capacity_a_start_is_refused_and_creates_nothing() {
     assert!(matches!(refused, Err(StartError::AtCapacity(1))));
     let page = node
         .db()
-        .list_workloads(&crate::workload::ListRequest {
-            limit: 10,
-            offset: 0,
-            status: None,
-            tenant: None,
-            before: None,
-        })
+        .list_workloads(&crate::workload::ListRequest::page(10, 0))
         .await
         .unwrap();
     assert_eq!(page.total, 1, "the refused start left no record");

@@ -1,6 +1,7 @@
 //! The SQL of every read, on a read-only connection the caller provides.
 //! [`super::Db`] runs these on pooled connections off the async workers.
 
+use rusqlite::types::Value;
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::write_op::{PRUNABLE, PruneScope};
@@ -124,9 +125,33 @@ pub(super) fn first_to_prune(
     .query_row(params![cutoff, tenant, others], |r| r.get(0))?)
 }
 
-/// The filter of a list: status, tenant, and ids below a bound.
-const LIST_WHERE: &str = "WHERE (?1 IS NULL OR status = ?1) AND (?2 IS NULL OR tenant = ?2) \
-     AND (?3 IS NULL OR id < ?3)";
+/// The `WHERE` of a list and its values: only the conditions asked for, so
+/// that SQLite seeks the index that serves them (`id < ?` from the id index,
+/// a status or a tenant from theirs) instead of testing every row.
+fn list_filter(
+    status: Option<Status>,
+    tenant: Option<&str>,
+    before: Option<&str>,
+) -> (String, Vec<Value>) {
+    let mut conditions = Vec::new();
+    let mut values = Vec::new();
+    if let Some(status) = status {
+        conditions.push("status = ?");
+        values.push(Value::Text(status.as_str().to_owned()));
+    }
+    if let Some(tenant) = tenant {
+        conditions.push("tenant = ?");
+        values.push(Value::Text(tenant.to_owned()));
+    }
+    if let Some(before) = before {
+        conditions.push("id < ?");
+        values.push(Value::Text(before.to_owned()));
+    }
+    match conditions.is_empty() {
+        true => (String::new(), values),
+        false => (format!("WHERE {}", conditions.join(" AND ")), values),
+    }
+}
 
 /// What a list item needs, in [`WORKLOAD_COLUMNS`]' places: a spec's args,
 /// env and output (which may be large) are left out, and an error is cut,
@@ -141,11 +166,10 @@ pub(super) fn count_workloads(
     status: Option<Status>,
     tenant: Option<&str>,
 ) -> StoreResult<u64> {
-    let filter = status.map(|s| s.as_str());
-    let none: Option<&str> = None;
+    let (filter, values) = list_filter(status, tenant, None);
     let total: i64 = c
-        .prepare_cached(&format!("SELECT COUNT(*) FROM workloads {LIST_WHERE}"))?
-        .query_row(params![filter, tenant, none], |r| r.get(0))?;
+        .prepare_cached(&format!("SELECT COUNT(*) FROM workloads {filter}"))?
+        .query_row(rusqlite::params_from_iter(&values), |r| r.get(0))?;
     Ok(total as u64)
 }
 
@@ -159,22 +183,15 @@ pub(super) fn list_workloads(
     status: Option<Status>,
     tenant: Option<&str>,
 ) -> StoreResult<Vec<WorkloadRecord>> {
-    let filter = status.map(|s| s.as_str());
+    let (filter, mut values) = list_filter(status, tenant, before);
+    values.push(Value::Integer(limit.min(i64::MAX as u64) as i64));
+    values.push(Value::Integer(offset.min(i64::MAX as u64) as i64));
     let mut stmt = c.prepare_cached(&format!(
-        "SELECT {SUMMARY_COLUMNS} FROM workloads {LIST_WHERE} ORDER BY id DESC LIMIT ?4 OFFSET ?5"
+        "SELECT {SUMMARY_COLUMNS} FROM workloads {filter} ORDER BY id DESC LIMIT ? OFFSET ?"
     ))?;
-    stmt.query_map(
-        params![
-            filter,
-            tenant,
-            before,
-            limit.min(i64::MAX as u64) as i64,
-            offset.min(i64::MAX as u64) as i64
-        ],
-        row_to_workload,
-    )?
-    .map(|r| r?)
-    .collect::<StoreResult<Vec<_>>>()
+    stmt.query_map(rusqlite::params_from_iter(&values), row_to_workload)?
+        .map(|r| r?)
+        .collect::<StoreResult<Vec<_>>>()
 }
 
 /// Up to `limit` ids of matching workloads below `before`, newest first.
@@ -185,11 +202,12 @@ pub(super) fn list_ids(
     status: Option<Status>,
     tenant: Option<&str>,
 ) -> StoreResult<Vec<String>> {
-    let filter = status.map(|s| s.as_str());
+    let (filter, mut values) = list_filter(status, tenant, before);
+    values.push(Value::Integer(limit.min(i64::MAX as u64) as i64));
     let mut stmt = c.prepare_cached(&format!(
-        "SELECT id FROM workloads {LIST_WHERE} ORDER BY id DESC LIMIT ?4"
+        "SELECT id FROM workloads {filter} ORDER BY id DESC LIMIT ?"
     ))?;
-    stmt.query_map(params![filter, tenant, before, limit as i64], |r| r.get(0))?
+    stmt.query_map(rusqlite::params_from_iter(&values), |r| r.get(0))?
         .collect::<Result<Vec<String>, _>>()
         .map_err(Into::into)
 }

@@ -198,26 +198,14 @@ async fn list_is_newest_first_with_total_paging_and_filter() {
     }
     db.mark_running(ids[2]).await.unwrap();
     let page = db
-        .list_workloads(&crate::workload::ListRequest {
-            limit: 3,
-            offset: 0,
-            status: None,
-            tenant: None,
-            before: None,
-        })
+        .list_workloads(&crate::workload::ListRequest::page(3, 0))
         .await
         .unwrap();
     assert_eq!(page.total, 7);
     let got: Vec<_> = page.items.iter().map(|w| w.id).collect();
     assert_eq!(got, vec![ids[6], ids[5], ids[4]]);
     let page = db
-        .list_workloads(&crate::workload::ListRequest {
-            limit: 3,
-            offset: 6,
-            status: None,
-            tenant: None,
-            before: None,
-        })
+        .list_workloads(&crate::workload::ListRequest::page(3, 6))
         .await
         .unwrap();
     assert_eq!(
@@ -226,11 +214,8 @@ async fn list_is_newest_first_with_total_paging_and_filter() {
     );
     let running = db
         .list_workloads(&crate::workload::ListRequest {
-            limit: 10,
-            offset: 0,
             status: Some(Status::Running),
-            tenant: None,
-            before: None,
+            ..crate::workload::ListRequest::page(10, 0)
         })
         .await
         .unwrap();
@@ -1334,13 +1319,7 @@ async fn each_tenant_has_a_file_of_its_own_and_reads_merge_them() {
     }
     // Each file holds its own only.
     let in_main = db
-        .list_workloads(&crate::workload::ListRequest {
-            limit: 10,
-            offset: 0,
-            status: None,
-            tenant: None,
-            before: None,
-        })
+        .list_workloads(&crate::workload::ListRequest::page(10, 0))
         .await
         .unwrap();
     assert_eq!(in_main.total, 4, "everyone's, from every file");
@@ -1352,11 +1331,8 @@ async fn each_tenant_has_a_file_of_its_own_and_reads_merge_them() {
     );
     let alices = db
         .list_workloads(&crate::workload::ListRequest {
-            limit: 10,
-            offset: 0,
-            status: None,
             tenant: Some("alice".to_owned()),
-            before: None,
+            ..crate::workload::ListRequest::page(10, 0)
         })
         .await
         .unwrap();
@@ -1364,23 +1340,14 @@ async fn each_tenant_has_a_file_of_its_own_and_reads_merge_them() {
     let ids: Vec<_> = alices.items.iter().map(|w| w.id).collect();
     assert_eq!(ids, [alice, legacy], "its own file and the main file");
     let page = db
-        .list_workloads(&crate::workload::ListRequest {
-            limit: 1,
-            offset: 1,
-            status: None,
-            tenant: None,
-            before: None,
-        })
+        .list_workloads(&crate::workload::ListRequest::page(1, 1))
         .await
         .unwrap();
     assert_eq!((page.total, page.items[0].id), (4, bob));
     let running = (db
         .list_workloads(&crate::workload::ListRequest {
-            limit: 10,
-            offset: 0,
             status: Some(Status::Running),
-            tenant: None,
-            before: None,
+            ..crate::workload::ListRequest::page(10, 0)
         })
         .await)
         .unwrap();
@@ -1662,4 +1629,47 @@ async fn vacuum_turns_incremental_vacuum_on_in_an_old_database() {
     let refused = super::vacuum(dir.path()).unwrap_err();
     assert!(refused.to_string().contains("in use"), "{refused}");
     drop(db);
+}
+
+/// Deep pages across three files: every offset and every `before` gives the
+/// page the merged newest-first order holds there, though only a step of
+/// ids per file is read at a time; list items carry no spec.
+#[tokio::test]
+async fn deep_pages_across_files_match_the_merged_order_and_carry_summaries() {
+    let (_dir, db, _) = db_with_module().await;
+    let owners = [None, Some("alice"), Some("bob")];
+    let mut ids = Vec::new();
+    for i in 0..2_600 {
+        let id = WorkloadId::new();
+        let new = NewWorkload {
+            tenant: owners[(i * 7 / 3) % 3].map(str::to_owned),
+            args: vec!["a long argument".into()],
+            ..new_running(id, MODULE)
+        };
+        db.create_workload(new).await.unwrap();
+        ids.push(id);
+    }
+    ids.reverse();
+    for (offset, before) in [
+        (0, None),
+        (1_023, None),
+        (2_049, None),
+        (2_590, None),
+        (5, Some(1_500)),
+    ] {
+        let request = crate::workload::ListRequest {
+            before: before.map(|b: usize| ids[b]),
+            ..crate::workload::ListRequest::page(20, offset)
+        };
+        let page = db.list_workloads(&request).await.unwrap();
+        let start = before.map_or(0, |b| b + 1) + offset as usize;
+        let expected: Vec<_> = ids.iter().skip(start).take(20).copied().collect();
+        let got: Vec<_> = page.items.iter().map(|w| w.id).collect();
+        assert_eq!(got, expected, "offset {offset}, before {before:?}");
+        assert_eq!(page.total, 2_600);
+        assert!(
+            page.items.iter().all(|w| w.args.is_empty()),
+            "summaries only"
+        );
+    }
 }
