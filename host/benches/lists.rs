@@ -86,11 +86,18 @@ async fn run() -> anyhow::Result<()> {
         for _ in 0..TURNS {
             let base = reset_peak(server.child.id())?;
             let t = Instant::now();
-            let listed = page(query.clone()).await?;
+            let Ok(listed) = page(query.clone()).await else {
+                // An older build has no keyset paging.
+                println!("  {what:<22} refused by this build");
+                break;
+            };
             took.push(t.elapsed());
             ensure!(listed["items"].as_array().map(Vec::len) == Some(50));
             ensure!(listed["total"] == total as u64, "{}", listed["total"]);
             peak = peak.max(server.peak_rss_kib()?.saturating_sub(base));
+        }
+        if took.len() < TURNS {
+            continue;
         }
         took.sort_unstable();
         println!(

@@ -350,6 +350,13 @@ async fn every_refused_request_gets_its_status_and_code_and_changes_nothing() {
             400,
             "bad_request",
         ),
+        (
+            Method::GET,
+            "/v1/workloads?before=not-an-id".into(),
+            Nothing,
+            400,
+            "bad_request",
+        ),
         (Method::GET, "/nope".into(), Nothing, 404, "not_found"),
         (
             Method::PUT,
