@@ -320,10 +320,11 @@ async fn node_memory(
     let spec = json!({"module": hash});
     let mut done = 0;
     let mut after = Vec::new();
-    let started = Instant::now();
     for target in [10_000, runs.max(10_000)] {
-        load(http, &urls, &spec, 64, target - done).await?;
+        let (took, _) = load(http, &urls, &spec, 64, target - done).await?;
+        let rate = (target - done) as f64 / took.as_secs_f64();
         done = target;
+        let caught_up = Instant::now();
         let mut rss = Vec::new();
         for (server, url) in servers.iter().zip(&urls) {
             // A list brings the node's index up to every record.
@@ -341,8 +342,9 @@ async fn node_memory(
             rss.push(common::rss_kib(server.child.id())?);
         }
         println!(
-            "  after {done:>7} runs ({:.0} s): node RSS {} MiB",
-            started.elapsed().as_secs_f64(),
+            "  after {done:>7} runs ({rate:.0} runs/s; each node's list caught up in {:.1} s): \
+             node RSS {} MiB",
+            caught_up.elapsed().as_secs_f64() / servers.len() as f64,
             rss.iter()
                 .map(|k| format!("{:.1}", *k as f64 / 1024.0))
                 .collect::<Vec<_>>()
