@@ -4,7 +4,7 @@
 //! tenant; each tenant's workloads and lines are in a file of its own
 //! (`tenants/<name>.db`, see [`shard`]), so that one tenant's flood never
 //! holds another's commits. [`Db`] routes each call to the file that holds
-//! the workload, and merges lists across files.
+//! the workload ([`routing`]), and merges lists across files.
 //!
 //! In each file, one writer thread owns the only write connection ([`writer`]); log lines
 //! wait for it in a bounded queue with one lane per workload ([`queue`]), and a
@@ -14,15 +14,18 @@
 //! has seen a line or a final status finds it in the store. Reads use a small
 //! pool of read-only connections (WAL lets them run beside the writer).
 //!
-//! A data directory has one owner: [`Db::open`] takes an exclusive lock on it;
+//! A data directory has one owner: [`Db::open`] takes an exclusive lock on it
+//! ([`lock`]);
 //! [`Db::open_read_only`] does not, so `ls`, `status` and `logs` work beside a
 //! running server.
 //!
-//! Only this module imports rusqlite.
+//! Only this module imports rusqlite, besides the cluster's index of its
+//! records (`cluster::index`, a node's copy of what NATS holds).
 
 mod checkpoint;
 mod health;
 mod lock;
+mod ownership;
 mod queue;
 mod reads;
 mod routing;
@@ -36,10 +39,10 @@ mod write_op;
 mod write_sql;
 mod writer;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::{Arc, mpsc};
 
 use anyhow::Context as _;
 use rusqlite::Connection;
@@ -58,6 +61,7 @@ use crate::workload::{
     Completion, Limits, ListRequest, LogLevel, Status, WorkloadId, WorkloadRecord,
 };
 use lock::DataDirLock;
+use ownership::OwnershipCache;
 use queue::LineQueue;
 use routing::Routing;
 use shard::{Shard, SharedByWriters};
@@ -171,18 +175,13 @@ pub struct Db {
 struct Inner {
     /// The files, and which holds which workload.
     routing: Routing,
-    /// Modules known to be owned, by tenant: ownership is never taken back,
-    /// so a run of a tenant's module needs no read to check it.
-    owned: Mutex<HashMap<String, HashSet<String>>>,
+    /// Modules known to be owned, by tenant.
+    owned: OwnershipCache,
     /// What the writers share (the disk's reserve, their health).
     shared: SharedByWriters,
     /// Held for as long as the handle lives; released by the OS if we die.
     _owner: Option<DataDirLock>,
 }
-
-/// Most ownership pairs kept in memory; beyond it the set starts afresh
-/// (a miss costs one read).
-const OWNED_CACHED: usize = 65_536;
 
 /// A writer thread's inbox and what it shares with the handles.
 struct WriterHandle {
@@ -281,7 +280,7 @@ impl Db {
         Self {
             inner: Arc::new(Inner {
                 routing: Routing::new(data_dir.to_owned(), config, main, tenants),
-                owned: Mutex::default(),
+                owned: OwnershipCache::default(),
                 shared,
                 _owner: owner,
             }),
@@ -420,7 +419,7 @@ impl Db {
                 reply,
             })
             .await?;
-        self.remember_owned(tenant, hash);
+        self.inner.owned.remember(tenant, hash);
         Ok(new)
     }
 
@@ -451,37 +450,18 @@ impl Db {
                 reply,
             })
             .await?;
-        // Ownership can be taken back now: forgotten wherever it is known.
-        let mut owned = self.inner.owned.lock().unwrap_or_else(|p| p.into_inner());
-        for (owner, hashes) in owned.iter_mut() {
-            if tenant.is_none_or(|t| t == owner) {
-                hashes.remove(hash);
-            }
-        }
+        self.inner.owned.forget(hash, tenant);
         Ok(gone)
     }
 
     /// Ok if `tenant` owns the stored module `hash`, else module not found
     /// (another tenant's module is no module at all); read once per pair.
     pub async fn check_owned(&self, tenant: &str, hash: &str) -> StoreResult<()> {
-        let known = (self.inner.owned.lock())
-            .unwrap_or_else(|p| p.into_inner())
-            .get(tenant)
-            .is_some_and(|hashes| hashes.contains(hash));
-        if !known {
+        if !self.inner.owned.knows(tenant, hash) {
             self.tenant_module_info(tenant, hash).await?;
-            self.remember_owned(tenant, hash);
+            self.inner.owned.remember(tenant, hash);
         }
         Ok(())
-    }
-
-    fn remember_owned(&self, tenant: &str, hash: &str) {
-        let mut owned = self.inner.owned.lock().unwrap_or_else(|p| p.into_inner());
-        // Counted only here, on a first sight, never on a run.
-        if owned.values().map(HashSet::len).sum::<usize>() >= OWNED_CACHED {
-            owned.clear();
-        }
-        (owned.entry(tenant.to_owned()).or_default()).insert(hash.to_owned());
     }
 
     /// One small step of retention (see [`PruneScope`]): how much it did,
