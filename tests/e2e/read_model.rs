@@ -49,6 +49,7 @@ async fn status_ls_and_logs_print_the_same_bytes_locally_and_from_a_server() {
         vec!["ls", "--json"],
         vec!["ls", "--status", "failed"],
         vec!["ls", "--limit", "2", "--offset", "1"],
+        vec!["ls", "--before", &partial, "--limit", "2"],
     ];
     for id in [&mix, &partial, &sum, &exit, &spin] {
         commands.push(vec!["status", id]);

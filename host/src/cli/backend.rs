@@ -22,8 +22,10 @@ pub const HISTORY_PAGE: u64 = 10_000;
 pub struct ListQuery {
     /// Most workloads to return (at most [`LIST_PAGE`] are).
     pub limit: u64,
-    /// How many of the newest to skip.
+    /// How many of the newest to skip (after `before`, when given).
     pub offset: u64,
+    /// Only workloads older than this one.
+    pub before: Option<WorkloadId>,
     /// Only workloads with this status.
     pub status: Option<Status>,
 }
@@ -88,7 +90,7 @@ impl Backend for Local {
                         offset,
                         status: q.status,
                         tenant: None,
-                        before: None,
+                        before: q.before,
                     })
                     .await?;
                 let items = page.items.into_iter().map(WorkloadSummary::from);
@@ -130,6 +132,9 @@ impl Backend for Client {
         );
         if let Some(s) = q.status {
             path.push_str(&format!("&status={s}"));
+        }
+        if let Some(id) = q.before {
+            path.push_str(&format!("&before={id}"));
         }
         self.get(&path).await
     }

@@ -19,6 +19,10 @@ pub struct LsArgs {
     /// Skip this many of the newest
     #[arg(long, default_value_t = 0)]
     pub offset: u64,
+    /// Only workloads older than this one (the last id of the previous
+    /// page): pages by key, at the same cost however deep
+    #[arg(long, value_name = "ID")]
+    pub before: Option<WorkloadId>,
     /// Only workloads with this status (pending, running, completed, failed, killed)
     #[arg(long)]
     pub status: Option<Status>,
@@ -71,6 +75,7 @@ pub async fn ls(backend: &impl Backend, args: LsArgs) -> anyhow::Result<ExitCode
     let page = |shown: u64| ListQuery {
         limit: (args.limit - shown).min(LIST_PAGE),
         offset: args.offset + shown,
+        before: args.before,
         status: args.status,
     };
     let mut list = backend.list(page(0)).await?;
