@@ -22,6 +22,20 @@ fn owner_key(hash: &str, tenant: &str) -> String {
     format!("{}.{tenant}", hash.trim_start_matches("sha256:"))
 }
 
+/// A module's info from its object's metadata (kind and first-seen time
+/// ride along with the bytes, see [`Cluster::share_module`]).
+fn info_of(object: &jetstream::object_store::ObjectInfo) -> ModuleInfo {
+    let field = |key: &str| object.metadata.get(key).cloned();
+    ModuleInfo {
+        hash: format!("sha256:{}", object.name),
+        kind: field("kind").unwrap_or_else(|| "unknown".to_owned()),
+        size: object.size as u64,
+        created_at: field("created_at")
+            .and_then(|t| t.parse().ok())
+            .unwrap_or(0),
+    }
+}
+
 impl Cluster {
     /// Stores a module's bytes in the cluster (once) and on this node,
     /// compiled in `owner`'s turn (see the registry).
@@ -170,15 +184,7 @@ impl Cluster {
             if object.deleted {
                 continue;
             }
-            let field = |key: &str| object.metadata.get(key).cloned();
-            modules.push(crate::store::ModuleInfo {
-                hash: format!("sha256:{}", object.name),
-                kind: field("kind").unwrap_or_else(|| "unknown".to_owned()),
-                size: object.size as u64,
-                created_at: field("created_at")
-                    .and_then(|t| t.parse().ok())
-                    .unwrap_or(0),
-            });
+            modules.push(info_of(&object));
         }
         modules.sort_by(|a, b| (b.created_at, &a.hash).cmp(&(a.created_at, &b.hash)));
         let total = modules.len() as u64;
@@ -318,17 +324,7 @@ impl Cluster {
         self.connected()?;
         let name = hash.trim_start_matches("sha256:");
         match self.modules.info(name).await {
-            Ok(object) if !object.deleted => {
-                let field = |key: &str| object.metadata.get(key).cloned();
-                Ok(Some(ModuleInfo {
-                    hash: format!("sha256:{}", object.name),
-                    kind: field("kind").unwrap_or_else(|| "unknown".to_owned()),
-                    size: object.size as u64,
-                    created_at: field("created_at")
-                        .and_then(|t| t.parse().ok())
-                        .unwrap_or(0),
-                }))
-            }
+            Ok(object) if !object.deleted => Ok(Some(info_of(&object))),
             Ok(_) => Ok(None),
             Err(e) if e.kind() == jetstream::object_store::InfoErrorKind::NotFound => Ok(None),
             Err(e) => Err(ClusterError::unavailable(e)),
