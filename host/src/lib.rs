@@ -26,6 +26,7 @@
 //! - [`logs`] — guest bytes → lines → numbered records → [`logs::LogBroker`] (live).
 //! - [`store`] — SQLite: modules, workloads, batched log lines (durable, history).
 //! - [`workload`] — the plain data every stage shares.
+//! - [`schedule`] — what a schedule is, and its cron arithmetic.
 //! - [`metrics`] — Prometheus counters every stage reports into.
 //! - [`diagnostics`] — the server's own log on stderr, which never stops a
 //!   thread when stderr fails.
@@ -56,6 +57,7 @@ pub mod outbound;
 pub mod registry;
 pub mod retention;
 pub mod runner;
+pub mod schedule;
 pub mod service;
 pub mod store;
 pub mod tenants;

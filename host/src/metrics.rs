@@ -73,6 +73,10 @@ pub struct Metrics {
     pub dropped_diagnostics: Gauge,
     /// 1 while the store refuses log lines because its disk is full (likewise).
     pub storage_full: Gauge,
+    /// Workloads waiting in the queue for a slot.
+    pub queued: Gauge,
+    /// How long started workloads waited in the queue.
+    pub queue_wait: Histogram,
     /// Workloads ended since start, of any status.
     finished_total: std::sync::atomic::AtomicU64,
     history: std::sync::Mutex<History>,
@@ -92,6 +96,12 @@ impl Default for Metrics {
             "workload_duration_seconds",
             "Wall-clock run time of finished workloads",
             duration.clone(),
+        );
+        let queue_wait = Histogram::new(exponential_buckets(0.001, 4.0, 12));
+        registry.register(
+            "queue_wait_seconds",
+            "How long workloads waited in the queue before they started (those that queued)",
+            queue_wait.clone(),
         );
         let counters = [
             ("log_lines", "Log records written by workloads"),
@@ -116,6 +126,7 @@ impl Default for Metrics {
             ("store_commits", "Store transactions committed since start (lines and lifecycle writes of many workloads share one)"),
             ("diagnostics_dropped_writes", "Lines of the server's own log dropped since start because stderr could not be written"),
             ("store_full", "1 while the store's disk is full: log lines are refused, terminal statuses still written"),
+            ("workloads_queued", "Workloads accepted and waiting in the queue for a slot"),
         ]
         .map(|(name, help)| {
             let g = Gauge::default();
@@ -132,6 +143,7 @@ impl Default for Metrics {
             commits,
             dropped_diagnostics,
             storage_full,
+            queued,
         ] = gauges;
         Self {
             registry: std::sync::Mutex::new(registry),
@@ -149,6 +161,8 @@ impl Default for Metrics {
             commits,
             dropped_diagnostics,
             storage_full,
+            queued,
+            queue_wait,
             finished_total: Default::default(),
             history: Default::default(),
         }

@@ -53,6 +53,7 @@ impl Default for NodeOptions {
 
 /// The wired parts of one node over one data directory.
 pub struct Node {
+    data_dir: std::path::PathBuf,
     runtime: Arc<Runtime>,
     db: Db,
     broker: LogBroker,
@@ -107,6 +108,7 @@ impl Node {
             guests: guests.as_ref().map(GuestThreads::handle),
         });
         Ok(Arc::new(Self {
+            data_dir: data_dir.to_owned(),
             runtime,
             db,
             broker,
@@ -115,6 +117,11 @@ impl Node {
             metrics,
             _guests: guests,
         }))
+    }
+
+    /// The data directory the node owns.
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
     }
 
     /// The store: records, modules and lines.

@@ -43,9 +43,15 @@ pub struct TenantEntry {
     /// Sees and acts on every tenant's workloads and modules, and reads `/metrics`.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub admin: bool,
-    /// Most of its workloads running or waiting at once; none: no quota.
+    /// Most of its workloads running at once (more wait in the queue);
+    /// none: no quota.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_concurrent: Option<usize>,
+    /// Its share of the node's slots against other tenants with queued
+    /// work (default 1): the next free slot goes to the tenant with the
+    /// fewest running workloads per unit of weight.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight: Option<u32>,
     /// The longest timeout its workloads may ask for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_timeout_ms: Option<u64>,
@@ -94,6 +100,7 @@ impl TenantEntry {
             token_sha256,
             admin: false,
             max_concurrent: None,
+            weight: None,
             max_timeout_ms: None,
             max_memory_bytes: None,
             max_fuel: None,
@@ -213,6 +220,9 @@ impl Tenants {
                     entry.name
                 );
             }
+            if entry.weight == Some(0) {
+                bail!("tenant `{}`: weight must be at least 1", entry.name);
+            }
             if entry.max_concurrent == Some(0) {
                 bail!("tenant `{}`: max_concurrent must be at least 1", entry.name);
             }
@@ -233,6 +243,11 @@ impl Tenants {
             }));
         }
         Ok(Self { all })
+    }
+
+    /// The tenant named `name`.
+    pub fn named(&self, name: &str) -> Option<&Arc<Tenant>> {
+        self.all.iter().find(|t| t.name() == name)
     }
 
     /// Tenants with a retention of their own: (name, how long).

@@ -53,6 +53,12 @@ pub struct WorkloadSummary {
     /// When retention deleted its lines (RFC 3339); its logs then answer 410.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pruned_at: Option<String>,
+    /// When it was queued for want of a free slot (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queued_at: Option<String>,
+    /// The schedule whose firing created it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<String>,
 }
 
 /// Longest error a list item carries; the record has the whole one.
@@ -79,6 +85,8 @@ impl From<WorkloadRecord> for WorkloadSummary {
             attempt: None,
             tenant: w.tenant,
             pruned_at: w.pruned_at.map(rfc3339),
+            queued_at: w.queued_at.map(rfc3339),
+            schedule: w.schedule,
         }
     }
 }
@@ -134,6 +142,21 @@ impl From<WorkloadRecord> for WorkloadView {
             output_base64,
         }
     }
+}
+
+/// One tenant's line of `GET /v1/queue`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TenantQueue {
+    /// The tenant (`null` on a server without tenants).
+    pub tenant: Option<String>,
+    /// How many of its workloads wait.
+    pub queued: u64,
+    /// How many of its workloads run.
+    pub running: u64,
+    /// When its oldest waiting workload was queued (RFC 3339).
+    pub oldest_queued_at: Option<String>,
+    /// How long that one has waited so far.
+    pub oldest_wait_ms: Option<u64>,
 }
 
 /// What a kill did.
@@ -337,6 +360,8 @@ mod tests {
             finished_at: None,
             tenant: None,
             pruned_at: None,
+            queued_at: None,
+            schedule: None,
         }
     }
 

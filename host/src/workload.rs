@@ -131,6 +131,8 @@ pub struct WorkloadSpec {
     pub allowed_hosts: Vec<OutboundRule>,
     /// The tenant it runs for; `None` on a server without tenants.
     pub tenant: Option<String>,
+    /// The schedule whose firing created it, if one did.
+    pub schedule: Option<String>,
 }
 
 /// A workload's lifecycle state.
@@ -277,11 +279,13 @@ pub enum FailureKind {
     Host,
     /// The node running it was lost (cluster mode).
     NodeLost,
+    /// It waited in the queue past its `queue_timeout_ms` and never started.
+    QueueTimeout,
 }
 
 impl FailureKind {
     /// Every kind.
-    pub const ALL: [FailureKind; 11] = [
+    pub const ALL: [FailureKind; 12] = [
         FailureKind::Exit,
         FailureKind::Timeout,
         FailureKind::Memory,
@@ -293,6 +297,7 @@ impl FailureKind {
         FailureKind::Store,
         FailureKind::Host,
         FailureKind::NodeLost,
+        FailureKind::QueueTimeout,
     ];
 
     /// The stable snake_case name used in the database and the API.
@@ -309,6 +314,7 @@ impl FailureKind {
             FailureKind::Store => "store",
             FailureKind::Host => "host",
             FailureKind::NodeLost => "node_lost",
+            FailureKind::QueueTimeout => "queue_timeout",
         }
     }
 }
@@ -364,6 +370,10 @@ pub struct WorkloadRecord {
     pub tenant: Option<String>,
     /// When retention deleted its lines, ms since the Unix epoch.
     pub pruned_at: Option<i64>,
+    /// When it was queued (it waited for a slot), ms since the Unix epoch.
+    pub queued_at: Option<i64>,
+    /// The schedule whose firing created it.
+    pub schedule: Option<String>,
 }
 
 /// The final state a finished run writes.
@@ -406,6 +416,71 @@ impl Completion {
         self.failure = Some(FailureKind::Store);
         self.error = Some(format!("its log lines could not be stored: {why}"));
     }
+}
+
+/// What a queued workload needs to run beyond its record: the bytes it is
+/// given and how long it may wait. Kept with its pending record, so the
+/// queue survives a restart.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueuedInput {
+    /// Its stdin, base64.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stdin_base64: Option<String>,
+    /// Its input, base64.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input_base64: Option<String>,
+    /// When it fails with `queue_timeout` if it has not started, ms since
+    /// the Unix epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline_ms: Option<i64>,
+}
+
+impl QueuedInput {
+    /// What `spec` needs kept to run later, with its queue deadline.
+    pub fn of(spec: &WorkloadSpec, deadline_ms: Option<i64>) -> Self {
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        Self {
+            stdin_base64: match &spec.stdin {
+                Stdin::Bytes(b) => Some(b64.encode(b)),
+                _ => None,
+            },
+            input_base64: spec.input.as_ref().map(|b| b64.encode(b)),
+            deadline_ms,
+        }
+    }
+
+    /// The spec a queued record runs with: the record's, with these bytes.
+    pub fn spec(&self, record: &WorkloadRecord) -> anyhow::Result<WorkloadSpec> {
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let decode = |s: &Option<String>| s.as_deref().map(|s| b64.decode(s)).transpose();
+        Ok(WorkloadSpec {
+            args: record.args.clone(),
+            env: record.env.clone(),
+            stdin: match decode(&self.stdin_base64)? {
+                Some(bytes) => Stdin::Bytes(bytes),
+                None => Stdin::Empty,
+            },
+            preopens: Vec::new(),
+            limits: record.limits.clone(),
+            input: decode(&self.input_base64)?,
+            log_level: record.log_level,
+            allowed_hosts: record.allowed_hosts.clone(),
+            tenant: record.tenant.clone(),
+            schedule: record.schedule.clone(),
+        })
+    }
+}
+
+/// An idempotent submission's key and what it asked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdempotencyKey {
+    /// The client's key.
+    pub key: String,
+    /// A digest of the submission (module and spec): the same key with
+    /// another fingerprint is a conflict.
+    pub fingerprint: String,
 }
 
 /// Milliseconds since the Unix epoch, now.

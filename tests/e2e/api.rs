@@ -457,12 +457,24 @@ async fn bad_requests_get_the_right_status_and_one_error_shape() {
 }
 
 #[tokio::test]
-async fn a_full_server_answers_503_with_retry_after() {
+async fn a_full_server_queues_a_sync_run_until_a_slot_frees_and_a_full_queue_answers_503() {
     let env = Env::new();
-    let server = Server::start(&env, &["--max-concurrent", "1"]);
+    let server = Server::start(&env, &["--max-concurrent", "1", "--max-queued", "1"]);
     let id = server.start_wasm("spin", "").await;
-    let resp = server
+    // The sync caller waits in the queue while the spinner holds the slot.
+    let waiting = server
         .req(Method::POST, "/v1/workloads")
+        .header("content-type", "application/wasm")
+        .body(std::fs::read(example("hello")).unwrap())
+        .send();
+    let waiting = tokio::spawn(waiting);
+    eventually("the sync run waits in the queue", || async {
+        let (_, queue) = server.get_json("/v1/queue").await;
+        (queue["queued"] == 1).then_some(())
+    })
+    .await;
+    let resp = server
+        .req(Method::POST, "/v1/workloads/async")
         .header("content-type", "application/wasm")
         .body(std::fs::read(example("hello")).unwrap())
         .send()
@@ -471,12 +483,15 @@ async fn a_full_server_answers_503_with_retry_after() {
     assert_eq!(resp.status().as_u16(), 503);
     assert_eq!(resp.headers()["retry-after"], "1");
     let body: Value = resp.json().await.unwrap();
-    assert_eq!(body["error"]["code"], "busy");
+    assert_eq!(body["error"]["code"], "queue_full");
     assert_eq!(server.kill(&id).await.0, 200);
+    let resp = waiting.await.unwrap().unwrap();
+    assert_eq!(resp.status().as_u16(), 200, "it ran once the slot was free");
+    let record: Value = resp.json().await.unwrap();
+    assert_eq!(record["status"], "completed");
+    assert!(record["queued_at"].is_string(), "{record}");
     let (_, _, end) = server.sse(&id, None).await.until_end().await;
     assert_eq!(end["status"], "killed");
-    let (status, _) = server.run_wasm("hello", "").await;
-    assert_eq!(status, 200, "the slot is free again");
 }
 
 #[tokio::test]

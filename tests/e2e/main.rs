@@ -30,6 +30,9 @@
 //!   `whoami`, `tenant add`, bad tenants files.
 //! - `faults` — a full disk (tmpfs), stdout and stderr on `/dev/full`, a
 //!   store writer that dies.
+//! - `jobs`    — the job queue: work beyond capacity queued, fair share
+//!   between tenants, the queue across a restart, idempotent submits, on
+//!   one node and on three.
 //! - `hardening` — hostile guests and clients, faults, crashes: bounded memory,
 //!   no stuck workload, no lost line.
 
@@ -46,6 +49,7 @@ mod components;
 mod console;
 mod faults;
 mod hardening;
+mod jobs;
 mod local;
 mod outbound;
 mod read_model;

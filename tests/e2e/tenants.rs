@@ -256,7 +256,7 @@ pub async fn keeps_tenants_apart(servers: &[Server], [alice, bob, root]: [&str; 
 }
 
 #[tokio::test]
-async fn a_tenant_at_its_quota_gets_429_and_others_still_run() {
+async fn a_tenant_at_its_quota_queues_and_others_still_run() {
     let env = Env::new();
     let file = env.data_dir().join("tenants.toml");
     let noisy = add_tenant(&env, &file, "noisy", &["--max-concurrent", "2"]);
@@ -285,22 +285,26 @@ async fn a_tenant_at_its_quota_gets_429_and_others_still_run() {
         assert_eq!(status, 202, "{body}");
         spinning.push(body["id"].as_str().unwrap().to_owned());
     }
-    let resp = server
-        .http
-        .post(format!("{}/v1/workloads/async", server.url))
-        .bearer_auth(&noisy)
-        .json(&json!({"module_base64": spin}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status().as_u16(), 429);
-    assert_eq!(resp.headers()["retry-after"], "1");
-    // Its body was read: the client may retry on the same connection.
-    assert!(resp.headers().get("connection").is_none());
-    let body: Value = resp.json().await.unwrap();
-    assert_eq!(body["error"]["code"], "quota_exceeded", "{body}");
-    let (_, listed) = noisy_as.get("/v1/workloads").await;
-    assert_eq!(listed["total"], 2, "the refused run created nothing");
+    // A third waits in the queue: accepted, pending, never running while
+    // two of its tenant's run.
+    let (status, body) = noisy_as
+        .call(
+            Method::POST,
+            "/v1/workloads/async",
+            Some(json!({"module_base64": spin})),
+        )
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let waiting = body["id"].as_str().unwrap().to_owned();
+    let (_, record) = noisy_as.get(&format!("/v1/workloads/{waiting}")).await;
+    assert_eq!(record["status"], "pending", "{record}");
+    let (_, queue) = noisy_as.get("/v1/queue").await;
+    assert_eq!(queue["queued"], 1, "{queue}");
+    assert_eq!(
+        queue["tenants"].as_array().unwrap().len(),
+        1,
+        "its own line only: {queue}"
+    );
 
     // The quiet tenant is not held up by the noisy one's quota.
     let hello = b64(&std::fs::read(example("hello")).unwrap());
@@ -326,7 +330,7 @@ async fn a_tenant_at_its_quota_gets_429_and_others_still_run() {
         stderr(&out)
     );
 
-    // Once one ends, its slot is free again.
+    // Once one ends, the queued one takes its place.
     let (status, _) = noisy_as
         .call(
             Method::DELETE,
@@ -335,17 +339,17 @@ async fn a_tenant_at_its_quota_gets_429_and_others_still_run() {
         )
         .await;
     assert_eq!(status, 200);
-    eventually("the slot is released", || async {
-        let (status, body) = noisy_as
-            .call(
-                Method::POST,
-                "/v1/workloads",
-                Some(json!({"module_base64": hello})),
-            )
-            .await;
-        (status == 200).then_some(body)
+    eventually("the queued run starts", || async {
+        let (_, record) = noisy_as.get(&format!("/v1/workloads/{waiting}")).await;
+        (record["status"] == "running").then_some(())
     })
     .await;
+    for id in [&spinning[1], &waiting] {
+        let (status, _) = noisy_as
+            .call(Method::DELETE, &format!("/v1/workloads/{id}"), None)
+            .await;
+        assert_eq!(status, 200);
+    }
 }
 
 #[tokio::test]

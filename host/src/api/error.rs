@@ -26,6 +26,8 @@ impl ApiError {
             ApiError::QuotaExceeded(_) => (StatusCode::TOO_MANY_REQUESTS, "quota_exceeded"),
             ApiError::LogQuotaExceeded(_) => (StatusCode::TOO_MANY_REQUESTS, "log_quota_exceeded"),
             ApiError::Busy(_) => (StatusCode::SERVICE_UNAVAILABLE, "busy"),
+            ApiError::QueueFull(_) => (StatusCode::SERVICE_UNAVAILABLE, "queue_full"),
+            ApiError::IdempotencyConflict(_) => (StatusCode::CONFLICT, "idempotency_conflict"),
             ApiError::StorageFull(_) | ApiError::StorageFullRun { .. } => {
                 (StatusCode::INSUFFICIENT_STORAGE, "storage_full")
             }
@@ -82,7 +84,7 @@ impl IntoResponse for ApiError {
         let body = serde_json::json!({"error": {"code": code, "message": message}});
         let mut response = (status, Json(body)).into_response();
         match self {
-            ApiError::Busy(_) | ApiError::QuotaExceeded(_) => {
+            ApiError::Busy(_) | ApiError::QuotaExceeded(_) | ApiError::QueueFull(_) => {
                 response
                     .headers_mut()
                     .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));

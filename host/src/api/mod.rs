@@ -12,6 +12,7 @@ mod error;
 mod logs;
 mod modules;
 mod request;
+mod schedules;
 mod sse;
 mod workloads;
 
@@ -108,6 +109,17 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .route("/v1/stats", get(stats))
         .route("/v1/whoami", get(whoami))
+        .route("/v1/queue", get(queue))
+        .route(
+            "/v1/schedules",
+            post(schedules::create).get(schedules::list),
+        )
+        .route(
+            "/v1/schedules/{name}",
+            get(schedules::get).delete(schedules::delete),
+        )
+        .route("/v1/schedules/{name}/pause", post(schedules::pause))
+        .route("/v1/schedules/{name}/resume", post(schedules::resume))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/healthz", get(healthz))
@@ -273,6 +285,14 @@ async fn stats(
     Extension(caller): Extension<Caller>,
 ) -> Result<impl IntoResponse, ApiError> {
     Ok(axum::Json(state.service().stats(&caller)?))
+}
+
+/// `GET /v1/queue`: how many workloads wait, per tenant, and the oldest wait.
+async fn queue(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+) -> Result<axum::Json<crate::service::QueueView>, ApiError> {
+    Ok(axum::Json(state.service().queue(&caller).await?))
 }
 
 /// `GET /v1/whoami`: the caller's tenant, role and quota use.

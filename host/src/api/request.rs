@@ -3,10 +3,12 @@
 //! - `application/wasm`: the module bytes; args, env and limits in the query
 //!   (`?arg=a&arg=b&env=K%3DV&timeout_ms=…&max_memory_bytes=…&fuel=…&log_level=…`,
 //!   `allowed_host=https://api.example.com` repeated; `max_memory_mb` is
-//!   accepted too).
+//!   accepted too; `queue_timeout_ms`, `idempotency_key`).
 //! - `application/json`: `{"module":"sha256:…"` or `"module_base64":"…"`, `"args"`,
 //!   `"env"`, `"stdin"` or `"stdin_base64"`, `"input"` (any JSON value) or
-//!   `"input_base64"`, `"limits"`, `"log_level"`, `"allowed_hosts"`}.
+//!   `"input_base64"`, `"limits"`, `"log_level"`, `"allowed_hosts"`,
+//!   `"queue_timeout_ms"`, `"idempotency_key"`}.
+//! - Any of them: an `Idempotency-Key` header (the same as `idempotency_key`).
 //! - `multipart/form-data`: a `module` file part and an optional `spec` JSON part.
 
 use std::collections::BTreeMap;
@@ -41,6 +43,10 @@ pub struct JsonSpec {
     log_level: Option<LogLevel>,
     #[serde(default)]
     allowed_hosts: Vec<String>,
+    /// Fail it `queue_timeout` if it has not started after this long.
+    queue_timeout_ms: Option<u64>,
+    /// A repeat with this key within 24 h answers the first's workload.
+    idempotency_key: Option<String>,
 }
 
 /// Limits as the API spells them.
@@ -119,7 +125,7 @@ fn check_args_and_env(args: &[String], env: &BTreeMap<String, String>) -> Result
 impl JsonSpec {
     /// Builds the submission; `uploaded` is the module from a multipart part;
     /// args, env, stdin and input together may be at most `max_spec` bytes.
-    fn into_submission(
+    pub(super) fn into_submission(
         self,
         uploaded: Option<bytes::Bytes>,
         max_spec: usize,
@@ -189,8 +195,18 @@ impl JsonSpec {
                  accepts at most {max_spec} (--max-spec-size)"
             )));
         }
+        if self.queue_timeout_ms == Some(0) {
+            return Err(ApiError::BadRequest(
+                "queue_timeout_ms must be greater than 0".into(),
+            ));
+        }
+        if let Some(key) = &self.idempotency_key {
+            crate::service::check_idempotency_key(key)?;
+        }
         Ok(Submission {
             module,
+            queue_timeout_ms: self.queue_timeout_ms,
+            idempotency_key: self.idempotency_key,
             spec: WorkloadSpec {
                 args,
                 env: self.env.into_iter().collect(),
@@ -201,6 +217,7 @@ impl JsonSpec {
                 log_level: self.log_level,
                 allowed_hosts,
                 tenant: None,
+                schedule: None,
             },
         })
     }
@@ -275,6 +292,34 @@ pub async fn parse_submission(
     limit: usize,
     max_spec: usize,
 ) -> Result<Submission, ApiError> {
+    let header_key = match req.headers().get("idempotency-key") {
+        Some(v) => Some(
+            v.to_str()
+                .map_err(|_| {
+                    ApiError::BadRequest("the Idempotency-Key header is not visible ASCII".into())
+                })?
+                .to_owned(),
+        ),
+        None => None,
+    };
+    let mut submission = parse_body(req, limit, max_spec).await?;
+    match (header_key, &submission.idempotency_key) {
+        (Some(h), Some(j)) if h != *j => {
+            return Err(ApiError::BadRequest(
+                "the Idempotency-Key header and the spec's idempotency_key differ".into(),
+            ));
+        }
+        (Some(h), _) => {
+            crate::service::check_idempotency_key(&h)?;
+            submission.idempotency_key = Some(h);
+        }
+        _ => {}
+    }
+    Ok(submission)
+}
+
+/// [`parse_submission`]'s body.
+async fn parse_body(req: Request, limit: usize, max_spec: usize) -> Result<Submission, ApiError> {
     match media_type(&req).as_str() {
         "application/wasm" => {
             let query = req.uri().query().unwrap_or("").to_owned();
@@ -396,6 +441,8 @@ fn query_spec(query: &str) -> Result<JsonSpec, ApiError> {
                 spec.log_level = Some(level);
             }
             "max_output_bytes" => spec.limits.max_output_bytes = Some(number(&key, &value)?),
+            "queue_timeout_ms" => spec.queue_timeout_ms = Some(number(&key, &value)?),
+            "idempotency_key" => spec.idempotency_key = Some(value),
             other => {
                 return Err(ApiError::BadRequest(format!(
                     "unknown query parameter `{other}`"

@@ -175,6 +175,27 @@ async fn every_refused_request_gets_its_status_and_code_and_changes_nothing() {
         ),
         (
             Method::POST,
+            "/v1/workloads?queue_timeout_ms=0".into(),
+            wasm.clone(),
+            400,
+            "bad_request",
+        ),
+        (
+            Method::POST,
+            "/v1/workloads/async?idempotency_key=has%20space".into(),
+            wasm.clone(),
+            400,
+            "bad_request",
+        ),
+        (
+            Method::POST,
+            "/v1/workloads/async".into(),
+            Json(json!({"module_base64": b64(&hello), "idempotency_key": "k".repeat(256)})),
+            400,
+            "bad_request",
+        ),
+        (
+            Method::POST,
             "/v1/workloads?max_memory_bytes=1&max_memory_mb=1".into(),
             wasm.clone(),
             400,
@@ -409,35 +430,65 @@ async fn a_token_guards_everything_but_health() {
 }
 
 #[tokio::test]
-async fn at_capacity_a_run_is_refused_with_retry_after() {
+async fn at_capacity_runs_queue_up_to_max_queued_and_a_queued_run_can_time_out_or_be_killed() {
     let options = NodeOptions {
         max_concurrent: Some(1),
         ..NodeOptions::default()
     };
-    let api = api(ApiConfig::default(), options).await;
+    let service = ServiceConfig {
+        max_queued: 1,
+        ..ServiceConfig::default()
+    };
+    let api = with_service(ApiConfig::default(), service, options).await;
     let spin = wasm(wat_fixture!("spin"));
-    let (status, accepted) = api.run("/v1/workloads/async", &spin).await;
+    let (status, running) = api.run("/v1/workloads/async", &spin).await;
     assert_eq!(status, StatusCode::ACCEPTED);
-    let req = Request::post("/v1/workloads")
+    let (status, queued) = api.run("/v1/workloads/async", &spin).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{queued}");
+    let queued_id = queued["id"].as_str().unwrap().to_owned();
+    let (_, record) = api.get(&format!("/v1/workloads/{queued_id}")).await;
+    assert_eq!(record["status"], "pending");
+    assert!(record["queued_at"].is_string(), "{record}");
+    let (status, queue) = api.get("/v1/queue").await;
+    assert_eq!(status, StatusCode::OK);
+    let depth = (queue["queued"].as_u64(), queue["max_queued"].as_u64());
+    assert_eq!(depth, (Some(1), Some(1)), "{queue}");
+    assert_eq!(queue["tenants"][0]["running"], 1, "{queue}");
+
+    // Beyond --max-queued: 503 queue_full, and nothing is created.
+    let req = Request::post("/v1/workloads/async")
         .header(header::CONTENT_TYPE, "application/wasm")
-        .body(Body::from(spin))
+        .body(Body::from(spin.clone()))
         .unwrap();
     let (status, headers, answer) = api.call(req).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
-    assert_eq!(answer["error"]["code"], "busy");
+    assert_eq!(answer["error"]["code"], "queue_full");
     assert_eq!(headers[header::RETRY_AFTER], "1");
-    let id = accepted["id"].as_str().unwrap();
-    let (status, killed) = api
-        .send(
-            Method::DELETE,
-            &format!("/v1/workloads/{id}"),
-            "application/json",
-            vec![],
-        )
-        .await;
+    let (_, list) = api.get("/v1/workloads").await;
+    assert_eq!(list["total"], 2, "{list}");
+
+    // A kill takes the queued one out before it starts.
+    let api = &api;
+    let kill = |id: String| async move {
+        let uri = format!("/v1/workloads/{id}");
+        api.send(Method::DELETE, &uri, "application/json", vec![])
+            .await
+    };
+    let (status, killed) = kill(queued_id).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(killed["status"], "killed");
-    assert_eq!(killed["failure"], "killed");
+    assert!(killed["started_at"].is_null(), "{killed}");
+
+    // A sync run that waits past its queue_timeout_ms ends failed, unstarted.
+    let (status, timed_out) = api.run("/v1/workloads?queue_timeout_ms=50", &spin).await;
+    assert_eq!(status, StatusCode::OK, "{timed_out}");
+    assert_eq!(timed_out["status"], "failed");
+    assert_eq!(timed_out["failure"], "queue_timeout");
+    assert!(timed_out["started_at"].is_null(), "{timed_out}");
+
+    let (status, killed) = kill(running["id"].as_str().unwrap().to_owned()).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(killed["status"], "killed");
 }
 
 #[tokio::test]

@@ -74,6 +74,35 @@ impl Client {
             .with_context(|| format!("unexpected answer from the server to {url}"))
     }
 
+    /// Sends `method path` with an optional JSON body; the JSON answer
+    /// (`null` when there is none, as for a 204).
+    pub async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> anyhow::Result<Value> {
+        let mut req = self.request(method, path);
+        if let Some(body) = body {
+            req = req.json(&body);
+        }
+        let resp = self.send(req).await?;
+        Ok(resp.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Uploads a module; its `sha256:` hash.
+    pub async fn upload(&self, bytes: Vec<u8>) -> anyhow::Result<String> {
+        let req = self
+            .request(reqwest::Method::POST, "/v1/modules")
+            .header("content-type", "application/wasm")
+            .body(bytes);
+        let info: Value = self.json(req).await?;
+        info["hash"]
+            .as_str()
+            .map(str::to_owned)
+            .context("the server's upload answer has no hash")
+    }
+
     /// GETs `path` and reads the answer as a `T`.
     pub async fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
         self.json(self.request(reqwest::Method::GET, path)).await
@@ -224,6 +253,43 @@ pub async fn whoami(client: &Client) -> anyhow::Result<ExitCode> {
             };
             println!("{name} ({role}): {quota}{logs}");
         }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `vulcan queue`: how many workloads wait, per tenant, and the oldest wait.
+pub async fn queue(client: &Client, json: bool) -> anyhow::Result<ExitCode> {
+    let queue: Value = client.get("/v1/queue").await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&queue)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{} queued (at most {})",
+        queue["queued"], queue["max_queued"]
+    );
+    let tenants = queue["tenants"].as_array().cloned().unwrap_or_default();
+    if tenants.is_empty() {
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{:<24} {:>8} {:>8} {:>14}",
+        "TENANT", "QUEUED", "RUNNING", "OLDEST WAIT"
+    );
+    for t in tenants {
+        let wait = match t["oldest_wait_ms"].as_u64() {
+            Some(ms) => {
+                humantime::format_duration(std::time::Duration::from_millis(ms)).to_string()
+            }
+            None => "-".into(),
+        };
+        println!(
+            "{:<24} {:>8} {:>8} {:>14}",
+            t["tenant"].as_str().unwrap_or("-"),
+            t["queued"],
+            t["running"],
+            wait
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

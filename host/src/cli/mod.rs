@@ -11,6 +11,7 @@ mod parse;
 mod print;
 mod read;
 mod run;
+mod schedule;
 mod serve;
 mod signals;
 pub mod sse;
@@ -58,7 +59,7 @@ pub mod exit {
     pub fn for_failure(kind: crate::workload::FailureKind) -> u8 {
         use crate::workload::FailureKind as F;
         match kind {
-            F::Timeout => TIMEOUT,
+            F::Timeout | F::QueueTimeout => TIMEOUT,
             F::Output => OUTPUT_LIMIT,
             F::Memory => MEMORY_LIMIT,
             F::Fuel => FUEL_EXHAUSTED,
@@ -125,6 +126,17 @@ enum Command {
     /// Show the tenant the token (VULCAN_TOKEN) names, and its quota use
     /// (needs --server).
     Whoami,
+    /// Show the queue: workloads waiting for a slot, per tenant, and the
+    /// oldest wait (needs --server).
+    Queue {
+        /// Print the server's JSON as it is.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Manage a server's schedules: workloads fired on a cron expression
+    /// (needs --server).
+    #[command(subcommand)]
+    Schedule(schedule::ScheduleCommand),
     /// Manage the tenants file of `vulcan serve --tenants`.
     #[command(subcommand)]
     Tenant(TenantCommand),
@@ -151,9 +163,14 @@ struct TenantAddArgs {
     /// It sees and acts on every tenant's work and reads /metrics
     #[arg(long)]
     admin: bool,
-    /// Most of its workloads running at once (beyond: 429 quota_exceeded)
+    /// Most of its workloads running at once (more wait in the queue; on a
+    /// cluster, 429 quota_exceeded)
     #[arg(long, value_name = "N")]
     max_concurrent: Option<usize>,
+    /// Its share of the slots against other tenants with queued work
+    /// (default 1)
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    weight: Option<u32>,
     /// Most of its log followers (SSE streams) open at once on a node
     /// (beyond: 429 quota_exceeded)
     #[arg(long, value_name = "N")]
@@ -180,6 +197,7 @@ fn tenant_add(args: TenantAddArgs) -> anyhow::Result<ExitCode> {
     let entry = crate::tenants::TenantEntry {
         admin: args.admin,
         max_concurrent: args.max_concurrent,
+        weight: args.weight,
         max_followers: args.max_followers,
         max_log_bytes: args.max_log_bytes,
         on_log_quota: args.on_log_quota.map(|a| match a {
@@ -292,6 +310,8 @@ pub fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             Command::Logs(args) => read::logs(&c, args).await,
             Command::Kill(args) => client::kill(&c, args.id).await,
             Command::Whoami => client::whoami(&c).await,
+            Command::Queue { json } => client::queue(&c, json).await,
+            Command::Schedule(command) => schedule::run(&c, command).await,
             Command::Run(_) | Command::Serve(_) | Command::Tenant(_) | Command::Vacuum => {
                 unreachable!("handled above")
             }
@@ -363,6 +383,8 @@ mod tests {
             finished_at: None,
             tenant: None,
             pruned_at: None,
+            queued_at: None,
+            schedule: None,
         };
         exit::for_view(&WorkloadView::from(record).summary)
     }
@@ -371,7 +393,7 @@ mod tests {
     fn every_failure_kind_has_its_exit_code() {
         for kind in FailureKind::ALL {
             let want = match kind {
-                FailureKind::Timeout => 124,
+                FailureKind::Timeout | FailureKind::QueueTimeout => 124,
                 FailureKind::Output => 125,
                 FailureKind::Memory => 135,
                 FailureKind::Fuel => 136,

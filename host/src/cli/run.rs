@@ -82,6 +82,7 @@ pub fn execute(args: RunArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
         log_level: args.log_level,
         allowed_hosts: args.allowed_hosts.clone(),
         tenant: None,
+        schedule: None,
     };
 
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -45,7 +45,7 @@ pub struct ServeArgs {
     /// answered for, and pages of its origin may change state
     #[arg(long, env = "VULCAN_PUBLIC_URL", value_name = "URL")]
     public_url: Option<String>,
-    /// Most workloads running at once; further submissions get 503 with Retry-After
+    /// Most workloads running at once; further submissions wait in the queue
     #[arg(
         long,
         env = "VULCAN_MAX_CONCURRENT",
@@ -53,6 +53,15 @@ pub struct ServeArgs {
         value_name = "N"
     )]
     max_concurrent: usize,
+    /// Most workloads waiting in the queue; beyond, 503 `queue_full` with Retry-After
+    #[arg(
+        long,
+        env = "VULCAN_MAX_QUEUED",
+        default_value_t = crate::service::DEFAULT_MAX_QUEUED as u64,
+        value_name = "N",
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    max_queued: u64,
     /// Most log followers (SSE streams) open at once; beyond, 503 with Retry-After
     #[arg(
         long,
@@ -442,6 +451,7 @@ pub fn execute(args: ServeArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
             tenants,
             limits,
             max_followers: args.max_followers as usize,
+            max_queued: usize::try_from(args.max_queued).unwrap_or(usize::MAX),
         };
         let service = match &cluster {
             Some(cluster) => Service::clustered(Arc::clone(cluster), config),

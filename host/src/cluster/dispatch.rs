@@ -50,6 +50,12 @@ struct QueuedWork {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     tenant: Option<String>,
     enqueued_ms: i64,
+    /// When it fails `queue_timeout` if no node has started it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    deadline_ms: Option<i64>,
+    /// The schedule whose firing created it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    schedule: Option<String>,
 }
 
 impl QueuedWork {
@@ -73,6 +79,7 @@ impl QueuedWork {
             log_level: self.log_level,
             allowed_hosts: self.allowed_hosts.clone(),
             tenant: self.tenant.clone(),
+            schedule: self.schedule.clone(),
         })
     }
 }
@@ -114,6 +121,8 @@ fn pending_view(
         finished_at: None,
         tenant: spec.tenant.clone(),
         pruned_at: None,
+        queued_at: None,
+        schedule: spec.schedule.clone(),
     });
     view.summary.attempt = Some(0);
     view
@@ -141,8 +150,9 @@ impl Cluster {
         id: WorkloadId,
         module: &str,
         spec: WorkloadSpec,
+        deadline_ms: Option<i64>,
     ) -> Result<(), ClusterError> {
-        self.enqueue(id, module, spec, None).await
+        self.enqueue(id, module, spec, deadline_ms, None).await
     }
 
     /// Runs a workload on whichever node has a free slot and waits for its
@@ -152,6 +162,7 @@ impl Cluster {
         id: WorkloadId,
         module: &str,
         spec: WorkloadSpec,
+        deadline_ms: Option<i64>,
     ) -> Result<WorkloadView, ClusterError> {
         let (recorded_tx, mut recorded) = oneshot::channel();
         let (ended_tx, ended) = oneshot::channel();
@@ -159,7 +170,8 @@ impl Cluster {
             recorded: recorded_tx,
             ended: ended_tx,
         };
-        self.enqueue(id, module, spec, Some(here)).await?;
+        self.enqueue(id, module, spec, deadline_ms, Some(here))
+            .await?;
         // Run here: its final record as soon as it is stored, or, if NATS
         // does not take it in time, what this node holds, said as such.
         // Queued (or taken over): as its end is announced.
@@ -199,9 +211,10 @@ impl Cluster {
         id: WorkloadId,
         module: &str,
         spec: WorkloadSpec,
+        deadline_ms: Option<i64>,
         here: Option<Here>,
     ) -> Result<(), ClusterError> {
-        let admitted = self.admit(id, module, &spec).await?;
+        let admitted = self.admit(id, module, &spec, deadline_ms).await?;
         let mut slot = self.node.runner().try_reserve();
         if here.is_some()
             && let Some(slot) = slot.take()
@@ -230,6 +243,7 @@ impl Cluster {
         id: WorkloadId,
         module: &str,
         spec: &WorkloadSpec,
+        deadline_ms: Option<i64>,
     ) -> Result<Admitted, ClusterError> {
         self.connected()?;
         // Known here or in the cluster; the node that runs it fetches it.
@@ -258,6 +272,8 @@ impl Cluster {
             allowed_hosts: spec.allowed_hosts.clone(),
             tenant: spec.tenant.clone(),
             enqueued_ms: now_ms(),
+            deadline_ms,
+            schedule: spec.schedule.clone(),
         };
         let payload = Bytes::from(serde_json::to_vec(&work).map_err(anyhow::Error::from)?);
         // Checked before anything is created; the rest is room for headers.
@@ -271,7 +287,11 @@ impl Cluster {
             )));
         }
         let view = pending_view(id, module, spec, work.enqueued_ms);
-        Ok(Admitted { view, payload })
+        Ok(Admitted {
+            view,
+            payload,
+            deadline_ms,
+        })
     }
 
     /// Runs `running` (claimed here, its record at `revision` if it has
@@ -305,7 +325,11 @@ impl Cluster {
         admitted: Admitted,
         slot: Option<Slot>,
     ) -> Result<(), ClusterError> {
-        let Admitted { view, payload } = admitted;
+        let Admitted {
+            view,
+            payload,
+            deadline_ms,
+        } = admitted;
         let id = view.summary.id;
         // A slot free here: it runs here at once, created running, without a
         // trip through the queue (claimed before its record says so).
@@ -324,6 +348,8 @@ impl Cluster {
             self.start_here(module, spec, running, Some(revision), None, slot);
             return Ok(());
         }
+        let mut view = view;
+        view.summary.queued_at = Some(view.summary.created_at.clone());
         let revision = match self.create_record(&view).await {
             Ok(revision) => revision,
             Err(e) => {
@@ -343,6 +369,9 @@ impl Cluster {
             self.abandon(id);
             return Err(ClusterError::unavailable(e));
         }
+        if let Some(deadline) = deadline_ms {
+            self.expire_at(id, deadline);
+        }
         Ok(())
     }
 
@@ -353,28 +382,46 @@ impl Cluster {
     fn abandon(self: &Arc<Self>, id: WorkloadId) {
         let this = Arc::clone(self);
         tokio::spawn(async move {
-            until_done("failing an unqueued workload", id, || async {
-                let current = match this.record(id).await {
-                    Err(ClusterError::NotFound(_)) => return Ok(()),
-                    other => other?,
-                };
-                if current.view.summary.status != Status::Pending {
-                    return Ok(());
-                }
-                let view = ended(
-                    current.view,
-                    Status::Failed,
-                    FailureKind::Host,
-                    "the cluster was unavailable when it was submitted; it never ran".into(),
-                );
-                // Moved on meanwhile: looked at again.
-                match this.swap(&view, current.revision).await? {
-                    Some(_) => Ok(()),
-                    None => Err(ClusterError::Unavailable("the record changed".into())),
-                }
-            })
-            .await
+            let why = "the cluster was unavailable when it was submitted; it never ran";
+            this.fail_pending(id, FailureKind::Host, why).await
         });
+    }
+
+    /// Fails `id` `queue_timeout` at `deadline` if no node has started it
+    /// by then (if this node is gone by then, the node that takes it does).
+    fn expire_at(self: &Arc<Self>, id: WorkloadId, deadline: i64) {
+        let this = Arc::clone(self);
+        self.tasks.spawn(async move {
+            let wait = Duration::from_millis((deadline - now_ms()).max(0) as u64);
+            tokio::select! {
+                () = this.stop.cancelled() => {}
+                () = tokio::time::sleep(wait) => {
+                    let why = "it waited in the queue past its queue_timeout_ms and never started";
+                    this.fail_pending(id, FailureKind::QueueTimeout, why).await;
+                }
+            }
+        });
+    }
+
+    /// Fails `id` with `failure` and `error` if it is still pending,
+    /// retrying until NATS answers.
+    async fn fail_pending(&self, id: WorkloadId, failure: FailureKind, error: &str) {
+        until_done("failing a pending workload", id, || async {
+            let current = match self.record(id).await {
+                Err(ClusterError::NotFound(_)) => return Ok(()),
+                other => other?,
+            };
+            if current.view.summary.status != Status::Pending {
+                return Ok(());
+            }
+            let view = ended(current.view, Status::Failed, failure, error.to_owned());
+            // Moved on meanwhile: looked at again.
+            match self.swap(&view, current.revision).await? {
+                Some(_) => Ok(()),
+                None => Err(ClusterError::Unavailable("the record changed".into())),
+            }
+        })
+        .await
     }
 
     /// Pulls work while this node has a free slot, one message at a time.
@@ -445,6 +492,17 @@ impl Cluster {
                 return;
             }
         };
+        if let Some(deadline) = work.deadline_ms
+            && now_ms() > deadline
+        {
+            let waited = now_ms() - work.enqueued_ms;
+            let why = format!(
+                "it waited {waited} ms in the queue, past its queue_timeout_ms, and never started"
+            );
+            self.fail_pending(id, FailureKind::QueueTimeout, &why).await;
+            let _ = message.ack().await;
+            return;
+        }
         let claim = match self.claim(&work, &spec, revision).await {
             Ok(Some(claim)) => claim,
             Ok(None) => {
@@ -480,6 +538,7 @@ impl Cluster {
         let claimed = async {
             let mut revision = revision;
             let mut view = pending_view(work.id, &work.module, spec, work.enqueued_ms);
+            view.summary.queued_at = Some(view.summary.created_at.clone());
             loop {
                 let running = self.running_here(&view);
                 if let Some(revision) = self.swap(&running, revision).await? {
@@ -563,6 +622,8 @@ impl Cluster {
 struct Admitted {
     view: WorkloadView,
     payload: Bytes,
+    /// When it fails `queue_timeout` if it has not started.
+    deadline_ms: Option<i64>,
 }
 
 /// A workload this node has claimed: its running record and that revision.

@@ -67,6 +67,8 @@ impl Cluster {
                 creation: Creation::Overlapped,
                 ended: Some(ended_tx),
                 record: LocalRecord::Copy,
+                idempotency: None,
+                held: None,
             };
             let started = match self.node.runner().start_claimed(compiled, launch).await {
                 Ok(started) => started,

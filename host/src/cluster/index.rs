@@ -177,6 +177,31 @@ impl SummaryIndex {
         .await
     }
 
+    /// Per tenant: pending and running workloads and when the oldest
+    /// pending one was created (RFC 3339), in tenant order.
+    pub(super) async fn queue_depth(
+        &self,
+    ) -> anyhow::Result<Vec<(Option<String>, u64, u64, Option<String>)>> {
+        self.with(move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT tenant, SUM(status = 'pending'), SUM(status = 'running'), \
+                 MIN(CASE WHEN status = 'pending' THEN json_extract(summary, '$.created_at') END) \
+                 FROM summaries WHERE status IN ('pending', 'running') \
+                 GROUP BY tenant ORDER BY tenant",
+            )?;
+            let rows = stmt.query_map([], |r| {
+                Ok((
+                    r.get::<_, Option<String>>(0)?,
+                    r.get::<_, i64>(1)? as u64,
+                    r.get::<_, i64>(2)? as u64,
+                    r.get::<_, Option<String>>(3)?,
+                ))
+            })?;
+            rows.collect()
+        })
+        .await
+    }
+
     /// True when a pending or running workload uses module `hash`.
     pub(super) async fn uses_module(&self, hash: &str) -> anyhow::Result<bool> {
         let hash = hash.to_owned();

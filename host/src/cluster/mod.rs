@@ -18,6 +18,8 @@
 //! | `vulcan_module_owners` | KV bucket | key = `<hex sha256>.<tenant>`, value = when that tenant first uploaded it (ms) |
 //! | `vulcan_tenant_slots` | KV bucket | key = tenant, value = the workloads holding its `max_concurrent` places |
 //! | `vulcan_retention` | KV bucket | key `pruner`: which node prunes now, until when (a lease) |
+//! | `vulcan_idempotency` | KV bucket | key = SHA-256 of tenant and key: the first submission (24 h) |
+//! | `vulcan_schedules` | KV bucket | key = SHA-256 of tenant and name: the schedule |
 //! | `VULCAN_QUEUE` | stream, work-queue retention, subject `vulcan.queue` | submitted work (header `Vulcan-Revision`: its pending record's revision); durable pull consumer `vulcan_dispatch`, explicit ack, ack wait 10 s |
 //! | `VULCAN_LOGS` | stream, subjects `vulcan.logs.<id>`, 2 min duplicate window | log lines (but those a record holds) in batches (headers `Nats-Msg-Id: <id>:<first seq>`, `Vulcan-Last: <last seq>`); the last message also carries `Vulcan-End: <line count>` |
 //!
@@ -29,6 +31,7 @@ mod auth;
 mod dispatch;
 mod execute;
 mod index;
+mod keys;
 mod kill;
 mod liveness;
 mod logs;
@@ -36,6 +39,7 @@ mod modules;
 mod quota;
 mod records;
 mod retention;
+mod schedules;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -49,8 +53,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use auth::{ClusterAuth, Secret};
+pub use keys::KEYS_BUCKET;
 pub use logs::{LogChunk, LogCursor};
 pub use quota::SLOTS_BUCKET;
+pub use schedules::SCHEDULES_BUCKET;
 
 use crate::node::Node;
 use crate::workload::WorkloadId;
@@ -229,6 +235,10 @@ pub struct Cluster {
     slots: kv::Store,
     /// Who prunes (see `retention.rs`).
     lease: kv::Store,
+    /// Idempotency keys (see `keys.rs`).
+    keys: kv::Store,
+    /// Schedules (see `schedules.rs`).
+    schedules: kv::Store,
     /// Tenants whose places are counted.
     quota_tenants: std::collections::HashSet<String>,
     index: records::Index,
@@ -315,6 +325,19 @@ impl Cluster {
             bucket(retention::RETENTION_BUCKET, "Vulcan's retention lease"),
         )
         .await?;
+        let keys = create_kv(
+            &js,
+            kv::Config {
+                max_age: Duration::from_secs(24 * 60 * 60),
+                ..bucket(KEYS_BUCKET, "Vulcan idempotency keys (24 h)")
+            },
+        )
+        .await?;
+        let schedules = create_kv(
+            &js,
+            bucket(SCHEDULES_BUCKET, "Vulcan schedules by tenant and name"),
+        )
+        .await?;
         let modules = match js.get_object_store(MODULES_BUCKET).await {
             Ok(store) => store,
             Err(_) => js
@@ -381,6 +404,8 @@ impl Cluster {
             owners,
             slots,
             lease,
+            keys,
+            schedules,
             quota_tenants: options.quota_tenants.into_iter().collect(),
             index: records::Index::open(&options.data_dir)?,
             claimed: Mutex::new(HashMap::new()),

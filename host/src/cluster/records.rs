@@ -13,6 +13,7 @@ use futures_util::StreamExt as _;
 
 use super::index::{Change, SummaryIndex};
 use super::{Cluster, ClusterError, REQUEST_TIMEOUT, ended_subject};
+use crate::view::TenantQueue;
 use crate::view::{WorkloadList, WorkloadSummary, WorkloadView};
 use crate::workload::{ListRequest, WorkloadId};
 
@@ -211,6 +212,32 @@ impl Cluster {
             tracing::debug!(error = %e, "listing from the index as it stands");
         }
         Ok(self.index.summaries.list(request).await?)
+    }
+
+    /// Per tenant: queued (pending) and running workloads and the oldest
+    /// wait, from this node's index brought up to date as for a list; and
+    /// how many wait in all.
+    pub async fn queue_depth(&self) -> Result<(Vec<TenantQueue>, u64), ClusterError> {
+        if let Err(e) = self.catch_up().await {
+            tracing::debug!(error = %e, "queue depth from the index as it stands");
+        }
+        let now = super::now_ms();
+        let rows = self.index.summaries.queue_depth().await?;
+        let total = rows.iter().map(|r| r.1).sum();
+        let tenants = rows
+            .into_iter()
+            .map(|(tenant, queued, running, oldest)| {
+                let oldest_ms = oldest.as_deref().and_then(crate::view::parse_rfc3339);
+                TenantQueue {
+                    tenant,
+                    queued,
+                    running,
+                    oldest_queued_at: oldest,
+                    oldest_wait_ms: oldest_ms.map(|at| (now - at).max(0) as u64),
+                }
+            })
+            .collect();
+        Ok((tenants, total))
     }
 
     /// The final record of `id` once it has ended: from the end announced on

@@ -22,7 +22,9 @@ use crate::engine::{CompiledModule, GuestIdentity, LimitHit, Outcome, RunReport,
 use crate::logs::{LineSink, LogBroker, LogWriter, SinkPair};
 use crate::metrics::Metrics;
 use crate::store::{Db, Haste, NewWorkload, StoreError};
-use crate::workload::{Completion, FailureKind, Status, WorkloadId, WorkloadRecord, WorkloadSpec};
+use crate::workload::{
+    Completion, FailureKind, IdempotencyKey, Status, WorkloadId, WorkloadRecord, WorkloadSpec,
+};
 pub use guest_threads::GuestThreads;
 
 /// A run expected to take less than this (its module's last one did) starts
@@ -61,6 +63,11 @@ pub struct Launch {
     pub ended: Option<tokio::sync::oneshot::Sender<Completion>>,
     /// What this node's record of it is to its readers.
     pub record: LocalRecord,
+    /// The key it was submitted with, kept with its record.
+    pub idempotency: Option<IdempotencyKey>,
+    /// Held until it has ended and its end is recorded (e.g. its tenant's
+    /// share of the node), whether or not anyone waits for it.
+    pub held: Option<Box<dyn Send>>,
 }
 
 /// What this node's record of a workload is to those who read it.
@@ -89,6 +96,9 @@ pub enum Creation {
     /// record (a sync run), which so saves a commit's wait. A creation that
     /// fails kills the guest, and `done` answers the [`StartError`].
     Overlapped,
+    /// The record exists already, `pending` (a queued run): it is marked
+    /// running before the guest starts and before the start returns.
+    Queued,
 }
 
 /// A started workload: its id and a handle that resolves to its final record.
@@ -247,6 +257,8 @@ impl Runner {
             creation,
             ended: None,
             record: LocalRecord::Primary,
+            idempotency: None,
+            held: None,
         };
         self.start_claimed(module, launch).await
     }
@@ -288,6 +300,8 @@ impl Runner {
             creation,
             ended,
             record,
+            idempotency,
+            held,
         } = launch;
         let haste = match record {
             LocalRecord::Primary => Haste::Now,
@@ -313,10 +327,17 @@ impl Runner {
                     // created running, in one commit.
                     running: true,
                     tenant: spec.tenant.clone(),
+                    queued: None,
+                    idempotency,
+                    schedule: spec.schedule.clone(),
                 };
                 let (local, created) = match creation {
-                    Creation::Committed => {
-                        if let Err(e) = this.db.create_workload(new).await {
+                    Creation::Committed | Creation::Queued => {
+                        let created = match creation {
+                            Creation::Queued => this.db.mark_running(id).await,
+                            _ => this.db.create_workload(new).await,
+                        };
+                        if let Err(e) = created {
                             let _ = created_tx.send(Err(e));
                             return Ok(None);
                         }
@@ -433,6 +454,7 @@ impl Runner {
                     }
                 };
                 this.lock().remove(&id);
+                drop(held);
                 this.ended.notify_waiters();
                 // The final record as its end was committed: no read back.
                 result?.ok_or_else(|| anyhow::anyhow!("workload {id} was not created"))
@@ -458,6 +480,11 @@ impl Runner {
             }
             None => false,
         }
+    }
+
+    /// Whether `id` runs here (or is starting).
+    pub fn is_running(&self, id: WorkloadId) -> bool {
+        self.lock().contains_key(&id)
     }
 
     /// Resolves once `id` is no longer running here (at once if it never was).

@@ -165,6 +165,8 @@ fn copy_launch(
         creation: Creation::Overlapped,
         ended: Some(ended_tx),
         record: LocalRecord::Copy,
+        idempotency: None,
+        held: None,
     };
     (launch, ended_rx)
 }

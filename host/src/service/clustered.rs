@@ -10,13 +10,14 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use super::{ListRequest, QuotaSlot, Resolved, ServiceError};
+use super::{ListRequest, QuotaSlot, Resolved, ServiceError, Terms};
 use crate::cluster::{Cluster, LogChunk};
 use crate::logs::LogRecord;
 use crate::retention::RetentionPolicy;
-use crate::store::ModuleInfo;
+use crate::schedule::Schedule;
+use crate::store::{KeyedWorkload, ModuleInfo};
 use crate::tenants::Tenant;
-use crate::view::{KillOutcome, WorkloadList, WorkloadView};
+use crate::view::{KillOutcome, TenantQueue, WorkloadList, WorkloadView};
 use crate::workload::{WorkloadId, WorkloadSpec};
 
 /// A cluster as the deployment, seen from one member.
@@ -180,9 +181,10 @@ impl Clustered {
         module: Resolved,
         spec: WorkloadSpec,
         slot: Option<QuotaSlot>,
+        terms: Terms,
     ) -> Result<WorkloadView, ServiceError> {
         let tenant = spec.tenant.clone();
-        let ran = self.cluster.run(id, &module.hash, spec).await;
+        let ran = (self.cluster.run(id, &module.hash, spec, terms.deadline_ms)).await;
         if ran.is_err() {
             self.give_back(tenant.as_deref(), slot, id).await;
         }
@@ -195,14 +197,84 @@ impl Clustered {
         module: Resolved,
         spec: WorkloadSpec,
         slot: Option<QuotaSlot>,
+        terms: Terms,
     ) -> Result<(), ServiceError> {
         let tenant = spec.tenant.clone();
-        let submitted = self.cluster.submit(id, &module.hash, spec).await;
+        let submitted = (self
+            .cluster
+            .submit(id, &module.hash, spec, terms.deadline_ms))
+        .await;
         if submitted.is_err() {
             self.give_back(tenant.as_deref(), slot, id).await;
         }
         Ok(submitted?)
     }
+
+    /// Who used `key` first within the idempotency window, if anyone; else
+    /// it is claimed for `id` across the cluster.
+    pub(super) async fn claim_key(
+        &self,
+        tenant: Option<&str>,
+        key: &str,
+        fingerprint: &str,
+        id: WorkloadId,
+    ) -> Result<Option<KeyedWorkload>, ServiceError> {
+        Ok(self.cluster.claim_key(tenant, key, fingerprint, id).await?)
+    }
+
+    /// Gives a claimed key back (its submission was refused).
+    pub(super) async fn release_key(&self, tenant: Option<&str>, key: &str) {
+        self.cluster.release_key(tenant, key).await
+    }
+
+    /// Resolves when workload `id` has ended (or could not be followed).
+    pub(super) async fn until_changed(&self, id: WorkloadId) {
+        if self.cluster.wait_end(id).await.is_err() {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// Per tenant: queued, running and the oldest wait; and how many wait.
+    pub(super) async fn queue_depth(&self) -> Result<(Vec<TenantQueue>, u64), ServiceError> {
+        Ok(self.cluster.queue_depth().await?)
+    }
+
+    pub(super) async fn create_schedule(&self, schedule: &Schedule) -> Result<(), ServiceError> {
+        match self.cluster.create_schedule(schedule).await? {
+            true => Ok(()),
+            false => Err(ServiceError::Conflict(format!(
+                "a schedule named {} exists",
+                schedule.name
+            ))),
+        }
+    }
+
+    pub(super) async fn put_schedule(&self, schedule: &Schedule) -> Result<(), ServiceError> {
+        Ok(self.cluster.put_schedule(schedule).await?)
+    }
+
+    pub(super) async fn schedule(
+        &self,
+        tenant: Option<&str>,
+        name: &str,
+    ) -> Result<Option<Schedule>, ServiceError> {
+        Ok(self.cluster.schedule(tenant, name).await?)
+    }
+
+    pub(super) async fn schedules(&self) -> Result<Vec<Schedule>, ServiceError> {
+        Ok(self.cluster.schedules().await?)
+    }
+
+    pub(super) async fn delete_schedule(
+        &self,
+        tenant: Option<&str>,
+        name: &str,
+    ) -> Result<(), ServiceError> {
+        Ok(self.cluster.delete_schedule(tenant, name).await?)
+    }
+
+    /// Nothing to stop here: the cluster's dispatch stops with the node.
+    pub(super) fn stop_starting(&self) {}
 
     pub(super) async fn record(&self, id: WorkloadId) -> Result<WorkloadView, ServiceError> {
         Ok(self.cluster.record(id).await?.view)

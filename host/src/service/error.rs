@@ -60,6 +60,12 @@ pub enum ServiceError {
     /// `--max-concurrent` workloads are running.
     #[error("{0}")]
     Busy(String),
+    /// `--max-queued` workloads wait already.
+    #[error("{0}")]
+    QueueFull(String),
+    /// An idempotency key was used before for another submission.
+    #[error("{0}")]
+    IdempotencyConflict(String),
     /// The database or its disk is full: nothing was changed.
     #[error("{0}")]
     StorageFull(String),

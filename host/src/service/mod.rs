@@ -16,6 +16,7 @@ mod clustered;
 mod error;
 mod follow;
 mod local;
+mod queue;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,10 +24,12 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
+pub use crate::view::TenantQueue;
 pub use admission::{Admission, LimitPolicy};
 pub use caller::Caller;
 pub use error::ServiceError;
 pub use follow::LineEncoding;
+pub use idempotency::check_key as check_idempotency_key;
 
 use crate::cluster::Cluster;
 use crate::logs::LogRecord;
@@ -36,7 +39,7 @@ use crate::store::ModuleInfo;
 use crate::tenants::Tenants;
 use crate::view::{KillOutcome, WorkloadList, WorkloadView};
 pub use crate::workload::ListRequest;
-use crate::workload::{WorkloadId, WorkloadSpec};
+use crate::workload::{IdempotencyKey, WorkloadId, WorkloadSpec};
 
 /// Which module to run.
 pub enum ModuleRef {
@@ -53,6 +56,45 @@ pub struct Submission {
     pub module: ModuleRef,
     /// Everything else; limits and tenant are filled in by admission.
     pub spec: WorkloadSpec,
+    /// Fail it `queue_timeout` if it waited this long in the queue without
+    /// starting.
+    pub queue_timeout_ms: Option<u64>,
+    /// A repeat with this key (and the same tenant) within 24 h answers
+    /// the first submission's workload and creates nothing.
+    pub idempotency_key: Option<String>,
+}
+
+impl Submission {
+    /// A submission of `module` with `spec` and nothing else asked.
+    pub fn new(module: ModuleRef, spec: WorkloadSpec) -> Self {
+        Self {
+            module,
+            spec,
+            queue_timeout_ms: None,
+            idempotency_key: None,
+        }
+    }
+}
+
+/// What an accepted submission carries to its backend besides its spec.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Terms {
+    /// When it fails `queue_timeout` if it has not started, ms since the
+    /// Unix epoch.
+    deadline_ms: Option<i64>,
+    /// Its key, kept with its record.
+    idempotency: Option<IdempotencyKey>,
+}
+
+/// How deep the queue is, as `GET /v1/queue` shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct QueueView {
+    /// Workloads waiting (those the caller sees).
+    pub queued: u64,
+    /// Most workloads that may wait (`--max-queued`).
+    pub max_queued: u64,
+    /// Per tenant: queued, running and the oldest wait.
+    pub tenants: Vec<TenantQueue>,
 }
 
 /// What the operator decides about the service.
@@ -66,7 +108,12 @@ pub struct ServiceConfig {
     pub retention: RetentionPolicy,
     /// Most log followers open at once on this node.
     pub max_followers: usize,
+    /// Most workloads waiting for a slot; beyond, 503 `queue_full`.
+    pub max_queued: usize,
 }
+
+/// `--max-queued`'s default.
+pub const DEFAULT_MAX_QUEUED: usize = 100_000;
 
 impl Default for ServiceConfig {
     fn default() -> Self {
@@ -75,6 +122,7 @@ impl Default for ServiceConfig {
             limits: LimitPolicy::default(),
             retention: RetentionPolicy::default(),
             max_followers: 4096,
+            max_queued: DEFAULT_MAX_QUEUED,
         }
     }
 }
@@ -97,6 +145,11 @@ macro_rules! on_backend {
     };
 }
 
+mod idempotency;
+mod schedules;
+
+pub use schedules::NewSchedule;
+
 /// The deployment as clients see it; cheap to clone.
 #[derive(Clone)]
 pub struct Service {
@@ -109,6 +162,10 @@ struct Inner {
     admission: Admission,
     followers: follow::FollowerGate,
     retention: RetentionPolicy,
+    keys: idempotency::KeyClaims,
+    max_queued: usize,
+    /// Poked when a schedule is made, paused, resumed or deleted here.
+    schedules_changed: tokio::sync::Notify,
 }
 
 /// A module a run is admitted with: its hash, and (on a node that just
@@ -129,12 +186,9 @@ impl Resolved {
 }
 
 /// A tenant's hold on one of its `max_concurrent` places, from submission
-/// to the workload's end.
+/// to the workload's end (a cluster's; one node's queue holds a run whose
+/// tenant is at its cap until a place is free).
 pub(crate) enum QuotaSlot {
-    /// This node's count: given back when the permit drops.
-    Local {
-        _permit: tokio::sync::OwnedSemaphorePermit,
-    },
     /// The cluster's count: given back by whoever records the end.
     Cluster,
 }
@@ -142,7 +196,9 @@ pub(crate) enum QuotaSlot {
 impl Service {
     /// The service of one node.
     pub fn local(node: Arc<Node>, config: ServiceConfig) -> Self {
-        let backend = Backend::Local(local::Local::new(Arc::clone(&node)));
+        let tenants = Arc::clone(&config.tenants);
+        let local = local::Local::new(Arc::clone(&node), tenants, config.max_queued);
+        let backend = Backend::Local(local);
         Self::with(node, backend, config)
     }
 
@@ -165,6 +221,9 @@ impl Service {
                 },
                 followers: follow::FollowerGate::new(config.max_followers),
                 retention: config.retention,
+                keys: idempotency::KeyClaims::default(),
+                max_queued: config.max_queued,
+                schedules_changed: tokio::sync::Notify::new(),
             }),
         }
     }
@@ -230,7 +289,9 @@ impl Service {
         id: WorkloadId,
         submission: Submission,
     ) -> Result<(Resolved, WorkloadSpec, Option<QuotaSlot>), ServiceError> {
-        let Submission { module, mut spec } = submission;
+        let Submission {
+            module, mut spec, ..
+        } = submission;
         let outbound = self.inner.node.outbound_policy();
         on_backend!(self, b => self.inner.admission.admit(caller, &mut spec, outbound, |t| {
             b.stored_log_bytes(t)
@@ -280,15 +341,26 @@ impl Service {
         }
     }
 
-    /// Runs a workload and waits for its final record.
+    /// Runs a workload and waits for its final record (in the queue
+    /// first, while no slot is free).
     pub async fn run(
         &self,
         caller: &Caller,
         submission: Submission,
     ) -> Result<WorkloadView, ServiceError> {
         let id = WorkloadId::new();
-        let (module, spec, slot) = self.admit(caller, id, submission).await?;
-        let view = on_backend!(self, b => b.run(id, module, spec, slot).await)?;
+        let terms = match self.claim_key(caller, id, &submission).await? {
+            idempotency::Claim::Repeat(first) => return self.wait_end(caller, first).await,
+            idempotency::Claim::New(terms) => terms,
+        };
+        let key = terms.idempotency.clone();
+        let ran = async {
+            let (module, spec, slot) = self.admit(caller, id, submission).await?;
+            on_backend!(self, b => b.run(id, module, spec, slot, terms).await)
+        }
+        .await;
+        self.settle_key(caller, key, ran.is_ok()).await;
+        let view = ran?;
         if view.summary.failure == Some(crate::workload::FailureKind::Store) {
             // It ran, but its log could not be kept whole: the caller learns
             // that it is the storage, and which workload (its record says
@@ -302,16 +374,57 @@ impl Service {
         Ok(view)
     }
 
-    /// Submits a workload to run; its id once it is accepted.
+    /// Submits a workload to run; its id once it is accepted (started, or
+    /// queued while no slot is free).
     pub async fn submit(
         &self,
         caller: &Caller,
         submission: Submission,
     ) -> Result<WorkloadId, ServiceError> {
         let id = WorkloadId::new();
-        let (module, spec, slot) = self.admit(caller, id, submission).await?;
-        on_backend!(self, b => b.submit(id, module, spec, slot).await)?;
-        Ok(id)
+        let terms = match self.claim_key(caller, id, &submission).await? {
+            idempotency::Claim::Repeat(first) => return Ok(first),
+            idempotency::Claim::New(terms) => terms,
+        };
+        let key = terms.idempotency.clone();
+        let submitted = async {
+            let (module, spec, slot) = self.admit(caller, id, submission).await?;
+            on_backend!(self, b => b.submit(id, module, spec, slot, terms).await)
+        }
+        .await;
+        self.settle_key(caller, key, submitted.is_ok()).await;
+        submitted.map(|()| id)
+    }
+
+    /// Waits for the end of workload `id` (a repeated idempotent run's
+    /// first): its final record.
+    async fn wait_end(
+        &self,
+        caller: &Caller,
+        id: WorkloadId,
+    ) -> Result<WorkloadView, ServiceError> {
+        loop {
+            let view = self.workload(caller, id).await?;
+            if view.summary.status.is_terminal() {
+                return Ok(view);
+            }
+            on_backend!(self, b => b.until_changed(id).await);
+        }
+    }
+
+    /// The queue: how many wait, per tenant, and the oldest wait (a
+    /// tenant sees its own line only).
+    pub async fn queue(&self, caller: &Caller) -> Result<QueueView, ServiceError> {
+        let (mut tenants, mut queued) = on_backend!(self, b => b.queue_depth().await)?;
+        if let Some(own) = caller.scope() {
+            tenants.retain(|t| t.tenant.as_deref() == Some(own));
+            queued = tenants.iter().map(|t| t.queued).sum();
+        }
+        Ok(QueueView {
+            queued,
+            max_queued: self.inner.max_queued as u64,
+            tenants,
+        })
     }
 
     /// Workload `id`'s record, if `caller` may see it (404 otherwise).
@@ -445,19 +558,23 @@ impl Service {
         Ok(self.inner.node.db().ping().await?)
     }
 
-    /// Starts the deployment's periodic work (the stats sampler, retention);
+    /// Starts the deployment's periodic work (the stats sampler, retention,
+    /// the schedules' firings);
     /// it stops when the returned handle is dropped.
     pub fn start_housekeeping(&self) -> Housekeeping {
         let node = Arc::clone(&self.inner.node);
         let mut tasks = vec![tokio::spawn(sample_every_second(node))];
         let policy = self.inner.retention.clone();
         tasks.push(on_backend!(self, b => b.start_retention(policy)));
+        tasks.push(tokio::spawn(self.clone().run_schedules()));
         Housekeeping(tasks)
     }
 
     /// Kills every workload running on this node with `reason` (at
     /// shutdown: open sync runs and followers then end).
     pub fn kill_running(&self, reason: &str) {
+        // Queued work is not started now: it stays queued for the next start.
+        on_backend!(self, b => b.stop_starting());
         self.inner.node.runner().kill_all(reason);
     }
 

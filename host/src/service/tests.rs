@@ -61,10 +61,7 @@ fn wasm(wat: &str) -> Bytes {
 }
 
 fn submission(module: ModuleRef) -> Submission {
-    Submission {
-        module,
-        spec: WorkloadSpec::default(),
-    }
+    Submission::new(module, WorkloadSpec::default())
 }
 
 impl Fixture {
@@ -119,6 +116,8 @@ async fn every_refusal_of_admission_has_its_error_and_creates_nothing() {
             ..WorkloadSpec::default()
         },
         module: ModuleRef::Bytes(wasm(wat_fixture!("print-hello"))),
+        queue_timeout_ms: None,
+        idempotency_key: None,
     };
     let refused = f.service.run(&alice, over_tenant).await.unwrap_err();
     assert!(
@@ -159,7 +158,7 @@ async fn every_refusal_of_admission_has_its_error_and_creates_nothing() {
 }
 
 #[tokio::test]
-async fn a_tenants_quotas_refuse_at_their_bound_and_defaults_are_lowered_to_its_maxima() {
+async fn a_tenant_at_its_cap_queues_and_its_defaults_are_lowered_to_its_maxima() {
     let f = fixture().await;
     let alice = f.caller("a");
     let spin = f.upload(&alice, wat_fixture!("spin")).await;
@@ -174,16 +173,36 @@ async fn a_tenants_quotas_refuse_at_their_bound_and_defaults_are_lowered_to_its_
         Some(10_000),
         "the server's default is lowered to the tenant's maximum"
     );
-    let refused = (f.service)
+    // At her cap, a second run waits in the queue (bob's would not).
+    let waiting = (f.service)
         .submit(&alice, submission(ModuleRef::Hash(spin.clone())))
         .await
-        .unwrap_err();
-    assert!(
-        matches!(&refused, ServiceError::QuotaExceeded(_)),
-        "{refused:?}"
-    );
+        .unwrap();
+    let record = f.service.workload(&alice, waiting).await.unwrap();
+    assert_eq!(record.summary.status, Status::Pending);
+    assert!(record.summary.queued_at.is_some());
     let whoami = f.service.whoami(&alice).await;
     assert_eq!(whoami["running"], 1, "{whoami}");
+    let queue = f.service.queue(&alice).await.unwrap();
+    assert_eq!(queue.queued, 1);
+    let line = &queue.tenants[0];
+    assert_eq!(
+        (line.tenant.as_deref(), line.queued, line.running),
+        (Some("alice"), 1, 1)
+    );
+    // A kill takes it out before it ever starts.
+    match f
+        .service
+        .kill(&alice, waiting, Duration::from_secs(30))
+        .await
+    {
+        Ok(KillOutcome::Ended(view)) => {
+            assert_eq!(view.summary.status, Status::Killed);
+            assert_eq!(view.summary.started_at, None, "it never started");
+        }
+        _ => panic!("the queued run was not killed"),
+    }
+    assert_eq!(f.service.queue(&alice).await.unwrap().queued, 0);
 
     match f
         .service

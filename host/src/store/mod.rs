@@ -31,6 +31,7 @@ mod reads;
 mod routing;
 
 pub use reads::PAGE_BYTES;
+mod jobs;
 mod reserve;
 mod schema;
 mod shard;
@@ -48,6 +49,7 @@ use anyhow::Context as _;
 use rusqlite::Connection;
 use tokio::sync::oneshot;
 
+pub use jobs::{IDEMPOTENCY_WINDOW_MS, KeyedWorkload};
 pub use lock::LOCK_FILE;
 pub use queue::{LINE_OVERHEAD, LineLane};
 pub use reserve::{DEFAULT_RESERVE_BYTES, RESERVE_FILE};
@@ -58,7 +60,8 @@ pub use writer::WriterConfig;
 use crate::logs::{LivePublisher, LogRecord};
 use crate::outbound::OutboundRule;
 use crate::workload::{
-    Completion, Limits, ListRequest, LogLevel, Status, WorkloadId, WorkloadRecord,
+    Completion, IdempotencyKey, Limits, ListRequest, LogLevel, QueuedInput, Status, WorkloadId,
+    WorkloadRecord,
 };
 use lock::DataDirLock;
 use ownership::OwnershipCache;
@@ -142,6 +145,13 @@ pub struct NewWorkload {
     pub running: bool,
     /// The tenant it runs for; `None` on a server without tenants.
     pub tenant: Option<String>,
+    /// Queued: created `pending` with what it needs to start later, which
+    /// a restart finds (see [`Db::queued_workloads`]).
+    pub queued: Option<QueuedInput>,
+    /// The key it was submitted with, if any.
+    pub idempotency: Option<IdempotencyKey>,
+    /// The schedule whose firing created it, if one did.
+    pub schedule: Option<String>,
 }
 
 /// A stored module's metadata.
@@ -550,21 +560,6 @@ impl Db {
         created
     }
 
-    /// Marks a pending workload running and sets `started_at` (the runner
-    /// creates workloads running; tests drive the lifecycle step by step).
-    #[cfg(test)]
-    pub async fn mark_running(&self, id: WorkloadId) -> StoreResult<()> {
-        request(&self.inner.routing.home(id), |reply| WriteOp::Transition {
-            id,
-            to: Status::Running,
-            completion: None,
-            reply: Some(reply),
-            haste: Haste::Now,
-        })
-        .await
-        .map(|_| ())
-    }
-
     /// Writes a terminal status, after every line of the workload, and returns
     /// the final record as committed. If the store cannot take it now, the
     /// error is returned and the writer keeps retrying.
@@ -959,6 +954,9 @@ pub(crate) mod tests_support {
             log_level: None,
             running: false,
             tenant: None,
+            queued: None,
+            idempotency: None,
+            schedule: None,
         })
         .await
         .unwrap();

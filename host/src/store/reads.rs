@@ -158,7 +158,7 @@ fn list_filter(
 /// so a page's memory is bounded by its length whatever the workloads held.
 const SUMMARY_COLUMNS: &str = "id, status, module_hash, '[]', '[]', '{}', exit_code, \
      substr(error, 1, 1024), NULL, duration_ms, line_count, created_at, started_at, \
-     finished_at, failure, NULL, NULL, tenant, pruned_at";
+     finished_at, failure, NULL, NULL, tenant, pruned_at, queued_at, schedule";
 
 /// How many workloads match `status` and `tenant` in all.
 pub(super) fn count_workloads(
@@ -286,11 +286,13 @@ pub(super) fn scan_lines(
     Ok(())
 }
 
-const WORKLOAD_COLUMNS: &str = "id, status, module_hash, args, env, limits, exit_code, error, \
+pub(super) const WORKLOAD_COLUMNS: &str = "id, status, module_hash, args, env, limits, exit_code, error, \
      output, duration_ms, line_count, created_at, started_at, finished_at, failure, \
-     allowed_hosts, log_level, tenant, pruned_at";
+     allowed_hosts, log_level, tenant, pruned_at, queued_at, schedule";
 
-fn row_to_workload(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoreResult<WorkloadRecord>> {
+pub(super) fn row_to_workload(
+    r: &rusqlite::Row<'_>,
+) -> rusqlite::Result<StoreResult<WorkloadRecord>> {
     let id: String = r.get(0)?;
     let status: String = r.get(1)?;
     let args: String = r.get(3)?;
@@ -339,6 +341,8 @@ fn row_to_workload(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoreResult<Worklo
         finished_at: r.get(13)?,
         tenant: r.get(17)?,
         pruned_at: r.get(18)?,
+        queued_at: r.get(19)?,
+        schedule: r.get(20)?,
     }))
 }
 

@@ -142,6 +142,22 @@ pub(super) const MIGRATIONS: &[&str] = &[
         FROM log_records WHERE workload = workloads.key), 0)
         WHERE pruned_at IS NULL;
     "#,
+    // 9: the job queue. A queued workload is a `pending` record with
+    // `queued_at` set and, in `queued`, what running it needs beyond the
+    // record (stdin, input, its queue deadline; cleared when it starts):
+    // the pending records are the queue, so it survives a restart. An
+    // idempotent submission keeps its key and the fingerprint of its spec; a
+    // scheduled one, the name of its schedule.
+    r#"
+    ALTER TABLE workloads ADD COLUMN queued_at INTEGER;
+    ALTER TABLE workloads ADD COLUMN queued TEXT;
+    ALTER TABLE workloads ADD COLUMN idempotency_key TEXT;
+    ALTER TABLE workloads ADD COLUMN fingerprint TEXT;
+    ALTER TABLE workloads ADD COLUMN schedule TEXT;
+    CREATE INDEX workloads_queued ON workloads (id) WHERE queued IS NOT NULL;
+    CREATE INDEX workloads_by_idempotency_key ON workloads (tenant, idempotency_key)
+        WHERE idempotency_key IS NOT NULL;
+    "#,
 ];
 
 /// The schema version this build writes.

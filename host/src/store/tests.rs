@@ -46,6 +46,9 @@ async fn create(db: &Db, hash: &str) -> WorkloadId {
         allowed_hosts: vec!["http://127.0.0.1:8080".parse().unwrap()],
         log_level: Some(LogLevel::Warn),
         running: false,
+        queued: None,
+        idempotency: None,
+        schedule: None,
         tenant: None,
     })
     .await
@@ -134,6 +137,9 @@ async fn a_workload_needs_a_stored_module() {
             allowed_hosts: vec![],
             log_level: None,
             running: false,
+            queued: None,
+            idempotency: None,
+            schedule: None,
             tenant: None,
         })
         .await
@@ -311,6 +317,9 @@ fn new_running(id: WorkloadId, hash: &str) -> NewWorkload {
         allowed_hosts: vec![],
         log_level: None,
         running: true,
+        queued: None,
+        idempotency: None,
+        schedule: None,
         tenant: None,
     }
 }
@@ -797,6 +806,9 @@ async fn a_full_disk_refuses_writes_with_storage_full_and_recovers_when_space_re
             allowed_hosts: vec![],
             log_level: None,
             running: false,
+            queued: None,
+            idempotency: None,
+            schedule: None,
             tenant: None,
         };
         if let Err(e) = db.create_workload(new).await {
@@ -1158,6 +1170,9 @@ fn new_workload(running: bool) -> NewWorkload {
         allowed_hosts: Vec::new(),
         log_level: None,
         running,
+        queued: None,
+        idempotency: None,
+        schedule: None,
         tenant: None,
     }
 }

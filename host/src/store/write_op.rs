@@ -8,6 +8,11 @@ use super::{ModuleInfo, NewWorkload, StoreResult};
 use crate::workload::{Completion, Status, WorkloadId, WorkloadRecord};
 
 /// Work for the writer thread.
+#[expect(
+    clippy::large_enum_variant,
+    reason = "an op is moved once into the writer's channel; boxing each creation would cost \
+              an allocation per workload"
+)]
 pub(super) enum WriteOp {
     /// The line queue needs the writer: its first line (which starts the linger
     /// clock) or a full batch.

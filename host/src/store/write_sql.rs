@@ -249,8 +249,9 @@ pub(super) fn apply(
     }
 }
 
-/// Ends every pending or running workload as failed, as a restart finds them:
-/// their line count and end time come from the lines that were stored.
+/// Ends every running workload (and every pending one that is not queued)
+/// as failed, as a restart finds them: their line count and end time come
+/// from the lines that were stored. Queued ones stay: they are the queue.
 fn fail_unfinished(tx: &Connection, reason: &str) -> StoreResult<u64> {
     // The time of its last stored line, else when it started or was created.
     const END: &str = "COALESCE((SELECT created_at FROM log_records \
@@ -262,7 +263,7 @@ fn fail_unfinished(tx: &Connection, reason: &str) -> StoreResult<u64> {
              finished_at = {END}, \
              duration_ms = CASE WHEN started_at IS NULL THEN NULL \
                                 ELSE MAX({END} - started_at, 0) END \
-             WHERE status IN ('pending', 'running')"
+             WHERE status = 'running' OR (status = 'pending' AND queued IS NULL)"
         ))?
         .execute([reason])?;
     Ok(n as u64)
@@ -376,10 +377,21 @@ fn create(tx: &Connection, new: &NewWorkload, checks_modules: bool) -> StoreResu
         return Err(StoreError::ModuleNotFound(new.module_hash.clone()));
     }
     let now = now_ms();
+    let queued = new
+        .queued
+        .as_ref()
+        .map(serde_json::to_string)
+        .transpose()
+        .map_err(anyhow::Error::from)?;
+    let (key, fingerprint) = match &new.idempotency {
+        Some(k) => (Some(k.key.as_str()), Some(k.fingerprint.as_str())),
+        None => (None, None),
+    };
     tx.prepare_cached(
         "INSERT INTO workloads (id, status, module_hash, args, env, limits, created_at, \
-         allowed_hosts, log_level, started_at, tenant) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+         allowed_hosts, log_level, started_at, tenant, queued_at, queued, idempotency_key, \
+         fingerprint, schedule) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
     )?
     .execute(params![
         new.id.to_string(),
@@ -399,6 +411,11 @@ fn create(tx: &Connection, new: &NewWorkload, checks_modules: bool) -> StoreResu
         new.log_level.map(LogLevel::as_str),
         new.running.then_some(now),
         new.tenant,
+        queued.is_some().then_some(now),
+        queued,
+        key,
+        fingerprint,
+        new.schedule,
     ])?;
     Ok(())
 }
@@ -422,13 +439,17 @@ fn transition(
     let now = now_ms();
     match completion {
         None => {
-            tx.prepare_cached("UPDATE workloads SET status = ?1, started_at = ?2 WHERE id = ?3")?
-                .execute(params![to.as_str(), now, key])?;
+            // A queued run's input is needed no more once it starts.
+            tx.prepare_cached(
+                "UPDATE workloads SET status = ?1, started_at = ?2, queued = NULL WHERE id = ?3",
+            )?
+            .execute(params![to.as_str(), now, key])?;
         }
         Some(c) => {
             tx.prepare_cached(
                 "UPDATE workloads SET status = ?1, exit_code = ?2, error = ?3, output = ?4, \
-                 duration_ms = ?5, line_count = ?6, finished_at = ?7, failure = ?8 WHERE id = ?9",
+                 duration_ms = ?5, line_count = ?6, finished_at = ?7, failure = ?8, \
+                 queued = NULL WHERE id = ?9",
             )?
             .execute(params![
                 to.as_str(),

@@ -2,33 +2,53 @@
 //! SQLite store, live lines from its broker, runs on its runner.
 //!
 //! Does what the service asks after admission and scoping; never checks a
-//! caller itself.
+//! caller itself. Work that finds no free slot (or its tenant at its cap)
+//! waits in the node's queue (`queue`).
+
+mod queue;
+mod schedules;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 
-use super::{QuotaSlot, Resolved, ServiceError};
+use super::{QuotaSlot, Resolved, ServiceError, Terms};
 use crate::logs::LogRecord;
 use crate::node::Node;
 use crate::retention::RetentionPolicy;
-use crate::runner::{Creation, StartError};
-use crate::store::{ModuleInfo, StoreError};
-use crate::tenants::Tenant;
+use crate::runner::{Creation, Launch, LocalRecord, Slot, StartError};
+use crate::schedule::Schedule;
+use crate::store::{KeyedWorkload, ModuleInfo, StoreError};
+use crate::tenants::{Tenant, Tenants};
+use crate::view::TenantQueue;
 use crate::view::{KillOutcome, WorkloadList, WorkloadSummary, WorkloadView};
-use crate::workload::{WorkloadId, WorkloadRecord, WorkloadSpec};
+use crate::workload::{WorkloadId, WorkloadSpec};
+use queue::{LocalQueue, Running, Started};
 
 use super::ListRequest;
 
 /// One node as the whole deployment.
 pub(super) struct Local {
     node: Arc<Node>,
+    queue: Arc<LocalQueue>,
+    schedules: anyhow::Result<schedules::ScheduleBook>,
 }
 
 impl Local {
-    pub(super) fn new(node: Arc<Node>) -> Self {
-        Self { node }
+    /// The node's backend, its queue holding at most `max_queued` jobs.
+    pub(super) fn new(node: Arc<Node>, tenants: Arc<Tenants>, max_queued: usize) -> Self {
+        let queue = LocalQueue::start(Arc::clone(&node), tenants, max_queued);
+        // A book that does not open fails each schedule call, not the node.
+        let schedules = schedules::ScheduleBook::open(node.data_dir());
+        if let Err(e) = &schedules {
+            tracing::error!(error = format!("{e:#}"), "schedules are unavailable");
+        }
+        Self {
+            node,
+            queue,
+            schedules,
+        }
     }
 
     pub(super) async fn upload_module(
@@ -113,30 +133,23 @@ impl Local {
         Some(self.node.db().log_bytes_total())
     }
 
-    /// A place of `tenant`'s quota, held until its workload ends.
+    /// A place of `tenant`'s quota: none here, as the queue holds a run
+    /// whose tenant is at its cap until a place is free (see `queue`).
     pub(super) async fn take_slot(
         &self,
-        tenant: &Tenant,
+        _tenant: &Tenant,
         _id: WorkloadId,
     ) -> Result<Option<QuotaSlot>, ServiceError> {
-        let Some(slots) = &tenant.slots else {
-            return Ok(None);
-        };
-        match Arc::clone(slots).try_acquire_owned() {
-            Ok(permit) => Ok(Some(QuotaSlot::Local { _permit: permit })),
-            Err(_) => Err(super::admission::over_quota(tenant)),
-        }
+        Ok(None)
     }
 
-    /// Gives back a place taken for a run that did not start (dropping
-    /// the permit does).
+    /// Nothing to give back (see [`Local::take_slot`]).
     pub(super) async fn give_back(
         &self,
         _tenant: Option<&str>,
-        slot: Option<QuotaSlot>,
+        _slot: Option<QuotaSlot>,
         _id: WorkloadId,
     ) {
-        drop(slot);
     }
 
     /// How many of `tenant`'s workloads hold a place of its quota.
@@ -144,16 +157,20 @@ impl Local {
         tenant.running()
     }
 
-    /// Starts a workload here, with `creation` saying when its guest starts
-    /// relative to its record; the end, with the quota place held until then.
+    /// Starts a workload here in `slot`, with `creation` saying when its
+    /// guest starts relative to its record; the end, with its tenant's
+    /// share held until then.
+    #[expect(clippy::too_many_arguments, reason = "one start, said once")]
     async fn start(
         &self,
         id: WorkloadId,
         module: Resolved,
         spec: WorkloadSpec,
-        slot: Option<QuotaSlot>,
+        slot: Slot,
+        running: Running,
         creation: Creation,
-    ) -> Result<tokio::task::JoinHandle<anyhow::Result<WorkloadRecord>>, ServiceError> {
+        terms: Terms,
+    ) -> Result<queue::Done, ServiceError> {
         let compiled = match module.compiled {
             Some(compiled) => compiled,
             None => {
@@ -163,12 +180,21 @@ impl Local {
                     .await?
             }
         };
-        let started = self
-            .node
-            .runner()
-            .start_as(id, compiled, module.hash, spec, None, creation)
-            .await?;
-        Ok(hold(started.done, slot))
+        let launch = Launch {
+            id,
+            slot,
+            module_hash: module.hash,
+            spec,
+            tee: None,
+            also: None,
+            creation,
+            ended: None,
+            record: LocalRecord::Primary,
+            idempotency: terms.idempotency,
+            held: Some(Box::new(running)),
+        };
+        let started = self.node.runner().start_claimed(compiled, launch).await?;
+        Ok(started.done)
     }
 
     pub(super) async fn run(
@@ -176,13 +202,34 @@ impl Local {
         id: WorkloadId,
         module: Resolved,
         spec: WorkloadSpec,
-        slot: Option<QuotaSlot>,
+        _slot: Option<QuotaSlot>,
+        terms: Terms,
     ) -> Result<WorkloadView, ServiceError> {
         // If the caller goes away the workload still finishes: it runs in a
-        // task of its own (and the quota place is given back by `hold`).
-        let done = self
-            .start(id, module, spec, slot, Creation::Overlapped)
-            .await?;
+        // task of its own (which gives its tenant's share back at the end).
+        let done = match self.queue.start_now(spec.tenant.as_deref()) {
+            Some((slot, running)) => {
+                let creation = Creation::Overlapped;
+                (self.start(id, module, spec, slot, running, creation, terms)).await?
+            }
+            None => {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                let (deadline, key) = (terms.deadline_ms, terms.idempotency);
+                let queue = &self.queue;
+                queue
+                    .enqueue(id, module.hash, spec, deadline, key, Some(tx))
+                    .await?;
+                match rx.await {
+                    Ok(Started::Running(done)) => done,
+                    Ok(Started::Ended(ended)) => return Ok(WorkloadView::from((*ended)?)),
+                    Err(_) => {
+                        return Err(ServiceError::Internal(anyhow::anyhow!(
+                            "workload {id} left the queue unheard of"
+                        )));
+                    }
+                }
+            }
+        };
         let ended = done
             .await
             .map_err(|e| anyhow::anyhow!("workload task failed: {e}"))?;
@@ -197,13 +244,94 @@ impl Local {
         id: WorkloadId,
         module: Resolved,
         spec: WorkloadSpec,
-        slot: Option<QuotaSlot>,
+        _slot: Option<QuotaSlot>,
+        terms: Terms,
     ) -> Result<(), ServiceError> {
-        let done = self
-            .start(id, module, spec, slot, Creation::Committed)
-            .await?;
-        drop(done);
-        Ok(())
+        match self.queue.start_now(spec.tenant.as_deref()) {
+            Some((slot, running)) => {
+                let creation = Creation::Committed;
+                let done = (self.start(id, module, spec, slot, running, creation, terms)).await?;
+                drop(done);
+                Ok(())
+            }
+            None => {
+                let (deadline, key) = (terms.deadline_ms, terms.idempotency);
+                let queue = &self.queue;
+                queue
+                    .enqueue(id, module.hash, spec, deadline, key, None)
+                    .await
+            }
+        }
+    }
+
+    /// Per tenant: queued, running and the oldest wait; and how many wait.
+    pub(super) async fn queue_depth(&self) -> Result<(Vec<TenantQueue>, u64), ServiceError> {
+        let (tenants, queued) = self.queue.depth();
+        Ok((tenants, queued as u64))
+    }
+
+    /// Who used `key` first within the idempotency window, if anyone (the
+    /// service holds this node's claims in flight, which are all of them).
+    pub(super) async fn claim_key(
+        &self,
+        tenant: Option<&str>,
+        key: &str,
+        _fingerprint: &str,
+        _id: WorkloadId,
+    ) -> Result<Option<KeyedWorkload>, ServiceError> {
+        Ok(self.node.db().keyed_workload(tenant, key).await?)
+    }
+
+    /// Nothing to give back: a refused submission stored no key.
+    pub(super) async fn release_key(&self, _tenant: Option<&str>, _key: &str) {}
+
+    /// Resolves when workload `id` may have moved on (it ended here, or a
+    /// moment passed while it waits in the queue).
+    pub(super) async fn until_changed(&self, id: WorkloadId) {
+        let runner = self.node.runner();
+        match runner.is_running(id) {
+            true => runner.ended(id).await,
+            false => tokio::time::sleep(Duration::from_millis(25)).await,
+        }
+    }
+
+    fn book(&self) -> Result<&schedules::ScheduleBook, ServiceError> {
+        (self.schedules.as_ref()).map_err(|e| {
+            ServiceError::StoreUnavailable(format!("schedules are unavailable: {e:#}"))
+        })
+    }
+
+    pub(super) async fn create_schedule(&self, schedule: &Schedule) -> Result<(), ServiceError> {
+        self.book()?.create(schedule).await
+    }
+
+    pub(super) async fn put_schedule(&self, schedule: &Schedule) -> Result<(), ServiceError> {
+        self.book()?.put(schedule).await
+    }
+
+    pub(super) async fn schedule(
+        &self,
+        tenant: Option<&str>,
+        name: &str,
+    ) -> Result<Option<Schedule>, ServiceError> {
+        self.book()?.get(tenant, name).await
+    }
+
+    pub(super) async fn schedules(&self) -> Result<Vec<Schedule>, ServiceError> {
+        self.book()?.list().await
+    }
+
+    pub(super) async fn delete_schedule(
+        &self,
+        tenant: Option<&str>,
+        name: &str,
+    ) -> Result<(), ServiceError> {
+        self.book()?.delete(tenant, name).await
+    }
+
+    /// Stops starting queued work (it stays queued for the next start).
+    pub(super) fn stop_starting(&self) {
+        self.queue.stop();
     }
 
     pub(super) async fn record(&self, id: WorkloadId) -> Result<WorkloadView, ServiceError> {
@@ -226,8 +354,12 @@ impl Local {
         reason: &str,
         wait: Duration,
     ) -> Result<KillOutcome, ServiceError> {
+        if let Some(ended) = self.queue.kill(id).await {
+            return Ok(KillOutcome::Ended(Box::new(WorkloadView::from(ended?))));
+        }
         let runner = Arc::clone(self.node.runner());
         if runner.kill(id, reason) {
+            self.queue.spare(id);
             if tokio::time::timeout(wait, runner.ended(id)).await.is_err() {
                 return Ok(KillOutcome::Stopping);
             }
@@ -240,6 +372,11 @@ impl Local {
             });
         }
         let record = self.node.db().workload(id).await?;
+        if record.status == crate::workload::Status::Pending {
+            // On its way into the queue or out of it: killed there.
+            return Ok(KillOutcome::Stopping);
+        }
+        self.queue.spare(id);
         Ok(KillOutcome::AlreadyEnded(record.status))
     }
 
@@ -261,23 +398,9 @@ impl Local {
     }
 
     pub(super) async fn stop(&self, reason: &str, grace: Duration) {
+        self.queue.stop();
         self.node.shutdown(reason, grace).await
     }
-}
-
-/// The workload's end, with a tenant's quota place (if it has a quota) held
-/// until then by a task of its own, so that the place is given back at the
-/// end even when nobody waits for it. Without a quota no task is added.
-fn hold(
-    done: tokio::task::JoinHandle<anyhow::Result<WorkloadRecord>>,
-    slot: Option<QuotaSlot>,
-) -> tokio::task::JoinHandle<anyhow::Result<WorkloadRecord>> {
-    let Some(slot) = slot else { return done };
-    tokio::spawn(async move {
-        let ended = done.await;
-        drop(slot);
-        ended.map_err(|e| anyhow::anyhow!("workload task failed: {e}"))?
-    })
 }
 
 /// The error of a sync run whose end could not be recorded (or whose

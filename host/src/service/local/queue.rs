@@ -1,0 +1,496 @@
+//! One node's job queue: accepted work that found no free slot waits here,
+//! as a `pending` record in the store (so a restart finds it again) and in
+//! a [`FairQueue`] (the order in which it gets slots). A dispatcher task
+//! starts the next job whenever a slot is free and its tenant is under its
+//! cap; a queued job that passes its deadline fails `queue_timeout`; a kill
+//! takes one out before it starts.
+//!
+//! Owns the node's count of running workloads per tenant and the tenants'
+//! `max_concurrent` permits; the runner owns the node's slots.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::{Notify, OwnedSemaphorePermit, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use super::super::ServiceError;
+use super::super::queue::{FairQueue, Queued, Shares};
+use crate::node::Node;
+use crate::runner::{Creation, Launch, LocalRecord, Slot};
+use crate::store::NewWorkload;
+use crate::tenants::Tenants;
+use crate::view::TenantQueue;
+use crate::workload::{
+    Completion, FailureKind, IdempotencyKey, QueuedInput, Status, WorkloadId, WorkloadRecord,
+    WorkloadSpec, now_ms,
+};
+
+/// A workload's end as the runner will record it.
+pub(super) type Done = tokio::task::JoinHandle<anyhow::Result<WorkloadRecord>>;
+
+/// What a queued job needs to start.
+pub(super) struct Job {
+    module: String,
+    spec: WorkloadSpec,
+    /// A sync caller waiting to hear that it started (or ended unstarted).
+    waiter: Option<oneshot::Sender<Started>>,
+}
+
+/// What a sync caller of a queued job hears.
+pub(super) enum Started {
+    /// It runs: its end, once recorded.
+    Running(Done),
+    /// It ended without running (killed, timed out in the queue, or it
+    /// could not start).
+    Ended(Box<Result<WorkloadRecord, ServiceError>>),
+}
+
+/// The queue and its dispatcher's wake-up.
+pub(super) struct LocalQueue {
+    node: Arc<Node>,
+    tenants: Arc<Tenants>,
+    max_queued: usize,
+    state: Mutex<State>,
+    /// Poked when work is queued, a workload ends or a job is taken out.
+    changed: Notify,
+    /// Cancelled at shutdown: nothing more is started, so queued work
+    /// stays queued (in the store) for the next start.
+    stopping: CancellationToken,
+}
+
+struct State {
+    queue: FairQueue<Job>,
+    /// Being queued (their records are being created).
+    incoming: usize,
+    /// Killed while on their way into the queue or out of it.
+    doomed: HashSet<WorkloadId>,
+}
+
+/// A running workload's hold on its tenant's share: counted as running
+/// (and holding one of its tenant's `max_concurrent` permits) until dropped.
+pub(super) struct Running {
+    queue: Arc<LocalQueue>,
+    tenant: Option<String>,
+    _permit: Option<OwnedSemaphorePermit>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.queue.lock().queue.ended(self.tenant.as_deref());
+        self.queue.changed.notify_one();
+    }
+}
+
+/// Tenants' weights and caps as the fair share reads them.
+struct TenantShares<'a>(&'a Tenants);
+
+impl Shares for TenantShares<'_> {
+    fn weight(&self, tenant: Option<&str>) -> u64 {
+        let entry = tenant.and_then(|t| self.0.named(t)).map(|t| &t.entry);
+        u64::from(entry.and_then(|e| e.weight).unwrap_or(1))
+    }
+
+    fn may_start(&self, tenant: Option<&str>) -> bool {
+        match tenant.and_then(|t| self.0.named(t)?.slots.as_ref()) {
+            Some(permits) => permits.available_permits() > 0,
+            None => true,
+        }
+    }
+}
+
+impl LocalQueue {
+    /// The queue of `node`, holding at most `max_queued` jobs; its
+    /// dispatcher starts with what a previous process left queued.
+    pub(super) fn start(node: Arc<Node>, tenants: Arc<Tenants>, max_queued: usize) -> Arc<Self> {
+        let queue = Arc::new(Self {
+            node,
+            tenants,
+            max_queued,
+            state: Mutex::new(State {
+                queue: FairQueue::default(),
+                incoming: 0,
+                doomed: HashSet::new(),
+            }),
+            changed: Notify::new(),
+            stopping: CancellationToken::new(),
+        });
+        tokio::spawn(Arc::clone(&queue).dispatch());
+        queue
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A slot and `tenant`'s share to start a workload now, if it need not
+    /// wait: a slot is free, the tenant is under its cap, and nothing of
+    /// its own (or of another tenant that may start) waits before it.
+    pub(super) fn start_now(self: &Arc<Self>, tenant: Option<&str>) -> Option<(Slot, Running)> {
+        let mut state = self.lock();
+        if self.stopping.is_cancelled()
+            || state.queue.must_wait(tenant, &TenantShares(&self.tenants))
+        {
+            return None;
+        }
+        let (slot, running) = self.take_share(&mut state, tenant, None)?;
+        Some((slot?, running))
+    }
+
+    /// `tenant`'s permit (if it has a cap) and a slot (unless one is given
+    /// or `None` is asked), counted as running; `None` if either is taken.
+    fn take_share(
+        self: &Arc<Self>,
+        state: &mut State,
+        tenant: Option<&str>,
+        slot: Option<Slot>,
+    ) -> Option<(Option<Slot>, Running)> {
+        let permit = match tenant.and_then(|t| self.tenants.named(t)?.slots.clone()) {
+            Some(permits) => Some(permits.try_acquire_owned().ok()?),
+            None => None,
+        };
+        let slot = match slot {
+            Some(slot) => Some(slot),
+            None => Some(self.node.runner().try_reserve()?),
+        };
+        state.queue.started(tenant);
+        let running = Running {
+            queue: Arc::clone(self),
+            tenant: tenant.map(str::to_owned),
+            _permit: permit,
+        };
+        Some((slot, running))
+    }
+
+    /// Queues workload `id`: its `pending` record is committed first (it
+    /// is in the queue from then, across restarts). `waiter` hears when it
+    /// starts. 503 `queue_full` beyond `--max-queued`.
+    pub(super) async fn enqueue(
+        &self,
+        id: WorkloadId,
+        module: String,
+        spec: WorkloadSpec,
+        deadline_ms: Option<i64>,
+        idempotency: Option<IdempotencyKey>,
+        waiter: Option<oneshot::Sender<Started>>,
+    ) -> Result<(), ServiceError> {
+        {
+            let mut state = self.lock();
+            if state.queue.len() + state.incoming >= self.max_queued {
+                return Err(ServiceError::QueueFull(format!(
+                    "the queue holds its maximum of {} workloads (--max-queued); retry later",
+                    self.max_queued
+                )));
+            }
+            state.incoming += 1;
+        }
+        let new = NewWorkload {
+            id,
+            module_hash: module.clone(),
+            args: spec.args.clone(),
+            env: spec.env.clone(),
+            limits: spec.limits.clone(),
+            allowed_hosts: spec.allowed_hosts.clone(),
+            log_level: spec.log_level,
+            running: false,
+            tenant: spec.tenant.clone(),
+            queued: Some(QueuedInput::of(&spec, deadline_ms)),
+            idempotency,
+            schedule: spec.schedule.clone(),
+        };
+        let created = self.node.db().create_workload(new).await;
+        let job = Job {
+            module,
+            spec,
+            waiter,
+        };
+        let queued = Queued {
+            id,
+            tenant: job.spec.tenant.clone(),
+            enqueued_ms: now_ms(),
+            deadline_ms,
+            job,
+        };
+        let doomed = {
+            let mut state = self.lock();
+            state.incoming -= 1;
+            created?;
+            match state.doomed.remove(&id) {
+                true => Some(queued),
+                false => {
+                    state.queue.push(queued);
+                    self.node.metrics().queued.set(state.queue.len() as i64);
+                    None
+                }
+            }
+        };
+        match doomed {
+            // Killed on its way in.
+            Some(queued) => drop(self.end_unstarted(queued, killed()).await),
+            None => self.changed.notify_one(),
+        }
+        Ok(())
+    }
+
+    /// Takes workload `id` out of the queue and records it killed, if it
+    /// waits there: its final record. `None` when it does not wait (it
+    /// runs, ended, or is on its way in or out: then it is killed there).
+    pub(super) async fn kill(
+        &self,
+        id: WorkloadId,
+    ) -> Option<Result<WorkloadRecord, ServiceError>> {
+        let taken = {
+            let mut state = self.lock();
+            let taken = state.queue.remove(id);
+            if taken.is_none() {
+                state.doomed.insert(id);
+            }
+            self.node.metrics().queued.set(state.queue.len() as i64);
+            taken
+        };
+        let queued = taken?;
+        Some(self.end_unstarted(queued, killed()).await)
+    }
+
+    /// Forgets a kill of `id` that found it neither queued nor on its way.
+    pub(super) fn spare(&self, id: WorkloadId) {
+        self.lock().doomed.remove(&id);
+    }
+
+    /// Records a queued job's end before it ran, and tells its waiter.
+    async fn end_unstarted(
+        &self,
+        queued: Queued<Job>,
+        completion: Completion,
+    ) -> Result<WorkloadRecord, ServiceError> {
+        let ended = self
+            .node
+            .db()
+            .finish(queued.id, completion)
+            .await
+            .map_err(ServiceError::from);
+        if let Some(waiter) = queued.job.waiter {
+            let again = match &ended {
+                Ok(record) => Ok(record.clone()),
+                Err(e) => Err(ServiceError::Internal(anyhow::anyhow!("{e}"))),
+            };
+            let _ = waiter.send(Started::Ended(Box::new(again)));
+        }
+        ended
+    }
+
+    /// Depth, running and oldest wait per tenant, and in all.
+    pub(super) fn depth(&self) -> (Vec<TenantQueue>, usize) {
+        let state = self.lock();
+        (state.queue.depth(now_ms()), state.queue.len())
+    }
+
+    /// Stops starting queued work (shutdown): it stays queued in the store.
+    pub(super) fn stop(&self) {
+        self.stopping.cancel();
+        self.changed.notify_one();
+    }
+
+    /// Starts queued work whenever a slot is free, in fair-share order;
+    /// fails what passed its deadline.
+    async fn dispatch(self: Arc<Self>) {
+        self.requeue().await;
+        loop {
+            self.expire().await;
+            let deadline = {
+                let state = self.lock();
+                (state.queue.len() > 0).then(|| state.queue.next_deadline())
+            };
+            let until_deadline = async {
+                match deadline.flatten() {
+                    Some(at) => {
+                        let wait = (at - now_ms()).max(0) as u64;
+                        tokio::time::sleep(std::time::Duration::from_millis(wait)).await
+                    }
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::pin!(until_deadline);
+            if deadline.is_none() {
+                tokio::select! {
+                    biased;
+                    () = self.stopping.cancelled() => return,
+                    () = self.changed.notified() => continue,
+                }
+            }
+            let slot = tokio::select! {
+                biased;
+                () = self.stopping.cancelled() => return,
+                slot = self.node.runner().reserve() => slot,
+                () = self.changed.notified() => continue,
+                () = &mut until_deadline => continue,
+            };
+            // A slot freed by the shutdown's kills is not for queued work.
+            if self.stopping.is_cancelled() {
+                return;
+            }
+            let picked = {
+                let mut state = self.lock();
+                let shares = TenantShares(&self.tenants);
+                let picked = state.queue.pick(&shares).and_then(|queued| {
+                    let (slot, running) =
+                        self.take_share(&mut state, queued.tenant.as_deref(), Some(slot))?;
+                    Some((queued, slot?, running))
+                });
+                self.node.metrics().queued.set(state.queue.len() as i64);
+                picked
+            };
+            let Some((queued, slot, running)) = picked else {
+                // Every tenant with work waits at its cap: until one ends.
+                tokio::select! {
+                    biased;
+                    () = self.stopping.cancelled() => return,
+                    () = self.changed.notified() => {}
+                    () = &mut until_deadline => {}
+                }
+                continue;
+            };
+            let this = Arc::clone(&self);
+            tokio::spawn(Box::pin(async move {
+                this.start_queued(queued, slot, running).await
+            }));
+        }
+    }
+
+    /// Puts back what a previous process left queued, oldest first.
+    async fn requeue(&self) {
+        let found = match self.node.db().queued_workloads().await {
+            Ok(found) => found,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the queued workloads back; they stay pending");
+                return;
+            }
+        };
+        if !found.is_empty() {
+            tracing::info!(
+                count = found.len(),
+                "queued workloads from before the restart wait again"
+            );
+        }
+        for (record, input) in found {
+            let spec = match input.spec(&record) {
+                Ok(spec) => spec,
+                Err(e) => {
+                    let why = format!("its queued input could not be read back: {e}");
+                    let _ = self
+                        .node
+                        .db()
+                        .finish(record.id, Completion::host_failure(why, 0))
+                        .await;
+                    continue;
+                }
+            };
+            let queued = Queued {
+                id: record.id,
+                tenant: record.tenant.clone(),
+                enqueued_ms: record.queued_at.unwrap_or(record.created_at),
+                deadline_ms: input.deadline_ms,
+                job: Job {
+                    module: record.module_hash,
+                    spec,
+                    waiter: None,
+                },
+            };
+            self.lock().queue.push(queued);
+        }
+        self.node
+            .metrics()
+            .queued
+            .set(self.lock().queue.len() as i64);
+    }
+
+    /// Fails every queued job whose deadline passed.
+    async fn expire(&self) {
+        let now = now_ms();
+        let expired = self.lock().queue.expired(now);
+        for queued in expired {
+            let waited = now - queued.enqueued_ms;
+            let completion = Completion {
+                status: Status::Failed,
+                exit_code: None,
+                error: Some(format!(
+                    "it waited {waited} ms in the queue, past its queue_timeout_ms, and never started"
+                )),
+                failure: Some(FailureKind::QueueTimeout),
+                output: None,
+                duration_ms: 0,
+                line_count: 0,
+            };
+            let _ = self.end_unstarted(queued, completion).await;
+        }
+    }
+
+    /// Starts a job taken from the queue in `slot`.
+    async fn start_queued(self: Arc<Self>, queued: Queued<Job>, slot: Slot, running: Running) {
+        let waited = (now_ms() - queued.enqueued_ms).max(0) as f64 / 1000.0;
+        self.node.metrics().queue_wait.observe(waited);
+        let (id, tenant) = (queued.id, queued.tenant.clone());
+        let registry = self.node.registry();
+        let compiled = match registry
+            .get_for(tenant.as_deref(), &queued.job.module)
+            .await
+        {
+            Ok(compiled) => compiled,
+            Err(e) => {
+                let why = format!("failed to start: {}", ServiceError::from(e));
+                let _ = self
+                    .end_unstarted(queued, Completion::host_failure(why, 0))
+                    .await;
+                return;
+            }
+        };
+        if self.lock().doomed.remove(&id) {
+            let _ = self.end_unstarted(queued, killed()).await;
+            return;
+        }
+        let Queued { job, .. } = queued;
+        let launch = Launch {
+            id,
+            slot,
+            module_hash: job.module,
+            spec: job.spec,
+            tee: None,
+            also: None,
+            creation: Creation::Queued,
+            ended: None,
+            record: LocalRecord::Primary,
+            idempotency: None,
+            held: Some(Box::new(running)),
+        };
+        let started = self.node.runner().start_claimed(compiled, launch).await;
+        let answer = match started {
+            Ok(started) => Started::Running(started.done),
+            Err(e) => {
+                // Not started: it must not stay pending.
+                let why = format!("failed to start: {e}");
+                let ended = self
+                    .node
+                    .db()
+                    .finish(id, Completion::host_failure(why, 0))
+                    .await;
+                Started::Ended(Box::new(ended.map_err(ServiceError::from)))
+            }
+        };
+        if let Some(waiter) = job.waiter {
+            let _ = waiter.send(answer);
+        }
+    }
+}
+
+/// The end of a workload killed before it started.
+fn killed() -> Completion {
+    Completion {
+        status: Status::Killed,
+        exit_code: None,
+        error: Some("killed on request while it waited in the queue; it never started".into()),
+        failure: Some(FailureKind::Killed),
+        output: None,
+        duration_ms: 0,
+        line_count: 0,
+    }
+}

@@ -1,0 +1,124 @@
+//! What the job queue keeps in the store: queued (pending) records, which a
+//! restart reads back as the queue, their start, and the records of
+//! idempotent submissions. Owns only these reads and transitions; the queue's
+//! order and fairness are the service's.
+
+use std::sync::Arc;
+
+use rusqlite::{OptionalExtension as _, params};
+
+use super::{Db, Haste, StoreResult, WriteOp, read_blocking, reads, request};
+use crate::workload::{QueuedInput, Status, WorkloadId, WorkloadRecord};
+
+/// How long an idempotency key names its first submission.
+pub const IDEMPOTENCY_WINDOW_MS: i64 = 24 * 60 * 60 * 1000;
+
+/// A workload an idempotency key named first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyedWorkload {
+    /// Its id.
+    pub id: WorkloadId,
+    /// The fingerprint of what it was submitted with.
+    pub fingerprint: String,
+}
+
+impl Db {
+    /// Marks a pending (queued) workload running and sets `started_at`.
+    pub async fn mark_running(&self, id: WorkloadId) -> StoreResult<()> {
+        request(&self.inner.routing.home(id), |reply| WriteOp::Transition {
+            id,
+            to: Status::Running,
+            completion: None,
+            reply: Some(reply),
+            haste: Haste::Now,
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Every queued workload with what it needs to run, oldest first, from
+    /// every file: the queue as a restart finds it.
+    pub async fn queued_workloads(&self) -> StoreResult<Vec<(WorkloadRecord, QueuedInput)>> {
+        let shards = self.inner.routing.shards();
+        let found = read_blocking(move || {
+            let mut found = Vec::new();
+            for shard in &shards {
+                let rows = shard.with_reader(|c| {
+                    let mut stmt = c.prepare_cached(&format!(
+                        "SELECT {}, queued FROM workloads \
+                         WHERE queued IS NOT NULL AND status = 'pending' ORDER BY id",
+                        reads::WORKLOAD_COLUMNS
+                    ))?;
+                    let rows = stmt.query_map([], |r| {
+                        let queued: String = r.get(21)?;
+                        Ok((reads::row_to_workload(r)?, queued))
+                    })?;
+                    let mut out = Vec::new();
+                    for row in rows {
+                        let (record, queued) = row?;
+                        let queued: QueuedInput = serde_json::from_str(&queued)
+                            .map_err(|e| anyhow::anyhow!("corrupt queued input: {e}"))?;
+                        out.push((record?, queued));
+                    }
+                    Ok(out)
+                })?;
+                found.extend(rows.into_iter().map(|(r, q)| (r, q, Arc::clone(shard))));
+            }
+            Ok(found)
+        })
+        .await?;
+        // Their ends must find their files.
+        let mut found: Vec<_> = found
+            .into_iter()
+            .map(|(record, queued, shard)| {
+                self.inner.routing.remember_home(record.id, &shard, true);
+                (record, queued)
+            })
+            .collect();
+        found.sort_by_key(|(r, _)| r.id);
+        Ok(found)
+    }
+
+    /// The workload `tenant` submitted with `key` within the last
+    /// [`IDEMPOTENCY_WINDOW_MS`], if any.
+    pub async fn keyed_workload(
+        &self,
+        tenant: Option<&str>,
+        key: &str,
+    ) -> StoreResult<Option<KeyedWorkload>> {
+        let shard = match tenant {
+            None => Arc::clone(&self.inner.routing.main),
+            Some(t) => match self.inner.routing.tenant_shard(t) {
+                Some(shard) => shard,
+                None => return Ok(None),
+            },
+        };
+        let (tenant, key) = (tenant.map(str::to_owned), key.to_owned());
+        let since = crate::workload::now_ms() - IDEMPOTENCY_WINDOW_MS;
+        read_blocking(move || {
+            shard.with_reader(|c| {
+                let found = c
+                    .prepare_cached(
+                        "SELECT id, fingerprint FROM workloads \
+                         WHERE tenant IS ?1 AND idempotency_key = ?2 AND created_at >= ?3 \
+                         ORDER BY id DESC LIMIT 1",
+                    )?
+                    .query_row(params![tenant, key, since], |r| {
+                        Ok((r.get::<_, String>(0)?, r.get::<_, Option<String>>(1)?))
+                    })
+                    .optional()?;
+                let Some((id, fingerprint)) = found else {
+                    return Ok(None);
+                };
+                let id = id
+                    .parse()
+                    .map_err(|e| anyhow::anyhow!("corrupt workload id: {e}"))?;
+                Ok(Some(KeyedWorkload {
+                    id,
+                    fingerprint: fingerprint.unwrap_or_default(),
+                }))
+            })
+        })
+        .await
+    }
+}
