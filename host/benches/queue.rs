@@ -7,8 +7,12 @@
 //!   resident memory at idle and at its peak;
 //! - fairness: with a noisy tenant's `VULCAN_BENCH_BACKLOG` (default 10,000)
 //!   jobs queued, a quiet tenant's jobs submitted one after another: their
-//!   queue wait p50/p99, beside the same jobs' wait on an idle server.
+//!   queue wait p50/p99, beside the same jobs' wait on an idle server;
+//! - schedule: a schedule firing every second for
+//!   `VULCAN_BENCH_SCHEDULE_SECS` (default 300): how late each firing's
+//!   workload was created after its tick, p50/p99/max.
 //!
+//! `VULCAN_BENCH_PARTS` picks parts (default `throughput,fairness,schedule`);
 //! `VULCAN_BENCH_BIN` runs another build.
 
 use std::time::{Duration, Instant};
@@ -24,8 +28,56 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run() -> anyhow::Result<()> {
-    throughput().await?;
-    fairness().await
+    let parts: String = env_or(
+        "VULCAN_BENCH_PARTS",
+        "throughput,fairness,schedule".to_owned(),
+    );
+    let parts: Vec<&str> = parts.split(',').collect();
+    if parts.contains(&"throughput") {
+        throughput().await?;
+    }
+    if parts.contains(&"fairness") {
+        fairness().await?;
+    }
+    if parts.contains(&"schedule") {
+        schedule().await?;
+    }
+    Ok(())
+}
+
+async fn schedule() -> anyhow::Result<()> {
+    let secs: u64 = env_or("VULCAN_BENCH_SCHEDULE_SECS", 300);
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("data");
+    let server = BenchServer::start(&data, &["--max-concurrent", "64"])?;
+    let http = reqwest::Client::new();
+    let hello = std::fs::read(vulcan_test_artifacts::example("hello"))?;
+    let hash = common::upload(&http, &server.url, &hello).await?;
+    let resp = http
+        .post(format!("{}/v1/schedules", server.url))
+        .json(&json!({"name": "tick", "cron": "* * * * * *", "spec": {"module": hash}}))
+        .send()
+        .await?;
+    ensure!(resp.status() == 201, "schedule: {}", resp.status());
+    tokio::time::sleep(Duration::from_secs(secs)).await;
+    server.stop()?;
+    let conn = rusqlite::Connection::open(data.join("vulcan.db"))?;
+    let mut stmt = conn.prepare("SELECT created_at FROM workloads WHERE schedule = 'tick'")?;
+    let mut late: Vec<i64> = stmt
+        .query_map([], |r| r.get::<_, i64>(0))?
+        .filter_map(Result::ok)
+        .map(|at| at.rem_euclid(1000))
+        .collect();
+    late.sort_unstable();
+    println!(
+        "schedule: every second for {secs} s: {} firings (of {secs} ticks), lateness after the \
+         tick p50 {} ms, p99 {} ms, max {} ms",
+        late.len(),
+        pct(&late, 0.5),
+        pct(&late, 0.99),
+        late.last().copied().unwrap_or(0)
+    );
+    Ok(())
 }
 
 /// Runs `n` async submissions of `spec` as `token` from `clients` clients;

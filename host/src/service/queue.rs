@@ -70,6 +70,15 @@ impl<J> FairQueue<J> {
         (self.lanes.entry(queued.tenant.clone()).or_default()).push_back(queued);
     }
 
+    /// Puts a job picked but not started back at the head of its lane.
+    pub fn put_back(&mut self, queued: Queued<J>) {
+        if let Some(deadline) = queued.deadline_ms {
+            self.deadlines.insert((deadline, queued.id));
+        }
+        self.len += 1;
+        (self.lanes.entry(queued.tenant.clone()).or_default()).push_front(queued);
+    }
+
     /// Whether a new submission of `tenant` must wait: its own lane has
     /// work (FIFO within a tenant), or another tenant that may start has.
     pub fn must_wait(&self, tenant: Option<&str>, shares: &impl Shares) -> bool {

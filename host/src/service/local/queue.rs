@@ -332,11 +332,20 @@ impl LocalQueue {
             let picked = {
                 let mut state = self.lock();
                 let shares = TenantShares(&self.tenants);
-                let picked = state.queue.pick(&shares).and_then(|queued| {
-                    let (slot, running) =
-                        self.take_share(&mut state, queued.tenant.as_deref(), Some(slot))?;
-                    Some((queued, slot?, running))
-                });
+                let picked = match state.queue.pick(&shares) {
+                    None => None,
+                    Some(queued) => {
+                        let tenant = queued.tenant.clone();
+                        match self.take_share(&mut state, tenant.as_deref(), Some(slot)) {
+                            Some((Some(slot), running)) => Some((queued, slot, running)),
+                            // Its tenant's permit went meanwhile: it waits on.
+                            _ => {
+                                state.queue.put_back(queued);
+                                None
+                            }
+                        }
+                    }
+                };
                 self.node.metrics().queued.set(state.queue.len() as i64);
                 picked
             };
