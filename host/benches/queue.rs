@@ -228,14 +228,17 @@ async fn fairness() -> anyhow::Result<()> {
         let v: Value = resp.json().await?;
         hashes.push(v["hash"].as_str().context("no hash")?.to_owned());
     }
-    let job = |hash: &str| json!({"module": hash, "args": ["2", "5000"]});
+    // The noisy tenant's jobs take 100 ms each, so its backlog lasts; the
+    // quiet tenant's are short.
+    let noisy_job = json!({"module": hashes[0], "args": ["2", "50000"]});
+    let quiet_job = json!({"module": hashes[1], "args": ["1", "0"]});
     // The quiet tenant alone first: its wait on an idle server.
-    let alone = submit(&server.url, Some("quiet"), &job(&hashes[1]), QUIET_JOBS, 1).await?;
+    let alone = submit(&server.url, Some("quiet"), &quiet_job, QUIET_JOBS, 1).await?;
     until_completed(&server.url, Some("quiet"), QUIET_JOBS as u64).await?;
-    submit(&server.url, Some("noisy"), &job(&hashes[0]), backlog, 64).await?;
+    submit(&server.url, Some("noisy"), &noisy_job, backlog, 64).await?;
     let mut beside = Vec::new();
     for i in 0..QUIET_JOBS {
-        let id = submit(&server.url, Some("quiet"), &job(&hashes[1]), 1, 1).await?;
+        let id = submit(&server.url, Some("quiet"), &quiet_job, 1, 1).await?;
         beside.extend(id);
         until_completed(&server.url, Some("quiet"), (QUIET_JOBS + i + 1) as u64).await?;
     }

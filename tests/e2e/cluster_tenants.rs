@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use reqwest::Method;
-use serde_json::{Value, json};
+use serde_json::json;
 
 use crate::support::*;
 use crate::tenants::{As, add_tenant, keeps_tenants_apart};
@@ -13,40 +13,9 @@ use crate::tenants::{As, add_tenant, keeps_tenants_apart};
 /// `n` nodes sharing `nats`, all with the tenants file `tenants`: their
 /// data directories and servers.
 fn nodes(nats: &Nats, tenants: &Path, n: usize, extra: &[&str]) -> (Vec<Env>, Vec<Server>) {
-    let mut envs = Vec::new();
-    let mut servers = Vec::new();
-    for i in 0..n {
-        let env = Env::new();
-        let id = format!("n{i}");
-        let mut args = vec![
-            "--cluster",
-            &nats.url(),
-            "--node-id",
-            &id,
-            "--tenants",
-            tenants.to_str().unwrap(),
-        ]
-        .into_iter()
-        .map(str::to_owned)
-        .collect::<Vec<_>>();
-        args.extend(extra.iter().map(|s| s.to_string()));
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        servers.push(Server::start(&env, &args));
-        envs.push(env);
-    }
-    (envs, servers)
-}
-
-/// Milliseconds since the epoch of a record's RFC 3339 time field.
-fn ms(record: &Value, field: &str) -> u128 {
-    let text = record[field]
-        .as_str()
-        .unwrap_or_else(|| panic!("{field}: {record}"));
-    humantime::parse_rfc3339(text)
-        .unwrap()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis()
+    let mut args = vec!["--tenants", tenants.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    cluster_nodes(nats, n, &args)
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -109,7 +78,7 @@ async fn a_tenants_max_concurrent_holds_cluster_wide_under_a_burst_from_every_no
         })
         .await;
         nodes_used.insert(record["node"].as_str().unwrap().to_owned());
-        spans.push((ms(&record, "started_at"), ms(&record, "finished_at")));
+        spans.push((ms_of(&record, "started_at"), ms_of(&record, "finished_at")));
     }
     // The most that ran at once: at each start, how many had started and
     // not yet finished.

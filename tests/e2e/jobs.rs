@@ -12,25 +12,13 @@ use serde_json::{Value, json};
 use crate::support::*;
 use crate::tenants::{As, add_tenant};
 
-/// Milliseconds since the epoch of a record's RFC 3339 time field.
-fn ms(record: &Value, field: &str) -> i64 {
-    let text = record[field]
-        .as_str()
-        .unwrap_or_else(|| panic!("{field}: {record}"));
-    humantime::parse_rfc3339(text)
-        .unwrap()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
-}
-
 /// The most of `records` that ran at once: ends sort before starts at the
 /// same millisecond (an end frees the slot a start at that time took).
 fn most_at_once(records: &[Value]) -> i64 {
     let mut events: Vec<(i64, i64)> = Vec::new();
     for r in records {
-        events.push((ms(r, "started_at"), 1));
-        events.push((ms(r, "finished_at"), -1));
+        events.push((ms_of(r, "started_at"), 1));
+        events.push((ms_of(r, "finished_at"), -1));
     }
     events.sort();
     let (mut now, mut most) = (0, 0);
@@ -160,14 +148,14 @@ async fn a_quiet_tenants_one_job_starts_within_four_turns_of_a_noisy_tenants_two
         (r["status"] == "completed").then_some(r)
     })
     .await;
-    let (queued_at, started_at) = (ms(&record, "queued_at"), ms(&record, "started_at"));
+    let (queued_at, started_at) = (ms_of(&record, "queued_at"), ms_of(&record, "started_at"));
     // Noisy jobs that got a slot while the quiet one waited.
     let went_first = all_workloads(&noisy)
         .await
         .iter()
         .filter(|r| r["started_at"].is_string())
         .filter(|r| {
-            let s = ms(r, "started_at");
+            let s = ms_of(r, "started_at");
             queued_at < s && s < started_at
         })
         .count();
@@ -299,26 +287,10 @@ async fn vulcan_queue_shows_the_depth_per_tenant() {
     assert_eq!(status, 200);
 }
 
-/// `n` cluster nodes over `nats`, each with `extra` flags.
-fn cluster(nats: &Nats, n: usize, extra: &[&str]) -> (Vec<Env>, Vec<Server>) {
-    let mut envs = Vec::new();
-    let mut servers = Vec::new();
-    for i in 0..n {
-        let env = Env::new();
-        let url = nats.url();
-        let id = format!("n{i}");
-        let mut args = vec!["--cluster", url.as_str(), "--node-id", id.as_str()];
-        args.extend_from_slice(extra);
-        servers.push(Server::start(&env, &args));
-        envs.push(env);
-    }
-    (envs, servers)
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn on_three_nodes_an_idempotent_submit_creates_one_workload_and_the_queue_is_shown() {
     let Some(nats) = Nats::start() else { return };
-    let (_envs, servers) = cluster(&nats, 3, &["--max-concurrent", "1"]);
+    let (_envs, servers) = cluster_nodes(&nats, 3, &["--max-concurrent", "1"]);
     let anyone = As {
         servers: &servers,
         token: None,
@@ -417,7 +389,10 @@ async fn a_schedule_fires_each_tick_once_skips_while_one_runs_and_is_managed_by_
     })
     .await;
     // One workload per tick: each made at or just after an even second.
-    let mut ticks: Vec<i64> = fired.iter().map(|w| ms(w, "created_at") / 2000).collect();
+    let mut ticks: Vec<i64> = fired
+        .iter()
+        .map(|w| ms_of(w, "created_at") / 2000)
+        .collect();
     ticks.sort_unstable();
     ticks.dedup();
     assert_eq!(ticks.len(), fired.len(), "a tick fired twice: {fired:?}");
@@ -557,7 +532,7 @@ async fn bad_schedules_get_400_with_what_is_wrong_and_change_nothing() {
 #[tokio::test(flavor = "multi_thread")]
 async fn on_three_nodes_a_schedule_fires_once_per_tick_with_one_node_killed() {
     let Some(nats) = Nats::start() else { return };
-    let (_envs, mut servers) = cluster(&nats, 3, &[]);
+    let (_envs, mut servers) = cluster_nodes(&nats, 3, &[]);
     let (_, module) = servers[0]
         .upload(std::fs::read(example("ticker")).unwrap())
         .await;
@@ -598,7 +573,10 @@ async fn on_three_nodes_a_schedule_fires_once_per_tick_with_one_node_killed() {
         (fired.len() >= before + 2).then_some(fired)
     })
     .await;
-    let mut ticks: Vec<i64> = fired.iter().map(|w| ms(w, "created_at") / 2000).collect();
+    let mut ticks: Vec<i64> = fired
+        .iter()
+        .map(|w| ms_of(w, "created_at") / 2000)
+        .collect();
     ticks.sort_unstable();
     ticks.dedup();
     assert_eq!(ticks.len(), fired.len(), "a tick fired twice: {fired:?}");

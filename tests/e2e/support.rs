@@ -642,3 +642,31 @@ impl Drop for Nats {
         let _ = self.child.wait();
     }
 }
+
+/// Milliseconds since the epoch of a record's RFC 3339 time field.
+pub fn ms_of(record: &serde_json::Value, field: &str) -> i64 {
+    let text = record[field]
+        .as_str()
+        .unwrap_or_else(|| panic!("{field}: {record}"));
+    humantime::parse_rfc3339(text)
+        .unwrap()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+/// `n` cluster nodes (`n0`, `n1`, …) over `nats`, each with `extra` flags:
+/// their data directories and servers.
+pub fn cluster_nodes(nats: &Nats, n: usize, extra: &[&str]) -> (Vec<Env>, Vec<Server>) {
+    let mut envs = Vec::new();
+    let mut servers = Vec::new();
+    for i in 0..n {
+        let env = Env::new();
+        let (url, id) = (nats.url(), format!("n{i}"));
+        let mut args = vec!["--cluster", url.as_str(), "--node-id", id.as_str()];
+        args.extend_from_slice(extra);
+        servers.push(Server::start(&env, &args));
+        envs.push(env);
+    }
+    (envs, servers)
+}

@@ -446,12 +446,21 @@ fn transition(
             .execute(params![to.as_str(), now, key])?;
         }
         Some(c) => {
-            tx.prepare_cached(
-                "UPDATE workloads SET status = ?1, exit_code = ?2, error = ?3, output = ?4, \
-                 duration_ms = ?5, line_count = ?6, finished_at = ?7, failure = ?8, \
-                 queued = NULL WHERE id = ?9",
-            )?
-            .execute(params![
+            // Only a queued one (ending unstarted) has input to drop: the
+            // common end does not touch the queue's index.
+            let sql = match from {
+                Status::Pending => {
+                    "UPDATE workloads SET status = ?1, exit_code = ?2, error = ?3, output = ?4, \
+                     duration_ms = ?5, line_count = ?6, finished_at = ?7, failure = ?8, \
+                     queued = NULL WHERE id = ?9"
+                }
+                _ => {
+                    "UPDATE workloads SET status = ?1, exit_code = ?2, error = ?3, output = ?4, \
+                     duration_ms = ?5, line_count = ?6, finished_at = ?7, failure = ?8 \
+                     WHERE id = ?9"
+                }
+            };
+            tx.prepare_cached(sql)?.execute(params![
                 to.as_str(),
                 c.exit_code,
                 &c.error,

@@ -77,8 +77,13 @@ pub(super) struct Running {
 
 impl Drop for Running {
     fn drop(&mut self) {
-        self.queue.lock().queue.ended(self.tenant.as_deref());
-        self.queue.changed.notify_one();
+        let mut state = self.queue.lock();
+        state.queue.ended(self.tenant.as_deref());
+        // With nothing queued the dispatcher has nothing to start; it is
+        // not woken for every end (a freed slot wakes it on its own).
+        if state.queue.len() > 0 {
+            self.queue.changed.notify_one();
+        }
     }
 }
 
