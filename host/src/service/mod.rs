@@ -6,9 +6,12 @@
 //! is, to a caller, no workload or module at all, on every backend. Each
 //! backend (`local` over a [`Node`], `clustered` over a [`Cluster`]) does
 //! only what differs — where records, modules and lines live — behind the
-//! same calls, in the read model's types ([`crate::view`]). Also owns the
-//! deployment's housekeeping (retention, the stats sampler). Knows nothing
-//! of HTTP.
+//! same calls, in the read model's types ([`crate::view`]). Also owns what
+//! makes it a job host, written once: the queue's fair-share order
+//! (`queue`; one node's dispatcher is the local backend's), idempotent
+//! submits (`idempotency`) and schedules (`schedules`); and the
+//! deployment's housekeeping (retention, the stats sampler, the
+//! scheduler). Knows nothing of HTTP.
 
 mod admission;
 mod caller;
