@@ -279,6 +279,8 @@ async fn vulcan_queue_shows_the_depth_per_tenant() {
         text.contains("TENANT") && text.contains("OLDEST WAIT"),
         "{text}"
     );
+    let row: Vec<&str> = text.lines().nth(2).unwrap().split_whitespace().collect();
+    assert_eq!(row[..3], ["-", "3", "1"], "{text}");
     let out = server.cli(&Env::new(), &["queue", "--json"]);
     let json: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(json["tenants"][0]["queued"], 3, "{json}");

@@ -283,11 +283,12 @@ pub async fn queue(client: &Client, json: bool) -> anyhow::Result<ExitCode> {
             }
             None => "-".into(),
         };
+        let count = |key: &str| t[key].as_u64().unwrap_or(0);
         println!(
             "{:<24} {:>8} {:>8} {:>14}",
             t["tenant"].as_str().unwrap_or("-"),
-            t["queued"],
-            t["running"],
+            count("queued"),
+            count("running"),
             wait
         );
     }

@@ -25,7 +25,7 @@ pub fn workload(out: &mut impl Write, w: &WorkloadView, json: bool) -> io::Resul
         let hosts: Vec<String> = w.allowed_hosts.iter().map(ToString::to_string).collect();
         Value::from(hosts.join(", "))
     });
-    let fields: [(&str, Option<Value>); 16] = [
+    let fields: [(&str, Option<Value>); 18] = [
         ("id", Some(s.id.to_string().into())),
         ("status", Some(s.status.as_str().into())),
         ("exit_code", s.exit_code.map(Value::from)),
@@ -40,7 +40,9 @@ pub fn workload(out: &mut impl Write, w: &WorkloadView, json: bool) -> io::Resul
         ("module", Some(s.module.clone().into())),
         ("allowed_hosts", allowed_hosts),
         ("log_level", w.log_level.map(|l| l.as_str().into())),
+        ("schedule", s.schedule.clone().map(Value::from)),
         ("created_at", Some(s.created_at.clone().into())),
+        ("queued_at", s.queued_at.clone().map(Value::from)),
         ("started_at", s.started_at.clone().map(Value::from)),
         ("finished_at", s.finished_at.clone().map(Value::from)),
     ];

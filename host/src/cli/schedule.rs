@@ -91,11 +91,13 @@ fn path(name: &str, action: &str) -> String {
 }
 
 async fn add(client: &Client, args: AddArgs) -> anyhow::Result<ExitCode> {
-    let module = match args.module.starts_with("sha256:") {
-        true => args.module.clone(),
+    let path = PathBuf::from(&args.module);
+    let (module, argv0) = match args.module.starts_with("sha256:") {
+        true => (args.module.clone(), None),
         false => {
-            let bytes = super::parse::read_module(&PathBuf::from(&args.module))?;
-            client.upload(bytes).await?
+            let bytes = super::parse::read_module(&path)?;
+            let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+            (client.upload(bytes).await?, name)
         }
     };
     let env: serde_json::Map<String, Value> = (args.env.into_iter())
@@ -106,7 +108,7 @@ async fn add(client: &Client, args: AddArgs) -> anyhow::Result<ExitCode> {
         "cron": args.cron,
         "timezone": args.timezone,
         "overlap": args.overlap,
-        "spec": {"module": module, "args": args.args, "env": env},
+        "spec": {"module": module, "argv0": argv0, "args": args.args, "env": env},
     });
     let made = client
         .call(reqwest::Method::POST, "/v1/schedules", Some(body))
