@@ -433,6 +433,9 @@ pub struct QueuedInput {
     /// the Unix epoch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deadline_ms: Option<i64>,
+    /// Read back without its bytes, it had stdin or input (never stored).
+    #[serde(skip)]
+    pub has_bytes: bool,
 }
 
 impl QueuedInput {
@@ -440,31 +443,41 @@ impl QueuedInput {
     pub fn of(spec: &WorkloadSpec, deadline_ms: Option<i64>) -> Self {
         use base64::Engine as _;
         let b64 = base64::engine::general_purpose::STANDARD;
+        let stdin_base64 = match &spec.stdin {
+            Stdin::Bytes(b) => Some(b64.encode(b)),
+            _ => None,
+        };
+        let input_base64 = spec.input.as_ref().map(|b| b64.encode(b));
         Self {
-            stdin_base64: match &spec.stdin {
-                Stdin::Bytes(b) => Some(b64.encode(b)),
-                _ => None,
-            },
-            input_base64: spec.input.as_ref().map(|b| b64.encode(b)),
+            has_bytes: stdin_base64.is_some() || input_base64.is_some(),
+            stdin_base64,
+            input_base64,
             deadline_ms,
         }
     }
 
-    /// The spec a queued record runs with: the record's, with these bytes.
-    pub fn spec(&self, record: &WorkloadRecord) -> anyhow::Result<WorkloadSpec> {
+    /// Its stdin and input, decoded.
+    pub fn bytes(&self) -> anyhow::Result<(Stdin, Option<Vec<u8>>)> {
         use base64::Engine as _;
         let b64 = base64::engine::general_purpose::STANDARD;
         let decode = |s: &Option<String>| s.as_deref().map(|s| b64.decode(s)).transpose();
+        let stdin = match decode(&self.stdin_base64)? {
+            Some(bytes) => Stdin::Bytes(bytes),
+            None => Stdin::Empty,
+        };
+        Ok((stdin, decode(&self.input_base64)?))
+    }
+
+    /// The spec a queued record runs with: the record's, with these bytes.
+    pub fn spec(&self, record: &WorkloadRecord) -> anyhow::Result<WorkloadSpec> {
+        let (stdin, input) = self.bytes()?;
         Ok(WorkloadSpec {
             args: record.args.clone(),
             env: record.env.clone(),
-            stdin: match decode(&self.stdin_base64)? {
-                Some(bytes) => Stdin::Bytes(bytes),
-                None => Stdin::Empty,
-            },
+            stdin,
             preopens: Vec::new(),
             limits: record.limits.clone(),
-            input: decode(&self.input_base64)?,
+            input,
             log_level: record.log_level,
             allowed_hosts: record.allowed_hosts.clone(),
             tenant: record.tenant.clone(),

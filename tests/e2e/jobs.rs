@@ -176,9 +176,10 @@ async fn a_restart_with_a_hundred_queued_loses_none_and_runs_none_twice() {
     // One spinner holds the only slot: everything after it waits.
     let spinner = server.start_wasm("spin", "").await;
     let (_, module) = server
-        .upload(std::fs::read(example("ticker")).unwrap())
+        .upload(std::fs::read(example("stdin-echo")).unwrap())
         .await;
-    let spec = json!({"module": module["hash"], "args": ["3", "0"], "stdin": "kept"});
+    // Its stdin waits with it in the store and is read back at its start.
+    let spec = json!({"module": module["hash"], "stdin": "a\nb\n"});
     let ids = submit_many(&anyone, &spec, 100, 16).await;
     let (_, queue) = server.get_json("/v1/queue").await;
     assert_eq!(queue["queued"], 100, "{queue}");
@@ -204,8 +205,12 @@ async fn a_restart_with_a_hundred_queued_loses_none_and_runs_none_twice() {
     assert_eq!(spun["status"], "killed", "{spun}");
     for id in &ids {
         let lines = env.lines(id);
-        let seqs: Vec<i64> = lines.iter().map(|l| l.0).collect();
-        assert_eq!(seqs, vec![0, 1, 2], "workload {id} ran exactly once");
+        let seen: Vec<(i64, &str)> = lines.iter().map(|l| (l.0, l.2.as_str())).collect();
+        assert_eq!(
+            seen,
+            vec![(0, "a"), (1, "b"), (2, "echoed 4 bytes")],
+            "workload {id} ran exactly once, with its stdin"
+        );
     }
     let records = all_workloads(&anyone).await;
     assert!(most_at_once(&records) <= 1);

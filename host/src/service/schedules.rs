@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use super::{Backend, Caller, ModuleRef, Service, ServiceError, Submission};
 use crate::schedule::{Clock, LAST_WORKLOADS, Overlap, Schedule, ScheduleView, ScheduledSpec};
-use crate::workload::{QueuedInput, Stdin, WorkloadSpec, now_ms};
+use crate::workload::{QueuedInput, WorkloadSpec, now_ms};
 
 /// A schedule to make, as a client asks for it.
 pub struct NewSchedule {
@@ -60,19 +60,15 @@ impl Fires for ScheduledSpec {
     }
 
     fn submission(&self, schedule: &str, key: String) -> Result<Submission, ServiceError> {
-        use base64::Engine as _;
-        let b64 = base64::engine::general_purpose::STANDARD;
-        let decode = |s: &Option<String>| {
-            (s.as_deref().map(|s| b64.decode(s)).transpose())
-                .map_err(|e| ServiceError::Internal(anyhow::anyhow!("corrupt schedule: {e}")))
-        };
+        let (stdin, input) = (self.input.bytes())
+            .map_err(|e| ServiceError::Internal(e.context("corrupt schedule")))?;
         let spec = WorkloadSpec {
             args: self.args.clone(),
             env: self.env.clone(),
-            stdin: decode(&self.input.stdin_base64)?.map_or(Stdin::Empty, Stdin::Bytes),
+            stdin,
             preopens: Vec::new(),
             limits: self.limits.clone(),
-            input: decode(&self.input.input_base64)?,
+            input,
             log_level: self.log_level,
             allowed_hosts: self.allowed_hosts.clone(),
             tenant: None,

@@ -44,20 +44,26 @@ impl Db {
             let mut found = Vec::new();
             for shard in &shards {
                 let rows = shard.with_reader(|c| {
+                    // Without their stdin and input, which may be large and
+                    // are read back as each starts (`queued_input`).
                     let mut stmt = c.prepare_cached(&format!(
-                        "SELECT {}, queued FROM workloads \
-                         WHERE queued IS NOT NULL AND status = 'pending' ORDER BY id",
+                        "SELECT {}, json_remove(queued, '$.stdin_base64', '$.input_base64'), \
+                         json_extract(queued, '$.stdin_base64') IS NOT NULL \
+                         OR json_extract(queued, '$.input_base64') IS NOT NULL \
+                         FROM workloads WHERE queued IS NOT NULL AND status = 'pending' \
+                         ORDER BY id",
                         reads::WORKLOAD_COLUMNS
                     ))?;
                     let rows = stmt.query_map([], |r| {
                         let queued: String = r.get(21)?;
-                        Ok((reads::row_to_workload(r)?, queued))
+                        Ok((reads::row_to_workload(r)?, queued, r.get::<_, bool>(22)?))
                     })?;
                     let mut out = Vec::new();
                     for row in rows {
-                        let (record, queued) = row?;
-                        let queued: QueuedInput = serde_json::from_str(&queued)
+                        let (record, queued, has_bytes) = row?;
+                        let mut queued: QueuedInput = serde_json::from_str(&queued)
                             .map_err(|e| anyhow::anyhow!("corrupt queued input: {e}"))?;
+                        queued.has_bytes = has_bytes;
                         out.push((record?, queued));
                     }
                     Ok(out)
@@ -77,6 +83,23 @@ impl Db {
             .collect();
         found.sort_by_key(|(r, _)| r.id);
         Ok(found)
+    }
+
+    /// What queued workload `id` needs to run beyond its record, while it
+    /// is queued (`None` once it started or ended).
+    pub async fn queued_input(&self, id: WorkloadId) -> StoreResult<Option<QueuedInput>> {
+        self.read_workload(id, move |c| {
+            let queued: Option<String> = c
+                .prepare_cached("SELECT queued FROM workloads WHERE id = ?1")?
+                .query_row([id.to_string()], |r| r.get(0))
+                .optional()?
+                .flatten();
+            queued
+                .map(|q| serde_json::from_str(&q))
+                .transpose()
+                .map_err(|e| anyhow::anyhow!("corrupt queued input: {e}").into())
+        })
+        .await
     }
 
     /// The workload `tenant` submitted with `key` within the last

@@ -22,17 +22,22 @@ use crate::store::NewWorkload;
 use crate::tenants::Tenants;
 use crate::view::TenantQueue;
 use crate::workload::{
-    Completion, FailureKind, IdempotencyKey, QueuedInput, Status, WorkloadId, WorkloadRecord,
-    WorkloadSpec, now_ms,
+    Completion, FailureKind, IdempotencyKey, QueuedInput, Status, Stdin, WorkloadId,
+    WorkloadRecord, WorkloadSpec, now_ms,
 };
 
 /// A workload's end as the runner will record it.
 pub(super) type Done = tokio::task::JoinHandle<anyhow::Result<WorkloadRecord>>;
 
-/// What a queued job needs to start.
+/// What a queued job needs to start. Its stdin and input stay in its
+/// record and are read back when it starts: the queue holds up to
+/// `--max-queued` jobs, each of which may carry `--max-spec-size` bytes.
 pub(super) struct Job {
     module: String,
+    /// Its spec without stdin and input.
     spec: WorkloadSpec,
+    /// It has stdin or input, to read back from its record at its start.
+    reload: bool,
     /// A sync caller waiting to hear that it started (or ended unstarted).
     waiter: Option<oneshot::Sender<Started>>,
 }
@@ -204,9 +209,13 @@ impl LocalQueue {
             schedule: spec.schedule.clone(),
         };
         let created = self.node.db().create_workload(new).await;
+        let mut spec = spec;
+        let reload = !matches!(spec.stdin, Stdin::Empty) || spec.input.is_some();
+        (spec.stdin, spec.input) = (Stdin::Empty, None);
         let job = Job {
             module,
             spec,
+            reload,
             waiter,
         };
         let queued = Queued {
@@ -387,6 +396,7 @@ impl LocalQueue {
             );
         }
         for (record, input) in found {
+            // Read back without its stdin and input (see `Job`).
             let spec = match input.spec(&record) {
                 Ok(spec) => spec,
                 Err(e) => {
@@ -407,6 +417,7 @@ impl LocalQueue {
                 job: Job {
                     module: record.module_hash,
                     spec,
+                    reload: input.has_bytes,
                     waiter: None,
                 },
             };
@@ -462,7 +473,30 @@ impl LocalQueue {
             let _ = self.end_unstarted(queued, killed()).await;
             return;
         }
-        let Queued { job, .. } = queued;
+        let Queued { mut job, .. } = queued;
+        if job.reload {
+            let input = self.node.db().queued_input(id).await;
+            match input.map(|i| i.map(|i| i.bytes())) {
+                Ok(Some(Ok((stdin, input)))) => (job.spec.stdin, job.spec.input) = (stdin, input),
+                failed => {
+                    let why = match failed {
+                        Err(e) => format!("failed to start: its input could not be read: {e}"),
+                        Ok(Some(Err(e))) => format!("failed to start: its input is corrupt: {e}"),
+                        _ => "failed to start: its input is gone".to_owned(),
+                    };
+                    let ended = self
+                        .node
+                        .db()
+                        .finish(id, Completion::host_failure(why, 0))
+                        .await;
+                    if let Some(waiter) = job.waiter {
+                        let ended = ended.map_err(ServiceError::from);
+                        let _ = waiter.send(Started::Ended(Box::new(ended)));
+                    }
+                    return;
+                }
+            }
+        }
         let launch = Launch {
             id,
             slot,
