@@ -56,6 +56,7 @@ pub mod node;
 pub mod outbound;
 pub mod registry;
 pub mod retention;
+pub mod retry;
 pub mod runner;
 pub mod schedule;
 pub mod service;

@@ -77,6 +77,8 @@ pub struct Metrics {
     pub queued: Gauge,
     /// How long started workloads waited in the queue.
     pub queue_wait: Histogram,
+    /// Failed attempts that were queued to run again.
+    pub retries: Counter,
     /// Workloads ended since start, of any status.
     finished_total: std::sync::atomic::AtomicU64,
     history: std::sync::Mutex<History>,
@@ -111,6 +113,10 @@ impl Default for Metrics {
                 "Compiled modules not in memory (loaded from a disk artifact or compiled)",
             ),
             ("module_compiles", "Modules compiled from bytes"),
+            (
+                "workload_retries",
+                "Failed attempts queued to run again by their retry policy",
+            ),
         ]
         .map(|(name, help)| {
             let c = Counter::default();
@@ -133,7 +139,7 @@ impl Default for Metrics {
             registry.register(name, help, g.clone());
             g
         });
-        let [log_lines, cache_hits, cache_misses, compiles] = counters;
+        let [log_lines, cache_hits, cache_misses, compiles, retries] = counters;
         let [
             running,
             followers,
@@ -163,6 +169,7 @@ impl Default for Metrics {
             storage_full,
             queued,
             queue_wait,
+            retries,
             finished_total: Default::default(),
             history: Default::default(),
         }

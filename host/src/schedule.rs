@@ -50,6 +50,9 @@ pub struct ScheduledSpec {
     /// How long each firing may wait in the queue.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queue_timeout_ms: Option<u64>,
+    /// When each firing's failed attempts run again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<crate::retry::RetryPolicy>,
 }
 
 /// A schedule as it is kept.
@@ -194,6 +197,7 @@ mod tests {
                 allowed_hosts: Vec::new(),
                 input: QueuedInput::default(),
                 queue_timeout_ms: None,
+                retry: None,
             },
             overlap: Overlap::Skip,
             paused: false,

@@ -11,6 +11,7 @@ use serde_json::value::RawValue;
 
 use crate::logs::{Fields, LogLevel, LogRecord, LogStream};
 use crate::outbound::OutboundRule;
+use crate::retry::{Attempt, RetryPolicy};
 use crate::store::ModuleInfo;
 use crate::workload::{Completion, FailureKind, Limits, Status, WorkloadId, WorkloadRecord};
 
@@ -44,7 +45,8 @@ pub struct WorkloadSummary {
     /// The cluster node that claimed it (cluster mode only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
-    /// How many times a node has claimed it (cluster mode only).
+    /// Which attempt it is on: with a retry policy, from 1; in a cluster,
+    /// how many times a node has claimed it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attempt: Option<u32>,
     /// The tenant it runs for (servers with tenants only).
@@ -82,7 +84,7 @@ impl From<WorkloadRecord> for WorkloadSummary {
             started_at: w.started_at.map(rfc3339),
             finished_at: w.finished_at.map(rfc3339),
             node: None,
-            attempt: None,
+            attempt: w.retry.is_some().then_some(w.attempt),
             tenant: w.tenant,
             pruned_at: w.pruned_at.map(rfc3339),
             queued_at: w.queued_at.map(rfc3339),
@@ -117,6 +119,55 @@ pub struct WorkloadView {
     /// The output as base64 when it is neither JSON nor text.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output_base64: Option<String>,
+    /// When its failed attempts run again (left out when never).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<RetryPolicy>,
+    /// Its earlier attempts, oldest first; each one's lines are the seqs
+    /// `first_seq..first_seq + lines` (left out when there were none).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub attempts: Vec<AttemptView>,
+}
+
+/// One earlier attempt of a workload, as the API shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttemptView {
+    /// Its number, from 1.
+    pub attempt: u32,
+    /// When it started (RFC 3339).
+    pub started_at: Option<String>,
+    /// When it ended (RFC 3339).
+    pub ended_at: String,
+    /// How long it ran.
+    pub duration_ms: u64,
+    /// Its exit code, when it exited.
+    pub exit_code: Option<i32>,
+    /// How it failed.
+    pub failure: Option<FailureKind>,
+    /// Why (at most a kilobyte).
+    pub error: Option<String>,
+    /// The seq of its first line.
+    pub first_seq: u64,
+    /// How many lines it wrote.
+    pub lines: u64,
+    /// When the next attempt was due to start (RFC 3339).
+    pub retry_at: String,
+}
+
+impl From<Attempt> for AttemptView {
+    fn from(a: Attempt) -> Self {
+        Self {
+            attempt: a.attempt,
+            started_at: a.started_at.map(rfc3339),
+            ended_at: rfc3339(a.ended_at),
+            duration_ms: a.duration_ms,
+            exit_code: a.exit_code,
+            failure: a.failure,
+            error: a.error,
+            first_seq: a.first_seq,
+            lines: a.lines,
+            retry_at: rfc3339(a.retry_at),
+        }
+    }
 }
 
 impl From<WorkloadRecord> for WorkloadView {
@@ -129,6 +180,11 @@ impl From<WorkloadRecord> for WorkloadView {
             w.log_level,
             w.error.clone(),
         );
+        let retry = w.retry.clone();
+        let attempts = std::mem::take(&mut w.attempts)
+            .into_iter()
+            .map(AttemptView::from);
+        let attempts = attempts.collect();
         let mut summary = WorkloadSummary::from(w);
         summary.error = error;
         Self {
@@ -140,6 +196,8 @@ impl From<WorkloadRecord> for WorkloadView {
             output,
             output_text,
             output_base64,
+            retry,
+            attempts,
         }
     }
 }
@@ -362,6 +420,9 @@ mod tests {
             pruned_at: None,
             queued_at: None,
             schedule: None,
+            retry: None,
+            attempt: 1,
+            attempts: Vec::new(),
         }
     }
 

@@ -9,6 +9,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::outbound::OutboundRule;
+use crate::retry::{Attempt, RetryPolicy};
 
 /// A workload's id: a ULID, so ids sort by creation time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -133,6 +134,8 @@ pub struct WorkloadSpec {
     pub tenant: Option<String>,
     /// The schedule whose firing created it, if one did.
     pub schedule: Option<String>,
+    /// When its failed attempts run again; `None`: never.
+    pub retry: Option<RetryPolicy>,
 }
 
 /// A workload's lifecycle state.
@@ -374,6 +377,12 @@ pub struct WorkloadRecord {
     pub queued_at: Option<i64>,
     /// The schedule whose firing created it.
     pub schedule: Option<String>,
+    /// When its failed attempts run again.
+    pub retry: Option<RetryPolicy>,
+    /// Its current (or last) attempt, from 1.
+    pub attempt: u32,
+    /// Its earlier attempts, oldest first.
+    pub attempts: Vec<Attempt>,
 }
 
 /// The final state a finished run writes.
@@ -433,6 +442,10 @@ pub struct QueuedInput {
     /// the Unix epoch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deadline_ms: Option<i64>,
+    /// A retry waiting out its backoff: not started before this, ms since
+    /// the Unix epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_before_ms: Option<i64>,
     /// Read back without its bytes, it had stdin or input (never stored).
     #[serde(skip)]
     pub has_bytes: bool,
@@ -453,6 +466,7 @@ impl QueuedInput {
             stdin_base64,
             input_base64,
             deadline_ms,
+            not_before_ms: None,
         }
     }
 
@@ -482,6 +496,7 @@ impl QueuedInput {
             allowed_hosts: record.allowed_hosts.clone(),
             tenant: record.tenant.clone(),
             schedule: record.schedule.clone(),
+            retry: record.retry.clone(),
         })
     }
 }

@@ -33,6 +33,8 @@
 //! - `jobs`    — the job queue: work beyond capacity queued, fair share
 //!   between tenants, the queue across a restart, idempotent submits, on
 //!   one node and on three.
+//! - `retries` — retry policies: a job failing twice then succeeding, each
+//!   attempt's lines, a kill during a backoff, a backoff across a restart.
 //! - `hardening` — hostile guests and clients, faults, crashes: bounded memory,
 //!   no stuck workload, no lost line.
 
@@ -53,6 +55,7 @@ mod jobs;
 mod local;
 mod outbound;
 mod read_model;
+mod retries;
 mod run;
 mod support;
 mod tenants;

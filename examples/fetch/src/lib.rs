@@ -1,6 +1,8 @@
 //! Sends one HTTP request and returns its status and body. Input:
-//! `{"url": "https://api.example.com/v1/items"}`, optionally with `"method"`
-//! and a text `"body"`. The run must allow the host:
+//! `{"url": "https://api.example.com/v1/items"}`, optionally with `"method"`,
+//! a text `"body"` and `"require_success": true` (then an answer outside
+//! 2xx fails the run, as a job that needs its upstream would, e.g. to be
+//! retried). The run must allow the host:
 //! `vulcan run --allow-host https://api.example.com --input '{"url":"…"}' fetch.wasm`.
 use serde::{Deserialize, Serialize};
 use vulcan_guest::{Json, http, log};
@@ -11,6 +13,8 @@ struct Fetch {
     #[serde(default = "get")]
     method: String,
     body: Option<String>,
+    #[serde(default)]
+    require_success: bool,
 }
 
 fn get() -> String {
@@ -32,6 +36,9 @@ fn run(Json(fetch): Json<Fetch>) -> vulcan_guest::Result<Json<Fetched>> {
     }
     let response = request.send()?;
     log::info!(status = response.status; "answered");
+    if fetch.require_success && !(200..300).contains(&response.status) {
+        vulcan_guest::bail!("{} answered {}", fetch.url, response.status);
+    }
     Ok(Json(Fetched {
         status: response.status,
         content_type: response.header("content-type").map(str::to_owned),

@@ -122,12 +122,14 @@ fn encode(buf: &mut BytesMut, format: EventFormat, r: &LogRecord) {
 pub struct HistoryQuery {
     after: Option<u64>,
     limit: Option<u64>,
+    /// Only this attempt's lines (a workload with a retry policy).
+    attempt: Option<u32>,
 }
 
 /// Most lines one history page returns.
 const MAX_HISTORY_PAGE: u64 = 10_000;
 
-/// `GET /v1/workloads/{id}/logs/history?after=&limit=`.
+/// `GET /v1/workloads/{id}/logs/history?after=&limit=&attempt=`.
 pub async fn history(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
@@ -143,7 +145,13 @@ pub async fn history(
             "limit must be between 1 and {MAX_HISTORY_PAGE}"
         )));
     }
-    let lines = state.service().history(&caller, id, after, limit).await?;
+    if q.attempt == Some(0) {
+        return Err(ApiError::BadRequest("attempts are numbered from 1".into()));
+    }
+    let service = state.service();
+    let lines = service
+        .history(&caller, id, after, limit, q.attempt)
+        .await?;
     Ok(Json(LogPage {
         next_after: lines.last().map(|r| r.seq).or(after),
         lines: lines.iter().map(LogLine::from).collect(),

@@ -3,11 +3,13 @@
 //! - `application/wasm`: the module bytes; args, env and limits in the query
 //!   (`?arg=a&arg=b&env=K%3DV&timeout_ms=…&max_memory_bytes=…&fuel=…&log_level=…`,
 //!   `allowed_host=https://api.example.com` repeated; `max_memory_mb` is
-//!   accepted too; `queue_timeout_ms`, `idempotency_key`).
+//!   accepted too; `queue_timeout_ms`, `idempotency_key`; `retry_max_attempts`,
+//!   `retry_backoff_ms`, `retry_max_backoff_ms`, `retry_on` repeated).
 //! - `application/json`: `{"module":"sha256:…"` or `"module_base64":"…"`, `"args"`,
 //!   `"env"`, `"stdin"` or `"stdin_base64"`, `"input"` (any JSON value) or
 //!   `"input_base64"`, `"limits"`, `"log_level"`, `"allowed_hosts"`,
-//!   `"queue_timeout_ms"`, `"idempotency_key"`}.
+//!   `"queue_timeout_ms"`, `"idempotency_key"`, `"retry"`: {`"max_attempts"`,
+//!   `"backoff_ms"`, `"max_backoff_ms"`, `"on"`}}.
 //! - Any of them: an `Idempotency-Key` header (the same as `idempotency_key`).
 //! - `multipart/form-data`: a `module` file part and an optional `spec` JSON part.
 
@@ -20,6 +22,7 @@ use serde::Deserialize;
 
 use super::ApiError;
 use crate::outbound::parse_rules;
+use crate::retry::RetryRequest;
 use crate::service::{ModuleRef, Submission};
 use crate::workload::{Limits, LogLevel, Stdin, WorkloadSpec};
 
@@ -47,6 +50,8 @@ pub struct JsonSpec {
     queue_timeout_ms: Option<u64>,
     /// A repeat with this key within 24 h answers the first's workload.
     idempotency_key: Option<String>,
+    /// When failed attempts run again.
+    retry: Option<RetryRequest>,
 }
 
 /// Limits as the API spells them.
@@ -203,6 +208,9 @@ impl JsonSpec {
         if let Some(key) = &self.idempotency_key {
             crate::service::check_idempotency_key(key)?;
         }
+        let retry = (self.retry.map(RetryRequest::check))
+            .transpose()
+            .map_err(ApiError::BadRequest)?;
         Ok(Submission {
             module,
             queue_timeout_ms: self.queue_timeout_ms,
@@ -218,6 +226,7 @@ impl JsonSpec {
                 allowed_hosts,
                 tenant: None,
                 schedule: None,
+                retry,
             },
         })
     }
@@ -443,6 +452,23 @@ fn query_spec(query: &str) -> Result<JsonSpec, ApiError> {
             "max_output_bytes" => spec.limits.max_output_bytes = Some(number(&key, &value)?),
             "queue_timeout_ms" => spec.queue_timeout_ms = Some(number(&key, &value)?),
             "idempotency_key" => spec.idempotency_key = Some(value),
+            "retry_max_attempts" | "retry_backoff_ms" | "retry_max_backoff_ms" => {
+                let whole = value.parse::<i64>().map_err(|_| {
+                    ApiError::BadRequest(format!("`{key}` must be a whole number, got `{value}`"))
+                })?;
+                let retry = spec.retry.get_or_insert_with(RetryRequest::default);
+                match key.as_str() {
+                    "retry_max_attempts" => retry.max_attempts = Some(whole),
+                    "retry_backoff_ms" => retry.backoff_ms = Some(whole),
+                    _ => retry.max_backoff_ms = Some(whole),
+                }
+            }
+            // Repeated or comma-separated: `retry_on=exit&retry_on=trap`.
+            "retry_on" => {
+                let retry = spec.retry.get_or_insert_with(RetryRequest::default);
+                let on = retry.on.get_or_insert_with(Vec::new);
+                on.extend(value.split(',').map(str::trim).map(str::to_owned));
+            }
             other => {
                 return Err(ApiError::BadRequest(format!(
                     "unknown query parameter `{other}`"

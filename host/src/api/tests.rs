@@ -182,6 +182,27 @@ async fn every_refused_request_gets_its_status_and_code_and_changes_nothing() {
         ),
         (
             Method::POST,
+            "/v1/workloads/async?retry_max_attempts=3&retry_backoff_ms=-1".into(),
+            wasm.clone(),
+            400,
+            "bad_request",
+        ),
+        (
+            Method::POST,
+            "/v1/workloads/async?retry_max_attempts=3&retry_on=exit,killed".into(),
+            wasm.clone(),
+            400,
+            "bad_request",
+        ),
+        (
+            Method::POST,
+            "/v1/workloads/async?retry_max_attempts=many".into(),
+            wasm.clone(),
+            400,
+            "bad_request",
+        ),
+        (
+            Method::POST,
             "/v1/workloads/async?idempotency_key=has%20space".into(),
             wasm.clone(),
             400,

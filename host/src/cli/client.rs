@@ -134,6 +134,20 @@ pub struct SubmitArgs {
     /// (repeatable; the server may narrow what it permits)
     #[arg(long = "allow-host", value_name = "URL", value_parser = parse::outbound_rule)]
     allowed_hosts: Vec<OutboundRule>,
+    /// Run a failed attempt again, up to this many attempts in all
+    #[arg(long = "retry", value_name = "ATTEMPTS")]
+    retry_attempts: Option<u32>,
+    /// Wait this long before the second attempt, doubling for each later
+    /// one (e.g. 500ms, 2s; default 1s)
+    #[arg(long, value_name = "DURATION", value_parser = parse::duration, requires = "retry_attempts")]
+    retry_backoff: Option<Duration>,
+    /// Never wait longer than this between attempts (default 1h)
+    #[arg(long, value_name = "DURATION", value_parser = parse::duration, requires = "retry_attempts")]
+    retry_max_backoff: Option<Duration>,
+    /// Retry only failures of this kind (repeatable; default exit, trap,
+    /// timeout, returned_error, host)
+    #[arg(long, value_name = "KIND", requires = "retry_attempts")]
+    retry_on: Vec<String>,
     /// Print JSON instead of text
     #[arg(long)]
     json: bool,
@@ -178,6 +192,21 @@ pub async fn submit(client: &Client, args: SubmitArgs) -> anyhow::Result<ExitCod
     for (key, value) in pairs {
         if let Some(v) = value {
             query.append_pair(key, &v.to_string());
+        }
+    }
+    if let Some(attempts) = args.retry_attempts {
+        query.append_pair("retry_max_attempts", &attempts.to_string());
+        let backoffs = [
+            ("retry_backoff_ms", args.retry_backoff),
+            ("retry_max_backoff_ms", args.retry_max_backoff),
+        ];
+        for (key, value) in backoffs {
+            if let Some(d) = value {
+                query.append_pair(key, &d.as_millis().to_string());
+            }
+        }
+        for kind in &args.retry_on {
+            query.append_pair("retry_on", kind);
         }
     }
     let path = if args.run_async || args.follow {

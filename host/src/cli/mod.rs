@@ -385,6 +385,9 @@ mod tests {
             pruned_at: None,
             queued_at: None,
             schedule: None,
+            retry: None,
+            attempt: 1,
+            attempts: Vec::new(),
         };
         exit::for_view(&WorkloadView::from(record).summary)
     }

@@ -25,7 +25,22 @@ pub fn workload(out: &mut impl Write, w: &WorkloadView, json: bool) -> io::Resul
         let hosts: Vec<String> = w.allowed_hosts.iter().map(ToString::to_string).collect();
         Value::from(hosts.join(", "))
     });
-    let fields: [(&str, Option<Value>); 18] = [
+    // With a retry policy: which attempt, and the policy in a line.
+    let (attempt, retry) = match &w.retry {
+        Some(r) => {
+            let on: Vec<&str> = r.on.iter().map(|k| k.as_str()).collect();
+            let policy = format!(
+                "up to {} attempts, backoff {} ms doubling to at most {} ms, on {}",
+                r.max_attempts,
+                r.backoff_ms,
+                r.max_backoff_ms,
+                on.join(", ")
+            );
+            (s.attempt.map(Value::from), Some(Value::from(policy)))
+        }
+        None => (None, None),
+    };
+    let fields: [(&str, Option<Value>); 20] = [
         ("id", Some(s.id.to_string().into())),
         ("status", Some(s.status.as_str().into())),
         ("exit_code", s.exit_code.map(Value::from)),
@@ -33,6 +48,8 @@ pub fn workload(out: &mut impl Write, w: &WorkloadView, json: bool) -> io::Resul
         ("error", s.error.clone().map(Value::from)),
         ("duration_ms", s.duration_ms.map(Value::from)),
         ("line_count", Some(s.line_count.into())),
+        ("attempt", attempt),
+        ("retry", retry),
         // As the workload returned it: JSON as written, text as text.
         ("output", raw_output),
         ("output_text", w.output_text.clone().map(Value::from)),
@@ -52,6 +69,22 @@ pub fn workload(out: &mut impl Write, w: &WorkloadView, json: bool) -> io::Resul
             Some(Value::String(text)) => writeln!(out, "{key}: {text}")?,
             Some(other) => writeln!(out, "{key}: {other}")?,
         }
+    }
+    for a in &w.attempts {
+        let failure = a.failure.map_or("failed", |f| f.as_str());
+        let error = a
+            .error
+            .as_deref()
+            .and_then(|e| e.lines().next())
+            .unwrap_or("");
+        writeln!(
+            out,
+            "attempt {}: {failure} after {} ms, lines {}..{}: {error}",
+            a.attempt,
+            a.duration_ms,
+            a.first_seq,
+            a.first_seq + a.lines
+        )?;
     }
     Ok(())
 }

@@ -69,6 +69,7 @@ pub fn execute(args: RunArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
     let mut argv = vec![argv0];
     argv.extend(args.args.iter().cloned());
     let spec = WorkloadSpec {
+        retry: None,
         args: argv,
         env: args.env.clone(),
         stdin: if args.input.is_some() {

@@ -80,6 +80,8 @@ impl QueuedWork {
             allowed_hosts: self.allowed_hosts.clone(),
             tenant: self.tenant.clone(),
             schedule: self.schedule.clone(),
+            // A cluster refuses a retry policy at submission.
+            retry: None,
         })
     }
 }
@@ -123,6 +125,9 @@ fn pending_view(
         pruned_at: None,
         queued_at: None,
         schedule: spec.schedule.clone(),
+        retry: None,
+        attempt: 0,
+        attempts: Vec::new(),
     });
     view.summary.attempt = Some(0);
     view

@@ -14,7 +14,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use tokio::sync::broadcast;
+use tokio::sync::{Notify, broadcast};
 
 use super::LogRecord;
 use crate::workload::WorkloadId;
@@ -42,6 +42,9 @@ pub struct LogBroker {
 struct Inner {
     capacity: usize,
     channels: Mutex<HashMap<WorkloadId, Live>>,
+    /// Followers of workloads that are not live (queued, or between two
+    /// attempts), woken when their workload's channel opens or closes.
+    watched: Mutex<HashMap<WorkloadId, Arc<Notify>>>,
 }
 
 impl Default for LogBroker {
@@ -57,6 +60,7 @@ impl LogBroker {
             inner: Arc::new(Inner {
                 capacity: capacity.max(1),
                 channels: Mutex::new(HashMap::new()),
+                watched: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -69,6 +73,7 @@ impl LogBroker {
             slot: Arc::clone(&slot),
         };
         self.lock().insert(workload, live);
+        self.touch(workload);
         LogPublisher {
             workload,
             tx: slot,
@@ -92,6 +97,30 @@ impl LogBroker {
     /// Ends every subscriber's stream for this workload.
     pub fn close(&self, workload: WorkloadId) {
         self.lock().remove(&workload);
+        self.touch(workload);
+    }
+
+    /// Wakes whoever watches `workload` (see [`LogBroker::watch`]): its
+    /// channel opened or closed, or it ended without one (never started).
+    pub fn touch(&self, workload: WorkloadId) {
+        if let Some(watch) = self.watched().get(&workload) {
+            watch.notify_waiters();
+        }
+    }
+
+    /// Watches for `workload`'s channel to open or close.
+    pub fn watch(&self, workload: WorkloadId) -> ChannelWatch {
+        let notify = Arc::clone(self.watched().entry(workload).or_default());
+        ChannelWatch {
+            workload,
+            notify,
+            broker: self.clone(),
+        }
+    }
+
+    fn watched(&self) -> std::sync::MutexGuard<'_, HashMap<WorkloadId, Arc<Notify>>> {
+        // Single inserts and removes: poison leaves nothing half-done.
+        (self.inner.watched.lock()).unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Workloads with an open channel (`/metrics`, and leak checks).
@@ -140,6 +169,31 @@ impl super::LivePublisher for LogPublisher {
 impl Drop for LogPublisher {
     fn drop(&mut self) {
         self.broker.close(self.workload);
+    }
+}
+
+/// A follower's watch on one workload's channel (see [`LogBroker::watch`]).
+pub struct ChannelWatch {
+    workload: WorkloadId,
+    notify: Arc<Notify>,
+    broker: LogBroker,
+}
+
+impl ChannelWatch {
+    /// Resolves at the next open, close or [`LogBroker::touch`] after it
+    /// was enabled (or first polled).
+    pub fn notified(&self) -> tokio::sync::futures::Notified<'_> {
+        self.notify.notified()
+    }
+}
+
+impl Drop for ChannelWatch {
+    fn drop(&mut self) {
+        let mut watched = self.broker.watched();
+        // The map's and this one's: nobody else watches it.
+        if Arc::strong_count(&self.notify) <= 2 {
+            watched.remove(&self.workload);
+        }
     }
 }
 

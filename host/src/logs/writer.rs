@@ -117,6 +117,13 @@ impl LogWriter {
         self.lock().flush_tee();
     }
 
+    /// Numbers its first record `seq` (a retried workload's lines go on
+    /// from its earlier attempts').
+    pub fn starting_at(self, seq: u64) -> Self {
+        self.lock().seq.next = seq;
+        self
+    }
+
     /// Drops structured records below `level` (stdout and stderr are kept).
     pub fn with_min_level(self, level: Option<LogLevel>) -> Self {
         self.lock().min_level = level;

@@ -21,9 +21,11 @@ use tokio_util::sync::CancellationToken;
 use crate::engine::{CompiledModule, GuestIdentity, LimitHit, Outcome, RunReport, Runtime};
 use crate::logs::{LineSink, LogBroker, LogWriter, SinkPair};
 use crate::metrics::Metrics;
-use crate::store::{Db, Haste, NewWorkload, StoreError};
+use crate::retry::{Attempt, RetryPolicy};
+use crate::store::{Db, Haste, NewWorkload, RetryLater, StoreError};
 use crate::workload::{
-    Completion, FailureKind, IdempotencyKey, Status, WorkloadId, WorkloadRecord, WorkloadSpec,
+    Completion, FailureKind, IdempotencyKey, QueuedInput, Status, WorkloadId, WorkloadRecord,
+    WorkloadSpec,
 };
 pub use guest_threads::GuestThreads;
 
@@ -330,11 +332,25 @@ impl Runner {
                     queued: None,
                     idempotency,
                     schedule: spec.schedule.clone(),
+                    retry: spec.retry.clone(),
+                };
+                // Its first attempt, unless it was queued: then its record
+                // says which, and where its lines go on from.
+                let mut attempt = AttemptStart {
+                    attempt: 1,
+                    first_seq: 0,
+                    started_at: crate::workload::now_ms(),
                 };
                 let (local, created) = match creation {
                     Creation::Committed | Creation::Queued => {
                         let created = match creation {
-                            Creation::Queued => this.db.mark_running(id).await,
+                            Creation::Queued => this.db.mark_running(id).await.map(|record| {
+                                attempt = AttemptStart {
+                                    attempt: record.attempt,
+                                    first_seq: record.line_count,
+                                    started_at: record.started_at.unwrap_or(attempt.started_at),
+                                };
+                            }),
                             _ => this.db.create_workload(new).await,
                         };
                         if let Err(e) = created {
@@ -380,7 +396,11 @@ impl Runner {
                     }
                 };
                 let writer = LogWriter::new(id, spec.limits.max_output_bytes, Some(sink))
-                    .with_min_level(spec.log_level);
+                    .with_min_level(spec.log_level)
+                    .starting_at(attempt.first_seq);
+                // What a retry needs of it once the spec is the guest's.
+                let retry = (spec.retry.clone())
+                    .map(|policy| (policy, attempt, QueuedInput::of(&spec, None)));
                 let (writer, _tee_flusher) = with_tee(writer, tee);
                 // Whoever asked to hear of its end hears it once its record
                 // exists too, so never of a run whose creation failed (a
@@ -410,7 +430,8 @@ impl Runner {
                 };
                 let Some(created) = created else {
                     let _ = exists_tx.send(true);
-                    let (ended, ()) = tokio::join!(this.record_end(id, run.await, haste), tell);
+                    let (ended, ()) =
+                        tokio::join!(this.record_end(id, run.await, haste, retry), tell);
                     return Ok(Some(ended?));
                 };
                 // A creation that fails stops the guest at once.
@@ -426,7 +447,7 @@ impl Runner {
                 // Its end is sent as soon as it ended: the writer takes it
                 // after the creation, so a short run's creation, lines and
                 // end can share one commit.
-                let ended = async { this.record_end(id, run.await, haste).await };
+                let ended = async { this.record_end(id, run.await, haste, retry).await };
                 let (created, ended, ()) = tokio::join!(created, ended, tell);
                 if let Err(e) = created {
                     this.db.drop_lines(id);
@@ -572,7 +593,35 @@ impl Runner {
         id: WorkloadId,
         completion: Completion,
         haste: Haste,
+        retry: Option<(RetryPolicy, AttemptStart, QueuedInput)>,
     ) -> anyhow::Result<WorkloadRecord> {
+        if let Some((policy, attempt, input)) = retry
+            && let Some(backoff) = policy.backoff_after(attempt.attempt, &completion)
+        {
+            // Not its end: the record goes back to pending, this attempt
+            // in its history, and the queue starts the next one.
+            let now = crate::workload::now_ms();
+            let retry_at = now + backoff as i64;
+            let later = RetryLater {
+                attempt: Attempt::of(
+                    attempt.attempt,
+                    Some(attempt.started_at),
+                    attempt.first_seq,
+                    &completion,
+                    now,
+                    retry_at,
+                ),
+                queued: QueuedInput {
+                    not_before_ms: Some(retry_at),
+                    ..input
+                },
+            };
+            self.metrics.retries.inc();
+            let retried = self.db.retry_later(id, completion, later, haste).await;
+            return retried.map_err(|e| {
+                anyhow::Error::from(e).context(format!("workload {id}'s retry was not recorded"))
+            });
+        }
         // Committed after every line of the workload, in the same transaction
         // as its last ones; that commit also ends live delivery.
         let (status, duration_ms, lines) = (
@@ -597,6 +646,14 @@ impl Runner {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<WorkloadId, KillSwitch>> {
         self.running.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+/// Which attempt of a workload a start is, and where its lines begin.
+#[derive(Debug, Clone, Copy)]
+struct AttemptStart {
+    attempt: u32,
+    first_seq: u64,
+    started_at: i64,
 }
 
 /// Why the store would not create workload `id`.

@@ -155,6 +155,18 @@ impl Clustered {
         }
     }
 
+    /// What a cluster cannot run yet: a retry policy (its attempts would
+    /// need a claim that outlives one node's run).
+    pub(super) fn check_spec(&self, spec: &WorkloadSpec) -> Result<(), ServiceError> {
+        match spec.retry {
+            Some(_) => Err(ServiceError::BadRequest(
+                "retry policies are not available in cluster mode yet; submit without `retry`"
+                    .into(),
+            )),
+            None => Ok(()),
+        }
+    }
+
     pub(super) async fn running_of(&self, tenant: &Tenant) -> usize {
         match tenant.entry.max_concurrent {
             Some(_) => self.cluster.slots_held(tenant.name()).await.unwrap_or(0),

@@ -306,9 +306,56 @@ impl<E: LineEncoding> Follower<E> {
         }
     }
 
-    /// One node's follower: its store, then its broker.
+    /// One node's follower: its store, then its broker; again for each
+    /// attempt, waiting while it is queued or between attempts, until it
+    /// has ended.
     async fn stream_local(&mut self, node: &Node) -> Result<(), Gone> {
-        let subscription = node.broker().subscribe(self.id);
+        let watch = node.broker().watch(self.id);
+        loop {
+            // Listening before the subscription, so a channel that opens
+            // after it is not missed.
+            let notified = watch.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let subscription = node.broker().subscribe(self.id);
+            self.forward(node, subscription).await?;
+            let record = node.db().workload(self.id).await;
+            if let Ok(w) = &record
+                && !w.status.is_terminal()
+            {
+                // Queued, waiting out a retry's backoff, or about to go
+                // live: until a channel opens or closes. Checked again
+                // now and then, for an end that no channel saw.
+                self.flush().await?;
+                let mut idle = Duration::ZERO;
+                while idle < KEEP_ALIVE_AFTER {
+                    let step = Duration::from_secs(1);
+                    if tokio::time::timeout(step, notified.as_mut()).await.is_ok() {
+                        break;
+                    }
+                    idle += step;
+                }
+                if idle >= KEEP_ALIVE_AFTER {
+                    self.encoding.keep_alive(&mut self.buf);
+                }
+                continue;
+            }
+            let record = match record {
+                Ok(w) => serde_json::to_string(&WorkloadView::from(w)).unwrap_or_default(),
+                Err(e) => serde_json::json!({"error": e.to_string()}).to_string(),
+            };
+            self.encoding.end(&mut self.buf, &record);
+            return self.flush().await;
+        }
+    }
+
+    /// Sends what is stored, then what `subscription` delivers live until
+    /// its channel closes, then what was committed before it closed.
+    async fn forward(
+        &mut self,
+        node: &Node,
+        subscription: Option<crate::logs::LogSubscription>,
+    ) -> Result<(), Gone> {
         self.replay(node, None).await?;
         if let Some(mut sub) = subscription {
             loop {
@@ -344,14 +391,8 @@ impl<E: LineEncoding> Follower<E> {
                 }
             }
         }
-        // Closed: the terminal status and every line before it are committed.
-        self.replay(node, None).await?;
-        let record = match node.db().workload(self.id).await {
-            Ok(w) => serde_json::to_string(&WorkloadView::from(w)).unwrap_or_default(),
-            Err(e) => serde_json::json!({"error": e.to_string()}).to_string(),
-        };
-        self.encoding.end(&mut self.buf, &record);
-        self.flush().await
+        // Closed: the attempt's end and every line before it are committed.
+        self.replay(node, None).await
     }
 }
 

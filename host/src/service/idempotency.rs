@@ -62,6 +62,7 @@ fn fingerprint(submission: &Submission) -> String {
         "log_level": spec.log_level,
         "allowed_hosts": spec.allowed_hosts,
         "queue_timeout_ms": submission.queue_timeout_ms,
+        "retry": spec.retry,
     });
     field(json.to_string().as_bytes());
     match &spec.stdin {

@@ -351,6 +351,7 @@ impl Service {
         caller: &Caller,
         submission: Submission,
     ) -> Result<WorkloadView, ServiceError> {
+        on_backend!(self, b => b.check_spec(&submission.spec))?;
         let id = WorkloadId::new();
         let terms = match self.claim_key(caller, id, &submission).await? {
             idempotency::Claim::Repeat(first) => return self.wait_end(caller, first).await,
@@ -384,6 +385,7 @@ impl Service {
         caller: &Caller,
         submission: Submission,
     ) -> Result<WorkloadId, ServiceError> {
+        on_backend!(self, b => b.check_spec(&submission.spec))?;
         let id = WorkloadId::new();
         let terms = match self.claim_key(caller, id, &submission).await? {
             idempotency::Claim::Repeat(first) => return Ok(first),
@@ -487,9 +489,34 @@ impl Service {
         id: WorkloadId,
         after: Option<u64>,
         limit: u64,
+        attempt: Option<u32>,
     ) -> Result<Vec<LogRecord>, ServiceError> {
-        self.workload_with_lines(caller, id).await?;
-        on_backend!(self, b => b.history(id, after, limit).await)
+        let view = self.workload_with_lines(caller, id).await?;
+        let Some(n) = attempt else {
+            return on_backend!(self, b => b.history(id, after, limit).await);
+        };
+        // Seqs go on across attempts: attempt `n`'s lines are a range.
+        let current = view.summary.attempt.unwrap_or(1);
+        let ranges: Vec<(u32, u64, u64)> = (view.attempts.iter())
+            .map(|a| (a.attempt, a.first_seq, a.lines))
+            .collect();
+        let (first, end) = crate::retry::seqs_of(&ranges, current, view.summary.line_count, n)
+            .ok_or_else(|| {
+                ServiceError::NotFound(format!(
+                    "workload {id} has no attempt {n}; it is on attempt {current}"
+                ))
+            })?;
+        let after = match (after, first.checked_sub(1)) {
+            (Some(a), Some(before)) => Some(a.max(before)),
+            (a, before) => a.or(before),
+        };
+        // The last attempt may still be writing: its range is open.
+        let running = n == current && !view.summary.status.is_terminal();
+        let mut lines = on_backend!(self, b => b.history(id, after, limit).await)?;
+        if !running {
+            lines.retain(|r| r.seq < end);
+        }
+        Ok(lines)
     }
 
     /// Follows workload `id`'s log from after `after`: every stored line,

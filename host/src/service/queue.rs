@@ -196,6 +196,52 @@ impl<J> FairQueue<J> {
     }
 }
 
+/// Retries waiting out their backoff before they join the queue: they
+/// hold no place in it (an accepted retry is never refused), and each
+/// joins its tenant's lane at the back once its time has come.
+pub(crate) struct Backoffs<J> {
+    resting: HashMap<WorkloadId, (i64, Queued<J>)>,
+    due: BTreeSet<(i64, WorkloadId)>,
+}
+
+impl<J> Default for Backoffs<J> {
+    fn default() -> Self {
+        Self {
+            resting: HashMap::new(),
+            due: BTreeSet::new(),
+        }
+    }
+}
+
+impl<J> Backoffs<J> {
+    /// `queued` rests until `at`, ms since the Unix epoch.
+    pub fn rest(&mut self, queued: Queued<J>, at: i64) {
+        self.due.insert((at, queued.id));
+        self.resting.insert(queued.id, (at, queued));
+    }
+
+    /// When the next one's time comes.
+    pub fn next_due(&self) -> Option<i64> {
+        self.due.first().map(|(at, _)| *at)
+    }
+
+    /// Takes out every one whose time has come, earliest first.
+    pub fn ready(&mut self, now_ms: i64) -> Vec<Queued<J>> {
+        let due: Vec<WorkloadId> = (self.due.iter())
+            .take_while(|(at, _)| *at <= now_ms)
+            .map(|(_, id)| *id)
+            .collect();
+        due.into_iter().filter_map(|id| self.remove(id)).collect()
+    }
+
+    /// Takes `id` out (killed during its backoff).
+    pub fn remove(&mut self, id: WorkloadId) -> Option<Queued<J>> {
+        let (at, queued) = self.resting.remove(&id)?;
+        self.due.remove(&(at, id));
+        Some(queued)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -317,5 +363,21 @@ mod tests {
         assert!(queue.remove(late_id).is_some());
         assert_eq!(queue.next_deadline(), None);
         assert_eq!(queue.len(), 0);
+    }
+
+    #[test]
+    fn backoffs_release_in_time_order_and_a_kill_takes_one_out() {
+        let mut rest = Backoffs::default();
+        let (a, b, c) = (job("t"), job("t"), job("u"));
+        let (a_id, b_id, c_id) = (a.id, b.id, c.id);
+        rest.rest(a, 300);
+        rest.rest(b, 100);
+        rest.rest(c, 200);
+        assert_eq!(rest.next_due(), Some(100));
+        assert!(rest.remove(c_id).is_some());
+        assert!(rest.ready(99).is_empty());
+        let ready: Vec<_> = rest.ready(300).into_iter().map(|q| q.id).collect();
+        assert_eq!(ready, vec![b_id, a_id]);
+        assert_eq!(rest.next_due(), None);
     }
 }

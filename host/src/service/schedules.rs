@@ -56,6 +56,7 @@ impl Fires for ScheduledSpec {
             allowed_hosts: spec.allowed_hosts.clone(),
             input: QueuedInput::of(spec, None),
             queue_timeout_ms: submission.queue_timeout_ms,
+            retry: spec.retry.clone(),
         })
     }
 
@@ -73,6 +74,7 @@ impl Fires for ScheduledSpec {
             allowed_hosts: self.allowed_hosts.clone(),
             tenant: None,
             schedule: Some(schedule.to_owned()),
+            retry: self.retry.clone(),
         };
         Ok(Submission {
             module: ModuleRef::Hash(self.module.clone()),
@@ -125,6 +127,7 @@ impl Service {
             ));
         }
         // What each firing would be refused for is refused now.
+        on_backend!(self, b => b.check_spec(&new.submission.spec))?;
         let mut check = new.submission.spec.clone();
         let outbound = self.inner.node.outbound_policy();
         on_backend!(self, b => self.inner.admission.admit(caller, &mut check, outbound, |t| {

@@ -251,12 +251,15 @@ async fn another_tenants_workload_is_unknown_to_every_call_and_the_admin_sees_al
             .unwrap()
     ));
     assert!(unknown(
-        f.service.history(&alice, id, None, 10).await.unwrap_err()
+        f.service
+            .history(&alice, id, None, 10, None)
+            .await
+            .unwrap_err()
     ));
     let followed = f.service.follow(&alice, id, None, Plain).await;
     assert!(unknown(followed.err().unwrap()));
 
-    let lines = f.service.history(&root, id, None, 10).await.unwrap();
+    let lines = f.service.history(&root, id, None, 10, None).await.unwrap();
     assert_eq!(lines.len(), 1, "the admin reads it");
     let mut chunks = f.service.follow(&bob, id, None, Plain).await.unwrap();
     let mut followed = Vec::new();

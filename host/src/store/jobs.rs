@@ -8,7 +8,8 @@ use std::sync::Arc;
 use rusqlite::{OptionalExtension as _, params};
 
 use super::{Db, Haste, StoreResult, WriteOp, read_blocking, reads, request};
-use crate::workload::{QueuedInput, Status, WorkloadId, WorkloadRecord};
+use crate::retry::Attempt;
+use crate::workload::{Completion, QueuedInput, Status, WorkloadId, WorkloadRecord};
 
 /// How long an idempotency key names its first submission.
 pub const IDEMPOTENCY_WINDOW_MS: i64 = 24 * 60 * 60 * 1000;
@@ -22,18 +23,51 @@ pub struct KeyedWorkload {
     pub fingerprint: String,
 }
 
+/// A failed attempt that runs again, as its record keeps it.
+#[derive(Debug, Clone)]
+pub struct RetryLater {
+    /// The attempt that failed, for the record's history.
+    pub attempt: Attempt,
+    /// What the next attempt needs beyond the record, with when it may start.
+    pub queued: QueuedInput,
+}
+
 impl Db {
-    /// Marks a pending (queued) workload running and sets `started_at`.
-    pub async fn mark_running(&self, id: WorkloadId) -> StoreResult<()> {
+    /// Records a failed attempt that runs again, after every line it wrote
+    /// (its live delivery ends as at an end): the record is `pending` again,
+    /// one attempt on, and is answered as committed.
+    pub async fn retry_later(
+        &self,
+        id: WorkloadId,
+        failed: Completion,
+        later: RetryLater,
+        haste: Haste,
+    ) -> StoreResult<WorkloadRecord> {
+        let record = request(&self.inner.routing.home(id), |reply| WriteOp::Transition {
+            id,
+            to: Status::Pending,
+            completion: Some(failed),
+            reply: Some(reply),
+            haste,
+            retry: Some(Box::new(later)),
+        })
+        .await?;
+        record.ok_or_else(|| anyhow::anyhow!("workload {id} was retried without its record").into())
+    }
+
+    /// Marks a pending (queued) workload running and sets `started_at`;
+    /// answers the record as it starts.
+    pub async fn mark_running(&self, id: WorkloadId) -> StoreResult<WorkloadRecord> {
         request(&self.inner.routing.home(id), |reply| WriteOp::Transition {
             id,
             to: Status::Running,
             completion: None,
             reply: Some(reply),
             haste: Haste::Now,
+            retry: None,
         })
-        .await
-        .map(|_| ())
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("workload {id} started without its record").into())
     }
 
     /// Every queued workload with what it needs to run, oldest first, from
@@ -55,8 +89,8 @@ impl Db {
                         reads::WORKLOAD_COLUMNS
                     ))?;
                     let rows = stmt.query_map([], |r| {
-                        let queued: String = r.get(21)?;
-                        Ok((reads::row_to_workload(r)?, queued, r.get::<_, bool>(22)?))
+                        let queued: String = r.get(24)?;
+                        Ok((reads::row_to_workload(r)?, queued, r.get::<_, bool>(25)?))
                     })?;
                     let mut out = Vec::new();
                     for row in rows {

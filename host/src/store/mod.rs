@@ -49,7 +49,7 @@ use anyhow::Context as _;
 use rusqlite::Connection;
 use tokio::sync::oneshot;
 
-pub use jobs::{IDEMPOTENCY_WINDOW_MS, KeyedWorkload};
+pub use jobs::{IDEMPOTENCY_WINDOW_MS, KeyedWorkload, RetryLater};
 pub use lock::LOCK_FILE;
 pub use queue::{LINE_OVERHEAD, LineLane};
 pub use reserve::{DEFAULT_RESERVE_BYTES, RESERVE_FILE};
@@ -152,6 +152,8 @@ pub struct NewWorkload {
     pub idempotency: Option<IdempotencyKey>,
     /// The schedule whose firing created it, if one did.
     pub schedule: Option<String>,
+    /// When its failed attempts run again.
+    pub retry: Option<crate::retry::RetryPolicy>,
 }
 
 /// A stored module's metadata.
@@ -584,6 +586,7 @@ impl Db {
             completion: Some(completion),
             reply: Some(reply),
             haste,
+            retry: None,
         })
         .await;
         // An end that could not be written yet is retried by the writer,
@@ -957,6 +960,7 @@ pub(crate) mod tests_support {
             queued: None,
             idempotency: None,
             schedule: None,
+            retry: None,
         })
         .await
         .unwrap();

@@ -158,7 +158,7 @@ fn list_filter(
 /// so a page's memory is bounded by its length whatever the workloads held.
 const SUMMARY_COLUMNS: &str = "id, status, module_hash, '[]', '[]', '{}', exit_code, \
      substr(error, 1, 1024), NULL, duration_ms, line_count, created_at, started_at, \
-     finished_at, failure, NULL, NULL, tenant, pruned_at, queued_at, schedule";
+     finished_at, failure, NULL, NULL, tenant, pruned_at, queued_at, schedule, NULL, attempt, NULL";
 
 /// How many workloads match `status` and `tenant` in all.
 pub(super) fn count_workloads(
@@ -288,7 +288,7 @@ pub(super) fn scan_lines(
 
 pub(super) const WORKLOAD_COLUMNS: &str = "id, status, module_hash, args, env, limits, exit_code, error, \
      output, duration_ms, line_count, created_at, started_at, finished_at, failure, \
-     allowed_hosts, log_level, tenant, pruned_at, queued_at, schedule";
+     allowed_hosts, log_level, tenant, pruned_at, queued_at, schedule, retry, attempt, attempts";
 
 pub(super) fn row_to_workload(
     r: &rusqlite::Row<'_>,
@@ -301,6 +301,8 @@ pub(super) fn row_to_workload(
     let failure: Option<String> = r.get(14)?;
     let allowed_hosts: Option<String> = r.get(15)?;
     let log_level: Option<String> = r.get(16)?;
+    let retry: Option<String> = r.get(21)?;
+    let attempts: Option<String> = r.get(23)?;
     let parse = || -> anyhow::Result<_> {
         Ok((
             id.parse::<WorkloadId>()?,
@@ -315,12 +317,19 @@ pub(super) fn row_to_workload(
                 .transpose()?
                 .unwrap_or_default(),
             log_level.as_deref().map(str::parse).transpose()?,
+            retry.as_deref().map(serde_json::from_str).transpose()?,
+            attempts
+                .as_deref()
+                .map(serde_json::from_str)
+                .transpose()?
+                .unwrap_or_default(),
         ))
     };
-    let (id, status, args, env, limits, failure, allowed_hosts, log_level) = match parse() {
-        Ok(v) => v,
-        Err(e) => return Ok(Err(e.context("corrupt workload row").into())),
-    };
+    let (id, status, args, env, limits, failure, allowed_hosts, log_level, retry, attempts) =
+        match parse() {
+            Ok(v) => v,
+            Err(e) => return Ok(Err(e.context("corrupt workload row").into())),
+        };
     Ok(Ok(WorkloadRecord {
         id,
         status,
@@ -343,6 +352,9 @@ pub(super) fn row_to_workload(
         pruned_at: r.get(18)?,
         queued_at: r.get(19)?,
         schedule: r.get(20)?,
+        retry,
+        attempt: r.get::<_, i64>(22)? as u32,
+        attempts,
     }))
 }
 

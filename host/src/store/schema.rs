@@ -158,6 +158,15 @@ pub(super) const MIGRATIONS: &[&str] = &[
     CREATE INDEX workloads_by_idempotency_key ON workloads (tenant, idempotency_key)
         WHERE idempotency_key IS NOT NULL;
     "#,
+    // 10: retries. A workload with a retry policy keeps it (`retry`, JSON),
+    // the number of its current attempt and a JSON array of its earlier
+    // attempts; one waiting out its backoff is `pending` with `queued`
+    // naming when it may start again.
+    r#"
+    ALTER TABLE workloads ADD COLUMN retry TEXT;
+    ALTER TABLE workloads ADD COLUMN attempt INTEGER NOT NULL DEFAULT 1;
+    ALTER TABLE workloads ADD COLUMN attempts TEXT;
+    "#,
 ];
 
 /// The schema version this build writes.

@@ -50,6 +50,7 @@ async fn create(db: &Db, hash: &str) -> WorkloadId {
         idempotency: None,
         schedule: None,
         tenant: None,
+        retry: None,
     })
     .await
     .unwrap();
@@ -141,6 +142,7 @@ async fn a_workload_needs_a_stored_module() {
             idempotency: None,
             schedule: None,
             tenant: None,
+            retry: None,
         })
         .await
         .unwrap_err();
@@ -321,6 +323,7 @@ fn new_running(id: WorkloadId, hash: &str) -> NewWorkload {
         idempotency: None,
         schedule: None,
         tenant: None,
+        retry: None,
     }
 }
 
@@ -810,6 +813,7 @@ async fn a_full_disk_refuses_writes_with_storage_full_and_recovers_when_space_re
             idempotency: None,
             schedule: None,
             tenant: None,
+            retry: None,
         };
         if let Err(e) = db.create_workload(new).await {
             refused = Some(e);
@@ -968,6 +972,7 @@ fn a_terminal_status_behind_a_backlog_lets_other_ops_go_first() {
             completion: Some(done(Status::Completed, 20_000)),
             reply: Some(finished),
             haste: Haste::Now,
+            retry: None,
         },
         WriteOp::Create {
             new: b,
@@ -1073,6 +1078,7 @@ fn ops_that_arrive_during_a_transaction_of_lines_join_it() {
         completion: Some(done(Status::Completed, 3)),
         reply: Some(short_end),
         haste: Haste::Now,
+        retry: None,
     });
     let (quick_created, mut quick_created_rx) = tokio::sync::oneshot::channel();
     send(WriteOp::Create {
@@ -1087,6 +1093,7 @@ fn ops_that_arrive_during_a_transaction_of_lines_join_it() {
         completion: Some(done(Status::Completed, 300)),
         reply: Some(quick_end),
         haste: Haste::Now,
+        retry: None,
     });
     let (flood_end, mut flood_end_rx) = tokio::sync::oneshot::channel();
     send(WriteOp::Transition {
@@ -1095,6 +1102,7 @@ fn ops_that_arrive_during_a_transaction_of_lines_join_it() {
         completion: Some(done(Status::Completed, 2_000)),
         reply: Some(flood_end),
         haste: Haste::Now,
+        retry: None,
     });
     let commits = writer.stats.commits.load(Ordering::Relaxed);
     writer.commit(&mut pending, false);
@@ -1174,6 +1182,7 @@ fn new_workload(running: bool) -> NewWorkload {
         idempotency: None,
         schedule: None,
         tenant: None,
+        retry: None,
     }
 }
 
@@ -1687,4 +1696,77 @@ async fn deep_pages_across_files_match_the_merged_order_and_carry_summaries() {
             "summaries only"
         );
     }
+}
+
+#[tokio::test]
+async fn a_retried_attempt_goes_back_to_pending_with_its_history_and_runs_again() {
+    use crate::retry::Attempt;
+    use crate::workload::{FailureKind, QueuedInput};
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::open(dir.path()).unwrap();
+    let id = super::tests_support::create_workload(&db).await;
+    let failed = |lines| Completion {
+        status: Status::Failed,
+        exit_code: Some(3),
+        error: Some("exited with code 3".into()),
+        failure: Some(FailureKind::Exit),
+        output: None,
+        duration_ms: 5,
+        line_count: lines,
+    };
+    let later = |n, first_seq, lines| RetryLater {
+        attempt: Attempt::of(n, Some(1), first_seq, &failed(lines), 2, 3),
+        queued: QueuedInput {
+            stdin_base64: Some("aGk=".into()),
+            not_before_ms: Some(3),
+            ..QueuedInput::default()
+        },
+    };
+    let pending = (db.retry_later(id, failed(4), later(1, 0, 4), Haste::Now))
+        .await
+        .unwrap();
+    assert_eq!(
+        (pending.status, pending.attempt, pending.line_count),
+        (Status::Pending, 2, 4)
+    );
+    assert_eq!((pending.exit_code, pending.failure), (None, None));
+    assert_eq!(pending.attempts.len(), 1);
+    assert_eq!(
+        (pending.attempts[0].first_seq, pending.attempts[0].lines),
+        (0, 4)
+    );
+    // The queue finds it again after a restart, with when it may start.
+    let queued = db.queued_workloads().await.unwrap();
+    assert_eq!(queued.len(), 1);
+    assert_eq!(
+        (queued[0].1.not_before_ms, queued[0].1.has_bytes),
+        (Some(3), true)
+    );
+    // A pending one cannot be retried: only a running attempt ends.
+    let again = db
+        .retry_later(id, failed(4), later(2, 4, 6), Haste::Now)
+        .await;
+    assert!(
+        matches!(again, Err(StoreError::IllegalTransition { .. })),
+        "{again:?}"
+    );
+    let running = db.mark_running(id).await.unwrap();
+    assert_eq!((running.attempt, running.line_count), (2, 4));
+    db.retry_later(id, failed(6), later(2, 4, 6), Haste::Now)
+        .await
+        .unwrap();
+    db.mark_running(id).await.unwrap();
+    super::tests_support::complete(&db, id, 9).await;
+    let done = db.workload(id).await.unwrap();
+    assert_eq!(
+        (done.status, done.attempt, done.line_count),
+        (Status::Completed, 3, 9)
+    );
+    let seqs: Vec<_> = done
+        .attempts
+        .iter()
+        .map(|a| (a.attempt, a.first_seq, a.lines))
+        .collect();
+    assert_eq!(seqs, vec![(1, 0, 4), (2, 4, 2)]);
+    assert!(db.queued_workloads().await.unwrap().is_empty());
 }

@@ -48,6 +48,9 @@ pub(super) enum WriteOp {
         /// transaction.
         reply: Option<oneshot::Sender<StoreResult<Option<WorkloadRecord>>>>,
         haste: Haste,
+        /// A failed attempt that runs again: `to` is `pending`, and the
+        /// record keeps `completion` as an earlier attempt.
+        retry: Option<Box<super::RetryLater>>,
     },
     FailUnfinished {
         reason: String,
@@ -102,7 +105,9 @@ impl WriteOp {
     /// The workload whose lines must be committed with (before) this op.
     pub(super) fn ends(&self) -> Option<WorkloadId> {
         match self {
-            WriteOp::Transition { id, to, .. } if to.is_terminal() => Some(*id),
+            WriteOp::Transition { id, to, retry, .. } if to.is_terminal() || retry.is_some() => {
+                Some(*id)
+            }
             _ => None,
         }
     }

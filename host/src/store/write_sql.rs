@@ -213,7 +213,11 @@ pub(super) fn apply(
             Ok(Applied::Unit)
         }
         WriteOp::Transition {
-            id, to, completion, ..
+            id,
+            to,
+            completion,
+            retry,
+            ..
         } => {
             // Some of its lines are not stored: it cannot have completed.
             let failed = match (completion, queue.failure(*id)) {
@@ -227,9 +231,15 @@ pub(super) fn apply(
                 _ => None,
             };
             let completion = failed.as_ref().or(completion.as_ref());
+            if let (Some(later), None) = (retry, &failed) {
+                retry_later(tx, *id, later)?;
+                return Ok(Applied::Record(Box::new(super::reads::workload(tx, *id)?)));
+            }
             let to = completion.map_or(*to, |c| c.status);
             transition(tx, *id, to, completion)?;
-            match to.is_terminal() {
+            // A queued start answers its record too: its attempt and the
+            // seq its lines go on from.
+            match to.is_terminal() || to == Status::Running {
                 true => Ok(Applied::Record(Box::new(super::reads::workload(tx, *id)?))),
                 false => Ok(Applied::Unit),
             }
@@ -383,6 +393,12 @@ fn create(tx: &Connection, new: &NewWorkload, checks_modules: bool) -> StoreResu
         .map(serde_json::to_string)
         .transpose()
         .map_err(anyhow::Error::from)?;
+    let retry = new
+        .retry
+        .as_ref()
+        .map(serde_json::to_string)
+        .transpose()
+        .map_err(anyhow::Error::from)?;
     let (key, fingerprint) = match &new.idempotency {
         Some(k) => (Some(k.key.as_str()), Some(k.fingerprint.as_str())),
         None => (None, None),
@@ -390,8 +406,8 @@ fn create(tx: &Connection, new: &NewWorkload, checks_modules: bool) -> StoreResu
     tx.prepare_cached(
         "INSERT INTO workloads (id, status, module_hash, args, env, limits, created_at, \
          allowed_hosts, log_level, started_at, tenant, queued_at, queued, idempotency_key, \
-         fingerprint, schedule) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
+         fingerprint, schedule, retry) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
     )?
     .execute(params![
         new.id.to_string(),
@@ -416,6 +432,41 @@ fn create(tx: &Connection, new: &NewWorkload, checks_modules: bool) -> StoreResu
         key,
         fingerprint,
         new.schedule,
+        retry,
+    ])?;
+    Ok(())
+}
+
+/// Puts a running workload whose attempt failed back to `pending`, its
+/// attempt kept in its history, to start again once its backoff is over.
+fn retry_later(tx: &Connection, id: WorkloadId, later: &super::RetryLater) -> StoreResult<()> {
+    let key = id.to_string();
+    let from: Status = tx
+        .prepare_cached("SELECT status FROM workloads WHERE id = ?1")?
+        .query_row([&key], |r| r.get::<_, String>(0))
+        .optional()?
+        .ok_or(StoreError::NotFound(id))?
+        .parse()?;
+    if from != Status::Running {
+        return Err(StoreError::IllegalTransition {
+            id,
+            from,
+            to: Status::Pending,
+        });
+    }
+    let attempt = serde_json::to_string(&later.attempt).map_err(anyhow::Error::from)?;
+    let queued = serde_json::to_string(&later.queued).map_err(anyhow::Error::from)?;
+    tx.prepare_cached(
+        "UPDATE workloads SET status = 'pending', attempt = attempt + 1, \
+         attempts = json_insert(COALESCE(attempts, '[]'), '$[#]', json(?1)), \
+         queued = ?2, queued_at = ?3, line_count = ?4, started_at = NULL WHERE id = ?5",
+    )?
+    .execute(params![
+        attempt,
+        queued,
+        now_ms(),
+        (later.attempt.first_seq + later.attempt.lines) as i64,
+        key
     ])?;
     Ok(())
 }

@@ -282,6 +282,7 @@ impl Writer {
                 completion: Some(completion),
                 reply: None,
                 haste: Haste::Now,
+                retry: None,
             });
         }
         pending.append(&mut self.lingering);
@@ -592,13 +593,16 @@ impl Writer {
         match op {
             // Its lane stays open, so a store failure of its lines is applied
             // again when it is retried.
+            // A retry that cannot be recorded is given up: the attempt's
+            // failure becomes final rather than leaving it running.
             WriteOp::Transition {
                 id,
                 to,
                 completion: Some(completion),
                 reply,
+                retry,
                 ..
-            } if to.is_terminal() => {
+            } if to.is_terminal() || retry.is_some() => {
                 self.retained.push((id, completion));
                 if let Some(reply) = reply {
                     let _ = reply.send(Err(err()));

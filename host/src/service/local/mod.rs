@@ -23,7 +23,7 @@ use crate::store::{KeyedWorkload, ModuleInfo, StoreError};
 use crate::tenants::{Tenant, Tenants};
 use crate::view::TenantQueue;
 use crate::view::{KillOutcome, WorkloadList, WorkloadSummary, WorkloadView};
-use crate::workload::{WorkloadId, WorkloadSpec};
+use crate::workload::{Stdin, WorkloadId, WorkloadSpec};
 use queue::{LocalQueue, Running, Started};
 
 use super::ListRequest;
@@ -153,6 +153,10 @@ impl Local {
     }
 
     /// How many of `tenant`'s workloads hold a place of its quota.
+    pub(super) fn check_spec(&self, _spec: &WorkloadSpec) -> Result<(), ServiceError> {
+        Ok(())
+    }
+
     pub(super) async fn running_of(&self, tenant: &Tenant) -> usize {
         tenant.running()
     }
@@ -180,6 +184,14 @@ impl Local {
                     .await?
             }
         };
+        // Seen through its retries, if it has a policy, without its bytes
+        // (a retry reads them back from its record).
+        let again = spec.retry.is_some().then(|| {
+            let reload = !matches!(spec.stdin, Stdin::Empty) || spec.input.is_some();
+            let mut bare = spec.clone();
+            (bare.stdin, bare.input) = (Stdin::Empty, None);
+            (module.hash.clone(), bare, reload)
+        });
         let launch = Launch {
             id,
             slot,
@@ -194,7 +206,12 @@ impl Local {
             held: Some(Box::new(running)),
         };
         let started = self.node.runner().start_claimed(compiled, launch).await?;
-        Ok(started.done)
+        Ok(match again {
+            Some((module, spec, reload)) => {
+                (self.queue).after_attempts(id, module, spec, reload, started.done)
+            }
+            None => started.done,
+        })
     }
 
     pub(super) async fn run(
@@ -366,6 +383,13 @@ impl Local {
             // Its end may still be on its way to the store (a full disk):
             // until it is there, the record says it is stopping.
             let record = self.node.db().workload(id).await?;
+            // Its attempt had ended already and is to be retried: the kill
+            // stops the retries instead.
+            if record.status == crate::workload::Status::Pending
+                && let Some(ended) = self.queue.kill(id).await
+            {
+                return Ok(KillOutcome::Ended(Box::new(WorkloadView::from(ended?))));
+            }
             return Ok(match record.status.is_terminal() {
                 true => KillOutcome::Ended(Box::new(WorkloadView::from(record))),
                 false => KillOutcome::Stopping,

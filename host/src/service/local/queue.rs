@@ -15,7 +15,7 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::super::ServiceError;
-use super::super::queue::{FairQueue, Queued, Shares};
+use super::super::queue::{Backoffs, FairQueue, Queued, Shares};
 use crate::node::Node;
 use crate::runner::{Creation, Launch, LocalRecord, Slot};
 use crate::store::NewWorkload;
@@ -40,6 +40,8 @@ pub(super) struct Job {
     reload: bool,
     /// A sync caller waiting to hear that it started (or ended unstarted).
     waiter: Option<oneshot::Sender<Started>>,
+    /// A later attempt, whose waiter sees it through its retries already.
+    chained: bool,
 }
 
 /// What a sync caller of a queued job hears.
@@ -70,6 +72,8 @@ struct State {
     incoming: usize,
     /// Killed while on their way into the queue or out of it.
     doomed: HashSet<WorkloadId>,
+    /// Retries waiting out their backoff.
+    backoffs: Backoffs<Job>,
 }
 
 /// A running workload's hold on its tenant's share: counted as running
@@ -121,6 +125,7 @@ impl LocalQueue {
                 queue: FairQueue::default(),
                 incoming: 0,
                 doomed: HashSet::new(),
+                backoffs: Backoffs::default(),
             }),
             changed: Notify::new(),
             stopping: CancellationToken::new(),
@@ -207,6 +212,7 @@ impl LocalQueue {
             queued: Some(QueuedInput::of(&spec, deadline_ms)),
             idempotency,
             schedule: spec.schedule.clone(),
+            retry: spec.retry.clone(),
         };
         let created = self.node.db().create_workload(new).await;
         let mut spec = spec;
@@ -217,6 +223,7 @@ impl LocalQueue {
             spec,
             reload,
             waiter,
+            chained: false,
         };
         let queued = Queued {
             id,
@@ -253,17 +260,100 @@ impl LocalQueue {
         &self,
         id: WorkloadId,
     ) -> Option<Result<WorkloadRecord, ServiceError>> {
-        let taken = {
+        let (taken, resting) = {
             let mut state = self.lock();
             let taken = state.queue.remove(id);
-            if taken.is_none() {
+            let resting = match taken {
+                Some(_) => None,
+                None => state.backoffs.remove(id),
+            };
+            if taken.is_none() && resting.is_none() {
                 state.doomed.insert(id);
             }
             self.node.metrics().queued.set(state.queue.len() as i64);
-            taken
+            (taken, resting)
         };
+        if let Some(resting) = resting {
+            return Some(self.end_unstarted(resting, killed_resting()).await);
+        }
         let queued = taken?;
         Some(self.end_unstarted(queued, killed()).await)
+    }
+
+    /// `done`, or, for a workload with a retry policy, a handle that sees
+    /// it through its retries: each failed attempt that its policy retries
+    /// waits out its backoff here, then queues again, and the handle
+    /// resolves to the last attempt's record. Runs whether or not anyone
+    /// waits for it. `spec` is without stdin and input; `reload` says it
+    /// had them (they wait in its record).
+    pub(super) fn after_attempts(
+        self: &Arc<Self>,
+        id: WorkloadId,
+        module: String,
+        spec: WorkloadSpec,
+        reload: bool,
+        done: Done,
+    ) -> Done {
+        if spec.retry.is_none() {
+            return done;
+        }
+        let this = Arc::clone(self);
+        tokio::spawn(async move {
+            let mut done = done;
+            loop {
+                let ended = done
+                    .await
+                    .map_err(|e| anyhow::anyhow!("workload task failed: {e}"))??;
+                if ended.status != Status::Pending {
+                    return Ok(ended);
+                }
+                let at = ended.attempts.last().map_or_else(now_ms, |a| a.retry_at);
+                let (tx, rx) = oneshot::channel();
+                let queued = Queued {
+                    id,
+                    tenant: ended.tenant.clone(),
+                    enqueued_ms: at,
+                    deadline_ms: None,
+                    job: Job {
+                        module: module.clone(),
+                        spec: spec.clone(),
+                        reload,
+                        waiter: Some(tx),
+                        chained: true,
+                    },
+                };
+                if let Some(killed) = this.rest(queued, at) {
+                    let ended = this.end_unstarted(killed, killed_resting()).await;
+                    return ended.map_err(anyhow::Error::from);
+                }
+                done = match rx.await {
+                    Ok(Started::Running(next)) => next,
+                    Ok(Started::Ended(ended)) => return (*ended).map_err(anyhow::Error::from),
+                    Err(_) => anyhow::bail!("workload {id} waits for its next attempt"),
+                };
+            }
+        })
+    }
+
+    /// A next attempt waits until `at`, then queues; given back when a
+    /// kill came for it while its last attempt ended.
+    fn rest(&self, queued: Queued<Job>, at: i64) -> Option<Queued<Job>> {
+        let mut state = self.lock();
+        if state.doomed.remove(&queued.id) {
+            return Some(queued);
+        }
+        state.backoffs.rest(queued, at);
+        self.changed.notify_one();
+        None
+    }
+
+    /// Moves the retries whose backoff is over into the queue.
+    fn release(&self) {
+        let mut state = self.lock();
+        for queued in state.backoffs.ready(now_ms()) {
+            state.queue.push(queued);
+        }
+        self.node.metrics().queued.set(state.queue.len() as i64);
     }
 
     /// Forgets a kill of `id` that found it neither queued nor on its way.
@@ -283,6 +373,8 @@ impl LocalQueue {
             .finish(queued.id, completion)
             .await
             .map_err(ServiceError::from);
+        // Its followers waited for it to start.
+        self.node.broker().touch(queued.id);
         if let Some(waiter) = queued.job.waiter {
             let again = match &ended {
                 Ok(record) => Ok(record.clone()),
@@ -311,12 +403,15 @@ impl LocalQueue {
         self.requeue().await;
         loop {
             self.expire().await;
-            let deadline = {
+            self.release();
+            // Woken at the next queue deadline or end of a backoff.
+            let (waiting, wake_at) = {
                 let state = self.lock();
-                (state.queue.len() > 0).then(|| state.queue.next_deadline())
+                let wake_at = [state.queue.next_deadline(), state.backoffs.next_due()];
+                (state.queue.len() > 0, wake_at.into_iter().flatten().min())
             };
             let until_deadline = async {
-                match deadline.flatten() {
+                match wake_at {
                     Some(at) => {
                         let wait = (at - now_ms()).max(0) as u64;
                         tokio::time::sleep(std::time::Duration::from_millis(wait)).await
@@ -325,11 +420,12 @@ impl LocalQueue {
                 }
             };
             tokio::pin!(until_deadline);
-            if deadline.is_none() {
+            if !waiting {
                 tokio::select! {
                     biased;
                     () = self.stopping.cancelled() => return,
                     () = self.changed.notified() => continue,
+                    () = &mut until_deadline => continue,
                 }
             }
             let slot = tokio::select! {
@@ -419,9 +515,15 @@ impl LocalQueue {
                     spec,
                     reload: input.has_bytes,
                     waiter: None,
+                    chained: false,
                 },
             };
-            self.lock().queue.push(queued);
+            let mut state = self.lock();
+            match input.not_before_ms {
+                // A retry still in its backoff.
+                Some(at) if at > now_ms() => state.backoffs.rest(queued, at),
+                _ => state.queue.push(queued),
+            }
         }
         self.node
             .metrics()
@@ -474,6 +576,10 @@ impl LocalQueue {
             return;
         }
         let Queued { mut job, .. } = queued;
+        // What seeing it through its retries needs (a later attempt's
+        // waiter does that already), before its stdin and input are back.
+        let again = (job.spec.retry.is_some() && !job.chained)
+            .then(|| (job.module.clone(), job.spec.clone(), job.reload));
         if job.reload {
             let input = self.node.db().queued_input(id).await;
             match input.map(|i| i.map(|i| i.bytes())) {
@@ -512,7 +618,12 @@ impl LocalQueue {
         };
         let started = self.node.runner().start_claimed(compiled, launch).await;
         let answer = match started {
-            Ok(started) => Started::Running(started.done),
+            Ok(started) => Started::Running(match again {
+                Some((module, spec, reload)) => {
+                    self.after_attempts(id, module, spec, reload, started.done)
+                }
+                None => started.done,
+            }),
             Err(e) => {
                 // Not started: it must not stay pending.
                 let why = format!("failed to start: {e}");
@@ -527,6 +638,16 @@ impl LocalQueue {
         if let Some(waiter) = job.waiter {
             let _ = waiter.send(answer);
         }
+    }
+}
+
+/// The end of a workload killed while it waited to be retried.
+fn killed_resting() -> Completion {
+    Completion {
+        error: Some(
+            "killed on request while it waited to be retried; no further attempt ran".into(),
+        ),
+        ..killed()
     }
 }
 
