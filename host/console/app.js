@@ -592,6 +592,16 @@ function recordDetails(w) {
   add('Started', when(w.started_at));
   add('Finished', when(w.finished_at));
   add('Error', w.error ? el('pre', { class: 'text', id: 'record-error', text: w.error }) : null, true);
+  // A retried workload's earlier attempts, each with its lines' seqs.
+  if (w.attempts && w.attempts.length) {
+    const rows = w.attempts.map((a) => {
+      const last = a.first_seq + a.lines - 1;
+      const lines = !a.lines ? 'no lines' : a.lines === 1 ? `line ${last}` : `lines ${a.first_seq}–${last}`;
+      const why = (a.error || '').split('\n')[0];
+      return `attempt ${a.attempt}: ${a.failure || 'failed'} after ${duration(a.duration_ms)}, ${lines}${why ? ` — ${why}` : ''}`;
+    });
+    add('Earlier attempts', el('pre', { class: 'text', id: 'record-attempts', text: rows.join('\n') }), true);
+  }
   add('Module', el('span', {}, el('code', { text: w.module }), ' ',
     el('a', { href: `/run?module=${encodeURIComponent(w.module)}`, 'data-nav': true, text: 'run again' })), true);
   if (w.args && w.args.length) add('Args', el('code', { id: 'record-args', text: JSON.stringify(w.args) }), true);

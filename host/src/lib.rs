@@ -63,4 +63,5 @@ pub mod service;
 pub mod store;
 pub mod tenants;
 mod view;
+pub mod vital;
 pub mod workload;

@@ -60,6 +60,7 @@ pub struct Node {
     registry: ModuleRegistry,
     runner: Arc<Runner>,
     metrics: Arc<Metrics>,
+    vital: crate::vital::VitalTasks,
     /// Declared last: dropped after the runner that spawns onto it.
     _guests: Option<GuestThreads>,
 }
@@ -115,6 +116,7 @@ impl Node {
             registry,
             runner,
             metrics,
+            vital: crate::vital::VitalTasks::default(),
             _guests: guests,
         }))
     }
@@ -152,6 +154,11 @@ impl Node {
     /// The counters every part reports into.
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
+    }
+
+    /// The tasks this node cannot live without.
+    pub fn vital(&self) -> &crate::vital::VitalTasks {
+        &self.vital
     }
 
     /// Stops the node's work: kills what runs with `reason`, waits up to

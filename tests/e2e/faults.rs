@@ -126,6 +126,57 @@ async fn a_store_writer_that_dies_fails_loudly_and_the_server_exits_non_zero() {
     );
 }
 
+#[tokio::test]
+async fn a_queue_dispatcher_that_dies_fails_health_and_the_server_exits_non_zero() {
+    let env = Env::new();
+    let mut cmd = env.cmd(&["serve", "--listen", "127.0.0.1:0", "--max-concurrent", "1"]);
+    cmd.env("VULCAN_TEST_FAULT_DISPATCHER_DIES_AT", "1");
+    let mut server = Server::spawned(cmd);
+    let spinning = server.start_wasm("spin", "").await;
+    // The one slot is taken: this one waits in the queue.
+    let queued = server.start_wasm("hello", "arg=queued").await;
+    let (_, record) = server.get_json(&format!("/v1/workloads/{queued}")).await;
+    assert_eq!(record["status"], "pending", "{record}");
+    // Its slot freed, the dispatcher takes the queued one, and dies.
+    let (status, killed) = server.kill(&spinning).await;
+    assert_eq!(status, 200, "{killed}");
+    // Until it exits, /healthz says why (`None`: it has exited already).
+    let health = eventually("/healthz fails or the server is gone", || async {
+        match server
+            .http
+            .get(format!("{}/healthz", server.url))
+            .send()
+            .await
+        {
+            Ok(r) if r.status().as_u16() == 200 => None,
+            Ok(r) => Some(Some((
+                r.status().as_u16(),
+                r.json::<Value>().await.unwrap(),
+            ))),
+            Err(_) => Some(None),
+        }
+    })
+    .await;
+    if let Some((status, body)) = health {
+        assert_eq!(status, 503, "{body}");
+        assert_eq!(body["error"]["code"], "node_failed", "{body}");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("the job queue's dispatcher panicked: test fault"),
+            "{body}"
+        );
+    }
+    let exit = server.child.wait().unwrap();
+    assert!(!exit.success(), "a supervisor must see a failure: {exit:?}");
+    // Nothing queued was lost: the next start runs it.
+    let server = Server::start(&env, &[]);
+    let (seqs, lines, end) = server.sse(&queued, None).await.until_end().await;
+    assert_eq!(end["status"], "completed", "{end}");
+    assert_eq!((seqs.len(), lines.len()), (1, 1), "{lines:?}");
+}
+
 /// A tmpfs of `mib` MiB mounted on a new directory, unmounted when dropped;
 /// `None` where this process may not mount (not root).
 struct SmallDisk {

@@ -128,6 +128,22 @@ async fn a_job_that_fails_twice_is_retried_and_every_attempts_lines_stay_readabl
         seqs_of(&server.history(&id).await),
         (0..6).collect::<Vec<u64>>()
     );
+    // The CLI, remotely and on the data directory, picks the same range.
+    let cli = Env::new();
+    for out in [
+        server.cli(&cli, &["logs", &id, "--attempt", "2", "--json"]),
+        env.run(&["logs", &id, "--attempt", "2", "--json"]),
+    ] {
+        assert!(out.status.success(), "{}", stderr(&out));
+        let lines: Vec<Value> = (stdout(&out).lines())
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(seqs_of(&lines), vec![2, 3], "{}", stdout(&out));
+    }
+    let status = server.cli(&cli, &["status", &id]);
+    let said = stdout(&status);
+    assert!(said.contains("attempt: 3\n"), "{said}");
+    assert!(said.contains("attempt 1: returned_error after"), "{said}");
     let row = env
         .workloads()
         .into_iter()

@@ -32,6 +32,7 @@ impl ApiError {
                 (StatusCode::INSUFFICIENT_STORAGE, "storage_full")
             }
             ApiError::StoreUnavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable"),
+            ApiError::NodeFailed(_) => (StatusCode::SERVICE_UNAVAILABLE, "node_failed"),
             ApiError::RequestTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "request_timeout"),
             ApiError::ClusterUnavailable(_) | ApiError::RanUnrecorded(..) => {
                 (StatusCode::SERVICE_UNAVAILABLE, "cluster_unavailable")

@@ -42,6 +42,9 @@ pub struct LogsArgs {
     /// Print one JSON record per line instead of the bare lines
     #[arg(long)]
     pub json: bool,
+    /// Only this attempt's lines (a workload with a retry policy)
+    #[arg(long, value_name = "N", conflicts_with = "follow")]
+    pub attempt: Option<u32>,
 }
 
 /// Arguments of `vulcan status`.
@@ -97,13 +100,34 @@ pub async fn ls(backend: &impl Backend, args: LsArgs) -> anyhow::Result<ExitCode
 /// `vulcan logs ID`: every stored line, page by page.
 pub async fn logs(backend: &impl Backend, args: LogsArgs) -> anyhow::Result<ExitCode> {
     let mut printer = LinePrinter::terminal(args.json);
-    let mut after = None;
-    loop {
+    // An attempt's lines are a range of seqs, which its record names.
+    let (mut after, end) = match args.attempt {
+        None => (None, None),
+        Some(n) => {
+            let w = backend.workload(args.id).await?;
+            let current = w.summary.attempt.unwrap_or(1);
+            let earlier: Vec<_> = (w.attempts.iter())
+                .map(|a| (a.attempt, a.first_seq, a.lines))
+                .collect();
+            let running = n == current && !w.summary.status.is_terminal();
+            match crate::retry::seqs_of(&earlier, current, w.summary.line_count, n) {
+                Some((first, end)) => (first.checked_sub(1), (!running).then_some(end)),
+                None => anyhow::bail!(
+                    "workload {} has no attempt {n}; it is on attempt {current}",
+                    args.id
+                ),
+            }
+        }
+    };
+    'pages: loop {
         let page = backend.lines(args.id, after).await?;
         if page.lines.is_empty() {
             break;
         }
         for line in &page.lines {
+            if end.is_some_and(|end| line.seq >= end) {
+                break 'pages;
+            }
             printer.line(line)?;
         }
         after = page.next_after;

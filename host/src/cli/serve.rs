@@ -452,6 +452,10 @@ pub fn execute(args: ServeArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
             limits,
             max_followers: args.max_followers as usize,
             max_queued: usize::try_from(args.max_queued).unwrap_or(usize::MAX),
+            // The fault switch of the tests of a dying vital task.
+            dispatcher_dies_at: std::env::var("VULCAN_TEST_FAULT_DISPATCHER_DIES_AT")
+                .ok()
+                .and_then(|v| v.parse().ok()),
         };
         let service = match &cluster {
             Some(cluster) => Service::clustered(Arc::clone(cluster), config),
@@ -486,11 +490,16 @@ pub fn execute(args: ServeArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
         // a moment in which `/healthz` and new runs answer 503 with the
         // reason, so that its supervisor restarts it.
         let db = node.db().clone();
+        let vital = node.vital().clone();
         let limit = args.shutdown_timeout;
         let stop = async move {
             tokio::select! {
                 () = shutdown.received() => {}
                 why = db.writer_stopped() => {
+                    say(format_args!("vulcan: fatal: {why}; shutting down"));
+                    tokio::time::sleep(FATAL_GRACE).await;
+                }
+                why = vital.failed() => {
                     say(format_args!("vulcan: fatal: {why}; shutting down"));
                     tokio::time::sleep(FATAL_GRACE).await;
                 }
@@ -514,6 +523,9 @@ pub fn execute(args: ServeArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
         }
         if let Some(why) = node.db().writer_failure() {
             anyhow::bail!("stopped because the store cannot write: {why}");
+        }
+        if let Some(why) = node.vital().failure() {
+            anyhow::bail!("stopped because {why}");
         }
         say(format_args!("vulcan: stopped"));
         Ok(ExitCode::SUCCESS)

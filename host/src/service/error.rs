@@ -73,6 +73,10 @@ pub enum ServiceError {
     /// going down and a supervisor restarts it.
     #[error("{0}")]
     StoreUnavailable(String),
+    /// A task the server cannot live without failed: it is going down
+    /// and a supervisor restarts it.
+    #[error("{0}")]
+    NodeFailed(String),
     /// The client stopped sending its request body.
     #[error("{0}")]
     RequestTimeout(String),

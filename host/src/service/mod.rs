@@ -113,6 +113,9 @@ pub struct ServiceConfig {
     pub max_followers: usize,
     /// Most workloads waiting for a slot; beyond, 503 `queue_full`.
     pub max_queued: usize,
+    /// Tests of a dying vital task: the queue's dispatcher panics as it
+    /// takes its Nth job (`VULCAN_TEST_FAULT_DISPATCHER_DIES_AT`).
+    pub dispatcher_dies_at: Option<u64>,
 }
 
 /// `--max-queued`'s default.
@@ -126,6 +129,7 @@ impl Default for ServiceConfig {
             retention: RetentionPolicy::default(),
             max_followers: 4096,
             max_queued: DEFAULT_MAX_QUEUED,
+            dispatcher_dies_at: None,
         }
     }
 }
@@ -200,7 +204,12 @@ impl Service {
     /// The service of one node.
     pub fn local(node: Arc<Node>, config: ServiceConfig) -> Self {
         let tenants = Arc::clone(&config.tenants);
-        let local = local::Local::new(Arc::clone(&node), tenants, config.max_queued);
+        let local = local::Local::new(
+            Arc::clone(&node),
+            tenants,
+            config.max_queued,
+            config.dispatcher_dies_at,
+        );
         let backend = Backend::Local(local);
         Self::with(node, backend, config)
     }
@@ -585,6 +594,11 @@ impl Service {
 
     /// Whether this node can serve: its store answers.
     pub async fn health(&self) -> Result<(), ServiceError> {
+        if let Some(why) = self.inner.node.vital().failure() {
+            return Err(ServiceError::NodeFailed(format!(
+                "{why}; the server is going down"
+            )));
+        }
         Ok(self.inner.node.db().ping().await?)
     }
 
@@ -596,7 +610,8 @@ impl Service {
         let mut tasks = vec![tokio::spawn(sample_every_second(node))];
         let policy = self.inner.retention.clone();
         tasks.push(on_backend!(self, b => b.start_retention(policy)));
-        tasks.push(tokio::spawn(self.clone().run_schedules()));
+        let vital = self.inner.node.vital();
+        tasks.push(vital.spawn("scheduler", self.clone().run_schedules()));
         Housekeeping(tasks)
     }
 

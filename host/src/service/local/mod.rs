@@ -37,8 +37,13 @@ pub(super) struct Local {
 
 impl Local {
     /// The node's backend, its queue holding at most `max_queued` jobs.
-    pub(super) fn new(node: Arc<Node>, tenants: Arc<Tenants>, max_queued: usize) -> Self {
-        let queue = LocalQueue::start(Arc::clone(&node), tenants, max_queued);
+    pub(super) fn new(
+        node: Arc<Node>,
+        tenants: Arc<Tenants>,
+        max_queued: usize,
+        dies_at: Option<u64>,
+    ) -> Self {
+        let queue = LocalQueue::start(Arc::clone(&node), tenants, max_queued, dies_at);
         // A book that does not open fails each schedule call, not the node.
         let schedules = schedules::ScheduleBook::open(node.data_dir());
         if let Err(e) = &schedules {

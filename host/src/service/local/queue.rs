@@ -116,7 +116,13 @@ impl Shares for TenantShares<'_> {
 impl LocalQueue {
     /// The queue of `node`, holding at most `max_queued` jobs; its
     /// dispatcher starts with what a previous process left queued.
-    pub(super) fn start(node: Arc<Node>, tenants: Arc<Tenants>, max_queued: usize) -> Arc<Self> {
+    /// `dies_at`: the tests' fault switch (see `ServiceConfig`).
+    pub(super) fn start(
+        node: Arc<Node>,
+        tenants: Arc<Tenants>,
+        max_queued: usize,
+        dies_at: Option<u64>,
+    ) -> Arc<Self> {
         let queue = Arc::new(Self {
             node,
             tenants,
@@ -130,7 +136,13 @@ impl LocalQueue {
             changed: Notify::new(),
             stopping: CancellationToken::new(),
         });
-        tokio::spawn(Arc::clone(&queue).dispatch());
+        let dispatcher = Arc::clone(&queue).dispatch(dies_at);
+        drop(
+            queue
+                .node
+                .vital()
+                .spawn("job queue's dispatcher", dispatcher),
+        );
         queue
     }
 
@@ -393,14 +405,16 @@ impl LocalQueue {
 
     /// Stops starting queued work (shutdown): it stays queued in the store.
     pub(super) fn stop(&self) {
+        self.node.vital().stop();
         self.stopping.cancel();
         self.changed.notify_one();
     }
 
     /// Starts queued work whenever a slot is free, in fair-share order;
     /// fails what passed its deadline.
-    async fn dispatch(self: Arc<Self>) {
+    async fn dispatch(self: Arc<Self>, dies_at: Option<u64>) {
         self.requeue().await;
+        let mut taken = 0;
         loop {
             self.expire().await;
             self.release();
@@ -459,6 +473,10 @@ impl LocalQueue {
                 self.node.metrics().queued.set(state.queue.len() as i64);
                 picked
             };
+            if picked.is_some() {
+                taken += 1;
+                assert!(dies_at != Some(taken), "test fault: the dispatcher dies");
+            }
             let Some((queued, slot, running)) = picked else {
                 // Every tenant with work waits at its cap: until one ends.
                 tokio::select! {
