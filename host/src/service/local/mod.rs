@@ -311,10 +311,19 @@ impl Local {
     /// moment passed while it waits in the queue).
     pub(super) async fn until_changed(&self, id: WorkloadId) {
         let runner = self.node.runner();
-        match runner.is_running(id) {
-            true => runner.ended(id).await,
-            false => tokio::time::sleep(Duration::from_millis(25)).await,
+        if runner.is_running(id) {
+            return runner.ended(id).await;
         }
+        // Queued or between attempts: until it starts or ends unstarted
+        // (checked again now and then, for what no channel saw).
+        let watch = self.node.broker().watch(id);
+        let changed = watch.notified();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        if runner.is_running(id) {
+            return;
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(1), changed).await;
     }
 
     fn book(&self) -> Result<&schedules::ScheduleBook, ServiceError> {
