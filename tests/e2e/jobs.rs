@@ -361,6 +361,58 @@ async fn on_three_nodes_an_idempotent_submit_creates_one_workload_and_the_queue_
     }
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cluster_refuses_work_beyond_max_queued_with_queue_full() {
+    let Some(nats) = Nats::start() else { return };
+    let flags = ["--max-concurrent", "1", "--max-queued", "3"];
+    let (_envs, servers) = cluster_nodes(&nats, 1, &flags);
+    let anyone = As {
+        servers: &servers,
+        token: None,
+    };
+    let (_, module) = anyone.upload(std::fs::read(example("spin")).unwrap()).await;
+    let spin = json!({"module": module["hash"]});
+    // One runs; the rest wait until the queue, as the node last saw it
+    // (every second), holds its maximum.
+    let accepted = std::sync::atomic::AtomicU64::new(0);
+    let refused = eventually("a submission is refused queue_full", || async {
+        let (status, body) = anyone
+            .call(Method::POST, "/v1/workloads/async", Some(spin.clone()))
+            .await;
+        match status {
+            202 => {
+                accepted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                None
+            }
+            _ => Some((status, body)),
+        }
+    })
+    .await;
+    let accepted = accepted.into_inner();
+    let (status, body) = refused;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"]["code"], "queue_full", "{body}");
+    assert_error(&body, "(--max-queued)");
+    assert!(
+        accepted >= 4,
+        "one running and three queued came first: {accepted}"
+    );
+    eventually(
+        "the queue shows every accepted one but the running one",
+        || async {
+            let (_, queue) = anyone.get("/v1/queue").await;
+            (queue["queued"].as_u64() == Some(accepted - 1)).then_some(())
+        },
+    )
+    .await;
+    for id in all_workloads(&anyone).await {
+        let id = id["id"].as_str().unwrap().to_owned();
+        anyone
+            .call(Method::DELETE, &format!("/v1/workloads/{id}"), None)
+            .await;
+    }
+}
+
 /// The workloads (as `caller` sees them) that schedule `name` made.
 async fn fired_by(caller: &As<'_>, name: &str) -> Vec<Value> {
     let all = all_workloads(caller).await;

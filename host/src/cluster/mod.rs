@@ -436,6 +436,12 @@ impl Cluster {
         &self.node_id
     }
 
+    /// Work queued and not yet claimed, as this node last read it from
+    /// NATS (every second).
+    pub fn queued_as_last_seen(&self) -> u64 {
+        u64::try_from(self.metrics.queue_depth.get()).unwrap_or(0)
+    }
+
     /// The node this membership runs workloads on.
     pub fn node_arc(&self) -> &Arc<Node> {
         &self.node

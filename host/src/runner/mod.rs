@@ -187,6 +187,13 @@ impl Runner {
         })
     }
 
+    /// Whether a slot is free now (always, without a limit).
+    pub fn has_free_slot(&self) -> bool {
+        self.slots
+            .as_ref()
+            .is_none_or(|(sem, _)| sem.available_permits() > 0)
+    }
+
     /// Workloads currently executing.
     pub fn running_count(&self) -> usize {
         self.lock().len()

@@ -23,11 +23,30 @@ use crate::workload::{WorkloadId, WorkloadSpec};
 /// A cluster as the deployment, seen from one member.
 pub(super) struct Clustered {
     cluster: Arc<Cluster>,
+    max_queued: usize,
 }
 
 impl Clustered {
-    pub(super) fn new(cluster: Arc<Cluster>) -> Self {
-        Self { cluster }
+    pub(super) fn new(cluster: Arc<Cluster>, max_queued: usize) -> Self {
+        Self {
+            cluster,
+            max_queued,
+        }
+    }
+
+    /// 503 `queue_full` when the cluster's queue, as last seen, holds
+    /// `--max-queued` already and no slot here is free to start at once.
+    fn check_room(&self) -> Result<(), ServiceError> {
+        let queued = self.cluster.queued_as_last_seen();
+        let free_here = self.cluster.node_arc().runner().has_free_slot();
+        if queued as usize >= self.max_queued && !free_here {
+            return Err(ServiceError::QueueFull(format!(
+                "the cluster's queue holds {queued} workloads, its maximum is {} \
+                 (--max-queued); retry later",
+                self.max_queued
+            )));
+        }
+        Ok(())
     }
 
     /// The membership (for the follower's cursor).
@@ -196,6 +215,10 @@ impl Clustered {
         terms: Terms,
     ) -> Result<WorkloadView, ServiceError> {
         let tenant = spec.tenant.clone();
+        if let Err(e) = self.check_room() {
+            self.give_back(tenant.as_deref(), slot, id).await;
+            return Err(e);
+        }
         let ran = (self.cluster.run(id, &module.hash, spec, terms.deadline_ms)).await;
         if ran.is_err() {
             self.give_back(tenant.as_deref(), slot, id).await;
@@ -212,6 +235,10 @@ impl Clustered {
         terms: Terms,
     ) -> Result<(), ServiceError> {
         let tenant = spec.tenant.clone();
+        if let Err(e) = self.check_room() {
+            self.give_back(tenant.as_deref(), slot, id).await;
+            return Err(e);
+        }
         let submitted = (self
             .cluster
             .submit(id, &module.hash, spec, terms.deadline_ms))

@@ -218,7 +218,7 @@ impl Service {
     /// whichever node has room.
     pub fn clustered(cluster: Arc<Cluster>, config: ServiceConfig) -> Self {
         let node = Arc::clone(cluster.node_arc());
-        let backend = Backend::Cluster(clustered::Clustered::new(cluster));
+        let backend = Backend::Cluster(clustered::Clustered::new(cluster, config.max_queued));
         Self::with(node, backend, config)
     }
 
