@@ -167,14 +167,17 @@ impl RetryPolicy {
     }
 }
 
-/// One earlier attempt of a workload, as its record keeps it.
+/// One earlier attempt of a workload, as its record keeps it and the API
+/// shows it (times in RFC 3339 both ways).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Attempt {
     /// Its number, from 1.
     pub attempt: u32,
     /// When it started, ms since the Unix epoch.
+    #[serde(with = "crate::view::ms_as_rfc3339::option")]
     pub started_at: Option<i64>,
     /// When it ended.
+    #[serde(with = "crate::view::ms_as_rfc3339")]
     pub ended_at: i64,
     /// How long it ran.
     pub duration_ms: u64,
@@ -189,6 +192,7 @@ pub struct Attempt {
     /// How many lines it wrote (seqs `first_seq..first_seq + lines`).
     pub lines: u64,
     /// When the next attempt may start.
+    #[serde(with = "crate::view::ms_as_rfc3339")]
     pub retry_at: i64,
 }
 

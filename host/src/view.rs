@@ -125,49 +125,7 @@ pub struct WorkloadView {
     /// Its earlier attempts, oldest first; each one's lines are the seqs
     /// `first_seq..first_seq + lines` (left out when there were none).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub attempts: Vec<AttemptView>,
-}
-
-/// One earlier attempt of a workload, as the API shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AttemptView {
-    /// Its number, from 1.
-    pub attempt: u32,
-    /// When it started (RFC 3339).
-    pub started_at: Option<String>,
-    /// When it ended (RFC 3339).
-    pub ended_at: String,
-    /// How long it ran.
-    pub duration_ms: u64,
-    /// Its exit code, when it exited.
-    pub exit_code: Option<i32>,
-    /// How it failed.
-    pub failure: Option<FailureKind>,
-    /// Why (at most a kilobyte).
-    pub error: Option<String>,
-    /// The seq of its first line.
-    pub first_seq: u64,
-    /// How many lines it wrote.
-    pub lines: u64,
-    /// When the next attempt was due to start (RFC 3339).
-    pub retry_at: String,
-}
-
-impl From<Attempt> for AttemptView {
-    fn from(a: Attempt) -> Self {
-        Self {
-            attempt: a.attempt,
-            started_at: a.started_at.map(rfc3339),
-            ended_at: rfc3339(a.ended_at),
-            duration_ms: a.duration_ms,
-            exit_code: a.exit_code,
-            failure: a.failure,
-            error: a.error,
-            first_seq: a.first_seq,
-            lines: a.lines,
-            retry_at: rfc3339(a.retry_at),
-        }
-    }
+    pub attempts: Vec<Attempt>,
 }
 
 impl From<WorkloadRecord> for WorkloadView {
@@ -181,10 +139,7 @@ impl From<WorkloadRecord> for WorkloadView {
             w.error.clone(),
         );
         let retry = w.retry.clone();
-        let attempts = std::mem::take(&mut w.attempts)
-            .into_iter()
-            .map(AttemptView::from);
-        let attempts = attempts.collect();
+        let attempts = std::mem::take(&mut w.attempts);
         let mut summary = WorkloadSummary::from(w);
         summary.error = error;
         Self {
@@ -388,6 +343,47 @@ pub fn parse_rfc3339(text: &str) -> Option<i64> {
     let t = humantime::parse_rfc3339(text).ok()?;
     let d = t.duration_since(std::time::UNIX_EPOCH).ok()?;
     i64::try_from(d.as_millis()).ok()
+}
+
+/// A time kept as ms since the Unix epoch, written as RFC 3339 (for
+/// `#[serde(with)]`): what the API shows is what is stored.
+pub mod ms_as_rfc3339 {
+    use serde::{Deserialize, Deserializer, Serializer, de::Error as _};
+
+    /// Writes `ms` as RFC 3339.
+    pub fn serialize<S: Serializer>(ms: &i64, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&super::rfc3339(*ms))
+    }
+
+    /// Reads an RFC 3339 time as ms.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
+        let text = String::deserialize(d)?;
+        super::parse_rfc3339(&text)
+            .ok_or_else(|| D::Error::custom(format!("`{text}` is not an RFC 3339 time")))
+    }
+
+    /// The same for an optional time.
+    pub mod option {
+        use serde::{Deserialize, Deserializer, Serializer, de::Error as _};
+
+        /// Writes `ms`, if any, as RFC 3339.
+        pub fn serialize<S: Serializer>(ms: &Option<i64>, s: S) -> Result<S::Ok, S::Error> {
+            match ms {
+                Some(ms) => s.serialize_str(&super::super::rfc3339(*ms)),
+                None => s.serialize_none(),
+            }
+        }
+
+        /// Reads an optional RFC 3339 time as ms.
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+            match Option::<String>::deserialize(d)? {
+                Some(text) => super::super::parse_rfc3339(&text)
+                    .map(Some)
+                    .ok_or_else(|| D::Error::custom(format!("`{text}` is not an RFC 3339 time"))),
+                None => Ok(None),
+            }
+        }
+    }
 }
 
 #[cfg(test)]

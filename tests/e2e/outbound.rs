@@ -29,44 +29,34 @@ struct Upstream {
 
 impl Upstream {
     fn start() -> Upstream {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let addr = listener.local_addr().unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let record = Arc::clone(&seen);
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let app = axum::Router::new().fallback(
-                    move |method: axum::http::Method,
-                          uri: axum::http::Uri,
-                          headers: axum::http::HeaderMap,
-                          body: String| {
-                        let record = Arc::clone(&record);
-                        async move {
-                            let seen = Seen {
-                                method: method.to_string(),
-                                path: uri.to_string(),
-                                host: headers
-                                    .get("host")
-                                    .map(|h| h.to_str().unwrap().to_owned())
-                                    .unwrap_or_default(),
-                                body,
-                            };
-                            let answer = json!({"upstream": "hello", "path": seen.path});
-                            record.lock().unwrap().push(seen);
-                            axum::Json(answer)
-                        }
-                    },
-                );
-                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-                axum::serve(listener, app).await.unwrap();
-            });
-        });
-        Upstream { addr, seen }
+        let app = axum::Router::new().fallback(
+            move |method: axum::http::Method,
+                  uri: axum::http::Uri,
+                  headers: axum::http::HeaderMap,
+                  body: String| {
+                let record = Arc::clone(&record);
+                async move {
+                    let seen = Seen {
+                        method: method.to_string(),
+                        path: uri.to_string(),
+                        host: headers
+                            .get("host")
+                            .map(|h| h.to_str().unwrap().to_owned())
+                            .unwrap_or_default(),
+                        body,
+                    };
+                    let answer = json!({"upstream": "hello", "path": seen.path});
+                    record.lock().unwrap().push(seen);
+                    axum::Json(answer)
+                }
+            },
+        );
+        Upstream {
+            addr: serve_on_loopback(app),
+            seen,
+        }
     }
 
     fn url(&self, path: &str) -> String {

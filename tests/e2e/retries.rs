@@ -24,34 +24,24 @@ struct FlakyUpstream {
 
 impl FlakyUpstream {
     fn start(failures: usize) -> FlakyUpstream {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let addr = listener.local_addr().unwrap();
         let seen = Arc::new(Mutex::new(HashMap::new()));
         let counts = Arc::clone(&seen);
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let app = axum::Router::new().fallback(move |uri: axum::http::Uri| {
-                    let counts = Arc::clone(&counts);
-                    async move {
-                        let mut counts = counts.lock().unwrap();
-                        let n = counts.entry(uri.path().to_owned()).or_insert(0);
-                        *n += 1;
-                        match *n <= failures {
-                            true => (axum::http::StatusCode::SERVICE_UNAVAILABLE, "not yet"),
-                            false => (axum::http::StatusCode::OK, "done"),
-                        }
-                    }
-                });
-                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-                axum::serve(listener, app).await.unwrap();
-            });
+        let app = axum::Router::new().fallback(move |uri: axum::http::Uri| {
+            let counts = Arc::clone(&counts);
+            async move {
+                let mut counts = counts.lock().unwrap();
+                let n = counts.entry(uri.path().to_owned()).or_insert(0);
+                *n += 1;
+                match *n <= failures {
+                    true => (axum::http::StatusCode::SERVICE_UNAVAILABLE, "not yet"),
+                    false => (axum::http::StatusCode::OK, "done"),
+                }
+            }
         });
-        FlakyUpstream { addr, seen }
+        FlakyUpstream {
+            addr: serve_on_loopback(app),
+            seen,
+        }
     }
 
     fn url(&self, path: &str) -> String {

@@ -670,3 +670,22 @@ pub fn cluster_nodes(nats: &Nats, n: usize, extra: &[&str]) -> (Vec<Env>, Vec<Se
     }
     (envs, servers)
 }
+
+/// Serves `app` on a loopback port, on a thread of its own (a far side for
+/// guests' outbound requests): its address.
+pub fn serve_on_loopback(app: axum::Router) -> std::net::SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            axum::serve(listener, app).await.unwrap();
+        });
+    });
+    addr
+}

@@ -437,16 +437,21 @@ fn create(tx: &Connection, new: &NewWorkload, checks_modules: bool) -> StoreResu
     Ok(())
 }
 
+/// Workload `id`'s status as this transaction sees it.
+fn status_of(tx: &Connection, id: WorkloadId) -> StoreResult<Status> {
+    Ok(tx
+        .prepare_cached("SELECT status FROM workloads WHERE id = ?1")?
+        .query_row([id.to_string()], |r| r.get::<_, String>(0))
+        .optional()?
+        .ok_or(StoreError::NotFound(id))?
+        .parse()?)
+}
+
 /// Puts a running workload whose attempt failed back to `pending`, its
 /// attempt kept in its history, to start again once its backoff is over.
 fn retry_later(tx: &Connection, id: WorkloadId, later: &super::RetryLater) -> StoreResult<()> {
     let key = id.to_string();
-    let from: Status = tx
-        .prepare_cached("SELECT status FROM workloads WHERE id = ?1")?
-        .query_row([&key], |r| r.get::<_, String>(0))
-        .optional()?
-        .ok_or(StoreError::NotFound(id))?
-        .parse()?;
+    let from = status_of(tx, id)?;
     if from != Status::Running {
         return Err(StoreError::IllegalTransition {
             id,
@@ -478,12 +483,7 @@ fn transition(
     completion: Option<&Completion>,
 ) -> StoreResult<()> {
     let key = id.to_string();
-    let from: Status = tx
-        .prepare_cached("SELECT status FROM workloads WHERE id = ?1")?
-        .query_row([&key], |r| r.get::<_, String>(0))
-        .optional()?
-        .ok_or(StoreError::NotFound(id))?
-        .parse()?;
+    let from = status_of(tx, id)?;
     if !from.can_become(to) {
         return Err(StoreError::IllegalTransition { id, from, to });
     }
