@@ -150,10 +150,7 @@ impl<J> FairQueue<J> {
 
     /// Takes out every job whose deadline is at or before `now_ms`.
     pub fn expired(&mut self, now_ms: i64) -> Vec<Queued<J>> {
-        let due: Vec<WorkloadId> = (self.deadlines.iter())
-            .take_while(|(at, _)| *at <= now_ms)
-            .map(|(_, id)| *id)
-            .collect();
+        let due = due(&self.deadlines, now_ms);
         due.into_iter().filter_map(|id| self.remove(id)).collect()
     }
 
@@ -196,6 +193,14 @@ impl<J> FairQueue<J> {
     }
 }
 
+/// The workloads whose time in `times` is at or before `now_ms`, earliest first.
+fn due(times: &BTreeSet<(i64, WorkloadId)>, now_ms: i64) -> Vec<WorkloadId> {
+    (times.iter())
+        .take_while(|(at, _)| *at <= now_ms)
+        .map(|(_, id)| *id)
+        .collect()
+}
+
 /// Retries waiting out their backoff before they join the queue: they
 /// hold no place in it (an accepted retry is never refused), and each
 /// joins its tenant's lane at the back once its time has come.
@@ -227,10 +232,7 @@ impl<J> Backoffs<J> {
 
     /// Takes out every one whose time has come, earliest first.
     pub fn ready(&mut self, now_ms: i64) -> Vec<Queued<J>> {
-        let due: Vec<WorkloadId> = (self.due.iter())
-            .take_while(|(at, _)| *at <= now_ms)
-            .map(|(_, id)| *id)
-            .collect();
+        let due = due(&self.due, now_ms);
         due.into_iter().filter_map(|id| self.remove(id)).collect()
     }
 
