@@ -1,11 +1,12 @@
-//! Retry policies: which failed attempts of a workload run again, after
-//! what backoff, and the short history its record keeps of earlier
-//! attempts. Owns only the policy and the arithmetic; queueing the next
-//! attempt is the service's, recording it the store's.
+//! Retry policies: a client's policy checked into a [`RetryPolicy`], which
+//! failed attempts run again after what backoff, and an attempt as its
+//! record's history keeps it. Owns only the checks and the arithmetic (the
+//! types are the workload model's); queueing the next attempt is the
+//! service's, recording it the store's.
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
-use crate::workload::{Completion, FailureKind};
+use crate::workload::{Attempt, Completion, FailureKind, RetryPolicy};
 
 /// Most attempts a policy may ask for (the first run included).
 pub const MAX_ATTEMPTS: u32 = 20;
@@ -32,19 +33,6 @@ pub const DEFAULT_ON: [FailureKind; 5] = [
     FailureKind::ReturnedError,
     FailureKind::Host,
 ];
-
-/// When a failed attempt runs again.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RetryPolicy {
-    /// Attempts in all, the first included (1: never retried).
-    pub max_attempts: u32,
-    /// Backoff before the second attempt; it doubles for each later one.
-    pub backoff_ms: u64,
-    /// The backoff never grows past this.
-    pub max_backoff_ms: u64,
-    /// Failure kinds that are retried.
-    pub on: Vec<FailureKind>,
-}
 
 /// A retry policy as a client writes it, before it is checked.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -130,17 +118,6 @@ impl RetryRequest {
     }
 }
 
-impl FailureKind {
-    /// Whether a policy may retry this kind: a kill, a queue timeout (it
-    /// never ran) and lost lines (its log would have a hole) are final.
-    pub fn retryable(self) -> bool {
-        !matches!(
-            self,
-            FailureKind::Killed | FailureKind::QueueTimeout | FailureKind::Store
-        )
-    }
-}
-
 impl RetryPolicy {
     /// The backoff before the attempt after `attempt` (1-based), if that
     /// attempt ended in a way this policy retries and attempts are left.
@@ -165,35 +142,6 @@ impl RetryPolicy {
         };
         Some(half + jitter)
     }
-}
-
-/// One earlier attempt of a workload, as its record keeps it and the API
-/// shows it (times in RFC 3339 both ways).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Attempt {
-    /// Its number, from 1.
-    pub attempt: u32,
-    /// When it started, ms since the Unix epoch.
-    #[serde(with = "crate::view::ms_as_rfc3339::option")]
-    pub started_at: Option<i64>,
-    /// When it ended.
-    #[serde(with = "crate::view::ms_as_rfc3339")]
-    pub ended_at: i64,
-    /// How long it ran.
-    pub duration_ms: u64,
-    /// Its exit code, when it exited.
-    pub exit_code: Option<i32>,
-    /// How it failed.
-    pub failure: Option<FailureKind>,
-    /// Why (cut to a kilobyte).
-    pub error: Option<String>,
-    /// The seq of its first line: seqs go on across attempts.
-    pub first_seq: u64,
-    /// How many lines it wrote (seqs `first_seq..first_seq + lines`).
-    pub lines: u64,
-    /// When the next attempt may start.
-    #[serde(with = "crate::view::ms_as_rfc3339")]
-    pub retry_at: i64,
 }
 
 impl Attempt {

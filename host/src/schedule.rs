@@ -52,7 +52,7 @@ pub struct ScheduledSpec {
     pub queue_timeout_ms: Option<u64>,
     /// When each firing's failed attempts run again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub retry: Option<crate::retry::RetryPolicy>,
+    pub retry: Option<crate::workload::RetryPolicy>,
 }
 
 /// A schedule as it is kept.

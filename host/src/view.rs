@@ -11,8 +11,8 @@ use serde_json::value::RawValue;
 
 use crate::logs::{Fields, LogLevel, LogRecord, LogStream};
 use crate::outbound::OutboundRule;
-use crate::retry::{Attempt, RetryPolicy};
 use crate::store::ModuleInfo;
+use crate::workload::{Attempt, RetryPolicy};
 use crate::workload::{Completion, FailureKind, Limits, Status, WorkloadId, WorkloadRecord};
 
 /// A workload as a list shows it: its state and result, without its spec or
@@ -332,59 +332,7 @@ impl From<ModuleInfo> for ModuleView {
     }
 }
 
-/// Milliseconds since the Unix epoch as RFC 3339 UTC with milliseconds.
-pub fn rfc3339(ms: i64) -> String {
-    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64);
-    humantime::format_rfc3339_millis(t).to_string()
-}
-
-/// Milliseconds since the Unix epoch of an RFC 3339 time [`rfc3339`] wrote.
-pub fn parse_rfc3339(text: &str) -> Option<i64> {
-    let t = humantime::parse_rfc3339(text).ok()?;
-    let d = t.duration_since(std::time::UNIX_EPOCH).ok()?;
-    i64::try_from(d.as_millis()).ok()
-}
-
-/// A time kept as ms since the Unix epoch, written as RFC 3339 (for
-/// `#[serde(with)]`): what the API shows is what is stored.
-pub mod ms_as_rfc3339 {
-    use serde::{Deserialize, Deserializer, Serializer, de::Error as _};
-
-    /// Writes `ms` as RFC 3339.
-    pub fn serialize<S: Serializer>(ms: &i64, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&super::rfc3339(*ms))
-    }
-
-    /// Reads an RFC 3339 time as ms.
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
-        let text = String::deserialize(d)?;
-        super::parse_rfc3339(&text)
-            .ok_or_else(|| D::Error::custom(format!("`{text}` is not an RFC 3339 time")))
-    }
-
-    /// The same for an optional time.
-    pub mod option {
-        use serde::{Deserialize, Deserializer, Serializer, de::Error as _};
-
-        /// Writes `ms`, if any, as RFC 3339.
-        pub fn serialize<S: Serializer>(ms: &Option<i64>, s: S) -> Result<S::Ok, S::Error> {
-            match ms {
-                Some(ms) => s.serialize_str(&super::super::rfc3339(*ms)),
-                None => s.serialize_none(),
-            }
-        }
-
-        /// Reads an optional RFC 3339 time as ms.
-        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
-            match Option::<String>::deserialize(d)? {
-                Some(text) => super::super::parse_rfc3339(&text)
-                    .map(Some)
-                    .ok_or_else(|| D::Error::custom(format!("`{text}` is not an RFC 3339 time"))),
-                None => Ok(None),
-            }
-        }
-    }
-}
+pub use crate::workload::{parse_rfc3339, rfc3339};
 
 #[cfg(test)]
 mod tests {

@@ -9,7 +9,6 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::outbound::OutboundRule;
-use crate::retry::{Attempt, RetryPolicy};
 
 /// A workload's id: a ULID, so ids sort by creation time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -332,6 +331,59 @@ impl FromStr for FailureKind {
     }
 }
 
+impl FailureKind {
+    /// Whether a policy may retry this kind: a kill, a queue timeout (it
+    /// never ran) and lost lines (its log would have a hole) are final.
+    pub fn retryable(self) -> bool {
+        !matches!(
+            self,
+            FailureKind::Killed | FailureKind::QueueTimeout | FailureKind::Store
+        )
+    }
+}
+
+/// When a failed attempt runs again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RetryPolicy {
+    /// Attempts in all, the first included (1: never retried).
+    pub max_attempts: u32,
+    /// Backoff before the second attempt; it doubles for each later one.
+    pub backoff_ms: u64,
+    /// The backoff never grows past this.
+    pub max_backoff_ms: u64,
+    /// Failure kinds that are retried.
+    pub on: Vec<FailureKind>,
+}
+
+/// One earlier attempt of a workload, as its record keeps it and the API
+/// shows it (times in RFC 3339 both ways).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attempt {
+    /// Its number, from 1.
+    pub attempt: u32,
+    /// When it started, ms since the Unix epoch.
+    #[serde(with = "crate::workload::ms_as_rfc3339::option")]
+    pub started_at: Option<i64>,
+    /// When it ended.
+    #[serde(with = "crate::workload::ms_as_rfc3339")]
+    pub ended_at: i64,
+    /// How long it ran.
+    pub duration_ms: u64,
+    /// Its exit code, when it exited.
+    pub exit_code: Option<i32>,
+    /// How it failed.
+    pub failure: Option<FailureKind>,
+    /// Why (cut to a kilobyte).
+    pub error: Option<String>,
+    /// The seq of its first line: seqs go on across attempts.
+    pub first_seq: u64,
+    /// How many lines it wrote (seqs `first_seq..first_seq + lines`).
+    pub lines: u64,
+    /// When the next attempt may start.
+    #[serde(with = "crate::workload::ms_as_rfc3339")]
+    pub retry_at: i64,
+}
+
 /// A workload as stored: its spec summary, state and result.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WorkloadRecord {
@@ -509,6 +561,60 @@ pub struct IdempotencyKey {
     /// A digest of the submission (module and spec): the same key with
     /// another fingerprint is a conflict.
     pub fingerprint: String,
+}
+
+/// Milliseconds since the Unix epoch as RFC 3339 UTC with milliseconds.
+pub fn rfc3339(ms: i64) -> String {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64);
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+/// Milliseconds since the Unix epoch of an RFC 3339 time [`rfc3339`] wrote.
+pub fn parse_rfc3339(text: &str) -> Option<i64> {
+    let t = humantime::parse_rfc3339(text).ok()?;
+    let d = t.duration_since(std::time::UNIX_EPOCH).ok()?;
+    i64::try_from(d.as_millis()).ok()
+}
+
+/// A time kept as ms since the Unix epoch, written as RFC 3339 (for
+/// `#[serde(with)]`): what the API shows is what is stored.
+pub mod ms_as_rfc3339 {
+    use serde::{Deserialize, Deserializer, Serializer, de::Error as _};
+
+    /// Writes `ms` as RFC 3339.
+    pub fn serialize<S: Serializer>(ms: &i64, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&super::rfc3339(*ms))
+    }
+
+    /// Reads an RFC 3339 time as ms.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
+        let text = String::deserialize(d)?;
+        super::parse_rfc3339(&text)
+            .ok_or_else(|| D::Error::custom(format!("`{text}` is not an RFC 3339 time")))
+    }
+
+    /// The same for an optional time.
+    pub mod option {
+        use serde::{Deserialize, Deserializer, Serializer, de::Error as _};
+
+        /// Writes `ms`, if any, as RFC 3339.
+        pub fn serialize<S: Serializer>(ms: &Option<i64>, s: S) -> Result<S::Ok, S::Error> {
+            match ms {
+                Some(ms) => s.serialize_str(&super::super::rfc3339(*ms)),
+                None => s.serialize_none(),
+            }
+        }
+
+        /// Reads an optional RFC 3339 time as ms.
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+            match Option::<String>::deserialize(d)? {
+                Some(text) => super::super::parse_rfc3339(&text)
+                    .map(Some)
+                    .ok_or_else(|| D::Error::custom(format!("`{text}` is not an RFC 3339 time"))),
+                None => Ok(None),
+            }
+        }
+    }
 }
 
 /// Milliseconds since the Unix epoch, now.

@@ -21,8 +21,8 @@ use tokio_util::sync::CancellationToken;
 use crate::engine::{CompiledModule, GuestIdentity, LimitHit, Outcome, RunReport, Runtime};
 use crate::logs::{LineSink, LogBroker, LogWriter, SinkPair};
 use crate::metrics::Metrics;
-use crate::retry::{Attempt, RetryPolicy};
 use crate::store::{Db, Haste, NewWorkload, RetryLater, StoreError};
+use crate::workload::{Attempt, RetryPolicy};
 use crate::workload::{
     Completion, FailureKind, IdempotencyKey, QueuedInput, Status, WorkloadId, WorkloadRecord,
     WorkloadSpec,

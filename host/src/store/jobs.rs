@@ -8,7 +8,7 @@ use std::sync::Arc;
 use rusqlite::{OptionalExtension as _, params};
 
 use super::{Db, Haste, StoreResult, WriteOp, read_blocking, reads, request};
-use crate::retry::Attempt;
+use crate::workload::Attempt;
 use crate::workload::{Completion, QueuedInput, Status, WorkloadId, WorkloadRecord};
 
 /// How long an idempotency key names its first submission.

@@ -153,7 +153,7 @@ pub struct NewWorkload {
     /// The schedule whose firing created it, if one did.
     pub schedule: Option<String>,
     /// When its failed attempts run again.
-    pub retry: Option<crate::retry::RetryPolicy>,
+    pub retry: Option<crate::workload::RetryPolicy>,
 }
 
 /// A stored module's metadata.

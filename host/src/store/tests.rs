@@ -1700,7 +1700,7 @@ async fn deep_pages_across_files_match_the_merged_order_and_carry_summaries() {
 
 #[tokio::test]
 async fn a_retried_attempt_goes_back_to_pending_with_its_history_and_runs_again() {
-    use crate::retry::Attempt;
+    use crate::workload::Attempt;
     use crate::workload::{FailureKind, QueuedInput};
     let dir = tempfile::tempdir().unwrap();
     let db = Db::open(dir.path()).unwrap();
