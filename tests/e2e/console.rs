@@ -1,6 +1,7 @@
 //! The web console in a real headless Chromium against a real `vulcan serve`:
 //! run through the form, live lines, kill, text-only rendering, the token,
-//! a live table, a long log. Each test saves screenshots under
+//! a live table, a long log, a retried workload followed across its
+//! attempts. Each test saves screenshots under
 //! `target/console-screenshots/`.
 
 use serde_json::{Value, json};
@@ -499,5 +500,51 @@ async fn a_dropped_connection_resumes_without_gap_or_repeat() {
         .await;
     assert_eq!(json!(browser.text("#log-count").await), shown);
     browser.screenshot("resumed").await;
+    browser.close().await;
+}
+
+#[tokio::test]
+async fn a_retried_workload_is_followed_across_its_attempts_and_lists_them() {
+    let env = Env::new();
+    let server = Server::start(&env, &["--max-concurrent", "1"]);
+    // The one slot is busy: the retried workload waits in the queue while
+    // the page opens, and everything after happens under its eyes.
+    let spinning = server.start_wasm("spin", "").await;
+    // `fails` logs a line, then returns an error: retried once.
+    let spec = json!({
+        "module_base64": b64(&std::fs::read(vulcan_test_artifacts::component("fails")).unwrap()),
+        "input": "x",
+        "retry": {"max_attempts": 2, "backoff_ms": 200, "max_backoff_ms": 200},
+    });
+    let id = server.start_json(&spec).await;
+    let browser = browser!();
+    browser
+        .open(&format!("{}/workloads/{id}", server.url))
+        .await;
+    browser.until_status("pending").await;
+    let (status, _) = server.kill(&spinning).await;
+    assert_eq!(status, 200);
+    browser.until_status("failed").await;
+    let count = "Number(document.querySelector('#log').dataset.liveNext)";
+    browser
+        .until("both attempts' lines", &format!("return {count} === 2;"))
+        .await;
+    let contract = browser
+        .js(
+            "const d = document.querySelector('#log').dataset; return [d.liveGaps, d.liveRepeats];",
+            vec![],
+        )
+        .await;
+    assert_eq!(
+        contract,
+        json!(["0", "0"]),
+        "[gaps, repeats] across the attempts"
+    );
+    let attempts = browser.text("#record-attempts").await;
+    assert!(
+        attempts.starts_with("attempt 1: returned_error after") && attempts.contains("line 0"),
+        "{attempts}"
+    );
+    browser.screenshot("retried").await;
     browser.close().await;
 }
