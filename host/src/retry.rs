@@ -181,19 +181,14 @@ impl Attempt {
 }
 
 /// The seqs attempt `n` wrote (from, to exclusive), given the earlier
-/// attempts' `(attempt, first_seq, lines)`, the current attempt and the
-/// line count: `None` for an attempt that has not run.
-pub fn seqs_of(
-    earlier: &[(u32, u64, u64)],
-    current: u32,
-    line_count: u64,
-    n: u32,
-) -> Option<(u64, u64)> {
-    if let Some((_, first, lines)) = earlier.iter().find(|a| a.0 == n) {
-        return Some((*first, first + lines));
+/// attempts, the current attempt and the line count: `None` for an attempt
+/// that has not run.
+pub fn seqs_of(earlier: &[Attempt], current: u32, line_count: u64, n: u32) -> Option<(u64, u64)> {
+    if let Some(a) = earlier.iter().find(|a| a.attempt == n) {
+        return Some((a.first_seq, a.first_seq + a.lines));
     }
     (n == current).then(|| {
-        let first = earlier.last().map_or(0, |(_, first, lines)| first + lines);
+        let first = earlier.last().map_or(0, |a| a.first_seq + a.lines);
         (first, line_count.max(first))
     })
 }
@@ -319,7 +314,7 @@ mod tests {
         let a = Attempt::of(1, Some(1), 2, &failed(FailureKind::Exit), 10, 20);
         assert_eq!((a.first_seq, a.lines), (2, 5));
         assert!(a.error.unwrap().len() <= ERROR_KEPT + 4);
-        let history = vec![(1, 0, 7)];
+        let history = vec![Attempt::of(1, None, 0, &failed(FailureKind::Exit), 1, 2)];
         assert_eq!(seqs_of(&history, 2, 12, 1), Some((0, 7)));
         assert_eq!(seqs_of(&history, 2, 12, 2), Some((7, 12)));
         assert_eq!(seqs_of(&history, 2, 12, 3), None);

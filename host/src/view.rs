@@ -157,6 +157,25 @@ impl From<WorkloadRecord> for WorkloadView {
     }
 }
 
+impl WorkloadView {
+    /// Where attempt `n`'s lines are: the seq before its first (`after`
+    /// for a read; `None`: from the start) and the end of its range
+    /// (`None` while it may still write); `Err` says which attempt it is on.
+    pub fn attempt_lines(&self, n: u32) -> Result<(Option<u64>, Option<u64>), String> {
+        let s = &self.summary;
+        let current = s.attempt.unwrap_or(1);
+        let Some((first, end)) = crate::retry::seqs_of(&self.attempts, current, s.line_count, n)
+        else {
+            return Err(format!(
+                "workload {} has no attempt {n}; it is on attempt {current}",
+                s.id
+            ));
+        };
+        let writing = n == current && !s.status.is_terminal();
+        Ok((first.checked_sub(1), (!writing).then_some(end)))
+    }
+}
+
 /// One tenant's line of `GET /v1/queue`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct TenantQueue {

@@ -435,6 +435,17 @@ impl CuttableProxy {
     }
 }
 
+/// The live log viewer counted no seq skipped and none shown twice.
+async fn assert_no_gap_or_repeat(browser: &Browser, when: &str) {
+    let contract = browser
+        .js(
+            "const d = document.querySelector('#log').dataset; return [d.liveGaps, d.liveRepeats];",
+            vec![],
+        )
+        .await;
+    assert_eq!(contract, json!(["0", "0"]), "[gaps, repeats] {when}");
+}
+
 #[tokio::test]
 async fn a_dropped_connection_resumes_without_gap_or_repeat() {
     let env = Env::new();
@@ -480,17 +491,7 @@ async fn a_dropped_connection_resumes_without_gap_or_repeat() {
             ),
         )
         .await;
-    let contract = browser
-        .js(
-            "const d = document.querySelector('#log').dataset; return [d.liveGaps, d.liveRepeats];",
-            vec![],
-        )
-        .await;
-    assert_eq!(
-        contract,
-        json!(["0", "0"]),
-        "[gaps, repeats] across the reconnect"
-    );
+    assert_no_gap_or_repeat(&browser, "across the reconnect").await;
     // As the page writes numbers (1,985 in English), however many it got.
     let shown = browser
         .js(
@@ -529,17 +530,7 @@ async fn a_retried_workload_is_followed_across_its_attempts_and_lists_them() {
     browser
         .until("both attempts' lines", &format!("return {count} === 2;"))
         .await;
-    let contract = browser
-        .js(
-            "const d = document.querySelector('#log').dataset; return [d.liveGaps, d.liveRepeats];",
-            vec![],
-        )
-        .await;
-    assert_eq!(
-        contract,
-        json!(["0", "0"]),
-        "[gaps, repeats] across the attempts"
-    );
+    assert_no_gap_or_repeat(&browser, "across the attempts").await;
     let attempts = browser.text("#record-attempts").await;
     assert!(
         attempts.starts_with("attempt 1: returned_error after") && attempts.contains("line 0"),

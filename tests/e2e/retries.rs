@@ -188,7 +188,8 @@ async fn a_job_that_fails_twice_is_retried_and_every_attempts_lines_stay_readabl
 async fn a_kill_during_the_backoff_stops_the_retries() {
     let upstream = FlakyUpstream::start(usize::MAX);
     let env = Env::new();
-    let server = Server::start(&env, &["--allow-private-outbound"]);
+    // One waiting workload at most: a retry's backoff counts.
+    let server = Server::start(&env, &["--allow-private-outbound", "--max-queued", "1"]);
     // An hour's backoff: the kill comes while it waits.
     let retry = json!({"max_attempts": 3, "backoff_ms": 3_600_000});
     let id = server
@@ -206,6 +207,14 @@ async fn a_kill_during_the_backoff_stops_the_retries() {
         waiting["attempts"][0]["failure"], "returned_error",
         "{waiting}"
     );
+    // A slot is free, but the retry that waits fills --max-queued.
+    let hello = json!({"module_base64": b64(&std::fs::read(component("greet")).unwrap())});
+    let (status, full) = server
+        .post("/v1/workloads/async", Body::Json(hello.clone()))
+        .await;
+    assert_eq!(status, 503, "{full}");
+    assert_eq!(full["error"]["code"], "queue_full", "{full}");
+    assert_error(&full, "queued or to be retried");
     let (status, killed) = server.kill(&id).await;
     assert_eq!(status, 200, "{killed}");
     assert_eq!(killed["status"], "killed", "{killed}");
@@ -221,6 +230,9 @@ async fn a_kill_during_the_backoff_stops_the_retries() {
     let (seqs, _, end) = server.sse(&id, None).await.until_end().await;
     assert_eq!((seqs, end["status"].as_str()), (vec![0, 1], Some("killed")));
     assert_eq!(upstream.requests("/kill"), 1);
+    // Its place is free again.
+    let (status, accepted) = server.post("/v1/workloads/async", Body::Json(hello)).await;
+    assert_eq!(status, 202, "{accepted}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -105,18 +105,7 @@ pub async fn logs(backend: &impl Backend, args: LogsArgs) -> anyhow::Result<Exit
         None => (None, None),
         Some(n) => {
             let w = backend.workload(args.id).await?;
-            let current = w.summary.attempt.unwrap_or(1);
-            let earlier: Vec<_> = (w.attempts.iter())
-                .map(|a| (a.attempt, a.first_seq, a.lines))
-                .collect();
-            let running = n == current && !w.summary.status.is_terminal();
-            match crate::retry::seqs_of(&earlier, current, w.summary.line_count, n) {
-                Some((first, end)) => (first.checked_sub(1), (!running).then_some(end)),
-                None => anyhow::bail!(
-                    "workload {} has no attempt {n}; it is on attempt {current}",
-                    args.id
-                ),
-            }
+            w.attempt_lines(n).map_err(anyhow::Error::msg)?
         }
     };
     'pages: loop {

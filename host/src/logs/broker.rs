@@ -45,6 +45,9 @@ struct Inner {
     /// Followers of workloads that are not live (queued, or between two
     /// attempts), woken when their workload's channel opens or closes.
     watched: Mutex<HashMap<WorkloadId, Arc<Notify>>>,
+    /// How many watches are open: with none (the common case) an open or
+    /// close does not take the lock above.
+    watches: std::sync::atomic::AtomicUsize,
 }
 
 impl Default for LogBroker {
@@ -61,6 +64,7 @@ impl LogBroker {
                 capacity: capacity.max(1),
                 channels: Mutex::new(HashMap::new()),
                 watched: Mutex::new(HashMap::new()),
+                watches: std::sync::atomic::AtomicUsize::new(0),
             }),
         }
     }
@@ -103,6 +107,11 @@ impl LogBroker {
     /// Wakes whoever watches `workload` (see [`LogBroker::watch`]): its
     /// channel opened or closed, or it ended without one (never started).
     pub fn touch(&self, workload: WorkloadId) {
+        // SeqCst pairs with `watch`: a watch counted after this load enables
+        // its wait only after, and then subscribes, so it sees this change.
+        if self.inner.watches.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+            return;
+        }
         if let Some(watch) = self.watched().get(&workload) {
             watch.notify_waiters();
         }
@@ -110,6 +119,7 @@ impl LogBroker {
 
     /// Watches for `workload`'s channel to open or close.
     pub fn watch(&self, workload: WorkloadId) -> ChannelWatch {
+        (self.inner.watches).fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let notify = Arc::clone(self.watched().entry(workload).or_default());
         ChannelWatch {
             workload,
@@ -189,6 +199,7 @@ impl ChannelWatch {
 
 impl Drop for ChannelWatch {
     fn drop(&mut self) {
+        (self.broker.inner.watches).fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
         let mut watched = self.broker.watched();
         // The map's and this one's: nobody else watches it.
         if Arc::strong_count(&self.notify) <= 2 {

@@ -505,24 +505,13 @@ impl Service {
             return on_backend!(self, b => b.history(id, after, limit).await);
         };
         // Seqs go on across attempts: attempt `n`'s lines are a range.
-        let current = view.summary.attempt.unwrap_or(1);
-        let ranges: Vec<(u32, u64, u64)> = (view.attempts.iter())
-            .map(|a| (a.attempt, a.first_seq, a.lines))
-            .collect();
-        let (first, end) = crate::retry::seqs_of(&ranges, current, view.summary.line_count, n)
-            .ok_or_else(|| {
-                ServiceError::NotFound(format!(
-                    "workload {id} has no attempt {n}; it is on attempt {current}"
-                ))
-            })?;
-        let after = match (after, first.checked_sub(1)) {
+        let (before, end) = view.attempt_lines(n).map_err(ServiceError::NotFound)?;
+        let after = match (after, before) {
             (Some(a), Some(before)) => Some(a.max(before)),
             (a, before) => a.or(before),
         };
-        // The last attempt may still be writing: its range is open.
-        let running = n == current && !view.summary.status.is_terminal();
         let mut lines = on_backend!(self, b => b.history(id, after, limit).await)?;
-        if !running {
+        if let Some(end) = end {
             lines.retain(|r| r.seq < end);
         }
         Ok(lines)

@@ -219,6 +219,11 @@ impl<J> Default for Backoffs<J> {
 }
 
 impl<J> Backoffs<J> {
+    /// How many wait.
+    pub fn len(&self) -> usize {
+        self.resting.len()
+    }
+
     /// `queued` rests until `at`, ms since the Unix epoch.
     pub fn rest(&mut self, queued: Queued<J>, at: i64) {
         self.due.insert((at, queued.id));
@@ -380,6 +385,6 @@ mod tests {
         assert!(rest.ready(99).is_empty());
         let ready: Vec<_> = rest.ready(300).into_iter().map(|q| q.id).collect();
         assert_eq!(ready, vec![b_id, a_id]);
-        assert_eq!(rest.next_due(), None);
+        assert_eq!((rest.len(), rest.next_due()), (0, None));
     }
 }

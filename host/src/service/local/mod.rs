@@ -229,6 +229,7 @@ impl Local {
     ) -> Result<WorkloadView, ServiceError> {
         // If the caller goes away the workload still finishes: it runs in a
         // task of its own (which gives its tenant's share back at the end).
+        self.queue.check_room()?;
         let done = match self.queue.start_now(spec.tenant.as_deref()) {
             Some((slot, running)) => {
                 let creation = Creation::Overlapped;
@@ -269,6 +270,7 @@ impl Local {
         _slot: Option<QuotaSlot>,
         terms: Terms,
     ) -> Result<(), ServiceError> {
+        self.queue.check_room()?;
         match self.queue.start_now(spec.tenant.as_deref()) {
             Some((slot, running)) => {
                 let creation = Creation::Committed;

@@ -164,6 +164,25 @@ impl LocalQueue {
         Some((slot?, running))
     }
 
+    /// 503 `queue_full` when `--max-queued` workloads wait already: queued,
+    /// on their way in, or waiting out a retry's backoff (an accepted retry
+    /// itself is never refused, but it bounds what is accepted next, or a
+    /// stream of failing jobs that start at once could rest without bound).
+    pub(super) fn check_room(&self) -> Result<(), ServiceError> {
+        self.has_room(&self.lock())
+    }
+
+    fn has_room(&self, state: &State) -> Result<(), ServiceError> {
+        let waiting = state.queue.len() + state.incoming + state.backoffs.len();
+        match waiting >= self.max_queued {
+            true => Err(ServiceError::QueueFull(format!(
+                "{waiting} workloads wait, queued or to be retried: the most this server \
+                 holds (--max-queued); retry later"
+            ))),
+            false => Ok(()),
+        }
+    }
+
     /// `tenant`'s permit (if it has a cap) and a slot (unless one is given
     /// or `None` is asked), counted as running; `None` if either is taken.
     fn take_share(
@@ -203,12 +222,7 @@ impl LocalQueue {
     ) -> Result<(), ServiceError> {
         {
             let mut state = self.lock();
-            if state.queue.len() + state.incoming >= self.max_queued {
-                return Err(ServiceError::QueueFull(format!(
-                    "the queue holds its maximum of {} workloads (--max-queued); retry later",
-                    self.max_queued
-                )));
-            }
+            self.has_room(&state)?;
             state.incoming += 1;
         }
         let new = NewWorkload {
@@ -373,20 +387,25 @@ impl LocalQueue {
         self.lock().doomed.remove(&id);
     }
 
+    /// Records the end of workload `id`, which never started this time:
+    /// its followers, who waited for it to start, hear of it at once.
+    async fn finish_unstarted(
+        &self,
+        id: WorkloadId,
+        completion: Completion,
+    ) -> Result<WorkloadRecord, ServiceError> {
+        let ended = self.node.db().finish(id, completion).await;
+        self.node.broker().touch(id);
+        ended.map_err(ServiceError::from)
+    }
+
     /// Records a queued job's end before it ran, and tells its waiter.
     async fn end_unstarted(
         &self,
         queued: Queued<Job>,
         completion: Completion,
     ) -> Result<WorkloadRecord, ServiceError> {
-        let ended = self
-            .node
-            .db()
-            .finish(queued.id, completion)
-            .await
-            .map_err(ServiceError::from);
-        // Its followers waited for it to start.
-        self.node.broker().touch(queued.id);
+        let ended = self.finish_unstarted(queued.id, completion).await;
         if let Some(waiter) = queued.job.waiter {
             let again = match &ended {
                 Ok(record) => Ok(record.clone()),
@@ -515,11 +534,8 @@ impl LocalQueue {
                 Ok(spec) => spec,
                 Err(e) => {
                     let why = format!("its queued input could not be read back: {e}");
-                    let _ = self
-                        .node
-                        .db()
-                        .finish(record.id, Completion::host_failure(why, 0))
-                        .await;
+                    let _ =
+                        (self.finish_unstarted(record.id, Completion::host_failure(why, 0))).await;
                     continue;
                 }
             };
@@ -608,13 +624,8 @@ impl LocalQueue {
                         Ok(Some(Err(e))) => format!("failed to start: its input is corrupt: {e}"),
                         _ => "failed to start: its input is gone".to_owned(),
                     };
-                    let ended = self
-                        .node
-                        .db()
-                        .finish(id, Completion::host_failure(why, 0))
-                        .await;
+                    let ended = (self.finish_unstarted(id, Completion::host_failure(why, 0))).await;
                     if let Some(waiter) = job.waiter {
-                        let ended = ended.map_err(ServiceError::from);
                         let _ = waiter.send(Started::Ended(Box::new(ended)));
                     }
                     return;
@@ -645,12 +656,8 @@ impl LocalQueue {
             Err(e) => {
                 // Not started: it must not stay pending.
                 let why = format!("failed to start: {e}");
-                let ended = self
-                    .node
-                    .db()
-                    .finish(id, Completion::host_failure(why, 0))
-                    .await;
-                Started::Ended(Box::new(ended.map_err(ServiceError::from)))
+                let ended = (self.finish_unstarted(id, Completion::host_failure(why, 0))).await;
+                Started::Ended(Box::new(ended))
             }
         };
         if let Some(waiter) = job.waiter {
